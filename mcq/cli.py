@@ -1,0 +1,135 @@
+"""The `mcq` command line: parse arguments, call the library, print. Bad input → one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from mcq import __version__
+from mcq.errors import McqError
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> None:
+    from mcq.models.tiny import TinySpec, make_tiny
+
+    spec = TinySpec(version=args.version, seed=args.seed, outliers=args.outliers, real_widths=args.real_widths,
+                    llm_layers=args.llm_layers, vision_layers=args.vision_layers)
+    out = make_tiny(args.out, spec, force=args.force)
+    print(json.dumps({"path": str(out), "version": spec.version}) if args.json else f"wrote {out}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from mcq.models.inspect import format_inspection, inspect_model
+
+    report = inspect_model(args.model)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import torch
+
+    from mcq.models.loading import load_model, load_processor
+    from mcq.models.minicpmv.video import frames_from_dir, frames_from_video, open_image, temporal_ids
+
+    if args.video and args.frames:
+        raise McqError("pass --video or --frames, not both")
+    images = [open_image(p) for p in args.image]
+    video_kwargs = {}
+    if args.video or args.frames:
+        frames, stamps = frames_from_video(args.video, args.fps) if args.video else frames_from_dir(args.frames,
+                                                                                                  args.fps)
+        images += frames
+        video_kwargs = {"temporal_ids": temporal_ids(stamps, args.packing), "use_image_id": False,
+                        "max_slice_nums": 1}
+    model = load_model(args.model, dtype=args.dtype)
+    processor = load_processor(args.model)
+    if video_kwargs and not model.spec.temporal:
+        raise McqError(f"video input needs MiniCPM-V 4.5; {args.model} is {model.spec.version}")
+    torch.manual_seed(args.seed)
+    # Greedy by default so that the CLI answer is reproducible; --sampling gives the release's sampling settings.
+    decoding = {} if args.sampling else {"num_beams": 1, "repetition_penalty": 1.0}
+    answer = model.chat(msgs=[{"role": "user", "content": [*images, args.question]}], processor=processor,
+                        max_new_tokens=args.max_new_tokens, sampling=args.sampling, stream=args.stream,
+                        enable_thinking=args.thinking, max_slice_nums=args.max_slice_nums or video_kwargs.get(
+                            "max_slice_nums"), **{k: v for k, v in video_kwargs.items() if k != "max_slice_nums"},
+                        **decoding)
+    if args.stream:
+        for piece in answer:
+            print(piece, end="", flush=True)
+        print()
+    elif args.json:
+        print(json.dumps({"answer": answer}, ensure_ascii=False))
+    else:
+        print(answer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcq", description="Quantize, export and validate MiniCPM-V models.")
+    parser.add_argument("--version", action="version", version=f"mcq {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny MiniCPM-V checkpoint in the official layout")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--version", dest="version", choices=["2.6", "4.0", "4.5"], default="4.5")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--outliers", action="store_true", help="give norm channels 20-50x gains (activation outliers)")
+    tiny.add_argument("--real-widths", action="store_true", help="true 4.5 widths with few layers (benchmarks)")
+    tiny.add_argument("--llm-layers", type=_positive, default=2)
+    tiny.add_argument("--vision-layers", type=_positive, default=2)
+    tiny.add_argument("--force", action="store_true", help="replace an existing output directory")
+    tiny.add_argument("--json", action="store_true")
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    inspect = sub.add_parser("inspect", help="components, Linears and group-size divisibility of a checkpoint")
+    inspect.add_argument("model", help="checkpoint directory or tiny:VERSION")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+
+    chat = sub.add_parser("chat", help="ask the model a question about images or a video")
+    chat.add_argument("question")
+    chat.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    chat.add_argument("--video", metavar="PATH", help="a video file (needs PyAV), 4.5 only")
+    chat.add_argument("--frames", metavar="DIR", help="a folder of video frames in name order, 4.5 only")
+    chat.add_argument("--fps", type=float, default=1.0, help="frames per second of --frames, sampling rate of --video")
+    chat.add_argument("--packing", type=int, default=3, help="video frames per 64-token block (1-6)")
+    chat.add_argument("--max-new-tokens", type=_positive, default=64)
+    chat.add_argument("--max-slice-nums", type=_positive)
+    chat.add_argument("--sampling", action="store_true", help="the release's sampling settings instead of greedy")
+    chat.add_argument("--thinking", action="store_true", help="enable_thinking (4.5)")
+    chat.add_argument("--stream", action="store_true")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    chat.add_argument("--json", action="store_true")
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except McqError as err:
+        if args.debug:
+            raise
+        print(f"mcq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

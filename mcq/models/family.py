@@ -1,0 +1,59 @@
+"""What a MiniCPM-V is made of, for the tools that work on it: its components and their weights.
+
+Quantizers, exporters and `mcq inspect` all ask the same questions — which component owns a weight, which Linears
+exist and which group sizes divide them, which weights are not Linears — and get the answers here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+# Component → state-dict prefix, in data-flow order.
+COMPONENTS = {"vision": "vpm.", "resampler": "resampler.", "llm": "llm."}
+GROUP_SIZES = (32, 64, 128)
+
+# Weights that are not nn.Linear yet hold a matrix product's weights (so quantization must treat them by hand).
+MATRIX_PARAMETERS = {
+    "resampler.attn.in_proj_weight": "packed q/k/v projection of nn.MultiheadAttention (a Parameter, not a Linear)",
+    "resampler.proj": "output projection applied as x @ proj (a bare Parameter, transposed vs. a Linear)",
+}
+
+
+def component_of(name: str) -> str:
+    for component, prefix in COMPONENTS.items():
+        if name.startswith(prefix):
+            return component
+    raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({', '.join(COMPONENTS.values())})")
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str
+    component: str
+    in_features: int
+    out_features: int
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """The standard group sizes that divide the input width (what per-group int4 needs)."""
+        return tuple(g for g in GROUP_SIZES if self.in_features % g == 0)
+
+    @property
+    def non_divisible(self) -> bool:
+        return len(self.group_sizes) < len(GROUP_SIZES)
+
+    @property
+    def pattern(self) -> str:
+        """The name with layer indices replaced by `*` (one row per kind of layer in summaries)."""
+        return re.sub(r"\.\d+\.", ".*.", self.name)
+
+
+def linear_layers(model: nn.Module) -> list[LinearInfo]:
+    return [
+        LinearInfo(name, component_of(name), module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]

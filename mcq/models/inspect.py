@@ -1,0 +1,83 @@
+"""`mcq inspect`: what a checkpoint holds, read from config.json and the safetensors headers (no weights loaded).
+
+The model is built on the meta device for its module tree, so inspecting the 8B release costs no memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .family import COMPONENTS, MATRIX_PARAMETERS, component_of, linear_layers
+from .loading import model_spec, weight_files
+from .minicpmv import MiniCPMV
+
+
+def _stored_tensors(files: list[Path]) -> dict[str, dict[str, Any]]:
+    tensors = {}
+    for file in files:
+        with open(file, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        header.pop("__metadata__", None)
+        tensors.update(header)
+    return tensors
+
+
+def inspect_model(model: str | Path) -> dict[str, Any]:
+    path, config, spec = model_spec(model)
+    stored = _stored_tensors(weight_files(path))
+    with torch.device("meta"):
+        skeleton = MiniCPMV(config)
+    params, stored_bytes = defaultdict(int), defaultdict(int)
+    for name, parameter in skeleton.named_parameters():
+        params[component_of(name)] += parameter.numel()
+    for name, tensor in stored.items():
+        stored_bytes[component_of(name)] += tensor["data_offsets"][1] - tensor["data_offsets"][0]
+    linears = linear_layers(skeleton)
+    shapes = dict(skeleton.named_parameters())
+    return {
+        "model": str(path),
+        "version": spec.version,
+        "llm": spec.llm_name,
+        "dtypes": sorted({t["dtype"] for t in stored.values()}),
+        "components": {c: {"parameters": params[c], "bytes": stored_bytes[c]} for c in COMPONENTS},
+        "total_parameters": sum(params.values()),
+        "total_bytes": sum(stored_bytes.values()),
+        "linears": [
+            {"name": l.name, "component": l.component, "in_features": l.in_features, "out_features": l.out_features,
+             "group_sizes": list(l.group_sizes), "non_divisible": l.non_divisible}
+            for l in linears
+        ],
+        "non_divisible": [l.name for l in linears if l.non_divisible],
+        "matrix_parameters": [
+            {"name": name, "shape": list(shapes[name].shape), "note": note} for name, note in MATRIX_PARAMETERS.items()
+        ],
+    }
+
+
+def format_inspection(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']}: MiniCPM-V {report['version']} ({report['llm']} LLM), "
+             f"{report['total_parameters']:,} parameters, {report['total_bytes']:,} bytes "
+             f"({', '.join(report['dtypes'])})", "", f"{'component':<12}{'parameters':>16}{'bytes':>18}"]
+    for name, part in report["components"].items():
+        lines.append(f"{name:<12}{part['parameters']:>16,}{part['bytes']:>18,}")
+    lines += ["", f"{'Linear (layer index as *)':<52}{'count':>6}{'in -> out':>16}  divides in_features"]
+    groups: dict[tuple, list] = defaultdict(list)
+    for linear in report["linears"]:
+        import re
+
+        pattern = re.sub(r"\.\d+\.", ".*.", linear["name"])
+        groups[(pattern, linear["in_features"], linear["out_features"], tuple(linear["group_sizes"]))].append(linear)
+    for (pattern, fan_in, fan_out, sizes), members in groups.items():
+        flag = "" if len(sizes) == 3 else "   <- NOT divisible by " + ", ".join(
+            str(g) for g in (32, 64, 128) if g not in sizes)
+        lines.append(f"{pattern:<52}{len(members):>6}{f'{fan_in} -> {fan_out}':>16}  "
+                     f"{' '.join(f'g{g}' for g in sizes) or '-'}{flag}")
+    lines += ["", "Matrix weights that are not Linears:"]
+    lines += [f"  {p['name']} {p['shape']}: {p['note']}" for p in report["matrix_parameters"]]
+    return "\n".join(lines)

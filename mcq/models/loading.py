@@ -1,0 +1,125 @@
+"""From a model spec (a checkpoint directory or `tiny:VERSION`) to a loaded model and processor, with every
+problem with the checkpoint reported as one clear `McqError` before transformers gets to raise something obscure."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcq.errors import McqError
+
+from .minicpmv import MiniCPMV
+from .minicpmv.configuration import MiniCPMVConfig
+from .minicpmv.versions import VersionSpec, version_spec
+from .tiny import TINY_PREFIX, resolve_tiny
+
+SUPPORTED_MODEL_TYPES = {"minicpmv": "MiniCPM-V 2.6, 4.0, 4.5"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    text = str(model)
+    if text.startswith(TINY_PREFIX):
+        return resolve_tiny(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise McqError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise McqError(f"model path {path} is not a directory (expected a checkpoint folder with config.json)")
+    return path
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise McqError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise McqError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise McqError(f"{config_path} must hold a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        listed = "; ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise McqError(f"{config_path}: model_type {model_type!r} is not supported; supported: {listed}")
+    version_spec(config.get("version"))
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint, each checked to exist and to hold all the bytes its header names."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise McqError(f"{index} is not a valid safetensors index: {err}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise McqError(f"{path} has only pickle weights (.bin/.pt); mcq loads safetensors only (pickle can run code)")
+    else:
+        raise McqError(f"{path} has no weights: expected model.safetensors or model.safetensors.index.json")
+    for file in files:
+        check_safetensors(file)
+    return files
+
+
+def check_safetensors(file: Path) -> None:
+    if not file.is_file():
+        raise McqError(f"weight shard {file} is missing (named in the index)")
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise McqError(f"{file} is truncated: no safetensors header")
+        header_len = struct.unpack("<Q", raw)[0]
+        if header_len > size - 8:
+            raise McqError(f"{file} is corrupt or truncated: header length {header_len} exceeds the file")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise McqError(f"{file} is corrupt: its safetensors header is not JSON") from None
+    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise McqError(f"{file} is truncated: the header names {data_end} bytes of tensors, the file holds "
+                       f"{size - 8 - header_len}")
+
+
+def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> MiniCPMV:
+    """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, failing clearly on any missing or extra key."""
+    path = resolve_model_path(model)
+    read_config(path)
+    weight_files(path)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    try:
+        loaded, info = MiniCPMV.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+    except (RuntimeError, ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise McqError(f"cannot load {path}: {first_line}") from None
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}"
+                           + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items())
+        raise McqError(f"{path} does not match the MiniCPM-V {loaded.spec.version} layout: {detail}")
+    return loaded.to(device).eval()
+
+
+def load_processor(model: str | Path):
+    from .minicpmv.processing import MiniCPMVProcessor
+
+    return MiniCPMVProcessor.from_pretrained(resolve_model_path(model))
+
+
+def model_spec(model: str | Path) -> tuple[Path, MiniCPMVConfig, VersionSpec]:
+    """Path, config and version of a checkpoint, without loading weights."""
+    path = resolve_model_path(model)
+    read_config(path)
+    config = MiniCPMVConfig.from_pretrained(path)
+    return path, config, version_spec(config.version)

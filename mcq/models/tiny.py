@@ -1,0 +1,189 @@
+"""Tiny MiniCPM-V checkpoints in the exact official on-disk layout, built locally (no download).
+
+`make_tiny` writes config.json, sharded bf16 safetensors + `model.safetensors.index.json`, a small BPE tokenizer
+with every special token of the family, `preprocessor_config.json` and `generation_config.json`. Widths are small
+but keep the properties that matter to quantization and export: the LLM and vision widths divide 128 while the
+vision MLP width does not divide 32 (like 4304), the resampler has a real `kv_proj` (vision width != LLM width),
+and the image processor is the official one (448 slices, 14-pixel patches, a 70 x 70 position table).
+
+`--outliers` scales a few input channels of every norm that feeds a Linear by 20-50x, the activation outliers
+that make calibration-aware quantization (AWQ, GPTQ) beat round-to-nearest. `--real-widths` keeps the true 4.5
+widths with few layers, the shape the performance benchmarks use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mcq import __version__
+from mcq.errors import McqError
+
+from .minicpmv import MiniCPMV, MiniCPMVConfig
+from .minicpmv.image_processing import MiniCPMVImageProcessor
+from .minicpmv.tokenization import load_tokenizer
+from .minicpmv.versions import VERSIONS, normalize_version
+from .tiny_tokenizer import write_tiny_tokenizer
+
+TINY_PREFIX = "tiny:"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    version: str = "4.5"
+    seed: int = 0
+    outliers: bool = False
+    real_widths: bool = False
+    llm_layers: int = 2
+    vision_layers: int = 2
+
+    def cache_key(self) -> str:
+        blob = json.dumps({**asdict(self), "mcq": __version__}, sort_keys=True)
+        return f"{self.version}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+# LLM fields per version, as the official config.json files spell them (tiny widths).
+_LLM_FIELDS = {
+    "4.5": {"head_dim": 64, "max_window_layers": 36, "use_sliding_window": False,
+            "sliding_window": None, "attention_bias": False, "rope_theta": 1000000, "max_position_embeddings": 40960},
+    "2.6": {"max_window_layers": 28, "use_sliding_window": False,
+            "sliding_window": None, "rope_theta": 1000000.0, "max_position_embeddings": 32768},
+    "4.0": {"head_dim": 64, "attention_bias": False, "mlp_bias": False,
+            "rope_theta": 10000.0, "max_position_embeddings": 32768, "scale_emb": 12},
+}
+
+
+def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) -> dict:
+    if spec.real_widths:
+        llm = {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "head_dim": 128}
+        vision = {"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16}
+    else:
+        llm = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4, "num_key_value_heads": 2}
+        # 464 = 16 x 29: like 4304 = 16 x 269, no group size of 32 or more divides it.
+        vision = {"hidden_size": 128, "intermediate_size": 464, "num_attention_heads": 2}
+    fields = dict(_LLM_FIELDS[spec.version])
+    if spec.real_widths:
+        fields.pop("head_dim", None)
+        llm.setdefault("head_dim", 128)
+    return {
+        "version": float(spec.version),
+        "architectures": ["MiniCPMV"],
+        "auto_map": {
+            "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+            "AutoModel": "modeling_minicpmv.MiniCPMV",
+            "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
+        },
+        "model_type": "minicpmv",
+        **fields,
+        **llm,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "num_hidden_layers": spec.llm_layers,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+        "bos_token_id": special_ids["bos"],
+        "eos_token_id": special_ids["eos"],
+        "batch_vision_input": True,
+        "batch_3d_resampler": True,
+        "drop_vision_last_layer": False,
+        "image_size": 448,
+        "patch_size": 14,
+        "query_num": 64,
+        "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
+        "slice_mode": True,
+        "vision_config": {**vision, "image_size": 980, "model_type": "siglip", "num_hidden_layers": spec.vision_layers,
+                          "patch_size": 14},
+    }
+
+
+def _add_outliers(model: MiniCPMV, seed: int) -> None:
+    """Give 2 input channels of each norm that feeds Linears a 20-50x gain (seeded, so reproducible)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    norms = [m for name, m in model.named_modules()
+             if name.endswith(("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "ln_kv"))]
+    with torch.no_grad():
+        for norm in norms:
+            channels = torch.randperm(norm.weight.numel(), generator=generator)[:2]
+            gains = 20 + 30 * torch.rand(2, generator=generator)
+            norm.weight[channels] *= gains.to(norm.weight.dtype)
+
+
+def _generation_config(special_ids: dict[str, int], version: str) -> dict:
+    return {
+        "bos_token_id": special_ids["bos"],
+        "do_sample": True,
+        "eos_token_id": [special_ids["eos"], special_ids["pad"]],
+        "pad_token_id": special_ids["pad"],
+        "temperature": 0.6,
+        "top_k": 20,
+        "top_p": 0.95,
+        **({"chat_template_kwargs": {"enable_thinking": False}} if version == "4.5" else {}),
+    }
+
+
+def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
+    """Write a tiny checkpoint to `out` (atomically: built in a temp dir, then renamed into place)."""
+    if spec.version not in VERSIONS:
+        raise McqError(f"no tiny model for version {spec.version}; choose one of {', '.join(VERSIONS)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise McqError(f"{out} already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_tiny_tokenizer(staging, spec.version)
+        tokenizer = load_tokenizer(staging, spec.version)
+        special_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+        if spec.version == "4.0":
+            special_ids["bos"] = tokenizer.convert_tokens_to_ids("<s>")
+        config = MiniCPMVConfig(**tiny_config(spec, len(tokenizer), special_ids))
+        torch.manual_seed(spec.seed)
+        model = MiniCPMV(config)
+        if spec.outliers:
+            _add_outliers(model, spec.seed)
+        model = model.to(torch.bfloat16)
+        total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # Small shards so that even the tiny model is sharded with an index, like the official release.
+        model.save_pretrained(staging, max_shard_size=max(total_bytes // 3, 1 << 16))
+        (staging / "generation_config.json").write_text(
+            json.dumps(_generation_config(special_ids, spec.version), indent=2) + "\n")
+        MiniCPMVImageProcessor(version=float(spec.version)).save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MCQ_CACHE", Path.home() / ".cache" / "mcq"))
+
+
+def resolve_tiny(name: str) -> Path:
+    """`tiny:4.5` (or `tiny:4.5-outliers`) → a cached generated checkpoint, built on first use."""
+    body = name[len(TINY_PREFIX):]
+    version, _, variant = body.partition("-")
+    if variant not in ("", "outliers"):
+        raise McqError(f"unknown tiny model {name!r}: use tiny:VERSION or tiny:VERSION-outliers")
+    try:
+        spec = TinySpec(version=normalize_version(version), outliers=variant == "outliers")
+    except McqError:
+        raise McqError(f"unknown tiny model {name!r}; versions: {', '.join(VERSIONS)}") from None
+    path = cache_dir() / "tiny" / spec.cache_key()
+    if not (path / "config.json").exists():
+        make_tiny(path, spec, force=True)
+    return path

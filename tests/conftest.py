@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny checkpoints are generated once per session into a temp cache (never the user's)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minicpm-v-4_5"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    previous = os.environ.get("MCQ_CACHE")
+    os.environ["MCQ_CACHE"] = str(tmp_path_factory.mktemp("mcq-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MCQ_CACHE", None)
+    else:
+        os.environ["MCQ_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "config.json").exists():
+        pytest.skip("shared/reference (official MiniCPM-V 4.5 config) is not beside this checkout")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session", params=["4.5", "2.6", "4.0"])
+def tiny_path(request) -> Path:
+    from mcq.models.tiny import resolve_tiny
+
+    return resolve_tiny(f"tiny:{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny45() -> Path:
+    from mcq.models.tiny import resolve_tiny
+
+    return resolve_tiny("tiny:4.5")

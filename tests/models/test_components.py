@@ -1,0 +1,140 @@
+"""The vision tower and resampler against independent formulations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from mcq.models.minicpmv import MiniCPMV, MiniCPMVConfig
+from mcq.models.minicpmv.resampler import Resampler, sincos_2d
+from mcq.models.minicpmv.vision import MiniCPMVisionTransformer, navit_position_ids
+
+
+def test_official_config_on_meta_matches_published_index(reference_dir):
+    config = MiniCPMVConfig(**json.loads((reference_dir / "config.json").read_text()))
+    with torch.device("meta"):
+        model = MiniCPMV(config)
+    assert sum(p.numel() for p in model.parameters()) == 8_695_895_280
+    index = json.loads((reference_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    shapes = json.loads((reference_dir / "parameter_shapes.json").read_text())["shapes"]
+    state = model.state_dict()
+    assert set(state) == set(index)
+    assert {k: list(v.shape) for k, v in state.items()} == shapes
+    assert len(model.vpm.encoder.layers) == 27  # drop_vision_last_layer: false is honoured
+
+
+def _vision_config() -> SiglipVisionConfig:
+    return SiglipVisionConfig(hidden_size=64, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=980, patch_size=14, vision_use_head=False)
+
+
+def test_vision_tower_equals_siglip_on_full_grid():
+    torch.manual_seed(0)
+    config = _vision_config()
+    reference = SiglipVisionModel(config).eval()
+    ours = MiniCPMVisionTransformer(config).eval()
+    missing, unexpected = ours.load_state_dict(reference.state_dict(), strict=False)
+    assert not missing and set(unexpected) <= {"embeddings.position_ids"}
+    image = torch.randn(1, 3, 980, 980)
+    # Our packing: one row of 70*70 patches in raster order, [3, 14, 14 * 4900].
+    patches = image.unfold(2, 14, 14).unfold(3, 14, 14)  # [1, 3, 70, 70, 14, 14]
+    packed = patches.permute(0, 1, 4, 2, 3, 5).reshape(1, 3, 14, 70 * 70 * 14)
+    mask = torch.ones(1, 4900, dtype=torch.bool)
+    with torch.no_grad():
+        expected = reference(pixel_values=image).last_hidden_state
+        got = ours(packed, mask, torch.tensor([[70, 70]]))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_slices_do_not_change_real_patches():
+    torch.manual_seed(0)
+    tower = MiniCPMVisionTransformer(_vision_config()).eval()
+    small = torch.randn(1, 3, 14, 14 * 6)  # a 2x3 slice
+    padded = torch.cat([small, torch.randn(1, 3, 14, 14 * 4)], dim=-1)
+    with torch.no_grad():
+        alone = tower(small, torch.ones(1, 6, dtype=torch.bool), torch.tensor([[2, 3]]))
+        mask = torch.tensor([[True] * 6 + [False] * 4])
+        in_batch = tower(padded, mask, torch.tensor([[2, 3]]))
+    torch.testing.assert_close(in_batch[:, :6], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_position_ids_bucketize_like_float32_official():
+    ids = navit_position_ids(torch.tensor([[70, 70], [35, 35], [25, 3]]), 70, 4900)
+    assert ids[0].tolist() == list(range(4900))
+    grid = ids[1, :35 * 35].view(35, 35)
+    assert grid[1, 1] == 2 * 70 + 2 and grid[34, 34] == 68 * 70 + 68
+    # 25 patches per side: float32 rounding of k/25 sends some rows to a different bucket than exact floor().
+    rows = ids[2, :75].view(25, 3)[:, 0] // 70
+    exact = torch.tensor([(r * 70) // 25 for r in range(25)])
+    assert not torch.equal(rows, exact)
+    assert torch.all((rows - exact).abs() <= 1)
+
+
+def _mha_reference(resampler: Resampler, x, tgt_sizes):
+    """The official 2D resampler written with a stock nn.MultiheadAttention, one slice at a time."""
+    dim = resampler.embed_dim
+    mha = nn.MultiheadAttention(dim, resampler.attn.num_heads)
+    mha.load_state_dict(resampler.attn.state_dict())
+    outputs = []
+    for i, (h, w) in enumerate(tgt_sizes.tolist()):
+        kv = resampler.ln_kv(resampler.kv_proj(x[i, : h * w]))  # [L, D]
+        pos = sincos_2d(dim, h, w)
+        q = resampler.ln_q(resampler.query)
+        out, _ = mha(q[:, None], (kv + pos)[:, None], kv[:, None], need_weights=False)
+        outputs.append(resampler.ln_post(out[:, 0]) @ resampler.proj)
+    return torch.stack(outputs)
+
+
+def test_resampler_equals_multihead_attention_formulation():
+    torch.manual_seed(0)
+    resampler = Resampler(num_queries=8, embed_dim=64, num_heads=4, kv_dim=32, temporal=False)
+    for p in resampler.parameters():
+        nn.init.normal_(p, std=0.2)
+    tgt_sizes = torch.tensor([[4, 5], [3, 3]])
+    x = torch.randn(2, 20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(resampler(x, tgt_sizes), _mha_reference(resampler, x, tgt_sizes),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_sincos_2d_layout():
+    table = sincos_2d(8, 2, 3).view(2, 3, 8)
+    # First half encodes the column w, second half the row h; position (0, 0) is sin 0 = 0, cos 0 = 1.
+    assert table[0, 0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert torch.equal(table[1, 2, :4], table[0, 2, :4]) and torch.equal(table[1, 2, 4:], table[1, 0, 4:])
+
+
+def test_temporal_groups_pack_frames_into_one_block():
+    torch.manual_seed(0)
+    resampler = Resampler(num_queries=8, embed_dim=64, num_heads=4, kv_dim=32, temporal=True)
+    for p in resampler.parameters():
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(8, 16, 32)
+    tgt = torch.tensor([[4, 4]] * 8)
+    with torch.no_grad():
+        six = resampler(x[:6], tgt[:6], temporal_ids=[[0, 1, 2, 3, 4, 5]])
+        mixed = resampler(x, tgt, temporal_ids=[[0, 1, 2, 3, 4, 5], [-1], [-1]])
+        plain = resampler(x[6:], tgt[6:])
+    assert six.shape == (1, 8, 64)
+    assert mixed.shape == (3, 8, 64)
+    torch.testing.assert_close(mixed[:1], six, rtol=1e-5, atol=1e-5)
+    # An image ([-1]) gets no temporal term: same as the plain 2D path.
+    torch.testing.assert_close(mixed[1:], plain, rtol=1e-5, atol=1e-5)
+    # Frame order matters (temporal term), so a group is not a bag of frames.
+    with torch.no_grad():
+        shuffled = resampler(x[:6], tgt[:6], temporal_ids=[[5, 4, 3, 2, 1, 0]])
+    assert not torch.allclose(shuffled, six, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.0"])
+def test_temporal_ids_ignored_without_3d_resampler(version):
+    resampler = Resampler(num_queries=4, embed_dim=64, num_heads=4, kv_dim=32, temporal=False)
+    for p in resampler.parameters():
+        nn.init.normal_(p, std=0.2)
+    x, tgt = torch.randn(2, 16, 32), torch.tensor([[4, 4]] * 2)
+    with torch.no_grad():
+        assert resampler(x, tgt, temporal_ids=[[-1], [-1]]).shape == (2, 4, 64)
