@@ -43,18 +43,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         images += frames
         video_kwargs = {"temporal_ids": temporal_ids(stamps, args.packing), "use_image_id": False,
                         "max_slice_nums": 1}
+    processor = load_processor(args.model)  # first: a missing tokenizer should not wait for the weights
     model = load_model(args.model, dtype=args.dtype)
-    processor = load_processor(args.model)
     if video_kwargs and not model.spec.temporal:
         raise McqError(f"video input needs MiniCPM-V 4.5; {args.model} is {model.spec.version}")
     torch.manual_seed(args.seed)
     # Greedy by default so that the CLI answer is reproducible; --sampling gives the release's sampling settings.
     decoding = {} if args.sampling else {"num_beams": 1, "repetition_penalty": 1.0}
+    if args.max_slice_nums:
+        video_kwargs["max_slice_nums"] = args.max_slice_nums
     answer = model.chat(msgs=[{"role": "user", "content": [*images, args.question]}], processor=processor,
                         max_new_tokens=args.max_new_tokens, sampling=args.sampling, stream=args.stream,
-                        enable_thinking=args.thinking, max_slice_nums=args.max_slice_nums or video_kwargs.get(
-                            "max_slice_nums"), **{k: v for k, v in video_kwargs.items() if k != "max_slice_nums"},
-                        **decoding)
+                        enable_thinking=args.thinking, **video_kwargs, **decoding)
     if args.stream:
         for piece in answer:
             print(piece, end="", flush=True)

@@ -5,8 +5,7 @@ The model is built on the meta device for its module tree, so inspecting the 8B 
 
 from __future__ import annotations
 
-import json
-import struct
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,23 +13,14 @@ from typing import Any
 import torch
 
 from .family import COMPONENTS, MATRIX_PARAMETERS, component_of, linear_layers
-from .loading import model_spec, weight_files
+from .loading import check_layout, model_spec, stored_tensors
 from .minicpmv import MiniCPMV
-
-
-def _stored_tensors(files: list[Path]) -> dict[str, dict[str, Any]]:
-    tensors = {}
-    for file in files:
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        header.pop("__metadata__", None)
-        tensors.update(header)
-    return tensors
 
 
 def inspect_model(model: str | Path) -> dict[str, Any]:
     path, config, spec = model_spec(model)
-    stored = _stored_tensors(weight_files(path))
+    check_layout(path, config)
+    stored = stored_tensors(path)
     with torch.device("meta"):
         skeleton = MiniCPMV(config)
     params, stored_bytes = defaultdict(int), defaultdict(int)
@@ -69,8 +59,6 @@ def format_inspection(report: dict[str, Any]) -> str:
     lines += ["", f"{'Linear (layer index as *)':<52}{'count':>6}{'in -> out':>16}  divides in_features"]
     groups: dict[tuple, list] = defaultdict(list)
     for linear in report["linears"]:
-        import re
-
         pattern = re.sub(r"\.\d+\.", ".*.", linear["name"])
         groups[(pattern, linear["in_features"], linear["out_features"], tuple(linear["group_sizes"]))].append(linear)
     for (pattern, fan_in, fan_out, sizes), members in groups.items():

@@ -66,12 +66,11 @@ def weight_files(path: Path) -> list[Path]:
         raise McqError(f"{path} has only pickle weights (.bin/.pt); mcq loads safetensors only (pickle can run code)")
     else:
         raise McqError(f"{path} has no weights: expected model.safetensors or model.safetensors.index.json")
-    for file in files:
-        check_safetensors(file)
     return files
 
 
-def check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> dict[str, Any]:
+    """The tensor table of one shard (name → dtype, shape, offsets), after checking the file holds all of it."""
     if not file.is_file():
         raise McqError(f"weight shard {file} is missing (named in the index)")
     size = file.stat().st_size
@@ -86,35 +85,57 @@ def check_safetensors(file: Path) -> None:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise McqError(f"{file} is corrupt: its safetensors header is not JSON") from None
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    data_end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise McqError(f"{file} is truncated: the header names {data_end} bytes of tensors, the file holds "
                        f"{size - 8 - header_len}")
+    return header
+
+
+def stored_tensors(path: Path) -> dict[str, dict[str, Any]]:
+    """Every tensor the checkpoint stores, from the shard headers (no data is read)."""
+    return {name: entry for file in weight_files(path) for name, entry in check_safetensors(file).items()}
+
+
+def check_layout(path: Path, config: MiniCPMVConfig) -> None:
+    """Compare the stored tensors with what the config implies, so a mismatch is one line that names the keys."""
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in MiniCPMV(config).state_dict().items()}
+    stored = {k: v["shape"] for k, v in stored_tensors(path).items()}
+    problems = {
+        "missing": sorted(expected.keys() - stored.keys()),
+        "unexpected": sorted(stored.keys() - expected.keys()),
+        "shape mismatch": [f"{k} (stored {stored[k]}, config implies {expected[k]})"
+                           for k in sorted(expected.keys() & stored.keys()) if stored[k] != expected[k]],
+    }
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{kind}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                           for kind, keys in problems.items())
+        raise McqError(f"{path} does not match the MiniCPM-V {config.version} layout its config.json describes: "
+                       f"{detail}")
 
 
 def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> MiniCPMV:
-    """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, failing clearly on any missing or extra key."""
-    path = resolve_model_path(model)
-    read_config(path)
-    weight_files(path)
+    """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, after checking every stored tensor."""
+    path, config, _ = model_spec(model)
+    check_layout(path, config)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
-        loaded, info = MiniCPMV.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+        loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype)
     except (RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise McqError(f"cannot load {path}: {first_line}") from None
-    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
-    if problems:
-        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}"
-                           + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items())
-        raise McqError(f"{path} does not match the MiniCPM-V {loaded.spec.version} layout: {detail}")
     return loaded.to(device).eval()
 
 
 def load_processor(model: str | Path):
     from .minicpmv.processing import MiniCPMVProcessor
 
-    return MiniCPMVProcessor.from_pretrained(resolve_model_path(model))
+    path = resolve_model_path(model)
+    read_config(path)
+    return MiniCPMVProcessor.from_pretrained(path)
 
 
 def model_spec(model: str | Path) -> tuple[Path, MiniCPMVConfig, VersionSpec]:

@@ -1,6 +1,7 @@
 """Build small, deterministic MiniCPM-V tokenizers for tests and tiny checkpoints.
 
-The real tokenizers are 150k-token (Qwen2 / Qwen3) or 73k-token (MiniCPM4) vocabularies that we may not download.
+The real tokenizers have vocabularies of ~150k (Qwen2 / Qwen3) or tens of thousands (MiniCPM4) tokens, and nothing
+may be downloaded.
 Tests still need something that behaves like them: the same on-disk layout, the same special-token strings, the
 same chat template and the same "remote code" ``tokenizer_class`` / ``auto_map`` entries, so that the loader in
 :mod:`mcq.models.minicpmv.tokenization` is exercised on realistic directories.
@@ -64,6 +65,8 @@ _CORPUS = (
 
 # Qwen2/Qwen3 added tokens in the order (and therefore relative ids) of the official MiniCPM-V 4.5 files, with the
 # official "special" flag: the tool/fim tokens and <think> are plain added tokens there, everything else is special.
+# 2.6 gets the same list: we have no official 2.6 files to check against, and extra unused tokens are harmless,
+# whereas a missing one would break a test that a real 2.6 checkpoint passes.
 _QWEN_RESERVED = tuple(f"<|reserved_{i}|>" for i in range(63))
 _MULTIMODAL = (
     "<image>", "</image>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>",
@@ -97,6 +100,7 @@ QWEN2_PRETOKENIZE_REGEX = (
 )
 
 _AUTO_MAP = {"AutoTokenizer": ["tokenization_minicpmv_fast.MiniCPMVTokenizerFast", None]}
+# Only the 4.5 value is taken from official files; nothing here depends on the other two.
 _MODEL_MAX_LENGTH = {"2.6": 32768, "4.0": 32768, "4.5": 131072}
 
 # Chat template of the official MiniCPM-V 4.5 tokenizer_config.json (the Qwen3 template), kept as data so the package
@@ -360,13 +364,14 @@ def _llama_files(vocab_size: int) -> dict[str, str]:
     # split=False as the Llama class does.
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     trainer_tok.pre_tokenizer = pre_tokenizer(split=True)
-    symbols, merges = _train(trainer_tok, vocab_size - reserved, [])
+    wanted = max(vocab_size - reserved, 0)
+    symbols, merges = _train(trainer_tok, wanted, [])
     symbols.sort()  # the trainer's alphabet order is not part of its contract; code point order is
     learned = [*symbols, *_merged_tokens(merges)]
-    if len(learned) > vocab_size - reserved:
+    if len(learned) > wanted:
         raise McqError(f"tiny tokenizer: vocab_size {vocab_size} is too small for version 4.0; it needs at least "
                        f"{reserved + len(symbols)} (control, byte-fallback and corpus character tokens)")
-    if len(learned) < vocab_size - reserved:
+    if len(learned) < wanted:
         raise McqError(f"tiny tokenizer: vocab_size {vocab_size} is too large for version 4.0; the built-in corpus "
                        f"yields at most {reserved + len(learned)} base tokens")
     vocab = {token: i for i, token in enumerate([*_LLAMA_CONTROL, *byte_tokens, *learned])}

@@ -223,10 +223,15 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return (result, vision_hidden_states) if return_vision_hidden_states else result
 
     def _stream(self, tokenizer, gen_kwargs: dict[str, Any]) -> Iterator[str]:
-        streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+        # Decoded like the non-streaming answer: special tokens kept, terminators removed (official stream_gen).
+        streamer = TextIteratorStreamer(tokenizer)
         thread = Thread(target=self.llm.generate, kwargs={**gen_kwargs, "streamer": streamer}, daemon=True)
         thread.start()
-        yield from (text for text in streamer if text)
+        for text in streamer:
+            for terminator in self.spec.terminators:
+                text = text.replace(terminator, "")
+            if text:
+                yield text
         thread.join()
 
     @staticmethod

@@ -46,17 +46,21 @@ def load_tokenizer(directory: str | Path, version: str) -> PreTrainedTokenizerBa
     Raises :class:`McqError` (one line, naming the path) when the directory or its tokenizer files are missing or
     unreadable, or when the files disagree about the ids of the added tokens.
     """
-    cls = _TOKENIZER_CLASSES.get(version)
+    cls = _TOKENIZER_CLASSES.get(str(version))
     if cls is None:
         raise McqError(f"no tokenizer for MiniCPM-V version {version!r}; supported: {', '.join(_TOKENIZER_CLASSES)}")
     path = Path(directory)
     if not path.is_dir():
         raise McqError(f"tokenizer directory {path} does not exist")
+    # Parse every JSON file up front (the large ones too) so that a broken file is reported by name; transformers
+    # and tokenizers would fail with a bare parser message.
     config = {}
     for name in _JSON_FILES:
         if (path / name).is_file():
             data = _read_json(path / name)
             if name == "tokenizer_config.json":
+                if not isinstance(data, dict):
+                    raise McqError(f"cannot read {path / name}: expected a JSON object")
                 config = data
     _check_vocabulary_files(path, cls)
 
@@ -151,6 +155,18 @@ class MiniCPMVSpecialTokens:
         return [_lookup(self.vocab, name) for name in names]
 
 
+# MiniCPMVSpecialTokens field -> token string, in field order.
+_MARKERS = {
+    "im_start_id": "<image>",
+    "im_end_id": "</image>",
+    "slice_start_id": "<slice>",
+    "slice_end_id": "</slice>",
+    "im_id_start_id": "<image_id>",
+    "im_id_end_id": "</image_id>",
+    "unk_id": "<unk>",
+}
+
+
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> MiniCPMVSpecialTokens:
     """Resolve the MiniCPM-V special tokens of ``tokenizer``; a missing one raises :class:`McqError` naming it."""
     vocab = tokenizer.get_vocab()
@@ -160,16 +176,10 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> MiniCPMVSpecialToke
     def optional(token: str | None) -> int | None:
         return None if token is None else _lookup(vocab, str(token))
 
-    slice_end_id = _lookup(vocab, "</slice>")
+    markers = {name: _lookup(vocab, token) for name, token in _MARKERS.items()}
     return MiniCPMVSpecialTokens(
-        im_start_id=_lookup(vocab, "<image>"),
-        im_end_id=_lookup(vocab, "</image>"),
-        slice_start_id=_lookup(vocab, "<slice>"),
-        slice_end_id=slice_end_id,
-        im_id_start_id=_lookup(vocab, "<image_id>"),
-        im_id_end_id=_lookup(vocab, "</image_id>"),
-        unk_id=_lookup(vocab, "<unk>"),
-        newline_id=_newline_id(tokenizer, slice_end_id),
+        **markers,
+        newline_id=_newline_id(tokenizer, markers["slice_end_id"]),
         bos_id=optional(tokenizer.bos_token),
         eos_id=_lookup(vocab, str(tokenizer.eos_token)),
         pad_id=optional(tokenizer.pad_token),

@@ -1,0 +1,219 @@
+"""The native model on tiny checkpoints in the official layout: loading, saving, placeholders, chat()."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel
+
+import mcq  # noqa: F401  (registers the Auto classes)
+from mcq.models.loading import load_model, load_processor
+from mcq.models.minicpmv import MiniCPMV
+from mcq.models.tiny import TinySpec, make_tiny
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def _digests(path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def test_make_tiny_is_deterministic_and_seeded(tmp_path):
+    first = make_tiny(tmp_path / "a", TinySpec(version="4.5", seed=3))
+    second = make_tiny(tmp_path / "b", TinySpec(version="4.5", seed=3))
+    other = make_tiny(tmp_path / "c", TinySpec(version="4.5", seed=4))
+    assert _digests(first) == _digests(second)
+    assert _digests(first)["model-00001-of-00004.safetensors"] != _digests(other)["model-00001-of-00004.safetensors"]
+
+
+def test_tiny_layout_is_official(tiny_path):
+    config = json.loads((tiny_path / "config.json").read_text())
+    assert config["model_type"] == "minicpmv" and config["architectures"] == ["MiniCPMV"]
+    assert config["vision_config"]["intermediate_size"] % 32 != 0  # like 4304
+    index = json.loads((tiny_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    stored = {}
+    for shard in shards:
+        with safe_open(tiny_path / shard, "pt") as handle:
+            stored.update({k: handle.get_slice(k).get_dtype() for k in handle.keys()})
+    assert set(stored) == set(index["weight_map"])
+    assert set(stored.values()) == {"BF16"}
+    assert any(k.startswith("vpm.encoder.layers.0.mlp.fc2") for k in stored)
+    assert {"resampler.attn.in_proj_weight", "resampler.proj", "resampler.kv_proj.weight"} <= set(stored)
+    for name in ("tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        assert (tiny_path / name).is_file()
+
+
+def test_load_save_load_is_bit_exact(tiny_path, tmp_path):
+    model = load_model(tiny_path)
+    model.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model.safetensors.index.json").read_text()) \
+        if (tmp_path / "saved" / "model.safetensors.index.json").exists() else None
+    original = json.loads((tiny_path / "model.safetensors.index.json").read_text())["weight_map"]
+    saved_keys = set(index["weight_map"]) if index else set(safe_open(tmp_path / "saved" / "model.safetensors",
+                                                                       "pt").keys())
+    assert saved_keys == set(original)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_path / name, tmp_path / "saved" / name)
+    reloaded = load_model(tmp_path / "saved")
+    first, second = model.state_dict(), reloaded.state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+
+
+def test_automodel_loads_without_remote_code(tiny45):
+    config = AutoConfig.from_pretrained(tiny45)
+    assert "auto_map" in json.loads((tiny45 / "config.json").read_text())  # names remote code we never run
+    model = AutoModel.from_pretrained(tiny45)
+    assert isinstance(model, MiniCPMV) and type(config).__module__.startswith("mcq.")
+
+
+@pytest.fixture(scope="module")
+def model45(tiny45):
+    return load_model(tiny45, dtype="float32"), load_processor(tiny45)
+
+
+def test_placeholder_and_image_bound_of_a_3x3_sliced_image(model45):
+    _, processor = model45
+    prefix = "<|im_start|>user\n"
+    text = prefix + "(<image>./</image>)\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(text, [[_image(1344, 1344)]])
+    unk = "<unk>" * 64
+    # Hand-built: the 3 x 3 grid is rows of 3 slices joined by newlines, right after </image>.
+    row = ("<slice>" + unk + "</slice>") * 3
+    expected = prefix + "<image_id>0</image_id><image>" + unk + "</image>" + "\n".join([row] * 3) \
+        + "\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    ids = processor.tokenizer.encode(expected, add_special_tokens=False)
+    assert inputs["input_ids"][0].tolist() == ids
+    offset = len(processor.tokenizer.encode(prefix, add_special_tokens=False))
+    first = offset + 4  # <image_id> 0 </image_id> <image>
+    spans = [(first, first + 64)]
+    for r in range(3):
+        for c in range(3):
+            # after </image>: each row is 3 x (<slice> 64 </slice>) = 198 tokens, rows separated by one newline
+            start = first + 64 + 1 + r * (3 * 66 + 1) + c * 66 + 1
+            spans.append((start, start + 64))
+    assert inputs["image_bound"][0].tolist() == [list(s) for s in spans]
+    assert len(inputs["pixel_values"][0]) == 10
+    assert inputs["tgt_sizes"][0].tolist() == [[32, 32]] * 10
+
+
+def test_forward_official_data_form_merges_vision_features(model45):
+    model, processor = model45
+    inputs = processor("<|im_start|>user\n(<image>./</image>)\nhi", [[_image(300, 200)]])
+    with torch.no_grad():
+        logits = model(inputs).logits
+        text_only = model(inputs["input_ids"]).logits
+        vision = model.get_vision_embedding(inputs["pixel_values"][0], inputs["tgt_sizes"][0])
+        embeds, _ = model.get_vllm_embedding(inputs)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.vocab_size)
+    start, end = inputs["image_bound"][0][0].tolist()
+    torch.testing.assert_close(embeds[0, start:end], vision[0])
+    assert not torch.allclose(logits[0, end:], text_only[0, end:])  # the image changes what follows it
+
+
+GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 8}
+
+
+def test_chat_single_image_is_deterministic(model45):
+    model, processor = model45
+    msgs = [{"role": "user", "content": [_image(500, 400), "What is in the image?"]}]
+    first = model.chat(msgs=msgs, processor=processor, **GREEDY)
+    assert isinstance(first, str) and first == model.chat(msgs=msgs, processor=processor, **GREEDY)
+    assert model.chat(image=_image(500, 400), msgs=[{"role": "user", "content": "What is in the image?"}],
+                      processor=processor, **GREEDY) == first
+
+
+def test_chat_streaming_matches_and_thinking_prefix(model45):
+    model, processor = model45
+    msgs = [{"role": "user", "content": [_image(448, 448), "Describe."]}]
+    answer = model.chat(msgs=msgs, processor=processor, **GREEDY)
+    assert "".join(model.chat(msgs=msgs, processor=processor, stream=True, **GREEDY)) == answer
+    assert model.chat(msgs=msgs, processor=processor, enable_thinking=True, **GREEDY).startswith("<think>\n")
+
+
+def test_chat_multi_image_few_shot_and_batch(model45):
+    model, processor = model45
+    a, b = _image(640, 480, 1), _image(480, 640, 2)
+    two_images = [{"role": "user", "content": [a, b, "Compare the two images."]}]
+    few_shot = [
+        {"role": "user", "content": [a, "What is this?"]},
+        {"role": "assistant", "content": "noise"},
+        {"role": "user", "content": [b, "And this?"]},
+    ]
+    single = [model.chat(msgs=m, processor=processor, **GREEDY) for m in (two_images, few_shot)]
+    batched = model.chat(msgs=[two_images, few_shot], processor=processor, **GREEDY)
+    assert batched == single
+
+
+def test_chat_video_frames_pack_into_one_block(model45):
+    model, processor = model45
+    frames = [_image(448, 448, seed) for seed in range(6)]
+    text = "<|im_start|>user\n" + "\n".join(["(<image>./</image>)"] * 6) + "\nWhat happens?"
+    inputs = processor(text, [frames], max_slice_nums=1, use_image_id=False, temporal_ids=[[[0, 1, 2, 3, 4, 5]]])
+    assert len(inputs["image_bound"][0]) == 1  # six frames, one 64-token block
+    with torch.no_grad():
+        packed = model.get_vision_embedding(inputs["pixel_values"][0], inputs["tgt_sizes"][0],
+                                            inputs["temporal_ids"][0])
+    assert packed.shape == (1, 64, model.config.hidden_size)
+    answer = model.chat(msgs=[{"role": "user", "content": frames + ["What happens?"]}], processor=processor,
+                        use_image_id=False, max_slice_nums=1, temporal_ids=[[0, 1, 2], [3, 4, 5]], **GREEDY)
+    assert isinstance(answer, str)
+
+
+def test_chat_default_is_beam_search_like_the_release(model45, monkeypatch):
+    model, processor = model45
+    seen = {}
+    original = model.llm.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**{**kwargs, "max_new_tokens": 1})
+
+    monkeypatch.setattr(model.llm, "generate", spy)
+    model.chat(msgs=[{"role": "user", "content": "hi"}], processor=processor, sampling=False, max_new_tokens=1)
+    assert seen["num_beams"] == 3 and seen["repetition_penalty"] == 1.2
+    model.chat(msgs=[{"role": "user", "content": "hi"}], processor=processor, max_new_tokens=1)
+    assert seen["do_sample"] is True and seen["top_k"] == 100 and seen["repetition_penalty"] == 1.03
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.0"])
+def test_other_versions_chat(version):
+    from mcq.models.tiny import resolve_tiny
+
+    path = resolve_tiny(f"tiny:{version}")
+    model, processor = load_model(path, dtype="float32"), load_processor(path)
+    assert model.spec.version == version
+    answer = model.chat(msgs=[{"role": "user", "content": [_image(700, 300), "What is it?"]}], processor=processor,
+                        **GREEDY)
+    assert isinstance(answer, str)
+    with pytest.raises(mcq.errors.McqError, match="4.5"):
+        model.chat(msgs=[{"role": "user", "content": [_image(448, 448), "?"]}], processor=processor,
+                   temporal_ids=[[0]], **GREEDY)
+
+
+def test_scale_emb_multiplies_text_embeddings_only():
+    from mcq.models.tiny import resolve_tiny
+
+    path = resolve_tiny("tiny:4.0")
+    model, processor = load_model(path, dtype="float32"), load_processor(path)
+    assert model.embedding_scale == 12.0
+    inputs = processor("<|im_start|>user\n(<image>./</image>)\nhi", [[_image(448, 448)]])
+    with torch.no_grad():
+        embeds, vision = model.get_vllm_embedding(inputs)
+        raw = model.get_input_embeddings()(inputs["input_ids"])
+    start, end = inputs["image_bound"][0][0].tolist()
+    torch.testing.assert_close(embeds[0, :start], raw[0, :start] * 12.0)
+    torch.testing.assert_close(embeds[0, start:end], vision[0][0])
