@@ -160,6 +160,10 @@ def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
         (staging / "generation_config.json").write_text(
             json.dumps(_generation_config(special_ids, spec.version), indent=2) + "\n")
         MiniCPMVImageProcessor(version=float(spec.version)).save_pretrained(staging)
+        # mkdtemp creates the directory owner-only; give it the mode a plain mkdir would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
