@@ -217,3 +217,19 @@ def test_scale_emb_multiplies_text_embeddings_only():
     start, end = inputs["image_bound"][0][0].tolist()
     torch.testing.assert_close(embeds[0, :start], raw[0, :start] * 12.0)
     torch.testing.assert_close(embeds[0, start:end], vision[0][0])
+
+
+def test_outliers_give_a_few_norm_channels_a_large_gain(tmp_path):
+    plain = load_model(make_tiny(tmp_path / "plain", TinySpec(version="4.5")), dtype="float32")
+    spiky = load_model(make_tiny(tmp_path / "spiky", TinySpec(version="4.5", outliers=True)), dtype="float32")
+    spiky_weights = dict(spiky.named_parameters())
+    names = [n for n in dict(plain.named_parameters())
+             if n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight", "layer_norm1.weight",
+                            "layer_norm2.weight", "ln_kv.weight"))]
+    assert len(names) == 2 * 2 + 2 * 2 + 1
+    for name in names:
+        gain = (spiky_weights[name] / dict(plain.named_parameters())[name]).abs()
+        big = gain > 15
+        assert big.sum() == 2, name  # two channels per norm ...
+        assert torch.all((gain[big] >= 19.5) & (gain[big] <= 50.5)), name  # ... at 20-50x
+        torch.testing.assert_close(gain[~big], torch.ones_like(gain[~big]))

@@ -100,6 +100,7 @@ class MiniCPMVImageProcessor:
         ):
             if not isinstance(value, str) or not value:
                 raise McqError(f"image processor: {name} must be a non-empty string, got {value!r}")
+            setattr(self, name, value)
 
         self.max_slice_nums = max_slice_nums
         self.scale_resolution = scale_resolution
@@ -110,13 +111,6 @@ class MiniCPMVImageProcessor:
         self.norm_mean = [float(v) for v in norm_mean]
         self.norm_std = [float(v) for v in norm_std]
         self.version = version
-        self.im_start = im_start
-        self.im_end = im_end
-        self.slice_start = slice_start
-        self.slice_end = slice_end
-        self.unk = unk
-        self.im_id_start = im_id_start
-        self.im_id_end = im_id_end
 
     # ------------------------------------------------------------------ config I/O
 
