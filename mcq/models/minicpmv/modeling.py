@@ -19,6 +19,7 @@ from transformers import initialization as init
 
 from .configuration import MiniCPMVConfig
 from .resampler import Resampler, ResamplerAttention
+from .tokenization import special_token_ids
 from .versions import VersionSpec, version_spec
 from .vision import MiniCPMVisionEmbeddings, MiniCPMVisionTransformer
 
@@ -185,8 +186,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return self.llm(inputs_embeds=inputs_embeds, **kwargs)
 
     def terminator_ids(self, tokenizer) -> list[int]:
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in self.spec.terminators]
-        return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+        return special_token_ids(tokenizer).terminator_ids(self.spec.terminators)
 
     @torch.inference_mode()
     def generate(
