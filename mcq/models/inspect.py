@@ -10,19 +10,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .family import COMPONENTS, MATRIX_PARAMETERS, component_of, linear_layers
-from .loading import check_layout, model_spec, stored_tensors
-from .minicpmv import MiniCPMV
+from .loading import check_layout, meta_skeleton, model_spec, stored_tensors
 
 
 def inspect_model(model: str | Path) -> dict[str, Any]:
     path, config, spec = model_spec(model)
-    check_layout(path, config)
     stored = stored_tensors(path)
-    with torch.device("meta"):
-        skeleton = MiniCPMV(config)
+    skeleton = meta_skeleton(config)
+    check_layout(path, skeleton, stored)
     params, stored_bytes = defaultdict(int), defaultdict(int)
     for name, parameter in skeleton.named_parameters():
         params[component_of(name)] += parameter.numel()

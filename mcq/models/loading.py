@@ -98,29 +98,34 @@ def stored_tensors(path: Path) -> dict[str, dict[str, Any]]:
     return {name: entry for file in weight_files(path) for name, entry in check_safetensors(file).items()}
 
 
-def check_layout(path: Path, config: MiniCPMVConfig) -> None:
-    """Compare the stored tensors with what the config implies, so a mismatch is one line that names the keys."""
+def meta_skeleton(config: MiniCPMVConfig) -> MiniCPMV:
+    """The module tree the config describes, with no memory behind its weights."""
     with torch.device("meta"):
-        expected = {k: list(v.shape) for k, v in MiniCPMV(config).state_dict().items()}
-    stored = {k: v["shape"] for k, v in stored_tensors(path).items()}
+        return MiniCPMV(config)
+
+
+def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any]]) -> None:
+    """Compare the stored tensors with the skeleton's, so a mismatch is one line that names the keys."""
+    expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+    shapes = {k: v["shape"] for k, v in stored.items()}
     problems = {
-        "missing": sorted(expected.keys() - stored.keys()),
-        "unexpected": sorted(stored.keys() - expected.keys()),
-        "shape mismatch": [f"{k} (stored {stored[k]}, config implies {expected[k]})"
-                           for k in sorted(expected.keys() & stored.keys()) if stored[k] != expected[k]],
+        "missing": sorted(expected.keys() - shapes.keys()),
+        "unexpected": sorted(shapes.keys() - expected.keys()),
+        "shape mismatch": [f"{k} (stored {shapes[k]}, config implies {expected[k]})"
+                           for k in sorted(expected.keys() & shapes.keys()) if shapes[k] != expected[k]],
     }
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
         detail = "; ".join(f"{kind}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
                            for kind, keys in problems.items())
-        raise McqError(f"{path} does not match the MiniCPM-V {config.version} layout its config.json describes: "
-                       f"{detail}")
+        raise McqError(f"{path} does not match the MiniCPM-V {skeleton.spec.version} layout its config.json "
+                       f"describes: {detail}")
 
 
 def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> MiniCPMV:
     """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, after checking every stored tensor."""
     path, config, _ = model_spec(model)
-    check_layout(path, config)
+    check_layout(path, meta_skeleton(config), stored_tensors(path))
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
         loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype)
