@@ -31,7 +31,9 @@ def test_inspect_json_flags_the_vision_fc2(capsys):
     assert set(report["components"]) == {"vision", "resampler", "llm"}
     assert report["total_parameters"] == sum(c["parameters"] for c in report["components"].values())
     assert report["total_bytes"] == 2 * report["total_parameters"]  # bf16
-    assert {p["name"] for p in report["matrix_parameters"]} == {"resampler.attn.in_proj_weight", "resampler.proj"}
+    assert {r["stored"] for r in report["stored_as"]} == {"resampler.attn.in_proj_weight",
+                                                         "resampler.attn.in_proj_bias", "resampler.proj"}
+    assert {"resampler.attn.q_proj", "resampler.proj"} <= {linear["name"] for linear in report["linears"]}
 
 
 def test_inspect_text_marks_non_divisible(capsys):

@@ -15,12 +15,6 @@ from torch import nn
 COMPONENTS = {"vision": "vpm.", "resampler": "resampler.", "llm": "llm."}
 GROUP_SIZES = (32, 64, 128)
 
-# Weights that are not nn.Linear yet hold a matrix product's weights (so quantization must treat them by hand).
-MATRIX_PARAMETERS = {
-    "resampler.attn.in_proj_weight": "packed q/k/v projection of nn.MultiheadAttention (a Parameter, not a Linear)",
-    "resampler.proj": "output projection applied as x @ proj (a bare Parameter, transposed vs. a Linear)",
-}
-
 
 def component_of(name: str) -> str:
     for component, prefix in COMPONENTS.items():

@@ -10,7 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .family import COMPONENTS, MATRIX_PARAMETERS, component_of, linear_layers
+from .family import COMPONENTS, component_of, linear_layers
+from .minicpmv.checkpoint_names import RENAMES
 from .loading import check_layout, meta_skeleton, model_spec, stored_tensors
 
 
@@ -25,7 +26,6 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
     for name, tensor in stored.items():
         stored_bytes[component_of(name)] += tensor["data_offsets"][1] - tensor["data_offsets"][0]
     linears = linear_layers(skeleton)
-    shapes = dict(skeleton.named_parameters())
     return {
         "model": str(path),
         "version": spec.version,
@@ -40,9 +40,7 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
             for l in linears
         ],
         "non_divisible": [l.name for l in linears if l.non_divisible],
-        "matrix_parameters": [
-            {"name": name, "shape": list(shapes[name].shape), "note": note} for name, note in MATRIX_PARAMETERS.items()
-        ],
+        "stored_as": [{"stored": r.stored, "params": list(r.params), "transposed": r.transposed} for r in RENAMES],
     }
 
 
@@ -62,6 +60,7 @@ def format_inspection(report: dict[str, Any]) -> str:
             str(g) for g in (32, 64, 128) if g not in sizes)
         lines.append(f"{pattern:<52}{len(members):>6}{f'{fan_in} -> {fan_out}':>16}  "
                      f"{' '.join(f'g{g}' for g in sizes) or '-'}{flag}")
-    lines += ["", "Matrix weights that are not Linears:"]
-    lines += [f"  {p['name']} {p['shape']}: {p['note']}" for p in report["matrix_parameters"]]
+    lines += ["", "Stored under their official names (nn.MultiheadAttention / x @ proj layout):"]
+    lines += [f"  {r['stored']} -> {', '.join(r['params'])}{' (transposed)' if r['transposed'] else ''}"
+              for r in report["stored_as"]]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import torch
 
 from mcq.errors import McqError
 
-from .minicpmv import MiniCPMV
+from .minicpmv import MiniCPMV, checkpoint_names
 from .minicpmv.configuration import MiniCPMVConfig
 from .minicpmv.versions import VersionSpec, version_spec
 from .tiny import TINY_PREFIX, resolve_tiny
@@ -107,9 +107,10 @@ def meta_skeleton(config: MiniCPMVConfig) -> MiniCPMV:
 def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any]]) -> None:
     """Compare the stored tensors with the skeleton's, so a mismatch is one line that names the keys."""
     expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
-    shapes = {k: v["shape"] for k, v in stored.items()}
+    shapes = {param: shape for name, entry in stored.items()
+              for param, shape in checkpoint_names.param_shapes(name, entry["shape"]).items()}
     problems = {
-        "missing": sorted(expected.keys() - shapes.keys()),
+        "missing": sorted({checkpoint_names.stored_name(k) for k in expected.keys() - shapes.keys()}),
         "unexpected": sorted(shapes.keys() - expected.keys()),
         "shape mismatch": [f"{k} (stored {shapes[k]}, config implies {expected[k]})"
                            for k in sorted(expected.keys() & shapes.keys()) if shapes[k] != expected[k]],

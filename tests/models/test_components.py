@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from mcq.models.minicpmv import MiniCPMV, MiniCPMVConfig
+from mcq.models.minicpmv import MiniCPMV, MiniCPMVConfig, checkpoint_names
 from mcq.models.minicpmv.resampler import Resampler, sincos_2d
 from mcq.models.minicpmv.vision import MiniCPMVisionTransformer, navit_position_ids
 
@@ -21,9 +21,12 @@ def test_official_config_on_meta_matches_published_index(reference_dir):
     assert sum(p.numel() for p in model.parameters()) == 8_695_895_280
     index = json.loads((reference_dir / "model.safetensors.index.json").read_text())["weight_map"]
     shapes = json.loads((reference_dir / "parameter_shapes.json").read_text())["shapes"]
-    state = model.state_dict()
-    assert set(state) == set(index)
-    assert {k: list(v.shape) for k, v in state.items()} == shapes
+    assert set(index) == set(shapes)
+    # The published names and shapes, mapped onto mcq's Linears, are exactly the model's parameters.
+    published = {param: shape for name, stored in shapes.items()
+                 for param, shape in checkpoint_names.param_shapes(name, stored).items()}
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == published
+    assert published["resampler.attn.q_proj.weight"] == [4096, 4096]
     assert len(model.vpm.encoder.layers) == 27  # drop_vision_last_layer: false is honoured
 
 
@@ -78,14 +81,18 @@ def _mha_reference(resampler: Resampler, x, tgt_sizes):
     """The official 2D resampler written with a stock nn.MultiheadAttention, one slice at a time."""
     dim = resampler.embed_dim
     mha = nn.MultiheadAttention(dim, resampler.attn.num_heads)
-    mha.load_state_dict(resampler.attn.state_dict())
+    attn = resampler.attn
+    mha.load_state_dict({
+        "in_proj_weight": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        "in_proj_bias": torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+        "out_proj.weight": attn.out_proj.weight, "out_proj.bias": attn.out_proj.bias})
     outputs = []
     for i, (h, w) in enumerate(tgt_sizes.tolist()):
         kv = resampler.ln_kv(resampler.kv_proj(x[i, : h * w]))  # [L, D]
         pos = sincos_2d(dim, h, w)
         q = resampler.ln_q(resampler.query)
         out, _ = mha(q[:, None], (kv + pos)[:, None], kv[:, None], need_weights=False)
-        outputs.append(resampler.ln_post(out[:, 0]) @ resampler.proj)
+        outputs.append(resampler.ln_post(out[:, 0]) @ resampler.proj.weight.t())  # official: x @ proj
     return torch.stack(outputs)
 
 

@@ -41,10 +41,13 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
         # embeddings elsewhere take transformers' defaults.
         if isinstance(module, Resampler):
             init.trunc_normal_(module.query, std=0.02)
-            init.normal_(module.proj, std=module.embed_dim**-0.5)
+            init.normal_(module.proj.weight, std=module.embed_dim**-0.5)
         elif isinstance(module, ResamplerAttention):
-            init.xavier_uniform_(module.in_proj_weight)
-            init.zeros_(module.in_proj_bias)
+            # xavier_uniform over the packed [3D, D] in-projection, as nn.MultiheadAttention initialises it
+            bound = (6 / (4 * module.embed_dim)) ** 0.5
+            for linear in (module.q_proj, module.k_proj, module.v_proj):
+                init.uniform_(linear.weight, -bound, bound)
+                init.zeros_(linear.bias)
             init.zeros_(module.out_proj.bias)
             init.trunc_normal_(module.out_proj.weight, std=0.02)
         elif isinstance(module, MiniCPMVisionEmbeddings):

@@ -44,27 +44,30 @@ def sincos_temporal(dim: int, temporal_ids: Sequence[int]) -> torch.Tensor:
 
 
 class ResamplerAttention(nn.Module):
-    """Multi-head cross attention with `nn.MultiheadAttention`'s parameter names, batch first."""
+    """Multi-head cross attention, batch first, with its projections as Linears (so quantizers and hooks see them).
+
+    The official checkpoint stores them as `nn.MultiheadAttention`'s packed `in_proj_weight`/`in_proj_bias`;
+    `checkpoint_names` maps those onto `q_proj`/`k_proj`/`v_proj` on load and back on save.
+    """
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"resampler width {embed_dim} is not divisible by {num_heads} heads")
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, query, key, value, key_padding_mask: torch.Tensor) -> torch.Tensor:
         """query `[B, Q, D]`, key/value `[B, L, D]`, key_padding_mask `[B, L]` True on padding → `[B, Q, D]`."""
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         batch, head_dim = query.shape[0], self.embed_dim // self.num_heads
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
 
-        q, k, v = heads(F.linear(query, w_q, b_q)), heads(F.linear(key, w_k, b_k)), heads(F.linear(value, w_v, b_v))
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
         attend = ~key_padding_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
         return self.out_proj(out.transpose(1, 2).reshape(batch, -1, self.embed_dim))
@@ -82,7 +85,8 @@ class Resampler(nn.Module):
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.proj = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        # Stored officially as a bare `proj` Parameter applied as `x @ proj`: this Linear holds its transpose.
+        self.proj = nn.Linear(embed_dim, embed_dim, bias=False)
 
     def key_positions(self, tgt_sizes: torch.Tensor, max_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """2D position term `[B, L, D]` and key padding mask `[B, L]` (True past h*w) for a batch of slices."""
@@ -116,7 +120,7 @@ class Resampler(nn.Module):
             keys, values, padding = _pack_groups([len(g) for g in temporal_ids], keys, values, padding)
         query = self.ln_q(self.query).unsqueeze(0).expand(keys.shape[0], -1, -1)
         out = self.attn(query, keys, values, padding)
-        return self.ln_post(out) @ self.proj
+        return self.proj(self.ln_post(out))
 
 
 def _pack_groups(group_sizes: list[int], keys, values, padding):
