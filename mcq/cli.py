@@ -65,6 +65,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(answer)
 
 
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from mcq.quantize.recipe import builtin_recipe_names, format_recipe_list, load_recipe
+
+    if args.recipes_command == "list":
+        recipes = [load_recipe(name) for name in builtin_recipe_names()]
+        if args.json:
+            print(json.dumps([{"name": r.name, "method": r.method, "description": r.description} for r in recipes],
+                             indent=2))
+        else:
+            print(format_recipe_list(recipes))
+        return
+    recipe = load_recipe(args.recipe)  # validated even when only its text is shown
+    print(json.dumps(recipe.to_dict(), indent=2) if args.json else recipe.text.rstrip("\n"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcq", description="Quantize, export and validate MiniCPM-V models.")
     parser.add_argument("--version", action="version", version=f"mcq {__version__}")
@@ -105,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     chat.add_argument("--json", action="store_true")
     chat.set_defaults(func=cmd_chat)
+
+    recipes = sub.add_parser("recipes", help="list the built-in quantization recipes, or show one")
+    recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True, metavar="ACTION")
+    recipes_list = recipes_sub.add_parser("list", help="name, method and description of every built-in recipe")
+    recipes_list.add_argument("--json", action="store_true")
+    recipes_show = recipes_sub.add_parser("show", help="a recipe's YAML (--json: validated, defaults filled in)")
+    recipes_show.add_argument("recipe", metavar="NAME|PATH", help="a built-in recipe name or a .yaml file")
+    recipes_show.add_argument("--json", action="store_true")
+    recipes.set_defaults(func=cmd_recipes)
     return parser
 
 

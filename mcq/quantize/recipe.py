@@ -1,0 +1,594 @@
+"""Quantization recipes (YAML) and the per-layer plan a recipe gives on a model.
+
+A recipe says what to quantize and how: the method, and per Linear the bits, group size, symmetry and what to do
+when the group size does not divide the layer's input width (SigLIP's `mlp.fc2` has 4304 = 16 × 269 inputs).
+`plan_quantization` turns it into one explicit decision per Linear, so engines, exporters and reports all act on
+the same list instead of each re-matching patterns.
+
+Pattern syntax (`ignore` entries and rule `match`): a Python regular expression searched anywhere in the full
+module name (`re.search`), so anchor with `^`/`$` where it matters (`^vpm\\.`, `(^|\\.)out_proj$`). A leading `re:`
+is accepted with llm-compressor's meaning: the rest must match from the start of the name (`re.match`), so a
+pattern copied from an llm-compressor recipe selects the same modules.
+
+Schema (every key is checked; unknown keys, wrong types and bad values are an `McqError` naming the key):
+
+    name: awq-w4g128            # default: the file name without .yaml
+    description: one line       # default: ""
+    method: awq                 # awq | gptq | rtn | bnb
+    method_args: {}             # per method, see METHOD_ARGS (defaults filled in)
+    calibration: {num_samples: 64, max_slice_nums: 2}   # awq/gptq only (defaults as shown); rtn/bnb are data-free
+    ignore: []                  # patterns of Linears never quantized
+    quantize_lm_head: false     # lm_head is kept unless this is true (and a rule matches it)
+    rules:                      # first match wins; Linears no rule matches are kept
+      - match: "^llm\\."        # required
+        bits: 4                 # required: 4 or 8
+        group_size: 128         # power of two >= 8, or "channel"; default 128      (not for bnb)
+        symmetric: true         # default true                                     (not for bnb)
+        non_divisible: fallback_group   # fallback_group | pad | per_channel | skip | error (not for bnb)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from mcq.errors import McqError
+
+if TYPE_CHECKING:  # mcq.models.family imports torch; `mcq recipes` should not have to
+    from mcq.models.family import LinearInfo
+
+METHODS = ("awq", "gptq", "rtn", "bnb")
+CALIBRATED_METHODS = ("awq", "gptq")
+POLICIES = ("fallback_group", "pad", "per_channel", "skip", "error")
+BITS = (4, 8)
+DEFAULT_GROUP_SIZE = 128
+# Below 8 columns a group's 16-bit scale weighs as much as its int4 codes, so fallback_group goes per channel there.
+MIN_FALLBACK_GROUP = 8
+RECIPE_SUFFIXES = (".yaml", ".yml")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# ---------------------------------------------------------------------------------------------------- value checks
+# Each returns the (normalised) value or raises ValueError with what the value must be.
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _open_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError("must be a number between 0 and 1 (exclusive)")
+    return float(value)
+
+
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("must be a number >= 0")
+    return float(value)
+
+
+def _one_of(*choices: Any) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        # Compare types too: YAML's `1` must not pass for `true` (bool is an int in Python).
+        if any(type(value) is type(choice) and value == choice for choice in choices):
+            return value
+        raise ValueError("must be one of " + ", ".join(_yaml_literal(c) for c in choices))
+
+    return check
+
+
+def _yaml_literal(value: Any) -> str:
+    """A value as the user wrote it in YAML (true, null, 'text'); a dict lookup would turn 1 into true."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
+
+
+_OBSERVER = _one_of("minmax", "mse")
+
+# method → key → (default, check). Defaults follow the libraries: llm-compressor's AWQModifier (duo_scaling=True,
+# n_grid=20) and GPTQModifier (block_size=128, dampening_frac=0.01, actorder=static); awq's "mse" observer stands
+# in for AutoAWQ's clip search, which llm-compressor lacks; bnb's nf4 + double quant is QLoRA's best 4-bit setting.
+METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
+    "awq": {"duo_scaling": (True, _one_of(True, False, "both")), "n_grid": (20, _positive_int),
+            "weight_observer": ("mse", _OBSERVER)},
+    "gptq": {"block_size": (128, _positive_int), "dampening_frac": (0.01, _open_fraction),
+             "actorder": ("static", _one_of("static", "group", "weight", None))},
+    "rtn": {"weight_observer": ("minmax", _OBSERVER)},
+    "bnb": {"quant_type": ("nf4", _one_of("nf4", "fp4")), "double_quant": (True, _bool),
+            "compute_dtype": ("bfloat16", _one_of("bfloat16", "float16", "float32")),
+            "int8_threshold": (6.0, _non_negative)},
+}
+# bitsandbytes has two unrelated code paths; an option of the other one would be silently ignored.
+BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int8_threshold",)}
+CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}
+TOP_LEVEL_KEYS = ("name", "description", "method", "method_args", "calibration", "ignore", "quantize_lm_head",
+                  "rules")
+RULE_KEYS = ("match", "bits", "group_size", "symmetric", "non_divisible")
+BNB_RULE_KEYS = ("match", "bits")
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+
+@dataclass(frozen=True)
+class NamePattern:
+    """A module-name pattern as written in the recipe: a regex searched in the name, or `re:` + a regex matched
+    from the start (llm-compressor's syntax)."""
+
+    text: str
+    regex: re.Pattern = field(repr=False, compare=False)
+    from_start: bool = field(repr=False, compare=False)
+
+    def matches(self, name: str) -> bool:
+        return bool(self.regex.match(name) if self.from_start else self.regex.search(name))
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int  # 1-based position in `rules`, as messages and plan reasons name it
+    pattern: NamePattern
+    bits: int
+    group_size: int | None  # None = one scale per output channel
+    symmetric: bool
+    non_divisible: str
+
+    def describe(self) -> str:
+        return f"rule {self.index} ({self.pattern})"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    num_samples: int
+    max_slice_nums: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    method: str
+    method_args: Mapping[str, Any]
+    calibration: Calibration | None  # None for the data-free methods
+    ignore: tuple[NamePattern, ...]
+    quantize_lm_head: bool
+    rules: tuple[Rule, ...]
+    source: str = field(default="", compare=False)  # "built-in" or the file it came from
+    text: str = field(default="", compare=False, repr=False)  # the YAML as written, for `mcq recipes show`
+
+    def to_dict(self) -> dict[str, Any]:
+        """The validated recipe with every default filled in; parsing it again gives the same recipe."""
+        rules = []
+        for rule in self.rules:
+            entry: dict[str, Any] = {"match": rule.pattern.text, "bits": rule.bits}
+            if self.method != "bnb":
+                entry.update(group_size="channel" if rule.group_size is None else rule.group_size,
+                             symmetric=rule.symmetric, non_divisible=rule.non_divisible)
+            rules.append(entry)
+        data: dict[str, Any] = {"name": self.name, "description": self.description, "method": self.method,
+                                "method_args": dict(self.method_args)}
+        if self.calibration is not None:
+            data["calibration"] = {"num_samples": self.calibration.num_samples,
+                                   "max_slice_nums": self.calibration.max_slice_nums}
+        data.update(ignore=[p.text for p in self.ignore], quantize_lm_head=self.quantize_lm_head, rules=rules)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+def parse_recipe(data: Any, where: str, default_name: str | None = None, *, source: str = "",
+                 text: str = "") -> Recipe:
+    """Validate a recipe mapping (as read from YAML). `where` starts every error message (a path or a name)."""
+    if not isinstance(data, dict):
+        raise McqError(f"{where}: a recipe must be a YAML mapping (name, method, rules, ...), got "
+                       f"{type(data).__name__}")
+    _no_unknown_keys(data, TOP_LEVEL_KEYS, where)
+
+    name = data.get("name", default_name)
+    if name is None:
+        raise McqError(f"{where}: missing key 'name'")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise McqError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (starting with a letter "
+                       f"or digit)")
+    description = data.get("description", "")
+    if not isinstance(description, str) or "\n" in description.strip():
+        raise McqError(f"{where}: description must be one line of text")
+
+    if "method" not in data:
+        raise McqError(f"{where}: missing key 'method' (one of {', '.join(METHODS)})")
+    method = data["method"]
+    if method not in METHODS:
+        raise McqError(f"{where}: unknown method {method!r}; methods: {', '.join(METHODS)}")
+
+    rules = _parse_rules(data.get("rules"), method, where)
+    method_args = _parse_method_args(data.get("method_args"), method, rules, where)
+    calibration = _parse_calibration(data.get("calibration"), method, where)
+
+    ignore = data.get("ignore", [])
+    if ignore is None:
+        ignore = []
+    if not isinstance(ignore, list):
+        raise McqError(f"{where}: ignore must be a list of module-name patterns")
+    patterns = tuple(_pattern(p, f"{where}: ignore entry {i}") for i, p in enumerate(ignore, start=1))
+
+    quantize_lm_head = _checked(data.get("quantize_lm_head", False), _bool, f"{where}: quantize_lm_head")
+    return Recipe(name=name, description=description.strip(), method=method,
+                  method_args=MappingProxyType(method_args), calibration=calibration, ignore=patterns,
+                  quantize_lm_head=quantize_lm_head, rules=rules, source=source, text=text)
+
+
+def _no_unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str, why: str = "") -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise McqError(f"{where}: unknown key {key!r}{why}; allowed keys: {', '.join(allowed)}")
+
+
+def _checked(value: Any, check: Callable[[Any], Any], where: str) -> Any:
+    try:
+        return check(value)
+    except ValueError as err:
+        raise McqError(f"{where} {err}, got {_yaml_literal(value)}") from None
+
+
+def _pattern(text: Any, where: str) -> NamePattern:
+    if not isinstance(text, str):
+        raise McqError(f"{where}: a pattern must be a string (a regular expression), got {_yaml_literal(text)}")
+    from_start = text.startswith("re:")
+    body = text[3:] if from_start else text
+    if not body:
+        raise McqError(f"{where}: empty pattern; write '.' to match every module")
+    try:
+        regex = re.compile(body)
+    except re.error as err:
+        raise McqError(f"{where}: bad regular expression {text!r}: {err}") from None
+    return NamePattern(text, regex, from_start)
+
+
+def _parse_rules(rules: Any, method: str, where: str) -> tuple[Rule, ...]:
+    if not isinstance(rules, list) or not rules:
+        raise McqError(f"{where}: rules must be a non-empty list (each: match, bits, ...)")
+    parsed = []
+    for index, entry in enumerate(rules, start=1):
+        at = f"{where}: rule {index}"
+        if not isinstance(entry, dict):
+            raise McqError(f"{at}: must be a mapping with keys {', '.join(RULE_KEYS)}")
+        if method == "bnb":
+            _no_unknown_keys(entry, BNB_RULE_KEYS, at, " (bnb quantizes blocks of 64 over the flattened weight: "
+                                                       "no group size, always symmetric)")
+        else:
+            _no_unknown_keys(entry, RULE_KEYS, at)
+        for key in ("match", "bits"):
+            if key not in entry:
+                raise McqError(f"{at}: missing key {key!r}")
+        bits = _checked(entry["bits"], _one_of(*BITS), f"{at}: bits")
+        group_size = _group_size(entry.get("group_size", DEFAULT_GROUP_SIZE), at) if method != "bnb" else None
+        parsed.append(Rule(
+            index=index,
+            pattern=_pattern(entry["match"], f"{at}: match"),
+            bits=bits,
+            group_size=group_size,
+            symmetric=_checked(entry.get("symmetric", True), _bool, f"{at}: symmetric"),
+            non_divisible=_checked(entry.get("non_divisible", "fallback_group"), _one_of(*POLICIES),
+                                   f"{at}: non_divisible"),
+        ))
+    if method == "bnb" and len({r.bits for r in parsed}) > 1:
+        raise McqError(f"{where}: bnb quantizes the whole model at one width (load_in_4bit or load_in_8bit); "
+                       f"the rules mix 4 and 8 bits")
+    return tuple(parsed)
+
+
+def _group_size(value: Any, at: str) -> int | None:
+    if value == "channel":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_FALLBACK_GROUP \
+            or value & (value - 1):
+        # Powers of two are what kernels implement and what fallback_group steps down through.
+        raise McqError(f"{at}: group_size must be a power of two >= {MIN_FALLBACK_GROUP} or \"channel\", "
+                       f"got {_yaml_literal(value)}")
+    return value
+
+
+def _parse_method_args(args: Any, method: str, rules: tuple[Rule, ...], where: str) -> dict[str, Any]:
+    at = f"{where}: method_args"
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise McqError(f"{at} must be a mapping")
+    spec = METHOD_ARGS[method]
+    if method == "bnb":
+        bits = rules[0].bits
+        spec = {key: spec[key] for key in BNB_ARGS_BY_BITS[bits]}
+        _no_unknown_keys(args, tuple(spec), at, f" (for {method} with {bits}-bit rules)")
+    else:
+        _no_unknown_keys(args, tuple(spec), at, f" (for {method})")
+    return {key: _checked(args[key], check, f"{at}: {key}") if key in args else default
+            for key, (default, check) in spec.items()}
+
+
+def _parse_calibration(calibration: Any, method: str, where: str) -> Calibration | None:
+    at = f"{where}: calibration"
+    if method not in CALIBRATED_METHODS:
+        if calibration is not None:
+            raise McqError(f"{at}: {method} is data-free and takes no calibration; remove the section")
+        return None
+    if calibration is None:
+        calibration = {}
+    if not isinstance(calibration, dict):
+        raise McqError(f"{at} must be a mapping")
+    _no_unknown_keys(calibration, tuple(CALIBRATION_ARGS), at)
+    values = {key: _checked(calibration[key], check, f"{at}: {key}") if key in calibration else default
+              for key, (default, check) in CALIBRATION_ARGS.items()}
+    return Calibration(**values)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _builtin_dir():
+    return resources.files("mcq").joinpath("recipes")
+
+
+def builtin_recipe_names() -> list[str]:
+    """The recipes shipped in mcq/recipes/ (package data), sorted."""
+    return sorted(entry.name.rsplit(".", 1)[0] for entry in _builtin_dir().iterdir()
+                  if entry.is_file() and entry.name.endswith(".yaml"))
+
+
+def is_recipe_path(name_or_path: str | Path) -> bool:
+    """A path has a directory part or a .yaml/.yml suffix; anything else names a built-in recipe."""
+    text = str(name_or_path)
+    return isinstance(name_or_path, Path) or "/" in text or "\\" in text or text.endswith(RECIPE_SUFFIXES)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name (`awq-w4g128`) or a recipe file by path, validated."""
+    if is_recipe_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise McqError(f"recipe file {path} does not exist")
+        if not path.is_file():
+            raise McqError(f"recipe {path} is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise McqError(f"cannot read recipe file {path}: {err}") from None
+        where, default_name, source = str(path), path.stem, str(path)
+    else:
+        name = str(name_or_path)
+        names = builtin_recipe_names()
+        if name not in names:
+            raise McqError(f"unknown recipe {name!r}; built-in recipes: {', '.join(names)} "
+                           f"(or give the path of a .yaml file)")
+        text = _builtin_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+        where, default_name, source = f"built-in recipe {name}", name, "built-in"
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise McqError(f"{where} is not valid YAML: {' '.join(str(problem).split())}{line}") from None
+    return parse_recipe(data, where, default_name, source=source, text=text)
+
+
+def format_recipe_list(recipes: list[Recipe]) -> str:
+    width = max([len("name")] + [len(r.name) for r in recipes])
+    lines = [f"{'name':<{width}}  {'method':<6}  description"]
+    lines += [f"{r.name:<{width}}  {r.method:<6}  {r.description}" for r in recipes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class LayerScheme:
+    bits: int
+    group_size: int | None  # None = per output channel (also bnb, whose blocks run over the flattened weight)
+    symmetric: bool
+    # The `pad` policy: groups of group_size with a shorter last one, numerically the same as zero-padding the
+    # input columns to the next multiple (the engine implements it).
+    partial_last_group: bool = False
+
+    def _sort_key(self) -> tuple:
+        return self.bits, self.group_size or 0, self.symmetric, self.partial_last_group
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "partial_last_group": self.partial_last_group}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    component: str
+    in_features: int
+    out_features: int
+    scheme: LayerScheme | None  # None → kept in the source dtype
+    reason: str  # why, for people: "rule 1 (^llm\.)", "ignored (lm_head)", "no rule matches", ...
+    fallback: bool  # a non_divisible policy changed this layer
+    rule: int | None = None  # the index of the rule that decided it (None: ignored or no rule matches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "component": self.component, "in_features": self.in_features,
+                "out_features": self.out_features, "scheme": self.scheme.to_dict() if self.scheme else None,
+                "reason": self.reason, "fallback": self.fallback, "rule": self.rule}
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    recipe: Recipe
+    layers: tuple[LayerPlan, ...]
+
+    def quantized(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.scheme is not None]
+
+    def kept(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.scheme is None]
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per component (data-flow order): how many Linears are quantized, kept, and changed by a fallback."""
+        from mcq.models.family import COMPONENTS
+
+        present = {layer.component for layer in self.layers}
+        order = [c for c in COMPONENTS if c in present] + sorted(present - COMPONENTS.keys())
+        return {component: {
+            "quantized": sum(1 for l in self.layers if l.component == component and l.scheme is not None),
+            "kept": sum(1 for l in self.layers if l.component == component and l.scheme is None),
+            "fallbacks": sum(1 for l in self.layers if l.component == component and l.fallback),
+        } for component in order}
+
+    def schemes(self) -> dict[LayerScheme, list[str]]:
+        """Quantized layer names per scheme, schemes sorted by (bits, group size with per-channel first, symmetric,
+        partial last group) and names in model order."""
+        grouped: dict[LayerScheme, list[str]] = {}
+        for layer in self.quantized():
+            grouped.setdefault(layer.scheme, []).append(layer.name)
+        return {scheme: grouped[scheme] for scheme in sorted(grouped, key=LayerScheme._sort_key)}
+
+    def unused_rules(self) -> list[Rule]:
+        """Rules that decided no layer (they match nothing, or only layers an earlier rule or `ignore` took)."""
+        used = {layer.rule for layer in self.layers}
+        return [rule for rule in self.recipe.rules if rule.index not in used]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.name, "method": self.recipe.method, "summary": self.summary(),
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+
+def is_lm_head(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "lm_head"
+
+
+def dividing_groups(in_features: int, largest: int) -> list[int]:
+    """Power-of-two group sizes from MIN_FALLBACK_GROUP to `largest` that divide `in_features`."""
+    sizes, size = [], MIN_FALLBACK_GROUP
+    while size <= largest:
+        if in_features % size == 0:
+            sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def plan_quantization(recipe: Recipe, linears: list[LinearInfo]) -> QuantPlan:
+    """One decision per Linear: ignored → kept; else the first matching rule, with its non_divisible policy applied
+    when the group size does not divide in_features."""
+    layers, refused = [], []
+    for info in linears:
+        plan = _plan_layer(recipe, info)
+        if plan is None:
+            refused.append(info)
+        else:
+            layers.append(plan)
+    if refused:
+        raise McqError(_refusal_message(recipe, refused))
+    if not any(layer.scheme for layer in layers):
+        patterns = ", ".join(dict.fromkeys(info.pattern for info in linears)) or "(none)"
+        if any(layer.rule for layer in layers):
+            why = "every Linear its rules match is skipped (non_divisible: skip)"
+        else:
+            why = "no rule matches a Linear that is not ignored"
+        raise McqError(f"recipe {recipe.name} quantizes nothing on this model: {why}; the model's Linears: "
+                       f"{patterns}")
+    return QuantPlan(recipe, tuple(layers))
+
+
+def _kept(info: LinearInfo, reason: str, *, fallback: bool = False, rule: int | None = None) -> LayerPlan:
+    return LayerPlan(info.name, info.component, info.in_features, info.out_features, None, reason, fallback, rule)
+
+
+def _plan_layer(recipe: Recipe, info: LinearInfo) -> LayerPlan | None:
+    """The layer's plan, or None when the matching rule's policy is `error` and its group size does not divide."""
+    if is_lm_head(info.name) and not recipe.quantize_lm_head:
+        return _kept(info, "ignored (lm_head)")
+    for pattern in recipe.ignore:
+        if pattern.matches(info.name):
+            return _kept(info, f"ignored ({pattern})")
+    rule = next((r for r in recipe.rules if r.pattern.matches(info.name)), None)
+    if rule is None:
+        return _kept(info, "no rule matches")
+
+    def quantized(group_size: int | None, reason: str = "", *, partial: bool = False) -> LayerPlan:
+        scheme = LayerScheme(rule.bits, group_size, rule.symmetric, partial)
+        text = rule.describe() + (f", {reason}" if reason else "")
+        return LayerPlan(info.name, info.component, info.in_features, info.out_features, scheme, text,
+                         bool(reason), rule.index)
+
+    fan_in, group = info.in_features, rule.group_size
+    if recipe.method == "bnb":  # blocks over the flattened weight: no divisibility constraint
+        return LayerPlan(info.name, info.component, fan_in, info.out_features,
+                         LayerScheme(rule.bits, None, True), rule.describe(), False, rule.index)
+    if group is None or fan_in % group == 0:
+        return quantized(group)
+    policy = rule.non_divisible
+    if policy == "fallback_group":
+        smaller = dividing_groups(fan_in, group)
+        if smaller:
+            return quantized(smaller[-1], f"group {group} → {smaller[-1]}: {fan_in} = {smaller[-1]} × "
+                                          f"{fan_in // smaller[-1]}")
+        return quantized(None, f"group {group} → per channel: no power-of-two group >= {MIN_FALLBACK_GROUP} "
+                               f"divides {fan_in}")
+    if policy == "pad":
+        return quantized(group, f"group {group} with a partial last group: {fan_in} = {fan_in // group} × {group} "
+                                f"+ {fan_in % group}", partial=True)
+    if policy == "per_channel":
+        return quantized(None, f"group {group} → per channel: {fan_in} not divisible by {group}")
+    if policy == "skip":
+        return _kept(info, f"{rule.describe()}, skipped: {fan_in} not divisible by {group}", fallback=True,
+                     rule=rule.index)
+    return None  # "error": collected so that one message lists every offending layer
+
+
+def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
+    parts = []
+    for info in refused:
+        rule = next(r for r in recipe.rules if r.pattern.matches(info.name))
+        sizes = dividing_groups(info.in_features, rule.group_size)
+        parts.append(f"{info.name} (in_features {info.in_features}, {rule.describe()} group {rule.group_size}; "
+                     + (f"groups that divide it: {', '.join(map(str, sizes))}" if sizes else
+                        "no power-of-two group divides it: use per_channel")
+                     + ")")
+    return (f"recipe {recipe.name}: non_divisible is 'error' and the group size does not divide the input width "
+            f"of {len(refused)} Linear(s): {'; '.join(parts)}")
