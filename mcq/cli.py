@@ -80,6 +80,15 @@ def cmd_recipes(args: argparse.Namespace) -> None:
     print(json.dumps(recipe.to_dict(), indent=2) if args.json else recipe.text.rstrip("\n"))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from mcq.quantize.api import format_result, quantize
+
+    result = quantize(args.model, args.out, method=args.method, recipe=args.recipe, calib=args.calib,
+                      num_samples=args.num_samples, max_slice_nums=args.max_slice_nums, device=args.device,
+                      seed=args.seed, force=args.force)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcq", description="Quantize, export and validate MiniCPM-V models.")
     parser.add_argument("--version", action="version", version=f"mcq {__version__}")
@@ -120,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     chat.add_argument("--json", action="store_true")
     chat.set_defaults(func=cmd_chat)
+
+    quant = sub.add_parser("quantize", help="quantize the whole model (LLM, vision tower, resampler) to a variant dir")
+    quant.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
+    quant.add_argument("--out", required=True, help="output directory (written atomically)")
+    quant.add_argument("--method", choices=["awq", "gptq", "rtn", "bnb-nf4", "bnb-int8"],
+                       help="use the method's built-in recipe (see `mcq recipes list`)")
+    quant.add_argument("--recipe", help="a built-in recipe name or a recipe .yaml file")
+    quant.add_argument("--calib", metavar="DATA", help="calibration data: a folder (images + JSONL) or a saved "
+                                                      "datasets directory; default: the built-in multimodal set")
+    quant.add_argument("--num-samples", type=_positive, help="calibration samples (default: the recipe's)")
+    quant.add_argument("--max-slice-nums", type=_positive, help="image slices per sample (default: the recipe's)")
+    quant.add_argument("--device", default="cpu", help="cpu or cuda")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--force", action="store_true", help="replace an existing output directory")
+    quant.add_argument("--json", action="store_true")
+    quant.set_defaults(func=cmd_quantize)
 
     recipes = sub.add_parser("recipes", help="list the built-in quantization recipes, or show one")
     recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True, metavar="ACTION")

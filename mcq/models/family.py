@@ -51,3 +51,27 @@ def linear_layers(model: nn.Module) -> list[LinearInfo]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     ]
+
+
+# Activation-smoothing pairs inside each block (names relative to the block), for AWQ-style scaling: the smooth
+# layer's output channels are divided by s and the balance layers' input channels multiplied by s, which leaves the
+# block's function unchanged only where nothing nonlinear sits between them. So: no fc1 → fc2 (GELU between), and
+# in the resampler no ln_kv → k/v (the 2D position term is added to the keys after ln_kv).
+SMOOTHING_PAIRS = {
+    "vision": (
+        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("layer_norm2", ("mlp.fc1",)),
+    ),
+    "resampler": (
+        ("ln_q", ("attn.q_proj",)),
+        ("attn.v_proj", ("attn.out_proj",)),
+        ("ln_post", ("proj",)),
+    ),
+    "llm": (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped by the engine under GQA (shapes differ)
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+}

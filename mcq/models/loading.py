@@ -4,6 +4,7 @@ problem with the checkpoint reported as one clear `McqError` before transformers
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,45 @@ def meta_skeleton(config: MiniCPMVConfig) -> MiniCPMV:
         return MiniCPMV(config)
 
 
+# Tensors a quantized Linear stores in place of (or beside) its `weight`, per on-disk format.
+QUANTIZED_WEIGHT_SUFFIXES = (
+    # compressed-tensors pack-quantized / int-quantized
+    "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale",
+    # bitsandbytes 4-bit (quant state beside a packed `weight`) and LLM.int8
+    "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4", "SCB", "weight_format",
+)
+_QUANTIZED_KEY = re.compile(r"^(.*)\.(" + "|".join(re.escape(s) for s in QUANTIZED_WEIGHT_SUFFIXES) + ")$")
+
+
+def _split_quantized(shapes: dict[str, list[int]]) -> tuple[dict[str, list[int]], set[str]]:
+    """Stored shapes without quantization tensors, and the modules whose weight is stored quantized."""
+    plain, quantized = {}, set()
+    for name, shape in shapes.items():
+        match = _QUANTIZED_KEY.match(name)
+        if match:
+            quantized.add(match.group(1))
+        else:
+            plain[name] = shape
+    # A quantized weight has the packed shape (bitsandbytes keeps the `weight` name) or is absent (compressed-tensors).
+    return {k: v for k, v in plain.items() if k.removesuffix(".weight") not in quantized}, quantized
+
+
 def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any]]) -> None:
-    """Compare the stored tensors with the skeleton's, so a mismatch is one line that names the keys."""
+    """Compare the stored tensors with the skeleton's, so a mismatch is one line that names the keys.
+
+    Quantized checkpoints (compressed-tensors, bitsandbytes) are checked the same way, with each quantized Linear's
+    weight accounted for by its quantization tensors."""
     expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
     shapes = {param: shape for name, entry in stored.items()
               for param, shape in checkpoint_names.param_shapes(name, entry["shape"]).items()}
+    shapes, quantized = _split_quantized(shapes)
+    linears = {name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
+    expected = {k: v for k, v in expected.items() if k.removesuffix(".weight") not in quantized}
     problems = {
         "missing": sorted({checkpoint_names.stored_name(k) for k in expected.keys() - shapes.keys()}),
-        "unexpected": sorted(shapes.keys() - expected.keys()),
+        "unexpected": sorted((shapes.keys() - expected.keys())
+                             | {f"{m} (quantized, but not a Linear)" for m in quantized - linears}),
         "shape mismatch": [f"{k} (stored {shapes[k]}, config implies {expected[k]})"
                            for k in sorted(expected.keys() & shapes.keys()) if shapes[k] != expected[k]],
     }
@@ -123,17 +155,45 @@ def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any
                        f"describes: {detail}")
 
 
-def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu") -> MiniCPMV:
-    """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, after checking every stored tensor."""
+def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
+               quantization_config: Any = None) -> MiniCPMV:
+    """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, after checking every stored tensor.
+
+    `quantization_config` (a transformers quantization config, e.g. `BitsAndBytesConfig`) quantizes while loading.
+    """
     path, config, _ = model_spec(model)
     check_layout(path, meta_skeleton(config), stored_tensors(path))
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    stored_quantization = getattr(config, "quantization_config", None) or {}
+    if quantization_config is None and stored_quantization.get("quant_method") == "compressed-tensors":
+        # No CPU kernels run packed int4/int8: dequantize once at load (to the compute dtype) instead of lazily
+        # inside the first forward, so the loaded model is a plain one and `dtype`/`device` apply to every weight.
+        from transformers import CompressedTensorsConfig
+
+        quantization_config = CompressedTensorsConfig(dequantize=True)
+    # A model quantized while loading, or stored quantized, gets its device as a device map: quantizers place each
+    # weight as they load it, and bitsandbytes models refuse `.to()` afterwards.
+    quantized = quantization_config is not None or getattr(config, "quantization_config", None) is not None
+    placement = {"device_map": {"": device}} if quantized else {}
+    if quantized:
+        from .bnb_runtime import quiet_bnb_notices
+
+        quiet_bnb_notices()
+    if quantization_config is not None:
+        placement["quantization_config"] = quantization_config
     try:
-        loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype)
+        loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype, **placement)
     except (RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise McqError(f"cannot load {path}: {first_line}") from None
-    return loaded.to(device).eval()
+    if getattr(loaded, "is_loaded_in_4bit", False):  # set by transformers on bitsandbytes 4-bit models only
+        from .bnb_runtime import disable_unsupported_cpu_repacking
+
+        disable_unsupported_cpu_repacking(loaded)
+    if getattr(loaded, "is_loaded_in_4bit", False) or getattr(loaded, "is_loaded_in_8bit", False):
+        return loaded.eval()
+    # Dequantized compressed-tensors weights come out in their scale dtype: bring every weight to the one asked for.
+    return loaded.to(device=device, dtype=None if torch_dtype == "auto" else torch_dtype).eval()
 
 
 def load_processor(model: str | Path):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 from mcq import __version__
 from mcq.errors import McqError
+from mcq.outputs import staged_output
 
 from .minicpmv import MiniCPMV, MiniCPMVConfig
 from .minicpmv.image_processing import MiniCPMVImageProcessor
@@ -134,15 +133,11 @@ def _generation_config(special_ids: dict[str, int], version: str) -> dict:
 
 
 def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
-    """Write a tiny checkpoint to `out` (atomically: built in a temp dir, then renamed into place)."""
+    """Write a tiny checkpoint to `out` (atomically: built in a staging dir, then renamed into place)."""
     if spec.version not in VERSIONS:
         raise McqError(f"no tiny model for version {spec.version}; choose one of {', '.join(VERSIONS)}")
     out = Path(out)
-    if out.exists() and not force:
-        raise McqError(f"{out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output(out, force) as staging:
         write_tiny_tokenizer(staging, spec.version)
         tokenizer = load_tokenizer(staging, spec.version)
         special_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
@@ -160,16 +155,6 @@ def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
         (staging / "generation_config.json").write_text(
             json.dumps(_generation_config(special_ids, spec.version), indent=2) + "\n")
         MiniCPMVImageProcessor(version=float(spec.version)).save_pretrained(staging)
-        # mkdtemp creates the directory owner-only; give it the mode a plain mkdir would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

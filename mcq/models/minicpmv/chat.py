@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -25,31 +25,13 @@ def build_chat_inputs(model, processor, *, image, msgs, system_prompt, max_inp_l
     check_processor_matches(model.config, processor.image_processor)
     prompts, images = [], []
     for conversation in conversations:
-        turns = copy.deepcopy(conversation)
-        if turns[0]["role"] != "user":
-            raise McqError("the first turn of a conversation must have role 'user'")
-        if image is not None and isinstance(turns[0]["content"], str):
-            turns[0]["content"] = [image, turns[0]["content"]]
-        sample_images = []
-        for turn in turns:
-            if turn["role"] not in ("user", "assistant"):
-                raise McqError(f"unknown role {turn['role']!r}: turns are 'user' or 'assistant'")
-            content = [turn["content"]] if isinstance(turn["content"], str) else turn["content"]
-            parts = []
-            for item in content:
-                if isinstance(item, Image.Image):
-                    sample_images.append(item)
-                    parts.append(IMAGE_MARKER)
-                elif isinstance(item, str):
-                    parts.append(item)
-                else:
-                    raise McqError(f"message content items are strings or PIL images, not {type(item).__name__}")
-            turn["content"] = "\n".join(parts)
-        if system_prompt:
-            turns.insert(0, {"role": "system", "content": system_prompt})
-        template_kwargs = {"enable_thinking": enable_thinking} if model.spec.thinking else {}
-        prompts.append(processor.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
-                                                               **template_kwargs))
+        turns = list(conversation)
+        if image is not None and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("content"), str):
+            turns[0] = {**turns[0], "content": [image, turns[0]["content"]]}
+        prompt, sample_images = render_conversation(processor.tokenizer, model.spec, turns,
+                                                    system_prompt=system_prompt, enable_thinking=enable_thinking,
+                                                    add_generation_prompt=True)
+        prompts.append(prompt)
         images.append(sample_images)
     if temporal_ids is not None and batched:
         raise McqError("temporal_ids (video) work with one conversation at a time, as in the official release")
@@ -57,6 +39,45 @@ def build_chat_inputs(model, processor, *, image, msgs, system_prompt, max_inp_l
                        use_image_id=use_image_id,
                        temporal_ids=[temporal_ids] if temporal_ids is not None else None)
     return inputs, batched
+
+
+def render_conversation(tokenizer, spec: VersionSpec, turns: Sequence[dict[str, Any]], *, system_prompt: str = "",
+                        enable_thinking: bool = False,
+                        add_generation_prompt: bool = True) -> tuple[str, list[Image.Image]]:
+    """One conversation in the official format → chat-template text with one `IMAGE_MARKER` per image, and the
+    images in the order of their markers.
+
+    `add_generation_prompt=True` ends the text with the assistant's opening (what `chat()` generates from);
+    False renders the turns as they are, so a conversation that ends with an assistant answer becomes the
+    teacher-forced text of that answer (what calibration runs through the model). The turns are not modified.
+    """
+    if not turns:
+        raise McqError("a conversation needs at least one turn")
+    images: list[Image.Image] = []
+    template_turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise McqError("each turn is a dict with 'role' and 'content'")
+        if position == 0 and turn["role"] != "user":
+            raise McqError("the first turn of a conversation must have role 'user'")
+        if turn["role"] not in ("user", "assistant"):
+            raise McqError(f"unknown role {turn['role']!r}: turns are 'user' or 'assistant'")
+        content = [turn["content"]] if isinstance(turn["content"], str) else turn["content"]
+        parts = []
+        for item in content:
+            if isinstance(item, Image.Image):
+                images.append(item)
+                parts.append(IMAGE_MARKER)
+            elif isinstance(item, str):
+                parts.append(item)
+            else:
+                raise McqError(f"message content items are strings or PIL images, not {type(item).__name__}")
+        template_turns.append({**turn, "content": "\n".join(parts)})
+    # Only the releases with a thinking switch (4.5) have the template variable.
+    template_kwargs = {"enable_thinking": enable_thinking} if spec.thinking else {}
+    text = tokenizer.apply_chat_template(template_turns, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **template_kwargs)
+    return text, images
 
 
 def check_processor_matches(config, image_processor) -> None:

@@ -33,8 +33,14 @@ RENAMES = (
 _BY_STORED = {rename.stored: rename for rename in RENAMES}
 
 
+def params_of(stored: str) -> tuple[str, ...]:
+    """The model parameters a stored tensor holds (itself when it is not renamed)."""
+    rename = _BY_STORED.get(stored)
+    return rename.params if rename else (stored,)
+
+
 def param_shapes(stored: str, shape: list[int]) -> dict[str, list[int]]:
-    """The model parameter shapes a stored tensor of `shape` becomes (itself when it is not renamed)."""
+    """The model parameter shapes a stored tensor of `shape` becomes."""
     rename = _BY_STORED.get(stored)
     if rename is None:
         return {stored: list(shape)}
@@ -53,6 +59,18 @@ def to_params(stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor = tensor.t() if rename.transposed else tensor
         params.update(zip(rename.params, (chunk.contiguous() for chunk in tensor.chunk(len(rename.params)))))
     return params
+
+
+def to_stored(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model parameters → stored tensors: parts of a renamed tensor are joined back when all of them are given;
+    the rest keep their parameter names (a partly quantized in-projection stores its remaining parts by name)."""
+    stored = dict(params)
+    for rename in RENAMES:
+        if all(p in stored for p in rename.params):
+            parts = [stored.pop(p) for p in rename.params]
+            tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+            stored[rename.stored] = (tensor.t() if rename.transposed else tensor).contiguous()
+    return stored
 
 
 def stored_name(param: str) -> str:

@@ -1,0 +1,94 @@
+"""Weights on demand: a model whose parameters live on disk until a tool asks for one block of them.
+
+Quantizing an 8B model on a 24 GB machine means never holding all of it: the quantizer builds a `shell_model`
+(the module tree with parameters on the meta device and real buffers such as rotary tables), then materializes one
+block at a time from the memory-mapped safetensors shards and releases it when done. Peak memory then depends on
+the largest block, not on depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from . import loading
+from .minicpmv import MiniCPMV, checkpoint_names
+from .minicpmv.configuration import MiniCPMVConfig
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def shell_model(config: MiniCPMVConfig) -> MiniCPMV:
+    """The module tree with every parameter on the meta device (no memory) and buffers computed for real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = MiniCPMV(config)
+    return model.eval()
+
+
+class CheckpointReader:
+    """Reads a checkpoint's tensors by name from its shards (memory-mapped), in the model's parameter naming."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file_of, self._dtype_of = {}, {}
+        for file in loading.weight_files(path):
+            for name, entry in loading.check_safetensors(file).items():
+                self._file_of[name], self._dtype_of[name] = file, entry["dtype"]
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def stored_names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def file_of(self, stored: str) -> Path:
+        return self._file_of[stored]
+
+    def dtype_of(self, stored: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._dtype_of[stored]]
+
+    def read_stored(self, stored: str) -> torch.Tensor:
+        file = self._file_of[stored]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, "pt")
+        return self._handles[file].get_tensor(stored)
+
+    def read_params(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Model parameters by name; a stored tensor that holds several of them is read once."""
+        stored = {checkpoint_names.stored_name(name) for name in names}
+        params = checkpoint_names.to_params({s: self.read_stored(s) for s in sorted(stored)})
+        return {name: params[name] for name in names}
+
+    def materialize(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Give `module` (named `prefix` in the model, "" for the root) its stored weights, cast to `dtype`."""
+        names = list(module.state_dict())
+        full = [f"{prefix}.{n}" if prefix else n for n in names]
+        tensors = self.read_params(full)
+        state = {name: tensors[f].to(device=device, dtype=dtype if tensors[f].is_floating_point() else None)
+                 for name, f in zip(names, full)}
+        module.load_state_dict(state, assign=True, strict=True)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def release(module: nn.Module) -> None:
+    """Drop a block's weights (back to the meta device) once it has been processed."""
+    module.to("meta")
+
+
+def named_blocks(model: MiniCPMV) -> Iterator[tuple[str, nn.Module]]:
+    """The model's repeated blocks in data-flow order: vision encoder layers, the resampler, LLM decoder layers."""
+    for i, layer in enumerate(model.vpm.encoder.layers):
+        yield f"vpm.encoder.layers.{i}", layer
+    yield "resampler", model.resampler
+    for i, layer in enumerate(model.llm.model.layers):
+        yield f"llm.model.layers.{i}", layer

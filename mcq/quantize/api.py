@@ -1,0 +1,219 @@
+"""`quantize()`: one call from a checkpoint to a quantized variant directory (what `mcq quantize` runs).
+
+model → recipe → plan (one decision per Linear) → calibration samples (awq/gptq) → the engine (block by block for
+compressed-tensors, transformers' loader for bitsandbytes) → staged output with model card and manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcq.errors import McqError
+
+from .recipe import QuantPlan, Recipe, load_recipe, plan_quantization
+
+DEFAULT_RECIPES = {"awq": "awq-w4g128", "gptq": "gptq-w4g128", "rtn": "rtn-w4g128", "bnb-nf4": "bnb-nf4",
+                   "bnb-int8": "bnb-int8"}
+METHODS = tuple(DEFAULT_RECIPES)
+
+
+@dataclass
+class QuantizeResult:
+    out: str
+    recipe: str
+    method: str
+    format: str
+    layers: dict[str, dict[str, int]]       # per component: quantized / kept / fallbacks
+    fallbacks: list[dict[str, str]]          # the layers a non_divisible policy changed, and how
+    bytes_before: dict[str, int]
+    bytes_after: dict[str, int]
+    seconds: float
+    calibration: dict[str, Any] = field(default_factory=dict)
+    data_free_blocks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
+    """The recipe to run: `recipe` if given (checked against `method`), else the method's built-in default."""
+    if method is not None and method not in METHODS:
+        raise McqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if recipe is None:
+        if method is None:
+            raise McqError("pass --method or --recipe")
+        return load_recipe(DEFAULT_RECIPES[method])
+    loaded = load_recipe(recipe)
+    if method is not None:
+        family, _, bits = method.partition("-")
+        recipe_bits = {rule.bits for rule in loaded.rules}
+        if loaded.method != family or (bits == "nf4" and recipe_bits != {4}) or (bits == "int8" and recipe_bits != {8}):
+            raise McqError(f"recipe {loaded.name} is a {loaded.method} recipe ({'/'.join(map(str, sorted(recipe_bits)))}"
+                           f"-bit), not {method}")
+    return loaded
+
+
+def _calibration_samples(path: Path, spec, recipe: Recipe, calib: str | None, num_samples: int | None,
+                         max_slice_nums: int | None, seed: int) -> tuple[list[dict], dict[str, Any]]:
+    from mcq.calibration import describe, load_samples
+    from mcq.calibration.encode import encode_sample
+    from mcq.models.loading import load_processor
+
+    count = num_samples or recipe.calibration.num_samples
+    slices = max_slice_nums or recipe.calibration.max_slice_nums
+    samples = load_samples(calib, split="calibration", num_samples=count, seed=seed)
+    if not samples:
+        raise McqError(f"calibration data {calib or 'builtin'} gave no samples")
+    if not spec.temporal:  # video clips need the 3D resampler (4.5); older versions calibrate on the rest
+        samples = [s for s in samples if not s.is_video]
+    processor = load_processor(path)
+    encoded = [dict(encode_sample(processor, spec, sample, max_slice_nums=slices)) for sample in samples]
+    return encoded, {"source": calib or "builtin", "seed": seed, "max_slice_nums": slices, **describe(samples)}
+
+
+def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Path, samples: list[dict],
+                                device: str, progress: bool) -> list[str]:
+    from tqdm import tqdm
+
+    from mcq.models.weights import CheckpointReader, named_blocks, shell_model
+
+    from .llmc import LlmCompressorBlockQuantizer
+    from .sequential import BlockHandler, SequentialDriver
+    from .writers.compressed_tensors import CompressedTensorsWriter, quantization_config
+
+    model = shell_model(config)
+    reader = CheckpointReader(path)
+    source_dtype = reader.dtype_of("llm.model.embed_tokens.weight")
+    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype)
+    writer = CompressedTensorsWriter(reader, staging)
+    blocks = [name for name, _ in named_blocks(model)]
+    bar = tqdm(total=len(blocks), desc=f"{plan.recipe.method} {plan.recipe.name}", unit="block", disable=not progress)
+
+    def emit(name: str, block: torch.nn.Module) -> None:
+        writer.add_block(name, block, quantizer.packed_tensors(name, block))
+        bar.update(1)
+
+    driver = SequentialDriver(model, reader, samples, torch.float32, device)
+    driver.run(BlockHandler(quantizer.quantize, emit), progress=lambda name: bar.set_postfix_str(name))
+    bar.close()
+    stored_config = json.loads((path / "config.json").read_text())
+    args = plan.recipe.method_args
+    stored_config["quantization_config"] = quantization_config(
+        plan, scale_dtype=source_dtype,
+        observer=args.get("weight_observer", "minmax") if plan.recipe.method != "gptq" else "minmax",
+        actorder=args.get("actorder") if plan.recipe.method == "gptq" else None)
+    writer.finish(stored_config, path)
+    return quantizer.data_free_blocks
+
+
+def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> None:
+    from .bnb import quantize_bnb
+
+    args = plan.recipe.method_args
+    bits = {layer.scheme.bits for layer in plan.quantized()}.pop()
+    quantize_bnb(path, staging, bits=bits, quant_type=args.get("quant_type", "nf4"),
+                 double_quant=args.get("double_quant", True), compute_dtype=args.get("compute_dtype", "bfloat16"),
+                 int8_threshold=args.get("int8_threshold", 6.0),
+                 skip_modules=[layer.name for layer in plan.kept()], device=device)
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise McqError(f"unknown device {device!r}: use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise McqError("--device cuda was asked for but no CUDA device is available")
+
+
+def quantize(model: str | Path, out: str | Path, *, method: str | None = None, recipe: str | Path | None = None,
+             calib: str | None = None, num_samples: int | None = None, max_slice_nums: int | None = None,
+             device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True) -> QuantizeResult:
+    from mcq.models.family import linear_layers
+    from mcq.models.loading import check_layout, meta_skeleton, model_spec, stored_tensors
+    from mcq.outputs import check_output, safetensors_component_bytes, staged_output, write_manifest
+
+    started = time.perf_counter()
+    chosen = resolve_recipe(method, recipe)
+    _check_device(device)
+    path, config, spec = model_spec(model)
+    if getattr(config, "quantization_config", None):
+        raise McqError(f"{path} is already quantized; quantize the original bf16 checkpoint")
+    skeleton = meta_skeleton(config)
+    check_layout(path, skeleton, stored_tensors(path))
+    plan = plan_quantization(chosen, linear_layers(skeleton))
+    out = Path(out)
+    check_output(out, force, source=path)
+    torch.manual_seed(seed)
+    samples, calibration = [], {}
+    if chosen.method in ("awq", "gptq"):
+        samples, calibration = _calibration_samples(path, spec, chosen, calib, num_samples, max_slice_nums, seed)
+    data_free: list[str] = []
+    with staged_output(out, force) as staging:
+        if chosen.method == "bnb":
+            _bnb_variant(path, plan, staging, device)
+        else:
+            data_free = _compressed_tensors_variant(path, config, plan, staging, samples, device, progress)
+        result = QuantizeResult(
+            out=str(out), recipe=chosen.name, method=chosen.method,
+            format="bitsandbytes" if chosen.method == "bnb" else "compressed-tensors (pack-quantized)",
+            layers=plan.summary(),
+            fallbacks=[{"layer": l.name, "reason": l.reason} for l in plan.layers if l.fallback],
+            bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
+            seconds=0.0, calibration=calibration, data_free_blocks=data_free)
+        _write_card(staging, path, spec, chosen, result)
+        settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": calibration}
+        write_manifest(staging, kind="quantized", source=path, recipe=chosen.to_dict(), settings=settings,
+                       extra={"plan": plan.to_dict()})
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: QuantizeResult) -> None:
+    from mcq.outputs import format_component_bytes, write_model_card
+
+    if recipe.method == "bnb":
+        load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
+                "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(PATH, device_map=\"cpu\")\n```")
+    else:
+        load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
+                "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(PATH)  # compressed-tensors\n"
+                "```\n\nThe LLM part (`llm.*`) uses the compressed-tensors layout vLLM reads.")
+    layer_rows = ["| component | quantized | kept | fallbacks |", "| --- | ---: | ---: | ---: |"]
+    layer_rows += [f"| {c} | {v['quantized']} | {v['kept']} | {v['fallbacks']} |" for c, v in result.layers.items()]
+    fallbacks = "\n".join(f"- `{f['layer']}`: {f['reason']}" for f in result.fallbacks) or "none"
+    calibration = (json.dumps(result.calibration, indent=2, sort_keys=True) if result.calibration
+                   else "none (data-free method)")
+    write_model_card(
+        staging, title=f"{source.name} — {recipe.name}", base_model=source.name,
+        variant={"method": recipe.method, "format": "bitsandbytes" if recipe.method == "bnb" else "compressed-tensors",
+                 "bits": min(rule.bits for rule in recipe.rules)},
+        source=source,
+        sections=[
+            ("How to load", load),
+            ("Recipe", f"`{recipe.name}` ({recipe.method}): {recipe.description}\n\n```yaml\n{recipe.text.strip()}\n```"),
+            ("Layers", "\n".join(layer_rows) + f"\n\nNon-divisible fallbacks:\n{fallbacks}"),
+            ("Calibration set", f"```json\n{calibration}\n```"),
+            ("Sizes", format_component_bytes(result.bytes_before, result.bytes_after)),
+            ("Model", f"MiniCPM-V {spec.version} ({spec.llm_name} LLM), quantized by mcq."),
+        ])
+
+
+def format_result(result: QuantizeResult) -> str:
+    """The summary table `mcq quantize` prints."""
+    lines = [f"{result.out}: {result.recipe} ({result.format}) in {result.seconds:.1f} s", "",
+             f"{'component':<12}{'quantized':>10}{'kept':>6}{'fallbacks':>11}{'bytes before':>16}{'bytes after':>15}"]
+    for component, counts in result.layers.items():
+        lines.append(f"{component:<12}{counts['quantized']:>10}{counts['kept']:>6}{counts['fallbacks']:>11}"
+                     f"{result.bytes_before.get(component, 0):>16,}{result.bytes_after.get(component, 0):>15,}")
+    before, after = sum(result.bytes_before.values()), sum(result.bytes_after.values())
+    lines.append(f"{'total':<39}{before:>16,}{after:>15,}  ({after / before:.2f}x)")
+    lines += [f"fallback: {f['layer']}: {f['reason']}" for f in result.fallbacks]
+    if result.data_free_blocks:
+        lines.append(f"no calibration input reached {len(result.data_free_blocks)} block(s) (quantized data-free): "
+                     + ", ".join(result.data_free_blocks))
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""AWQ, GPTQ and RTN on one block at a time, through llm-compressor's modifiers.
+
+llm-compressor's own pipelines need the whole model in memory and a torch.fx trace of its forward (which fails on
+MiniCPM-V's data-dependent vision path). Its modifiers, though, only need a module and lifecycle events: so for
+each block the driver hands over, we open a fresh llm-compressor session whose model *is* the block, let the
+modifiers hook it, run the block on the captured calibration calls, and fire the same events the sequential
+pipeline fires (calibration start → sequential epoch end → calibration end). The math (AWQ scale search, GPTQ
+Hessians, observers) and the packed format are llm-compressor's and compressed-tensors'; the walk is ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import torch
+from torch import nn
+
+from mcq.models.family import SMOOTHING_PAIRS, component_of
+
+from .recipe import LayerScheme, QuantPlan
+from .sequential import Call
+
+# compressed-tensors parameter names of a packed Linear (the weight they replace is `weight`).
+PACKED_PARAMS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def _quiet_llmcompressor() -> None:
+    """llm-compressor logs every layer at INFO through loguru to *stdout* (which would corrupt `--json`); mcq
+    reports its own per-block progress and summary. Its import re-enables logging, so disable after importing."""
+    from llmcompressor import LoggerConfig, configure_logger
+    from loguru import logger
+
+    configure_logger(LoggerConfig(disabled=True))
+    logger.disable("compressed_tensors")
+
+
+def _cpu_compat() -> None:
+    """llm-compressor 0.14 AWQ pins cached activations to page-locked memory, which needs an accelerator; on a
+    CPU-only machine that call raises. Pinning is only a transfer optimisation, so without CUDA it becomes a no-op."""
+    if torch.cuda.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+def quantization_args(scheme: LayerScheme, *, observer: str, actorder: str | None = None,
+                      scale_dtype: torch.dtype | None = None):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    per_group = scheme.group_size is not None
+    return QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
+        strategy="group" if per_group else "channel", group_size=scheme.group_size,
+        observer=observer, actorder=actorder if per_group else None, scale_dtype=scale_dtype,
+    )
+
+
+class LlmCompressorBlockQuantizer:
+    """Quantizes the Linears a plan selects inside each block, with the recipe's method."""
+
+    def __init__(self, plan: QuantPlan, scale_dtype: torch.dtype):
+        _quiet_llmcompressor()
+        _cpu_compat()
+        self.plan, self.scale_dtype = plan, scale_dtype
+        self.method = plan.recipe.method
+        self.args = dict(plan.recipe.method_args)
+        self.data_free_blocks: list[str] = []   # calibrated method, but no calibration input reached the block
+
+    def _block_schemes(self, block_name: str) -> dict[str, LayerScheme]:
+        prefix = block_name + "."
+        return {layer.name[len(prefix):]: layer.scheme for layer in self.plan.quantized()
+                if layer.name.startswith(prefix)}
+
+    def _modifiers(self, block_name: str, block: nn.Module, schemes: dict[str, LayerScheme], calibrated: bool):
+        from compressed_tensors.quantization import QuantizationScheme
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
+
+        method = self.method if calibrated else "rtn"
+        observer = self.args.get("weight_observer", "minmax") if method in ("awq", "rtn") else "minmax"
+        actorder = self.args.get("actorder") if method == "gptq" else None
+        by_scheme: dict[LayerScheme, list[str]] = {}
+        for name, scheme in sorted(schemes.items()):
+            by_scheme.setdefault(scheme, []).append(name)
+        groups = {
+            f"group_{i}": QuantizationScheme(
+                targets=names, weights=quantization_args(scheme, observer=observer, actorder=actorder,
+                                                         scale_dtype=self.scale_dtype))
+            for i, (scheme, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0]))
+        }
+        # A shorter last group (the `pad` policy) is what llm-compressor calls bypassing the divisibility check.
+        bypass = any(s.partial_last_group for s in schemes.values())
+        if method == "gptq":
+            return [GPTQModifier(config_groups=groups, block_size=self.args.get("block_size", 128),
+                                 dampening_frac=self.args.get("dampening_frac", 0.01),
+                                 bypass_divisibility_checks=bypass)]
+        quantize = QuantizationModifier(config_groups=groups, bypass_divisibility_checks=bypass)
+        if method == "rtn":
+            return [quantize]
+        component = component_of(block_name + ".")
+        present = {name for name, _ in block.named_modules()}
+        mappings = [AWQMapping(f"re:^{smooth}$".replace(".", r"\."), [f"re:^{b}$".replace(".", r"\.") for b in balance])
+                    for smooth, balance in SMOOTHING_PAIRS[component]
+                    if smooth in present and all(b in schemes for b in balance)]
+        if not mappings:
+            return [quantize]
+        return [AWQModifier(mappings=mappings, duo_scaling=self.args.get("duo_scaling", True),
+                            n_grid=self.args.get("n_grid", 20)), quantize]
+
+    def quantize(self, block_name: str, block: nn.Module, calls: list[Call]) -> None:
+        from llmcompressor.core import LifecycleCallbacks, create_session
+
+        schemes = self._block_schemes(block_name)
+        if not schemes:
+            return
+        calibrated = self.method in ("awq", "gptq") and bool(calls)
+        if self.method in ("awq", "gptq") and not calls:
+            self.data_free_blocks.append(block_name)
+        modifiers = self._modifiers(block_name, block, schemes, calibrated)
+        # llm-compressor draws its own tqdm bars (AWQ grid search per mapping); they would bury mcq's per-block bar.
+        with create_session() as session, torch.no_grad(), _silenced_stderr():
+            session.initialize(model=block, recipe=modifiers, start=-1)
+            LifecycleCallbacks.calibration_start()
+            for args, kwargs in (calls if calibrated else []):
+                block(*args, **kwargs)
+            LifecycleCallbacks.sequential_epoch_end(list(block.modules()))
+            LifecycleCallbacks.calibration_end()
+            session.finalize()
+
+    def packed_tensors(self, block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Compress the block's quantized Linears to compressed-tensors `pack-quantized` and return those tensors.
+
+        Scales are stored in the checkpoint's dtype, as llm-compressor saves a bf16 model (the engine computes in
+        float32 for accurate Hessians and scale search)."""
+        from compressed_tensors.compressors.base import compress_module
+
+        tensors = {}
+        for name, module in block.named_modules():
+            if getattr(module, "quantization_scheme", None) is None:
+                continue
+            compress_module(module, "pack-quantized")
+            for param in PACKED_PARAMS:
+                value = getattr(module, param, None)
+                if isinstance(value, torch.Tensor):
+                    if param == "weight_scale":
+                        value = value.to(self.scale_dtype)
+                    tensors[f"{block_name}.{name}.{param}"] = value.detach().to("cpu").contiguous()
+        return tensors
+
+
+@contextlib.contextmanager
+def _silenced_stderr():
+    """Swallow third-party progress output written to stderr during one block (errors still raise)."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -1,0 +1,169 @@
+"""The calibration driver: real forward passes through vision tower → resampler → LLM, one block at a time.
+
+Each block (a SigLIP encoder layer, the resampler, an LLM decoder layer) is materialized from the checkpoint, fed
+the inputs its predecessor produced for every calibration sample, quantized, run again to produce the inputs of the
+next block (so later blocks calibrate on the quantized model's activations, as llm-compressor's sequential
+pipeline does), handed to the writer and released. Nothing but the current block and the cached activations is in
+memory, so peak memory does not grow with depth.
+
+Inputs of a block are captured by running the model's own forward (`MiniCPMV.forward(data)`, the vision path
+included) with the block swapped for a recorder, and blocks already done swapped for replays of their recorded
+outputs. So slicing, packing, `image_bound` merging, rotary tables and attention masks come from the model code
+itself, never from a copy of it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcq.models.minicpmv import MiniCPMV
+from mcq.models.weights import CheckpointReader, named_blocks, release
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class _Stop(Exception):
+    """Raised by a recorder to end a forward pass once the block's inputs are captured."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block: records each call's (args, kwargs); either stops the forward or passes input on."""
+
+    def __init__(self, calls: list[Call], stop: bool):
+        super().__init__()
+        self.calls, self.stop = calls, stop
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.stop:
+            raise _Stop
+        return args[0]
+
+
+class _Replay(nn.Module):
+    """Stands in for a finished block: returns its recorded outputs in call order."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs, self.position = outputs, 0
+
+    def forward(self, *args, **kwargs):
+        output = self.outputs[self.position]
+        self.position += 1
+        return output
+
+
+@contextmanager
+def _swapped(parent: nn.Module, attribute: str, replacement: nn.Module) -> Iterator[None]:
+    original = getattr(parent, attribute)
+    setattr(parent, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, original)
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class BlockHandler:
+    """What the driver calls for every block; the quantization method and the writer live behind it."""
+
+    quantize: Callable[[str, nn.Module, list[Call]], None]   # calibrate on the calls, quantize in place
+    emit: Callable[[str, nn.Module], None]                    # hand the quantized block to the writer
+
+
+class SequentialDriver:
+    def __init__(self, model: MiniCPMV, reader: CheckpointReader, samples: Sequence[dict[str, Any]],
+                 dtype: torch.dtype, device: torch.device | str):
+        self.model, self.reader, self.samples = model, reader, list(samples)
+        self.dtype, self.device = dtype, torch.device(device)
+
+    # -- running the model's own forward with blocks swapped out ----------------------------------------------------
+    def _forward_all(self) -> None:
+        for data in self.samples:
+            try:
+                with torch.no_grad():
+                    self.model(data, use_cache=False)
+            except _Stop:
+                pass
+
+    def _on_device(self, data: dict[str, Any]) -> dict[str, Any]:
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(self.device)
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            return value
+        return {key: move(value) for key, value in data.items()}
+
+    def _capture(self, vision_layers: nn.Module, resampler: nn.Module, llm_layers: nn.Module) -> None:
+        """One forward over all samples with the encoder layers, the resampler and the decoder layers swapped."""
+        with _swapped(self.model.vpm.encoder, "layers", vision_layers), \
+                _swapped(self.model, "resampler", resampler), \
+                _swapped(self.model.llm.model, "layers", llm_layers):
+            self._forward_all()
+
+    def _capture_vision_layer_inputs(self) -> list[Call]:
+        calls: list[Call] = []
+        stop = _Recorder([], stop=True)  # text-only samples never reach the resampler; stop them at the LLM
+        self._capture(nn.ModuleList([_Recorder(calls, stop=False)]), stop, nn.ModuleList([stop]))
+        return calls
+
+    def _capture_resampler_inputs(self, vision_outputs: list[torch.Tensor]) -> list[Call]:
+        calls: list[Call] = []
+        self._capture(nn.ModuleList([_Replay(vision_outputs)]), _Recorder(calls, stop=True),
+                      nn.ModuleList([_Recorder([], stop=True)]))
+        return calls
+
+    def _capture_llm_layer_inputs(self, resampler_outputs: list[torch.Tensor]) -> list[Call]:
+        calls: list[Call] = []
+        self._capture(nn.ModuleList(), _Replay(resampler_outputs), nn.ModuleList([_Recorder(calls, stop=True)]))
+        return calls
+
+    # -- the walk ----------------------------------------------------------------------------------------------------
+    def _materialize_shell(self) -> None:
+        """Everything outside the blocks that a forward needs (embeddings, norms); the LM head is never needed."""
+        blocks = {name for name, _ in named_blocks(self.model)}
+        for name, module in self.model.named_modules():
+            if name in blocks or name == "llm.lm_head" or any(name.startswith(b + ".") for b in blocks):
+                continue
+            own = [n for n, p in module.named_parameters(recurse=False)]
+            if not own:
+                continue
+            tensors = self.reader.read_params([f"{name}.{n}" if name else n for n in own])
+            for n, full in zip(own, tensors):
+                tensor = tensors[full]
+                setattr(module, n, nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False))
+
+    def run(self, handler: BlockHandler, progress: Callable[[str], None] | None = None) -> None:
+        self.samples = [self._on_device(s) for s in self.samples]
+        self._materialize_shell()
+        calibrating = bool(self.samples)
+        calls = self._capture_vision_layer_inputs() if calibrating else []
+        outputs: list[torch.Tensor] = []
+        stage = "vision"
+        for name, block in named_blocks(self.model):
+            if name == "resampler":
+                calls = self._capture_resampler_inputs(outputs) if calibrating else []
+            elif name.startswith("llm.") and stage != "llm":
+                calls = self._capture_llm_layer_inputs(outputs) if calibrating else []
+                stage = "llm"
+            if progress:
+                progress(name)
+            self.reader.materialize(block, name, self.dtype, self.device)
+            handler.quantize(name, block, calls)
+            with torch.no_grad():
+                outputs = [_output_tensor(block(*args, **kwargs)) for args, kwargs in calls]
+            handler.emit(name, block)
+            release(block)
+            if name.startswith("vpm.") or name.startswith("llm."):
+                calls = [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)]

@@ -1,0 +1,147 @@
+"""Writes a compressed-tensors `pack-quantized` checkpoint, streaming: block by block, in bounded shards.
+
+Quantized Linears are stored the way llm-compressor saves them (`weight_packed`, `weight_scale`,
+`weight_zero_point`, `weight_shape`, …) under the module's name; every other tensor is copied from the source
+checkpoint byte for byte under its official name. A stored tensor that packs several parameters (the resampler's
+`in_proj_weight`) is copied whole when none of its parts is quantized, and otherwise split into the parts that are
+not. `quantization_config` in config.json names every quantized module per scheme (compact regexes when a scheme
+covers all layers of a kind) and lists the Linears left unquantized in `ignore`, so transformers, vLLM (for the LLM
+part) and our loader all know exactly what is where.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mcq.models.minicpmv import checkpoint_names
+from mcq.models.weights import CheckpointReader
+from mcq.outputs import copy_support_files
+
+from ..recipe import LayerScheme, QuantPlan
+
+SHARD_BYTES = 1 << 30
+
+
+class ShardedWriter:
+    """Collects tensors and writes safetensors shards of at most ~SHARD_BYTES, then the index."""
+
+    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in names for _, names in self.parts):
+            raise ValueError(f"tensor {name} written twice")
+        self.pending[name] = tensor.contiguous()
+        size = tensor.numel() * tensor.element_size()
+        self.pending_bytes += size
+        self.total_bytes += size
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        part = self.out / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.pending, part, metadata={"format": "pt"})
+        self.parts.append((part, sorted(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        count = len(self.parts)
+        weight_map = {}
+        for i, (part, names) in enumerate(self.parts, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            part.rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _compact_targets(names: list[str], all_linears: list[str]) -> list[str]:
+    """Exact names, or one `re:` pattern per kind of layer when every layer of that kind is listed."""
+    def kind(name: str) -> str:
+        return re.sub(r"\.\d+\.", ".*.", name)
+
+    listed, existing = defaultdict(list), defaultdict(set)
+    for name in names:
+        listed[kind(name)].append(name)
+    for name in all_linears:
+        existing[kind(name)].add(name)
+    targets = []
+    for pattern, members in listed.items():
+        if len(members) > 1 and set(members) == existing[pattern]:
+            regex = re.escape(pattern).replace(r"\.\*\.", r"\.\d+\.")
+            targets.append(f"re:^{regex}$")
+        else:
+            targets.extend(members)
+    return targets
+
+
+def quantization_config(plan: QuantPlan, *, scale_dtype: torch.dtype, observer: str,
+                        actorder: str | None) -> dict[str, Any]:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    from ..llmc import quantization_args
+
+    names = [layer.name for layer in plan.layers]
+    groups = {}
+    for i, (scheme, members) in enumerate(plan.schemes().items()):
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=_compact_targets(members, names),
+            weights=quantization_args(scheme, observer=observer, actorder=actorder, scale_dtype=scale_dtype))
+    config = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                                ignore=_compact_targets([layer.name for layer in plan.kept()], names))
+    return config.to_dict()
+
+
+class CompressedTensorsWriter:
+    """The output side of a quantization run: each processed block in full, then the rest from the source.
+
+    A block is written from the processed module, not copied from the source: AWQ rescales the smoothing layers
+    (norms, `v_proj` biases) that stay unquantized, so their new values belong with the packed weights."""
+
+    def __init__(self, reader: CheckpointReader, out: Path):
+        self.reader, self.out = reader, out
+        self.shards = ShardedWriter(out)
+        self.written_blocks: list[str] = []
+
+    def add_block(self, block_name: str, block: torch.nn.Module, packed: dict[str, torch.Tensor]) -> None:
+        quantized = {name.rsplit(".", 1)[0] for name in packed}
+        params = {f"{block_name}.{name}": tensor for name, tensor in block.state_dict().items()}
+        plain = {name: tensor for name, tensor in params.items()
+                 if name.rsplit(".", 1)[0] not in quantized or name.rsplit(".", 1)[1] == "bias"}
+        self.written_blocks.append(block_name + ".")
+        dtypes = {}
+        for name in plain:
+            stored = checkpoint_names.stored_name(name)
+            dtypes[name] = self.reader.dtype_of(stored)
+        tensors = {**packed, **checkpoint_names.to_stored(
+            {name: tensor.detach().to("cpu", dtypes[name]) for name, tensor in plain.items()})}
+        for name in sorted(tensors):
+            self.shards.add(name, tensors[name])
+
+    def finish(self, config: dict[str, Any], source: Path) -> None:
+        for stored in self.reader.stored_names:
+            if not any(p.startswith(block) for p in checkpoint_names.params_of(stored) for block in self.written_blocks):
+                self.shards.add(stored, self.reader.read_stored(stored))
+        self.shards.close()
+        (self.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_support_files(source, self.out)
+
+
+def scheme_summary(scheme: LayerScheme) -> str:
+    group = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
+    return f"int{scheme.bits} {group} {'sym' if scheme.symmetric else 'asym'}" + \
+        (" (short last group)" if scheme.partial_last_group else "")
