@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,11 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
     if quantization_config is not None:
         placement["quantization_config"] = quantization_config
     try:
-        loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype, **placement)
+        with warnings.catch_warnings():
+            # Passing loading attributes (dequantize) for a stored quantization config is what transformers
+            # documents; its warning that the stored config wins says nothing the caller can act on.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype, **placement)
     except (RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise McqError(f"cannot load {path}: {first_line}") from None

@@ -146,6 +146,13 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     skeleton = meta_skeleton(config)
     check_layout(path, skeleton, stored_tensors(path))
     plan = plan_quantization(chosen, linear_layers(skeleton))
+    padded = [layer.name for layer in plan.quantized() if layer.scheme.partial_last_group]
+    if padded and chosen.method != "bnb":
+        # compressed-tensors packs whole groups only (a shorter last group fails inside its packer), and no runtime
+        # reads such a layout; zero-padding the producer (fc1 rows) is the way to do it, and is not built yet.
+        raise McqError(f"non_divisible: pad is not supported for {chosen.method} (compressed-tensors packs whole "
+                       f"groups): {', '.join(padded[:3])}{' ...' if len(padded) > 3 else ''}; use fallback_group, "
+                       "per_channel or skip")
     out = Path(out)
     check_output(out, force, source=path)
     torch.manual_seed(seed)

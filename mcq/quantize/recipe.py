@@ -105,11 +105,11 @@ _OBSERVER = _one_of("minmax", "mse")
 _CALIBRATED_OBSERVER = _one_of("minmax", "mse", "imatrix_mse")
 
 # method → key → (default, check). Defaults follow the libraries: llm-compressor's AWQModifier (duo_scaling=True,
-# n_grid=20) and GPTQModifier (block_size=128, dampening_frac=0.01, actorder=static); awq's "mse" observer stands
-# in for AutoAWQ's clip search, which llm-compressor lacks; bnb's nf4 + double quant is QLoRA's best 4-bit setting.
+# n_grid=20) and GPTQModifier (block_size=128, dampening_frac=0.01, actorder=static); awq ranges are min/max, what
+# its scale search scores with (see recipes/awq-w4g128.yaml for the measured alternative); bnb's nf4 + double quant is QLoRA's best 4-bit setting.
 METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
     "awq": {"duo_scaling": (True, _one_of(True, False, "both")), "n_grid": (20, _positive_int),
-            "weight_observer": ("mse", _CALIBRATED_OBSERVER)},
+            "weight_observer": ("minmax", _CALIBRATED_OBSERVER)},
     "gptq": {"block_size": (128, _positive_int), "dampening_frac": (0.01, _open_fraction),
              "actorder": ("static", _one_of("static", "group", "weight", None))},
     "rtn": {"weight_observer": ("minmax", _OBSERVER)},

@@ -85,6 +85,10 @@ class SequentialDriver:
     def __init__(self, model: MiniCPMV, reader: CheckpointReader, samples: Sequence[dict[str, Any]],
                  dtype: torch.dtype, device: torch.device | str):
         self.model, self.reader, self.samples = model, reader, list(samples)
+        # One slice per vision-tower call while capturing: slices of a batch are padded to the longest, and padded
+        # patches would enter the calibration statistics (AWQ's activation means, GPTQ's Hessians) as if they were
+        # image content. `_batch_equal_shapes` then regroups slices of equal length, which need no padding.
+        model.config.vision_batch_size = 1
         self.dtype, self.device = dtype, torch.device(device)
 
     # -- running the model's own forward with blocks swapped out ----------------------------------------------------
@@ -148,12 +152,14 @@ class SequentialDriver:
         self.samples = [self._on_device(s) for s in self.samples]
         self._materialize_shell()
         calibrating = bool(self.samples)
-        calls = self._capture_vision_layer_inputs() if calibrating else []
+        slices = self._capture_vision_layer_inputs() if calibrating else []
+        calls, placement = _batch_equal_shapes(slices)
         outputs: list[torch.Tensor] = []
         stage = "vision"
         for name, block in named_blocks(self.model):
             if name == "resampler":
-                calls = self._capture_resampler_inputs(outputs) if calibrating else []
+                per_slice = [outputs[batch][row: row + 1] for batch, row in placement]
+                calls = self._capture_resampler_inputs(per_slice) if calibrating else []
             elif name.startswith("llm.") and stage != "llm":
                 calls = self._capture_llm_layer_inputs(outputs) if calibrating else []
                 stage = "llm"
@@ -167,3 +173,32 @@ class SequentialDriver:
             release(block)
             if name.startswith("vpm.") or name.startswith("llm."):
                 calls = [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)]
+
+
+def _batch_equal_shapes(calls: list[Call]) -> tuple[list[Call], list[tuple[int, int]]]:
+    """Concatenate single-slice vision calls of equal length into batches (no padding needed between equals).
+
+    Per-slice calls keep padding out of the statistics but make every calibration forward tiny, and
+    llm-compressor's per-batch overhead (AWQ runs each parent module once per batch and grid point) then dominates.
+    Slices of a resolution share a length, so a few batches cover them all. Every tensor argument is batch-first
+    (hidden states, attention masks), so calls whose tensors agree in shape past dim 0 and whose other arguments
+    are equal concatenate along dim 0. Returns the batched calls and, per original call, (batch index, row).
+    """
+    def signature(value):
+        return ("tensor", tuple(value.shape[1:])) if isinstance(value, torch.Tensor) else ("value", repr(value))
+
+    def join(values):
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else values[0]
+
+    groups: dict[tuple, list[int]] = {}
+    for index, (args, kwargs) in enumerate(calls):
+        key = (tuple(signature(a) for a in args), tuple((k, signature(v)) for k, v in sorted(kwargs.items())))
+        groups.setdefault(key, []).append(index)
+    batched, placement = [], [(0, 0)] * len(calls)
+    for batch, members in enumerate(groups.values()):
+        args = tuple(join([calls[i][0][position] for i in members]) for position in range(len(calls[members[0]][0])))
+        kwargs = {k: join([calls[i][1][k] for i in members]) for k in calls[members[0]][1]}
+        batched.append((args, kwargs))
+        for row, index in enumerate(members):
+            placement[index] = (batch, row)
+    return batched, placement

@@ -367,7 +367,7 @@ def test_method_specific_validation(case):
 
 def test_defaults_are_filled_in():
     recipe = parse_recipe(GOOD, "test")
-    assert dict(recipe.method_args) == {"duo_scaling": True, "n_grid": 20, "weight_observer": "mse"}
+    assert dict(recipe.method_args) == {"duo_scaling": True, "n_grid": 20, "weight_observer": "minmax"}
     assert (recipe.calibration.num_samples, recipe.calibration.max_slice_nums) == (64, 2)
     rule = recipe.rules[0]
     assert (rule.bits, rule.group_size, rule.symmetric, rule.non_divisible) == (4, 128, True, "fallback_group")

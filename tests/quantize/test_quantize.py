@@ -1,0 +1,177 @@
+"""`mcq quantize` end to end on the tiny checkpoints: outputs, reload, quality ranking, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mcq.calibration import load_samples
+from mcq.calibration.encode import encode_sample
+from mcq.cli import main
+from mcq.errors import McqError
+from mcq.models.loading import load_model, load_processor, model_spec
+from mcq.quantize.api import quantize
+from mcq.quantize.recipe import builtin_recipe_names
+from mcq.validate.accuracy import compare_models
+
+
+def _stored(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return tensors
+
+
+def _answer(model_dir: Path) -> str:
+    model, processor = load_model(model_dir, dtype="float32"), load_processor(model_dir)
+    image = load_samples(None, split="heldout", num_samples=8)[0].images[0]
+    return model.chat(msgs=[{"role": "user", "content": [image, "What is shown?"]}], processor=processor,
+                      max_new_tokens=4, num_beams=1, repetition_penalty=1.0)
+
+
+def test_rtn_output_layout_reloads_and_generates(tiny_path, tmp_path):
+    out = tmp_path / "rtn"
+    result = quantize(tiny_path, out, method="rtn", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["quantization_status"] == "compressed" and "llm.lm_head" in qc["ignore"]
+    group_sizes = {g["weights"]["group_size"] for g in qc["config_groups"].values()}
+    assert group_sizes == {16, 128}  # the vision fc2 (464 = 16 x 29) fell back to group 16 instead of failing
+    stored = _stored(out)
+    assert "llm.model.layers.0.self_attn.q_proj.weight_packed" in stored
+    assert "llm.model.layers.0.self_attn.q_proj.weight" not in stored
+    assert "resampler.attn.q_proj.weight_packed" in stored and "resampler.proj.weight_packed" in stored
+    assert "resampler.attn.in_proj_bias" in stored  # unquantized parts keep their official names
+    assert stored["llm.model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.bfloat16
+    assert result.layers["vision"]["fallbacks"] == 2 and result.bytes_after["llm"] < result.bytes_before["llm"]
+    assert (out / "README.md").is_file() and (out / "tokenizer_config.json").is_file()
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["recipe"]["name"] == "rtn-w4g128" and "config.json" in manifest["outputs"]
+    assert isinstance(_answer(out), str)
+
+
+def test_quantized_weights_follow_the_source_within_int4_error(tiny45, tmp_path):
+    out = tmp_path / "rtn"
+    quantize(tiny45, out, method="rtn", progress=False)
+    reference, variant = load_model(tiny45, dtype="float32"), load_model(out, dtype="float32")
+    for name in ("llm.model.layers.1.mlp.down_proj", "vpm.encoder.layers.0.mlp.fc2", "resampler.attn.k_proj"):
+        ref = reference.get_submodule(name).weight
+        error = (variant.get_submodule(name).weight - ref).norm() / ref.norm()
+        assert 0 < error < 0.15, (name, error)
+    ln = "vpm.encoder.layers.0.layer_norm1.weight"
+    assert torch.equal(reference.state_dict()[ln], variant.state_dict()[ln])  # RTN does not smooth
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", builtin_recipe_names())
+def test_every_builtin_recipe_runs_reloads_and_generates(recipe, tiny_path, tmp_path):
+    out = tmp_path / recipe
+    quantize(tiny_path, out, recipe=recipe, num_samples=8, progress=False)
+    assert isinstance(_answer(out), str)
+
+
+@pytest.fixture(scope="module")
+def outlier_variants(tmp_path_factory):
+    """RTN, AWQ and GPTQ W4 g128 (vision + resampler included) of the tiny 4.5 model with activation outliers."""
+    root = tmp_path_factory.mktemp("outliers")
+    variants = {method: quantize("tiny:4.5-outliers", root / method, method=method, num_samples=24, progress=False)
+                for method in ("rtn", "awq", "gptq")}
+    return {method: Path(result.out) for method, result in variants.items()}
+
+
+@pytest.mark.slow
+def test_awq_and_gptq_beat_rtn_on_held_out_multimodal_prompts(outlier_variants):
+    path, _, spec = model_spec("tiny:4.5-outliers")
+    processor = load_processor(path)
+    held_out = [encode_sample(processor, spec, s, max_slice_nums=2) for s in load_samples(None, split="heldout")]
+    reference = load_model(path, dtype="float32")
+    metrics = {m: compare_models(reference, load_model(d, dtype="float32"), held_out)
+               for m, d in outlier_variants.items()}
+    assert metrics["awq"]["kl_mean"] * 2 <= metrics["rtn"]["kl_mean"], metrics
+    assert metrics["gptq"]["kl_mean"] * 2 <= metrics["rtn"]["kl_mean"], metrics
+    assert metrics["gptq"]["vision_cosine"] >= 0.99, metrics
+    assert metrics["awq"]["vision_cosine"] >= 0.99, metrics
+
+
+def test_same_inputs_same_bytes(tiny45, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        quantize(tiny45, out, method="gptq", num_samples=4, progress=False)
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_blocks_are_released_after_processing(tiny45, tmp_path):
+    """Only the block in flight holds weights: after the run every block and the LM head are back on meta."""
+    from mcq.models.weights import CheckpointReader, named_blocks, shell_model
+    from mcq.quantize.sequential import BlockHandler, SequentialDriver
+
+    _, config, _ = model_spec(tiny45)
+    model = shell_model(config)
+    seen = []
+
+    def quantize_block(name, block, calls):
+        assert all(not p.is_meta for p in block.parameters())
+        others = [n for n, b in named_blocks(model) if n != name]
+        assert all(p.is_meta for n in others for p in model.get_submodule(n).parameters())
+        seen.append((name, len(calls)))
+
+    path, _, spec = model_spec(tiny45)
+    processor = load_processor(path)
+    samples = [encode_sample(processor, spec, s) for s in load_samples(None, num_samples=8)]
+    SequentialDriver(model, CheckpointReader(path), samples, torch.float32, "cpu").run(
+        BlockHandler(quantize_block, lambda name, block: None))
+    assert [name for name, _ in seen] == [name for name, _ in named_blocks(model)]
+    assert all(count > 0 for _, count in seen)  # every block got calibration inputs
+    assert all(p.is_meta for _, block in named_blocks(model) for p in block.parameters())
+    assert model.llm.lm_head.weight.is_meta
+
+
+def test_interrupt_leaves_no_output(tiny45, tmp_path, monkeypatch):
+    from mcq.quantize import llmc
+
+    calls = []
+
+    def interrupted(self, name, block, inputs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmc.LlmCompressorBlockQuantizer, "quantize", interrupted)
+    out = tmp_path / "variant"
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny45), "--out", str(out)]) == 130
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_is_one_line_exit_2(tiny45, tmp_path, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny45), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", "--method", "awq", "--recipe", "gptq-w4g128", "--model", str(tiny45),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "gptq recipe" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["quantize", "--method", "awq", "--model", str(tiny45), "--out", str(tmp_path / "z"),
+                 "--calib", str(empty)]) == 2
+    assert capsys.readouterr().err.startswith("mcq: error:")
+    assert not (tmp_path / "z").exists()
+    recipe = tmp_path / "pad.yaml"
+    recipe.write_text("method: rtn\nrules:\n  - {match: '^vpm\\.', bits: 4, non_divisible: pad}\n")
+    assert main(["quantize", "--recipe", str(recipe), "--model", str(tiny45), "--out", str(tmp_path / "p")]) == 2
+    assert "pad is not supported" in capsys.readouterr().err
+
+
+def test_an_already_quantized_checkpoint_is_refused(tiny45, tmp_path):
+    quantize(tiny45, tmp_path / "q", method="rtn", progress=False)
+    with pytest.raises(McqError, match="already quantized"):
+        quantize(tmp_path / "q", tmp_path / "qq", method="rtn", progress=False)
