@@ -68,58 +68,68 @@ class LlmCompressorBlockQuantizer:
         self.args = dict(plan.recipe.method_args)
         self.data_free_blocks: list[str] = []   # calibrated method, but no calibration input reached the block
 
-    def _block_schemes(self, block_name: str) -> dict[str, LayerScheme]:
+    def _block_layers(self, block_name: str) -> dict[str, tuple[LayerScheme, str]]:
+        """The block's quantized Linears (names relative to the block) → (scheme, method of their rule)."""
         prefix = block_name + "."
-        return {layer.name[len(prefix):]: layer.scheme for layer in self.plan.quantized()
-                if layer.name.startswith(prefix)}
+        rules = {rule.index: rule for rule in self.plan.recipe.rules}
+        return {layer.name[len(prefix):]: (layer.scheme, rules[layer.rule].method or self.method)
+                for layer in self.plan.quantized() if layer.name.startswith(prefix)}
 
-    def _modifiers(self, block_name: str, block: nn.Module, schemes: dict[str, LayerScheme], calibrated: bool):
+    def _config_groups(self, layers: dict[str, LayerScheme], method: str) -> dict:
         from compressed_tensors.quantization import QuantizationScheme
-        from llmcompressor.modifiers.gptq import GPTQModifier
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-        from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 
-        method = self.method if calibrated else "rtn"
-        observer = self.args.get("weight_observer", "minmax") if method in ("awq", "rtn") else "minmax"
-        actorder = self.args.get("actorder") if method == "gptq" else None
+        observer = self.args.get("weight_observer", "minmax") if method != "gptq" else "minmax"
+        actorder = self.args.get("actorder", "static") if method == "gptq" else None
         by_scheme: dict[LayerScheme, list[str]] = {}
-        for name, scheme in sorted(schemes.items()):
+        for name, scheme in sorted(layers.items()):
             by_scheme.setdefault(scheme, []).append(name)
-        groups = {
-            f"group_{i}": QuantizationScheme(
+        return {
+            f"{method}_{i}": QuantizationScheme(
                 targets=names, weights=quantization_args(scheme, observer=observer, actorder=actorder,
                                                          scale_dtype=self.scale_dtype))
             for i, (scheme, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0]))
         }
-        # A shorter last group (the `pad` policy) is what llm-compressor calls bypassing the divisibility check.
-        bypass = any(s.partial_last_group for s in schemes.values())
-        if method == "gptq":
-            return [GPTQModifier(config_groups=groups, block_size=self.args.get("block_size", 128),
-                                 dampening_frac=self.args.get("dampening_frac", 0.01),
-                                 bypass_divisibility_checks=bypass)]
-        quantize = QuantizationModifier(config_groups=groups, bypass_divisibility_checks=bypass)
-        if method == "rtn":
-            return [quantize]
-        component = component_of(block_name + ".")
-        present = {name for name, _ in block.named_modules()}
-        mappings = [AWQMapping(f"re:^{smooth}$".replace(".", r"\."), [f"re:^{b}$".replace(".", r"\.") for b in balance])
-                    for smooth, balance in SMOOTHING_PAIRS[component]
-                    if smooth in present and all(b in schemes for b in balance)]
-        if not mappings:
-            return [quantize]
-        return [AWQModifier(mappings=mappings, duo_scaling=self.args.get("duo_scaling", True),
-                            n_grid=self.args.get("n_grid", 20)), quantize]
+
+    def _modifiers(self, block_name: str, block: nn.Module, layers: dict[str, tuple[LayerScheme, str]],
+                   calibrated: bool) -> list:
+        """GPTQ for the layers whose rule says gptq; AWQ smoothing (where a pair exists) then observer ranges for
+        awq and rtn layers. Without calibration input every layer is rounded to nearest."""
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
+
+        by_method: dict[str, dict[str, LayerScheme]] = {}
+        for name, (scheme, method) in layers.items():
+            by_method.setdefault(method if calibrated else "rtn", {})[name] = scheme
+        modifiers = []
+        awq_layers = by_method.get("awq", {})
+        if awq_layers:
+            present = {name for name, _ in block.named_modules()}
+            mappings = [AWQMapping(_exact(smooth), [_exact(b) for b in balance])
+                        for smooth, balance in SMOOTHING_PAIRS[component_of(block_name + ".")]
+                        if smooth in present and all(b in awq_layers for b in balance)]
+            if mappings:
+                modifiers.append(AWQModifier(mappings=mappings, duo_scaling=self.args.get("duo_scaling", True),
+                                             n_grid=self.args.get("n_grid", 20)))
+        rounded = {**awq_layers, **by_method.get("rtn", {})}
+        if rounded:
+            modifiers.append(QuantizationModifier(config_groups=self._config_groups(rounded, "rtn")))
+        if by_method.get("gptq"):
+            modifiers.append(GPTQModifier(config_groups=self._config_groups(by_method["gptq"], "gptq"),
+                                          block_size=self.args.get("block_size", 128),
+                                          dampening_frac=self.args.get("dampening_frac", 0.01)))
+        return modifiers
 
     def quantize(self, block_name: str, block: nn.Module, calls: list[Call]) -> None:
         from llmcompressor.core import LifecycleCallbacks, create_session
 
-        schemes = self._block_schemes(block_name)
-        if not schemes:
+        layers = self._block_layers(block_name)
+        if not layers:
             return
         calibrated = self.method in ("awq", "gptq") and bool(calls)
         if self.method in ("awq", "gptq") and not calls:
             self.data_free_blocks.append(block_name)
-        modifiers = self._modifiers(block_name, block, schemes, calibrated)
+        modifiers = self._modifiers(block_name, block, layers, calibrated)
         # llm-compressor draws its own tqdm bars (AWQ grid search per mapping); they would bury mcq's per-block bar.
         with create_session() as session, torch.no_grad(), _silenced_stderr():
             session.initialize(model=block, recipe=modifiers, start=-1)
@@ -149,6 +159,11 @@ class LlmCompressorBlockQuantizer:
                         value = value.to(self.scale_dtype)
                     tensors[f"{block_name}.{name}.{param}"] = value.detach().to("cpu").contiguous()
         return tensors
+
+
+def _exact(relative_name: str) -> str:
+    """An llm-compressor target matching exactly this module name."""
+    return "re:^" + relative_name.replace(".", r"\.") + "$"
 
 
 @contextlib.contextmanager

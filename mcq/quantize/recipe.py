@@ -122,7 +122,10 @@ BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int
 CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}
 TOP_LEVEL_KEYS = ("name", "description", "method", "method_args", "calibration", "ignore", "quantize_lm_head",
                   "rules")
-RULE_KEYS = ("match", "bits", "group_size", "symmetric", "non_divisible")
+RULE_KEYS = ("match", "bits", "group_size", "symmetric", "non_divisible", "method")
+# A rule of a calibrated recipe may pick another calibrated-engine method for its layers (e.g. GPTQ rounding where
+# AWQ has no smoothing partner); a data-free recipe stays data-free.
+RULE_METHODS = {"awq": ("awq", "gptq", "rtn"), "gptq": ("awq", "gptq", "rtn"), "rtn": ("rtn",)}
 BNB_RULE_KEYS = ("match", "bits")
 
 
@@ -152,6 +155,7 @@ class Rule:
     group_size: int | None  # None = one scale per output channel
     symmetric: bool
     non_divisible: str
+    method: str = ""  # the engine for this rule's layers (the recipe's method unless the rule names one)
 
     def describe(self) -> str:
         return f"rule {self.index} ({self.pattern})"
@@ -183,7 +187,7 @@ class Recipe:
             entry: dict[str, Any] = {"match": rule.pattern.text, "bits": rule.bits}
             if self.method != "bnb":
                 entry.update(group_size="channel" if rule.group_size is None else rule.group_size,
-                             symmetric=rule.symmetric, non_divisible=rule.non_divisible)
+                             symmetric=rule.symmetric, non_divisible=rule.non_divisible, method=rule.method)
             rules.append(entry)
         data: dict[str, Any] = {"name": self.name, "description": self.description, "method": self.method,
                                 "method_args": dict(self.method_args)}
@@ -290,6 +294,8 @@ def _parse_rules(rules: Any, method: str, where: str) -> tuple[Rule, ...]:
             symmetric=_checked(entry.get("symmetric", True), _bool, f"{at}: symmetric"),
             non_divisible=_checked(entry.get("non_divisible", "fallback_group"), _one_of(*POLICIES),
                                    f"{at}: non_divisible"),
+            method=method if method == "bnb" else _checked(entry.get("method", method),
+                                                           _one_of(*RULE_METHODS[method]), f"{at}: method"),
         ))
     if method == "bnb" and len({r.bits for r in parsed}) > 1:
         raise McqError(f"{where}: bnb quantizes the whole model at one width (load_in_4bit or load_in_8bit); "

@@ -456,3 +456,13 @@ def test_cli_invalid_recipe_file_is_exit_2(tmp_path, capsys):
     file.write_text("method: rtn\nrules: [{match: x, bits: 5}]\n")
     assert main(["recipes", "show", str(file)]) == 2
     assert capsys.readouterr().err.strip() == f"mcq: error: {file}: rule 1: bits must be one of 4, 8, got 5"
+
+
+def test_a_rule_may_pick_another_calibrated_method():
+    recipe = parse_recipe({"name": "t", "method": "awq", "rules": [
+        {"match": "^llm\\.", "bits": 4}, {"match": "^resampler\\.", "bits": 4, "method": "gptq"}]}, "t")
+    assert [rule.method for rule in recipe.rules] == ["awq", "gptq"]
+    assert parse_recipe(recipe.to_dict(), "again") == recipe
+    assert load_recipe("awq-w4g128").rules[-1].method == "gptq"
+    with pytest.raises(McqError, match="rule 1: method"):
+        parse_recipe({"name": "t", "method": "rtn", "rules": [{"match": "x", "bits": 4, "method": "gptq"}]}, "t")
