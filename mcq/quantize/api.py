@@ -90,7 +90,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     model = shell_model(config)
     reader = CheckpointReader(path)
     source_dtype = reader.dtype_of("llm.model.embed_tokens.weight")
-    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype)
+    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype, device=device)
     writer = CompressedTensorsWriter(reader, staging)
     blocks = [name for name, _ in named_blocks(model)]
     bar = tqdm(total=len(blocks), desc=f"{plan.recipe.method} {plan.recipe.name}", unit="block", disable=not progress)

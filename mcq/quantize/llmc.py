@@ -35,10 +35,12 @@ def _quiet_llmcompressor() -> None:
     logger.disable("compressed_tensors")
 
 
-def _cpu_compat() -> None:
-    """llm-compressor 0.14 AWQ pins cached activations to page-locked memory, which needs an accelerator; on a
-    CPU-only machine that call raises. Pinning is only a transfer optimisation, so without CUDA it becomes a no-op."""
-    if torch.cuda.is_available():
+def _cpu_compat(device: torch.device | str) -> None:
+    """llm-compressor 0.14 AWQ pins cached activations to page-locked memory before its grid search. Pinning only
+    speeds host-to-device copies, and it fails for a CPU run: without CUDA the call raises, and with CUDA present
+    `pin_memory()` refuses the broadcast (expanded) tensors among the cached CPU kwargs. So when the blocks run on
+    the CPU it becomes a no-op."""
+    if torch.device(device).type != "cpu":
         return
     from llmcompressor.pipelines.cache import IntermediatesCache
 
@@ -60,9 +62,9 @@ def quantization_args(scheme: LayerScheme, *, observer: str, actorder: str | Non
 class LlmCompressorBlockQuantizer:
     """Quantizes the Linears a plan selects inside each block, with the recipe's method."""
 
-    def __init__(self, plan: QuantPlan, scale_dtype: torch.dtype):
+    def __init__(self, plan: QuantPlan, scale_dtype: torch.dtype, device: torch.device | str = "cpu"):
         _quiet_llmcompressor()
-        _cpu_compat()
+        _cpu_compat(device)
         self.plan, self.scale_dtype = plan, scale_dtype
         self.method = plan.recipe.method
         self.args = dict(plan.recipe.method_args)
