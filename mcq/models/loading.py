@@ -196,6 +196,13 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
 
         disable_unsupported_cpu_repacking(loaded)
     if getattr(loaded, "is_loaded_in_4bit", False) or getattr(loaded, "is_loaded_in_8bit", False):
+        if torch_dtype != "auto":
+            # transformers leaves the tensors it rebuilt through checkpoint conversions (the resampler's q/k/v and
+            # proj) in the stored dtype when a quantizer is active, and bitsandbytes models refuse `.to(dtype)`:
+            # cast the plain (unquantized) floating parameters one by one.
+            for parameter in loaded.parameters():
+                if type(parameter).__name__ not in ("Params4bit", "Int8Params") and parameter.is_floating_point():
+                    parameter.data = parameter.data.to(torch_dtype)
         return loaded.eval()
     # Dequantized compressed-tensors weights come out in their scale dtype: bring every weight to the one asked for.
     return loaded.to(device=device, dtype=None if torch_dtype == "auto" else torch_dtype).eval()
