@@ -171,6 +171,10 @@ class SequentialDriver:
                 outputs = [_output_tensor(block(*args, **kwargs)) for args, kwargs in calls]
             handler.emit(name, block)
             release(block)
+            # The shards are memory-mapped, and every page a block was read from stays resident (and counts in the
+            # process's RSS) while its mapping is open: kept open, the whole checkpoint would end up in memory by
+            # the last block. Closing the handles unmaps them; the next block reopens what it needs.
+            self.reader.close()
             if name.startswith("vpm.") or name.startswith("llm."):
                 calls = [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mcq.models.minicpmv import checkpoint_names
@@ -30,41 +31,72 @@ SHARD_BYTES = 1 << 30
 
 
 class ShardedWriter:
-    """Collects tensors and writes safetensors shards of at most ~SHARD_BYTES, then the index."""
+    """Writes safetensors shards of at most ~SHARD_BYTES, then the index, without holding a shard in memory.
+
+    Added tensors go to disk at the next `spill()` (the writer calls it after every block; a shard's worth of
+    pending tensors spills by itself) and are let go, so memory holds one block's tensors, not up to SHARD_BYTES of
+    them, which would grow with depth until the first shard is full. `close()` then regroups the spill files, in
+    order, into the final shards: a spill file that fills a shard alone is renamed, smaller ones are merged by
+    reading them memory-mapped, one shard at a time (those bytes are written twice)."""
 
     def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
         self.out, self.shard_bytes = out, shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.parts: list[tuple[Path, list[str]]] = []
+        self.spills: list[tuple[Path, list[str], int]] = []   # file, tensor names, bytes
+        self.names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in names for _, names in self.parts):
+        if name in self.names:
             raise ValueError(f"tensor {name} written twice")
+        self.names.add(name)
         self.pending[name] = tensor.contiguous()
         size = tensor.numel() * tensor.element_size()
         self.pending_bytes += size
         self.total_bytes += size
         if self.pending_bytes >= self.shard_bytes:
-            self._flush()
+            self.spill()
 
-    def _flush(self) -> None:
+    def spill(self) -> None:
+        """Write the pending tensors to a spill file and drop them."""
         if not self.pending:
             return
-        part = self.out / f".part-{len(self.parts):05d}.safetensors"
+        part = self.out / f".part-{len(self.spills):05d}.safetensors"
         save_file(self.pending, part, metadata={"format": "pt"})
-        self.parts.append((part, sorted(self.pending)))
+        self.spills.append((part, sorted(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
+    def _shards(self) -> list[list[tuple[Path, list[str], int]]]:
+        """Consecutive spill files, at most shard_bytes together (a larger one alone)."""
+        shards: list[list[tuple[Path, list[str], int]]] = []
+        size = 0
+        for spill in self.spills:
+            if shards and size + spill[2] <= self.shard_bytes:
+                shards[-1].append(spill)
+                size += spill[2]
+            else:
+                shards.append([spill])
+                size = spill[2]
+        return shards
+
     def close(self) -> None:
-        self._flush()
-        count = len(self.parts)
+        self.spill()
+        shards = self._shards()
         weight_map = {}
-        for i, (part, names) in enumerate(self.parts, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            part.rename(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
+        for i, spills in enumerate(shards, start=1):
+            final = self.out / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            if len(spills) == 1:
+                spills[0][0].rename(final)
+            else:
+                handles = [safe_open(part, "pt") for part, _, _ in spills]
+                save_file({name: handle.get_tensor(name) for handle, (_, names, _) in zip(handles, spills)
+                           for name in names}, final, metadata={"format": "pt"})
+                del handles   # unmaps the spill files
+                for part, _, _ in spills:
+                    part.unlink()
+            for _, names, _ in spills:
+                weight_map.update(dict.fromkeys(names, final.name))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -131,6 +163,7 @@ class CompressedTensorsWriter:
             {name: tensor.detach().to("cpu", dtypes[name]) for name, tensor in plain.items()})}
         for name in sorted(tensors):
             self.shards.add(name, tensors[name])
+        self.shards.spill()   # on disk before the next block: memory must not grow with depth
 
     def finish(self, config: dict[str, Any], source: Path) -> None:
         for stored in self.reader.stored_names:

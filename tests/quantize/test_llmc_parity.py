@@ -1,0 +1,301 @@
+"""mcq's block-by-block quantization against llm-compressor's own pipeline, on the same LLM and the same tokens.
+
+Reference: `llmcompressor.oneshot` (its sequential pipeline: every decoder layer calibrated on the outputs of the
+layers before it, quantized, then run again to give the next layer its inputs) on a plain `Qwen3ForCausalLM`: the
+`llm.*` tensors of `tiny:4.5` written out as a standalone checkpoint (prefix stripped, config from
+`VersionSpec.llm_config`).
+
+Under test: mcq's real `SequentialDriver` with `LlmCompressorBlockQuantizer`, on the MiniCPM-V checkpoint itself,
+fed the same token sequences as text-only samples. So the inputs of the first LLM layer are captured through
+`MiniCPMV.forward` (embeddings, rotary tables, masks from the model code), and everything after — materialising
+each layer from safetensors, one llm-compressor session per layer, propagating the quantized layer's outputs,
+packing — is mcq's production code; only the writer is skipped (the packed tensors are compared directly). That
+is a stronger test than a driver written here for a bare Qwen3, which would mirror `sequential.py` instead of
+running it.
+
+Findings pinned here:
+- GPTQ: with the attention kernel llm-compressor calibrates with (it forces eager attention), every packed weight,
+  scale and norm of every layer is bit-identical, and so are the logits. With mcq's default (SDPA) attention the
+  kernel's rounding flips a few GPTQ decisions in the first layer, and GPTQ's error feedback amplifies the slightly
+  different inputs of later layers into many flipped codes; the quantized models stay as close to each other as
+  two GPTQ runs can be (checked on the logits against the quantization error itself).
+- A driver that does not propagate the quantized outputs (each layer calibrated on float activations) is caught.
+- AWQ: the first layer is identical, but mcq propagates the *quantized* block's outputs, while llm-compressor
+  (and AutoAWQ) propagate the smoothed, still unquantized ones (AWQ calibrates under `DisableQuantization` and the
+  quantization is applied data-free at the end). With propagation switched to unquantized outputs mcq reproduces
+  llm-compressor exactly; as shipped it does not (a strict xfail, so aligning the two turns it into a failure
+  that asks for the marker to go).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mcq.models.family import linear_layers
+from mcq.models.loading import meta_skeleton, model_spec
+from mcq.models.minicpmv.tokenization import load_tokenizer
+from mcq.models.weights import CheckpointReader, shell_model
+from mcq.quantize.llmc import LlmCompressorBlockQuantizer, quantization_args
+from mcq.quantize.recipe import load_recipe, plan_quantization
+from mcq.quantize.sequential import BlockHandler, SequentialDriver
+
+pytest.importorskip("llmcompressor")
+
+RECIPES = {
+    "gptq": """name: parity-gptq
+description: GPTQ W4 g128 symmetric on the LLM decoder layers
+method: gptq
+method_args: {block_size: 128, dampening_frac: 0.01, actorder: static}
+rules:
+  - {match: "^llm\\\\.model\\\\.layers\\\\.", bits: 4, group_size: 128, symmetric: true, non_divisible: error}
+""",
+    "awq": """name: parity-awq
+description: AWQ W4 g128 asymmetric on the LLM decoder layers
+method: awq
+method_args: {duo_scaling: true, n_grid: 20, weight_observer: mse}
+rules:
+  - {match: "^llm\\\\.model\\\\.layers\\\\.", bits: 4, group_size: 128, symmetric: false, non_divisible: error}
+""",
+}
+LAYERS = "llm.model.layers."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: on a loaded machine, intra-op threads cost far more than they give (GPTQ's column loop ran
+    40x slower with 2 threads on a busy 2-core box). Both sides run alike, so parity is unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parity(tiny45, tmp_path_factory):
+    """The MiniCPM-V checkpoint, its LLM as a standalone Qwen3 checkpoint, the calibration tokens, the plans."""
+    path, config, spec = model_spec(tiny45)
+    qwen3 = tmp_path_factory.mktemp("qwen3")
+    llm_config = spec.llm_config(config)
+    llm_config.architectures = [spec.llm_model_class.__name__]
+    llm_config.save_pretrained(qwen3)
+    reader = CheckpointReader(path)
+    save_file({name[len("llm."):]: reader.read_stored(name) for name in reader.stored_names
+               if name.startswith("llm.")}, qwen3 / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if (path / name).exists():
+            shutil.copy2(path / name, qwen3 / name)
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, config.vocab_size, (1, length), generator=generator) for length in (64, 48, 56, 64)]
+    plans = {}
+    for method, text in RECIPES.items():
+        recipe_path = tmp_path_factory.mktemp("recipes") / f"{method}.yaml"
+        recipe_path.write_text(text)
+        plans[method] = plan_quantization(load_recipe(recipe_path), linear_layers(meta_skeleton(config)))
+    return {"path": path, "qwen3": qwen3, "sequences": sequences, "plans": plans,
+            "tokenizer": load_tokenizer(path, spec.version)}
+
+
+# -- the two sides ---------------------------------------------------------------------------------------------------
+def _weights_args(plan):
+    scheme = plan.quantized()[0].scheme
+    method = plan.recipe.method
+    return quantization_args(scheme, observer=plan.recipe.method_args.get("weight_observer", "minmax")
+                             if method == "awq" else "minmax",
+                             actorder=plan.recipe.method_args.get("actorder") if method == "gptq" else None,
+                             scale_dtype=torch.bfloat16)
+
+
+def run_oneshot(parity, method: str) -> dict[str, torch.Tensor]:
+    """llm-compressor's own pipeline; the layers' tensors packed like mcq packs them, named as in MiniCPM-V."""
+    from compressed_tensors.compressors.base import compress_module
+    from compressed_tensors.quantization import QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM
+
+    plan = parity["plans"][method]
+    args = plan.recipe.method_args
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=_weights_args(plan))}
+    if method == "gptq":
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=args["block_size"],
+                               dampening_frac=args["dampening_frac"])]
+    else:
+        recipe = [AWQModifier(duo_scaling=args["duo_scaling"], n_grid=args["n_grid"]),
+                  QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    # float32 like mcq's driver; loaded from a real directory (oneshot re-reads config.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(parity["qwen3"], dtype=torch.float32)
+    loader = DataLoader([{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in parity["sequences"]],
+                        batch_size=None)
+    oneshot(model=model, dataset=loader, recipe=recipe, processor=parity["tokenizer"],
+            num_calibration_samples=len(parity["sequences"]))
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            compress_module(module, "pack-quantized")
+    return {f"llm.{name}": tensor.detach().clone() for name, tensor in model.state_dict().items()
+            if f"llm.{name}".startswith(LAYERS)}
+
+
+def run_mcq(parity, method: str, attention: str = "sdpa", propagate: str = "quantized") -> dict[str, torch.Tensor]:
+    """mcq's driver and block quantizer. `propagate` other than "quantized" is a test-only deviation, done from the
+    handler (the driver is untouched): "unquantized" runs the next-layer pass with quantization disabled (the
+    smoothed float block, llm-compressor's AWQ semantics); "float" hands on the block's outputs from *before* it
+    was quantized (the bug of a driver that does not propagate quantization error)."""
+    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+
+    _, config, _ = model_spec(parity["path"])
+    config._attn_implementation = attention
+    model = shell_model(config)
+    assert model.llm.config._attn_implementation == attention
+    quantizer = LlmCompressorBlockQuantizer(parity["plans"][method], scale_dtype=torch.bfloat16)
+    tensors, hooks = {}, []
+
+    def quantize(name, block, calls):
+        with torch.no_grad():
+            before = iter([block(*a, **k) for a, k in calls] if propagate == "float" else [])
+        quantizer.quantize(name, block, calls)
+        if propagate == "float" and calls:   # the driver's next-layer pass gets the float outputs
+            hooks.append(block.register_forward_hook(lambda module, inputs, output: next(before)))
+        if propagate == "unquantized":
+            block.apply(disable_quantization)
+
+    def emit(name, block):
+        while hooks:
+            hooks.pop().remove()
+        packed = quantizer.packed_tensors(name, block)
+        quantized = {key.rsplit(".", 1)[0] for key in packed}
+        tensors.update(packed)
+        tensors.update({f"{name}.{key}": value.detach().clone() for key, value in block.state_dict().items()
+                        if f"{name}.{key}".rsplit(".", 1)[0] not in quantized})
+
+    samples = [{"input_ids": ids} for ids in parity["sequences"]]
+    SequentialDriver(model, CheckpointReader(parity["path"]), samples, torch.float32, "cpu").run(
+        BlockHandler(quantize, emit))
+    return {name: tensor for name, tensor in tensors.items() if name.startswith(LAYERS)}
+
+
+# -- comparing -------------------------------------------------------------------------------------------------------
+def differing(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor, the fraction of elements that differ (0.0 = bit-identical); packed weights are compared code by
+    code (eight 4-bit codes to an int32 word)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    assert set(reference) == set(other)
+    result = {}
+    for name in sorted(reference):
+        a, b = reference[name], other[name].to(reference[name].dtype)
+        assert a.shape == b.shape, name
+        if name.endswith("weight_packed"):
+            shape = torch.Size(reference[name.replace("weight_packed", "weight_shape")].tolist())
+            a, b = unpack_from_int32(a, 4, shape), unpack_from_int32(b, 4, shape)
+        result[name] = float((a != b).float().mean())
+    return result
+
+
+def dequantized_logits(parity, method: str, tensors: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Logits of the Qwen3 with the quantized layers dequantized from `tensors` (None: the float model) on
+    held-out tokens."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(parity["qwen3"], dtype=torch.float32)
+    if tensors is not None:
+        scheme = QuantizationScheme(targets=["Linear"], weights=_weights_args(parity["plans"][method]))
+        state = {}
+        for name, tensor in tensors.items():
+            module, _, param = name[len("llm."):].rpartition(".")
+            if param == "weight_packed":
+                parts = {key: tensors[f"llm.{module}.{key}"] for key in
+                         ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+                         if f"llm.{module}.{key}" in tensors}
+                parts["weight_scale"] = parts["weight_scale"].float()   # mcq stores bf16, oneshot keeps float32
+                state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"].float()
+            elif not param.startswith("weight_"):
+                state[f"{module}.{param}"] = tensor.float()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(not key.startswith("model.layers.") for key in missing)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=generator)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def layer(name: str) -> int:
+    return int(name[len(LAYERS):].split(".")[0])
+
+
+# -- GPTQ ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gptq_reference(parity):
+    return run_oneshot(parity, "gptq")
+
+
+def test_gptq_block_driver_reproduces_llmcompressor_bit_for_bit(parity, gptq_reference):
+    ours = run_mcq(parity, "gptq", attention="eager")
+    assert {name for name in ours if name.endswith("weight_packed")} == \
+        {f"{LAYERS}{i}.{m}.weight_packed" for i in (0, 1) for m in
+         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj")}
+    assert {name: frac for name, frac in differing(gptq_reference, ours).items() if frac} == {}
+    assert torch.equal(dequantized_logits(parity, "gptq", ours), dequantized_logits(parity, "gptq", gptq_reference))
+
+
+def test_gptq_driver_without_quantized_propagation_is_caught(parity, gptq_reference):
+    wrong = differing(gptq_reference, run_mcq(parity, "gptq", attention="eager", propagate="float"))
+    assert all(frac == 0 for name, frac in wrong.items() if layer(name) == 0)     # same inputs, same result
+    assert min(frac for name, frac in wrong.items() if name.endswith("weight_packed") and layer(name) == 1) > 0.1
+
+
+def test_gptq_default_attention_is_as_good_as_llmcompressor(parity, gptq_reference):
+    """`mcq quantize` runs the model's SDPA attention, llm-compressor calibrates with eager attention. The kernels'
+    rounding flips a few layer-0 codes, GPTQ's error feedback turns the slightly different layer-1 inputs into
+    10-25 % different layer-1 codes, and the logits of the two quantized models end up about as far apart as those
+    of a driver that propagates float outputs: at this level two correct runs cannot be told from a wrong one, which
+    is why the bit-exact test above uses eager attention. What can be asserted is that the first layer is nearly
+    identical and that the quantized model is as close to the float model as llm-compressor's."""
+    ours = run_mcq(parity, "gptq")
+    diff = differing(gptq_reference, ours)
+    first = max(frac for name, frac in diff.items() if layer(name) == 0 and name.endswith("weight_packed"))
+    assert first < 0.005, diff
+    float_logits = dequantized_logits(parity, "gptq", None)
+    error_ours = (dequantized_logits(parity, "gptq", ours) - float_logits).abs().mean()
+    error_reference = (dequantized_logits(parity, "gptq", gptq_reference) - float_logits).abs().mean()
+    assert error_ours < 1.1 * error_reference, (float(error_ours), float(error_reference))
+
+
+# -- AWQ -------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def awq_reference(parity):
+    from mcq.quantize.llmc import _cpu_compat
+
+    _cpu_compat("cpu")   # llm-compressor 0.14 AWQ pins cached activations; a CPU run must not
+    return run_oneshot(parity, "awq")
+
+
+@pytest.fixture(scope="module")
+def awq_shipped(parity, awq_reference):
+    return differing(awq_reference, run_mcq(parity, "awq", attention="eager"))
+
+
+def test_awq_matches_llmcompressor_when_propagating_unquantized_outputs(parity, awq_reference):
+    ours = run_mcq(parity, "awq", attention="eager", propagate="unquantized")
+    assert {name: frac for name, frac in differing(awq_reference, ours).items() if frac} == {}
+    assert torch.equal(dequantized_logits(parity, "awq", ours), dequantized_logits(parity, "awq", awq_reference))
+
+
+def test_awq_as_shipped_first_layer_matches_llmcompressor(awq_shipped):
+    assert {name: frac for name, frac in awq_shipped.items() if layer(name) == 0 and frac} == {}
+
+
+@pytest.mark.xfail(strict=True, reason="mcq propagates the AWQ-quantized block's outputs; llm-compressor and "
+                                       "AutoAWQ propagate the smoothed, unquantized ones")
+def test_awq_as_shipped_matches_llmcompressor(awq_shipped):
+    assert {name: frac for name, frac in awq_shipped.items() if frac} == {}
