@@ -58,6 +58,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def _mib(kib: int | None) -> float | None:
 # ------------------------------------------------------------------------------------------------------------------
 # parent: orchestration only (no torch import, so that no child inherits a large high-water mark)
 # ------------------------------------------------------------------------------------------------------------------
-def run_measured(label: str, child: str, spec: dict, workdir: Path) -> dict:
+def run_measured(label: str, child: str, spec: dict, workdir: Path, threads: int | None = None) -> dict:
     """Run `bench_quantize.py --child CHILD` as its own process; its result JSON plus wall time and peak RSS."""
     result_path = workdir / "results" / f"{label}.json"
     log_path = workdir / "logs" / f"{label}.log"
@@ -105,6 +106,8 @@ def run_measured(label: str, child: str, spec: dict, workdir: Path) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "result": str(result_path), "label": label}
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--spec", json.dumps(spec)]
     log(f"{label}: started (log {log_path})")
     peaks = {"RssAnon": 0, "RssFile": 0}
@@ -127,14 +130,14 @@ def run_measured(label: str, child: str, spec: dict, workdir: Path) -> dict:
                 for key in peaks:
                     peaks[key] = max(peaks[key], status.get(key, 0))
 
-        threads = [threading.Thread(target=poll, daemon=True), threading.Thread(target=tee, daemon=True)]
-        for thread in threads:
-            thread.start()
+        workers = [threading.Thread(target=poll, daemon=True), threading.Thread(target=tee, daemon=True)]
+        for worker in workers:
+            worker.start()
         _, wait_status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         done.set()
-        for thread in threads:
-            thread.join()
+        for worker in workers:
+            worker.join()
         proc.returncode = os.waitstatus_to_exitcode(wait_status)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-slice-nums", type=int, help="image slices per sample (default: the recipe's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads in every run (default: torch's); on a "
+                                                    "shared machine 1 keeps runs from collapsing under contention")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (checkpoints, outputs, logs)")
     parser.add_argument("--workdir", type=Path, help="build here instead of a new temp dir (implies --keep)")
@@ -225,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                 "out": str(checkpoint), "llm_out": str(llm_dir), "llm_layers": depth,
                 "vision_layers": args.vision_layers, "real_widths": not args.tiny_widths, "seed": args.seed,
                 "methods": args.methods, "num_samples": args.num_samples, "max_slice_nums": args.max_slice_nums,
-                "tokens_dir": str(workdir / "tokens")}, workdir)
+                "tokens_dir": str(workdir / "tokens")}, workdir, args.threads)
             calibration[str(depth)] = built["calibration"]
             for method in args.methods:
                 out = workdir / f"out-{method}-l{depth}"
                 result = run_measured(f"mcq-{method}-l{depth}", "mcq", {
                     "model": str(checkpoint), "out": str(out), "method": method, "num_samples": args.num_samples,
-                    "max_slice_nums": args.max_slice_nums, "device": args.device, "seed": args.seed}, workdir)
+                    "max_slice_nums": args.max_slice_nums, "device": args.device, "seed": args.seed},
+                    workdir, args.threads)
                 runs[method].setdefault(str(depth), {})["mcq"] = result
                 if not keep:
                     shutil.rmtree(out, ignore_errors=True)
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_measured(f"llmcompressor-{method}-l{depth}", "llmcompressor", {
                     "model": str(llm_dir), "minicpmv": str(checkpoint), "out": str(out), "method": method,
                     "device": args.device,
-                    "tokens": built["tokens"][method]}, workdir)
+                    "tokens": built["tokens"][method]}, workdir, args.threads)
                 runs[method][str(depth)]["llmcompressor"] = result
                 if not keep:
                     shutil.rmtree(out, ignore_errors=True)
@@ -258,12 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "layers": sorted(set(args.layers)), "vision_layers": args.vision_layers, "methods": args.methods,
             "num_samples": args.num_samples, "max_slice_nums": args.max_slice_nums, "device": args.device,
-            "seed": args.seed, "widths": "tiny" if args.tiny_widths else "real (4.5: LLM 4096/12288, vision 1152/4304)",
+            "seed": args.seed, "threads": args.threads or "torch default",
+            "widths": "tiny" if args.tiny_widths else "real (4.5: LLM 4096/12288, vision 1152/4304)",
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "versions": calibration and next(iter(calibration.values())).get("versions"),
             "peak_rss": "os.wait4 ru_maxrss of each run's own child process (exact kernel high-water mark)",
-            "driver_peak_rss_mib": round(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
-                                         .ru_maxrss / 1024, 1),
+            "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
         "calibration": {d: {k: v for k, v in c.items() if k != "versions"} for d, c in calibration.items()},
         "runs": runs,
@@ -283,12 +289,13 @@ def _write_result(spec: dict, result: dict) -> None:
     Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _cuda_peak(device: str) -> dict:
+def _device_facts(device: str) -> dict:
     import torch
 
-    if device != "cuda":
-        return {}
-    return {"cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    facts = {"torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        facts["cuda_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return facts
 
 
 def child_build(spec: dict) -> None:
@@ -448,7 +455,7 @@ def child_mcq(spec: dict) -> None:
         "blocks": blocks,
         "end_memory": memory(),
         "bytes_after": result.bytes_after,
-        **_cuda_peak(spec["device"]),
+        **_device_facts(spec["device"]),
     })
 
 
@@ -539,7 +546,7 @@ def child_llmcompressor(spec: dict) -> None:
         "subgraphs_until_epoch_end": subgraphs,
         "pipeline": "oneshot default (independent: a sequential pipeline per calibrating modifier)",
         "recipe": described,
-        **_cuda_peak(spec["device"]),
+        **_device_facts(spec["device"]),
     })
 
 

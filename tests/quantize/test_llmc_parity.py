@@ -3,7 +3,8 @@
 Reference: `llmcompressor.oneshot` (its sequential pipeline: every decoder layer calibrated on the outputs of the
 layers before it, quantized, then run again to give the next layer its inputs) on a plain `Qwen3ForCausalLM`: the
 `llm.*` tensors of `tiny:4.5` written out as a standalone checkpoint (prefix stripped, config from
-`VersionSpec.llm_config`).
+`VersionSpec.llm_config`), with modifiers equivalent to the LLM rule of the built-in recipe (gptq-w4g128: W4 g128
+symmetric, actorder static; awq-w4g128: AWQ smoothing + W4 g128 asymmetric, its method arguments).
 
 Under test: mcq's real `SequentialDriver` with `LlmCompressorBlockQuantizer`, on the MiniCPM-V checkpoint itself,
 fed the same token sequences as text-only samples. So the inputs of the first LLM layer are captured through
@@ -15,11 +16,14 @@ running it.
 
 Findings pinned here:
 - GPTQ: with the attention kernel llm-compressor calibrates with (it forces eager attention), every packed weight,
-  scale and norm of every layer is bit-identical, and so are the logits. With mcq's default (SDPA) attention the
-  kernel's rounding flips a few GPTQ decisions in the first layer, and GPTQ's error feedback amplifies the slightly
-  different inputs of later layers into many flipped codes; the quantized models stay as close to each other as
-  two GPTQ runs can be (checked on the logits against the quantization error itself).
-- A driver that does not propagate the quantized outputs (each layer calibrated on float activations) is caught.
+  scale and norm of every layer is bit-identical, and so are the logits.
+- A driver that does not propagate the quantized outputs (each layer calibrated on float activations) is caught:
+  layer 0 is still identical, layer 1 differs in 10-30 % of its codes.
+- With mcq's default (SDPA) attention the kernel's rounding flips a few layer-0 GPTQ decisions (0.3 % of codes),
+  and GPTQ's error feedback turns the slightly different layer-1 inputs into 10-25 % different layer-1 codes, as
+  far from llm-compressor's as the wrong driver's: two correct runs that differ in attention kernel cannot be told
+  from a wrong one by their codes or logits, which is why the exact test pins the kernel. That test checks the
+  first layer and that the quantized model is as close to the float model as llm-compressor's.
 - AWQ: the first layer is identical, but mcq propagates the *quantized* block's outputs, while llm-compressor
   (and AutoAWQ) propagate the smoothed, still unquantized ones (AWQ calibrates under `DisableQuantization` and the
   quantization is applied data-free at the end). With propagation switched to unquantized outputs mcq reproduces
@@ -30,7 +34,6 @@ Findings pinned here:
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,22 +49,6 @@ from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
 pytest.importorskip("llmcompressor")
 
-RECIPES = {
-    "gptq": """name: parity-gptq
-description: GPTQ W4 g128 symmetric on the LLM decoder layers
-method: gptq
-method_args: {block_size: 128, dampening_frac: 0.01, actorder: static}
-rules:
-  - {match: "^llm\\\\.model\\\\.layers\\\\.", bits: 4, group_size: 128, symmetric: true, non_divisible: error}
-""",
-    "awq": """name: parity-awq
-description: AWQ W4 g128 asymmetric on the LLM decoder layers
-method: awq
-method_args: {duo_scaling: true, n_grid: 20, weight_observer: mse}
-rules:
-  - {match: "^llm\\\\.model\\\\.layers\\\\.", bits: 4, group_size: 128, symmetric: false, non_divisible: error}
-""",
-}
 LAYERS = "llm.model.layers."
 
 
@@ -91,22 +78,28 @@ def parity(tiny45, tmp_path_factory):
             shutil.copy2(path / name, qwen3 / name)
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, config.vocab_size, (1, length), generator=generator) for length in (64, 48, 56, 64)]
-    plans = {}
-    for method, text in RECIPES.items():
-        recipe_path = tmp_path_factory.mktemp("recipes") / f"{method}.yaml"
-        recipe_path.write_text(text)
-        plans[method] = plan_quantization(load_recipe(recipe_path), linear_layers(meta_skeleton(config)))
+    # The built-in recipes as shipped; text-only samples never reach the vision tower, which is rounded data-free.
+    plans = {method: plan_quantization(load_recipe(f"{method}-w4g128"), linear_layers(meta_skeleton(config)))
+             for method in ("gptq", "awq")}
     return {"path": path, "qwen3": qwen3, "sequences": sequences, "plans": plans,
             "tokenizer": load_tokenizer(path, spec.version)}
 
 
 # -- the two sides ---------------------------------------------------------------------------------------------------
+def llm_rule(plan) -> tuple:
+    """The scheme and engine of the recipe's LLM decoder layers (one for all of them)."""
+    rules = {rule.index: rule for rule in plan.recipe.rules}
+    found = {(layer.scheme, rules[layer.rule].method or plan.recipe.method) for layer in plan.quantized()
+             if layer.name.startswith(LAYERS)}
+    assert len(found) == 1, found
+    return found.pop()
+
+
 def _weights_args(plan):
-    scheme = plan.quantized()[0].scheme
-    method = plan.recipe.method
-    return quantization_args(scheme, observer=plan.recipe.method_args.get("weight_observer", "minmax")
-                             if method == "awq" else "minmax",
-                             actorder=plan.recipe.method_args.get("actorder") if method == "gptq" else None,
+    scheme, engine = llm_rule(plan)
+    args = plan.recipe.method_args
+    return quantization_args(scheme, observer=args.get("weight_observer", "minmax") if engine != "gptq" else "minmax",
+                             actorder=args.get("actorder", "static") if engine == "gptq" else None,
                              scale_dtype=torch.bfloat16)
 
 
@@ -124,10 +117,10 @@ def run_oneshot(parity, method: str) -> dict[str, torch.Tensor]:
     plan = parity["plans"][method]
     args = plan.recipe.method_args
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=_weights_args(plan))}
-    if method == "gptq":
+    if llm_rule(plan)[1] == "gptq":
         recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=args["block_size"],
                                dampening_frac=args["dampening_frac"])]
-    else:
+    else:   # llm-compressor's own Qwen3 mappings, the pairs mcq smooths (family.SMOOTHING_PAIRS)
         recipe = [AWQModifier(duo_scaling=args["duo_scaling"], n_grid=args["n_grid"]),
                   QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     # float32 like mcq's driver; loaded from a real directory (oneshot re-reads config.name_or_path)
@@ -255,16 +248,11 @@ def test_gptq_driver_without_quantized_propagation_is_caught(parity, gptq_refere
 
 
 def test_gptq_default_attention_is_as_good_as_llmcompressor(parity, gptq_reference):
-    """`mcq quantize` runs the model's SDPA attention, llm-compressor calibrates with eager attention. The kernels'
-    rounding flips a few layer-0 codes, GPTQ's error feedback turns the slightly different layer-1 inputs into
-    10-25 % different layer-1 codes, and the logits of the two quantized models end up about as far apart as those
-    of a driver that propagates float outputs: at this level two correct runs cannot be told from a wrong one, which
-    is why the bit-exact test above uses eager attention. What can be asserted is that the first layer is nearly
-    identical and that the quantized model is as close to the float model as llm-compressor's."""
+    """`mcq quantize` runs SDPA attention (see the module docstring for why codes cannot be compared exactly)."""
     ours = run_mcq(parity, "gptq")
     diff = differing(gptq_reference, ours)
     first = max(frac for name, frac in diff.items() if layer(name) == 0 and name.endswith("weight_packed"))
-    assert first < 0.005, diff
+    assert first < 0.02, diff      # measured 0.3 %; a wrong layer-0 input would flip tens of percent
     float_logits = dequantized_logits(parity, "gptq", None)
     error_ours = (dequantized_logits(parity, "gptq", ours) - float_logits).abs().mean()
     error_reference = (dequantized_logits(parity, "gptq", gptq_reference) - float_logits).abs().mean()
