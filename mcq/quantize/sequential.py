@@ -3,8 +3,9 @@
 Each block (a SigLIP encoder layer, the resampler, an LLM decoder layer) is materialized from the checkpoint, fed
 the inputs its predecessor produced for every calibration sample, quantized, run again to produce the inputs of the
 next block (so later blocks calibrate on the quantized model's activations, as llm-compressor's sequential
-pipeline does), handed to the writer and released. Nothing but the current block and the cached activations is in
-memory, so peak memory does not grow with depth.
+pipeline does for GPTQ, bit for bit; for AWQ llm-compressor hands on the smoothed, still unquantized outputs, see
+tests/quantize/test_llmc_parity.py), handed to the writer and released. Nothing but the current block and the
+cached activations is in memory, so peak memory does not grow with depth.
 
 Inputs of a block are captured by running the model's own forward (`MiniCPMV.forward(data)`, the vision path
 included) with the block swapped for a recorder, and blocks already done swapped for replays of their recorded
