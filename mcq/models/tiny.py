@@ -44,8 +44,17 @@ class TinySpec:
     vision_layers: int = 2
 
     def cache_key(self) -> str:
-        blob = json.dumps({**asdict(self), "mcq": __version__}, sort_keys=True)
+        """The spec and the source of the code that builds the checkpoint: a change to the generator or to the
+        model's layout must not be answered with a stale cached build of the same version number."""
+        blob = json.dumps({**asdict(self), "mcq": __version__, "code": _builder_source_digest()}, sort_keys=True)
         return f"{self.version}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _builder_source_digest() -> str:
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 # LLM fields per version, as the official config.json files spell them (tiny widths).

@@ -141,6 +141,15 @@ class LlmCompressorBlockQuantizer:
             LifecycleCallbacks.sequential_epoch_end(list(block.modules()))
             LifecycleCallbacks.calibration_end()
             session.finalize()
+        if calibrated and any(method == "awq" for _, method in layers.values()):
+            # AWQ hands the next block the smoothed block's *unquantized* outputs, as llm-compressor's pipeline and
+            # AutoAWQ do (the AWQ layers' rounding is applied data-free when packing): each block's scale search
+            # then sees the float model's activations instead of compounding the rounding error of every block
+            # before it. GPTQ layers keep their quantized weights (GPTQ writes them in place), so a GPTQ block
+            # still propagates its quantization error, which GPTQ's later blocks are meant to compensate.
+            from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+
+            block.apply(disable_quantization)
 
     def packed_tensors(self, block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
         """Compress the block's quantized Linears to compressed-tensors `pack-quantized` and return those tensors.

@@ -2,9 +2,10 @@
 
 Each block (a SigLIP encoder layer, the resampler, an LLM decoder layer) is materialized from the checkpoint, fed
 the inputs its predecessor produced for every calibration sample, quantized, run again to produce the inputs of the
-next block (so later blocks calibrate on the quantized model's activations, as llm-compressor's sequential
-pipeline does for GPTQ, bit for bit; for AWQ llm-compressor hands on the smoothed, still unquantized outputs, see
-tests/quantize/test_llmc_parity.py), handed to the writer and released. Nothing but the current block and the
+next block, handed to the writer and released. What that second run computes is the quantizer's choice (it leaves
+the block's forward as later blocks should see it): GPTQ blocks propagate their quantized outputs, AWQ blocks their
+smoothed, unquantized ones — llm-compressor's sequential pipeline bit for bit in both cases
+(tests/quantize/test_llmc_parity.py). Nothing but the current block and the
 cached activations is in memory, so peak memory does not grow with depth.
 
 Inputs of a block are captured by running the model's own forward (`MiniCPMV.forward(data)`, the vision path

@@ -24,11 +24,10 @@ Findings pinned here:
   far from llm-compressor's as the wrong driver's: two correct runs that differ in attention kernel cannot be told
   from a wrong one by their codes or logits, which is why the exact test pins the kernel. That test checks the
   first layer and that the quantized model is as close to the float model as llm-compressor's.
-- AWQ: the first layer is identical, but mcq propagates the *quantized* block's outputs, while llm-compressor
-  (and AutoAWQ) propagate the smoothed, still unquantized ones (AWQ calibrates under `DisableQuantization` and the
-  quantization is applied data-free at the end). With propagation switched to unquantized outputs mcq reproduces
-  llm-compressor exactly; as shipped it does not (a strict xfail, so aligning the two turns it into a failure
-  that asks for the marker to go).
+- AWQ: every packed weight, scale, zero point and smoothed norm is bit-identical, and so are the logits. That
+  holds because mcq, like llm-compressor (AWQ calibrates under `DisableQuantization`, the rounding is applied
+  data-free at the end) and AutoAWQ, hands the next layer the smoothed, still unquantized outputs of an AWQ block;
+  a driver propagating the quantized outputs instead agrees on layer 0 only (caught below).
 """
 
 from __future__ import annotations
@@ -136,12 +135,13 @@ def run_oneshot(parity, method: str) -> dict[str, torch.Tensor]:
             if f"llm.{name}".startswith(LAYERS)}
 
 
-def run_mcq(parity, method: str, attention: str = "sdpa", propagate: str = "quantized") -> dict[str, torch.Tensor]:
-    """mcq's driver and block quantizer. `propagate` other than "quantized" is a test-only deviation, done from the
-    handler (the driver is untouched): "unquantized" runs the next-layer pass with quantization disabled (the
-    smoothed float block, llm-compressor's AWQ semantics); "float" hands on the block's outputs from *before* it
-    was quantized (the bug of a driver that does not propagate quantization error)."""
-    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+def run_mcq(parity, method: str, attention: str = "sdpa", propagate: str = "as_shipped") -> dict[str, torch.Tensor]:
+    """mcq's driver and block quantizer. `propagate` other than "as_shipped" is a test-only deviation, done from the
+    handler (the driver is untouched): "float" hands on the block's outputs from *before* it was quantized (the bug
+    of a GPTQ driver that does not propagate quantization error); "quantized" runs the next-layer pass with the
+    AWQ layers' quantization enabled (the bug of an AWQ driver that compounds rounding error into the next
+    layer's scale search)."""
+    from compressed_tensors.quantization.lifecycle.helpers import enable_quantization
 
     _, config, _ = model_spec(parity["path"])
     config._attn_implementation = attention
@@ -156,8 +156,8 @@ def run_mcq(parity, method: str, attention: str = "sdpa", propagate: str = "quan
         quantizer.quantize(name, block, calls)
         if propagate == "float" and calls:   # the driver's next-layer pass gets the float outputs
             hooks.append(block.register_forward_hook(lambda module, inputs, output: next(before)))
-        if propagate == "unquantized":
-            block.apply(disable_quantization)
+        if propagate == "quantized":
+            block.apply(enable_quantization)
 
     def emit(name, block):
         while hooks:
@@ -268,22 +268,13 @@ def awq_reference(parity):
     return run_oneshot(parity, "awq")
 
 
-@pytest.fixture(scope="module")
-def awq_shipped(parity, awq_reference):
-    return differing(awq_reference, run_mcq(parity, "awq", attention="eager"))
-
-
-def test_awq_matches_llmcompressor_when_propagating_unquantized_outputs(parity, awq_reference):
-    ours = run_mcq(parity, "awq", attention="eager", propagate="unquantized")
+def test_awq_block_driver_reproduces_llmcompressor_bit_for_bit(parity, awq_reference):
+    ours = run_mcq(parity, "awq", attention="eager")
     assert {name: frac for name, frac in differing(awq_reference, ours).items() if frac} == {}
     assert torch.equal(dequantized_logits(parity, "awq", ours), dequantized_logits(parity, "awq", awq_reference))
 
 
-def test_awq_as_shipped_first_layer_matches_llmcompressor(awq_shipped):
-    assert {name: frac for name, frac in awq_shipped.items() if layer(name) == 0 and frac} == {}
-
-
-@pytest.mark.xfail(strict=True, reason="mcq propagates the AWQ-quantized block's outputs; llm-compressor and "
-                                       "AutoAWQ propagate the smoothed, unquantized ones")
-def test_awq_as_shipped_matches_llmcompressor(awq_shipped):
-    assert {name: frac for name, frac in awq_shipped.items() if frac} == {}
+def test_awq_driver_propagating_quantized_outputs_is_caught(parity, awq_reference):
+    wrong = differing(awq_reference, run_mcq(parity, "awq", attention="eager", propagate="quantized"))
+    assert all(frac == 0 for name, frac in wrong.items() if layer(name) == 0)     # same inputs, same result
+    assert max(frac for name, frac in wrong.items() if layer(name) == 1) > 0
