@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from mcq import __version__
 from mcq.errors import McqError
@@ -89,6 +91,51 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mcq.outputs import write_file_atomically
+    from mcq.validate.api import failed_variants, format_results, parse_threshold, validate
+
+    thresholds = [parse_threshold(text) for text in args.fail_if]   # before any work: a typo fails at once
+    if args.json and Path(args.json).exists() and not args.force:
+        raise McqError(f"output {args.json} already exists (pass --force to replace it)")
+    if args.report:
+        from mcq.outputs import check_output
+
+        check_output(Path(args.report), args.force)
+    results = validate(args.reference, args.variant, eval_data=args.eval, num_samples=args.num_samples,
+                       max_slice_nums=args.max_slice_nums, device=args.device, dtype=args.dtype,
+                       max_new_tokens=args.max_new_tokens, latency_runs=args.latency_runs, seed=args.seed,
+                       thresholds=thresholds)
+    text = json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if args.json:
+        write_file_atomically(Path(args.json), text, force=args.force)
+    print(format_results(results))
+    if args.json:
+        print(f"\nresults: {args.json}")
+    if args.report:
+        from mcq.reports import write_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # The report reads results files; without --json the results live only for this call.
+            source = Path(args.json) if args.json else Path(tmp) / "results.json"
+            if not args.json:
+                source.write_text(text, encoding="utf-8")
+            report = write_report([source], Path(args.report), force=args.force)
+        print(f"report: {report.out / 'report.html'}")
+    failed = failed_variants(results)
+    if failed:
+        print(f"mcq: {len(failed)} variant(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mcq.reports import write_report
+
+    report = write_report([Path(p) for p in args.results], Path(args.out), force=args.force)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcq", description="Quantize, export and validate MiniCPM-V models.")
     parser.add_argument("--version", action="version", version=f"mcq {__version__}")
@@ -154,6 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     recipes_show.add_argument("recipe", metavar="NAME|PATH", help="a built-in recipe name or a .yaml file")
     recipes_show.add_argument("--json", action="store_true")
     recipes.set_defaults(func=cmd_recipes)
+
+    check = sub.add_parser("validate", help="accuracy, memory and latency of variants against the reference")
+    check.add_argument("--reference", required=True, help="the unquantized checkpoint directory or tiny:VERSION")
+    check.add_argument("--variant", required=True, nargs="+", help="variant directories mcq produced")
+    check.add_argument("--eval", metavar="DATA", help="evaluation data (folder with JSONL, or a saved datasets "
+                                                     "directory); default: the built-in held-out split")
+    check.add_argument("--num-samples", type=_positive, help="evaluate on this many samples (default: all)")
+    check.add_argument("--max-slice-nums", type=_positive, default=2, help="image slices per image (default 2)")
+    check.add_argument("--device", default="cpu", help="cpu or cuda")
+    check.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="compute dtype (auto: float32 on cpu, bfloat16 on cuda)")
+    check.add_argument("--max-new-tokens", type=_positive, default=24, help="greedy answer length (default 24)")
+    check.add_argument("--latency-runs", type=_positive, default=5, help="timed runs after a warm-up (default 5)")
+    check.add_argument("--fail-if", action="append", default=[], metavar="EXPR",
+                       help="exit 1 when a variant meets it, e.g. 'kl_mean>0.05' (repeatable)")
+    check.add_argument("--json", metavar="OUT", help="write the results JSON here (mcq report reads it)")
+    check.add_argument("--report", metavar="DIR", help="also write the report (as `mcq report` does) here")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--force", action="store_true", help="replace an existing --json file or --report dir")
+    check.set_defaults(func=cmd_validate)
+
+    report = sub.add_parser("report", help="report.md, report.html (with plots) and combined JSON from results")
+    report.add_argument("results", nargs="+", metavar="RESULTS.json", help="files written by mcq validate --json")
+    report.add_argument("--out", required=True, help="output directory (written atomically)")
+    report.add_argument("--force", action="store_true", help="replace an existing output directory")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -166,9 +240,9 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except McqError as err:
         if args.debug:
             raise
@@ -177,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mcq: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

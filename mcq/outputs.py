@@ -96,6 +96,32 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+def write_file_atomically(out: Path, text: str, force: bool) -> None:
+    """Write a single-file output (a results JSON): refused if `out` exists without `force`, written to a hidden
+    temporary file beside it and renamed into place, so a reader never sees half a file."""
+    out = Path(os.path.abspath(out))
+    if out.is_dir():
+        raise McqError(f"output {out} is a directory; name a file")
+    if out.exists() and not force:
+        raise McqError(f"output {out} already exists (pass --force to replace it)")
+    _check_parent_writable(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    except OSError as err:
+        raise McqError(f"cannot create output {out}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes it owner-only; give it a plain open's mode
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def _normalize_permissions(root: Path) -> None:
     """mkdtemp makes the directory owner-only (0700) and some writers (safetensors) leave files 0600; give every
     entry the mode a plain mkdir/open would have under the current umask."""

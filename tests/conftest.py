@@ -40,3 +40,16 @@ def tiny45() -> Path:
     from mcq.models.tiny import resolve_tiny
 
     return resolve_tiny("tiny:4.5")
+
+
+@pytest.fixture(scope="session")
+def outlier_variants(tmp_path_factory):
+    """RTN, AWQ and GPTQ W4 g128 (vision + resampler included) of the tiny 4.5 model with activation outliers, each
+    with its built-in recipe as shipped (64 calibration samples; measured with 24, AWQ's KL was 1.95x below RTN's,
+    with 64 2.16x)."""
+    from mcq.quantize.api import quantize
+
+    root = tmp_path_factory.mktemp("outliers")
+    variants = {method: quantize("tiny:4.5-outliers", root / method, method=method, progress=False)
+                for method in ("rtn", "awq", "gptq")}
+    return {method: Path(result.out) for method, result in variants.items()}

@@ -152,3 +152,19 @@ def test_exit_code_and_debug_in_a_real_process(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "mcq.cli", "--debug", "inspect", str(tmp_path / "none")],
                            capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_readme_main_job_commands_parse():
+    """The README's first two lines are what a new user runs: every mcq command in them must still parse."""
+    import shlex
+    from pathlib import Path
+
+    from mcq.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [part.strip() for line in block.splitlines() for part in line.split("&&")]
+    mcq_commands = [shlex.split(c)[1:] for c in commands if c.startswith("mcq ")]
+    assert [c[0] for c in mcq_commands] == ["quantize", "validate"]
+    for argv in mcq_commands:
+        build_parser().parse_args(argv)

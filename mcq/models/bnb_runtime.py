@@ -14,7 +14,7 @@ def disable_unsupported_cpu_repacking(model) -> list[str]:
     (4304 = 32 x 134.5 = 64 x 67.25), so `fc1` and `fc2` of every MiniCPM-V vision tower would fail (tiny models:
     464). Those layers are switched to bitsandbytes' generic CPU kernel (same quantized weights, same results up
     to rounding); the others keep the fast path. The flag is per module and not saved, so this is needed after
-    every load (`load_model` calls it).
+    every load (`MiniCPMV.from_pretrained` calls it).
     """
     changed = []
     for name, module in model.named_modules():

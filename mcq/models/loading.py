@@ -191,10 +191,6 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
     except (RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise McqError(f"cannot load {path}: {first_line}") from None
-    if getattr(loaded, "is_loaded_in_4bit", False):  # set by transformers on bitsandbytes 4-bit models only
-        from .bnb_runtime import disable_unsupported_cpu_repacking
-
-        disable_unsupported_cpu_repacking(loaded)
     if getattr(loaded, "is_loaded_in_4bit", False) or getattr(loaded, "is_loaded_in_8bit", False):
         if torch_dtype != "auto":
             # transformers leaves the tensors it rebuilt through checkpoint conversions (the resampler's q/k/v and

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 
 def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(reference ‖ variant) per position, in nats, computed in float32: `[..., vocab]` → `[...]`."""
+    """KL(reference ‖ variant) per position, in nats, computed in float32: `[..., vocab]` → `[...]`. Clamped at 0:
+    KL is never negative, and rounding would otherwise make identical distributions print as -0.00000."""
     ref = F.log_softmax(reference_logits.float(), dim=-1)
     var = F.log_softmax(logits.float(), dim=-1)
-    return (ref.exp() * (ref - var)).sum(-1)
+    return (ref.exp() * (ref - var)).sum(-1).clamp_min(0.0)
 
 
 def slice_cosines(reference: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,20 @@ def test_skip_rule_agrees_with_transformers(tiny45):
             assert skip_matches(entry, name) == (not should_convert_module(name, [entry])), (entry, name)
 
 
+def test_nf4_runs_through_plain_automodel(nf4, source45):
+    """No mcq loader: `AutoModel.from_pretrained` alone must give a model whose vision tower runs (on a CPU with
+    AVX512-BF16, bitsandbytes' repacking would otherwise fail on SigLIP's MLP at the first forward)."""
+    from transformers import AutoModel
+
+    out, _ = nf4
+    _, processor = source45
+    model = AutoModel.from_pretrained(out).eval()
+    assert not any(getattr(model.get_submodule(f"vpm.encoder.layers.{i}.mlp.{fc}"), "support_avx512bf16_for_cpu",
+                           False) for i in range(2) for fc in ("fc1", "fc2"))
+    assert isinstance(model.chat(msgs=[{"role": "user", "content": [_image(), "What is it?"]}], processor=processor,
+                                 **GREEDY), str)
+
+
 def test_cpu_repacking_is_disabled_only_where_bitsandbytes_cannot_repack(nf4):
     out, _ = nf4
     model = load_model(out)

@@ -77,17 +77,6 @@ def test_every_builtin_recipe_runs_reloads_and_generates(recipe, tiny_path, tmp_
 
 
 @pytest.fixture(scope="module")
-def outlier_variants(tmp_path_factory):
-    """RTN, AWQ and GPTQ W4 g128 (vision + resampler included) of the tiny 4.5 model with activation outliers, each
-    with its built-in recipe as shipped (64 calibration samples; measured with 24, AWQ's KL was 1.95x below RTN's,
-    with 64 2.16x)."""
-    root = tmp_path_factory.mktemp("outliers")
-    variants = {method: quantize("tiny:4.5-outliers", root / method, method=method, progress=False)
-                for method in ("rtn", "awq", "gptq")}
-    return {method: Path(result.out) for method, result in variants.items()}
-
-
-@pytest.fixture(scope="module")
 def outlier_metrics(outlier_variants):
     """Mean answer-token KL and vision cosine of each variant against bf16, on the held-out multimodal split."""
     path, _, spec = model_spec("tiny:4.5-outliers")

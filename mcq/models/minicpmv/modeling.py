@@ -81,6 +81,17 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         self.post_init()
 
     # -- transformers plumbing ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        if getattr(model, "is_loaded_in_4bit", False):   # set by transformers on bitsandbytes 4-bit models only
+            # SigLIP's 4304-wide MLP cannot take bitsandbytes' AVX512-BF16 CPU path: without this, an nf4
+            # checkpoint loaded with plain `AutoModel.from_pretrained` fails in its first vision forward.
+            from mcq.models.bnb_runtime import disable_unsupported_cpu_repacking
+
+            disable_unsupported_cpu_repacking(model)
+        return model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 

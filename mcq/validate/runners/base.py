@@ -1,0 +1,68 @@
+"""What a runner is: one variant loaded in the runtime that would serve it, behind a small interface.
+
+The validator asks every runner the same questions on the same encoded inputs (`EvalItem`, encoded by the
+reference's processor): the vision path's output, teacher-forced logits, a greedy answer, and timed runs of
+vision encoding, prefill and decoding. Runners for other runtimes (llama.cpp, onnxruntime, Core ML) implement this
+class and register in `mcq.validate.runners.RUNNERS`; the harness (`mcq.validate.worker`) measures memory around
+them and computes every metric, so a runner only runs its model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+
+class Runner(ABC):
+    #: the format name reported for variants this runner serves (e.g. "compressed-tensors")
+    formats: tuple[str, ...] = ()
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, path: Path) -> str | None:
+        """The format of `path` if this runner serves it, else None. Reads metadata only (no weights)."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, path: Path) -> dict[str, Any]:
+        """Identity of the model behind `path` (version, widths, vocabulary) to check it against the reference."""
+
+    @classmethod
+    @abstractmethod
+    def weight_bytes(cls, path: Path) -> dict[str, int]:
+        """Bytes on disk per component (llm / vision / resampler / other) of the variant's weights."""
+
+    @abstractmethod
+    def __init__(self, path: Path, device: torch.device, dtype: str):
+        """Load the variant (the worker measures this call's peak memory)."""
+
+    @abstractmethod
+    def vision(self, data: dict[str, Any]) -> torch.Tensor:
+        """The resampler's output blocks of one encoded sample, `[G, queries, hidden]` float32 (one block per image
+        slice or temporal group)."""
+
+    @abstractmethod
+    def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits `[length, vocab]` (float32) of one encoded sample; `vision`, when given, replaces
+        the sample's vision features (to score another model's vision path through this one's LLM)."""
+
+    @abstractmethod
+    def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
+        """Greedy continuation of an encoded prompt, up to and including a terminator token (`vision` as in
+        `logits`)."""
+
+    @abstractmethod
+    def time_vision(self, data: dict[str, Any]) -> float:
+        """Seconds of one vision-path run (tower + resampler, every slice of the sample's images)."""
+
+    @abstractmethod
+    def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
+        """Seconds of one prefill over the prompt's tokens with the vision features given (the LLM part only)."""
+
+    @abstractmethod
+    def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
+        """Seconds of `tokens` single-token decode steps after a prefill of the prompt (the prefill not counted)."""

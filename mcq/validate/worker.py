@@ -1,0 +1,220 @@
+"""One validation run in a fresh process: `python -m mcq.validate.worker JOB.json RESULT.json`.
+
+A fresh process per variant makes the memory readings the variant's own (nothing loaded before it, nothing
+shared with the reference) and keeps a variant that crashes its runtime from taking the others down. The job
+says which role the process plays:
+
+- `reference`: load the reference, measure it like any variant, and write what variants are scored against
+  (answer-token logits, vision outputs, greedy answers) to `reference.safetensors`;
+- `variant`: load a variant, measure it, score it against those, and keep its vision outputs for the next role;
+- `vision_path`: load the reference once more and score, for each variant, the reference's LLM fed with that
+  variant's vision outputs (the KL the vision path alone causes).
+
+Order inside a variant run: encode the eval set, load (peak RSS of loading), generate and time (peak RSS of
+generating), then the teacher-forced passes, whose memory is not reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mcq.errors import McqError
+from mcq.models.loading import load_processor, model_spec
+
+from .accuracy import slice_cosines, token_kl
+from .evalset import EvalItem, encode_items, eval_samples
+from .probes import measure, peak_device_memory, peak_rss, reset_peak_device_memory, reset_peak_rss
+from .runners import runner_class
+from .runners.base import Runner
+
+REFERENCE_FILE = "reference.safetensors"
+
+
+def _continued(data: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
+    """An encoded prompt followed by `tokens` (the image placeholders stay where they are)."""
+    extra = torch.tensor([tokens], dtype=data["input_ids"].dtype)
+    out = dict(data)
+    out["input_ids"] = torch.cat([data["input_ids"], extra], dim=1)
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    out.pop("answer_mask", None)
+    return out
+
+
+def _answer_positions(item: EvalItem) -> torch.Tensor:
+    """Positions t whose logits predict an answer token (t + 1 is in the answer)."""
+    return item.scored["answer_mask"][0, 1:].nonzero().flatten()
+
+
+def _prompt(item: EvalItem) -> dict[str, Any]:
+    return item.prompt if item.prompt is not None else item.scored
+
+
+def _continuation_nll(runner: Runner, item: EvalItem, tokens: list[int], vision: torch.Tensor | None) -> torch.Tensor:
+    """Negative log-likelihood of each of `tokens` after the item's prompt."""
+    prompt = _prompt(item)
+    logits = runner.logits(_continued(prompt, tokens), vision=vision)
+    start = prompt["input_ids"].shape[1]
+    log_probs = torch.log_softmax(logits[start - 1: start - 1 + len(tokens)], dim=-1)
+    return -log_probs.gather(1, torch.tensor(tokens)[:, None]).flatten()
+
+
+def _latency(runner: Runner, items: list[EvalItem], job: dict[str, Any]) -> dict[str, dict]:
+    """Warm-up then timed runs, on the first eval sample with an image (the first sample when none has one)."""
+    settings = job["latency"]
+    item = next((i for i in items if i.has_vision), items[0])
+    prompt = _prompt(item)
+    spread: dict[str, dict] = {}
+    vision = runner.vision(prompt) if item.has_vision else None   # prefill and decode are timed without it
+    if item.has_vision:
+        timed = measure(lambda: runner.time_vision(prompt), warmup=settings["warmup"], runs=settings["runs"])
+        images = max(len(item.sample.images), 1)
+        spread["vision_ms"] = {k: (v * 1000 / images if k != "runs" else v) for k, v in timed.items()}
+    prefill = measure(lambda: runner.time_prefill(prompt, vision), warmup=settings["warmup"], runs=settings["runs"])
+    tokens = prompt["input_ids"].shape[1]
+    # Throughputs: the median run's rate; the fastest run gives the max rate and the slowest the min.
+    spread["prefill_tok_s"] = {"median": tokens / prefill["median"], "min": tokens / prefill["max"],
+                               "max": tokens / prefill["min"], "runs": prefill["runs"]}
+    steps = settings["decode_tokens"]
+    decode = measure(lambda: runner.time_decode(prompt, steps, vision), warmup=settings["warmup"], runs=settings["runs"])
+    spread["decode_tok_s"] = {"median": steps / decode["median"], "min": steps / decode["max"],
+                              "max": steps / decode["min"], "runs": decode["runs"]}
+    return spread
+
+
+def _measure_and_generate(job: dict[str, Any], items: list[EvalItem]) -> tuple[Runner, dict[str, Any]]:
+    device = torch.device(job["device"])
+    reset_peak_rss()
+    reset_peak_device_memory(device)
+    runner = runner_class(job["format"])(job["path"], device, job["dtype"])
+    memory = {"peak_rss_load": peak_rss(), "peak_device_memory": peak_device_memory(device)}
+    reset_peak_rss()
+    spread = _latency(runner, items, job)
+    # Each sample's vision output, computed once: the prompt and the scored conversation hold the same images,
+    # and every later pass (generation, teacher forcing) is given it instead of encoding the images again.
+    visions = [runner.vision(item.scored) if item.has_vision else None for item in items]
+    generated = [runner.generate(_prompt(item), job["max_new_tokens"], vision=vision)
+                 for item, vision in zip(items, visions)]
+    memory["peak_rss_generate"] = peak_rss()
+    device_peak = peak_device_memory(device)
+    if device_peak is not None:
+        memory["peak_device_memory"] = max(memory["peak_device_memory"], device_peak)
+    return runner, {"memory": memory, "spread": spread, "generated": generated, "visions": visions}
+
+
+def _score(runner: Runner, items: list[EvalItem], reference: Path, generated: list[list[int]],
+           visions: list[torch.Tensor | None], keep_vision: Path | None) -> dict[str, Any]:
+    """Accuracy of the loaded runner against the reference's stored outputs."""
+    kls, agree, cosines, by_kind, nll, vision_out = [], [], [], {}, [], {}
+    gen_agreement, gen_exact = [], []
+    with safe_open(reference, "pt") as stored:
+        for index, item in enumerate(items):
+            positions = _answer_positions(item)
+            if len(positions):
+                ref_logits = stored.get_tensor(f"logits.{index}")
+                logits = runner.logits(item.scored, vision=visions[index])[positions]
+                kl = token_kl(ref_logits, logits)
+                kls.append(kl)
+                by_kind.setdefault(item.sample.kind, []).append(kl)
+                agree.append((ref_logits.argmax(-1) == logits.argmax(-1)).float())
+            if item.has_vision:
+                cosines.append(slice_cosines(stored.get_tensor(f"vision.{index}"), visions[index]))
+                vision_out[f"vision.{index}"] = visions[index].contiguous()
+            reference_answer = stored.get_tensor(f"generated.{index}").tolist()
+            if reference_answer:
+                nll.append(_continuation_nll(runner, item, reference_answer, visions[index]))
+                common = next((i for i, (a, b) in enumerate(zip(reference_answer, generated[index])) if a != b),
+                              min(len(reference_answer), len(generated[index])))
+                gen_agreement.append(common / len(reference_answer))
+            gen_exact.append(float(reference_answer == generated[index]))
+    if keep_vision is not None and vision_out:
+        save_file(vision_out, str(keep_vision))
+    kl = torch.cat(kls) if kls else None
+    return {
+        "kl_mean": kl.mean().item() if kl is not None else None,
+        "kl_p99": torch.quantile(kl, 0.99).item() if kl is not None else None,
+        "top1_agreement": torch.cat(agree).mean().item() if agree else None,
+        "ppl": math.exp(torch.cat(nll).mean().item()) if nll else None,
+        "vision_cosine": torch.cat(cosines).mean().item() if cosines else None,
+        "gen_token_agreement": sum(gen_agreement) / len(gen_agreement) if gen_agreement else None,
+        "gen_exact_match": sum(gen_exact) / len(gen_exact) if gen_exact else None,
+        "kl_by_kind": {kind: torch.cat(values).mean().item() for kind, values in sorted(by_kind.items())},
+    }
+
+
+def _write_reference(runner: Runner, items: list[EvalItem], generated: list[list[int]],
+                     visions: list[torch.Tensor | None], out: Path) -> None:
+    tensors = {}
+    for index, item in enumerate(items):
+        positions = _answer_positions(item)
+        if len(positions):
+            # Raw logits, not log-probabilities: renormalizing stored log-probs would put a rounding-size KL
+            # (~1e-8) between the reference and itself.
+            tensors[f"logits.{index}"] = runner.logits(item.scored, vision=visions[index])[positions].contiguous()
+        if item.has_vision:
+            tensors[f"vision.{index}"] = visions[index].contiguous()
+        tensors[f"generated.{index}"] = torch.tensor(generated[index], dtype=torch.long)
+    save_file(tensors, str(out))
+
+
+def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
+    """KL of the reference LLM fed each variant's vision outputs, averaged over all answer tokens of the eval set,
+    the same tokens as `kl_mean`. Samples without images are not run: their inputs are the reference's own, so
+    their KL is exactly 0."""
+    runner = runner_class(job["format"])(job["path"], torch.device(job["device"]), job["dtype"])
+    reference = Path(job["artifacts"]) / REFERENCE_FILE
+    total_tokens = sum(len(_answer_positions(item)) for item in items)
+    results = {}
+    with safe_open(reference, "pt") as stored:
+        for name, file in job["vision_files"].items():
+            kl_sum = 0.0
+            with safe_open(file, "pt") as variant:
+                for index, item in enumerate(items):
+                    positions = _answer_positions(item)
+                    if not item.has_vision or not len(positions):
+                        continue
+                    logits = runner.logits(item.scored, vision=variant.get_tensor(f"vision.{index}"))[positions]
+                    kl_sum += token_kl(stored.get_tensor(f"logits.{index}"), logits).sum().item()
+            results[name] = kl_sum / total_tokens if total_tokens else None
+    return {"kl_vision_path": results}
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    torch.manual_seed(job["seed"])
+    reference_path = job["reference"]
+    processor = load_processor(reference_path)
+    _, _, spec = model_spec(reference_path)
+    samples = eval_samples(job["eval"]["source"], job["eval"]["num_samples"], job["seed"])
+    items = encode_items(processor, spec, samples, job["eval"]["max_slice_nums"])
+    if job["role"] == "vision_path":
+        return _vision_path(job, items)
+    runner, measured = _measure_and_generate(job, items)
+    artifacts = Path(job["artifacts"])
+    if job["role"] == "reference":
+        _write_reference(runner, items, measured["generated"], measured["visions"], artifacts / REFERENCE_FILE)
+    keep = artifacts / f"vision-{job['index']}.safetensors" if job["role"] == "variant" else None
+    scores = _score(runner, items, artifacts / REFERENCE_FILE, measured["generated"], measured["visions"], keep)
+    return {"memory": measured["memory"], "spread": measured["spread"], "scores": scores,
+            "vision_file": str(keep) if keep is not None and keep.exists() else None}
+
+
+def main(argv: list[str]) -> int:
+    job_file, result_file = map(Path, argv)
+    try:
+        result = run(json.loads(job_file.read_text()))
+    except McqError as err:   # the variant cannot be run (e.g. its files are broken): the parent reports the line
+        print(err, file=sys.stderr)
+        return 1
+    result_file.write_text(json.dumps(result, allow_nan=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
