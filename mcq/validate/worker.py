@@ -57,7 +57,8 @@ def _prompt(item: EvalItem) -> dict[str, Any]:
     return item.prompt if item.prompt is not None else item.scored
 
 
-def _continuation_nll(runner: Runner, item: EvalItem, tokens: list[int], vision: torch.Tensor | None) -> torch.Tensor:
+def _continuation_nll(runner: Runner, item: EvalItem, tokens: list[int],
+                      vision: torch.Tensor | None) -> torch.Tensor:
     """Negative log-likelihood of each of `tokens` after the item's prompt."""
     prompt = _prompt(item)
     logits = runner.logits(_continued(prompt, tokens), vision=vision)
@@ -72,7 +73,8 @@ def _latency(runner: Runner, items: list[EvalItem], job: dict[str, Any]) -> dict
     item = next((i for i in items if i.has_vision), items[0])
     prompt = _prompt(item)
     spread: dict[str, dict] = {}
-    vision = runner.vision(prompt) if item.has_vision else None   # prefill and decode are timed without it
+    # Encoded once and handed to prefill and decode, so that those two time the LLM alone.
+    vision = runner.vision(prompt) if item.has_vision else None
     if item.has_vision:
         timed = measure(lambda: runner.time_vision(prompt), warmup=settings["warmup"], runs=settings["runs"])
         images = max(len(item.sample.images), 1)
@@ -83,7 +85,8 @@ def _latency(runner: Runner, items: list[EvalItem], job: dict[str, Any]) -> dict
     spread["prefill_tok_s"] = {"median": tokens / prefill["median"], "min": tokens / prefill["max"],
                                "max": tokens / prefill["min"], "runs": prefill["runs"]}
     steps = settings["decode_tokens"]
-    decode = measure(lambda: runner.time_decode(prompt, steps, vision), warmup=settings["warmup"], runs=settings["runs"])
+    decode = measure(lambda: runner.time_decode(prompt, steps, vision), warmup=settings["warmup"],
+                     runs=settings["runs"])
     spread["decode_tok_s"] = {"median": steps / decode["median"], "min": steps / decode["max"],
                               "max": steps / decode["min"], "runs": decode["runs"]}
     return spread

@@ -19,7 +19,7 @@ def detect_format(path: str | Path) -> tuple[str, type[Runner]]:
     if not text.startswith("tiny:") and not Path(text).exists():
         raise McqError(f"variant {text} does not exist")
     for runner in RUNNERS:
-        found = runner.detect(Path(text) if not text.startswith("tiny:") else text)
+        found = runner.detect(text)
         if found:
             return found, runner
     supported = ", ".join(f for runner in RUNNERS for f in runner.formats)

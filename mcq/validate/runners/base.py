@@ -23,21 +23,21 @@ class Runner(ABC):
 
     @classmethod
     @abstractmethod
-    def detect(cls, path: Path) -> str | None:
+    def detect(cls, path: str | Path) -> str | None:
         """The format of `path` if this runner serves it, else None. Reads metadata only (no weights)."""
 
     @classmethod
     @abstractmethod
-    def describe(cls, path: Path) -> dict[str, Any]:
+    def describe(cls, path: str | Path) -> dict[str, Any]:
         """Identity of the model behind `path` (version, widths, vocabulary) to check it against the reference."""
 
     @classmethod
     @abstractmethod
-    def weight_bytes(cls, path: Path) -> dict[str, int]:
+    def weight_bytes(cls, path: str | Path) -> dict[str, int]:
         """Bytes on disk per component (llm / vision / resampler / other) of the variant's weights."""
 
     @abstractmethod
-    def __init__(self, path: Path, device: torch.device, dtype: str):
+    def __init__(self, path: str | Path, device: torch.device, dtype: str):
         """Load the variant (the worker measures this call's peak memory)."""
 
     @abstractmethod

@@ -39,9 +39,9 @@ class TransformersRunner(Runner):
     formats = ("bf16", "float16", "float32", *_QUANT_FORMATS.values())
 
     @classmethod
-    def detect(cls, path: Path) -> str | None:
-        if not (Path(path) / "config.json").is_file() and not str(path).startswith("tiny:"):
-            return None
+    def detect(cls, path: str | Path) -> str | None:
+        if not str(path).startswith("tiny:") and not (Path(path) / "config.json").is_file():
+            return None   # not a Hugging Face checkpoint directory: another runner's format, or none
         config = read_config(resolve_model_path(path))
         quantization = config.get("quantization_config")
         if quantization:
@@ -50,7 +50,7 @@ class TransformersRunner(Runner):
         return {"bfloat16": "bf16"}.get(stored, stored)
 
     @classmethod
-    def describe(cls, path: Path) -> dict[str, Any]:
+    def describe(cls, path: str | Path) -> dict[str, Any]:
         _, config, spec = model_spec(path)
         return {"version": spec.version, "hidden_size": config.hidden_size,
                 "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
@@ -58,10 +58,10 @@ class TransformersRunner(Runner):
                 "vision_layers": config.vision_config.num_hidden_layers, "query_num": config.query_num}
 
     @classmethod
-    def weight_bytes(cls, path: Path) -> dict[str, int]:
+    def weight_bytes(cls, path: str | Path) -> dict[str, int]:
         return safetensors_component_bytes(resolve_model_path(path))
 
-    def __init__(self, path: Path, device: torch.device, dtype: str):
+    def __init__(self, path: str | Path, device: torch.device, dtype: str):
         self.device = torch.device(device)
         self.tokenizer = load_processor(path).tokenizer
         self.model = load_model(path, dtype=dtype, device=str(self.device))
@@ -81,8 +81,9 @@ class TransformersRunner(Runner):
 
     @torch.inference_mode()
     def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
-        output = self.model.generate(**self._with_vision(data, vision), tokenizer=self.tokenizer, max_new_tokens=max_new_tokens,
-                                     do_sample=False, num_beams=1, repetition_penalty=1.0)
+        output = self.model.generate(**self._with_vision(data, vision), tokenizer=self.tokenizer,
+                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     repetition_penalty=1.0)
         tokens = output[0].tolist()
         for end, token in enumerate(tokens):
             if token in self.terminators:
