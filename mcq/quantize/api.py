@@ -81,6 +81,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
                                 device: str, progress: bool) -> list[str]:
     from tqdm import tqdm
 
+    from mcq.models.family import PADDABLE_INPUTS, component_of, pad_intermediate
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
 
     from .llmc import LlmCompressorBlockQuantizer
@@ -95,14 +96,30 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     blocks = [name for name, _ in named_blocks(model)]
     bar = tqdm(total=len(blocks), desc=f"{plan.recipe.method} {plan.recipe.name}", unit="block", disable=not progress)
 
+    widths = plan.padded_widths()
+
+    def quantize_block(name: str, block: torch.nn.Module, calls) -> None:
+        # `pad`: the block's MLP grows to the padded width before calibration (exact, so its outputs, and every
+        # later block's inputs, are unchanged); the checkpoint is written at that width.
+        component = component_of(name + ".")
+        if component in widths:
+            pad_intermediate(block, component, widths[component])
+        quantizer.quantize(name, block, calls)
+
     def emit(name: str, block: torch.nn.Module) -> None:
         writer.add_block(name, block, quantizer.packed_tensors(name, block))
         bar.update(1)
 
     driver = SequentialDriver(model, reader, samples, torch.float32, device)
-    driver.run(BlockHandler(quantizer.quantize, emit), progress=lambda name: bar.set_postfix_str(name))
+    driver.run(BlockHandler(quantize_block, emit), progress=lambda name: bar.set_postfix_str(name))
     bar.close()
     stored_config = json.loads((path / "config.json").read_text())
+    for component, width in widths.items():
+        *parents, key = PADDABLE_INPUTS[component][2]
+        section = stored_config
+        for parent in parents:
+            section = section[parent]
+        section[key] = width
     args = plan.recipe.method_args
     stored_config["quantization_config"] = quantization_config(
         plan, scale_dtype=source_dtype,
@@ -146,13 +163,6 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     skeleton = meta_skeleton(config)
     check_layout(path, skeleton, stored_tensors(path))
     plan = plan_quantization(chosen, linear_layers(skeleton))
-    padded = [layer.name for layer in plan.quantized() if layer.scheme.partial_last_group]
-    if padded and chosen.method != "bnb":
-        # compressed-tensors packs whole groups only (a shorter last group fails inside its packer), and no runtime
-        # reads such a layout; zero-padding the producer (fc1 rows) is the way to do it, and is not built yet.
-        raise McqError(f"non_divisible: pad is not supported for {chosen.method} (compressed-tensors packs whole "
-                       f"groups): {', '.join(padded[:3])}{' ...' if len(padded) > 3 else ''}; use fallback_group, "
-                       "per_channel or skip")
     out = Path(out)
     check_output(out, force, source=path)
     torch.manual_seed(seed)

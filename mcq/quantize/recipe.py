@@ -431,16 +431,12 @@ class LayerScheme:
     bits: int
     group_size: int | None  # None = per output channel (also bnb, whose blocks run over the flattened weight)
     symmetric: bool
-    # The `pad` policy: groups of group_size with a shorter last one, numerically the same as zero-padding the
-    # input columns to the next multiple (the engine implements it).
-    partial_last_group: bool = False
 
     def _sort_key(self) -> tuple:
-        return self.bits, self.group_size or 0, self.symmetric, self.partial_last_group
+        return self.bits, self.group_size or 0, self.symmetric
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "partial_last_group": self.partial_last_group}
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
 
 @dataclass(frozen=True)
@@ -453,11 +449,12 @@ class LayerPlan:
     reason: str  # why, for people: "rule 1 (^llm\.)", "ignored (lm_head)", "no rule matches", ...
     fallback: bool  # a non_divisible policy changed this layer
     rule: int | None = None  # the index of the rule that decided it (None: ignored or no rule matches)
+    pad_to: int | None = None  # `pad`: the input width after zero-padding (the component's new intermediate size)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "component": self.component, "in_features": self.in_features,
                 "out_features": self.out_features, "scheme": self.scheme.to_dict() if self.scheme else None,
-                "reason": self.reason, "fallback": self.fallback, "rule": self.rule}
+                "reason": self.reason, "fallback": self.fallback, "rule": self.rule, "pad_to": self.pad_to}
 
 
 @dataclass(frozen=True)
@@ -467,6 +464,14 @@ class QuantPlan:
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
+
+    def padded_widths(self) -> dict[str, int]:
+        """Component → intermediate width after `pad` (components with no padded layer are absent)."""
+        widths: dict[str, int] = {}
+        for layer in self.layers:
+            if layer.pad_to is not None:
+                widths[layer.component] = max(widths.get(layer.component, 0), layer.pad_to)
+        return widths
 
     def kept(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is None]
@@ -490,8 +495,8 @@ class QuantPlan:
         } for component in order}
 
     def schemes(self) -> dict[LayerScheme, list[str]]:
-        """Quantized layer names per scheme, schemes sorted by (bits, group size with per-channel first, symmetric,
-        partial last group) and names in model order."""
+        """Quantized layer names per scheme, schemes sorted by (bits, group size with per-channel first, symmetric)
+        and names in model order."""
         grouped: dict[LayerScheme, list[str]] = {}
         for layer in self.quantized():
             grouped.setdefault(layer.scheme, []).append(layer.name)
@@ -559,11 +564,11 @@ def _plan_layer(recipe: Recipe, info: LinearInfo) -> LayerPlan | None:
     if rule is None:
         return _kept(info, "no rule matches")
 
-    def quantized(group_size: int | None, reason: str = "", *, partial: bool = False) -> LayerPlan:
-        scheme = LayerScheme(rule.bits, group_size, rule.symmetric, partial)
+    def quantized(group_size: int | None, reason: str = "", *, pad_to: int | None = None) -> LayerPlan:
+        scheme = LayerScheme(rule.bits, group_size, rule.symmetric)
         text = rule.describe() + (f", {reason}" if reason else "")
         return LayerPlan(info.name, info.component, info.in_features, info.out_features, scheme, text,
-                         bool(reason), rule.index)
+                         bool(reason), rule.index, pad_to)
 
     fan_in, group = info.in_features, rule.group_size
     if recipe.method == "bnb":  # blocks over the flattened weight: no divisibility constraint
@@ -580,8 +585,13 @@ def _plan_layer(recipe: Recipe, info: LinearInfo) -> LayerPlan | None:
         return quantized(None, f"group {group} → per channel: no power-of-two group >= {MIN_FALLBACK_GROUP} "
                                f"divides {fan_in}")
     if policy == "pad":
-        return quantized(group, f"group {group} with a partial last group: {fan_in} = {fan_in // group} × {group} "
-                                f"+ {fan_in % group}", partial=True)
+        from mcq.models.family import paddable
+
+        if not paddable(info.name, info.component):
+            return None   # refused: only a Linear fed by another Linear through 0-preserving elementwise ops can grow
+        width = -(-fan_in // group) * group
+        return quantized(group, f"group {group}, inputs zero-padded {fan_in} → {width} (with the rows that feed "
+                                "them; exact)", pad_to=width)
     if policy == "per_channel":
         return quantized(None, f"group {group} → per channel: {fan_in} not divisible by {group}")
     if policy == "skip":
@@ -591,13 +601,20 @@ def _plan_layer(recipe: Recipe, info: LinearInfo) -> LayerPlan | None:
 
 
 def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
-    parts = []
+    from mcq.models.family import PADDABLE_INPUTS
+
+    parts, policies = [], set()
     for info in refused:
         rule = next(r for r in recipe.rules if r.pattern.matches(info.name))
+        policies.add(rule.non_divisible)
         sizes = dividing_groups(info.in_features, rule.group_size)
-        parts.append(f"{info.name} (in_features {info.in_features}, {rule.describe()} group {rule.group_size}; "
-                     + (f"groups that divide it: {', '.join(map(str, sizes))}" if sizes else
-                        "no power-of-two group divides it: use per_channel")
-                     + ")")
-    return (f"recipe {recipe.name}: non_divisible is 'error' and the group size does not divide the input width "
-            f"of {len(refused)} Linear(s): {'; '.join(parts)}")
+        if rule.non_divisible == "pad":
+            why = "pad grows only an MLP's intermediate width (" + ", ".join(
+                consumer for consumer, _, _ in PADDABLE_INPUTS.values()) + ")"
+        elif sizes:
+            why = f"groups that divide it: {', '.join(map(str, sizes))}"
+        else:
+            why = "no power-of-two group divides it: use per_channel"
+        parts.append(f"{info.name} (in_features {info.in_features}, {rule.describe()} group {rule.group_size}; {why})")
+    return (f"recipe {recipe.name}: non_divisible is {' / '.join(repr(p) for p in sorted(policies))} and the group "
+            f"size does not divide the input width of {len(refused)} Linear(s): {'; '.join(parts)}")

@@ -168,10 +168,39 @@ def test_bad_input_is_one_line_exit_2(tiny45, tmp_path, capsys):
                  "--calib", str(empty)]) == 2
     assert capsys.readouterr().err.startswith("mcq: error:")
     assert not (tmp_path / "z").exists()
+
+
+def test_pad_grows_the_vision_mlp_exactly_and_quantizes_it_with_the_full_group(tiny45, tmp_path):
+    from mcq.models.family import pad_intermediate
+
+    reference = load_model(tiny45, dtype="float32")
+    layer = reference.vpm.encoder.layers[0]
+    hidden = torch.randn(2, 10, 128)
+    before = layer.mlp(hidden)
+    pad_intermediate(layer, "vision", 512)
+    assert layer.mlp.fc1.out_features == layer.mlp.fc2.in_features == 512
+    assert torch.allclose(layer.mlp(hidden), before, atol=1e-6)
+    decoder = reference.llm.model.layers[0]          # SiLU(gate) * up → down_proj: padded the same way
+    hidden = torch.randn(2, 10, 256)
+    before, width = decoder.mlp(hidden), decoder.mlp.down_proj.in_features + 128
+    pad_intermediate(decoder, "llm", width)
+    assert decoder.mlp.gate_proj.out_features == decoder.mlp.up_proj.out_features == width
+    assert torch.allclose(decoder.mlp(hidden), before, atol=1e-6)
+
     recipe = tmp_path / "pad.yaml"
-    recipe.write_text("method: rtn\nrules:\n  - {match: '^vpm\\.', bits: 4, non_divisible: pad}\n")
-    assert main(["quantize", "--recipe", str(recipe), "--model", str(tiny45), "--out", str(tmp_path / "p")]) == 2
-    assert "pad is not supported" in capsys.readouterr().err
+    recipe.write_text("method: gptq\nrules:\n  - {match: '^vpm\\.', bits: 4, group_size: 128, non_divisible: pad}\n")
+    out = Path(quantize(tiny45, tmp_path / "p", recipe=str(recipe), num_samples=4, progress=False).out)
+    assert json.loads((out / "config.json").read_text())["vision_config"]["intermediate_size"] == 512
+    with safe_open(next(out.glob("*.safetensors")), "pt") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    assert shapes["vpm.encoder.layers.0.mlp.fc2.weight_scale"] == [128, 4]       # 512 / 128 groups, not 464 / 16
+    assert shapes["vpm.encoder.layers.0.mlp.fc1.bias"] == [512]
+    variant = load_model(out, dtype="float32")
+    source = load_model(tiny45, dtype="float32").vpm.encoder.layers[0].mlp.fc2.weight
+    fc2 = variant.vpm.encoder.layers[0].mlp.fc2.weight
+    assert torch.equal(fc2[:, 464:], torch.zeros(128, 48))
+    assert 0 < (fc2[:, :464] - source).norm() / source.norm() < 0.15
+    assert isinstance(_answer(out), str)
 
 
 def test_an_already_quantized_checkpoint_is_refused(tiny45, tmp_path):

@@ -173,13 +173,20 @@ def test_fallback_group_takes_the_largest_power_of_two_that_divides():
     assert dividing_groups(4096, 64) == [8, 16, 32, 64] and dividing_groups(4100, 128) == []
 
 
-def test_pad_keeps_the_group_with_a_partial_last_group():
+def test_pad_keeps_the_group_and_grows_the_mlp_width():
     plan = plan_quantization(_recipe("pad"), REAL_45)
     fc2 = plan.layer(FC2[0])
-    assert fc2.scheme == LayerScheme(4, 128, False, partial_last_group=True) and fc2.fallback
-    assert fc2.reason.endswith("group 128 with a partial last group: 4304 = 33 × 128 + 80")
-    assert plan.layer("vpm.encoder.layers.0.mlp.fc1").scheme.partial_last_group is False
-    assert list(plan.schemes()) == [LayerScheme(4, 128, False), LayerScheme(4, 128, False, True)]
+    assert fc2.scheme == LayerScheme(4, 128, False) and fc2.fallback and fc2.pad_to == 4352
+    assert fc2.reason.endswith("group 128, inputs zero-padded 4304 → 4352 (with the rows that feed them; exact)")
+    assert plan.layer("vpm.encoder.layers.0.mlp.fc1").pad_to is None
+    assert plan.padded_widths() == {"vision": 4352}
+    assert list(plan.schemes()) == [LayerScheme(4, 128, False)]
+
+
+def test_pad_refuses_a_layer_whose_input_width_cannot_grow():
+    # group 256 divides neither SigLIP's hidden width (1152, fed by a norm) nor 4304: only fc2 can be padded.
+    with pytest.raises(McqError, match=r"'pad'.*self_attn\.q_proj \(in_features 1152.*pad grows only an MLP"):
+        plan_quantization(_recipe("pad", group_size=256), REAL_45)
 
 
 def test_per_channel_policy():
@@ -265,7 +272,7 @@ def test_a_recipe_that_quantizes_nothing_is_an_error():
 def test_plan_to_dict_is_json():
     data = json.loads(json.dumps(plan_quantization(_recipe("pad"), REAL_45).to_dict()))
     fc2 = next(l for l in data["layers"] if l["name"] == FC2[0])
-    assert fc2["scheme"] == {"bits": 4, "group_size": 128, "symmetric": False, "partial_last_group": True}
+    assert fc2["scheme"] == {"bits": 4, "group_size": 128, "symmetric": False} and fc2["pad_to"] == 4352
     assert data["summary"]["vision"]["fallbacks"] == 2 and data["method"] == "rtn"
 
 

@@ -176,5 +176,4 @@ class CompressedTensorsWriter:
 
 def scheme_summary(scheme: LayerScheme) -> str:
     group = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
-    return f"int{scheme.bits} {group} {'sym' if scheme.symmetric else 'asym'}" + \
-        (" (short last group)" if scheme.partial_last_group else "")
+    return f"int{scheme.bits} {group} {'sym' if scheme.symmetric else 'asym'}"
