@@ -185,9 +185,10 @@ def _any_of(expressions: tuple[str, ...]) -> str:
 
 
 def _variants_section(variants: list[dict]) -> Section:
-    rows = tuple((v["name"], v["path"], v.get("format") or MISSING, v.get("recipe") or MISSING, v["status"])
-                 for v in variants)
-    return Section("Variants", (Table(("variant", "path", "format", "recipe", "status"), rows, (False,) * 5),))
+    rows = tuple((v["name"], v["path"], v.get("format") or MISSING, v.get("runtime") or MISSING,
+                  v.get("recipe") or MISSING, v["status"]) for v in variants)
+    return Section("Variants", (Table(("variant", "path", "format", "runtime", "recipe", "status"), rows,
+                                      (False,) * 6),))
 
 
 def _metric_section(group: str, title: str, ok: list[dict]) -> Section:

@@ -223,7 +223,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
                 raise McqError(f"the reference {reference} failed to run: {error}")
             size, components = _sizes(target, params)
             row = {"name": target.name, "path": target.path, "format": target.format,
-                   "status": "ok" if result is not None else "failed", "error": error,
+                   "runtime": target.runner.runtime(target.format), "status": "ok" if result is not None else "failed", "error": error,
                    "recipe": _recipe_of(target.path) if role == "variant" else None,
                    "metrics": {key: None for key in METRICS}, "spread": {}, "components": components,
                    "kl_by_kind": {}, "kl_vision_path": None, "thresholds": []}

@@ -11,7 +11,7 @@ One JSON object per validation run::
       "versions": {package: version},
       "seconds": wall time of the run,
       "variants": [                      # the reference first, as a variant of itself (KL 0 by construction)
-        {"name", "path", "format", "status": "ok" | "failed", "error": str | None,
+        {"name", "path", "format", "runtime", "status": "ok" | "failed", "error": str | None,
          "recipe": str | None,           # from the variant's mcq-manifest.json, when it has one
          "metrics": {key: number | None for key in METRICS},
          "spread": {latency key: {"median", "min", "max", "runs"}},

@@ -145,8 +145,13 @@ def _variant_named(data: dict, name: str) -> dict:
 # -- content -------------------------------------------------------------------------------------------------------
 
 def test_tables_hold_formatted_values(tmp_path):
-    result, md, _ = _report(tmp_path, results_data())
+    data = results_data()
+    data["variants"][2]["runtime"] = "transformers 5.17.0, compressed-tensors 0.19.0 (dequantized at load)"
+    result, md, _ = _report(tmp_path, data)
     assert set(os.listdir(result.out)) == {"report.md", "report.html", "results.json"}
+    runtimes = {row["variant"]: row["runtime"] for row in md_table(md, "Variants")}
+    assert runtimes[data["variants"][2]["name"]] == "transformers 5.17.0, compressed-tensors 0.19.0 (dequantized " \
+        "at load)" and runtimes[data["variants"][1]["name"]] == "–"
 
     accuracy = md_table(md, "Accuracy")
     assert [r["variant"] for r in accuracy] == ["MiniCPM-V-4_5 (bf16)", "rtn-w8", "awq-w4g128", "gptq-w4g128",

@@ -79,6 +79,7 @@ def test_ranks_bf16_int8_calibrated_w4_rtn_w4_by_mean_kl(validated):
         assert rows[name]["kl_vision_path"] is not None
     # The vision path alone: RTN's vision tower costs more than GPTQ's.
     assert rows["rtn"]["kl_vision_path"] > rows["gptq"]["kl_vision_path"]
+    assert rows["awq"]["runtime"].startswith("transformers ") and "dequantized at load" in rows["awq"]["runtime"]
     assert rows[REFERENCE]["metrics"]["ppl_delta"] == 0.0
     assert rows[REFERENCE]["metrics"]["gen_exact_match"] == 1.0
 

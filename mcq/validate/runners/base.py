@@ -28,6 +28,12 @@ class Runner(ABC):
 
     @classmethod
     @abstractmethod
+    def runtime(cls, format_name: str) -> str:
+        """What serves a variant of this format here, with versions (e.g. "llama.cpp b4000 (CPU)"): the reader of
+        a report must know which runtime its memory and latency are of."""
+
+    @classmethod
+    @abstractmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
         """Identity of the model behind `path` (version, widths, vocabulary) to check it against the reference."""
 

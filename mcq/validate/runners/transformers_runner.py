@@ -50,6 +50,17 @@ class TransformersRunner(Runner):
         return {"bfloat16": "bf16"}.get(stored, stored)
 
     @classmethod
+    def runtime(cls, format_name: str) -> str:
+        from importlib.metadata import version
+
+        name = f"transformers {version('transformers')}"
+        if format_name == "compressed-tensors":
+            return f"{name}, compressed-tensors {version('compressed-tensors')} (dequantized at load)"
+        if format_name == "bitsandbytes":
+            return f"{name}, bitsandbytes {version('bitsandbytes')}"
+        return name
+
+    @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
         _, config, spec = model_spec(path)
         return {"version": spec.version, "hidden_size": config.hidden_size,
