@@ -96,6 +96,12 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)   # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return umask
+
+
 def write_file_atomically(out: Path, text: str, force: bool) -> None:
     """Write a single-file output (a results JSON): refused if `out` exists without `force`, written to a hidden
     temporary file beside it and renamed into place, so a reader never sees half a file."""
@@ -113,9 +119,7 @@ def write_file_atomically(out: Path, text: str, force: bool) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes it owner-only; give it a plain open's mode
+        os.chmod(temporary, 0o666 & ~_current_umask())   # mkstemp makes it owner-only; give it a plain open's mode
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -125,8 +129,7 @@ def write_file_atomically(out: Path, text: str, force: bool) -> None:
 def _normalize_permissions(root: Path) -> None:
     """mkdtemp makes the directory owner-only (0700) and some writers (safetensors) leave files 0600; give every
     entry the mode a plain mkdir/open would have under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _current_umask()
     dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
     root.chmod(dir_mode)
     for dirpath, dirnames, filenames in os.walk(root):

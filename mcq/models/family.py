@@ -77,42 +77,48 @@ SMOOTHING_PAIRS = {
 }
 
 
-# Linears whose inputs are another Linear's outputs through an elementwise function that maps 0 to 0 (SigLIP's
-# GELU between fc1 and fc2; SiLU(gate) * up before down_proj): zero rows appended to the producers and zero columns
-# to the consumer leave the block's function exactly unchanged, which is what `non_divisible: pad` relies on to give
-# the consumer an input width its group size divides. Names are relative to the block; the width is the
-# component's `intermediate_size` (config key path in config.json).
+@dataclass(frozen=True)
+class PaddableMlp:
+    """An MLP whose intermediate width can grow with zeros: `consumer`'s inputs are `producers`' outputs through an
+    elementwise function that maps 0 to 0 (SigLIP's GELU between fc1 and fc2; SiLU(gate) * up before down_proj),
+    so zero rows appended to the producers and zero columns to the consumer leave the block's function exactly
+    unchanged. That is what `non_divisible: pad` relies on to give the consumer an input width its group size
+    divides. Names are relative to the block; `config_key` is the path of the width in config.json."""
+
+    consumer: str
+    producers: tuple[str, ...]
+    config_key: tuple[str, ...]
+
+
 PADDABLE_INPUTS = {
-    "vision": ("mlp.fc2", ("mlp.fc1",), ("vision_config", "intermediate_size")),
-    "llm": ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), ("intermediate_size",)),
+    "vision": PaddableMlp("mlp.fc2", ("mlp.fc1",), ("vision_config", "intermediate_size")),
+    "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), ("intermediate_size",)),
 }
 
 
 def paddable(name: str, component: str) -> bool:
     """Whether `name` is a Linear whose input width `pad_intermediate` can grow."""
-    entry = PADDABLE_INPUTS.get(component)
-    return entry is not None and name.endswith("." + entry[0])
+    mlp = PADDABLE_INPUTS.get(component)
+    return mlp is not None and name.endswith("." + mlp.consumer)
+
+
+def _zero_padded(tensor, rows: int = 0, columns: int = 0) -> nn.Parameter:
+    pad = (0, columns) if tensor.dim() == 1 else (0, columns, 0, rows)
+    return nn.Parameter(nn.functional.pad(tensor.data, pad), requires_grad=False)
 
 
 def pad_intermediate(block: nn.Module, component: str, width: int) -> None:
-    """Grow the intermediate width of every MLP in `block` to `width` with zeros (exact: see PADDABLE_INPUTS)."""
-    import torch
-
-    consumer_name, producer_names, _ = PADDABLE_INPUTS[component]
+    """Grow the intermediate width of every MLP in `block` to `width` with zeros (exact: see PaddableMlp)."""
+    mlp = PADDABLE_INPUTS[component]
     for name, module in list(block.named_modules()):
-        if not name.endswith(consumer_name) or not isinstance(module, nn.Linear):
+        if not name.endswith(mlp.consumer) or not isinstance(module, nn.Linear):
             continue
-        parent = name[: -len(consumer_name)]
         extra = width - module.in_features
         if extra <= 0:
             continue
-        module.weight = nn.Parameter(torch.nn.functional.pad(module.weight.data, (0, extra)), requires_grad=False)
-        module.in_features = width
-        for producer_name in producer_names:
-            producer = block.get_submodule(parent + producer_name)
-            producer.weight = nn.Parameter(torch.nn.functional.pad(producer.weight.data, (0, 0, 0, extra)),
-                                           requires_grad=False)
+        module.weight, module.in_features = _zero_padded(module.weight, columns=extra), width
+        for producer_name in mlp.producers:
+            producer = block.get_submodule(name[: -len(mlp.consumer)] + producer_name)
+            producer.weight, producer.out_features = _zero_padded(producer.weight, rows=extra), width
             if producer.bias is not None:
-                producer.bias = nn.Parameter(torch.nn.functional.pad(producer.bias.data, (0, extra)),
-                                             requires_grad=False)
-            producer.out_features = width
+                producer.bias = _zero_padded(producer.bias, columns=extra)

@@ -23,6 +23,19 @@ SUPPORTED_MODEL_TYPES = {"minicpmv": "MiniCPM-V 2.6, 4.0, 4.5"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(device: str) -> None:
+    """A device string that torch parses and that this machine has, or a one-line McqError."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise McqError(f"unknown device {device!r}, which is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise McqError(f"device {device!r} is not available on this machine")
+
+
 def resolve_model_path(model: str | Path) -> Path:
     text = str(model)
     if text.startswith(TINY_PREFIX):

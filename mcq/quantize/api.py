@@ -115,7 +115,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     bar.close()
     stored_config = json.loads((path / "config.json").read_text())
     for component, width in widths.items():
-        *parents, key = PADDABLE_INPUTS[component][2]
+        *parents, key = PADDABLE_INPUTS[component].config_key
         section = stored_config
         for parent in parents:
             section = section[parent]
@@ -140,23 +140,16 @@ def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> Non
                  skip_modules=[layer.name for layer in plan.kept()], device=device)
 
 
-def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise McqError(f"unknown device {device!r}: use cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise McqError("--device cuda was asked for but no CUDA device is available")
-
-
 def quantize(model: str | Path, out: str | Path, *, method: str | None = None, recipe: str | Path | None = None,
              calib: str | None = None, num_samples: int | None = None, max_slice_nums: int | None = None,
              device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True) -> QuantizeResult:
     from mcq.models.family import linear_layers
-    from mcq.models.loading import check_layout, meta_skeleton, model_spec, stored_tensors
+    from mcq.models.loading import check_device, check_layout, meta_skeleton, model_spec, stored_tensors
     from mcq.outputs import check_output, safetensors_component_bytes, staged_output, write_manifest
 
     started = time.perf_counter()
     chosen = resolve_recipe(method, recipe)
-    _check_device(device)
+    check_device(device)
     path, config, spec = model_spec(model)
     if getattr(config, "quantization_config", None):
         raise McqError(f"{path} is already quantized; quantize the original bf16 checkpoint")

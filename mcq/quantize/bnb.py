@@ -158,21 +158,9 @@ def _check_arguments(bits: int, quant_type: str, compute_dtype: str, int8_thresh
     if bits == 8 and (isinstance(int8_threshold, bool) or not isinstance(int8_threshold, (int, float))
                       or not int8_threshold >= 0):
         raise McqError(f"bitsandbytes int8_threshold must be a number >= 0, got {int8_threshold!r}")
-    _check_device(device)
+    from mcq.models.loading import check_device
 
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise McqError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if parsed.type == "cpu":
-        return
-    backend = getattr(torch, parsed.type, None)
-    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise McqError(f"device {device!r} is not available on this machine")
+    check_device(device)
 
 
 def _check_installed() -> None:

@@ -610,7 +610,7 @@ def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
         sizes = dividing_groups(info.in_features, rule.group_size)
         if rule.non_divisible == "pad":
             why = "pad grows only an MLP's intermediate width (" + ", ".join(
-                consumer for consumer, _, _ in PADDABLE_INPUTS.values()) + ")"
+                mlp.consumer for mlp in PADDABLE_INPUTS.values()) + ")"
         elif sizes:
             why = f"groups that divide it: {', '.join(map(str, sizes))}"
         else:

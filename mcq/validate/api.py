@@ -24,7 +24,7 @@ from typing import Any
 
 from mcq.errors import McqError
 from mcq.models.family import COMPONENTS
-from mcq.models.loading import check_safetensors, resolve_model_path, weight_files
+from mcq.models.loading import check_device, check_safetensors, resolve_model_path, weight_files
 from mcq.outputs import MANIFEST_NAME, tool_versions
 
 from .evalset import describe_items, encode_items, eval_samples
@@ -152,18 +152,16 @@ def _run_worker(job: dict[str, Any], workdir: Path, label: str) -> tuple[dict[st
     return None, reason
 
 
-def _metrics(result: dict[str, Any], reference_ppl: float | None, size: int, params: int) -> dict[str, Any]:
-    scores, memory, spread = result["scores"], result["memory"], result["spread"]
-    metrics = {key: None for key in METRICS}
-    metrics.update({key: scores[key] for key in ("kl_mean", "kl_p99", "top1_agreement", "ppl", "vision_cosine",
-                                                 "gen_token_agreement", "gen_exact_match")})
+def _measured(result: dict[str, Any], reference_ppl: float | None) -> dict[str, Any]:
+    """The metrics a worker run measured (accuracy, memory, latency medians)."""
+    scores = result["scores"]
+    measured = {key: scores[key] for key in ("kl_mean", "kl_p99", "top1_agreement", "ppl", "vision_cosine",
+                                             "gen_token_agreement", "gen_exact_match")}
     if scores["ppl"] is not None and reference_ppl is not None:
-        metrics["ppl_delta"] = scores["ppl"] - reference_ppl
-    metrics.update(memory)
-    metrics["bytes"] = size
-    metrics["bits_per_weight"] = 8 * size / params if params else None
-    metrics.update({key: values["median"] for key, values in spread.items()})
-    return metrics
+        measured["ppl_delta"] = scores["ppl"] - reference_ppl
+    measured.update(result["memory"])
+    measured.update({key: values["median"] for key, values in result["spread"].items()})
+    return measured
 
 
 def validate(reference: str | Path, variants: list[str | Path], *, eval_data: str | Path | None = None,
@@ -174,13 +172,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
     """Validate `variants` against `reference`; returns the results object (`mcq.validate.results`)."""
     from mcq.models.loading import load_processor, model_spec
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise McqError(f"unknown device {device!r}; use cpu or cuda")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise McqError("--device cuda was asked for but this torch has no usable CUDA device")
+    check_device(device)
     if dtype == "auto":
         # float32 on CPU: exact arithmetic on bf16 weights (and faster there than emulated bf16 matmuls); bf16 on
         # accelerators, as the variants would be served.
@@ -223,19 +215,19 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
                 raise McqError(f"the reference {reference} failed to run: {error}")
             size, components = _sizes(target, params)
             row = {"name": target.name, "path": target.path, "format": target.format,
-                   "runtime": target.runner.runtime(target.format), "status": "ok" if result is not None else "failed", "error": error,
-                   "recipe": _recipe_of(target.path) if role == "variant" else None,
+                   "runtime": target.runner.runtime(target.format), "status": "ok" if result is not None else "failed",
+                   "error": error, "recipe": _recipe_of(target.path) if role == "variant" else None,
                    "metrics": {key: None for key in METRICS}, "spread": {}, "components": components,
                    "kl_by_kind": {}, "kl_vision_path": None, "thresholds": []}
+            # Sizes are read from the files, so a variant that failed to run still has them.
+            row["metrics"].update(bytes=size, bits_per_weight=8 * size / sum(params.values()))
             if result is not None:
                 if role == "reference":
                     reference_ppl = result["scores"]["ppl"]
-                row["metrics"] = _metrics(result, reference_ppl, size, sum(params.values()))
+                row["metrics"].update(_measured(result, reference_ppl))
                 row["spread"], row["kl_by_kind"] = result["spread"], result["scores"]["kl_by_kind"]
                 if result.get("vision_file"):
                     vision_files[str(index)] = result["vision_file"]
-            else:
-                row["metrics"].update(bytes=size, bits_per_weight=8 * size / sum(params.values()))
             rows.append(row)
         bar.set_postfix_str("vision path")
         if vision_files:

@@ -17,7 +17,7 @@ def detect_format(path: str | Path) -> tuple[str, type[Runner]]:
     """(format, runner class) of a variant path, or a one-line McqError naming what is supported."""
     text = str(path)
     if not text.startswith("tiny:") and not Path(text).exists():
-        raise McqError(f"variant {text} does not exist")
+        raise McqError(f"{text} does not exist")
     for runner in RUNNERS:
         found = runner.detect(text)
         if found:
