@@ -91,6 +91,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
 
 
+# Options that belong to one export format: given with another, they would be silently ignored.
+_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples")}
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    for fmt, options in _EXPORT_OPTIONS.items():
+        given = [name for name in options if getattr(args, name) is not None]
+        if fmt != args.format and given:
+            raise McqError(f"--{given[0].replace('_', '-')} applies to --format {fmt}, not {args.format}")
+    from mcq.export.gguf import export_gguf
+
+    result = export_gguf(args.model, args.out, quant=args.quant or "F16", mmproj_quant=args.mmproj_quant or "F16",
+                         imatrix=args.imatrix or "auto", from_dir=args.from_dir, calib=args.calib,
+                         num_samples=args.num_samples, seed=args.seed, force=args.force)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mcq.outputs import write_file_atomically
     from mcq.validate.api import failed_variants, format_results, parse_threshold, validate
@@ -192,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--force", action="store_true", help="replace an existing output directory")
     quant.add_argument("--json", action="store_true")
     quant.set_defaults(func=cmd_quantize)
+
+    export = sub.add_parser("export", help="export for another runtime: GGUF (llama.cpp / Ollama)")
+    export.add_argument("--format", required=True, choices=["gguf"])
+    export.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
+    export.add_argument("--out", required=True, help="output directory (written atomically)")
+    export.add_argument("--from", dest="from_dir", metavar="QUANT_DIR",
+                        help="take the weights from this `mcq quantize` output of the model (calibration carries "
+                             "into the export)")
+    gguf = export.add_argument_group("gguf")
+    gguf.add_argument("--quant", metavar="TYPE", help="LLM type: F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... "
+                                                      "(default F16)")
+    gguf.add_argument("--mmproj-quant", metavar="TYPE", help="vision tower + resampler type (default F16)")
+    gguf.add_argument("--imatrix", metavar="auto|none|FILE",
+                      help="importance matrix for K-quants and i-quants: auto (default) computes it from the "
+                           "multimodal calibration set; FILE is a safetensors imatrix")
+    gguf.add_argument("--calib", metavar="DATA", help="calibration data for --imatrix auto (default: built-in set)")
+    gguf.add_argument("--num-samples", type=_positive, help="calibration samples for --imatrix auto")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=cmd_export)
 
     recipes = sub.add_parser("recipes", help="list the built-in quantization recipes, or show one")
     recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True, metavar="ACTION")

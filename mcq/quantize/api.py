@@ -59,14 +59,13 @@ def resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
     return loaded
 
 
-def _calibration_samples(path: Path, spec, recipe: Recipe, calib: str | None, num_samples: int | None,
-                         max_slice_nums: int | None, seed: int) -> tuple[list[dict], dict[str, Any]]:
+def calibration_samples(path: Path, spec, calib: str | None, count: int, slices: int,
+                        seed: int) -> tuple[list[dict], dict[str, Any]]:
+    """The calibration set encoded by the checkpoint's processor, and its description for manifests."""
     from mcq.calibration import describe, load_samples
     from mcq.calibration.encode import encode_sample
     from mcq.models.loading import load_processor
 
-    count = num_samples or recipe.calibration.num_samples
-    slices = max_slice_nums or recipe.calibration.max_slice_nums
     samples = load_samples(calib, split="calibration", num_samples=count, seed=seed)
     if not samples:
         raise McqError(f"calibration data {calib or 'builtin'} gave no samples")
@@ -161,7 +160,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     torch.manual_seed(seed)
     samples, calibration = [], {}
     if chosen.method in ("awq", "gptq"):
-        samples, calibration = _calibration_samples(path, spec, chosen, calib, num_samples, max_slice_nums, seed)
+        samples, calibration = calibration_samples(path, spec, calib, num_samples or chosen.calibration.num_samples,
+                                                   max_slice_nums or chosen.calibration.max_slice_nums, seed)
     data_free: list[str] = []
     with staged_output(out, force) as staging:
         if chosen.method == "bnb":

@@ -218,7 +218,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
                    "runtime": target.runner.runtime(target.format), "status": "ok" if result is not None else "failed",
                    "error": error, "recipe": _recipe_of(target.path) if role == "variant" else None,
                    "metrics": {key: None for key in METRICS}, "spread": {}, "components": components,
-                   "kl_by_kind": {}, "kl_vision_path": None, "thresholds": []}
+                   "kl_by_kind": {}, "kl_vision_path": None, "skipped_samples": {}, "thresholds": []}
             # Sizes are read from the files, so a variant that failed to run still has them.
             row["metrics"].update(bytes=size, bits_per_weight=8 * size / sum(params.values()))
             if result is not None:
@@ -226,6 +226,8 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
                     reference_ppl = result["scores"]["ppl"]
                 row["metrics"].update(_measured(result, reference_ppl))
                 row["spread"], row["kl_by_kind"] = result["spread"], result["scores"]["kl_by_kind"]
+                # Samples the variant's runtime cannot run (reason → count): its metrics cover the others.
+                row["skipped_samples"] = result["skipped_samples"]
                 if result.get("vision_file"):
                     vision_files[str(index)] = result["vision_file"]
             rows.append(row)
@@ -302,6 +304,8 @@ def format_results(results: dict[str, Any]) -> str:
         if row["status"] != "ok":
             lines.append(f"  failed: {row['error']}")
             continue
+        for reason, count in row.get("skipped_samples", {}).items():
+            lines.append(f"  not scored on {count} sample(s): {reason}")
         for check in row["thresholds"]:
             if check["passed"] is False:
                 lines.append(f"  threshold missed: {check['expression']} (measured {check['value']})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -112,31 +113,33 @@ def _measure_and_generate(job: dict[str, Any], items: list[EvalItem]) -> tuple[R
     return runner, {"memory": memory, "spread": spread, "generated": generated, "visions": visions}
 
 
-def _score(runner: Runner, items: list[EvalItem], reference: Path, generated: list[list[int]],
+def _score(runner: Runner, items: list[EvalItem], indices: list[int], reference: Path, generated: list[list[int]],
            visions: list[torch.Tensor | None], keep_vision: Path | None) -> dict[str, Any]:
-    """Accuracy of the loaded runner against the reference's stored outputs."""
+    """Accuracy of the loaded runner against the reference's stored outputs; `indices` are the items' places in the
+    evaluation set (the reference's keys)."""
     kls, agree, cosines, by_kind, nll, vision_out = [], [], [], {}, [], {}
     gen_agreement, gen_exact = [], []
     with safe_open(reference, "pt") as stored:
-        for index, item in enumerate(items):
+        for position, (index, item) in enumerate(zip(indices, items)):
             positions = _answer_positions(item)
             if len(positions):
                 ref_logits = stored.get_tensor(f"logits.{index}")
-                logits = runner.logits(item.scored, vision=visions[index])[positions]
+                logits = runner.logits(item.scored, vision=visions[position])[positions]
                 kl = token_kl(ref_logits, logits)
                 kls.append(kl)
                 by_kind.setdefault(item.sample.kind, []).append(kl)
                 agree.append((ref_logits.argmax(-1) == logits.argmax(-1)).float())
             if item.has_vision:
-                cosines.append(slice_cosines(stored.get_tensor(f"vision.{index}"), visions[index]))
-                vision_out[f"vision.{index}"] = visions[index].contiguous()
+                cosines.append(slice_cosines(stored.get_tensor(f"vision.{index}"), visions[position]))
+                vision_out[f"vision.{index}"] = visions[position].contiguous()
             reference_answer = stored.get_tensor(f"generated.{index}").tolist()
+            answer = generated[position]
             if reference_answer:
-                nll.append(_continuation_nll(runner, item, reference_answer, visions[index]))
-                common = next((i for i, (a, b) in enumerate(zip(reference_answer, generated[index])) if a != b),
-                              min(len(reference_answer), len(generated[index])))
+                nll.append(_continuation_nll(runner, item, reference_answer, visions[position]))
+                common = next((i for i, (a, b) in enumerate(zip(reference_answer, answer)) if a != b),
+                              min(len(reference_answer), len(answer)))
                 gen_agreement.append(common / len(reference_answer))
-            gen_exact.append(float(reference_answer == generated[index]))
+            gen_exact.append(float(reference_answer == answer))
     if keep_vision is not None and vision_out:
         save_file(vision_out, str(keep_vision))
     kl = torch.cat(kls) if kls else None
@@ -181,8 +184,8 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
             with safe_open(file, "pt") as variant:
                 for index, item in enumerate(items):
                     positions = _answer_positions(item)
-                    if not item.has_vision or not len(positions):
-                        continue
+                    if not item.has_vision or not len(positions) or f"vision.{index}" not in variant.keys():
+                        continue   # text only (KL 0), or a sample the variant's runtime does not serve
                     logits = runner.logits(item.scored, vision=variant.get_tensor(f"vision.{index}"))[positions]
                     kl_sum += token_kl(stored.get_tensor(f"logits.{index}"), logits).sum().item()
             results[name] = kl_sum / total_tokens if total_tokens else None
@@ -198,13 +201,22 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     items = encode_items(processor, spec, samples, job["eval"]["max_slice_nums"])
     if job["role"] == "vision_path":
         return _vision_path(job, items)
+    # A variant is scored on the samples its runtime serves (GGUF has no video path); the reference on all.
+    unserved = {index: runner_class(job["format"]).unserved(item.scored) for index, item in enumerate(items)}
+    indices = [index for index, reason in unserved.items() if reason is None]
+    skipped = Counter(reason for reason in unserved.values() if reason is not None)
+    if not indices:
+        raise McqError(f"{job['path']}: its runtime serves none of the evaluation samples ({', '.join(skipped)})")
+    items = [items[index] for index in indices]
     runner, measured = _measure_and_generate(job, items)
     artifacts = Path(job["artifacts"])
     if job["role"] == "reference":
         _write_reference(runner, items, measured["generated"], measured["visions"], artifacts / REFERENCE_FILE)
     keep = artifacts / f"vision-{job['index']}.safetensors" if job["role"] == "variant" else None
-    scores = _score(runner, items, artifacts / REFERENCE_FILE, measured["generated"], measured["visions"], keep)
+    scores = _score(runner, items, indices, artifacts / REFERENCE_FILE, measured["generated"], measured["visions"],
+                    keep)
     return {"memory": measured["memory"], "spread": measured["spread"], "scores": scores,
+            "skipped_samples": dict(skipped),
             "vision_file": str(keep) if keep is not None and keep.exists() else None}
 
 

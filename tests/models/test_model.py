@@ -216,6 +216,24 @@ def test_scale_emb_multiplies_text_embeddings_only():
     torch.testing.assert_close(embeds[0, start:end], vision[0][0])
 
 
+def test_greedy_generation_is_the_argmax_of_teacher_forced_logits_with_scale_emb():
+    """4.0's generated tokens are embedded with scale_emb like the prompt's (as a forward over them does)."""
+    from mcq.models.tiny import resolve_tiny
+
+    path = resolve_tiny("tiny:4.0")
+    model, processor = load_model(path, dtype="float32"), load_processor(path)
+    inputs = processor("<|im_start|>user\n(<image>./</image>)\nWhat is it?<|im_end|>\n<|im_start|>assistant\n",
+                       [[_image(448, 448)]])
+    inputs.pop("image_sizes")
+    new = model.generate(**inputs, tokenizer=processor.tokenizer, max_new_tokens=6, do_sample=False, num_beams=1)
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new], 1))
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    with torch.no_grad():
+        logits = model(full, use_cache=False).logits[0]
+    start = inputs["input_ids"].shape[1] - 1
+    assert logits[start: start + new.shape[1]].argmax(-1).tolist() == new[0].tolist()
+
+
 def test_outliers_give_a_few_norm_channels_a_large_gain(tmp_path):
     plain = load_model(make_tiny(tmp_path / "plain", TinySpec(version="4.5")), dtype="float32")
     spiky = load_model(make_tiny(tmp_path / "spiky", TinySpec(version="4.5", outliers=True)), dtype="float32")

@@ -9,6 +9,7 @@ so existing user code runs unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from threading import Thread
 from typing import Any
 
@@ -232,21 +233,38 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                           pad_token_id=tokenizer.pad_token_id, eos_token_id=terminators, **kwargs)
         if stream:
             return self._stream(tokenizer, gen_kwargs)
-        output = self.llm.generate(**gen_kwargs)
+        with self._generated_tokens_scaled():
+            output = self.llm.generate(**gen_kwargs)
         result = self._decode_text(output, tokenizer, terminators) if decode_text else output
         return (result, vision_hidden_states) if return_vision_hidden_states else result
 
     def _stream(self, tokenizer, gen_kwargs: dict[str, Any]) -> Iterator[str]:
         # Decoded like the non-streaming answer: special tokens kept, terminators removed (official stream_gen).
         streamer = TextIteratorStreamer(tokenizer)
-        thread = Thread(target=self.llm.generate, kwargs={**gen_kwargs, "streamer": streamer}, daemon=True)
-        thread.start()
-        for text in streamer:
-            for terminator in self.spec.terminators:
-                text = text.replace(terminator, "")
-            if text:
-                yield text
-        thread.join()
+        with self._generated_tokens_scaled():
+            thread = Thread(target=self.llm.generate, kwargs={**gen_kwargs, "streamer": streamer}, daemon=True)
+            thread.start()
+            for text in streamer:
+                for terminator in self.spec.terminators:
+                    text = text.replace(terminator, "")
+                if text:
+                    yield text
+            thread.join()
+
+    @contextmanager
+    def _generated_tokens_scaled(self) -> Iterator[None]:
+        """`llm.generate` embeds each new token with the bare embedding table; a forward over the same tokens
+        multiplies text embeddings by `embedding_scale` (4.0). Scale them during generation too, so a greedy answer
+        is the argmax of the model's own teacher-forced logits (and of llama.cpp's, which scales every input)."""
+        if self.embedding_scale == 1.0:
+            yield
+            return
+        hook = self.llm.get_input_embeddings().register_forward_hook(
+            lambda _module, _args, output: output * self.embedding_scale)
+        try:
+            yield
+        finally:
+            hook.remove()
 
     @staticmethod
     def _decode_text(output: torch.Tensor, tokenizer, terminators: list[int]) -> list[str]:

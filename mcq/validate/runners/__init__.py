@@ -7,10 +7,11 @@ from pathlib import Path
 from mcq.errors import McqError
 
 from .base import Runner
+from .gguf_runner import GgufRunner
 from .transformers_runner import TransformersRunner
 
 #: every runner mcq has, tried in order; runners for GGUF, ONNX and Core ML register here.
-RUNNERS: list[type[Runner]] = [TransformersRunner]
+RUNNERS: list[type[Runner]] = [TransformersRunner, GgufRunner]
 
 
 def detect_format(path: str | Path) -> tuple[str, type[Runner]]:

@@ -42,6 +42,12 @@ class Runner(ABC):
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
         """Bytes on disk per component (llm / vision / resampler / other) of the variant's weights."""
 
+    @classmethod
+    def unserved(cls, data: dict[str, Any]) -> str | None:
+        """Why this runtime cannot run an encoded sample (e.g. video without a 3D resampler), or None. The
+        validator scores a variant on the samples its runtime serves and reports how many it left out."""
+        return None
+
     @abstractmethod
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
         """Load the variant (the worker measures this call's peak memory)."""

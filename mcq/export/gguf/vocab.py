@@ -1,0 +1,129 @@
+"""The tokenizer as llama.cpp reads it from GGUF metadata: tokens, types, merges or scores, special ids, template.
+
+Read from the checkpoint's own `tokenizer.json` through mcq's tokenizer loader (no remote code). gguf-py's vocab
+classes are not used: its `LlamaHfVocab` loads through `AutoTokenizer` (MiniCPM-V tokenizers name a remote-code
+class) and gives every token the same placeholder score, and llama.cpp's converter picks the pre-tokenizer by
+hashing a sample tokenization, a hash MiniCPM-V's tokenizers are missing from; the Qwen-based releases use
+Qwen2's pre-tokenizer, so that is written directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcq.errors import McqError
+
+# gguf.TokenType values (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class GgufVocab:
+    model: str                      # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
+    pre: str | None                 # tokenizer.ggml.pre
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+    special: dict[str, int] = field(default_factory=dict)   # bos / eos / unknown / padding → id (key names)
+    add_bos: bool = False
+    add_space_prefix: bool | None = None   # SentencePiece-style only
+    chat_template: str | None = None
+
+    def metadata(self) -> dict[str, tuple[str, object]]:
+        keys: dict[str, tuple[str, object]] = {
+            "tokenizer.ggml.model": ("str", self.model),
+            "tokenizer.ggml.tokens": ("strs", self.tokens),
+            "tokenizer.ggml.token_type": ("i32s", self.types),
+        }
+        if self.pre:
+            keys["tokenizer.ggml.pre"] = ("str", self.pre)
+        if self.scores is not None:
+            keys["tokenizer.ggml.scores"] = ("f32s", self.scores)
+        if self.merges:
+            keys["tokenizer.ggml.merges"] = ("strs", self.merges)
+        for role, token_id in self.special.items():
+            keys[f"tokenizer.ggml.{role}_token_id"] = ("u32", token_id)
+        keys["tokenizer.ggml.add_bos_token"] = ("bool", self.add_bos)
+        if self.add_space_prefix is not None:
+            keys["tokenizer.ggml.add_space_prefix"] = ("bool", self.add_space_prefix)
+        keys["tokenizer.ggml.add_eos_token"] = ("bool", False)
+        if self.chat_template:
+            keys["tokenizer.chat_template"] = ("str", self.chat_template)
+        return keys
+
+
+def read_vocab(path: Path, version: str, vocab_size: int, bos_token_id: int | None) -> GgufVocab:
+    from mcq.models.minicpmv.tokenization import load_tokenizer
+
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise McqError(f"{path} has no tokenizer.json; the GGUF tokenizer metadata (tokens, merges) is read from it")
+    tokenizer = load_tokenizer(path, version)
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise McqError(f"{file}: tokenizer model {model.get('type')!r} is not BPE; mcq writes GGUF vocabularies of "
+                       "BPE tokenizers")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if not merges:
+        raise McqError(f"{file} has no BPE merges; llama.cpp cannot tokenize without them")
+    byte_level = not model.get("byte_fallback", False)
+    by_id = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise McqError(f"{path}: the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+
+    tokens, types = [], []
+    for token_id in range(vocab_size):
+        token = by_id.get(token_id)
+        if token is None:
+            # Rows of the embedding table no token maps to (the official vocabularies have such holes).
+            tokens.append(f"[PAD{token_id}]")
+            types.append(UNUSED)
+            continue
+        tokens.append(token)
+        if token_id in added:
+            special = added[token_id].special or re.fullmatch(r"<\|.*\|>", token) is not None
+            types.append(CONTROL if special else USER_DEFINED)
+        elif not byte_level and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+
+    special = {}
+    for role, token_id in (("bos", bos_token_id), ("eos", tokenizer.eos_token_id), ("unknown", tokenizer.unk_token_id),
+                           ("padding", tokenizer.pad_token_id)):
+        if token_id is not None:
+            special[role] = int(token_id)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if byte_level:
+        return GgufVocab(model="gpt2", pre="qwen2", tokens=tokens, types=types, merges=merges, special=special,
+                         add_bos=bool(getattr(tokenizer, "add_bos_token", False)), chat_template=template)
+    # SentencePiece-style (MiniCPM4): llama.cpp merges the adjacent pair whose merged token scores highest, so a
+    # token's score is minus the rank of the merge that makes it; the BPE merge order is then reproduced.
+    scores = [0.0] * vocab_size
+    index = {token: i for i, token in enumerate(tokens)}
+    for rank, merge in enumerate(merges):
+        merged = index.get(merge.replace(" ", "", 1))
+        if merged is not None and scores[merged] == 0.0:
+            scores[merged] = -float(rank + 1)
+    # llama.cpp puts "▁" before every text that follows a special token when add_space_prefix is set, and before
+    # none otherwise; a Metaspace with prepend_scheme "first" (non-legacy) puts it before none of them except the
+    # very start. Chat prompts start with a special token, so they tokenize the same with the prefix off.
+    metaspace = _metaspace(spec.get("pre_tokenizer"))
+    space_prefix = metaspace is not None and metaspace.get("prepend_scheme", "always") == "always"
+    return GgufVocab(model="llama", pre="default", tokens=tokens, types=types, scores=scores, special=special,
+                     add_bos=bool(getattr(tokenizer, "add_bos_token", True)), add_space_prefix=space_prefix,
+                     chat_template=template)
+
+
+def _metaspace(pre_tokenizer: dict | None) -> dict | None:
+    if not pre_tokenizer:
+        return None
+    if pre_tokenizer.get("type") == "Metaspace":
+        return pre_tokenizer
+    return next((m for m in map(_metaspace, pre_tokenizer.get("pretokenizers") or []) if m), None)

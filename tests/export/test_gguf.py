@@ -1,0 +1,247 @@
+"""GGUF export: the files load in llama.cpp (llama-cpp-python) and compute what the torch model computes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mcq.cli import main
+from mcq.errors import McqError
+from mcq.export.gguf import export_gguf
+from mcq.models.loading import load_processor, model_spec
+from mcq.validate.evalset import encode_items, eval_samples
+
+pytest.importorskip("llama_cpp")
+
+from mcq.validate.runners.gguf_runner import GgufRunner  # noqa: E402
+from mcq.validate.runners.transformers_runner import TransformersRunner  # noqa: E402
+
+
+def _items(model: str, count: int):
+    _, _, spec = model_spec(model)
+    items = encode_items(load_processor(model), spec, eval_samples(None, None, 0), 2)
+    served = [item for item in items if GgufRunner.unserved(item.scored) is None]
+    # One sample of each kind first (images of several slice shapes, multi-image, text only), then the rest.
+    firsts = list({item.sample.kind: item for item in reversed(served)}.values())[::-1]
+    return (firsts + [item for item in served if item not in firsts])[:count]
+
+
+def _kl(reference: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.kl_div(variant.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
+
+
+def _answer_logits(runner, items) -> list[torch.Tensor]:
+    """Teacher-forced logits at the positions that predict answer tokens, each runner with its own vision path."""
+    return [runner.logits(item.scored)[item.scored["answer_mask"][0, 1:].nonzero().flatten()] for item in items]
+
+
+def _mean_kl(reference: TransformersRunner | list[torch.Tensor], variant: GgufRunner, items) -> float:
+    expected = reference if isinstance(reference, list) else _answer_logits(reference, items)
+    return torch.cat([_kl(r, v) for r, v in zip(expected, _answer_logits(variant, items))]).mean().item()
+
+
+def _square_image_sample(model: str):
+    """A 448 x 448 image asked about with no slicing: one slice, pixels libmtmd takes unchanged."""
+    generator = np.random.default_rng(0)
+    image = Image.fromarray(generator.integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    processor = load_processor(model)
+    return processor("<|im_start|>user\n(<image>./</image>)\nWhat is in the picture?<|im_end|>\n"
+                     "<|im_start|>assistant\n", [[image]], max_slice_nums=1)
+
+
+@pytest.fixture(scope="module", params=["4.5", "2.6", "4.0"])
+def f16_export(request, tmp_path_factory):
+    model = f"tiny:{request.param}"
+    out = tmp_path_factory.mktemp("gguf") / request.param
+    result = export_gguf(model, out, quant="F16", progress=False)
+    return model, out, result
+
+
+def test_f16_export_agrees_with_torch(f16_export):
+    model, out, result = f16_export
+    assert result.llm.ggml_type == "F16" and not result.llm.fallbacks
+    reference = TransformersRunner(model, torch.device("cpu"), "float32")
+    variant = GgufRunner(out, torch.device("cpu"), "auto")
+    try:
+        items = _items(model, 8)
+        assert {item.sample.kind for item in items} >= {"text", "document"}
+        assert _mean_kl(reference, variant, items) < 1e-4
+        square = _square_image_sample(model)
+        cosine = torch.nn.functional.cosine_similarity(variant.vision(square).flatten(),
+                                                       reference.vision(square).flatten(), dim=0)
+        assert cosine > 0.999
+        # Greedy multimodal answers, token for token, each runtime with its own vision path.
+        for data in [square] + [item.prompt for item in items if item.prompt is not None and item.has_vision][:2]:
+            assert variant.generate(data, 12) == reference.generate(data, 12)
+    finally:
+        variant.close()
+
+
+def test_llama_cpp_tokenizes_like_the_checkpoint(f16_export):
+    import llama_cpp
+
+    model, out, _ = f16_export
+    tokenizer = load_processor(model).tokenizer
+    llm = llama_cpp.Llama(str(next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))),
+                          vocab_only=True, verbose=False)
+    try:
+        # Chat-formatted text, as every prompt is: 4.0's SentencePiece-style vocabulary puts "▁" before a bare text
+        # at the very start (HF) where llama.cpp cannot, with the prefix off that chat text needs.
+        for text in ["<|im_start|>user\n<image></image> The harbour was quiet.<|im_end|>\n",
+                     "<|im_start|>user\n今天早上下了一场小雨 def scale(x): return 2 ** 4 - 1<|im_end|>",
+                     "<|im_start|>assistant\n  leading spaces, 42 and 3.14159!\n\n<|im_end|>"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tokenizer(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_python_chat_handler_answers_about_an_image(f16_export):
+    """What users run: llama-cpp-python's MiniCPM-V chat handler on both files, llama.cpp's own preprocessing."""
+    import base64
+    import io
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MiniCPMv26ChatHandler
+
+    _, out, result = f16_export
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 700, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    handler = MiniCPMv26ChatHandler(clip_model_path=result.mmproj.path, verbose=False)
+    llm = Llama(result.llm.path, chat_handler=handler, n_ctx=2048, verbose=False)
+    try:
+        answer = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": "What is it?"}]}],
+            max_tokens=4, temperature=0)
+    finally:
+        llm.close()
+    # A 700 x 300 image is sliced (overview + 2 slices of 64 tokens each, plus markers and the question).
+    assert answer["usage"]["prompt_tokens"] > 3 * 64 and answer["usage"]["completion_tokens"] >= 1
+
+
+def test_q8_0_is_close_and_names_its_fallbacks(tmp_path):
+    result = export_gguf("tiny:4.5", tmp_path / "q8", quant="Q8_0", mmproj_quant="Q8_0", progress=False)
+    # The vision MLP's fc2 (464 inputs, like 4304) has rows no 32-block divides: F16, and the summary says so.
+    assert set(result.mmproj.fallbacks) == {"v.blk.0.ffn_down.weight", "v.blk.1.ffn_down.weight"}
+    assert all(why.startswith("F16") for why in result.mmproj.fallbacks.values())
+    reference = TransformersRunner("tiny:4.5", torch.device("cpu"), "float32")
+    variant = GgufRunner(tmp_path / "q8", torch.device("cpu"), "auto")
+    try:
+        assert _mean_kl(reference, variant, _items("tiny:4.5", 6)) < 2e-3
+    finally:
+        variant.close()
+
+
+def test_multimodal_imatrix_lowers_q4_k_m_kl_on_the_outlier_model(tmp_path):
+    model = "tiny:4.5-outliers"
+    with_matrix = export_gguf(model, tmp_path / "imatrix", quant="Q4_K_M", progress=False)
+    assert with_matrix.imatrix["source"] == "calibration"
+    # Every quantizable weight of both files was seen by the calibration forward, vision included; the LM head is
+    # not run by it.
+    assert with_matrix.imatrix["entries"] == 32
+    export_gguf(model, tmp_path / "plain", quant="Q4_K_M", imatrix="none", progress=False)
+    # The matrix is kept beside the files and reused as is for another type.
+    reused = export_gguf(model, tmp_path / "reused", quant="Q5_K_M", imatrix=str(tmp_path / "imatrix" /
+                                                                                 "imatrix.safetensors"),
+                         progress=False)
+    assert reused.imatrix["entries"] == 32
+    items = _items(model, 12)
+    reference = _answer_logits(TransformersRunner(model, torch.device("cpu"), "float32"), items)
+    kls = {}
+    for name in ("imatrix", "plain"):
+        variant = GgufRunner(tmp_path / name, torch.device("cpu"), "auto")
+        try:
+            kls[name] = _mean_kl(reference, variant, items)
+        finally:
+            variant.close()
+    assert kls["imatrix"] < kls["plain"], kls
+
+
+def test_from_an_awq_output_exports_its_calibrated_weights(outlier_variants, tmp_path):
+    awq = outlier_variants["awq"]
+    result = export_gguf("tiny:4.5-outliers", tmp_path / "awq", quant="F16", from_dir=awq, progress=False)
+    assert result.weights_from == str(awq) and result.imatrix is None
+    quantized = TransformersRunner(str(awq), torch.device("cpu"), "float32")
+    variant = GgufRunner(tmp_path / "awq", torch.device("cpu"), "auto")
+    try:
+        # The GGUF computes what the AWQ checkpoint computes (its dequantized int4 weights, smoothed norms).
+        assert _mean_kl(quantized, variant, _items("tiny:4.5-outliers", 6)) < 1e-4
+    finally:
+        variant.close()
+
+
+def test_same_inputs_give_the_same_bytes(tmp_path):
+    def digests(path):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+    export_gguf("tiny:4.0", tmp_path / "a", quant="Q8_0", progress=False)
+    export_gguf("tiny:4.0", tmp_path / "b", quant="Q8_0", progress=False)
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+
+
+def test_cli_json_and_model_card(tmp_path, capsys):
+    assert main(["export", "--format", "gguf", "--model", "tiny:2.6", "--out", str(tmp_path / "o"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["version"] == "2.6" and summary["mmproj"]["ggml_type"] == "F16"
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "llama-mtmd-cli" in card and "mmproj-" in card
+    manifest = json.loads((tmp_path / "o" / "mcq-manifest.json").read_text())
+    assert manifest["kind"] == "gguf" and len([n for n in manifest["outputs"] if n.endswith(".gguf")]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant", "Q4_K_Q"], "not a type llama.cpp can apply"),
+    (["--mmproj-quant", "int4"], "not a type llama.cpp can apply"),
+    (["--quant", "Q8_0", "--imatrix", "some.file"], "no type asked for uses one"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
+    code = main(["export", "--format", "gguf", "--model", "tiny:4.5", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_tokenizer_json_is_refused_before_writing(tmp_path, capsys):
+    import shutil
+
+    from mcq.models.tiny import resolve_tiny
+
+    source = tmp_path / "model"
+    shutil.copytree(resolve_tiny("tiny:4.5"), source)
+    (source / "tokenizer.json").unlink()
+    code = main(["export", "--format", "gguf", "--model", str(source), "--out", str(tmp_path / "o")])
+    assert code == 2 and "tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_export_leaves_no_partial_gguf(tmp_path, monkeypatch):
+    from mcq.export.gguf import api
+
+    real = api._tensor_values
+    calls = {"n": 0}
+
+    def failing(weights, config, tensor):
+        calls["n"] += 1
+        if calls["n"] == 40:   # in the middle of the mmproj file
+            raise McqError("disk full (simulated)")
+        return real(weights, config, tensor)
+
+    monkeypatch.setattr(api, "_tensor_values", failing)
+    with pytest.raises(McqError, match="simulated"):
+        export_gguf("tiny:4.5", tmp_path / "o", quant="F16", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_refuses_video_samples():
+    items = encode_items(load_processor("tiny:4.5"), model_spec("tiny:4.5")[2], eval_samples(None, None, 0), 2)
+    video = next(item for item in items if item.sample.is_video)
+    assert "3D resampler" in GgufRunner.unserved(video.scored)
