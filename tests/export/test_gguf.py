@@ -245,3 +245,24 @@ def test_runner_refuses_video_samples():
     items = encode_items(load_processor("tiny:4.5"), model_spec("tiny:4.5")[2], eval_samples(None, None, 0), 2)
     video = next(item for item in items if item.sample.is_video)
     assert "3D resampler" in GgufRunner.unserved(video.scored)
+
+
+def test_official_4_5_layout_maps_every_stored_tensor(reference_dir):
+    """On the official MiniCPM-V 4.5 config and weight shapes: every stored tensor becomes exactly one GGUF tensor
+    of the shape llama.cpp expects (LLM 399 tensors, mmproj 455 with the computed position table)."""
+    from mcq.export.gguf import layout
+    from mcq.models.minicpmv import checkpoint_names
+    from mcq.models.minicpmv.configuration import MiniCPMVConfig
+
+    config = MiniCPMVConfig.from_pretrained(reference_dir)
+    stored = json.loads((reference_dir / "parameter_shapes.json").read_text())["shapes"]
+    params = {param: tuple(shape) for name, entry in stored.items()
+              for param, shape in checkpoint_names.param_shapes(name, entry).items()}
+    llm = layout.llm_tensors(config, "4.5")
+    mmproj = layout.mmproj_tensors(config, "4.5", config.vision_config.num_hidden_layers)
+    assert (len(llm), len(mmproj)) == (36 * 11 + 3, 27 * 16 + 3 + 2 + 18)
+    sourced = {t.source: t.shape for t in llm + mmproj if t.source}
+    assert sourced == params
+    metadata = layout.mmproj_metadata(config, "4.5", 27)
+    assert metadata["clip.vision.image_size"] == ("u32", 448) and metadata["clip.minicpmv_version"] == ("i32", 6)
+    assert layout.llm_metadata(config, "4.5")["qwen3.rope.freq_base"] == ("f32", 1000000.0)
