@@ -187,8 +187,13 @@ def _any_of(expressions: tuple[str, ...]) -> str:
 def _variants_section(variants: list[dict]) -> Section:
     rows = tuple((v["name"], v["path"], v.get("format") or MISSING, v.get("runtime") or MISSING,
                   v.get("recipe") or MISSING, v["status"]) for v in variants)
-    return Section("Variants", (Table(("variant", "path", "format", "runtime", "recipe", "status"), rows,
-                                      (False,) * 6),))
+    blocks: list = [Table(("variant", "path", "format", "runtime", "recipe", "status"), rows, (False,) * 6)]
+    # A runtime that cannot run some samples (GGUF: video) is scored on the rest; its metrics cover fewer samples.
+    skipped = tuple(f"{v['name']}: not scored on {count} sample(s): {reason}" for v in variants
+                    for reason, count in (v.get("skipped_samples") or {}).items())
+    if skipped:
+        blocks.append(Bullets(skipped))
+    return Section("Variants", tuple(blocks))
 
 
 def _metric_section(group: str, title: str, ok: list[dict]) -> Section:

@@ -280,6 +280,15 @@ def test_sparse_results_still_report(tmp_path):
     assert page.count("data:image/svg+xml;base64,") == 3
 
 
+def test_samples_a_runtime_does_not_serve_are_listed(tmp_path):
+    data = results_data()
+    _variant_named(data, "awq-w4g128")["skipped_samples"] = {"video (no 3D resampler)": 3}
+    _, md, page = _report(tmp_path, data)
+    variants = md.split("## Variants\n", 1)[1].split("\n## ", 1)[0]
+    assert "- awq-w4g128: not scored on 3 sample(s): video (no 3D resampler)" in variants
+    assert "not scored on 3 sample(s)" in page
+
+
 def test_html_has_the_tables_and_three_embedded_plots(tmp_path):
     _, md, page = _report(tmp_path, results_data())
     assert "<td class=\"num\">0.01873</td>" in page and "<td class=\"num\">96.21%</td>" in page
