@@ -46,6 +46,15 @@ def _mean_kl(reference: TransformersRunner | list[torch.Tensor], variant: GgufRu
     return torch.cat([_kl(r, v) for r, v in zip(expected, _answer_logits(variant, items))]).mean().item()
 
 
+def _export_kl(reference: TransformersRunner | list[torch.Tensor], export_dir, items) -> float:
+    """Mean answer-token KL of a GGUF export (run in llama.cpp) against the reference."""
+    variant = GgufRunner(export_dir, torch.device("cpu"), "auto")
+    try:
+        return _mean_kl(reference, variant, items)
+    finally:
+        variant.close()
+
+
 def _square_image_sample(model: str):
     """A 448 x 448 image asked about with no slicing: one slice, pixels libmtmd takes unchanged."""
     generator = np.random.default_rng(0)
@@ -134,11 +143,7 @@ def test_q8_0_is_close_and_names_its_fallbacks(tmp_path):
     assert set(result.mmproj.fallbacks) == {"v.blk.0.ffn_down.weight", "v.blk.1.ffn_down.weight"}
     assert all(why.startswith("F16") for why in result.mmproj.fallbacks.values())
     reference = TransformersRunner("tiny:4.5", torch.device("cpu"), "float32")
-    variant = GgufRunner(tmp_path / "q8", torch.device("cpu"), "auto")
-    try:
-        assert _mean_kl(reference, variant, _items("tiny:4.5", 6)) < 2e-3
-    finally:
-        variant.close()
+    assert _export_kl(reference, tmp_path / "q8", _items("tiny:4.5", 6)) < 2e-3
 
 
 def test_multimodal_imatrix_lowers_q4_k_m_kl_on_the_outlier_model(tmp_path):
@@ -156,13 +161,7 @@ def test_multimodal_imatrix_lowers_q4_k_m_kl_on_the_outlier_model(tmp_path):
     assert reused.imatrix["entries"] == 32
     items = _items(model, 12)
     reference = _answer_logits(TransformersRunner(model, torch.device("cpu"), "float32"), items)
-    kls = {}
-    for name in ("imatrix", "plain"):
-        variant = GgufRunner(tmp_path / name, torch.device("cpu"), "auto")
-        try:
-            kls[name] = _mean_kl(reference, variant, items)
-        finally:
-            variant.close()
+    kls = {name: _export_kl(reference, tmp_path / name, items) for name in ("imatrix", "plain")}
     assert kls["imatrix"] < kls["plain"], kls
 
 
@@ -171,12 +170,8 @@ def test_from_an_awq_output_exports_its_calibrated_weights(outlier_variants, tmp
     result = export_gguf("tiny:4.5-outliers", tmp_path / "awq", quant="F16", from_dir=awq, progress=False)
     assert result.weights_from == str(awq) and result.imatrix is None
     quantized = TransformersRunner(str(awq), torch.device("cpu"), "float32")
-    variant = GgufRunner(tmp_path / "awq", torch.device("cpu"), "auto")
-    try:
-        # The GGUF computes what the AWQ checkpoint computes (its dequantized int4 weights, smoothed norms).
-        assert _mean_kl(quantized, variant, _items("tiny:4.5-outliers", 6)) < 1e-4
-    finally:
-        variant.close()
+    # The GGUF computes what the AWQ checkpoint computes (its dequantized int4 weights, smoothed norms).
+    assert _export_kl(quantized, tmp_path / "awq", _items("tiny:4.5-outliers", 6)) < 1e-4
 
 
 def test_same_inputs_give_the_same_bytes(tmp_path):
