@@ -90,31 +90,11 @@ import threading
 import time
 from pathlib import Path
 
+from measure import log, mib, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_CPP_PYTHON = "0.3.36"
 EXCLUDED = ("resampler.pos_embed_k",)   # computed, required by clip.cpp's loader, never read by its graph
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _proc_status(pid: int | str = "self") -> dict[str, int]:
-    """RSS fields of /proc/PID/status in KiB (empty when the process is gone or not on Linux)."""
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                    fields[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return fields
-
-
-def _mib(kib: int | None) -> float | None:
-    return None if kib is None else round(kib / 1024, 1)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -143,7 +123,7 @@ def run_measured(label: str, command: list[str], workdir: Path, env_extra: dict 
 
         def poll() -> None:
             while not done.wait(0.2):
-                status = _proc_status(proc.pid)
+                status = proc_status(proc.pid)
                 for key in peaks:
                     peaks[key] = max(peaks[key], status.get(key, 0))
 
@@ -160,8 +140,8 @@ def run_measured(label: str, command: list[str], workdir: Path, env_extra: dict 
     result = {
         "wall_seconds": round(seconds, 2),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),          # Linux: KiB
-        "polled_peak_rss_anon_mib": _mib(peaks["RssAnon"]),
-        "polled_peak_rss_file_mib": _mib(peaks["RssFile"]),
+        "polled_peak_rss_anon_mib": mib(peaks["RssAnon"]),
+        "polled_peak_rss_file_mib": mib(peaks["RssFile"]),
         "user_cpu_seconds": round(usage.ru_utime, 1),
         "system_cpu_seconds": round(usage.ru_stime, 1),
         "load_1min_before": round(load_before, 2),

@@ -67,32 +67,12 @@ import threading
 import time
 from pathlib import Path
 
+from measure import log, mib, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 GOAL_RATIO = 1.15
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _proc_status(pid: int | str = "self") -> dict[str, int]:
-    """RSS fields of /proc/PID/status in KiB (empty when the process is gone or not on Linux)."""
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                    fields[key] = int(value.split()[0])
-    except OSError:
-        pass
-    return fields
-
-
-def _mib(kib: int | None) -> float | None:
-    return None if kib is None else round(kib / 1024, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -126,7 +106,7 @@ def run_measured(label: str, child: str, spec: dict, workdir: Path, threads: int
 
         def poll() -> None:
             while not done.wait(0.2):
-                status = _proc_status(proc.pid)
+                status = proc_status(proc.pid)
                 for key in peaks:
                     peaks[key] = max(peaks[key], status.get(key, 0))
 
@@ -146,8 +126,8 @@ def run_measured(label: str, child: str, spec: dict, workdir: Path, threads: int
     result.update({
         "wall_seconds": round(seconds, 1),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),          # Linux: KiB
-        "polled_peak_rss_anon_mib": _mib(peaks["RssAnon"]),
-        "polled_peak_rss_file_mib": _mib(peaks["RssFile"]),
+        "polled_peak_rss_anon_mib": mib(peaks["RssAnon"]),
+        "polled_peak_rss_file_mib": mib(peaks["RssFile"]),
         "user_cpu_seconds": round(usage.ru_utime, 1),
         "system_cpu_seconds": round(usage.ru_stime, 1),
     })
@@ -370,10 +350,10 @@ def child_mcq(spec: dict) -> None:
     timers = {"quantize_s": {}, "emit_s": {}, "writer_finish_s": 0.0}
 
     def memory() -> dict:
-        status = _proc_status()
+        status = proc_status()
         pending = sum(w.shards.pending_bytes for w in writers_seen)
-        return {"rss_anon_mib": _mib(status.get("RssAnon")), "rss_file_mib": _mib(status.get("RssFile")),
-                "hwm_mib": _mib(status.get("VmHWM")), "writer_pending_mib": round(pending / 2**20, 1)}
+        return {"rss_anon_mib": mib(status.get("RssAnon")), "rss_file_mib": mib(status.get("RssFile")),
+                "hwm_mib": mib(status.get("VmHWM")), "writer_pending_mib": round(pending / 2**20, 1)}
 
     def close_block(now: float) -> None:
         if blocks and "seconds" not in blocks[-1]:
@@ -523,8 +503,8 @@ def child_llmcompressor(spec: dict) -> None:
     def epoch_end(cls, *a, **k):
         result = original_epoch_end(cls, *a, **k)
         now = time.perf_counter()
-        status = _proc_status()
-        marks.append({"at": now, "rss_anon_mib": _mib(status.get("RssAnon")), "hwm_mib": _mib(status.get("VmHWM"))})
+        status = proc_status()
+        marks.append({"at": now, "rss_anon_mib": mib(status.get("RssAnon")), "hwm_mib": mib(status.get("VmHWM"))})
         log(f"{label}: subgraph {len(marks)} done, RSS {marks[-1]['rss_anon_mib']} MiB anon")
         return result
 
