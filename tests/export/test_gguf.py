@@ -261,3 +261,16 @@ def test_official_4_5_layout_maps_every_stored_tensor(reference_dir):
     metadata = layout.mmproj_metadata(config, "4.5", 27)
     assert metadata["clip.vision.image_size"] == ("u32", 448) and metadata["clip.minicpmv_version"] == ("i32", 6)
     assert layout.llm_metadata(config, "4.5")["qwen3.rope.freq_base"] == ("f32", 1000000.0)
+
+
+def test_mcq_validate_scores_a_gguf_export_in_llama_cpp(tmp_path, capsys):
+    export_gguf("tiny:4.5", tmp_path / "gguf", quant="F16", progress=False)
+    code = main(["validate", "--reference", "tiny:4.5", "--variant", str(tmp_path / "gguf"), "--num-samples", "8",
+                 "--latency-runs", "1", "--max-new-tokens", "8", "--json", str(tmp_path / "results.json")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    row = json.loads((tmp_path / "results.json").read_text())["variants"][1]
+    assert row["format"] == "gguf" and row["runtime"].startswith("llama.cpp") and row["status"] == "ok"
+    assert row["metrics"]["kl_mean"] < 1e-4 and row["metrics"]["vision_cosine"] > 0.999
+    # The 8 held-out samples hold one video clip, which llama.cpp cannot group by temporal id.
+    assert sum(row["skipped_samples"].values()) == 1 and "not scored on 1 sample(s): video" in printed
