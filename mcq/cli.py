@@ -45,8 +45,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
         images += frames
         video_kwargs = {"temporal_ids": temporal_ids(stamps, args.packing), "use_image_id": False,
                         "max_slice_nums": 1}
-    processor = load_processor(args.model)  # first: a missing tokenizer should not wait for the weights
-    model = load_model(args.model, dtype=args.dtype)
+    from mcq.export.onnx.runtime import is_onnx_export
+
+    runtime_kwargs = {}
+    if is_onnx_export(args.model):   # an `mcq export --format onnx` output: run it on onnxruntime
+        from mcq.export.onnx import OnnxMiniCPMV
+
+        model = OnnxMiniCPMV(args.model)
+        processor, runtime_kwargs = model.processor, {"seed": args.seed}
+    else:
+        processor = load_processor(args.model)  # first: a missing tokenizer should not wait for the weights
+        model = load_model(args.model, dtype=args.dtype)
     if video_kwargs and not model.spec.temporal:
         raise McqError(f"video input needs MiniCPM-V 4.5; {args.model} is {model.spec.version}")
     torch.manual_seed(args.seed)
@@ -56,7 +65,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         video_kwargs["max_slice_nums"] = args.max_slice_nums
     answer = model.chat(msgs=[{"role": "user", "content": [*images, args.question]}], processor=processor,
                         max_new_tokens=args.max_new_tokens, sampling=args.sampling, stream=args.stream,
-                        enable_thinking=args.thinking, **video_kwargs, **decoding)
+                        enable_thinking=args.thinking, **video_kwargs, **decoding, **runtime_kwargs)
     if args.stream:
         for piece in answer:
             print(piece, end="", flush=True)
@@ -92,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 # Options that belong to one export format: given with another, they would be silently ignored.
-_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples")}
+_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples"), "onnx": ("precision",)}
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -100,11 +109,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         given = [name for name in options if getattr(args, name) is not None]
         if fmt != args.format and given:
             raise McqError(f"--{given[0].replace('_', '-')} applies to --format {fmt}, not {args.format}")
-    from mcq.export.gguf import export_gguf
+    if args.format == "gguf":
+        from mcq.export.gguf import export_gguf
 
-    result = export_gguf(args.model, args.out, quant=args.quant or "F16", mmproj_quant=args.mmproj_quant or "F16",
-                         imatrix=args.imatrix or "auto", from_dir=args.from_dir, calib=args.calib,
-                         num_samples=args.num_samples, seed=args.seed, force=args.force)
+        result = export_gguf(args.model, args.out, quant=args.quant or "F16", mmproj_quant=args.mmproj_quant or "F16",
+                             imatrix=args.imatrix or "auto", from_dir=args.from_dir, calib=args.calib,
+                             num_samples=args.num_samples, seed=args.seed, force=args.force)
+    else:
+        from mcq.export.onnx import export_onnx
+
+        result = export_onnx(args.model, args.out, precision=args.precision or "fp32", block_size=args.block_size,
+                             from_dir=args.from_dir, force=args.force)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
 
 
@@ -178,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask the model a question about images or a video")
     chat.add_argument("question")
-    chat.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
+    chat.add_argument("--model", required=True, help="checkpoint directory, tiny:VERSION, or an ONNX export")
     chat.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     chat.add_argument("--video", metavar="PATH", help="a video file (needs PyAV), 4.5 only")
     chat.add_argument("--frames", metavar="DIR", help="a folder of video frames in name order, 4.5 only")
@@ -210,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--json", action="store_true")
     quant.set_defaults(func=cmd_quantize)
 
-    export = sub.add_parser("export", help="export for another runtime: GGUF (llama.cpp / Ollama)")
-    export.add_argument("--format", required=True, choices=["gguf"])
+    export = sub.add_parser("export", help="export for another runtime: GGUF (llama.cpp / Ollama), ONNX")
+    export.add_argument("--format", required=True, choices=["gguf", "onnx"])
     export.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--from", dest="from_dir", metavar="QUANT_DIR",
@@ -226,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "multimodal calibration set; FILE is a safetensors imatrix")
     gguf.add_argument("--calib", metavar="DATA", help="calibration data for --imatrix auto (default: built-in set)")
     gguf.add_argument("--num-samples", type=_positive, help="calibration samples for --imatrix auto")
+    onnx = export.add_argument_group("onnx")
+    onnx.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], help="default fp32")
+    onnx.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32,
+                      help="int4/int8 block size (default 32)")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     export.add_argument("--json", action="store_true")

@@ -8,10 +8,11 @@ from mcq.errors import McqError
 
 from .base import Runner
 from .gguf_runner import GgufRunner
+from .onnx_runner import OnnxRunner
 from .transformers_runner import TransformersRunner
 
 #: every runner mcq has, tried in order; runners for GGUF, ONNX and Core ML register here.
-RUNNERS: list[type[Runner]] = [TransformersRunner, GgufRunner]
+RUNNERS: list[type[Runner]] = [TransformersRunner, GgufRunner, OnnxRunner]
 
 
 def detect_format(path: str | Path) -> tuple[str, type[Runner]]:

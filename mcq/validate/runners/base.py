@@ -78,3 +78,14 @@ class Runner(ABC):
     @abstractmethod
     def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
         """Seconds of `tokens` single-token decode steps after a prefill of the prompt (the prefill not counted)."""
+
+
+def config_identity(config) -> dict[str, Any]:
+    """What `Runner.describe` returns, read from a MiniCPM-V config (runners whose files carry one)."""
+    from mcq.models.minicpmv.versions import version_spec
+
+    return {"version": version_spec(config.version).version, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+            "vision_hidden_size": config.vision_config.hidden_size,
+            "vision_layers": config.vision_config.num_hidden_layers, "query_num": config.query_num}
+

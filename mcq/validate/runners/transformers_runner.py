@@ -17,7 +17,7 @@ from mcq.models.loading import load_model, load_processor, model_spec, read_conf
 from mcq.outputs import safetensors_component_bytes
 
 from ..probes import Stopwatch
-from .base import Runner
+from .base import Runner, config_identity
 
 # quant_method in config.json → the format name reported.
 _QUANT_FORMATS = {"compressed-tensors": "compressed-tensors", "bitsandbytes": "bitsandbytes"}
@@ -42,6 +42,9 @@ class TransformersRunner(Runner):
     def detect(cls, path: str | Path) -> str | None:
         if not str(path).startswith("tiny:") and not (Path(path) / "config.json").is_file():
             return None   # not a Hugging Face checkpoint directory: another runner's format, or none
+        if not str(path).startswith("tiny:") and not any(
+                (Path(path) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+            return None   # a config without safetensors weights: e.g. an ONNX export (config.json beside onnx/)
         config = read_config(resolve_model_path(path))
         quantization = config.get("quantization_config")
         if quantization:
@@ -62,11 +65,7 @@ class TransformersRunner(Runner):
 
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
-        _, config, spec = model_spec(path)
-        return {"version": spec.version, "hidden_size": config.hidden_size,
-                "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-                "vision_hidden_size": config.vision_config.hidden_size,
-                "vision_layers": config.vision_config.num_hidden_layers, "query_num": config.query_num}
+        return config_identity(model_spec(path)[1])
 
     @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:

@@ -1,0 +1,135 @@
+"""ONNX exports (`mcq export --format onnx`) on onnxruntime, through `mcq.export.onnx.OnnxMiniCPMV`: what a user
+of the export runs, so accuracy, memory and speed are onnxruntime's (CPU execution provider; CUDA when asked for
+and installed). The precision is the export's (its files say it), so the `dtype` the validator asks for is not
+used; float32 is what every export computes in on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcq.errors import McqError
+from mcq.models.family import COMPONENTS
+
+from ..probes import Stopwatch
+from .base import Runner, config_identity
+
+_FORMATS = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8", "q4": "onnx-int4"}
+
+
+def _numpy(vision: torch.Tensor | None):
+    return None if vision is None else [vision.float().numpy()]
+
+
+class OnnxRunner(Runner):
+    formats = tuple(_FORMATS.values())
+
+    @classmethod
+    def detect(cls, path: str | Path) -> str | None:
+        from mcq.export.onnx.runtime import find_export, is_onnx_export
+
+        if str(path).startswith("tiny:") or not is_onnx_export(path):
+            return None
+        root, _ = find_export(path)
+        dtype = json.loads((root / "config.json").read_text())["transformers.js_config"]["dtype"]
+        # Named by the LLM's precision: the decoder holds most of the weights.
+        return _FORMATS[dtype["decoder_model_merged"]]
+
+    @classmethod
+    def runtime(cls, format_name: str) -> str:
+        from importlib.metadata import version
+
+        return f"onnxruntime {version('onnxruntime')} (mcq.export.onnx runtime)"
+
+    @classmethod
+    def describe(cls, path: str | Path) -> dict[str, Any]:
+        from mcq.export.onnx.runtime import find_export
+        from mcq.models.minicpmv.configuration import MiniCPMVConfig
+
+        root, _ = find_export(path)
+        return config_identity(MiniCPMVConfig.from_pretrained(str(root)))
+
+    @classmethod
+    def weight_bytes(cls, path: str | Path) -> dict[str, int]:
+        """Initializer bytes per component, by the model parameter each initializer is named after (constants
+        such as reshape shapes count as `other`)."""
+        import onnx
+
+        from mcq.export.onnx.runtime import find_export, graph_files
+
+        root, onnx_dir = find_export(path)
+        sizes = dict.fromkeys(COMPONENTS, 0)
+        for file in graph_files(root).values():
+            model = onnx.load(str(onnx_dir / file), load_external_data=False)
+            for tensor in model.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    size = int(next(e.value for e in tensor.external_data if e.key == "length"))
+                else:
+                    size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+                component = next((c for c, prefix in COMPONENTS.items() if tensor.name.startswith(prefix)), "other")
+                sizes[component] = sizes.get(component, 0) + size
+        return sizes
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: str):
+        import onnxruntime as ort
+
+        from mcq.export.onnx import OnnxMiniCPMV
+
+        self.device = torch.device(device)
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise McqError("device cuda: this onnxruntime has no CUDA execution provider "
+                               "(install onnxruntime-gpu)")
+            providers.insert(0, "CUDAExecutionProvider")
+        elif self.device.type != "cpu":
+            raise McqError(f"the ONNX runner runs on cpu or cuda, not {device}")
+        # As many intra-op threads as torch uses here, so latencies compare like for like with torch runners.
+        self.model = OnnxMiniCPMV(path, providers=providers, threads=torch.get_num_threads())
+
+    @staticmethod
+    def _batch(data: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if key != "answer_mask"}
+
+    def vision(self, data: dict[str, Any]) -> torch.Tensor:
+        (states,) = self.model.vision_per_sample(data)   # a batch of one sample
+        return torch.from_numpy(states)
+
+    def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.from_numpy(self.model.forward(self._batch(data), _numpy(vision))[0])
+
+    def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
+        return self.model.generate(self._batch(data), max_new_tokens, _numpy(vision))[0]
+
+    def time_vision(self, data: dict[str, Any]) -> float:
+        with Stopwatch(self.device) as watch:
+            self.model.vision_per_sample(data)
+        return watch.seconds
+
+    def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
+        with Stopwatch(self.device) as watch:
+            self.model.forward(self._batch(data), _numpy(vision))
+        return watch.seconds
+
+    def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
+        import numpy as np
+
+        from mcq.export.onnx.runtime import position_ids
+
+        model = self.model
+        embeds = model.merged_embeddings(self._batch(data), _numpy(vision))
+        mask = np.asarray(data["attention_mask"], dtype=np.int64)
+        positions = position_ids(mask)
+        logits, cache = model.decoder(embeds, mask, positions, model.empty_cache(len(embeds)))
+        with Stopwatch(self.device) as watch:
+            for _ in range(tokens):
+                # Greedy, terminators included: the step costs the same whatever the token is.
+                token = logits[:, -1].argmax(-1)[:, None]
+                mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+                positions = positions[:, -1:] + 1
+                logits, cache = model.decoder(model.embed(token), mask, positions, cache)
+        return watch.seconds
