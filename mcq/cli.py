@@ -101,7 +101,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 # Options that belong to one export format: given with another, they would be silently ignored.
-_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples"), "onnx": ("precision",)}
+_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples"), "onnx": ("precision",),
+                   "coreml": ("target", "vision", "llm")}
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -115,11 +116,16 @@ def cmd_export(args: argparse.Namespace) -> None:
         result = export_gguf(args.model, args.out, quant=args.quant or "F16", mmproj_quant=args.mmproj_quant or "F16",
                              imatrix=args.imatrix or "auto", from_dir=args.from_dir, calib=args.calib,
                              num_samples=args.num_samples, seed=args.seed, force=args.force)
-    else:
+    elif args.format == "onnx":
         from mcq.export.onnx import export_onnx
 
         result = export_onnx(args.model, args.out, precision=args.precision or "fp32", block_size=args.block_size,
                              from_dir=args.from_dir, force=args.force)
+    else:
+        from mcq.export.coreml import export_coreml
+
+        result = export_coreml(args.model, args.out, target=args.target or "iOS18", vision=args.vision or "int8",
+                               llm=args.llm or "int4-block32", from_dir=args.from_dir, force=args.force)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
 
 
@@ -225,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--json", action="store_true")
     quant.set_defaults(func=cmd_quantize)
 
-    export = sub.add_parser("export", help="export for another runtime: GGUF (llama.cpp / Ollama), ONNX")
-    export.add_argument("--format", required=True, choices=["gguf", "onnx"])
+    export = sub.add_parser("export", help="export for another runtime: GGUF (llama.cpp / Ollama), ONNX, Core ML")
+    export.add_argument("--format", required=True, choices=["gguf", "onnx", "coreml"])
     export.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
     export.add_argument("--out", required=True, help="output directory (written atomically)")
     export.add_argument("--from", dest="from_dir", metavar="QUANT_DIR",
@@ -245,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], help="default fp32")
     onnx.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32,
                       help="int4/int8 block size (default 32)")
+    coreml = export.add_argument_group("coreml")
+    coreml.add_argument("--target", choices=["iOS17", "iOS18"], help="deployment target (default iOS18: the stateful "
+                                                                      "int4 LLM package needs it)")
+    coreml.add_argument("--vision", choices=["fp16", "int8", "palettize4", "palettize6"],
+                        help="vision package weights (default int8, per channel)")
+    coreml.add_argument("--llm", choices=["int4-block32", "palettize4", "int8", "fp16", "none"],
+                        help="LLM package weights (default int4-block32; none: the vision package only)")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     export.add_argument("--json", action="store_true")

@@ -1,0 +1,296 @@
+"""`export_coreml`: a MiniCPM-V checkpoint (or an `mcq quantize` output of it) → Core ML packages for iOS / macOS.
+
+Layout:
+
+    OUT/
+      MiniCPMV-vision.mlpackage   one slice (≤ 1024 patches) + host inputs → image_features [1, 64, hidden]
+      MiniCPMV-embed.mlpackage    input_ids → inputs_embeds (a quantized gather)          } unless --llm none
+      MiniCPMV-llm.mlpackage      inputs_embeds + rotary terms + mask → logits, KV cache  }
+                                  in two iOS18 states (key_cache, value_cache)
+      minicpmv-coreml.json        preprocessing constants, token ids and the packages' I/O, for the Swift app
+      README.md, mcq-manifest.json
+
+Every package is checked before the output is moved into place: its ops must all be ones the reference
+interpreter knows (`interpreter.check_supported`), so every export stays verifiable on Linux. The output is
+staged; a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mcq.errors import McqError
+
+from .convert import MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_compression
+
+VISION_PACKAGE = "MiniCPMV-vision.mlpackage"
+EMBED_PACKAGE = "MiniCPMV-embed.mlpackage"
+LLM_PACKAGE = "MiniCPMV-llm.mlpackage"
+SIDECAR = "minicpmv-coreml.json"
+# `--llm none` writes no LLM (the vision package alone); `fp16` an uncompressed one.
+LLM_COMPRESSIONS = ("int4-block32", "palettize4", "int8", "fp16", "none")
+
+
+@dataclass
+class CoremlPackage:
+    path: str
+    compression: str
+    bytes: int
+    ops: list[str] = field(default_factory=list)
+    # The least the weights could take (4 bits + an fp16 scale per block of 32 for int4) and bytes / that.
+    physical_min_bytes: int | None = None
+    weights_bytes: int | None = None
+
+
+@dataclass
+class CoremlExportResult:
+    out: str
+    version: str
+    target: str
+    vision: CoremlPackage
+    llm: CoremlPackage | None
+    embed: CoremlPackage | None
+    weights_from: str
+    seconds: float
+    # With --from: LLM Linears not written from their stored int4 levels (module → why); the rest are exact.
+    llm_fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"{self.out}: MiniCPM-V {self.version} → Core ML ({self.target}) in {self.seconds:.1f} s "
+                 f"(weights from {self.weights_from})"]
+        for role, package in (("vision", self.vision), ("embed", self.embed), ("llm", self.llm)):
+            if package is not None:
+                line = f"  {role:<7}{Path(package.path).name}  {package.compression}  {package.bytes / 2**20:.2f} MiB"
+                if package.physical_min_bytes:
+                    line += (f"  ({package.bytes / package.physical_min_bytes:.3f}x the physical minimum; "
+                             f"weights {package.weights_bytes / package.physical_min_bytes:.3f}x)")
+                lines.append(line)
+        lines += [f"    requantized: {name} ({why})" for name, why in self.llm_fallbacks.items()]
+        return "\n".join(lines)
+
+
+def check_options(target: str, vision: str, llm: str) -> None:
+    """Refuse impossible combinations before any model is read."""
+    check_vision_compression(vision, target)
+    if llm not in LLM_COMPRESSIONS:
+        raise McqError(f"--llm {llm!r}: choose one of {', '.join(LLM_COMPRESSIONS)}")
+    if llm != "none" and TARGETS.index(target) < TARGETS.index("iOS18"):
+        held = {"int4-block32": "int4 per-block weights", "palettize4": "grouped-channel palettes"}.get(llm)
+        raise McqError(f"--llm {llm} needs --target iOS18 (the stateful KV cache{' and ' + held if held else ''} "
+                       f"are iOS18 ops; {target} cannot hold them), or --llm none for the vision package alone")
+
+
+def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", vision: str = "int8",
+                  llm: str = "int4-block32", from_dir: str | Path | None = None, force: bool = False,
+                  progress: bool = True) -> CoremlExportResult:
+    from mcq.export.weights_source import ExportWeights
+    from mcq.outputs import check_output
+
+    started = time.perf_counter()
+    check_options(target, vision, llm)
+    weights = ExportWeights(model, from_dir)
+    try:
+        if llm != "none" and weights.spec.version == "4.0":
+            raise McqError("--llm: the Core ML LLM package supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); "
+                           "4.0's MiniCPM4 decoder is not implemented; pass --llm none for its vision package")
+        check_output(Path(out), force, source=weights.model_path)
+        return _export(weights, Path(out), target, vision, llm, from_dir, force, progress, started)
+    finally:
+        weights.close()
+
+
+def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, force: bool, progress: bool,
+            started: float) -> CoremlExportResult:
+    from mcq.outputs import staged_output, write_manifest
+
+    from .convert import convert_embeddings, convert_llm, convert_vision
+
+    _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
+    models = {VISION_PACKAGE: (convert_vision(weights, target, vision), vision)}
+    fallbacks: dict[str, str] = {}
+    if llm != "none":
+        compression = "none" if llm == "fp16" else llm
+        _say(progress, f"converting the token embeddings ({llm})")
+        models[EMBED_PACKAGE] = (convert_embeddings(weights, target, compression), llm)
+        _say(progress, f"converting the LLM decoder with its stateful KV cache ({llm})")
+        llm_model, fallbacks = convert_llm(weights, target, compression)
+        models[LLM_PACKAGE] = (llm_model, llm)
+    with staged_output(out, force) as staging:
+        packages, programs = {}, {}
+        for name, (model, compression) in models.items():
+            packages[name], programs[name] = _save(model, staging / name, out / name, compression)
+        result = CoremlExportResult(
+            out=str(out), version=weights.spec.version, target=target, vision=packages[VISION_PACKAGE],
+            llm=packages.get(LLM_PACKAGE), embed=packages.get(EMBED_PACKAGE), llm_fallbacks=fallbacks,
+            weights_from=str(from_dir) if from_dir else str(weights.model_path), seconds=0.0)
+        (staging / SIDECAR).write_text(json.dumps(sidecar(weights, programs), indent=2, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+        _write_card(staging, weights, result)
+        settings = {"format": "coreml", "target": target, "vision": vision, "llm": llm,
+                    "from": Path(from_dir).name if from_dir else None, "llm_fallbacks": fallbacks}
+        write_manifest(staging, kind="coreml", source=weights.model_path,
+                       recipe=getattr(weights.config, "quantization_config", None), settings=settings)
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _save(model, staged: Path, final: Path, compression: str):
+    from mcq.outputs import directory_bytes
+
+    from .convert import save_package
+    from .interpreter import check_supported, load_program
+
+    save_package(model, staged)
+    program = load_program(staged)
+    check_supported(program)
+    weight_file = staged / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    minimum = physical_minimum(program, compression)
+    return CoremlPackage(path=str(final), compression=compression, bytes=directory_bytes(staged),
+                         ops=sorted(program.op_types()), physical_min_bytes=minimum,
+                         weights_bytes=weight_file.stat().st_size if weight_file.is_file() else 0), program
+
+
+def physical_minimum(program, compression: str) -> int | None:
+    """Bytes the package's weights need at least: for int4 per-block, 4 bits per quantized weight plus one fp16
+    scale per block of 32; every other stored weight at fp16. None for other compressions."""
+    if compression != "int4-block32":
+        return None
+    from .interpreter import Interpreter
+
+    blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]
+    # The ints, scales and offsets feeding the blocks are counted through the weight they make, at 4.5 bits.
+    parts = {ref for op in blockwise for bound in op.inputs.values() for kind, ref in bound if kind == "var"}
+    dequantized = {op.outputs[0][0] for op in blockwise}
+    total = 0
+    for name, value in Interpreter(program).weights().items():
+        if name in dequantized:
+            total += value.size * 4 // 8 + value.size // 32 * 2
+        elif name not in parts and value.dtype == np.float16 and value.size > 1:
+            total += value.size * 2
+    return total
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        import sys
+
+        print(f"[coreml] {text}", file=sys.stderr, flush=True)
+
+
+def sidecar(weights, programs: dict) -> dict[str, Any]:
+    """What a Swift app needs beside the packages: preprocessing constants, token ids, package I/O."""
+    from mcq.models.minicpmv.tokenization import load_tokenizer, special_token_ids
+
+    config, version = weights.config, weights.spec.version
+    preprocessor = json.loads((weights.path / "preprocessor_config.json").read_text(encoding="utf-8")) \
+        if (weights.path / "preprocessor_config.json").is_file() else {}
+    tokens = special_token_ids(load_tokenizer(weights.path, version))
+    vision = config.vision_config
+    vision_program = programs[VISION_PACKAGE]
+    return {
+        "format": "mcq-coreml-1",
+        "version": version,
+        "vision": {
+            "package": VISION_PACKAGE,
+            "inputs": {name: {"dtype": dtype.lower(), "shape": shape}
+                       for name, (dtype, shape) in vision_program.inputs.items()},
+            "outputs": list(vision_program.outputs),
+            "max_patches": MAX_PATCHES,
+            "patch_size": vision.patch_size,
+            "patches_per_side": vision.image_size // vision.patch_size,
+            "hidden_size": config.hidden_size,
+            "query_num": config.query_num,
+            "host": {
+                "pixel_values": "the slice's normalized pixels [3, P, P*h*w] in patch-row layout, zero-padded to "
+                                "P*max_patches columns",
+                "position_ids": "navit bucketing: for i < h, w: bucket(i/h) * patches_per_side + bucket(j/w), "
+                                "bucket(x) = number of k/patches_per_side (k = 1..patches_per_side-1) <= x, in "
+                                "float32; 0 on padding",
+                "patch_mask": "1 on the h*w real patches, 0 on padding",
+                "key_positions": "2D sin-cos table [h*w, hidden] (first half: column, second half: row; "
+                                 "omega_i = 10000^(-i/(hidden/4))), zero on padding",
+            },
+        },
+        "preprocessing": {key: preprocessor[key] for key in (
+            "norm_mean", "norm_std", "scale_resolution", "max_slice_nums", "slice_mode", "use_image_id",
+            "image_feature_size", "patch_size") if key in preprocessor},
+        "tokens": {
+            "im_start": tokens.im_start_id, "im_end": tokens.im_end_id, "slice_start": tokens.slice_start_id,
+            "slice_end": tokens.slice_end_id, "im_id_start": tokens.im_id_start_id,
+            "im_id_end": tokens.im_id_end_id, "image_placeholder": tokens.unk_id, "newline": tokens.newline_id,
+            "bos": tokens.bos_id, "eos": tokens.eos_id, "pad": tokens.pad_id,
+            "terminators": tokens.terminator_ids(weights.spec.terminators),
+        },
+        "embedding_scale": float(getattr(config, "scale_emb", 1.0) or 1.0),
+        "llm": _llm_sidecar(weights, programs) if LLM_PACKAGE in programs else None,
+    }
+
+
+def _llm_sidecar(weights, programs: dict) -> dict[str, Any]:
+    from .convert import LLM_CONTEXT, LLM_MAX_CHUNK, rope_theta
+    from .graphs import MASKED_SCORE, DecoderShape
+
+    shape = DecoderShape(weights.config, LLM_CONTEXT)
+
+    def io(program) -> dict[str, Any]:
+        return {"inputs": {name: {"dtype": dtype.lower(), "shape": dims} for name, (dtype, dims)
+                           in program.inputs.items()},
+                "outputs": list(program.outputs)}
+
+    return {
+        "package": LLM_PACKAGE, "embed_package": EMBED_PACKAGE,
+        **io(programs[LLM_PACKAGE]), "embed": io(programs[EMBED_PACKAGE]),
+        "states": {name: {"dtype": dtype.lower(), "shape": dims}
+                   for name, (dtype, dims) in programs[LLM_PACKAGE].states.items()},
+        "context": LLM_CONTEXT, "max_tokens_per_call": LLM_MAX_CHUNK,
+        "layers": shape.layers, "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
+        "rope_theta": rope_theta(weights.config), "masked_score": MASKED_SCORE,
+        "host": {
+            "position_cos/position_sin": "[1, 1, S, head_dim]: cos/sin(p * theta^(-2i/head_dim)) for the S new "
+                                         "positions p, i < head_dim/2, the halves repeated; computed in float32",
+            "causal_mask": "[1, 1, S, past + S]: 0 where key position <= query position, masked_score elsewhere; "
+                           "its last dimension tells the package where the S new entries go in the cache",
+        },
+    }
+
+
+def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
+    from mcq.outputs import write_model_card
+
+    llm_rows = "".join(f"| `{Path(p.path).name}` | {p.compression} | {p.bytes:,} |\n"
+                       for p in (result.embed, result.llm) if p is not None)
+    write_model_card(
+        staging, title=f"{weights.model_path.name} — Core ML ({result.target})", base_model=weights.model_path.name,
+        variant={"method": "coreml", "format": result.vision.compression, "tags": ["coreml", "ios", "macos"]},
+        source=weights.model_path,
+        sections=[
+            ("Files", f"| file | compression | size |\n| --- | --- | ---: |\n"
+                      f"| `{VISION_PACKAGE}` | {result.vision.compression} | {result.vision.bytes:,} |\n"
+                      f"{llm_rows}"
+                      f"| `{SIDECAR}` | preprocessing constants, token ids, package I/O | |"),
+            ("Vision package", f"One slice of up to {MAX_PATCHES} patches per call, vision tower and resampler "
+                               "together, fp16 compute. Inputs computed on the host: `pixel_values`, "
+                               "`position_ids`, `patch_mask`, `key_positions` (see the JSON sidecar). Output "
+                               f"`image_features` [1, {weights.config.query_num}, {weights.config.hidden_size}] "
+                               "replaces the image placeholder tokens of the slice."),
+            ("LLM package", "Decoder with its KV cache in two iOS18 states (`key_cache`, `value_cache`); each call "
+                            "adds up to 512 tokens (prefill in chunks, then one at a time) and returns their logits. "
+                            "Grouped K/V heads are repeated explicitly. See the JSON sidecar for the host inputs."
+                            if result.llm else "not exported (`--llm none`)"),
+            ("Weights", f"from `{Path(result.weights_from).name}`"),
+            ("Model", f"MiniCPM-V {result.version}, exported by mcq. Video frames go through the package one at "
+                      "a time as images (the 3D resampler's temporal grouping is not in this package)."),
+        ])
+
+
+__all__ = ["EMBED_PACKAGE", "LLM_COMPRESSIONS", "LLM_PACKAGE", "SIDECAR", "TARGETS", "VISION_COMPRESSIONS",
+           "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options", "export_coreml"]

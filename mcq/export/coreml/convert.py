@@ -1,0 +1,276 @@
+"""Trace the torch programs of `graphs.py`, convert them with coremltools and compress their weights.
+
+Conversion goes through `torch.jit.trace` (coremltools' mature frontend; its `torch.export` path is beta and on
+torch >= 2.9 needs extra decomposition). Every failure comes out as one McqError naming the op when coremltools
+names one, and nothing is written here: the caller saves into a staged output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from mcq.errors import McqError
+
+TARGETS = ("iOS17", "iOS18")
+VISION_COMPRESSIONS = ("fp16", "int8", "palettize4", "palettize6")
+MAX_PATCHES = 1024          # one MiniCPM-V slice is at most 448 x 448 px = 32 x 32 patches
+# Weights smaller than this stay fp16 (norms, biases, tiny tables): compressing them saves nothing measurable.
+WEIGHT_THRESHOLD = 2048
+PALETTE_GROUP = 16          # output channels sharing one palette (iOS18 per_grouped_channel)
+# coremltools' metadata key whose value is the conversion date: dropped so the same inputs give the same bytes.
+_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+
+
+def import_coremltools():
+    """coremltools, imported once with its Linux noise (no libcoremlpython, untested torch version) silenced."""
+    try:
+        with _quiet():
+            import coremltools
+    except ImportError:
+        raise McqError("Core ML export needs coremltools: pip install 'coremltools>=9.0,<10'") from None
+    return coremltools
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("coremltools", "root")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def deployment_target(ct, target: str):
+    if target not in TARGETS:
+        raise McqError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    return getattr(ct.target, target)
+
+
+def check_vision_compression(compression: str, target: str) -> None:
+    if compression not in VISION_COMPRESSIONS:
+        raise McqError(f"--vision {compression!r}: choose one of {', '.join(VISION_COMPRESSIONS)}")
+    if target not in TARGETS:
+        raise McqError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+
+
+def _convert(ct, module: torch.nn.Module, example: tuple, inputs: list, outputs: list, target: str, states=None):
+    module = module.eval()
+    try:
+        with torch.no_grad(), _quiet():
+            traced = torch.jit.trace(module, example, check_trace=False)
+            converted = ct.convert(traced, inputs=inputs, outputs=outputs, states=states or None,
+                                   convert_to="mlprogram", minimum_deployment_target=deployment_target(ct, target),
+                                   compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+    except McqError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every converter failure becomes one line naming the op
+        raise McqError(f"Core ML conversion of {type(module).__name__} failed: {_describe(err)}") from None
+    metadata = converted._spec.description.metadata.userDefined
+    if _DATE_KEY in metadata:
+        del metadata[_DATE_KEY]
+    return converted
+
+
+def _describe(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    match = re.search(r"op[s]? (?:named |type |')?['\"]?([A-Za-z_][\w.:]*)", text)
+    prefix = f"op {match.group(1)!r}: " if match and "op" not in text[:3].lower() else ""
+    return prefix + text[:300]
+
+
+def convert_vision(weights, target: str, compression: str, max_patches: int = MAX_PATCHES):
+    """The vision package as an in-memory MLModel (saved by the caller)."""
+    from .graphs import VisionSlice
+
+    check_vision_compression(compression, target)
+    ct = import_coremltools()
+    config = weights.config
+    vision = config.vision_config
+    patch, hidden = vision.patch_size, config.hidden_size
+    module = VisionSlice(weights, max_patches)
+    example = (torch.zeros(1, 3, patch, patch * max_patches), torch.zeros(1, max_patches, dtype=torch.int32),
+               torch.ones(1, max_patches), torch.zeros(1, max_patches, hidden))
+    inputs = [ct.TensorType("pixel_values", shape=example[0].shape, dtype=np.float16),
+              ct.TensorType("position_ids", shape=example[1].shape, dtype=np.int32),
+              ct.TensorType("patch_mask", shape=example[2].shape, dtype=np.float16),
+              ct.TensorType("key_positions", shape=example[3].shape, dtype=np.float16)]
+    model = _convert(ct, module, example, inputs, [ct.TensorType("image_features", dtype=np.float16)], target)
+    model.short_description = (f"MiniCPM-V {weights.spec.version} vision tower + resampler: one slice of up to "
+                               f"{max_patches} patches → [1, {config.query_num}, {hidden}]")
+    return compress_vision(ct, model, compression, target)
+
+
+def compress_vision(ct, model, compression: str, target: str):
+    """ANE-friendly weight compression: per-channel int8 or palettization (per-block ints run badly there)."""
+    if compression == "fp16":
+        return model
+    from coremltools.optimize import coreml as cto
+
+    if compression == "int8":
+        op_config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                                weight_threshold=WEIGHT_THRESHOLD)
+        config = cto.OptimizationConfig(global_config=op_config, op_type_configs={"gather": None})
+        with _quiet():
+            return cto.linear_quantize_weights(model, config)
+    bits = int(compression.removeprefix("palettize"))
+    grouped = target == "iOS18"   # per_grouped_channel palettes need iOS18; iOS17 gets one palette per tensor
+    op_config = cto.OpPalettizerConfig(mode="custom", lut_function=lambda w: kmeans_palette(w, bits),
+                                       granularity="per_grouped_channel" if grouped else "per_tensor",
+                                       group_size=PALETTE_GROUP, weight_threshold=WEIGHT_THRESHOLD)
+    config = cto.OptimizationConfig(global_config=op_config, op_type_configs={"gather": None})
+    with _quiet():
+        return cto.palettize_weights(model, config)
+
+
+def kmeans_palette(weight: np.ndarray, bits: int, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """A 2^bits-entry palette of `weight` by 1-D k-means (Lloyd), and each element's index into it.
+
+    Ours rather than coremltools' kmeans mode: that one needs scikit-learn and its random init makes the bytes
+    differ run to run; this one starts from quantiles and is deterministic. 1-D k-means is solved on sorted values:
+    each cluster is a contiguous run, found by bisecting the midpoints between centroids."""
+    values = np.asarray(weight, dtype=np.float32).reshape(-1)
+    entries = 1 << bits
+    ordered = np.sort(values)
+    centroids = np.quantile(ordered, (np.arange(entries) + 0.5) / entries).astype(np.float32)
+    for _ in range(iterations):
+        centroids = np.unique(centroids)
+        edges = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2)
+        sums = np.add.reduceat(ordered, np.r_[0, edges]) if len(ordered) else np.zeros(0)
+        counts = np.diff(np.r_[0, edges, len(ordered)])
+        keep = counts > 0
+        centroids = (sums[keep[: len(sums)]] / counts[keep]).astype(np.float32)
+    # Pad to exactly 2^bits entries (a tensor with fewer distinct values than entries repeats its last one).
+    palette = np.sort(np.unique(centroids))
+    palette = np.concatenate([palette, np.full(entries - len(palette), palette[-1], dtype=np.float32)])
+    boundaries = (palette[1:] + palette[:-1]) / 2
+    indices = np.searchsorted(boundaries, values).astype(np.uint8)
+    return palette.astype(weight.dtype), indices
+
+
+def save_package(model, path) -> None:
+    """Save an MLModel as `.mlpackage` with the same bytes for the same model.
+
+    coremltools writes the protobuf with maps in hash order and names the package items with random UUIDs; both
+    are rewritten: the spec serialized deterministically, the item ids derived from the item paths (Core ML only
+    needs them unique within the package)."""
+    import json
+    import uuid
+    from pathlib import Path
+
+    from coremltools.proto import Model_pb2
+
+    path = Path(path)
+    with _quiet():
+        model.save(str(path))
+    spec_file = path / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest_file = path / "Manifest.json"
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"mcq-coreml/{entry['path']}"))
+               for old, entry in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: entry for old, entry in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+
+
+LLM_COMPRESSIONS = ("int4-block32", "palettize4", "int8", "none")
+LLM_CONTEXT = 4096          # cached positions the state holds (the Swift app starts over, or slides, past it)
+LLM_MAX_CHUNK = 512         # tokens one call may add (prefill in chunks of up to this many)
+INT4_BLOCK = 32
+
+
+def rope_theta(config) -> float:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def convert_llm(weights, target: str, compression: str, context: int = LLM_CONTEXT,
+                max_chunk: int = LLM_MAX_CHUNK):
+    """The stateful decoder as an in-memory MLModel (iOS18: states), and the Linears whose `--from` levels could
+    not be carried into int4 blocks (module → reason; empty without `--from`)."""
+    from .graphs import StatefulDecoder
+
+    if weights.spec.version == "4.0":
+        raise McqError("Core ML LLM export supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); 4.0's MiniCPM4 "
+                       "decoder (scaled residuals) is not implemented")
+    ct = import_coremltools()
+    module = StatefulDecoder(weights, context)
+    shape = module.shape
+    chunk, seen = 2, 5       # example sizes ≥ 2, so tracing specializes nothing to 1
+    example = (torch.zeros(1, chunk, shape.hidden), torch.ones(1, 1, chunk, shape.head_dim),
+               torch.zeros(1, 1, chunk, shape.head_dim), torch.zeros(1, 1, chunk, seen))
+    length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
+    cached = ct.RangeDim(lower_bound=1, upper_bound=context, default=1, symbol="end")
+    inputs = [ct.TensorType("inputs_embeds", shape=(1, length, shape.hidden), dtype=np.float16),
+              ct.TensorType("position_cos", shape=(1, 1, length, shape.head_dim), dtype=np.float16),
+              ct.TensorType("position_sin", shape=(1, 1, length, shape.head_dim), dtype=np.float16),
+              ct.TensorType("causal_mask", shape=(1, 1, length, cached), dtype=np.float16)]
+    states = [ct.StateType(wrapped_type=ct.TensorType(shape=shape.cache_shape, dtype=np.float16), name=name)
+              for name in ("key_cache", "value_cache")]
+    model = _convert(ct, module, example, inputs, [ct.TensorType("logits", dtype=np.float16)], target, states)
+    model.short_description = (f"MiniCPM-V {weights.spec.version} LLM decoder with a stateful KV cache of "
+                               f"{context} positions; up to {max_chunk} new tokens per call")
+    model = compress_llm(ct, model, compression)
+    if not weights.quantized_from or compression != "int4-block32":
+        return model, {}
+    from .stored import replace_with_stored, stored_int4_blocks
+
+    blocks, fallbacks = stored_int4_blocks(weights, module.linear_sources())
+    if blocks:
+        model = replace_with_stored(model, blocks, model.get_spec().specificationVersion)
+    return model, fallbacks
+
+
+def compress_llm(ct, model, compression: str):
+    """int4 per-block (block 32, the Mac GPU's format), 4-bit palettes or int8 per channel; norms stay fp16."""
+    if compression == "none":
+        return model
+    from coremltools.optimize import coreml as cto
+
+    if compression == "int4-block32":
+        op_config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                                block_size=INT4_BLOCK, weight_threshold=WEIGHT_THRESHOLD)
+        with _quiet():
+            return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op_config))
+    if compression == "int8":
+        op_config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                                weight_threshold=WEIGHT_THRESHOLD)
+        with _quiet():
+            return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op_config))
+    op_config = cto.OpPalettizerConfig(mode="custom", lut_function=lambda w: kmeans_palette(w, 4),
+                                       granularity="per_grouped_channel", group_size=PALETTE_GROUP,
+                                       weight_threshold=WEIGHT_THRESHOLD)
+    with _quiet():
+        return cto.palettize_weights(model, cto.OptimizationConfig(global_config=op_config))
+
+
+def convert_embeddings(weights, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
+    """The token embedding table as a gather program, compressed like the LLM (a quantized gather)."""
+    from .graphs import EmbedTokens
+
+    ct = import_coremltools()
+    length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
+    model = _convert(ct, EmbedTokens(weights), (torch.zeros(1, 2, dtype=torch.int32),),
+                     [ct.TensorType("input_ids", shape=(1, length), dtype=np.int32)],
+                     [ct.TensorType("inputs_embeds", dtype=np.float16)], target)
+    model.short_description = f"MiniCPM-V {weights.spec.version} token embeddings (input_ids → inputs_embeds)"
+    return compress_llm(ct, model, compression)

@@ -1,0 +1,524 @@
+"""Core ML export: saved packages checked structurally, weight by weight, and numerically through the numpy
+reference interpreter (on macOS also through Core ML itself) against the torch model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("coremltools")
+
+from mcq.errors import McqError  # noqa: E402
+from mcq.export.coreml import api  # noqa: E402
+from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette  # noqa: E402
+from mcq.export.coreml.host import vision_inputs  # noqa: E402
+from mcq.export.coreml.interpreter import Interpreter, Operation, Program, check_supported, load_program  # noqa: E402
+
+MODEL = "tiny:4.5"
+# Slices of the test: one with padding (600 of 1024 patches), one that fills the package.
+SLICES = ((20, 30), (32, 32))
+SPEC_VERSION = {"iOS17": 8, "iOS18": 9}      # Core ML specification version each deployment target writes
+VISION_INPUTS = {"pixel_values": ("FLOAT16", [1, 3, 14, 14 * MAX_PATCHES]), "position_ids": ("INT32", [1, MAX_PATCHES]),
+                 "patch_mask": ("FLOAT16", [1, MAX_PATCHES]), "key_positions": ("FLOAT16", [1, MAX_PATCHES, 256])}
+COMPRESSED_OP = {"int8": {"iOS17": "constexpr_affine_dequantize", "iOS18": "constexpr_blockwise_shift_scale"},
+                 "palettize4": {"iOS17": "constexpr_lut_to_dense", "iOS18": "constexpr_lut_to_dense"},
+                 "palettize6": {"iOS18": "constexpr_lut_to_dense"}}
+
+
+def as_declared(inputs: dict, program) -> dict:
+    """Inputs in the dtypes the package declares (what Core ML's predict is given on macOS)."""
+    dtypes = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
+    return {name: np.asarray(value).astype(dtypes[program.inputs[name][0]]) for name, value in inputs.items()}
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def weights():
+    from mcq.export.weights_source import ExportWeights
+
+    source = ExportWeights(MODEL)
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    """The torch model's resampled features and the host inputs, per test slice."""
+    from transformers import AutoModel
+
+    import mcq  # noqa: F401  (registers the model type)
+
+    model = AutoModel.from_pretrained(str(weights.path), dtype=torch.float32).eval()
+    config = weights.config
+    cases = []
+    generator = torch.Generator().manual_seed(0)
+    for height, width in SLICES:
+        pixels = torch.randn(3, 14, 14 * height * width, generator=generator)
+        with torch.no_grad():
+            expected = model.get_vision_embedding([pixels], torch.tensor([[height, width]])).numpy()
+        inputs = vision_inputs(pixels, height, width, patch=14, patches_per_side=config.vision_config.image_size // 14,
+                               hidden=config.hidden_size, max_patches=MAX_PATCHES)
+        cases.append((inputs, expected))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """One export per (vision compression, target) the tests look at, made once."""
+    made = {}
+
+    def export(vision: str, target: str) -> Path:
+        if (vision, target) not in made:
+            out = tmp_path_factory.mktemp("coreml") / f"{vision}-{target}"
+            api.export_coreml(MODEL, out, target=target, vision=vision, llm="none", progress=False)
+            made[vision, target] = out
+        return made[vision, target]
+
+    return export
+
+
+def _interpreted(package: Path, inputs: dict) -> np.ndarray:
+    return Interpreter(load_program(package)).predict(inputs)["image_features"].astype(np.float32)
+
+
+def test_vision_fp16_package_structure(exports):
+    import coremltools as ct
+
+    out = exports("fp16", "iOS17")
+    package = out / api.VISION_PACKAGE
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    assert spec.specificationVersion == SPEC_VERSION["iOS17"]
+    program = load_program(package)
+    assert program.inputs == VISION_INPUTS
+    assert program.outputs == ["image_features"]
+    output = spec.description.output[0].type.multiArrayType
+    assert list(output.shape) == [1, 64, 256] and output.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    ops = program.op_types()
+    assert not any(op.startswith("constexpr_") for op in ops)     # fp16: nothing compressed
+    assert {"linear", "layer_norm", "softmax", "gather"} <= ops
+    sidecar = json.loads((out / api.SIDECAR).read_text())
+    assert sidecar["vision"]["max_patches"] == MAX_PATCHES and sidecar["vision"]["query_num"] == 64
+    assert sidecar["tokens"]["image_placeholder"] != sidecar["tokens"]["im_start"]
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["kind"] == "coreml" and manifest["settings"]["vision"] == "fp16"
+    assert any(name.startswith(api.VISION_PACKAGE) for name in manifest["outputs"])
+
+
+def test_vision_fp16_package_agrees_with_torch(exports, reference):
+    package = exports("fp16", "iOS17") / api.VISION_PACKAGE
+    for inputs, expected in reference:
+        got = _interpreted(package, inputs)
+        assert got.shape == expected.shape == (1, 64, 256)
+        assert cosine(got, expected) > 0.999
+    if sys.platform == "darwin":    # the same check through Core ML itself (the macOS CI job)
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
+        program = load_program(package)
+        for inputs, expected in reference:
+            assert cosine(model.predict(as_declared(inputs, program))["image_features"], expected) > 0.999
+
+
+def test_padding_is_masked(exports, reference):
+    """Changing the pixels of padded patches must not change the output (the port without a mask fails this)."""
+    package = exports("fp16", "iOS17") / api.VISION_PACKAGE
+    inputs, _ = reference[0]
+    noisy = dict(inputs)
+    noisy["pixel_values"] = inputs["pixel_values"].copy()
+    noisy["pixel_values"][..., 14 * 600:] = 3.0
+    np.testing.assert_array_equal(_interpreted(package, inputs), _interpreted(package, noisy))
+
+
+@pytest.mark.parametrize(("vision", "target"), [("int8", "iOS17"), ("int8", "iOS18"), ("palettize4", "iOS17"),
+                                                ("palettize4", "iOS18"), ("palettize6", "iOS18")])
+def test_vision_compression(exports, reference, weights, vision, target):
+    """Weights as the package decompresses them are close to torch's, and the whole program, run on them, is the
+    torch wrapper with those weights (so the interpreter and the conversion are checked apart from the rounding)."""
+    from mcq.export.coreml.graphs import VisionSlice
+
+    package = exports(vision, target) / api.VISION_PACKAGE
+    program = load_program(package)
+    assert COMPRESSED_OP[vision][target] in program.op_types()
+    interpreter = Interpreter(program)
+    decompressed = interpreter.weights()
+    module = VisionSlice(weights, MAX_PATCHES).eval()
+    compressed_names = 0
+    for name, parameter in module.state_dict().items():
+        key = name.replace(".", "_") + "_to_fp16"
+        found = [value for stored, value in decompressed.items() if stored.startswith(key) and stored != key]
+        if not found:
+            continue
+        compressed_names += 1
+        original = parameter.numpy()
+        stored = found[0].astype(np.float32).reshape(original.shape)
+        error = np.abs(stored - original)
+        if vision == "int8":   # symmetric per output channel: at most half a step of max|w| / 127, plus fp16
+            bound = np.abs(original).max(axis=1, keepdims=True) / 127 * 0.5 + np.abs(original) * 2**-10 + 1e-6
+            assert (error <= bound).all(), name
+        else:                  # at most 2^bits palette entries per group, each weight on its nearest entry
+            levels = 2 ** int(vision.removeprefix("palettize"))
+            group = 16 * original.shape[1] if target == "iOS18" else original.size   # per_grouped_channel: 16 rows
+            for stored_group, original_group in zip(stored.reshape(-1, group), original.reshape(-1, group)):
+                palette = np.unique(stored_group)
+                assert len(palette) <= levels, name
+                nearest = np.abs(original_group[:, None] - palette[None, :]).min(axis=1)
+                assert (np.abs(stored_group - original_group) <= nearest + 1e-4).all(), name
+        parameter.copy_(torch.from_numpy(stored))
+    assert compressed_names >= 10     # every Linear of the tower and the resampler
+    for inputs, expected in reference:
+        got = interpreter.predict(inputs)["image_features"].astype(np.float32)
+        with torch.no_grad():
+            wrapped = module(*(torch.from_numpy(inputs[k]) for k in VISION_INPUTS)).numpy()
+        assert cosine(got, wrapped) > 0.999
+        assert cosine(got, expected) > {"int8": 0.999, "palettize6": 0.99, "palettize4": 0.95}[vision]
+
+
+def test_export_is_deterministic(exports, tmp_path):
+    first = exports("palettize4", "iOS18")
+    again = tmp_path / "again"
+    api.export_coreml(MODEL, again, target="iOS18", vision="palettize4", llm="none", progress=False)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for file in files:
+        assert (first / file).read_bytes() == (again / file).read_bytes(), file
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"target": "iOS16"}, "--target 'iOS16'"),
+    ({"vision": "int4"}, "--vision 'int4'"),
+    ({"llm": "int3"}, "--llm 'int3'"),
+    ({"llm": "int4-block32", "target": "iOS17"}, "needs --target iOS18"),
+    ({"llm": "fp16", "target": "iOS17"}, "needs --target iOS18"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, options, message):
+    out = tmp_path / "out"
+    with pytest.raises(McqError, match=message.replace("'", ".").replace("-", ".")):
+        api.export_coreml(MODEL, out, progress=False, **{"llm": "none", **options})
+    assert not out.exists()
+
+
+def test_failure_leaves_no_output(tmp_path, monkeypatch):
+    from mcq.export.coreml import convert
+
+    def broken(*_args, **_kwargs):
+        raise McqError("Core ML conversion of VisionSlice failed: op 'bucketize' has no converter")
+
+    monkeypatch.setattr(convert, "convert_vision", broken)
+    out = tmp_path / "out"
+    with pytest.raises(McqError, match="bucketize"):
+        api.export_coreml(MODEL, out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(exports):
+    out = exports("fp16", "iOS17")
+    with pytest.raises(McqError, match="--force"):
+        api.export_coreml(MODEL, out, vision="fp16", target="iOS17", llm="none", progress=False)
+
+
+def test_interpreter_names_missing_ops(tmp_path):
+    program = Program(tmp_path / "x.mlpackage", "CoreML7", {}, {}, [Operation("einsum", "e", {}, [("y", "FLOAT16")])],
+                      ["y"])
+    with pytest.raises(McqError, match="'einsum'"):
+        check_supported(program)
+
+
+def test_interpreter_rejects_wrong_input_shape(exports, reference):
+    interpreter = Interpreter(load_program(exports("fp16", "iOS17") / api.VISION_PACKAGE))
+    inputs = dict(reference[0][0])
+    inputs["patch_mask"] = inputs["patch_mask"][:, :512]
+    with pytest.raises(McqError, match="patch_mask"):
+        interpreter.predict(inputs)
+
+
+def test_kmeans_palette_is_exact_on_few_values_and_deterministic():
+    values = np.array([0.5, -1.0, 0.25, 0.5, -1.0, 2.0] * 10, dtype=np.float32)
+    palette, indices = kmeans_palette(values, 2)
+    assert palette.shape == (4,) and indices.dtype == np.uint8
+    np.testing.assert_array_equal(palette[indices], values)
+    weight = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    first, second = kmeans_palette(weight, 4), kmeans_palette(weight, 4)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    # Lloyd iterations from quantiles beat a uniform grid on Gaussian weights.
+    grid = np.linspace(weight.min(), weight.max(), 16)
+    uniform_error = np.abs(grid[np.abs(weight.reshape(-1, 1) - grid).argmin(1)] - weight.ravel()).mean()
+    assert np.abs(first[0][first[1]] - weight.ravel()).mean() < uniform_error
+
+
+def test_host_inputs_refuse_oversized_slices():
+    with pytest.raises(McqError, match="exceeds"):
+        vision_inputs(np.zeros((3, 14, 14 * 33 * 32)), 33, 32, patch=14, patches_per_side=70, hidden=256,
+                      max_patches=MAX_PATCHES)
+
+
+# -- LLM -------------------------------------------------------------------------------------------------------------
+
+PROMPT = [5, 17, 300, 42, 9, 1000, 77, 3]
+CALLS = ((0, 4), (4, 3), (7, 1))     # (past, new tokens): a prefill, a chunk, then one decode step
+
+
+@pytest.fixture(scope="module")
+def llm_reference(weights):
+    """Embeddings and the torch LLM's logits for PROMPT (teacher forced, one pass)."""
+    from transformers import AutoModel
+
+    import mcq  # noqa: F401
+
+    model = AutoModel.from_pretrained(str(weights.path), dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        embeds = model.llm.get_input_embeddings()(ids)
+        logits = model.llm(inputs_embeds=embeds).logits
+    return embeds.numpy(), logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def llm_exports(tmp_path_factory):
+    made = {}
+
+    def export(llm: str) -> Path:
+        if llm not in made:
+            out = tmp_path_factory.mktemp("coreml-llm") / llm
+            api.export_coreml(MODEL, out, target="iOS18", vision="fp16", llm=llm, progress=False)
+            made[llm] = out
+        return made[llm]
+
+    return export
+
+
+def _llm_feeds(embeds: np.ndarray, past: int, length: int, config) -> dict[str, np.ndarray]:
+    from mcq.export.coreml.convert import rope_theta
+    from mcq.export.coreml.host import causal_mask, rotary_inputs
+
+    cos, sin = rotary_inputs(np.arange(past, past + length), config.head_dim, rope_theta(config))
+    return {"inputs_embeds": embeds[:, past : past + length], "position_cos": cos, "position_sin": sin,
+            "causal_mask": causal_mask(past, length)}
+
+
+def _run_calls(interpreter: Interpreter, embeds, config) -> np.ndarray:
+    interpreter.reset_state()
+    return np.concatenate([interpreter.predict(_llm_feeds(embeds, past, length, config))["logits"]
+                           for past, length in CALLS], axis=1).astype(np.float32)
+
+
+def test_llm_package_structure(llm_exports, weights):
+    import coremltools as ct
+
+    out = llm_exports("int4-block32")
+    package = out / api.LLM_PACKAGE
+    assert ct.models.MLModel(str(package), skip_model_load=True).get_spec().specificationVersion == \
+        SPEC_VERSION["iOS18"]
+    program = load_program(package)
+    config = weights.config
+    cache = [config.num_hidden_layers, 1, config.num_key_value_heads, 4096, config.head_dim]
+    assert program.states == {"key_cache": ("FLOAT16", cache), "value_cache": ("FLOAT16", cache)}
+    assert program.inputs == {"inputs_embeds": ("FLOAT16", [1, None, 256]),
+                              "position_cos": ("FLOAT16", [1, 1, None, 64]),
+                              "position_sin": ("FLOAT16", [1, 1, None, 64]),
+                              "causal_mask": ("FLOAT16", [1, 1, None, None])}
+    assert program.outputs == ["logits"]
+    ops = program.op_types()
+    assert {"constexpr_blockwise_shift_scale", "read_state", "write_state", "slice_update"} <= ops
+    blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]
+    # Every Linear (7 per layer) and the LM head, stored as int4 with one scale per block of 32 inputs.
+    assert len(blockwise) == 7 * config.num_hidden_layers + 1
+    interpreter = Interpreter(program)
+    env = interpreter.weights()
+    for op in blockwise:
+        data, scale = (env[op.inputs[key][0][1]] if op.inputs[key][0][0] == "var" else op.inputs[key][0][1]
+                       for key in ("data", "scale"))
+        assert data.min() >= -8 and data.max() <= 7
+        assert scale.shape == (data.shape[0], data.shape[1] // 32)
+    sidecar = json.loads((out / api.SIDECAR).read_text())
+    assert sidecar["llm"]["kv_heads"] == config.num_key_value_heads and sidecar["llm"]["states"]["key_cache"][
+        "shape"] == cache
+
+
+def test_llm_fp16_package_agrees_with_torch_across_calls(llm_exports, llm_reference, weights):
+    embeds, expected = llm_reference
+    interpreter = Interpreter(load_program(llm_exports("fp16") / api.LLM_PACKAGE))
+    got = _run_calls(interpreter, embeds, weights.config)
+    assert cosine(got, expected) > 0.9999
+    np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    # The cache carries the context: the second call alone, on an empty cache, gives other logits.
+    interpreter.reset_state()
+    alone = interpreter.predict(_llm_feeds(embeds, 4, 3, weights.config))["logits"].astype(np.float32)
+    assert cosine(alone, expected[:, 4:7]) < 0.999
+    if sys.platform == "darwin":
+        import coremltools as ct
+
+        package = llm_exports("fp16") / api.LLM_PACKAGE
+        model, program = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY), load_program(package)
+        state = model.make_state()
+        native = np.concatenate([model.predict(as_declared(_llm_feeds(embeds, past, length, weights.config), program),
+                                               state=state)["logits"] for past, length in CALLS], axis=1)
+        assert cosine(native, expected) > 0.9999
+
+
+def test_llm_int4_package_is_its_torch_program(llm_exports, llm_reference, weights):
+    """The int4 package computes what the torch decoder computes with the package's own dequantized weights."""
+    from mcq.export.coreml.graphs import StatefulDecoder
+
+    embeds, expected = llm_reference
+    program = load_program(llm_exports("int4-block32") / api.LLM_PACKAGE)
+    interpreter = Interpreter(program)
+    decompressed = interpreter.weights()
+    module = StatefulDecoder(weights, 4096).eval()
+    replaced = 0
+    for name, parameter in module.state_dict().items():
+        key = name.replace(".", "_") + "_to_fp16"
+        found = [value for stored, value in decompressed.items() if stored.startswith(key) and stored != key
+                 and value.shape == tuple(parameter.shape)]
+        if found and name.endswith("weight") and parameter.dim() == 2:
+            original = parameter.numpy()
+            stored = found[0].astype(np.float32)
+            # symmetric int4 per block of 32: at most half a step (max |w| of the block / 7), plus fp16 rounding
+            peak = np.abs(original.reshape(original.shape[0], -1, 32)).max(-1, keepdims=True)
+            bound = np.repeat(peak / 7 * 0.5, 32, axis=-1).reshape(original.shape) * 1.01 + 1e-6
+            assert (np.abs(stored - original) <= bound).all(), name
+            parameter.copy_(torch.from_numpy(stored))
+            replaced += 1
+    assert replaced == 7 * weights.config.num_hidden_layers + 1
+    got = _run_calls(interpreter, embeds, weights.config)
+    with torch.no_grad():
+        wrapped = np.concatenate([module(*(torch.from_numpy(np.asarray(v, np.float32)) for v in
+                                           _llm_feeds(embeds, past, length, weights.config).values())).numpy()
+                                  for past, length in CALLS], axis=1)
+    assert cosine(got, wrapped) > 0.9999
+    assert cosine(got, expected) > 0.95     # int4 rounding of random tiny weights, against the float model
+
+
+def test_llm_int4_size_is_near_the_physical_minimum(llm_exports, weights):
+    """4 bits per Linear weight + an fp16 scale per 32, norms at fp16: counted here from the checkpoint."""
+    out = llm_exports("int4-block32")
+    linear, other = 0, 0
+    for name in weights.names():
+        if not name.startswith("llm.") or name == "llm.model.embed_tokens.weight":
+            continue
+        count = weights.tensor(name).numel()
+        if name.endswith("_proj.weight") or name == "llm.lm_head.weight":
+            linear += count
+        else:
+            other += count
+    minimum = linear * 4 // 8 + linear // 32 * 2 + other * 2
+    weight_file = out / api.LLM_PACKAGE / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    assert minimum <= weight_file.stat().st_size <= 1.05 * minimum
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["settings"]["llm"] == "int4-block32"
+
+
+def test_embed_package_gathers_the_table(llm_exports, weights):
+    table = weights.tensor("llm.model.embed_tokens.weight").float().numpy()
+    ids = np.array([[0, 5, 17, table.shape[0] - 1]], dtype=np.int32)
+    for llm, tolerance in (("fp16", 1e-3), ("int4-block32", None)):
+        program = load_program(llm_exports(llm) / api.EMBED_PACKAGE)
+        got = Interpreter(program).predict({"input_ids": ids})["inputs_embeds"].astype(np.float32)[0]
+        expected = table[ids[0]]
+        if tolerance is None:     # int4 blocks of 32 along the hidden axis: half a step of each block's max
+            peak = np.abs(expected.reshape(len(expected), -1, 32)).max(-1, keepdims=True)
+            tolerance = np.repeat(peak / 14, 32, axis=-1).reshape(expected.shape) * 1.01 + 1e-6
+            assert "constexpr_blockwise_shift_scale" in program.op_types()
+        assert (np.abs(got - expected) <= tolerance).all()
+
+
+@pytest.fixture(scope="module")
+def rtn_export(tmp_path_factory):
+    from mcq.quantize.api import quantize
+
+    root = tmp_path_factory.mktemp("coreml-from")
+    variant = quantize(MODEL, root / "w4", method="rtn", progress=False).out
+    out = root / "coreml"
+    result = api.export_coreml(MODEL, out, target="iOS18", vision="fp16", llm="int4-block32", from_dir=variant,
+                               progress=False)
+    return variant, out, result
+
+
+def test_from_dir_carries_the_stored_int4_levels(rtn_export):
+    """Every Linear the RTN output stores as int4 is in the package exactly: (levels - zero) * scale."""
+    from mcq.export.coreml.graphs import StatefulDecoder
+    from mcq.export.weights_source import ExportWeights
+
+    variant, out, result = rtn_export
+    assert set(result.llm_fallbacks) == {"llm.lm_head"}      # the recipe leaves the LM head unquantized
+    program = load_program(out / api.LLM_PACKAGE)
+    stored_ops = [op for op in program.operations if op.outputs and op.outputs[0][0].endswith("_stored_int4")]
+    source = ExportWeights(MODEL, variant)
+    try:
+        module = StatefulDecoder(source, 4096).eval()
+        assert len(stored_ops) == len(module.linear_sources()) - 1
+        decompressed = Interpreter(program).weights()
+        for prefix, checkpoint_module in module.linear_sources().items():
+            if checkpoint_module == "llm.lm_head":
+                continue
+            got = decompressed[f"{prefix}_stored_int4"].astype(np.float32)
+            expected = source.tensor(f"{checkpoint_module}.weight").numpy()
+            np.testing.assert_allclose(got, expected, rtol=2**-10, atol=1e-7)
+    finally:
+        source.close()
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["settings"]["from"] == "w4" and manifest["settings"]["llm_fallbacks"] == result.llm_fallbacks
+    assert json.loads(json.dumps(result.to_dict()))["llm"]["compression"] == "int4-block32"
+    assert "requantized: llm.lm_head" in result.summary() and api.LLM_PACKAGE in result.summary()
+
+
+def test_conversion_failure_names_the_op():
+    from mcq.export.coreml.convert import _convert, import_coremltools
+
+    class Bucketing(torch.nn.Module):
+        def forward(self, x):
+            return torch.bucketize(x, torch.tensor([0.25, 0.5, 0.75]), right=True).to(torch.float32)
+
+    ct = import_coremltools()
+    with pytest.raises(McqError, match="Bucketing failed: .*'bucketize'"):
+        _convert(ct, Bucketing(), (torch.rand(4),), [ct.TensorType("x", shape=(4,), dtype=np.float32)],
+                 [ct.TensorType("y")], "iOS17")
+
+
+def test_llm_of_4_0_is_refused_before_converting(tmp_path):
+    with pytest.raises(McqError, match="4.0's MiniCPM4"):
+        api.export_coreml("tiny:4.0", tmp_path / "out", llm="int4-block32", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_minicpmv_2_6_packages_agree_with_torch(tmp_path):
+    """2.6: Qwen2 decoder (q/k/v biases, no q/k norms) and its resampler, through the same programs."""
+    from transformers import AutoModel
+
+    import mcq  # noqa: F401
+    from mcq.export.coreml.convert import rope_theta
+    from mcq.export.coreml.host import causal_mask, rotary_inputs
+    from mcq.models.loading import model_spec
+
+    path, config, _ = model_spec("tiny:2.6")
+    out = tmp_path / "out"
+    api.export_coreml("tiny:2.6", out, vision="fp16", llm="fp16", progress=False)
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+    pixels = torch.randn(3, 14, 14 * 10 * 12, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        expected_features = model.get_vision_embedding([pixels], torch.tensor([[10, 12]])).numpy()
+        embeds = model.llm.get_input_embeddings()(ids)
+        expected_logits = model.llm(inputs_embeds=embeds).logits.numpy()
+    inputs = vision_inputs(pixels, 10, 12, patch=14, patches_per_side=config.vision_config.image_size // 14,
+                           hidden=config.hidden_size, max_patches=MAX_PATCHES)
+    assert cosine(_interpreted(out / api.VISION_PACKAGE, inputs), expected_features) > 0.999
+    interpreter = Interpreter(load_program(out / api.LLM_PACKAGE))
+    head_dim = config.hidden_size // config.num_attention_heads
+    logits = []
+    for past, length in ((0, 3), (3, 2)):
+        cos, sin = rotary_inputs(np.arange(past, past + length), head_dim, rope_theta(config))
+        logits.append(interpreter.predict({"inputs_embeds": embeds[:, past : past + length].numpy(),
+                                           "position_cos": cos, "position_sin": sin,
+                                           "causal_mask": causal_mask(past, length)})["logits"])
+    assert cosine(np.concatenate(logits, axis=1), expected_logits) > 0.9999
