@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mcq.errors import McqError
 from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
 
@@ -77,8 +78,6 @@ def write_imatrix_file(path: Path, imatrix: dict[str, np.ndarray], meta: dict[st
 
 def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
-
-    from mcq.errors import McqError
 
     try:
         return load_file(str(path))
