@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -310,6 +311,9 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug:
+        # Native libraries' logs (llama.cpp) and child processes (validate workers) follow the flag too.
+        os.environ["MCQ_DEBUG"] = "1"
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         code = func(args)

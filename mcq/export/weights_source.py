@@ -55,10 +55,11 @@ class ExportWeights:
             _check_same_model(path, config, source, source_config)
             path, config, spec = source, source_config, source_spec
         self.path, self.config, self.spec = path, config, spec
-        check_layout(path, meta_skeleton(config), stored_tensors(path))
+        skeleton = meta_skeleton(config)
+        check_layout(path, skeleton, stored_tensors(path))
         self.reader = CheckpointReader(path)
         self._schemes = _quantized_modules(config, self.reader.stored_names)
-        self._param_names = [name for name in meta_skeleton(config).state_dict()]
+        self._param_names = list(skeleton.state_dict())
 
     @property
     def quantized_from(self) -> dict[str, Any] | None:

@@ -197,6 +197,7 @@ def test_cli_json_and_model_card(tmp_path, capsys):
     (["--quant", "Q4_K_Q"], "not a type llama.cpp can apply"),
     (["--mmproj-quant", "int4"], "not a type llama.cpp can apply"),
     (["--quant", "Q8_0", "--imatrix", "some.file"], "no type asked for uses one"),
+    (["--quant", "Q4_K_M", "--imatrix", "missing.safetensors"], "does not exist"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["export", "--format", "gguf", "--model", "tiny:4.5", "--out", str(tmp_path / "o"), *args])

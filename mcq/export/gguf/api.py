@@ -20,7 +20,7 @@ from mcq.errors import McqError
 
 from . import layout
 from .imatrix import write_imatrix_file
-from .writer import PYTHON_TYPES, check_type, place, stored_types, write_gguf
+from .writer import PYTHON_TYPES, check_type, place, require_llama_cpp, stored_types, write_gguf
 
 IMATRIX_SAMPLES = 64     # the AWQ/GPTQ recipes' calibration size
 IMATRIX_SLICES = 2
@@ -93,7 +93,7 @@ def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: s
     vocab = _vocab(weights, config, version)
     needs_libllama = quant not in PYTHON_TYPES or mmproj_quant not in PYTHON_TYPES
     if needs_libllama:
-        _require_llama_cpp()
+        require_llama_cpp()
     matrix, matrix_info = _imatrix(imatrix, weights, llm_tensors + mmproj_tensors, quant, mmproj_quant, calib,
                                    num_samples, seed, progress)
     bar = _progress_bar(len(llm_tensors) + len(mmproj_tensors), progress)
@@ -141,14 +141,6 @@ def _vocab(weights, config, version):
     from .vocab import read_vocab
 
     return read_vocab(weights.path, version, config.vocab_size, getattr(config, "bos_token_id", None))
-
-
-def _require_llama_cpp() -> None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise McqError("K-quants and i-quants are applied by libllama: install llama-cpp-python "
-                       "(pip install 'minicpm-quant[gguf]')") from None
 
 
 def _progress_bar(total: int, enabled: bool):

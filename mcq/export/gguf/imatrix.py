@@ -79,6 +79,8 @@ def write_imatrix_file(path: Path, imatrix: dict[str, np.ndarray], meta: dict[st
 def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
+    if not path.is_file():
+        raise McqError(f"--imatrix {path} does not exist")
     try:
         return load_file(str(path))
     except Exception as err:   # safetensors raises several types for a file that is not one of its own

@@ -159,15 +159,25 @@ def stored_types(path: Path) -> dict[str, str]:
     return {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
 
 
+def require_llama_cpp() -> None:
+    """llama-cpp-python is an optional dependency (it builds llama.cpp from source): one line when it is missing."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise McqError("K-quants, i-quants and running GGUF files need llama-cpp-python: "
+                       "pip install 'minicpm-quant[gguf]'") from None
+
+
 def quiet_llama_cpp() -> None:
     """libllama and libmtmd log every load and quantization to stderr; mcq prints its own summary. Failures still
-    surface as failed calls, which become McqErrors. `--debug` keeps the logs."""
-    import sys
+    surface as failed calls, which become McqErrors. `mcq --debug` (MCQ_DEBUG=1, inherited by validate workers)
+    keeps the logs."""
+    import os
 
     import llama_cpp
     from llama_cpp import mtmd_cpp
 
-    if "--debug" in sys.argv:
+    if os.environ.get("MCQ_DEBUG") == "1":
         return
     callback = llama_cpp.llama_log_callback(lambda _level, _text, _data: None)
     quiet_llama_cpp.callback = callback   # ctypes callbacks must outlive their registration

@@ -22,7 +22,8 @@ import torch
 
 from mcq.errors import McqError
 
-from mcq.export.gguf.writer import quiet_llama_cpp
+from mcq.export.gguf.layout import MINICPMV_VERSION
+from mcq.export.gguf.writer import quiet_llama_cpp, require_llama_cpp
 
 from ..probes import Stopwatch
 from .base import Runner
@@ -69,7 +70,7 @@ class GgufRunner(Runner):
         llm, mmproj = gguf_files(path)
         meta, vision = _metadata(llm), _metadata(mmproj)
         arch = meta["general.architecture"]
-        versions = {6: "4.5", 3: "2.6", 5: "4.0"}
+        versions = {number: version for version, number in MINICPMV_VERSION.items()}
         return {"version": versions.get(vision.get("clip.minicpmv_version")),
                 "hidden_size": meta[f"{arch}.embedding_length"], "num_hidden_layers": meta[f"{arch}.block_count"],
                 "vocab_size": meta[f"{arch}.vocab_size"],
@@ -88,6 +89,7 @@ class GgufRunner(Runner):
         return sizes
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
+        require_llama_cpp()
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
@@ -116,7 +118,11 @@ class GgufRunner(Runner):
         if not self.vision_ctx:
             raise McqError(f"llama.cpp (libmtmd) could not load {mmproj_path}")
         self.marker = mtmd_cpp.mtmd_default_marker()
-        self.query_num = int(_metadata(mmproj_path)["clip.minicpmv_query_num"])
+        vision_meta = _metadata(mmproj_path)
+        self.query_num = int(vision_meta["clip.minicpmv_query_num"])
+        # The normalization the processor applied (and libmtmd applies again to the bytes it is given).
+        self.image_mean = np.asarray(vision_meta["clip.vision.image_mean"], dtype=np.float32)
+        self.image_std = np.asarray(vision_meta["clip.vision.image_std"], dtype=np.float32)
         meta = _metadata(llm_path)
         arch = meta["general.architecture"]
         # llama.cpp multiplies every input embedding by this (the mmproj's projection was divided by it).
@@ -127,12 +133,13 @@ class GgufRunner(Runner):
 
     # -- vision ------------------------------------------------------------------------------------------------
     def _slice_pixels(self, pixel_values: torch.Tensor, size: torch.Tensor) -> np.ndarray:
-        """A processor slice (`[3, p, N*p]`, normalized with mean = std = 0.5) back to the RGB bytes it came from."""
+        """A processor slice (`[3, p, N*p]`, normalized) back to the RGB bytes it came from."""
         rows, cols = (int(v) for v in size)
         channels, patch, _ = pixel_values.shape
         blocks = pixel_values.float().numpy().reshape(channels, patch, rows, cols, patch).transpose(0, 2, 1, 3, 4)
         image = blocks.reshape(channels, rows * patch, cols * patch).transpose(1, 2, 0)
-        return np.ascontiguousarray(np.clip(np.rint((image * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8))
+        return np.ascontiguousarray(np.clip(np.rint((image * self.image_std + self.image_mean) * 255), 0, 255)
+                                    .astype(np.uint8))
 
     def encode_image(self, rgb: np.ndarray) -> np.ndarray:
         """libmtmd's embeddings of one RGB image `[H, W, 3]` uint8: `[tokens, n_embd]` per image chunk, joined."""
