@@ -61,6 +61,13 @@ class ExportWeights:
         self._schemes = _quantized_modules(config, self.reader.stored_names)
         self._param_names = list(skeleton.state_dict())
 
+    def check_output(self, out: Path, force: bool) -> None:
+        """`out` may replace neither source: the checkpoint nor the quantize output the tensors come from."""
+        from mcq.outputs import check_output
+
+        for source in dict.fromkeys((self.model_path, self.path)):
+            check_output(out, force, source=source)
+
     @property
     def quantized_from(self) -> dict[str, Any] | None:
         """The stored quantization config when the tensors come from a quantized output."""

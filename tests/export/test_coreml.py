@@ -209,14 +209,21 @@ def test_bad_options_fail_before_any_work(tmp_path, options, message):
 def test_failure_leaves_no_output(tmp_path, monkeypatch):
     from mcq.export.coreml import convert
 
-    def broken(*_args, **_kwargs):
-        raise McqError("Core ML conversion of VisionSlice failed: op 'bucketize' has no converter")
+    saved = []
+    real = convert.save_package
 
-    monkeypatch.setattr(convert, "convert_vision", broken)
+    def fails_on_the_second_package(model, path):
+        if saved:
+            raise McqError("disk full (simulated) while saving a package")
+        saved.append(path)
+        real(model, path)
+
+    monkeypatch.setattr(convert, "save_package", fails_on_the_second_package)
     out = tmp_path / "out"
-    with pytest.raises(McqError, match="bucketize"):
-        api.export_coreml(MODEL, out, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(McqError, match="simulated"):
+        api.export_coreml(MODEL, out, llm="int4-block32", progress=False)
+    # The first package was written into the staging folder, which is gone with it.
+    assert saved and not saved[0].exists() and list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force(exports):

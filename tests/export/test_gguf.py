@@ -31,6 +31,11 @@ def _items(model: str, count: int):
     return (firsts + [item for item in served if item not in firsts])[:count]
 
 
+def _error_lines(stderr: str) -> list[str]:
+    """mcq's own lines on stderr (a first-use tiny build may draw a progress bar before them)."""
+    return [line for line in stderr.splitlines() if line.startswith("mcq:")]
+
+
 def _kl(reference: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.kl_div(variant.log_softmax(-1), reference.log_softmax(-1), log_target=True,
                                       reduction="none").sum(-1)
@@ -201,8 +206,8 @@ def test_cli_json_and_model_card(tmp_path, capsys):
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["export", "--format", "gguf", "--model", "tiny:4.5", "--out", str(tmp_path / "o"), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "o").exists()
 
 
@@ -275,3 +280,12 @@ def test_mcq_validate_scores_a_gguf_export_in_llama_cpp(tmp_path, capsys):
     assert row["metrics"]["kl_mean"] < 1e-4 and row["metrics"]["vision_cosine"] > 0.999
     # The 8 held-out samples hold one video clip, which llama.cpp cannot group by temporal id.
     assert sum(row["skipped_samples"].values()) == 1 and "not scored on 1 sample(s): video" in printed
+
+
+def test_out_may_not_replace_the_from_output(outlier_variants, capsys):
+    """`--out` is checked against both sources: with --force it would otherwise replace the quantized output."""
+    awq = outlier_variants["awq"]
+    code = main(["export", "--format", "gguf", "--model", "tiny:4.5-outliers", "--from", str(awq), "--out", str(awq),
+                 "--force"])
+    assert code == 2 and len(_error_lines(capsys.readouterr().err)) == 1
+    assert (awq / "config.json").is_file()

@@ -100,7 +100,8 @@ def test_layout_configs_and_same_bytes(tmp_path):
     assert {"onnx/vision_encoder.onnx", "onnx/embed_tokens.onnx", "onnx/decoder_model_merged.onnx", "config.json",
             "preprocessor_config.json", "tokenizer_config.json", "generation_config.json", "README.md",
             "mcq-manifest.json"} <= files
-    assert not any(name.endswith(".partial") for name in files)
+    # Staging happens beside the output: nothing but the two outputs is left in their parent.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     config = json.loads((first / "config.json").read_text())
     assert config["transformers.js_config"] == {"dtype": dict.fromkeys(
         ("vision_encoder", "embed_tokens", "decoder_model_merged"), "fp32")}
@@ -176,6 +177,8 @@ def test_chat_stream_sampling_and_beam_search(tmp_path):
     assert sampled[0] == sampled[1] and sampled[0] != answer
     with pytest.raises(McqError, match="beam search"):
         onnx_model.chat(msgs=msgs, sampling=False, max_new_tokens=4)
+    with pytest.raises(McqError, match="temperature > 0"):
+        onnx_model.chat(msgs=msgs, sampling=True, max_new_tokens=4, temperature=0.0)
 
 
 def test_cli_export_then_chat_on_onnxruntime(tmp_path, capsys):
@@ -198,6 +201,7 @@ def test_cli_export_then_chat_on_onnxruntime(tmp_path, capsys):
     ({"precision": "int8", "algorithm": "k_quant"}, "writes int4 only"),
     ({"precision": "int4", "algorithm": "magic"}, "unknown onnxruntime quantization algorithm"),
     ({"from_dir": "tiny:4.5"}, "not an `mcq quantize` output"),
+    ({"from_dir": "tiny:4.5", "algorithm": "rtn", "precision": "int4"}, "do not apply"),
 ])
 def test_bad_options_are_one_line_errors_before_any_output(kwargs, message, tmp_path):
     out = tmp_path / "out"

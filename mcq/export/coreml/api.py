@@ -93,7 +93,6 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
                   llm: str = "int4-block32", from_dir: str | Path | None = None, force: bool = False,
                   progress: bool = True) -> CoremlExportResult:
     from mcq.export.weights_source import ExportWeights
-    from mcq.outputs import check_output
 
     started = time.perf_counter()
     check_options(target, vision, llm)
@@ -102,7 +101,7 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
         if llm != "none" and weights.spec.version == "4.0":
             raise McqError("--llm: the Core ML LLM package supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); "
                            "4.0's MiniCPM4 decoder is not implemented; pass --llm none for its vision package")
-        check_output(Path(out), force, source=weights.model_path)
+        weights.check_output(Path(out), force)
         return _export(weights, Path(out), target, vision, llm, from_dir, force, progress, started)
     finally:
         weights.close()

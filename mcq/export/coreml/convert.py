@@ -190,7 +190,6 @@ def save_package(model, path) -> None:
     manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
-LLM_COMPRESSIONS = ("int4-block32", "palettize4", "int8", "none")
 LLM_CONTEXT = 4096          # cached positions the state holds (the Swift app starts over, or slides, past it)
 LLM_MAX_CHUNK = 512         # tokens one call may add (prefill in chunks of up to this many)
 INT4_BLOCK = 32

@@ -79,11 +79,11 @@ def export_gguf(model: str | Path, out: str | Path, *, quant: str = "F16", mmpro
 
 def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: str | None, from_dir, calib,
             num_samples, seed: int, force: bool, progress: bool, started: float) -> GgufExportResult:
-    from mcq.outputs import check_output, staged_output, write_manifest
+    from mcq.outputs import staged_output, write_manifest
 
     config, version = weights.config, weights.spec.version
     layout.check_exportable(config, version)
-    check_output(out, force, source=weights.model_path)
+    weights.check_output(out, force)
     # Files are named after the checkpoint folder (a tiny model after its spec, not its cache folder).
     name = str(model).replace(":", "-") if str(model).startswith("tiny:") else weights.model_path.name
     # The layers the model runs (drop_vision_last_layer leaves one of the config's out).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class OnnxExportResult:
     linears: dict[str, dict[str, int]]       # component → {"mcq": n, "onnxruntime": n, "float": n}
     fallbacks: list[str]
     seconds: float
-    plan: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "model": self.model, "from": self.from_dir, "precision": self.precision,
@@ -101,6 +100,10 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
     from ..weights_source import ExportWeights
 
     check_options(precision, block_size, algorithm)
+    if from_dir is not None and (algorithm != "default" or symmetric):
+        # The calibrated levels are written as stored: onnxruntime's quantizer (and its options) does not run.
+        raise McqError("--from writes the quantize output's own levels; onnxruntime quantizer options "
+                       "(algorithm, symmetric) do not apply to it")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise McqError(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level!r}")
     source = resolve_model_path(model)
@@ -165,7 +168,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         out=out, model=str(model), from_dir=None if from_dir is None else str(from_dir), precision=precision,
         block_size=block_size if recipe else None, files=files, dtypes=dtypes, external_data=external,
         linears=_count_linears(plans), fallbacks=[f"{p.name}: {p.reason}" for p in plans.values() if p.fallback],
-        seconds=time.perf_counter() - started, plan=[p.to_dict() for p in plans.values()])
+        seconds=time.perf_counter() - started)
 
 
 def _identity(directory: Path) -> dict[str, Any]:

@@ -78,12 +78,8 @@ class TensorStore:
             self._file.close()
 
 
-def external_bytes(model: onnx.ModelProto) -> int:
-    return sum(int(_external_field(t, "length")) for t in model.graph.initializer
-               if t.data_location == TensorProto.EXTERNAL)
-
-
-def _external_field(tensor: TensorProto, key: str) -> str:
+def external_field(tensor: TensorProto, key: str) -> str:
+    """One entry (`location`, `offset`, `length`) of an initializer stored as external data."""
     return next(entry.value for entry in tensor.external_data if entry.key == key)
 
 
@@ -100,8 +96,8 @@ def save_graph(model: onnx.ModelProto, path: Path, store: TensorStore) -> bool:
             for tensor in model.graph.initializer:
                 if tensor.data_location != TensorProto.EXTERNAL:
                     continue
-                data.seek(int(_external_field(tensor, "offset")))
-                raw = data.read(int(_external_field(tensor, "length")))
+                data.seek(int(external_field(tensor, "offset")))
+                raw = data.read(int(external_field(tensor, "length")))
                 del tensor.external_data[:]
                 tensor.data_location = TensorProto.DEFAULT
                 tensor.raw_data = raw

@@ -366,6 +366,10 @@ class TokenChooser:
         self.top_p = float(settings.get("top_p", 1.0))
         self.penalty = float(settings.get("repetition_penalty", 1.0))
         self.min_new_tokens = int(settings.get("min_new_tokens", 0))
+        if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            # Out of these ranges the sampling distribution is NaN or empty.
+            raise McqError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0; got temperature "
+                           f"{self.temperature}, top_p {self.top_p}, top_k {self.top_k}")
         self.terminators = list(terminators)
         self.rng = np.random.default_rng(seed)
 

@@ -59,6 +59,7 @@ class OnnxRunner(Runner):
         such as reshape shapes count as `other`)."""
         import onnx
 
+        from mcq.export.onnx.builder import external_field
         from mcq.export.onnx.runtime import find_export, graph_files
 
         root, onnx_dir = find_export(path)
@@ -67,7 +68,7 @@ class OnnxRunner(Runner):
             model = onnx.load(str(onnx_dir / file), load_external_data=False)
             for tensor in model.graph.initializer:
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    size = int(next(e.value for e in tensor.external_data if e.key == "length"))
+                    size = int(external_field(tensor, "length"))
                 else:
                     size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
                 component = next((c for c, prefix in COMPONENTS.items() if tensor.name.startswith(prefix)), "other")
