@@ -130,11 +130,41 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from mcq.build import build
+
+    result = build(args.model, args.out, plan=args.plan, only=args.only or (), calib=args.calib, eval_data=args.eval,
+                   device=args.device, seed=args.seed, validate=not args.no_validate, force=args.force)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if result.failed:
+        print(f"mcq: {len(result.failed)} variant(s) failed: {', '.join(result.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int | None:
+    from mcq.build.matrix import github_matrix, run_matrix
+    from mcq.build.plan import load_plan
+
+    if args.emit_github:
+        print(github_matrix(load_plan(args.plan), args.versions))
+        return None
+    if not args.out:
+        raise McqError("--run needs --out DIR (a build folder per version, the results and the reports go there)")
+    run = run_matrix(args.plan, args.out, versions=args.versions, formats=args.only or (), force=args.force)
+    print(json.dumps(run.to_dict(), indent=2) if args.json else run.summary())
+    if run.failed:
+        print(f"mcq: {len(run.failed)} matrix job(s) failed: {', '.join(run.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mcq.outputs import write_file_atomically
     from mcq.validate.api import failed_variants, format_results, parse_threshold, validate
 
-    thresholds = [parse_threshold(text) for text in args.fail_if]   # before any work: a typo fails at once
+    # Before any work, so a typo fails at once. "a>1,b<2" is two gates (one matrix field holds a job's gates).
+    thresholds = [parse_threshold(part) for text in args.fail_if for part in text.split(",")]
     if args.json and Path(args.json).exists() and not args.force:
         raise McqError(f"output {args.json} already exists (pass --force to replace it)")
     if args.report:
@@ -264,6 +294,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)
 
+    plan = sub.add_parser("build", help="every variant of a plan from one calibration, validated, in one report")
+    plan.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
+    plan.add_argument("--out", required=True, help="build folder (a later run updates it, rebuilding what changed)")
+    plan.add_argument("--plan", metavar="PLAN.yaml", help="the variants to build (default: the built-in plan, "
+                                                         "every format)")
+    plan.add_argument("--only", nargs="+", metavar="FORMAT", help="build only these formats (compressed-tensors, "
+                      "bitsandbytes, gguf, onnx, coreml) or plan variants, and what they export from")
+    plan.add_argument("--calib", metavar="DATA", help="calibration data (default: the built-in multimodal set)")
+    plan.add_argument("--eval", metavar="DATA", help="evaluation data (default: the built-in held-out split)")
+    plan.add_argument("--device", default="cpu", help="cpu or cuda")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--no-validate", action="store_true", help="build the variants only (gate them later with "
+                                                                  "mcq validate)")
+    plan.add_argument("--force", action="store_true", help="rebuild everything; replace a folder that is not a build")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_build)
+
+    matrix = sub.add_parser("matrix", help="the CI matrix (formats x versions of the tiny models): print it for "
+                                           "GitHub Actions, or run it here")
+    action = matrix.add_mutually_exclusive_group(required=True)
+    action.add_argument("--emit-github", action="store_true", help="print the strategy.matrix JSON of a workflow job")
+    action.add_argument("--run", action="store_true", help="run every job here: build, gate, one report per version")
+    matrix.add_argument("--plan", metavar="PLAN.yaml", help="default: the built-in plan")
+    matrix.add_argument("--versions", nargs="+", choices=["2.6", "4.0", "4.5"], default=["2.6", "4.0", "4.5"])
+    matrix.add_argument("--only", nargs="+", metavar="FORMAT", help="run only these formats' jobs (--run)")
+    matrix.add_argument("--out", metavar="DIR", help="where --run builds (DIR/<version>), gates (DIR/results) and "
+                                                    "reports (DIR/report-<version>)")
+    matrix.add_argument("--force", action="store_true", help="--run: rebuild everything")
+    matrix.add_argument("--json", action="store_true")
+    matrix.set_defaults(func=cmd_matrix)
+
     recipes = sub.add_parser("recipes", help="list the built-in quantization recipes, or show one")
     recipes_sub = recipes.add_subparsers(dest="recipes_command", required=True, metavar="ACTION")
     recipes_list = recipes_sub.add_parser("list", help="name, method and description of every built-in recipe")
@@ -286,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-new-tokens", type=_positive, default=24, help="greedy answer length (default 24)")
     check.add_argument("--latency-runs", type=_positive, default=5, help="timed runs after a warm-up (default 5)")
     check.add_argument("--fail-if", action="append", default=[], metavar="EXPR",
-                       help="exit 1 when a variant meets it, e.g. 'kl_mean>0.05' (repeatable)")
+                       help="exit 1 when a variant meets it, e.g. 'kl_mean>0.05' (repeatable, or comma-separated)")
     check.add_argument("--json", metavar="OUT", help="write the results JSON here (mcq report reads it)")
     check.add_argument("--report", metavar="DIR", help="also write the report (as `mcq report` does) here")
     check.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ import torch
 
 from mcq.errors import McqError
 
-from .recipe import QuantPlan, Recipe, load_recipe, plan_quantization
+from .recipe import CALIBRATED_METHODS, QuantPlan, Recipe, load_recipe, plan_quantization
 
 DEFAULT_RECIPES = {"awq": "awq-w4g128", "gptq": "gptq-w4g128", "rtn": "rtn-w4g128", "bnb-nf4": "bnb-nf4",
                    "bnb-int8": "bnb-int8"}
@@ -141,13 +141,21 @@ def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> Non
 
 def quantize(model: str | Path, out: str | Path, *, method: str | None = None, recipe: str | Path | None = None,
              calib: str | None = None, num_samples: int | None = None, max_slice_nums: int | None = None,
-             device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True) -> QuantizeResult:
+             device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True,
+             calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
+    """Quantize `model` into `out` (see the module doc). `calibration`: samples already encoded by
+    `calibration_samples` and their description, used instead of encoding `calib` here (`mcq build` encodes its
+    set once for every variant)."""
     from mcq.models.family import linear_layers
     from mcq.models.loading import check_device, check_layout, meta_skeleton, model_spec, stored_tensors
     from mcq.outputs import check_output, safetensors_component_bytes, staged_output, write_manifest
 
     started = time.perf_counter()
     chosen = resolve_recipe(method, recipe)
+    given = [option for option, value in (("--calib", calib), ("--num-samples", num_samples),
+                                          ("--max-slice-nums", max_slice_nums)) if value is not None]
+    if given and chosen.method not in CALIBRATED_METHODS:
+        raise McqError(f"{given[0]} applies to awq and gptq; {chosen.name} ({chosen.method}) uses no calibration data")
     check_device(device)
     path, config, spec = model_spec(model)
     if getattr(config, "quantization_config", None):
@@ -158,10 +166,12 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     out = Path(out)
     check_output(out, force, source=path)
     torch.manual_seed(seed)
-    samples, calibration = [], {}
-    if chosen.method in ("awq", "gptq"):
-        samples, calibration = calibration_samples(path, spec, calib, num_samples or chosen.calibration.num_samples,
-                                                   max_slice_nums or chosen.calibration.max_slice_nums, seed)
+    samples: list[dict] = []
+    described: dict[str, Any] = {}
+    if chosen.method in CALIBRATED_METHODS:
+        samples, described = calibration or calibration_samples(
+            path, spec, calib, num_samples or chosen.calibration.num_samples,
+            max_slice_nums or chosen.calibration.max_slice_nums, seed)
     data_free: list[str] = []
     with staged_output(out, force) as staging:
         if chosen.method == "bnb":
@@ -174,9 +184,9 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
             layers=plan.summary(),
             fallbacks=[{"layer": l.name, "reason": l.reason} for l in plan.layers if l.fallback],
             bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
-            seconds=0.0, calibration=calibration, data_free_blocks=data_free)
+            seconds=0.0, calibration=described, data_free_blocks=data_free)
         _write_card(staging, path, spec, chosen, result)
-        settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": calibration}
+        settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": described}
         write_manifest(staging, kind="quantized", source=path, recipe=chosen.to_dict(), settings=settings,
                        extra={"plan": plan.to_dict()})
     result.seconds = round(time.perf_counter() - started, 2)
@@ -190,8 +200,11 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
         load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
                 "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(PATH, device_map=\"cpu\")\n```")
     else:
+        # Without dequantize=True transformers keeps the packed weights for kernels the CPU does not have, and
+        # the first forward fails (transformers 5.17, compressed-tensors 0.19).
         load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
-                "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(PATH)  # compressed-tensors\n"
+                "from transformers import AutoModel, CompressedTensorsConfig\n"
+                "model = AutoModel.from_pretrained(PATH, quantization_config=CompressedTensorsConfig(dequantize=True))\n"
                 "```\n\nThe LLM part (`llm.*`) uses the compressed-tensors layout vLLM reads.")
     layer_rows = ["| component | quantized | kept | fallbacks |", "| --- | ---: | ---: | ---: |"]
     layer_rows += [f"| {c} | {v['quantized']} | {v['kept']} | {v['fallbacks']} |" for c, v in result.layers.items()]

@@ -26,8 +26,13 @@ PACKED_PARAMS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_s
 
 
 def _quiet_llmcompressor() -> None:
-    """llm-compressor logs every layer at INFO through loguru to *stdout* (which would corrupt `--json`); mcq
-    reports its own per-block progress and summary. Its import re-enables logging, so disable after importing."""
+    """llm-compressor logs every layer at INFO through loguru to *stdout* (which would corrupt `--json`), and its
+    import already warns there; mcq reports its own per-block progress and summary. Its import configures logging
+    from the environment (so the variable goes first, unless the user set it), and disabling after it is what
+    holds when it was imported before."""
+    import os
+
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
     from llmcompressor import LoggerConfig, configure_logger
     from loguru import logger
 

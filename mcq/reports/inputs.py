@@ -23,6 +23,10 @@ _MUST_AGREE = (("eval", "were evaluated on different eval sets"),
                ("settings", "were measured with different settings"),
                ("versions", "were measured with different package versions"))
 _OBJECT_KEYS = ("reference", "eval", "settings", "versions")
+# Settings that change no measurement: gates are checked per variant (its "thresholds"), so runs gated differently
+# still combine, and the combined settings list every gate.
+_GATE_SETTINGS = ("fail_if",)
+_IGNORED = {("settings", key) for key in _GATE_SETTINGS}
 _VARIANT_OBJECTS = ("metrics", "spread", "components", "kl_by_kind")
 
 
@@ -133,6 +137,9 @@ def combine_results(paths: list[Path]) -> Combined:
         notes.append(f"the reference was measured in each results file; its numbers here are from "
                      f"{reference_from.name}")
     results = {key: first[key] for key in ("format", *_OBJECT_KEYS)}
+    results["settings"] = {**first["settings"], **{key: sorted({gate for _, data in loaded
+                                                                for gate in data["settings"].get(key) or []})
+                                                   for key in _GATE_SETTINGS}}
     seconds = [data.get("seconds") for _, data in loaded]
     if None not in seconds and all(_is_number_or_none(t) for t in seconds):
         results["seconds"] = round(sum(seconds), 1)  # the validation time of every run together
@@ -146,8 +153,8 @@ def _check_agreement(first_path: Path, first: dict, path: Path, data: dict) -> N
         raise McqError(f"{first_path} and {path} have different reference models ({ours['name']} at {ours['path']} "
                        f"vs {theirs['name']} at {theirs['path']}); report them separately")
     for key, meaning in _MUST_AGREE:
-        if first[key] != data[key]:
-            differing = sorted(k for k in first[key].keys() | data[key].keys()
-                               if first[key].get(k) != data[key].get(k))
+        differing = sorted(k for k in first[key].keys() | data[key].keys()
+                           if first[key].get(k) != data[key].get(k) and (key, k) not in _IGNORED)
+        if differing:
             detail = ", ".join(f"{k}: {first[key].get(k)!r} vs {data[key].get(k)!r}" for k in differing)
             raise McqError(f"{first_path} and {path} {meaning} ({detail}); report them separately")

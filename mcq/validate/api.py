@@ -242,7 +242,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         bar.update()
         bar.close()
     for row in rows[1:]:
-        row["thresholds"] = _check_thresholds(row, thresholds)
+        row["thresholds"] = check_thresholds(row, thresholds)
     return {
         "format": FORMAT,
         "reference": {"name": ref.name, "path": ref.path, "format": ref.format},
@@ -256,7 +256,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
     }
 
 
-def _check_thresholds(row: dict[str, Any], thresholds: list[Threshold]) -> list[dict[str, Any]]:
+def check_thresholds(row: dict[str, Any], thresholds: list[Threshold]) -> list[dict[str, Any]]:
     checks = []
     for threshold in thresholds:
         value = row["metrics"].get(threshold.metric)

@@ -86,8 +86,7 @@ def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: s
     weights.check_output(out, force)
     # Files are named after the checkpoint folder (a tiny model after its spec, not its cache folder).
     name = str(model).replace(":", "-") if str(model).startswith("tiny:") else weights.model_path.name
-    # The layers the model runs (drop_vision_last_layer leaves one of the config's out).
-    vision_layers = len({n.split(".")[3] for n in weights.names() if n.startswith("vpm.encoder.layers.")})
+    vision_layers = _vision_layers(weights)
     llm_tensors = layout.llm_tensors(config, version)
     mmproj_tensors = layout.mmproj_tensors(config, version, vision_layers)
     vocab = _vocab(weights, config, version)
@@ -204,7 +203,7 @@ def _libllama_fallbacks(path: Path, tensors: list[layout.GgufTensor], type_name:
 def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quant: str, mmproj_quant: str,
              calib: str | None, num_samples: int | None, seed: int,
              progress: bool) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]:
-    from .imatrix import compute_imatrix, read_imatrix_file
+    from .imatrix import read_imatrix_file
 
     if quant in PYTHON_TYPES and mmproj_quant in PYTHON_TYPES:
         if choice not in (None, "auto", "none"):
@@ -215,11 +214,14 @@ def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quan
     if choice == "none":
         return None, None
     if choice != "auto":
+        from mcq.outputs import file_sha256
+
         matrix = read_imatrix_file(Path(choice))
         unknown = sorted(set(matrix) - {t.name for t in tensors})
         if unknown:
             raise McqError(f"--imatrix {choice} names tensors this model does not have: {', '.join(unknown[:3])}")
-        return matrix, {"source": str(choice), "entries": len(matrix)}
+        # Named by content, not by where it lay: the same matrix gives the same manifest on any machine.
+        return matrix, {"source": Path(choice).name, "sha256": file_sha256(Path(choice)), "entries": len(matrix)}
     if weights.quantized_from:
         # An AWQ/GPTQ output already carries its calibration; its smoothed activations are not the source model's.
         return None, None
@@ -227,15 +229,45 @@ def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quan
 
     samples, described = calibration_samples(weights.path, weights.spec, calib, num_samples or IMATRIX_SAMPLES,
                                              IMATRIX_SLICES, seed)
+    matrix = _calibration_imatrix(weights, tensors, samples, progress)
+    return matrix, {"source": "calibration", "entries": len(matrix), "calibration": described}
+
+
+def _calibration_imatrix(weights, tensors: list[layout.GgufTensor], samples: list[dict],
+                         progress: bool) -> dict[str, np.ndarray]:
+    from .imatrix import compute_imatrix
+
     names = {t.source: t.name for t in tensors if t.quantizable and t.source}
     bar = _progress_bar(len(list(_blocks(weights))), progress)
     try:
-        matrix = compute_imatrix(weights.path, weights.config, samples, names,
-                                 progress=(lambda _n: bar.update(1)) if bar is not None else None)
+        return compute_imatrix(weights.path, weights.config, samples, names,
+                               progress=(lambda _n: bar.update(1)) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
-    return matrix, {"source": "calibration", "entries": len(matrix), "calibration": described}
+
+
+def write_calibration_imatrix(model: str | Path, out_file: Path, samples: list[dict], described: dict[str, Any],
+                              progress: bool = True) -> Path:
+    """The importance matrix of `model` on encoded calibration `samples`, saved for `export_gguf(imatrix=FILE)`:
+    what `imatrix="auto"` computes, done once for several exports (`mcq build`)."""
+    from mcq.export.weights_source import ExportWeights
+
+    weights = ExportWeights(model)
+    try:
+        vision_layers = _vision_layers(weights)
+        tensors = (layout.llm_tensors(weights.config, weights.spec.version)
+                   + layout.mmproj_tensors(weights.config, weights.spec.version, vision_layers))
+        matrix = _calibration_imatrix(weights, tensors, samples, progress)
+    finally:
+        weights.close()
+    write_imatrix_file(out_file, matrix, {"calibration": json.dumps(described, sort_keys=True)})
+    return out_file
+
+
+def _vision_layers(weights) -> int:
+    # The layers the model runs (drop_vision_last_layer leaves one of the config's out).
+    return len({n.split(".")[3] for n in weights.names() if n.startswith("vpm.encoder.layers.")})
 
 
 def _blocks(weights):
