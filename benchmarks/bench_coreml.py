@@ -43,6 +43,7 @@ def vision_cosine(model_dir: Path, package: Path) -> float:
     from transformers import AutoModel
 
     import mcq  # noqa: F401
+    from mcq.export.coreml.convert import MAX_PATCHES
     from mcq.export.coreml.host import vision_inputs
     from mcq.export.coreml.interpreter import Interpreter, load_program
 
@@ -52,7 +53,7 @@ def vision_cosine(model_dir: Path, package: Path) -> float:
     with torch.no_grad():
         expected = model.get_vision_embedding([pixels], torch.tensor([[32, 32]])).numpy().ravel()
     inputs = vision_inputs(pixels, 32, 32, patch=14, patches_per_side=config.vision_config.image_size // 14,
-                           hidden=config.hidden_size, max_patches=1024)
+                           hidden=config.hidden_size, max_patches=MAX_PATCHES)
     got = Interpreter(load_program(package)).predict(inputs)["image_features"].astype(np.float64).ravel()
     return round(float(got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected))), 6)
 

@@ -310,9 +310,11 @@ def write_model_card(out_dir: Path, *, title: str, base_model: str, variant: dic
                      sections: list[tuple[str, str]], source: Path | None = None) -> None:
     """Write README.md: Hub front matter, then `# title` and one `## heading` per section (bodies are markdown).
 
-    `variant` names what this output is: `method` (e.g. "bitsandbytes"), optionally `format` (e.g. "nf4"), `bits`
-    and extra `tags`. The license is copied from the source's own README front matter when `source` has one (with
-    `license_name`/`license_link` for custom licenses); mcq does not guess a license.
+    `variant` names what this output is: `method` (e.g. "bitsandbytes"), optionally `format` (e.g. "nf4"), `bits`,
+    extra `tags`, and `library` (the Hub's `library_name`: "transformers" unless given; None for files that
+    transformers does not load, such as GGUF, ONNX or Core ML). The license is copied from the source's own README
+    front matter when `source` has one (with `license_name`/`license_link` for custom licenses); mcq does not guess
+    a license.
     """
     import yaml
 
@@ -327,10 +329,12 @@ def write_model_card(out_dir: Path, *, title: str, base_model: str, variant: dic
     front: dict[str, Any] = {
         "base_model": base_model,
         "base_model_relation": "quantized",
-        "library_name": "transformers",
+        "library_name": variant.get("library", "transformers"),
         "pipeline_tag": "image-text-to-text",
         "tags": list(dict.fromkeys(tags)),
     }
+    if front["library_name"] is None:
+        del front["library_name"]
     if source is not None:
         source_front = _front_matter(Path(source) / MODEL_CARD_NAME)
         for key in ("license", "license_name", "license_link"):

@@ -10,9 +10,9 @@ An entry:
     {"job": "4.5-gguf", "version": "4.5", "format": "gguf", "variants": "build/variants/gguf-q4_k_m",
      "fail_if": "kl_mean>0.1", "validate": "--max-slice-nums 2 --max-new-tokens 24 --latency-runs 3"}
 
-`job` names the entry's results file and artifact, `variants` are paths under the job's build folder `build` (space-separated, for the shell), `fail_if` the gates as
-one comma-separated `--fail-if` argument, `validate` the plan's other `mcq validate` settings as options. Variants
-of one format with different gates get an entry each.
+`job` names the entry's results file and artifact, `variants` are paths under the job's build folder `build`
+(space-separated, for the shell), `fail_if` the gates as one comma-separated `--fail-if` argument, `validate` the
+plan's other `mcq validate` settings as options. Variants of one format with different gates get an entry each.
 """
 
 from __future__ import annotations

@@ -204,7 +204,8 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
         # the first forward fails (transformers 5.17, compressed-tensors 0.19).
         load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
                 "from transformers import AutoModel, CompressedTensorsConfig\n"
-                "model = AutoModel.from_pretrained(PATH, quantization_config=CompressedTensorsConfig(dequantize=True))\n"
+                "model = AutoModel.from_pretrained(\n"
+                "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))\n"
                 "```\n\nThe LLM part (`llm.*`) uses the compressed-tensors layout vLLM reads.")
     layer_rows = ["| component | quantized | kept | fallbacks |", "| --- | ---: | ---: | ---: |"]
     layer_rows += [f"| {c} | {v['quantized']} | {v['kept']} | {v['fallbacks']} |" for c, v in result.layers.items()]

@@ -4,6 +4,7 @@ reference interpreter (on macOS also through Core ML itself) against the torch m
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from mcq.errors import McqError  # noqa: E402
 from mcq.export.coreml import api  # noqa: E402
 from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette  # noqa: E402
 from mcq.export.coreml.host import vision_inputs  # noqa: E402
-from mcq.export.coreml.interpreter import Interpreter, Operation, Program, check_supported, load_program  # noqa: E402
+from mcq.export.coreml.interpreter import (Interpreter, Operation, Program, check_supported, load_program,  # noqa: E402
+                                           materialized)
 
 MODEL = "tiny:4.5"
-# Slices of the test: one with padding (600 of 1024 patches), one that fills the package.
-SLICES = ((20, 30), (32, 32))
+# Slices of the test: one with much padding (600 patches), one of the processor's slices past 32 x 32 patches (37 x 28
+# = 1036, of a 4:3 image), and one that fills the package.
+SLICES = ((20, 30), (37, 28), (34, 32))
 SPEC_VERSION = {"iOS17": 8, "iOS18": 9}      # Core ML specification version each deployment target writes
 VISION_INPUTS = {"pixel_values": ("FLOAT16", [1, 3, 14, 14 * MAX_PATCHES]), "position_ids": ("INT32", [1, MAX_PATCHES]),
                  "patch_mask": ("FLOAT16", [1, MAX_PATCHES]), "key_positions": ("FLOAT16", [1, MAX_PATCHES, 256])}
@@ -264,7 +267,7 @@ def test_kmeans_palette_is_exact_on_few_values_and_deterministic():
 
 def test_host_inputs_refuse_oversized_slices():
     with pytest.raises(McqError, match="exceeds"):
-        vision_inputs(np.zeros((3, 14, 14 * 33 * 32)), 33, 32, patch=14, patches_per_side=70, hidden=256,
+        vision_inputs(np.zeros((3, 14, 14 * 35 * 32)), 35, 32, patch=14, patches_per_side=70, hidden=256,
                       max_patches=MAX_PATCHES)
 
 
@@ -342,8 +345,8 @@ def test_llm_package_structure(llm_exports, weights):
     interpreter = Interpreter(program)
     env = interpreter.weights()
     for op in blockwise:
-        data, scale = (env[op.inputs[key][0][1]] if op.inputs[key][0][0] == "var" else op.inputs[key][0][1]
-                       for key in ("data", "scale"))
+        data, scale = (env[ref] if kind == "var" else materialized(ref)
+                       for kind, ref in (op.inputs[key][0] for key in ("data", "scale")))
         assert data.min() >= -8 and data.max() <= 7
         assert scale.shape == (data.shape[0], data.shape[1] // 32)
     sidecar = json.loads((out / api.SIDECAR).read_text())
@@ -406,23 +409,68 @@ def test_llm_int4_package_is_its_torch_program(llm_exports, llm_reference, weigh
     assert cosine(got, expected) > 0.95     # int4 rounding of random tiny weights, against the float model
 
 
-def test_llm_int4_size_is_near_the_physical_minimum(llm_exports, weights):
-    """4 bits per Linear weight + an fp16 scale per 32, norms at fp16: counted here from the checkpoint."""
-    out = llm_exports("int4-block32")
-    linear, other = 0, 0
-    for name in weights.names():
-        if not name.startswith("llm.") or name == "llm.model.embed_tokens.weight":
-            continue
-        count = weights.tensor(name).numel()
-        if name.endswith("_proj.weight") or name == "llm.lm_head.weight":
-            linear += count
-        else:
-            other += count
+# An LLM wide enough that the program description (~33 KB of op records per decoder layer, whatever the width)
+# weighs what it does at real sizes: ~0.5 % of a 1024-wide layer's weights, 0.03 % of Qwen3-8B's, 7 % of tiny:4.5's.
+WIDE_LLM = {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16, "num_key_value_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """tiny:4.5 with a 1024-wide, one-layer LLM (make-tiny has no width option between tiny and real widths, and a
+    real-width LLM layer takes a minute to convert)."""
+    from mcq.models import tiny
+
+    real_config = tiny.tiny_config
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny, "tiny_config", lambda spec, *args: {**real_config(spec, *args), **WIDE_LLM})
+        return tiny.make_tiny(tmp_path_factory.mktemp("wide") / "model", tiny.TinySpec(version="4.5", llm_layers=1))
+
+
+def test_llm_int4_package_is_within_5_percent_of_the_physical_minimum(wide_model, tmp_path):
+    """The whole int4 package (program, weights, manifest) ≤ 1.05 x (4 bits per Linear weight + an fp16 scale per
+    32, norms at fp16), the minimum counted here from the checkpoint, not from the package."""
+    from mcq.export.weights_source import ExportWeights
+
+    source = ExportWeights(wide_model)
+    try:
+        assert source.config.hidden_size == 1024
+        linear = other = 0
+        for name in source.names():
+            if not name.startswith("llm.") or name == "llm.model.embed_tokens.weight":
+                continue
+            count = source.tensor(name).numel()
+            if name.endswith("_proj.weight") or name == "llm.lm_head.weight":
+                linear += count
+            else:
+                other += count
+    finally:
+        source.close()
     minimum = linear * 4 // 8 + linear // 32 * 2 + other * 2
-    weight_file = out / api.LLM_PACKAGE / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
-    assert minimum <= weight_file.stat().st_size <= 1.05 * minimum
-    manifest = json.loads((out / "mcq-manifest.json").read_text())
-    assert manifest["settings"]["llm"] == "int4-block32"
+    result = api.export_coreml(wide_model, tmp_path / "out", vision="fp16", llm="int4-block32", progress=False)
+    package = Path(result.llm.path)
+    assert result.llm.bytes == sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+    assert minimum <= result.llm.weights_bytes <= result.llm.bytes <= 1.05 * minimum
+    # The package's own count (from the program's declared shapes) is the same minimum, up to what the checkpoint
+    # and the program hold differently: coremltools' zero biases, norms of ones folded away.
+    assert abs(result.llm.physical_min_bytes - minimum) <= 0.01 * minimum
+    assert "x the physical minimum" in result.summary()
+
+
+def test_physical_minimum_reads_no_weight(llm_exports, monkeypatch):
+    """Sizing an 8B package must not decompress (or even read) its weights: every read fails here."""
+    from mcq.export.coreml import interpreter
+
+    program = load_program(llm_exports("int4-block32") / api.LLM_PACKAGE)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(interpreter._BlobFiles, "read", no_reads)
+    minimum = api.physical_minimum(program, "int4-block32")
+    blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]
+    weights = sum(op.inputs["data"][0][1].size for op in blockwise)
+    assert minimum >= weights * 4.5 / 8
+    assert api.physical_minimum(program, "int8") is None
 
 
 def test_embed_package_gathers_the_table(llm_exports, weights):
@@ -477,6 +525,32 @@ def test_from_dir_carries_the_stored_int4_levels(rtn_export):
     assert manifest["settings"]["from"] == "w4" and manifest["settings"]["llm_fallbacks"] == result.llm_fallbacks
     assert json.loads(json.dumps(result.to_dict()))["llm"]["compression"] == "int4-block32"
     assert "requantized: llm.lm_head" in result.summary() and api.LLM_PACKAGE in result.summary()
+    assert manifest["settings"]["llm_requantized"] is None and "every LLM Linear" not in result.summary()
+
+
+@pytest.mark.parametrize(("llm", "expected"), [("int8", "rounds the --from output's dequantized weights again"),
+                                               ("palettize4", "rounds"), ("fp16", "at fp16, not its int4 levels"),
+                                               ("int4-block32", None), ("none", None)])
+def test_from_dir_with_another_llm_compression_is_recorded(llm, expected):
+    """Only int4-block32 carries --from's levels; any other --llm is said to re-round (or widen) them."""
+    note = api._requantized("w4", llm)
+    assert (note is None) if expected is None else expected in note
+    assert api._requantized(None, llm) is None
+
+
+def test_from_dir_note_reaches_summary_and_manifest(rtn_export, tmp_path):
+    variant, _, _ = rtn_export
+    out = tmp_path / "int8"
+    result = api.export_coreml(MODEL, out, vision="fp16", llm="int8", from_dir=variant, progress=False)
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["settings"]["llm_requantized"] == result.llm_requantized
+    assert "requantized: every LLM Linear (--llm int8 rounds" in result.summary()
+    # The sidecar carries the --from output's config (with its quantization_config): still the same model.
+    from mcq.models.loading import model_spec
+    from mcq.validate.runners.base import config_identity
+    from mcq.validate.runners.coreml_runner import CoremlRunner
+
+    assert CoremlRunner.describe(out) == config_identity(model_spec(MODEL)[1])
 
 
 def test_conversion_failure_names_the_op():
@@ -490,6 +564,64 @@ def test_conversion_failure_names_the_op():
     with pytest.raises(McqError, match="Bucketing failed: .*'bucketize'"):
         _convert(ct, Bucketing(), (torch.rand(4),), [ct.TensorType("x", shape=(4,), dtype=np.float32)],
                  [ct.TensorType("y")], "iOS17")
+
+
+def _copied_model(tmp_path, drop: str) -> Path:
+    """tiny:4.5's files in tmp_path, the file `drop` left out."""
+    from mcq.models.loading import model_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(model_spec(MODEL)[0], model, ignore=shutil.ignore_patterns(drop))
+    return model
+
+
+def _no_conversion(monkeypatch):
+    from mcq.export.coreml import convert
+
+    def converted(*args, **kwargs):
+        raise AssertionError("conversion started")
+
+    monkeypatch.setattr(convert, "_convert", converted)
+
+
+def test_missing_preprocessor_config_fails_before_converting(tmp_path, monkeypatch):
+    model = _copied_model(tmp_path, "preprocessor_config.json")
+    _no_conversion(monkeypatch)
+    with pytest.raises(McqError, match="preprocessor_config.json is missing"):
+        api.export_coreml(model, tmp_path / "out", llm="none", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+                                     {"rope_type": "linear", "factor": 2.0}])
+def test_scaled_rope_is_refused_before_converting(tmp_path, monkeypatch, scaling):
+    """host.rotary_inputs computes plain RoPE; a long-context rope_scaling edit would get wrong angles. (Set on the
+    loaded config: mcq's config loader cannot read a config.json with rope_scaling under transformers 5 yet.)"""
+    from mcq.export import weights_source
+
+    class Scaled(weights_source.ExportWeights):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.rope_parameters = dict(scaling)
+
+    monkeypatch.setattr(weights_source, "ExportWeights", Scaled)
+    _no_conversion(monkeypatch)
+    with pytest.raises(McqError, match=f"rope_scaling '{scaling['rope_type']}'"):
+        api.export_coreml(MODEL, tmp_path / "out", llm="int4-block32", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("damage", "file"), [("truncate weights", "weight.bin"), ("truncate program", "model.mlmodel"),
+                                              ("garbage program", "model.mlmodel")])
+def test_damaged_package_is_one_line_error_naming_the_file(llm_exports, tmp_path, damage, file):
+    package = tmp_path / api.LLM_PACKAGE
+    shutil.copytree(llm_exports("int4-block32") / api.LLM_PACKAGE, package)
+    target = next(package.rglob(file))
+    data = target.read_bytes()
+    target.write_bytes(b"\x07not a protobuf" * 64 if damage == "garbage program" else data[: len(data) * 2 // 3])
+    with pytest.raises(McqError, match=f"{file}") as error:
+        load_program(package)
+    assert "\n" not in str(error.value)
 
 
 def test_llm_of_4_0_is_refused_before_converting(tmp_path):

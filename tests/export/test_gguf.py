@@ -194,6 +194,7 @@ def test_cli_json_and_model_card(tmp_path, capsys):
     assert summary["version"] == "2.6" and summary["mmproj"]["ggml_type"] == "F16"
     card = (tmp_path / "o" / "README.md").read_text()
     assert "llama-mtmd-cli" in card and "mmproj-" in card
+    assert "library_name" not in card   # transformers does not load GGUF files
     manifest = json.loads((tmp_path / "o" / "mcq-manifest.json").read_text())
     assert manifest["kind"] == "gguf" and len([n for n in manifest["outputs"] if n.endswith(".gguf")]) == 2
 

@@ -168,6 +168,16 @@ def test_bad_input_is_one_line_exit_2(tiny45, tmp_path, capsys):
                  "--calib", str(empty)]) == 2
     assert capsys.readouterr().err.startswith("mcq: error:")
     assert not (tmp_path / "z").exists()
+    # A data-free method with calibration options: refused, not silently ignored.
+    assert main(["quantize", "--method", "bnb-nf4", "--model", str(tiny45), "--out", str(tmp_path / "w"),
+                 "--calib", str(empty)]) == 2
+    assert "--calib applies to awq and gptq" in capsys.readouterr().err
+
+
+def test_json_output_is_pure_json(tiny45, tmp_path, capsys):
+    """llm-compressor logs to stdout (its import warns there on a CPU machine): --json must still parse."""
+    assert main(["quantize", "--method", "rtn", "--model", str(tiny45), "--out", str(tmp_path / "q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == "rtn-w4g128"
 
 
 def test_pad_grows_the_vision_mlp_exactly_and_quantizes_it_with_the_full_group(tiny45, tmp_path):

@@ -3,7 +3,7 @@
 Layout:
 
     OUT/
-      MiniCPMV-vision.mlpackage   one slice (≤ 1024 patches) + host inputs → image_features [1, 64, hidden]
+      MiniCPMV-vision.mlpackage   one slice (≤ 1088 patches) + host inputs → image_features [1, 64, hidden]
       MiniCPMV-embed.mlpackage    input_ids → inputs_embeds (a quantized gather)          } unless --llm none
       MiniCPMV-llm.mlpackage      inputs_embeds + rotary terms + mask → logits, KV cache  }
                                   in two iOS18 states (key_cache, value_cache)
@@ -60,6 +60,8 @@ class CoremlExportResult:
     seconds: float
     # With --from: LLM Linears not written from their stored int4 levels (module → why); the rest are exact.
     llm_fallbacks: dict[str, str] = field(default_factory=dict)
+    # With --from and an --llm other than int4-block32: how every LLM Linear was re-rounded instead.
+    llm_requantized: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +77,8 @@ class CoremlExportResult:
                              f"weights {package.weights_bytes / package.physical_min_bytes:.3f}x)")
                 lines.append(line)
         lines += [f"    requantized: {name} ({why})" for name, why in self.llm_fallbacks.items()]
+        if self.llm_requantized:
+            lines.append(f"    requantized: every LLM Linear ({self.llm_requantized})")
         return "\n".join(lines)
 
 
@@ -94,6 +98,8 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
                   progress: bool = True) -> CoremlExportResult:
     from mcq.export.weights_source import ExportWeights
 
+    from .convert import check_rope
+
     started = time.perf_counter()
     check_options(target, vision, llm)
     weights = ExportWeights(model, from_dir)
@@ -101,14 +107,18 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
         if llm != "none" and weights.spec.version == "4.0":
             raise McqError("--llm: the Core ML LLM package supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); "
                            "4.0's MiniCPM4 decoder is not implemented; pass --llm none for its vision package")
+        if llm != "none":
+            check_rope(weights.config)
         weights.check_output(Path(out), force)
-        return _export(weights, Path(out), target, vision, llm, from_dir, force, progress, started)
+        # Read before any conversion (minutes at 8B), so a checkpoint without its processor files fails at once.
+        support = support_files(weights)
+        return _export(weights, Path(out), target, vision, llm, from_dir, force, progress, started, support)
     finally:
         weights.close()
 
 
 def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, force: bool, progress: bool,
-            started: float) -> CoremlExportResult:
+            started: float, support: dict[str, Any]) -> CoremlExportResult:
     from mcq.outputs import staged_output, write_manifest
 
     from .convert import convert_embeddings, convert_llm, convert_vision
@@ -130,16 +140,28 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
         result = CoremlExportResult(
             out=str(out), version=weights.spec.version, target=target, vision=packages[VISION_PACKAGE],
             llm=packages.get(LLM_PACKAGE), embed=packages.get(EMBED_PACKAGE), llm_fallbacks=fallbacks,
+            llm_requantized=_requantized(from_dir, llm),
             weights_from=str(from_dir) if from_dir else str(weights.model_path), seconds=0.0)
-        (staging / SIDECAR).write_text(json.dumps(sidecar(weights, programs), indent=2, sort_keys=True) + "\n",
-                                       encoding="utf-8")
+        (staging / SIDECAR).write_text(
+            json.dumps(sidecar(weights, programs, support, {"vision": vision, "llm": llm}), indent=2, sort_keys=True)
+            + "\n", encoding="utf-8")
         _write_card(staging, weights, result)
         settings = {"format": "coreml", "target": target, "vision": vision, "llm": llm,
-                    "from": Path(from_dir).name if from_dir else None, "llm_fallbacks": fallbacks}
+                    "from": Path(from_dir).name if from_dir else None, "llm_fallbacks": fallbacks,
+                    "llm_requantized": result.llm_requantized}
         write_manifest(staging, kind="coreml", source=weights.model_path,
                        recipe=getattr(weights.config, "quantization_config", None), settings=settings)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _requantized(from_dir, llm: str) -> str | None:
+    """What an --llm other than int4-block32 does to a --from output's calibrated int4 weights (None: nothing)."""
+    if not from_dir or llm in ("int4-block32", "none"):
+        return None
+    if llm == "fp16":
+        return "--llm fp16 stores the --from output's dequantized weights at fp16, not its int4 levels"
+    return f"--llm {llm} rounds the --from output's dequantized weights again; only int4-block32 keeps its int4 levels"
 
 
 def _save(model, staged: Path, final: Path, compression: str):
@@ -160,20 +182,25 @@ def _save(model, staged: Path, final: Path, compression: str):
 
 def physical_minimum(program, compression: str) -> int | None:
     """Bytes the package's weights need at least: for int4 per-block, 4 bits per quantized weight plus one fp16
-    scale per block of 32; every other stored weight at fp16. None for other compressions."""
+    scale per block of 32; every other stored weight at fp16. None for other compressions.
+
+    Counted from the shapes the program declares, reading no weight (an 8B model's would be ~16 GB at fp16)."""
     if compression != "int4-block32":
         return None
-    from .interpreter import Interpreter
+    from .interpreter import StoredTensor
 
+    constants = {op.outputs[0][0]: op.attributes["val"] for op in program.operations if op.type == "const"}
     blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]
     # The ints, scales and offsets feeding the blocks are counted through the weight they make, at 4.5 bits.
     parts = {ref for op in blockwise for bound in op.inputs.values() for kind, ref in bound if kind == "var"}
-    dequantized = {op.outputs[0][0] for op in blockwise}
     total = 0
-    for name, value in Interpreter(program).weights().items():
-        if name in dequantized:
-            total += value.size * 4 // 8 + value.size // 32 * 2
-        elif name not in parts and value.dtype == np.float16 and value.size > 1:
+    for op in blockwise:
+        kind, data = op.inputs["data"][0]
+        count = (constants[data] if kind == "var" else data).size
+        total += count * 4 // 8 + count // 32 * 2
+    for name, value in constants.items():
+        if name not in parts and isinstance(value, (np.ndarray, StoredTensor)) and value.dtype == np.float16 \
+                and value.size > 1:
             total += value.size * 2
     return total
 
@@ -185,19 +212,37 @@ def _say(progress: bool, text: str) -> None:
         print(f"[coreml] {text}", file=sys.stderr, flush=True)
 
 
-def sidecar(weights, programs: dict) -> dict[str, Any]:
-    """What a Swift app needs beside the packages: preprocessing constants, token ids, package I/O."""
+def support_files(weights) -> dict[str, Any]:
+    """What the sidecar takes from the checkpoint besides weights: its config.json, its preprocessor settings and
+    its special token ids. A missing or unreadable file is a one-line McqError naming it."""
     from mcq.models.minicpmv.tokenization import load_tokenizer, special_token_ids
 
+    files = {}
+    for name in ("config.json", "preprocessor_config.json"):
+        path = weights.path / name
+        try:
+            files[name] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise McqError(f"{path} is missing: the Core ML sidecar needs it (normalization, slicing, model "
+                           "identity)") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise McqError(f"{path} is not readable JSON ({err})") from None
+    tokens = special_token_ids(load_tokenizer(weights.path, weights.spec.version))
+    return {"config": files["config.json"], "preprocessor": files["preprocessor_config.json"], "tokens": tokens}
+
+
+def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[str, str]) -> dict[str, Any]:
+    """What a Swift app needs beside the packages: preprocessing constants, token ids, package I/O; and for
+    tools (`mcq validate`), the compression choices and the checkpoint's config.json."""
     config, version = weights.config, weights.spec.version
-    preprocessor = json.loads((weights.path / "preprocessor_config.json").read_text(encoding="utf-8")) \
-        if (weights.path / "preprocessor_config.json").is_file() else {}
-    tokens = special_token_ids(load_tokenizer(weights.path, version))
+    preprocessor, tokens = support["preprocessor"], support["tokens"]
     vision = config.vision_config
     vision_program = programs[VISION_PACKAGE]
     return {
         "format": "mcq-coreml-1",
         "version": version,
+        "compression": compression,
+        "model_config": support["config"],
         "vision": {
             "package": VISION_PACKAGE,
             "inputs": {name: {"dtype": dtype.lower(), "shape": shape}
@@ -269,7 +314,8 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
                        for p in (result.embed, result.llm) if p is not None)
     write_model_card(
         staging, title=f"{weights.model_path.name} — Core ML ({result.target})", base_model=weights.model_path.name,
-        variant={"method": "coreml", "format": result.vision.compression, "tags": ["coreml", "ios", "macos"]},
+        variant={"library": None, "method": "coreml", "format": result.vision.compression,
+                 "tags": ["coreml", "ios", "macos"]},
         source=weights.model_path,
         sections=[
             ("Files", f"| file | compression | size |\n| --- | --- | ---: |\n"
@@ -283,7 +329,8 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
                                "replaces the image placeholder tokens of the slice."),
             ("LLM package", "Decoder with its KV cache in two iOS18 states (`key_cache`, `value_cache`); each call "
                             "adds up to 512 tokens (prefill in chunks, then one at a time) and returns their logits. "
-                            "Grouped K/V heads are repeated explicitly. See the JSON sidecar for the host inputs."
+                            "Grouped-query attention without copies of the cache. See the JSON sidecar for the host "
+                            "inputs."
                             if result.llm else "not exported (`--llm none`)"),
             ("Weights", f"from `{Path(result.weights_from).name}`"),
             ("Model", f"MiniCPM-V {result.version}, exported by mcq. Video frames go through the package one at "

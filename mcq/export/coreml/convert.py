@@ -21,7 +21,10 @@ from mcq.errors import McqError
 
 TARGETS = ("iOS17", "iOS18")
 VISION_COMPRESSIONS = ("fp16", "int8", "palettize4", "palettize6")
-MAX_PATCHES = 1024          # one MiniCPM-V slice is at most 448 x 448 px = 32 x 32 patches
+# Patches of the largest slice the package takes. The processor keeps a slice's area near 448 x 448 px but rounds
+# each side to whole patches, so slices of 1024+ patches are common (a 37 x 28 slice: 1036); 1088 holds every slice
+# of an image up to 1:20 aspect. Thinner images' slices are refused by `host.vision_inputs`.
+MAX_PATCHES = 1088
 # Weights smaller than this stay fp16 (norms, biases, tiny tables): compressing them saves nothing measurable.
 WEIGHT_THRESHOLD = 2048
 PALETTE_GROUP = 16          # output channels sharing one palette (iOS18 per_grouped_channel)
@@ -200,6 +203,17 @@ def rope_theta(config) -> float:
     if theta is None:
         theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     return float(theta)
+
+
+def check_rope(config) -> None:
+    """The LLM package's host computes plain RoPE from `rope_theta` (`host.rotary_inputs`), which is what MiniCPM-V
+    2.6 and 4.5 ship (no rope_scaling). A scaled RoPE (YaRN, linear, dynamic: a long-context edit of config.json)
+    changes the frequencies at every position, so it is refused rather than exported with the wrong angles."""
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+    if kind not in (None, "default"):
+        raise McqError(f"config.json rope_scaling {kind!r}: the Core ML LLM package computes plain RoPE (rope_theta "
+                       "only); remove rope_scaling (MiniCPM-V 2.6 / 4.5 ship without it) or pass --llm none")
 
 
 def convert_llm(weights, target: str, compression: str, context: int = LLM_CONTEXT,

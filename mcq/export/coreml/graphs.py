@@ -176,14 +176,14 @@ class _DecoderLayer(nn.Module):
         value_cache[index : index + 1, :, :, past:end, :] = v.to(value_cache.dtype)[None]
         keys = key_cache[index : index + 1, :, :, :end, :].reshape(1, s.kv_heads, -1, s.head_dim)
         values = value_cache[index : index + 1, :, :, :end, :].reshape(1, s.kv_heads, -1, s.head_dim)
-        # Grouped K/V repeated explicitly: coremltools 9.0 drops SDPA's enable_gqa.
+        # Grouped-query attention without repeating K/V (coremltools 9.0 drops SDPA's enable_gqa): the query heads
+        # of one K/V head are stacked as rows, [1, kv_heads, repeat * S, head_dim], each group against its own
+        # keys. Repeating the cache instead would copy it `repeat` times per layer and call (and, traced with the
+        # dynamic length, cost ~10 KB of shape ops per layer in the program).
         repeat = s.heads // s.kv_heads
-        keys = keys[:, :, None].expand(1, s.kv_heads, repeat, keys.shape[2], s.head_dim).reshape(
-            1, s.heads, -1, s.head_dim)
-        values = values[:, :, None].expand(1, s.kv_heads, repeat, values.shape[2], s.head_dim).reshape(
-            1, s.heads, -1, s.head_dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2).to(q.dtype)) + causal_mask
-        attended = torch.matmul(torch.softmax(scores, dim=-1), values.to(q.dtype))
+        grouped = q.reshape(1, s.kv_heads, -1, s.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2).to(q.dtype)) + causal_mask.repeat(1, 1, repeat, 1)
+        attended = torch.matmul(torch.softmax(scores, dim=-1), values.to(q.dtype)).reshape(1, s.heads, -1, s.head_dim)
         hidden = hidden + self.o_proj(attended.transpose(1, 2).reshape(1, -1, s.heads * s.head_dim))
         x = _rms_norm(hidden, self.post_norm, s.eps)
         return hidden + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -14,6 +14,7 @@ rounding show up here as they would on a device.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,11 +41,40 @@ _BLOB_READERS = {
 }
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """A constant kept in a weights file: its type and shape come from the program, its values are read on first
+    use, so loading a program (or sizing its weights) never holds all of an 8B model's weights in memory."""
+
+    blobs: "_BlobFiles" = field(repr=False, compare=False)
+    file_name: str
+    offset: int
+    mil_type: str
+    shape: tuple[int, ...]
+    nbytes: int                        # what the data takes in the file (sub-byte types packed)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(_NUMPY_TYPES[self.mil_type])
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> np.ndarray:
+        return self.blobs.read(self.file_name, self.offset, self.mil_type, list(self.shape))
+
+
+def materialized(value: Any) -> Any:
+    """A bound value as an array (a StoredTensor read from its file; anything else as it is)."""
+    return value.read() if isinstance(value, StoredTensor) else value
+
+
 @dataclass
 class Operation:
     type: str
     name: str
-    inputs: dict[str, list[Any]]       # parameter → bound values: ("var", name) or ("value", array)
+    inputs: dict[str, list[Any]]       # parameter → bound values: ("var", name) or ("value", array | StoredTensor)
     outputs: list[tuple[str, str]]     # (name, declared MIL dtype name)
     attributes: dict[str, Any] = field(default_factory=dict)
 
@@ -63,19 +93,37 @@ class Program:
     def op_types(self) -> set[str]:
         return {op.type for op in self.operations}
 
+    def stored(self) -> list[tuple[str, StoredTensor]]:
+        """Every weight kept in a weights file (unread), named by what it makes: a const's output, or the output of
+        the constexpr op (dequantization, palette) it feeds, since an op's bound inputs have no name of their own."""
+        found = []
+        for op in self.operations:
+            bound = [op.attributes.get("val")] if op.type == "const" else \
+                [ref for values in op.inputs.values() for kind, ref in values if kind == "value"]
+            found += [(op.outputs[0][0], value) for value in bound if isinstance(value, StoredTensor)]
+        return found
+
 
 def load_program(package: str | Path) -> Program:
-    """Parse a saved `.mlpackage` (nothing is run; weights are read from the blob file as constants are met)."""
+    """Parse a saved `.mlpackage` (nothing is run). Weights stay in their file as `StoredTensor`s, each checked to
+    lie whole inside it, so a truncated package is refused here, naming the file, rather than mid-run."""
     from coremltools.proto import MIL_pb2, Model_pb2
+
+    from google.protobuf.message import DecodeError
 
     package = Path(package)
     model_file = package / _MODEL_FILE
     if not model_file.is_file():
         raise McqError(f"{package} is not an ML-program package (no {_MODEL_FILE})")
     spec = Model_pb2.Model()
-    spec.ParseFromString(model_file.read_bytes())
+    try:
+        spec.ParseFromString(model_file.read_bytes())
+    except DecodeError as err:
+        raise McqError(f"{model_file} is not a readable Core ML model (truncated or corrupt: {err})") from None
     if spec.WhichOneof("Type") != "mlProgram":
         raise McqError(f"{package} holds a {spec.WhichOneof('Type')} model; only ML programs are interpreted")
+    if "main" not in spec.mlProgram.functions:
+        raise McqError(f"{model_file} has no `main` function (truncated or corrupt)")
     function = spec.mlProgram.functions["main"]
     block = function.block_specializations[function.opset]
     blobs = _BlobFiles(package)
@@ -83,9 +131,10 @@ def load_program(package: str | Path) -> Program:
 
     def decode_value(value) -> Any:
         if value.HasField("blobFileValue"):
-            tensor = value.type.tensorType
-            return blobs.read(value.blobFileValue.fileName, value.blobFileValue.offset, dtype_name(tensor.dataType),
-                              [d.constant.size for d in tensor.dimensions])
+            tensor, blob = value.type.tensorType, value.blobFileValue
+            return StoredTensor(blobs, blob.fileName, blob.offset, dtype_name(tensor.dataType),
+                                tuple(d.constant.size for d in tensor.dimensions), blobs.data_size(blob.fileName,
+                                                                                                  blob.offset))
         return _immediate(value, dtype_name)
 
     operations = []
@@ -112,19 +161,49 @@ def load_program(package: str | Path) -> Program:
     return Program(package, function.opset, program_inputs, states, operations, list(block.outputs))
 
 
+# A weights file (MIL blob storage) holds, at each blob's offset, a 64-byte record that starts with this sentinel,
+# the blob's MIL type, its size in bytes and the offset of its data (little endian).
+_BLOB_RECORD = struct.Struct("<IIQQ")
+_BLOB_SENTINEL = 0xDEADBEEF
+
+
 class _BlobFiles:
     def __init__(self, package: Path):
-        self.package, self.readers = package, {}
+        self.package, self.readers, self.sizes = package, {}, {}
+
+    def path(self, file_name: str) -> Path:
+        return self.package / _WEIGHTS_DIR / file_name.replace("@model_path/", "")
+
+    def data_size(self, file_name: str, offset: int) -> int:
+        """Bytes of the blob at `offset`, after checking that its record and data lie inside the file (so a truncated
+        or foreign weights file is refused when the program is loaded, naming the file)."""
+        path = self.path(file_name)
+        if path not in self.sizes:
+            if not path.is_file():
+                raise McqError(f"{path} is missing (the program's weights file)")
+            self.sizes[path] = path.stat().st_size
+        with open(path, "rb") as file:
+            file.seek(offset)
+            record = file.read(_BLOB_RECORD.size)
+        if len(record) < _BLOB_RECORD.size:
+            raise McqError(f"{path} is truncated: the program has a weight at offset {offset}, past its end")
+        sentinel, _, size, data_offset = _BLOB_RECORD.unpack(record)
+        if sentinel != _BLOB_SENTINEL or data_offset + size > self.sizes[path]:
+            raise McqError(f"{path} is truncated or corrupt: no whole weight at offset {offset}")
+        return size
 
     def read(self, file_name: str, offset: int, dtype: str, shape: list[int]) -> np.ndarray:
         from coremltools.libmilstoragepython import _BlobStorageReader
 
-        path = self.package / _WEIGHTS_DIR / file_name.replace("@model_path/", "")
+        path = self.path(file_name)
         if dtype not in _BLOB_READERS:
             raise McqError(f"{self.package.name}: weights of type {dtype} cannot be read by the interpreter")
-        if path not in self.readers:
-            self.readers[path] = _BlobStorageReader(str(path))
-        data = np.asarray(getattr(self.readers[path], _BLOB_READERS[dtype])(offset))
+        try:
+            if path not in self.readers:
+                self.readers[path] = _BlobStorageReader(str(path))
+            data = np.asarray(getattr(self.readers[path], _BLOB_READERS[dtype])(offset))
+        except (RuntimeError, ValueError) as err:    # the reader's own errors: unreadable or changed since loading
+            raise McqError(f"{path}: cannot read the weight at offset {offset} ({err})") from None
         count = int(np.prod(shape)) if shape else 1
         data = data[:count]
         if dtype == "FLOAT16":   # the reader hands fp16 out as its uint16 bit patterns
@@ -434,14 +513,14 @@ class Interpreter:
         return {name: np.asarray(env[name]) for name in self.program.outputs}
 
     def _argument(self, bound: list[Any], env: dict[str, Any]) -> Any:
-        values = [env[ref] if kind == "var" else ref for kind, ref in bound]
+        values = [env[ref] if kind == "var" else materialized(ref) for kind, ref in bound]
         return values[0] if len(values) == 1 else values
 
     def _run(self, op: Operation, env: dict[str, Any]) -> None:
         if op.type == "const":
             name = op.outputs[0][0]
             if name not in self._constants:
-                self._constants[name] = op.attributes["val"]
+                self._constants[name] = materialized(op.attributes["val"])
             env[name] = self._constants[name]
             return
         kwargs = {key: self._argument(bound, env) for key, bound in op.inputs.items()}
@@ -457,7 +536,7 @@ class Interpreter:
             if op.type.startswith("constexpr_") and op.outputs[0][0] in self._constants:
                 env[op.outputs[0][0]] = self._constants[op.outputs[0][0]]
                 return
-            kwargs.update({key: value for key, value in op.attributes.items() if key not in kwargs})
+            kwargs.update({key: materialized(value) for key, value in op.attributes.items() if key not in kwargs})
             try:
                 result = OPS[op.type](**kwargs)
             except TypeError as err:

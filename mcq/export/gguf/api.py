@@ -142,12 +142,12 @@ def _vocab(weights, config, version):
     return read_vocab(weights.path, version, config.vocab_size, getattr(config, "bos_token_id", None))
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, desc: str = "Writing GGUF tensors", unit: str = "tensor"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="Writing GGUF tensors", unit="tensor", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def _tensor_values(weights, config, tensor: layout.GgufTensor) -> np.ndarray:
@@ -238,7 +238,7 @@ def _calibration_imatrix(weights, tensors: list[layout.GgufTensor], samples: lis
     from .imatrix import compute_imatrix
 
     names = {t.source: t.name for t in tensors if t.quantizable and t.source}
-    bar = _progress_bar(len(list(_blocks(weights))), progress)
+    bar = _progress_bar(len(list(_blocks(weights))), progress, desc="Importance matrix", unit="block")
     try:
         return compute_imatrix(weights.path, weights.config, samples, names,
                                progress=(lambda _n: bar.update(1)) if bar is not None else None)
@@ -289,7 +289,8 @@ def _write_card(staging: Path, weights, result: GgufExportResult, quant: str, mm
                                                  f"{result.imatrix['source']}")
     write_model_card(
         staging, title=f"{weights.model_path.name} — GGUF {quant}", base_model=weights.model_path.name,
-        variant={"method": "gguf", "format": quant, "tags": ["gguf", "llama.cpp"]}, source=weights.model_path,
+        variant={"library": None, "method": "gguf", "format": quant, "tags": ["gguf", "llama.cpp"]},
+        source=weights.model_path,
         sections=[
             ("Files", f"| file | type | size |\n| --- | --- | ---: |\n"
                       f"| `{llm}` | {quant} | {result.llm.bytes:,} |\n| `{mmproj}` | {mmproj_quant} | "

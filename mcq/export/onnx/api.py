@@ -294,6 +294,6 @@ def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: di
                   "sampling=False, num_beams=1))\n```"),
     ]
     write_model_card(staging, title=f"{source.name} ONNX ({precision})", base_model=source.name,
-                     variant={"method": "onnx", "format": precision, "bits": PRECISION_BITS.get(precision),
-                              "tags": ["onnx", "onnxruntime"]},
+                     variant={"library": None, "method": "onnx", "format": precision,
+                              "bits": PRECISION_BITS.get(precision), "tags": ["onnx", "onnxruntime"]},
                      sections=sections, source=source)

@@ -7,12 +7,13 @@ from pathlib import Path
 from mcq.errors import McqError
 
 from .base import Runner
+from .coreml_runner import CoremlRunner
 from .gguf_runner import GgufRunner
 from .onnx_runner import OnnxRunner
 from .transformers_runner import TransformersRunner
 
 #: every runner mcq has, tried in order; runners for GGUF, ONNX and Core ML register here.
-RUNNERS: list[type[Runner]] = [TransformersRunner, GgufRunner, OnnxRunner]
+RUNNERS: list[type[Runner]] = [TransformersRunner, GgufRunner, OnnxRunner, CoremlRunner]
 
 
 def detect_format(path: str | Path) -> tuple[str, type[Runner]]:

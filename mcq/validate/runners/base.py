@@ -80,6 +80,13 @@ class Runner(ABC):
         """Seconds of `tokens` single-token decode steps after a prefill of the prompt (the prefill not counted)."""
 
 
+def grouped_video(data: dict[str, Any]) -> bool:
+    """Whether an encoded sample is 4.5 video: frames grouped by temporal id, which only the 3D resampler does
+    (runtimes without it, llama.cpp and the Core ML package, leave such samples out)."""
+    groups = (data.get("temporal_ids") or [[]])[0] or []
+    return any(frame >= 0 for group in groups for frame in group)
+
+
 def config_identity(config) -> dict[str, Any]:
     """What `Runner.describe` returns, read from a MiniCPM-V config (runners whose files carry one)."""
     from mcq.models.minicpmv.versions import version_spec

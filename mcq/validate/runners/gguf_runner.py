@@ -26,7 +26,7 @@ from mcq.export.gguf.layout import MINICPMV_VERSION
 from mcq.export.gguf.writer import quiet_llama_cpp, require_llama_cpp
 
 from ..probes import Stopwatch
-from .base import Runner
+from .base import Runner, grouped_video
 
 CONTEXT = 4096
 
@@ -172,8 +172,7 @@ class GgufRunner(Runner):
 
     @classmethod
     def unserved(cls, data: dict[str, Any]) -> str | None:
-        groups = (data.get("temporal_ids") or [[]])[0] or []
-        if any(frame >= 0 for group in groups for frame in group):
+        if grouped_video(data):
             return "video (llama.cpp has no 3D resampler to group frames by temporal id)"
         return None
 

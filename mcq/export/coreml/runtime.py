@@ -1,0 +1,200 @@
+"""Run an `mcq export --format coreml` output from Python: Core ML itself on macOS, mcq's numpy interpreter elsewhere.
+
+`CoremlMiniCPMV` does on the host what the Swift app of docs/coreml.md does: one vision call per slice, the text
+embedded by the embed package with each slice's features written over its placeholder rows, then the LLM package
+called in chunks of at most `max_tokens_per_call` tokens on its stateful KV cache, with the rotary terms and the
+causal mask of `host`. Inputs are cast to the dtypes the packages declare, so both backends see what an app passes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mcq.errors import McqError
+
+from .api import EMBED_PACKAGE, LLM_PACKAGE, SIDECAR, VISION_PACKAGE
+from .host import causal_mask, rotary_inputs, vision_inputs
+
+_DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
+# MIL const names of the vision package that belong to the SigLIP tower (coremltools names a weight after its
+# torch parameter path in `graphs.VisionSlice`); every other weight there is the resampler's.
+_TOWER_PREFIXES = ("patch_embedding_", "position_embedding_", "layers_", "post_layernorm_")
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar of a Core ML export directory, or None when `path` is not one."""
+    file = Path(path) / SIDECAR
+    if not file.is_file():
+        return None
+    try:
+        sidecar = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise McqError(f"{file} is not readable JSON ({err})") from None
+    return sidecar if isinstance(sidecar, dict) and sidecar.get("format") == "mcq-coreml-1" else None
+
+
+def native_available() -> bool:
+    """Whether Core ML can predict here: macOS 15 or later (the LLM's states are an iOS18 / macOS 15 feature) with
+    coremltools' native extension."""
+    if sys.platform != "darwin":
+        return False
+    from coremltools.models.utils import _macos_version
+
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError:
+        return False
+    return _macos_version() >= (15, 0)
+
+
+def component_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes of stored weights per model component: the vision package split into tower and resampler, the embed
+    and LLM packages together as the LLM. Read from the programs' declared blobs; no weight is read."""
+    from .interpreter import load_program
+
+    root = Path(path)
+    sizes = {"vision": 0, "resampler": 0, "llm": 0}
+    for name, stored in load_program(root / VISION_PACKAGE).stored():
+        sizes["vision" if name.startswith(_TOWER_PREFIXES) else "resampler"] += stored.nbytes
+    for package in (EMBED_PACKAGE, LLM_PACKAGE):
+        if (root / package).is_dir():
+            sizes["llm"] += sum(stored.nbytes for _, stored in load_program(root / package).stored())
+    return sizes
+
+
+class _Package:
+    """One package, called with numpy inputs: through Core ML (`native`) or the interpreter. `reset` empties its
+    state (the LLM's KV cache)."""
+
+    def __init__(self, path: Path, native: bool):
+        from .interpreter import Interpreter, load_program
+
+        if not path.is_dir():
+            raise McqError(f"{path} is missing")
+        self.program = load_program(path)
+        if native:
+            import coremltools as ct
+
+            self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
+            self.interpreter = None
+        else:
+            self.model, self.interpreter = None, Interpreter(self.program)
+        self.state = None
+        self.reset()
+
+    def reset(self) -> None:
+        if self.interpreter is not None:
+            self.interpreter.reset_state()
+        elif self.program.states:
+            self.state = self.model.make_state()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        declared = {name: np.asarray(value).astype(_DTYPES[self.program.inputs[name][0]])
+                    for name, value in inputs.items()}
+        if self.interpreter is not None:
+            return self.interpreter.predict(declared)
+        if self.state is not None:
+            return self.model.predict(declared, state=self.state)
+        return self.model.predict(declared)
+
+
+class CoremlMiniCPMV:
+    """MiniCPM-V from its Core ML packages: `encode_slices`, `embed`, `forward` (teacher-forced logits), `generate`.
+    One sequence at a time, as the packages take a batch of one."""
+
+    def __init__(self, path: str | Path, native: bool | None = None):
+        root = Path(path)
+        sidecar = read_sidecar(root)
+        if sidecar is None:
+            raise McqError(f"{root} is not an `mcq export --format coreml` output (no {SIDECAR})")
+        self.native = native_available() if native is None else native
+        self.sidecar, self.llm_info = sidecar, sidecar["llm"]
+        self.vision_info = sidecar["vision"]
+        self.vision_package = _Package(root / VISION_PACKAGE, self.native)
+        if self.llm_info is None:
+            self.embed_package = self.llm_package = None
+        else:
+            self.embed_package = _Package(root / EMBED_PACKAGE, self.native)
+            self.llm_package = _Package(root / LLM_PACKAGE, self.native)
+        self.terminators = set(sidecar["tokens"]["terminators"])
+
+    # -- vision -------------------------------------------------------------------------------------------------
+    def encode_slices(self, slices: Sequence, tgt_sizes) -> np.ndarray:
+        """Slices (each `[3, patch, patch * h * w]`, `tgt_sizes` rows (h, w)) → `[n, queries, hidden]` float32."""
+        info = self.vision_info
+        outputs = []
+        for pixels, (height, width) in zip(slices, np.asarray(tgt_sizes).reshape(-1, 2).tolist()):
+            inputs = vision_inputs(pixels, height, width, patch=info["patch_size"],
+                                   patches_per_side=info["patches_per_side"], hidden=info["hidden_size"],
+                                   max_patches=info["max_patches"])
+            outputs.append(self.vision_package(inputs)["image_features"][0].astype(np.float32))
+        return np.stack(outputs)
+
+    # -- the LLM ------------------------------------------------------------------------------------------------
+    def _require_llm(self) -> None:
+        if self.llm_info is None:
+            raise McqError("this Core ML export has no LLM package (exported with --llm none)")
+
+    def _chunks(self, count: int) -> list[tuple[int, int]]:
+        step = self.llm_info["max_tokens_per_call"]
+        return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+    def embed(self, input_ids: Sequence[int]) -> np.ndarray:
+        """Token ids → `[len, hidden]` float32 through the embed package."""
+        self._require_llm()
+        ids = np.asarray(input_ids, dtype=np.int32).reshape(-1)
+        return np.concatenate([self.embed_package({"input_ids": ids[None, start:end]})["inputs_embeds"][0]
+                               for start, end in self._chunks(len(ids))]).astype(np.float32)
+
+    def merged_embeddings(self, input_ids: Sequence[int], image_bound: Sequence[Sequence[int]],
+                          vision: np.ndarray | None) -> np.ndarray:
+        """Text embeddings with vision block i written over the placeholder rows `image_bound[i]` ([start, end))."""
+        embeds = self.embed(input_ids)
+        bounds = [tuple(int(v) for v in bound) for bound in image_bound]
+        if bounds and (vision is None or len(vision) != len(bounds)):
+            raise McqError(f"{len(bounds)} image placeholders in the text but "
+                           f"{0 if vision is None else len(vision)} vision blocks")
+        for (start, end), block in zip(bounds, vision if bounds else []):
+            if end - start != len(block):
+                raise McqError(f"image placeholder rows {start}:{end} do not hold the {len(block)} vision features")
+            embeds[start:end] = block
+        return embeds
+
+    def decode(self, embeds: np.ndarray, past: int) -> np.ndarray:
+        """Logits `[len, vocab]` float32 of `embeds` ([len, hidden]) at positions past.. on the cache as it is."""
+        self._require_llm()
+        info = self.llm_info
+        if past + len(embeds) > info["context"]:
+            raise McqError(f"the sequence needs {past + len(embeds)} positions; the LLM package caches "
+                           f"{info['context']}")
+        logits = []
+        for start, end in self._chunks(len(embeds)):
+            cos, sin = rotary_inputs(np.arange(past + start, past + end), info["head_dim"], info["rope_theta"])
+            logits.append(self.llm_package({
+                "inputs_embeds": embeds[None, start:end], "position_cos": cos, "position_sin": sin,
+                "causal_mask": causal_mask(past + start, end - start, info["masked_score"])})["logits"][0])
+        return np.concatenate(logits).astype(np.float32)
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits of a whole sequence, from an empty cache."""
+        self._require_llm()
+        self.llm_package.reset()
+        return self.decode(embeds, 0)
+
+    def generate(self, embeds: np.ndarray, max_new_tokens: int) -> list[int]:
+        """Greedy continuation of a prompt, up to and including a terminator."""
+        logits = self.forward(embeds)[-1]
+        position, tokens = len(embeds), []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            if token in self.terminators:
+                break
+            logits = self.decode(self.embed([token]), position)[-1]
+            position += 1
+        return tokens

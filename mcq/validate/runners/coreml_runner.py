@@ -1,0 +1,128 @@
+"""Core ML exports (`mcq export --format coreml`) through `mcq.export.coreml.runtime.CoremlMiniCPMV`: on macOS 15+
+Core ML itself (coremltools' predict, compute units chosen by Core ML), elsewhere mcq's numpy interpreter of the
+saved packages, which rounds to fp16 after every op as the device does. So on Linux the accuracy scores are the
+packages' own (their weights, their fp16 program) while the memory and latency are the interpreter's, not a
+device's; the runtime column says which.
+
+The vision package takes one slice at a time and has no 3D resampler: 4.5 video samples (frames grouped by
+temporal id) are not served. Validation scores the LLM, so an export without its LLM package (`--llm none`) is
+refused when it is described, before any run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcq.errors import McqError
+from mcq.export.coreml.api import LLM_COMPRESSIONS
+
+from ..probes import Stopwatch
+from .base import Runner, config_identity, grouped_video
+
+
+class CoremlRunner(Runner):
+    # Named by the LLM package's compression (--llm): the LLM holds most of the weights.
+    formats = tuple(f"coreml-{compression}" for compression in LLM_COMPRESSIONS)
+
+    @classmethod
+    def detect(cls, path: str | Path) -> str | None:
+        from mcq.export.coreml.runtime import read_sidecar
+
+        if str(path).startswith("tiny:") or not Path(path).is_dir():
+            return None
+        sidecar = read_sidecar(path)
+        if sidecar is None:
+            return None
+        return f"coreml-{(sidecar.get('compression') or {}).get('llm', 'none')}"
+
+    @classmethod
+    def runtime(cls, format_name: str) -> str:
+        import platform
+        from importlib.metadata import version
+
+        from mcq.export.coreml.runtime import native_available
+
+        if native_available():
+            return f"Core ML (coremltools {version('coremltools')} predict, macOS {platform.mac_ver()[0]})"
+        return f"mcq MIL interpreter (numpy {version('numpy')}, {platform.system()})"
+
+    @classmethod
+    def describe(cls, path: str | Path) -> dict[str, Any]:
+        from mcq.export.coreml.runtime import read_sidecar
+        from mcq.models.minicpmv.configuration import MiniCPMVConfig
+
+        sidecar = read_sidecar(path)
+        if sidecar is None or "model_config" not in sidecar:
+            raise McqError(f"{path}: its Core ML sidecar does not say which model it is (re-export it with this mcq)")
+        if sidecar["llm"] is None:
+            raise McqError(f"{path} has no LLM package (exported with --llm none); mcq validate scores the LLM's "
+                           "logits and answers, so export with --llm int4-block32, palettize4, int8 or fp16")
+        return config_identity(MiniCPMVConfig(**sidecar["model_config"]))
+
+    @classmethod
+    def weight_bytes(cls, path: str | Path) -> dict[str, int]:
+        from mcq.export.coreml.runtime import component_bytes
+
+        return component_bytes(path)
+
+    @classmethod
+    def unserved(cls, data: dict[str, Any]) -> str | None:
+        if grouped_video(data):
+            return "video (the Core ML vision package has no 3D resampler to group frames by temporal id)"
+        return None
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: str):
+        from mcq.export.coreml.runtime import CoremlMiniCPMV
+
+        if torch.device(device).type != "cpu":
+            raise McqError(f"the Core ML runner takes --device cpu (Core ML picks its own compute units), not {device}")
+        # The precision is the packages' (fp16 compute, their weights): the dtype asked for does not apply.
+        self.model = CoremlMiniCPMV(path)
+        if self.model.llm_info is None:
+            raise McqError(f"{path} has no LLM package (exported with --llm none)")
+
+    def vision(self, data: dict[str, Any]) -> torch.Tensor:
+        reason = self.unserved(data)
+        if reason:
+            raise McqError(f"Core ML cannot serve this sample: {reason}")
+        return torch.from_numpy(self.model.encode_slices(data["pixel_values"][0], data["tgt_sizes"][0]))
+
+    def _embeds(self, data: dict[str, Any], vision: torch.Tensor | None):
+        bounds = data.get("image_bound")
+        bounds = bounds[0].tolist() if bounds is not None and len(bounds[0]) else []
+        if bounds and vision is None:
+            vision = self.vision(data)
+        return self.model.merged_embeddings(data["input_ids"][0].tolist(), bounds,
+                                            None if vision is None else vision.float().numpy())
+
+    def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.from_numpy(self.model.forward(self._embeds(data, vision)))
+
+    def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
+        return self.model.generate(self._embeds(data, vision), max_new_tokens)
+
+    def time_vision(self, data: dict[str, Any]) -> float:
+        with Stopwatch(torch.device("cpu")) as watch:
+            self.vision(data)
+        return watch.seconds
+
+    def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
+        embeds = self._embeds(data, vision)
+        with Stopwatch(torch.device("cpu")) as watch:
+            self.model.forward(embeds)
+        return watch.seconds
+
+    def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
+        import numpy as np
+
+        model = self.model
+        embeds = self._embeds(data, vision)
+        logits = model.forward(embeds)[-1]
+        with Stopwatch(torch.device("cpu")) as watch:
+            for step in range(tokens):
+                # Greedy, terminators included: the step costs the same whatever the token is.
+                logits = model.decode(model.embed([int(np.argmax(logits))]), len(embeds) + step)[-1]
+        return watch.seconds
