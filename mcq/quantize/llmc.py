@@ -27,13 +27,14 @@ PACKED_PARAMS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_s
 
 def _quiet_llmcompressor() -> None:
     """llm-compressor logs every layer at INFO through loguru to *stdout* (which would corrupt `--json`), and its
-    import already warns there; mcq reports its own per-block progress and summary. Its import configures logging
-    from the environment (so the variable goes first, unless the user set it), and disabling after it is what
-    holds when it was imported before."""
-    import os
+    import already warns there on a CPU machine; mcq reports its own per-block progress and summary. Its import
+    binds its log sink to the `sys.stdout` of that moment, so the import runs with stdout pointed at stderr; then
+    logging is disabled (its import re-enables it). Disabling through LLM_COMPRESSOR_LOG_DISABLED instead would
+    skip registering its METRIC level, which GPTQ then logs to and fails."""
+    import sys
 
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
-    from llmcompressor import LoggerConfig, configure_logger
+    with contextlib.redirect_stdout(sys.stderr):
+        from llmcompressor import LoggerConfig, configure_logger
     from loguru import logger
 
     configure_logger(LoggerConfig(disabled=True))
