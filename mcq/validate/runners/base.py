@@ -67,9 +67,14 @@ class Runner(ABC):
         """Greedy continuation of an encoded prompt, up to and including a terminator token (`vision` as in
         `logits`)."""
 
-    @abstractmethod
     def time_vision(self, data: dict[str, Any]) -> float:
-        """Seconds of one vision-path run (tower + resampler, every slice of the sample's images)."""
+        """Seconds of one vision-path run (tower + resampler, every slice of the sample's images). This default
+        times `vision()` on the host clock, right for CPU runtimes; runners on an accelerator time their own."""
+        from ..probes import Stopwatch
+
+        with Stopwatch(torch.device("cpu")) as watch:
+            self.vision(data)
+        return watch.seconds
 
     @abstractmethod
     def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:

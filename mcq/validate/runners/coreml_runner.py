@@ -104,11 +104,6 @@ class CoremlRunner(Runner):
     def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
         return self.model.generate(self._embeds(data, vision), max_new_tokens)
 
-    def time_vision(self, data: dict[str, Any]) -> float:
-        with Stopwatch(torch.device("cpu")) as watch:
-            self.vision(data)
-        return watch.seconds
-
     def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
         embeds = self._embeds(data, vision)
         with Stopwatch(torch.device("cpu")) as watch:

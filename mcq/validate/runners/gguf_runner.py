@@ -257,11 +257,6 @@ class GgufRunner(Runner):
         return tokens
 
     # -- timings -----------------------------------------------------------------------------------------------
-    def time_vision(self, data: dict[str, Any]) -> float:
-        with Stopwatch(torch.device("cpu")) as watch:
-            self.vision(data)
-        return watch.seconds
-
     def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
         pieces = self._pieces(data, vision)
         with Stopwatch(torch.device("cpu")) as watch:
