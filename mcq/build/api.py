@@ -105,6 +105,14 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | None = None,
     path, config, spec = model_spec(model)
     if getattr(config, "quantization_config", None):
         raise McqError(f"{path} is already quantized; build from the original bf16 checkpoint")
+    if validate and eval_data is not None:
+        from mcq.validate.evalset import eval_samples
+
+        eval_samples(eval_data, chosen.validate["num_samples"], seed)   # bad eval data fails before any build
+    if calib is not None and calib != "builtin":
+        from mcq.calibration import read_user_data
+
+        read_user_data(calib)     # checked, not loaded: bad calibration data fails before any build
     out = Path(out)
     state = _open_state(out, path, force)
     variants = chosen.select(only)
@@ -302,15 +310,24 @@ def _validate(plan: Plan, model, out: Path, built: list[VariantOutcome], failed:
             outcome.validation, outcome.error = "failed", f"validation: {err}"
     if runnable:
         _say(progress, f"validating {', '.join(o.name for o in runnable)} against {model}")
-        results = validate(model, [o.path for o in runnable], eval_data=eval_data,
-                           num_samples=plan.validate["num_samples"], max_slice_nums=plan.validate["max_slice_nums"],
-                           device=device, max_new_tokens=plan.validate["max_new_tokens"],
-                           latency_runs=plan.validate["latency_runs"], seed=seed, progress=progress)
+        try:
+            results = validate(model, [o.path for o in runnable], eval_data=eval_data,
+                               num_samples=plan.validate["num_samples"],
+                               max_slice_nums=plan.validate["max_slice_nums"], device=device,
+                               max_new_tokens=plan.validate["max_new_tokens"],
+                               latency_runs=plan.validate["latency_runs"], seed=seed, progress=progress)
+        except McqError as err:      # the run as a whole (the reference, the eval data) failed: no variant is gated
+            for outcome in runnable:
+                outcome.validation, outcome.error = "failed", f"validation: {err}"
+            runnable = []
+    if runnable:
         reference, rows = results["variants"][0], results["variants"][1:]
         for outcome, row in zip(runnable, rows):
             row["name"] = outcome.name
             _write_json(out / "validation" / f"{outcome.name}.json", {**results, "variants": [reference, row]})
-            state["variants"][outcome.name]["validation_key"] = validation_key[outcome.name]
+            # A variant that failed to run is tried again next time (a crash may not be the variant's fault).
+            state["variants"][outcome.name]["validation_key"] = validation_key[outcome.name] \
+                if row["status"] == "ok" else None
     measured = [o for o in built if o.validation != "failed"]
     if not measured:
         return False

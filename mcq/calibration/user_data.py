@@ -159,10 +159,11 @@ def read_user_data(path: str | Path) -> UserData:
     """Validate a JSONL file, an image folder or a saved datasets folder (see the module docstring)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise McqError(f"calibration data {path} does not exist")
+        raise McqError(f"data {path} does not exist (calibration or eval data: a folder, a .jsonl file or a "
+                       "saved datasets folder)")
     if path.is_file():
         if path.suffix.lower() != ".jsonl":
-            raise McqError(f"calibration data {path} is a file but not .jsonl; pass a JSONL file, a folder of images "
+            raise McqError(f"data {path} is a file but not .jsonl; pass a JSONL file, a folder of images "
                            "or a folder written by datasets' save_to_disk")
         return UserData(path, _read_jsonl(path))
     if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()

@@ -129,6 +129,12 @@ variants:
     assert "strict" in (tmp_path / "out" / "report" / "report.md").read_text()
 
 
+@pytest.mark.parametrize("option", ["--calib", "--eval"])
+def test_missing_data_fails_before_any_build(tmp_path, capsys, option):
+    assert main(["build", "--model", "tiny:4.5", "--out", str(tmp_path / "b"), option, str(tmp_path / "nope")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_build_refuses_a_folder_that_is_not_a_build(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
