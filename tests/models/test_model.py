@@ -77,6 +77,21 @@ def test_automodel_loads_without_remote_code(tiny45):
     assert isinstance(model, MiniCPMV) and type(config).__module__.startswith("mcq.")
 
 
+def test_rope_scaling_reaches_the_llm_and_survives_a_save(tiny45, tmp_path):
+    """Qwen3's long-context recipe adds YaRN `rope_scaling` to config.json; transformers 5 would standardize it
+    against MiniCPM-V's own config, which has no RoPE fields, and fail."""
+    copy = tmp_path / "yarn"
+    shutil.copytree(tiny45, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    (copy / "config.json").write_text(json.dumps(config))
+    model = load_model(copy)
+    assert model.llm.config.rope_parameters["rope_type"] == "yarn"
+    assert model.llm.config.rope_parameters["factor"] == 4.0
+    model.config.save_pretrained(tmp_path / "saved")
+    assert AutoConfig.from_pretrained(tmp_path / "saved").llm_kwargs()["rope_parameters"]["rope_type"] == "yarn"
+
+
 @pytest.fixture(scope="module")
 def model45(tiny45):
     return load_model(tiny45, dtype="float32"), load_processor(tiny45)

@@ -71,7 +71,14 @@ class MiniCPMVConfig(PreTrainedConfig):
         self.slice_config = {**DEFAULT_SLICE_CONFIG, **slice_config}
         # The official config sets patch_size from the vision tower.
         self.patch_size = self.vision_config.patch_size
+        # transformers standardizes a `rope_scaling` it finds here against this config's own RoPE fields, which a
+        # MiniCPM-V config does not declare (they are the LLM's), and fails. It is the LLM's setting: kept as a
+        # plain attribute, it reaches the LLM config through `llm_kwargs` (saved, transformers 5 writes it as
+        # `rope_parameters`, which reads back the same way).
+        rope_scaling = kwargs.pop("rope_scaling", None)
         super().__post_init__(**kwargs)
+        if rope_scaling is not None:
+            self.rope_scaling = rope_scaling
 
     @property
     def max_slice_nums(self) -> int:
