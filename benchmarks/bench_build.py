@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import log, mib  # noqa: E402
+from measure import emit, log, mib  # noqa: E402
 
 
 def run_build(model: str, out: Path, plan: str | None, env: dict[str, str]) -> dict:
@@ -83,10 +83,7 @@ def main() -> None:
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Core ML runs only on Apple hardware: no speed is measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import log, mib, proc_status  # noqa: E402
+from measure import emit, log, mib, proc_status  # noqa: E402
 
 VISION = ("fp16", "int8", "palettize4", "palettize6")
 LLM = ("int4-block32", "palettize4", "int8", "fp16")
@@ -108,10 +107,7 @@ def main() -> int:
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit(report, args.out)
     return 0
 
 

@@ -90,7 +90,7 @@ import threading
 import time
 from pathlib import Path
 
-from measure import log, mib, proc_status
+from measure import emit, log, mib, proc_status
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -552,11 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "comparison": comparison,
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
     return 0
 
 

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from measure import log
+from measure import emit, log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,10 +196,7 @@ def main() -> int:
                                     "decode_tok_s": r["decode_tok_s"]["median"], "peak_rss_mib": r["peak_rss_mib"]}
                              for name, r in results.items()},
         }
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.out:
-            args.out.write_text(text + "\n")
+        emit(report, args.out)
     finally:
         if args.keep:
             log(f"kept {work}")

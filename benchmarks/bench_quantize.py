@@ -67,7 +67,7 @@ import threading
 import time
 from pathlib import Path
 
-from measure import log, mib, proc_status
+from measure import emit, log, mib, proc_status
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_RATIO = 1.15
@@ -255,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": summarize(runs, args.layers),
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
     return 0
 
 

@@ -6,8 +6,10 @@ folder first on sys.path); it imports nothing heavy, so a parent process that on
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 
 def log(message: str) -> None:
@@ -30,3 +32,12 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
 
 def mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
+
+
+def emit(report: dict, out: str | Path | None) -> None:
+    """The benchmark's JSON on stdout, and in `out` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n", encoding="utf-8")
