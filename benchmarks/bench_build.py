@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import emit, log, mib  # noqa: E402
+from measure import emit, log, mib, release  # noqa: E402
 
 
 def run_build(model: str, out: Path, plan: str | None, env: dict[str, str]) -> dict:
@@ -79,10 +78,7 @@ def main() -> None:
                          for v in first["result"]["variants"]],
         }
     finally:
-        if args.keep:
-            log(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        release(root, args.keep)
     emit(report, args.out)
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import emit, log, mib, proc_status  # noqa: E402
+from measure import emit, log, mib, proc_status, release  # noqa: E402
 
 VISION = ("fp16", "int8", "palettize4", "palettize6")
 LLM = ("int4-block32", "palettize4", "int8", "fp16")
@@ -103,10 +103,7 @@ def main() -> int:
                   f"{args.vision_layers} vision layers", "machine": platform.platform(),
                   "peak_rss_mib": mib(proc_status().get("VmHWM")), "rows": rows}
     finally:
-        if args.keep:
-            log(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        release(root, args.keep)
     emit(report, args.out)
     return 0
 

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from measure import emit, log
+from measure import emit, log, release
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,10 +197,7 @@ def main() -> int:
         }
         emit(report, args.out)
     finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        release(work, args.keep)
     return 0
 
 

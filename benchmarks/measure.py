@@ -7,6 +7,7 @@ folder first on sys.path); it imports nothing heavy, so a parent process that on
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,3 +42,11 @@ def emit(report: dict, out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n", encoding="utf-8")
+
+
+def release(workdir: Path, keep: bool) -> None:
+    """Remove a benchmark's scratch folder, or say where it was kept (--keep)."""
+    if keep:
+        log(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
