@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from mcq.cli import main
 from mcq.errors import McqError
 from mcq.export.gguf import export_gguf
+from mcq.export.gguf.writer import stored_types
 from mcq.models.loading import load_processor, model_spec
 from mcq.validate.evalset import encode_items, eval_samples
 
@@ -80,6 +82,9 @@ def f16_export(request, tmp_path_factory):
 def test_f16_export_agrees_with_torch(f16_export):
     model, out, result = f16_export
     assert result.llm.ggml_type == "F16" and not result.llm.fallbacks
+    # The position table clip.cpp requires but recomputes: F16, not the legacy converter's F32 (a 4.5 mmproj
+    # would carry 80 MB of it); the cosine below shows llama.cpp still loads and runs the file.
+    assert stored_types(Path(result.mmproj.path))["resampler.pos_embed_k"] == "F16"
     reference = TransformersRunner(model, torch.device("cpu"), "float32")
     variant = GgufRunner(out, torch.device("cpu"), "auto")
     try:

@@ -54,11 +54,16 @@ class Placement:
 
 def place(tensor: GgufTensor, file_type_name: str) -> Placement:
     """The type of one tensor in a file of `file_type_name` (a Python type): vectors and tables that are not a
-    `.weight` (the resampler's queries and position table) stay F32 as llama.cpp's converters keep them; matrices
+    `.weight` (the resampler's queries) stay F32 as llama.cpp's converters keep them, except the computed position
+    table (F16); matrices
     llama.cpp never quantizes (patch and position embeddings) are F16; a matrix
     whose rows no block of the type divides falls back to F16, as llama-quantize does."""
     import gguf
 
+    if file_type_name != "F32" and not tensor.source and len(tensor.shape) == 2:
+        # The resampler's position table: clip.cpp requires it but recomputes it at run time, so F32 (as the
+        # legacy converter writes it) would spend 4900 x 4096 x 4 bytes (80 MB at 4.5 size) on values never read.
+        return Placement("F16")
     if len(tensor.shape) == 1 or file_type_name == "F32" or not tensor.name.endswith(".weight"):
         return Placement("F32")
     if not tensor.quantizable:
