@@ -226,12 +226,11 @@ class _LazyCalibration:
         if not calibration.imatrix.is_file():
             from mcq.export.gguf import write_calibration_imatrix
 
-            from .calibration import store_imatrix
-
-            staged = calibration.directory.parent / f".{self.key}.imatrix.{os.getpid()}.safetensors"
+            # Written beside and renamed in: a reader (another build) never sees half a file.
+            staged = calibration.directory / f".{calibration.imatrix.name}.{os.getpid()}"
             try:
                 write_calibration_imatrix(model, staged, calibration.samples, calibration.description, progress)
-                store_imatrix(calibration, staged)
+                os.replace(staged, calibration.imatrix)
             finally:
                 staged.unlink(missing_ok=True)
         return calibration.imatrix

@@ -1,8 +1,8 @@
 """The build's one calibration: the encoded calibration set and the activation statistics, cached on disk.
 
-Every calibrated variant of a build reads the same encoded samples (AWQ and GPTQ through `quantize(calibration=)`,
-the GGUF importance matrix through `export_gguf(calibration=)`), and the importance matrix, a full-precision
-forward over the whole set, is computed once and reused by every K-quant. Both live under
+Every calibrated variant of a build reads the same encoded samples (AWQ and GPTQ through `quantize(calibration=)`),
+and the importance matrix, a full-precision forward over the whole set (`write_calibration_imatrix`), is computed
+once and read by every GGUF K-quant (`export_gguf(imatrix=FILE)`). Both live under
 `MCQ_CACHE/calibration/<key>/`, where the key is a digest of the model's files, the data's files, the sampling
 settings and the tool versions, so a later build (or another output folder) with the same inputs reads them back
 instead of recomputing.
@@ -65,14 +65,6 @@ def calibration_set(model_dir: Path, spec, settings: CalibrationSettings, key: s
     with _staged_entry(directory) as staging:
         save_encoded(staging, samples, description)
     return CalibrationSet(samples, description, directory, reused=False)
-
-
-def store_imatrix(calibration: CalibrationSet, written: Path) -> None:
-    """Keep an importance matrix computed from this set (by a GGUF export) for the next K-quant."""
-    if not calibration.imatrix.is_file() and written.is_file():
-        temporary = calibration.imatrix.with_name(f".{IMATRIX_FILE}.{os.getpid()}")
-        shutil.copyfile(written, temporary)
-        os.replace(temporary, calibration.imatrix)
 
 
 # -- the encoded set on disk -----------------------------------------------------------------------------------------
