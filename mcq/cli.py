@@ -294,22 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)
 
-    plan = sub.add_parser("build", help="every variant of a plan from one calibration, validated, in one report")
-    plan.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
-    plan.add_argument("--out", required=True, help="build folder (a later run updates it, rebuilding what changed)")
-    plan.add_argument("--plan", metavar="PLAN.yaml", help="the variants to build (default: the built-in plan, "
-                                                         "every format)")
-    plan.add_argument("--only", nargs="+", metavar="FORMAT", help="build only these formats (compressed-tensors, "
-                      "bitsandbytes, gguf, onnx, coreml) or plan variants, and what they export from")
-    plan.add_argument("--calib", metavar="DATA", help="calibration data (default: the built-in multimodal set)")
-    plan.add_argument("--eval", metavar="DATA", help="evaluation data (default: the built-in held-out split)")
-    plan.add_argument("--device", default="cpu", help="cpu or cuda")
-    plan.add_argument("--seed", type=int, default=0)
-    plan.add_argument("--no-validate", action="store_true", help="build the variants only (gate them later with "
-                                                                  "mcq validate)")
-    plan.add_argument("--force", action="store_true", help="rebuild everything; replace a folder that is not a build")
-    plan.add_argument("--json", action="store_true")
-    plan.set_defaults(func=cmd_build)
+    builder = sub.add_parser("build", help="every variant of a plan from one calibration, validated, in one report")
+    builder.add_argument("--model", required=True, help="checkpoint directory or tiny:VERSION")
+    builder.add_argument("--out", required=True, help="build folder (a later run updates it, rebuilding what changed)")
+    builder.add_argument("--plan", metavar="PLAN.yaml", help="the variants to build (default: the built-in plan, "
+                                                            "every format)")
+    builder.add_argument("--only", nargs="+", metavar="FORMAT",
+                         help="build only these formats (compressed-tensors, bitsandbytes, gguf, onnx, coreml) or "
+                              "plan variants, and what they export from")
+    builder.add_argument("--calib", metavar="DATA", help="calibration data (default: the built-in multimodal set)")
+    builder.add_argument("--eval", metavar="DATA", help="evaluation data (default: the built-in held-out split)")
+    builder.add_argument("--device", default="cpu", help="cpu or cuda")
+    builder.add_argument("--seed", type=int, default=0)
+    builder.add_argument("--no-validate", action="store_true", help="build the variants only (gate them later with "
+                                                                     "mcq validate)")
+    builder.add_argument("--force", action="store_true",
+                         help="rebuild everything; replace a folder that is not a build")
+    builder.add_argument("--json", action="store_true")
+    builder.set_defaults(func=cmd_build)
 
     matrix = sub.add_parser("matrix", help="the CI matrix (formats x versions of the tiny models): print it for "
                                            "GitHub Actions, or run it here")
