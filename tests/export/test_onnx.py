@@ -233,6 +233,11 @@ def test_runtime_refuses_what_is_not_an_export(tmp_path):
     (out / "onnx/decoder_model_merged.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(McqError, match="onnxruntime cannot load"):
         OnnxMiniCPMV(out)
+    # Another model's transformers.js export has the same layout: named by its model_type, not by a missing field.
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
+    with pytest.raises(McqError, match="model_type 'qwen2_vl', not an ONNX export of MiniCPM-V"):
+        OnnxMiniCPMV(out)
 
 
 def test_teacher_forced_text_sample(exported):

@@ -53,6 +53,10 @@ def graph_files(root: Path) -> dict[str, str]:
         config = json.loads((root / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise McqError(f"cannot read {root / 'config.json'}: {err}") from None
+    if not isinstance(config, dict) or config.get("model_type") != "minicpmv":
+        # Another model's transformers.js export has the same layout: say what it is, not what field it lacks.
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise McqError(f"{root / 'config.json'}: model_type {found!r}, not an ONNX export of MiniCPM-V")
     dtypes = (config.get("transformers.js_config") or {}).get("dtype")
     if not isinstance(dtypes, dict) or set(dtypes) != set(GRAPHS) or \
             not all(d in DTYPE_SUFFIXES for d in dtypes.values()):
