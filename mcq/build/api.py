@@ -89,7 +89,7 @@ class BuildResult:
         return "\n".join(lines)
 
 
-def build(model: str | Path, out: str | Path, *, plan: str | Path | None = None, only: list[str] | tuple = (),
+def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None = None, only: list[str] | tuple = (),
           calib: str | None = None, eval_data: str | None = None, device: str = "cpu", seed: int = 0,
           validate: bool = True, force: bool = False, progress: bool = True) -> BuildResult:
     """Build every variant of `plan` (the built-in default when None) selected by `only` into `out`."""
@@ -100,7 +100,7 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | None = None,
     from .digest import DigestIndex, data_digest, key_of, model_digests
 
     started = time.perf_counter()
-    chosen = load_plan(plan)
+    chosen = plan if isinstance(plan, Plan) else load_plan(plan)
     check_device(device)
     path, config, spec = model_spec(model)
     if getattr(config, "quantization_config", None):
@@ -401,9 +401,14 @@ def _write_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
+    _write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Written beside and renamed in: the build folder is updated in place, so no file of it is ever half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
@@ -418,7 +423,7 @@ def _write_card(out: Path, plan: Plan, result: BuildResult) -> None:
             "Each folder under `variants/` has its own model card and manifest. "
             + ("The measurements are in `report/report.html` (and `results.json`)." if result.report else "")
             + "\n")
-    (out / "README.md").write_text(text, encoding="utf-8")
+    _write_text(out / "README.md", text)
 
 
 def _say(progress: bool, text: str) -> None:

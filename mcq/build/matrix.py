@@ -100,7 +100,7 @@ def run_matrix(plan_source: str | Path | None, out: str | Path, versions=VERSION
         version, model = entry["version"], f"tiny:{entry['version']}"
         build_dir = out / version
         # --force empties a version's build folder once, before its first entry; later entries add to it.
-        built = build(model, build_dir, plan=plan_source, only=[entry["format"]], validate=False,
+        built = build(model, build_dir, plan=plan, only=[entry["format"]], validate=False,
                       force=force and version not in cleared, progress=progress)
         cleared.add(version)
         paths = [build_dir / Path(p).relative_to(BUILD_DIR) for p in entry["variants"].split()]
