@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -65,16 +67,39 @@ def test_padded_slices_do_not_change_real_patches():
     torch.testing.assert_close(in_batch[:, :6], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_position_ids_bucketize_like_float32_official():
-    ids = navit_position_ids(torch.tensor([[70, 70], [35, 35], [25, 3]]), 70, 4900)
-    assert ids[0].tolist() == list(range(4900))
-    grid = ids[1, :35 * 35].view(35, 35)
-    assert grid[1, 1] == 2 * 70 + 2 and grid[34, 34] == 68 * 70 + 68
-    # 25 patches per side: float32 rounding of k/25 sends some rows to a different bucket than exact floor().
-    rows = ids[2, :75].view(25, 3)[:, 0] // 70
-    exact = torch.tensor([(r * 70) // 25 for r in range(25)])
-    assert not torch.equal(rows, exact)
-    assert torch.all((rows - exact).abs() <= 1)
+def _official_buckets(n: int, step: float | None = None, side: int = 70) -> list[int]:
+    """The official bucket of each of the n coordinates of a side of n patches, from the definition, element by
+    element: the step is the float32 value of 1/n (`1 / tensor(n)`), both aranges are torch's CPU kernel (pairs
+    of 8-lane vectors, each lane = float32(vector's first value) + lane * step in double, rounded to float32; the
+    elements after the last full pair are float32(start + i * step)), and `bucketize(right=True)` counts the
+    boundaries <= the coordinate."""
+    def cpu_arange(start: float, end: float, step: float) -> list[np.float32]:
+        count = math.ceil((end - start) / step)
+        values = []
+        for i in range(count):
+            if i < count // 16 * 16:
+                first = float(np.float32(start + step * (i - i % 8)))
+                values.append(np.float32(first + (i % 8) * step))
+            else:
+                values.append(np.float32(start + step * i))
+        return values
+
+    step = float(np.float32(1) / np.float32(n)) if step is None else step
+    boundaries = cpu_arange(1 / side, 1.0, 1 / side)
+    return [sum(bool(b <= c) for b in boundaries) for c in cpu_arange(0.0, 1 - 1e-6, step)]
+
+
+def test_position_ids_are_the_official_float32_buckets_for_every_side_length():
+    expected = {n: _official_buckets(n) for n in range(1, 71)}
+    for n in range(1, 71):
+        for m in sorted({n, 71 - n, 49}):
+            ids = navit_position_ids(torch.tensor([[n, m]]), 70, 4900)[0]
+            assert ids[:n * m].tolist() == [r * 70 + c for r in expected[n] for c in expected[m]], (n, m)
+            assert not ids[n * m:].any()  # padding
+    assert expected[70] == list(range(70)) and expected[35] == list(range(0, 70, 2))
+    # The float32 step matters exactly where the issue found official outputs disagreeing with a double step.
+    assert {n for n in range(1, 71) if expected[n] != _official_buckets(n, step=1 / n)} == {25, 49, 50, 55, 58}
+    assert expected[25] != [(r * 70) // 25 for r in range(25)]  # nor is it exact integer math
 
 
 def _mha_reference(resampler: Resampler, x, tgt_sizes):

@@ -58,7 +58,8 @@ class MiniCPMVProcessor:
         """A batch: `text[i]` holds one `(<image>./</image>)` marker per image of `images[i]`.
 
         `temporal_ids[i]` groups the frames of sample i (4.5 video); the placeholders of all but the first frame
-        of a group are dropped, since the group shares one block of features. Returns left-padded `input_ids`,
+        of a group are dropped, since the group shares one block of features, and as in the official processor the
+        text before each dropped marker is stripped of surrounding whitespace. Returns left-padded `input_ids`,
         `attention_mask` (from the padding added here), per-sample `pixel_values`, `tgt_sizes`, `image_bound`,
         `temporal_ids` and `image_sizes`.
         """
@@ -82,12 +83,17 @@ class MiniCPMVProcessor:
             if images else {"pixel_values": [], "tgt_sizes": torch.zeros(0, 2, dtype=torch.long), "image_sizes": [],
                             "temporal_ids": [], "skip_image_idx": []}
         chunks = text.split(IMAGE_MARKER)
-        parts = [chunks[0]]
-        for i, chunk in enumerate(chunks[1:]):
-            if i not in vision["skip_image_idx"]:
+        parts = []
+        for i, chunk in enumerate(chunks[:-1]):
+            if i in vision["skip_image_idx"]:
+                # A frame that shares its temporal group's features: the official processor drops its marker and
+                # strips the text before it (the "\n" between frames), so a group reads as one image.
+                parts.append(chunk.strip())
+            else:
+                parts.append(chunk)
                 parts.append(self.image_processor.get_slice_image_placeholder(
                     vision["image_sizes"][i], i, max_slice_nums=max_slice_nums, use_image_id=use_image_id))
-            parts.append(chunk)
+        parts.append(chunks[-1])
         # Versions after 2.5 add no BOS; the chat template already starts the turn.
         ids = self.tokenizer.encode("".join(parts), add_special_tokens=False)
         if max_length is not None and len(ids) > max_length:

@@ -8,6 +8,9 @@ positions up in the fixed (image_size/patch)^2 table by fractional bucketing, an
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 from transformers import SiglipVisionConfig
@@ -17,20 +20,42 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 def navit_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int, max_patches: int) -> torch.Tensor:
     """Position ids `[B, max_patches]` of each slice's patches in the `num_patches_per_side`^2 table; padding gets 0.
 
-    Computed exactly as the official code does it, in float32 with `bucketize(right=True)`: for some side lengths
-    (25, 49, 50, 55, 58 patches) float32 rounding puts a row in a different bucket than exact integer math would,
-    and reproducing official outputs means reproducing that. Graph exporters without bucketize call this on the host.
+    The official embedding takes a slice of n patches per side to the coordinates `arange(0, 1 - 1e-6, 1 / n)` and
+    sorts them into the table's boundaries `arange(1 / side, 1, 1 / side)` with `bucketize(right=True)`. There `n`
+    is held in an integer tensor, so `1 / n` is a float32 value (1/25 is 0.0399999991), not the double one. Both
+    aranges run in torch's CPU kernel (`_arange_float32`). For 25, 49, 50, 55 and 58 patches per side the result
+    puts rows in other buckets than a double step would (or exact integer math), and reproducing official outputs
+    means reproducing that. Graph exporters without bucketize (ONNX, Core ML) call this function on the host.
     """
-    boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side)
+    boundaries = _arange_float32(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side)
     position_ids = torch.zeros(len(tgt_sizes), max_patches, dtype=torch.long)
     for i, (nh, nw) in enumerate(tgt_sizes.tolist()):
-        fractional_h = torch.arange(0, 1 - 1e-6, 1 / nh)
-        fractional_w = torch.arange(0, 1 - 1e-6, 1 / nw)
-        bucket_h = torch.bucketize(fractional_h, boundaries, right=True)
-        bucket_w = torch.bucketize(fractional_w, boundaries, right=True)
-        ids = (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten()
-        position_ids[i, : ids.numel()] = ids
+        bucket_h, bucket_w = (np.searchsorted(boundaries, _arange_float32(0.0, 1 - 1e-6, float(1 / np.float32(n))),
+                                              side="right") for n in (nh, nw))
+        ids = (bucket_h[:, None] * num_patches_per_side + bucket_w).reshape(-1)
+        position_ids[i, : ids.size] = torch.from_numpy(ids)
     return position_ids
+
+
+def _arange_float32(start: float, end: float, step: float) -> np.ndarray:
+    """float32 `torch.arange(start, end, step)` as torch's CPU kernel computes it with 8-lane vectors (its default
+    and AVX2 builds), the same on every machine.
+
+    The kernel does not round `start + i * step` (double) once per element: it fills pairs of 8-lane vectors, each
+    lane its vector's first value rounded to float32 plus `lane * step` in double; only the elements after the last
+    full pair take the exact path. An AVX-512 build has 16 lanes, which moves the buckets of 49 and 58 patches per
+    side. The official outputs mcq is compared with were computed by the 8-lane kernel, and computing that one rule
+    here (rather than calling torch.arange) keeps position ids, and every calibration and export that uses them,
+    the same on every machine.
+    """
+    count = math.ceil((end - start) / step)
+    index = np.arange(count)
+    values = (start + step * index).astype(np.float32)
+    vectorized = count // 16 * 16
+    lane = index[:vectorized] % 8
+    first = (start + step * (index[:vectorized] - lane)).astype(np.float32).astype(np.float64)
+    values[:vectorized] = (first + lane * step).astype(np.float32)
+    return values
 
 
 class MiniCPMVisionEmbeddings(nn.Module):
