@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minicpm-v-4_5"
+# Published files of the official releases (config, tokenizer config, weight maps): see data/official/README.md.
+OFFICIAL = Path(__file__).resolve().parent / "data" / "official"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,9 +24,8 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not (REFERENCE / "config.json").exists():
-        pytest.skip("shared/reference (official MiniCPM-V 4.5 config) is not beside this checkout")
-    return REFERENCE
+    """The official MiniCPM-V 4.5 config, tokenizer config and weight index."""
+    return OFFICIAL / "minicpm-v-4_5"
 
 
 @pytest.fixture(scope="session", params=["4.5", "2.6", "4.0"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import av
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -95,7 +97,6 @@ def test_jsonl_file_given_directly_equals_the_folder(folder):
 
 
 def test_video_file_line(tmp_path):
-    av = pytest.importorskip("av")
     clip = tmp_path / "clip.mp4"
     with av.open(str(clip), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
@@ -126,7 +127,6 @@ def test_image_folder_without_jsonl_gives_prompt_only_samples(tmp_path):
 
 
 def _save_dataset(path, columns, dict_of_splits=False):
-    datasets = pytest.importorskip("datasets")
     dataset = datasets.Dataset.from_dict(columns)
     (datasets.DatasetDict({"train": dataset}) if dict_of_splits else dataset).save_to_disk(str(path))
     return path

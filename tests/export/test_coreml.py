@@ -8,17 +8,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("coremltools")
-
-from mcq.errors import McqError  # noqa: E402
-from mcq.export.coreml import api  # noqa: E402
-from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette  # noqa: E402
-from mcq.export.coreml.host import vision_inputs  # noqa: E402
-from mcq.export.coreml.interpreter import (Interpreter, Operation, Program, check_supported, load_program,  # noqa: E402
+from mcq.errors import McqError
+from mcq.export.coreml import api
+from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette
+from mcq.export.coreml.host import vision_inputs
+from mcq.export.coreml.interpreter import (Interpreter, Operation, Program, check_supported, load_program,
                                            materialized)
 
 MODEL = "tiny:4.5"
@@ -94,7 +93,6 @@ def _interpreted(package: Path, inputs: dict) -> np.ndarray:
 
 
 def test_vision_fp16_package_structure(exports):
-    import coremltools as ct
 
     out = exports("fp16", "iOS17")
     package = out / api.VISION_PACKAGE
@@ -123,8 +121,6 @@ def test_vision_fp16_package_agrees_with_torch(exports, reference):
         assert got.shape == expected.shape == (1, 64, 256)
         assert cosine(got, expected) > 0.999
     if sys.platform == "darwin":    # the same check through Core ML itself (the macOS CI job)
-        import coremltools as ct
-
         model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
         program = load_program(package)
         for inputs, expected in reference:
@@ -322,8 +318,6 @@ def _run_calls(interpreter: Interpreter, embeds, config) -> np.ndarray:
 
 
 def test_llm_package_structure(llm_exports, weights):
-    import coremltools as ct
-
     out = llm_exports("int4-block32")
     package = out / api.LLM_PACKAGE
     assert ct.models.MLModel(str(package), skip_model_load=True).get_spec().specificationVersion == \
@@ -366,8 +360,6 @@ def test_llm_fp16_package_agrees_with_torch_across_calls(llm_exports, llm_refere
     alone = interpreter.predict(_llm_feeds(embeds, 4, 3, weights.config))["logits"].astype(np.float32)
     assert cosine(alone, expected[:, 4:7]) < 0.999
     if sys.platform == "darwin":
-        import coremltools as ct
-
         package = llm_exports("fp16") / api.LLM_PACKAGE
         model, program = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY), load_program(package)
         state = model.make_state()

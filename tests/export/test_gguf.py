@@ -17,11 +17,9 @@ from mcq.export.gguf import export_gguf
 from mcq.export.gguf.writer import stored_types
 from mcq.models.loading import load_processor, model_spec
 from mcq.validate.evalset import encode_items, eval_samples
+from mcq.validate.runners.gguf_runner import GgufRunner
+from mcq.validate.runners.transformers_runner import TransformersRunner
 
-pytest.importorskip("llama_cpp")
-
-from mcq.validate.runners.gguf_runner import GgufRunner  # noqa: E402
-from mcq.validate.runners.transformers_runner import TransformersRunner  # noqa: E402
 
 
 def _items(model: str, count: int):

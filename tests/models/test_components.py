@@ -32,6 +32,23 @@ def test_official_config_on_meta_matches_published_index(reference_dir):
     assert len(model.vpm.encoder.layers) == 27  # drop_vision_last_layer: false is honoured
 
 
+def test_official_2_6_config_on_meta_matches_published_weight_names(reference_dir):
+    """2.6's published LLM fields with the vision and resampler fields it shares with 4.5 give exactly the
+    published tensor names, and parameters that fill the published total size."""
+    official = reference_dir.parent / "minicpm-v-2_6"
+    published = json.loads((official / "weight_names.json").read_text())
+    llm = json.loads((official / "llm_config.json").read_text())
+    shared = json.loads((reference_dir / "config.json").read_text())
+    config = MiniCPMVConfig(**{key: value for key, value in llm.items() if key not in ("architectures", "model_type")},
+                            version=2.6, architectures=["MiniCPMV"],
+                            **{key: shared[key] for key in ("vision_config", "query_num", "image_size", "patch_size",
+                                                            "slice_mode", "slice_config", "drop_vision_last_layer")})
+    with torch.device("meta"):
+        model = MiniCPMV(config)
+    assert {checkpoint_names.stored_name(name) for name in model.state_dict()} == set(published["weight_names"])
+    assert 2 * sum(p.numel() for p in model.parameters()) == published["total_size"]  # bf16
+
+
 def _vision_config() -> SiglipVisionConfig:
     return SiglipVisionConfig(hidden_size=64, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
                               image_size=980, patch_size=14, vision_use_head=False)

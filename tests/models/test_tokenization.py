@@ -21,9 +21,8 @@ from mcq.models.minicpmv.tokenization import MiniCPMVSpecialTokens, load_tokeniz
 from mcq.models.minicpmv.versions import VERSIONS
 from mcq.models.tiny_tokenizer import QWEN2_PRETOKENIZE_REGEX, SUPPORTED_VERSIONS, write_tiny_tokenizer
 
-# The official MiniCPM-V 4.5 tokenizer files live next to the repository checkout, not inside it.
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "minicpm-v-4_5"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"{REFERENCE} is not available")
+# The official MiniCPM-V 4.5 tokenizer files (tests/data/official/README.md).
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "official" / "minicpm-v-4_5"
 
 EXPECTED_FILES = {
     "4.5": {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -300,7 +299,6 @@ def test_chatml_template(tmp_path, version):
 # --- the official 4.5 files ---------------------------------------------------------------------------------------
 
 
-@needs_reference
 def test_tiny_4_5_mirrors_the_official_files(tmp_path):
     directory = write_tiny_tokenizer(tmp_path, "4.5")
     official = json.loads((REFERENCE / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -321,7 +319,6 @@ def test_tiny_4_5_mirrors_the_official_files(tmp_path):
     assert list(vocab)[:256] == list(bytes_to_unicode().values())
 
 
-@needs_reference
 def test_official_config_on_a_tiny_vocabulary_is_rejected(tmp_path):
     # The official config places its added tokens at ids from 151643 up; a 1024-token vocabulary cannot honour that,
     # and loading must fail loudly rather than hand out different ids.
@@ -332,7 +329,6 @@ def test_official_config_on_a_tiny_vocabulary_is_rejected(tmp_path):
         load_tokenizer(directory, "4.5")
 
 
-@needs_reference
 def test_official_class_auto_map_and_template_are_accepted(tmp_path):
     official = json.loads((REFERENCE / "tokenizer_config.json").read_text(encoding="utf-8"))
     directory = write_tiny_tokenizer(tmp_path, "2.6")  # ChatML template, replaced by the official one below

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from PIL import Image
@@ -19,8 +20,6 @@ from mcq.models.loading import load_model, load_processor, meta_skeleton, model_
 from mcq.outputs import staged_output
 from mcq.models.bnb_runtime import _QuietNotices, disable_unsupported_cpu_repacking
 from mcq.quantize.bnb import OPENBMB_SKIP_MODULES, quantize_bnb, skip_matches
-
-bnb = pytest.importorskip("bitsandbytes")
 
 GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 4}
 PROMPT = "<|im_start|>user\n(<image>./</image>)\nDescribe the picture.<|im_end|>\n<|im_start|>assistant\n"

@@ -46,8 +46,6 @@ from mcq.quantize.llmc import LlmCompressorBlockQuantizer, quantization_args
 from mcq.quantize.recipe import load_recipe, plan_quantization
 from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
-pytest.importorskip("llmcompressor")
-
 LAYERS = "llm.model.layers."
 
 

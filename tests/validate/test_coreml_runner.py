@@ -10,13 +10,11 @@ import sys
 
 import pytest
 
-pytest.importorskip("coremltools")
-
-from mcq.errors import McqError  # noqa: E402
-from mcq.export.coreml import api  # noqa: E402
-from mcq.export.coreml.runtime import native_available  # noqa: E402
-from mcq.validate.runners import detect_format  # noqa: E402
-from mcq.validate.runners.coreml_runner import CoremlRunner  # noqa: E402
+from mcq.errors import McqError
+from mcq.export.coreml import api
+from mcq.export.coreml.runtime import native_available
+from mcq.validate.runners import detect_format
+from mcq.validate.runners.coreml_runner import CoremlRunner
 
 MODEL = "tiny:4.5"
 
