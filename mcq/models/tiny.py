@@ -57,6 +57,9 @@ def _builder_source_digest() -> str:
     return digest.hexdigest()
 
 
+# The token config.json and generation_config.json name as bos_token_id, per version.
+CONFIG_BOS = {"4.5": "<|endoftext|>", "2.6": "<|endoftext|>", "4.0": "<s>"}
+
 # LLM fields per version, as the official config.json files spell them (tiny widths).
 _LLM_FIELDS = {
     "4.5": {"head_dim": 64, "max_window_layers": 36, "use_sliding_window": False,
@@ -149,9 +152,10 @@ def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
     with staged_output(out, force) as staging:
         write_tiny_tokenizer(staging, spec.version)
         tokenizer = load_tokenizer(staging, spec.version)
-        special_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-        if spec.version == "4.0":
-            special_ids["bos"] = tokenizer.convert_tokens_to_ids("<s>")
+        # config.json's bos_token_id is the LLM's own BOS, not the tokenizer's bos_token: the official 4.5 and 2.6
+        # configs name Qwen's <|endoftext|> while their tokenizer_config.json says <|im_start|>.
+        special_ids = {"bos": tokenizer.convert_tokens_to_ids(CONFIG_BOS[spec.version]),
+                       "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
         config = MiniCPMVConfig(**tiny_config(spec, len(tokenizer), special_ids))
         torch.manual_seed(spec.seed)
         model = MiniCPMV(config)

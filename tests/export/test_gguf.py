@@ -145,6 +145,73 @@ def test_llama_cpp_python_chat_handler_answers_about_an_image(f16_export):
     assert answer["usage"]["prompt_tokens"] > 3 * 64 and answer["usage"]["completion_tokens"] >= 1
 
 
+# GGUF keys of the special token types llama.cpp's converter writes.
+SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
+                "pad": "tokenizer.ggml.padding_token_id", "mask": "tokenizer.ggml.mask_token_id"}
+
+
+def _llama_cpp_special_ids(directory: Path) -> dict[str, int]:
+    """The special token ids llama.cpp's converter writes (convert_hf_to_gguf.py → gguf-py's SpecialVocab),
+    written out for checkpoints with a tokenizer_config.json: each `<type>_token` of tokenizer_config.json (a string,
+    or a dict's "content") is looked up among tokenizer.json's added tokens; a type left unset that way (a null
+    bos_token, as Qwen2's base tokenizer has) takes config.json's `<type>_token_id`."""
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    config = json.loads((directory / "config.json").read_text())
+    ids = {}
+    for kind, key in SPECIAL_KEYS.items():
+        entry = tokenizer_config.get(f"{kind}_token")
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        matches = [token["id"] for token in added if token["content"] == content]
+        if matches:
+            ids[key] = matches[0]
+        elif isinstance(config.get(f"{kind}_token_id"), int):
+            ids[key] = config[f"{kind}_token_id"]
+    return ids
+
+
+def test_special_token_ids_are_what_llama_cpp_writes(f16_export):
+    import gguf
+
+    model, out, _ = f16_export
+    path, config, _ = model_spec(model)
+    reader = gguf.GGUFReader(next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-")))
+    written = {key: int(field.contents()) for key, field in reader.fields.items() if key in SPECIAL_KEYS.values()}
+    assert written == _llama_cpp_special_ids(path)
+    tokenizer = load_processor(model).tokenizer
+    # The tokenizer's BOS, not config.json's (which names Qwen's <|endoftext|> on the Qwen-based releases).
+    assert written["tokenizer.ggml.bos_token_id"] == tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
+    if config.version != 4.0:
+        assert tokenizer.bos_token == "<|im_start|>" and config.bos_token_id != written["tokenizer.ggml.bos_token_id"]
+
+
+@pytest.mark.parametrize("release", ["minicpm-v-4_5", "minicpm-v-2_6"])
+def test_official_tokenizer_configs_give_llama_cpp_special_ids(reference_dir, tmp_path, release):
+    """On the published tokenizer configs: BOS is <|im_start|>, and with a null bos_token config.json's id."""
+    from mcq.export.gguf.vocab import special_token_ids
+
+    official = reference_dir.parent / release
+    tokenizer_config = json.loads((official / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    # tokenizer.json lists the added tokens that tokenizer_config.json's added_tokens_decoder holds.
+    added = [{"id": int(token_id), **token} for token_id, token in tokenizer_config["added_tokens_decoder"].items()]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": added}), encoding="utf-8")
+    # Both releases' config.json name Qwen's <|endoftext|> (151643) as BOS (2.6's LLM fields are its config's).
+    config = json.loads((official / ("config.json" if release == "minicpm-v-4_5" else "llm_config.json")).read_text())
+    assert config["bos_token_id"] == 151643
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    vocab_size = config["vocab_size"]
+    ids = special_token_ids(tmp_path, vocab_size)
+    assert ids == _llama_cpp_special_ids(tmp_path)
+    assert ids == {"tokenizer.ggml.bos_token_id": 151644, "tokenizer.ggml.eos_token_id": 151645,
+                   "tokenizer.ggml.unknown_token_id": 128244, "tokenizer.ggml.padding_token_id": 151643}
+    tokenizer_config["bos_token"] = None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    assert special_token_ids(tmp_path, vocab_size)["tokenizer.ggml.bos_token_id"] == 151643
+    assert _llama_cpp_special_ids(tmp_path)["tokenizer.ggml.bos_token_id"] == 151643
+
+
 def test_q8_0_is_close_and_names_its_fallbacks(tmp_path):
     result = export_gguf("tiny:4.5", tmp_path / "q8", quant="Q8_0", mmproj_quant="Q8_0", progress=False)
     # The vision MLP's fc2 (464 inputs, like 4304) has rows no 32-block divides: F16, and the summary says so.

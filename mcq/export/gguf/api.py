@@ -139,7 +139,7 @@ def _general(name: str, type_name: str) -> dict[str, tuple[str, object]]:
 def _vocab(weights, config, version):
     from .vocab import read_vocab
 
-    return read_vocab(weights.path, version, config.vocab_size, getattr(config, "bos_token_id", None))
+    return read_vocab(weights.path, version, config.vocab_size)
 
 
 def _progress_bar(total: int, enabled: bool, desc: str = "Writing GGUF tensors", unit: str = "tensor"):

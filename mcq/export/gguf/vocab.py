@@ -1,10 +1,14 @@
 """The tokenizer as llama.cpp reads it from GGUF metadata: tokens, types, merges or scores, special ids, template.
 
 Read from the checkpoint's own `tokenizer.json` through mcq's tokenizer loader (no remote code). gguf-py's vocab
-classes are not used: its `LlamaHfVocab` loads through `AutoTokenizer` (MiniCPM-V tokenizers name a remote-code
-class) and gives every token the same placeholder score, and llama.cpp's converter picks the pre-tokenizer by
-hashing a sample tokenization, a hash MiniCPM-V's tokenizers are missing from; the Qwen-based releases use
-Qwen2's pre-tokenizer, so that is written directly.
+classes are not used for the tokens: its `LlamaHfVocab` loads through `AutoTokenizer` (MiniCPM-V tokenizers name a
+remote-code class) and gives every token the same placeholder score, and llama.cpp's converter picks the
+pre-tokenizer by hashing a sample tokenization, a hash MiniCPM-V's tokenizers are missing from; the Qwen-based
+releases use Qwen2's pre-tokenizer, so that is written directly. The special token ids are gguf-py's
+`SpecialVocab`, the class llama.cpp's converter calls, which reads JSON only: each `<type>_token` of
+tokenizer_config.json looked up among tokenizer.json's added tokens, and for a type still unset (a null
+`bos_token`, as Qwen2's) config.json's `<type>_token_id`. On 4.5 that makes BOS `<|im_start|>` (151644), not
+config.json's `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class GgufVocab:
     types: list[int]
     merges: list[str] = field(default_factory=list)
     scores: list[float] | None = None
-    special: dict[str, int] = field(default_factory=dict)   # bos / eos / unknown / padding → id (key names)
+    special: dict[str, int] = field(default_factory=dict)   # GGUF key (tokenizer.ggml.bos_token_id...) → id
     add_bos: bool = False
     add_space_prefix: bool | None = None   # SentencePiece-style only
     chat_template: str | None = None
@@ -45,8 +49,8 @@ class GgufVocab:
             keys["tokenizer.ggml.scores"] = ("f32s", self.scores)
         if self.merges:
             keys["tokenizer.ggml.merges"] = ("strs", self.merges)
-        for role, token_id in self.special.items():
-            keys[f"tokenizer.ggml.{role}_token_id"] = ("u32", token_id)
+        for key, token_id in self.special.items():
+            keys[key] = ("u32", token_id)
         keys["tokenizer.ggml.add_bos_token"] = ("bool", self.add_bos)
         if self.add_space_prefix is not None:
             keys["tokenizer.ggml.add_space_prefix"] = ("bool", self.add_space_prefix)
@@ -56,7 +60,7 @@ class GgufVocab:
         return keys
 
 
-def read_vocab(path: Path, version: str, vocab_size: int, bos_token_id: int | None) -> GgufVocab:
+def read_vocab(path: Path, version: str, vocab_size: int) -> GgufVocab:
     from mcq.models.minicpmv.tokenization import load_tokenizer
 
     file = path / "tokenizer.json"
@@ -94,11 +98,7 @@ def read_vocab(path: Path, version: str, vocab_size: int, bos_token_id: int | No
         else:
             types.append(NORMAL)
 
-    special = {}
-    for role, token_id in (("bos", bos_token_id), ("eos", tokenizer.eos_token_id), ("unknown", tokenizer.unk_token_id),
-                           ("padding", tokenizer.pad_token_id)):
-        if token_id is not None:
-            special[role] = int(token_id)
+    special = special_token_ids(path, vocab_size)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if byte_level:
         return GgufVocab(model="gpt2", pre="qwen2", tokens=tokens, types=types, merges=merges, special=special,
@@ -119,6 +119,18 @@ def read_vocab(path: Path, version: str, vocab_size: int, bos_token_id: int | No
     return GgufVocab(model="llama", pre="default", tokens=tokens, types=types, scores=scores, special=special,
                      add_bos=bool(getattr(tokenizer, "add_bos_token", True)), add_space_prefix=space_prefix,
                      chat_template=template)
+
+
+def special_token_ids(path: Path, vocab_size: int) -> dict[str, int]:
+    """GGUF key → token id of the special tokens, as llama.cpp's converter writes them (gguf-py's `SpecialVocab`).
+    A type with no GGUF key (`cls`) is dropped, as `SpecialVocab.add_to_gguf` drops it."""
+    import gguf
+
+    keys = {"bos": gguf.Keys.Tokenizer.BOS_ID, "eos": gguf.Keys.Tokenizer.EOS_ID, "unk": gguf.Keys.Tokenizer.UNK_ID,
+            "sep": gguf.Keys.Tokenizer.SEP_ID, "pad": gguf.Keys.Tokenizer.PAD_ID, "mask": gguf.Keys.Tokenizer.MASK_ID,
+            "eot": gguf.Keys.Tokenizer.EOT_ID, "eom": gguf.Keys.Tokenizer.EOM_ID}
+    found = gguf.SpecialVocab(path, load_merges=False, n_vocab=vocab_size).special_token_ids
+    return {keys[kind]: int(token_id) for kind, token_id in found.items() if kind in keys}
 
 
 def _metaspace(pre_tokenizer: dict | None) -> dict | None:
