@@ -4,6 +4,7 @@ problem with the checkpoint reported as one clear `McqError` before transformers
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import warnings
@@ -113,6 +114,36 @@ def stored_tensors(path: Path) -> dict[str, dict[str, Any]]:
     return {name: entry for file in weight_files(path) for name, entry in check_safetensors(file).items()}
 
 
+def check_finite(tensor: torch.Tensor, stored: str, file: Path) -> None:
+    """Refuse a floating tensor that holds a NaN or an infinity: quantizers and exporters would carry it into
+    every output (a NaN scale, a NaN row of logits) and finish with exit 0. Every tensor mcq reads from a checkpoint
+    passes through here (`CheckpointReader.read_stored`, `check_weights_finite`).
+
+    The test is the tensor's minimum and maximum: NaN propagates into both, an infinity is one of them. One
+    reduction, no temporary the size of the tensor, and several times faster than `isfinite(...).all()` on bf16
+    (measured: about 1-2.6 GB/s against 0.03-0.08 GB/s on a loaded 2-core machine)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if math.isfinite(low.item()) and math.isfinite(high.item()):
+        return
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    found = ", ".join(f"{count} {what}" for count, what in ((nan, "NaN"), (inf, "infinite")) if count)
+    raise McqError(f"{file}: tensor {stored} holds non-finite values ({found}); the checkpoint is corrupt or "
+                   "diverged, and mcq does not load it")
+
+
+def check_weights_finite(path: Path) -> None:
+    """Read every floating tensor of the checkpoint once and refuse a non-finite one: for transformers' loading,
+    which reads the shards itself (and, with a quantizer, turns weights into codes before anyone could check)."""
+    from safetensors import safe_open
+
+    for file in weight_files(path):
+        with safe_open(file, "pt") as handle:
+            for stored in handle.keys():
+                check_finite(handle.get_tensor(stored), stored, file)
+
+
 def meta_skeleton(config: MiniCPMVConfig) -> MiniCPMV:
     """The module tree the config describes, with no memory behind its weights."""
     with torch.device("meta"):
@@ -177,6 +208,7 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
     """
     path, config, _ = model_spec(model)
     check_layout(path, meta_skeleton(config), stored_tensors(path))
+    check_weights_finite(path)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     stored_quantization = getattr(config, "quantization_config", None) or {}
     if quantization_config is None and stored_quantization.get("quant_method") == "compressed-tensors":

@@ -56,10 +56,13 @@ class CheckpointReader:
         return SAFETENSORS_DTYPES[self._dtype_of[stored]]
 
     def read_stored(self, stored: str) -> torch.Tensor:
+        """One stored tensor, refused (McqError) if it holds a NaN or an infinity."""
         file = self._file_of[stored]
         if file not in self._handles:
             self._handles[file] = safe_open(file, "pt")
-        return self._handles[file].get_tensor(stored)
+        tensor = self._handles[file].get_tensor(stored)
+        loading.check_finite(tensor, stored, file)
+        return tensor
 
     def read_params(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Model parameters by name; a stored tensor that holds several of them is read once."""

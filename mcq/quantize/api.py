@@ -110,8 +110,8 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
         bar.update(1)
 
     driver = SequentialDriver(model, reader, samples, torch.float32, device)
-    driver.run(BlockHandler(quantize_block, emit), progress=lambda name: bar.set_postfix_str(name))
-    bar.close()
+    with bar:   # closed on an error too, so that the error's line does not start on the bar's
+        driver.run(BlockHandler(quantize_block, emit), progress=lambda name: bar.set_postfix_str(name))
     stored_config = json.loads((path / "config.json").read_text())
     for component, width in widths.items():
         *parents, key = PADDABLE_INPUTS[component].config_key
