@@ -9,12 +9,14 @@ score answers that are right.
 Determinism. Each sample draws from its own `random.Random` seeded with the string
 `"mcq.calibration/<split>/<seed>/<variant>/<index>"` (string seeds are hashed with SHA-512, so they do not depend on
 `PYTHONHASHSEED`); pixel noise comes from that generator's `randbytes`, never from numpy's generators, whose streams
-may change between numpy releases. The same split and seed give byte-identical images on the same Pillow version.
+may change between numpy releases. The same split and seed give byte-identical images on any machine with the same
+Pillow and matplotlib versions.
 
-Latin text is drawn with Pillow's built-in font, `ImageFont.load_default(size=...)` (Aileron Regular, embedded in
-Pillow and rendered by FreeType with the basic layout engine), so nothing depends on the fonts a machine has
-installed; without FreeType, Pillow's fixed-size bitmap font is used instead. Only printable ASCII goes through
-that font.
+Latin text is drawn in DejaVu Sans, the font file matplotlib ships in its own data (`mpl-data/fonts/ttf/`;
+matplotlib is a dependency), rendered by Pillow's FreeType with Pillow's basic layout engine. Nothing depends on
+the machine: not the fonts it has installed (the file is opened by path, never looked up), not whether libraqm is
+present (which Pillow would otherwise prefer for layout). There is no fallback: a Pillow built without FreeType
+would draw another set, so it is refused (McqError). Only printable ASCII goes through that font.
 
 Chinese text. No font bundled with Pillow or this package has CJK glyphs, and a system font (Noto CJK, WenQuanYi)
 cannot be required. Chinese characters are therefore drawn as procedural glyphs: each code point seeds a SplitMix64
@@ -41,6 +43,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -144,11 +147,25 @@ _WIDE_AS_ASCII = {"“": '"', "”": '"', "‘": "'", "’": "'", "《": "<", "�
 
 
 @functools.lru_cache(maxsize=None)
-def latin_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def latin_font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans from matplotlib's data at `size` pixels, laid out by Pillow's basic engine (see the module
+    docstring: no system font, no libraqm, no fallback)."""
     try:
-        return ImageFont.load_default(size=size)
-    except ImportError:  # Pillow built without FreeType: only the fixed-size bitmap font exists
-        return ImageFont.load_default()
+        return ImageFont.truetype(str(latin_font_file()), size=size, layout_engine=ImageFont.Layout.BASIC)
+    except ImportError:
+        raise McqError("Pillow was built without FreeType, which the built-in calibration set needs to draw its "
+                       "text; install Pillow from its PyPI wheels, which include FreeType") from None
+
+
+def latin_font_file() -> Path:
+    """The font file the built-in set's text is drawn with (its bytes decide the images as much as this code)."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    if not path.is_file():
+        raise McqError(f"{path} is missing: matplotlib's installation is incomplete, and the built-in calibration "
+                       "set draws its text with that font")
+    return path
 
 
 def text_width(text: str, size: int) -> int:

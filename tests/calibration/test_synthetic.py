@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +202,63 @@ def test_generation_is_fast():
     start = time.perf_counter()
     builtin_samples("calibration", seed=3)
     assert time.perf_counter() - start < 5
+
+
+# Renders both splits in a fresh process and prints a digest of every image's bytes; `{setup}` runs first.
+_DIGEST_SCRIPT = """
+import hashlib, sys
+{setup}
+from mcq.errors import McqError
+from mcq.calibration.synthetic import builtin_samples
+digest = hashlib.sha256()
+try:
+    for split in ("calibration", "heldout"):
+        for sample in builtin_samples(split):
+            for image in sample.images:
+                digest.update(image.tobytes())
+except McqError as err:
+    print("McqError:", err)
+    sys.exit(2)
+print(digest.hexdigest())
+"""
+
+
+def _set_digest() -> str:
+    digest = hashlib.sha256()
+    for split in ("calibration", "heldout"):
+        for sample in builtin_samples(split):
+            for image in sample.images:
+                digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _render_elsewhere(tmp_path: Path, setup: str = "", **env: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, **env,
+                   "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT.format(setup=setup)], env=environment,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+def test_the_set_is_the_same_without_system_fonts_or_libraqm(tmp_path):
+    """No system font is looked up and Pillow's layout does not depend on libraqm: a process that sees no font
+    directory, no fontconfig configuration and no libraqm draws the same bytes."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "fonts.conf").write_text("<?xml version='1.0'?><fontconfig></fontconfig>\n")
+    hidden = _render_elsewhere(tmp_path, setup="from PIL import ImageFont\nImageFont.core.HAVE_RAQM = False",
+                               XDG_DATA_DIRS=str(empty), XDG_DATA_HOME=str(empty), HOME=str(empty),
+                               FONTCONFIG_FILE=str(tmp_path / "fonts.conf"), FONTCONFIG_PATH=str(empty),
+                               MPLCONFIGDIR=str(empty))
+    assert hidden.returncode == 0, hidden.stderr[-2000:]
+    assert hidden.stdout.strip() == _set_digest()
+
+
+def test_without_freetype_the_set_is_refused_not_drawn_otherwise(tmp_path):
+    """A Pillow without FreeType cannot draw the set's font; it must say so, not fall back to another font."""
+    result = _render_elsewhere(tmp_path, setup="sys.modules['PIL._imagingft'] = None")
+    assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
+    assert result.stdout.startswith("McqError:") and "FreeType" in result.stdout
 
 
 @pytest.mark.parametrize("split, seed", [("train", 0), ("calibration", "0"), ("calibration", 1.5)])
