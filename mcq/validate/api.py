@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
-from mcq.models.family import COMPONENTS
+from mcq.models.family import component_or_other
 from mcq.models.loading import check_device, check_safetensors, resolve_model_path, weight_files
 from mcq.outputs import MANIFEST_NAME, tool_versions
 
@@ -127,7 +127,7 @@ def _component_params(path: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for file in weight_files(resolve_model_path(path)):
         for name, entry in check_safetensors(file).items():
-            component = next((c for c, prefix in COMPONENTS.items() if name.startswith(prefix)), "other")
+            component = component_or_other(name)
             counts[component] = counts.get(component, 0) + math.prod(entry["shape"])
     return counts
 

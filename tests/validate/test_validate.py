@@ -168,7 +168,8 @@ def test_variant_quantized_from_other_weights_is_refused(gptq_variant, capsys):
 
 
 @pytest.mark.parametrize("manifest", ['{"source": {"files": {"model', '["not", "an", "object"]',
-                                      '{"source": {"files": ["model.safetensors"]}}', b"\xff\xfe"])
+                                      '{"source": {"files": ["model.safetensors"]}}', b"\xff\xfe"],
+                         ids=["truncated", "not-an-object", "files-not-a-mapping", "not-utf8"])
 def test_an_unreadable_manifest_is_refused_not_skipped(gptq_variant, manifest, tmp_path, capsys):
     """The provenance check cannot run without the manifest: exit 2 before any model run, rather than measuring a
     variant whose weights may come from another model."""
