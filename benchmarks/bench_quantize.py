@@ -286,7 +286,6 @@ def child_build(spec: dict) -> None:
     from mcq.models.loading import model_spec
     from mcq.models.tiny import TinySpec, make_tiny
     from mcq.models.weights import CheckpointReader
-    from mcq.quantize.api import _calibration_samples, resolve_recipe
 
     out, llm_out = Path(spec["out"]), Path(spec["llm_out"])
     make_tiny(out, TinySpec(version="4.5", seed=spec["seed"], real_widths=spec["real_widths"],
@@ -305,7 +304,7 @@ def child_build(spec: dict) -> None:
             shutil.copy2(path / name, llm_out / name)
 
     # The LLM token count mcq's calibration produces for each method's recipe, and text of the same shape.
-    from mcq.calibration import load_samples
+    from mcq.calibration import calibration_samples, load_samples
     from mcq.models.minicpmv.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(path, version.version)
@@ -313,8 +312,8 @@ def child_build(spec: dict) -> None:
     stream = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"]
     calibration, tokens = {}, {}
     for method in spec["methods"]:
-        encoded, described = _calibration_samples(path, version, resolve_recipe(method, None), None,
-                                                  spec["num_samples"], spec["max_slice_nums"], spec["seed"])
+        encoded, described = calibration_samples(path, version, None, spec["num_samples"], spec["max_slice_nums"],
+                                                 spec["seed"])
         lengths = [int(sample["input_ids"].shape[1]) for sample in encoded]
         slices = sum(len(p) for sample in encoded for p in sample.get("pixel_values") or [])
         sequences, position = [], 0

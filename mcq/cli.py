@@ -101,9 +101,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
 
 
-# Options that belong to one export format: given with another, they would be silently ignored.
-_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples"), "onnx": ("precision",),
-                   "coreml": ("target", "vision", "llm")}
+# Options that belong to one export format: given with another, they would be silently ignored. (The seed picks
+# the calibration samples of GGUF's importance matrix; ONNX and Core ML exports draw nothing at random.)
+_EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "calib", "num_samples", "seed"),
+                   "onnx": ("precision", "block_size"), "coreml": ("target", "vision", "llm")}
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -116,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         result = export_gguf(args.model, args.out, quant=args.quant or "F16", mmproj_quant=args.mmproj_quant or "F16",
                              imatrix=args.imatrix or "auto", from_dir=args.from_dir, calib=args.calib,
-                             num_samples=args.num_samples, seed=args.seed, force=args.force)
+                             num_samples=args.num_samples, seed=args.seed or 0, force=args.force)
     elif args.format == "onnx":
         from mcq.export.onnx import export_onnx
 
@@ -278,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "multimodal calibration set; FILE is a safetensors imatrix")
     gguf.add_argument("--calib", metavar="DATA", help="calibration data for --imatrix auto (default: built-in set)")
     gguf.add_argument("--num-samples", type=_positive, help="calibration samples for --imatrix auto")
+    gguf.add_argument("--seed", type=int, help="which calibration samples --imatrix auto draws (default 0)")
     onnx = export.add_argument_group("onnx")
     onnx.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], help="default fp32")
-    onnx.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32,
-                      help="int4/int8 block size (default 32)")
+    onnx.add_argument("--block-size", type=int, choices=[32, 64, 128],
+                      help="int4/int8 block size of onnxruntime's quantizer (default 32; not with --from, whose "
+                           "layers keep their own group sizes)")
     coreml = export.add_argument_group("coreml")
     coreml.add_argument("--target", choices=["iOS17", "iOS18"], help="deployment target (default iOS18: the stateful "
                                                                       "int4 LLM package needs it)")
@@ -289,7 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="vision package weights (default int8, per channel)")
     coreml.add_argument("--llm", choices=["int4-block32", "palettize4", "int8", "fp16", "none"],
                         help="LLM package weights (default int4-block32; none: the vision package only)")
-    export.add_argument("--seed", type=int, default=0)
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)

@@ -13,6 +13,7 @@ The rules, in one place:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -195,21 +196,6 @@ def directory_bytes(path: Path) -> int:
     return total
 
 
-def safetensors_component_bytes(path: Path) -> dict[str, int]:
-    """Tensor bytes per component (vision / resampler / llm, plus `other` when some name has none of their
-    prefixes) of the checkpoint in `path`, from the safetensors headers only (no tensor data is read)."""
-    from mcq.models.family import COMPONENTS
-    from mcq.models.loading import check_safetensors, weight_files
-
-    sizes = dict.fromkeys(COMPONENTS, 0)
-    for file in weight_files(Path(path)):
-        for name, entry in check_safetensors(file).items():
-            begin, end = entry["data_offsets"]
-            component = next((c for c, prefix in COMPONENTS.items() if name.startswith(prefix)), "other")
-            sizes[component] = sizes.get(component, 0) + end - begin
-    return sizes
-
-
 def format_component_bytes(before: dict[str, int], after: dict[str, int]) -> str:
     """A markdown table of bytes per component before and after, with the ratio (for model cards and summaries)."""
     rows = ["| component | before (bytes) | after (bytes) | after / before |", "| --- | ---: | ---: | ---: |"]
@@ -241,6 +227,35 @@ def tool_versions() -> dict[str, str]:
             if name in REQUIRED_TOOLS:
                 versions[name] = "not installed"
     return versions
+
+
+# mcq's own files that make outputs: its code and its built-in recipes and plans.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_SOURCE_SUFFIXES = (".py", ".yaml")
+
+
+@functools.cache
+def source_digest(*parts: str) -> str:
+    """SHA-256 over mcq's own source files under `parts` (paths inside the mcq package: a file, or a folder for
+    every .py and .yaml file in it, recursively), their names included.
+
+    What a cache key holds besides mcq's version, so that an edit to the code that made a cached thing (a tiny
+    checkpoint, a calibration set, a build's variant) is not answered with the stale thing. Read once per process.
+    """
+    package = _PACKAGE_DIR
+    files: set[Path] = set()
+    for part in parts:
+        path = package / part
+        if path.is_dir():
+            files.update(p for p in path.rglob("*") if p.suffix in _SOURCE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.add(path)
+        else:
+            raise ValueError(f"{part!r} is not a file or folder of the mcq package")
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(f"{file.relative_to(package).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _source_files(source: Path) -> list[Path]:

@@ -168,3 +168,21 @@ def test_readme_main_job_commands_parse():
     assert [c[0] for c in mcq_commands] == ["quantize", "validate"]
     for argv in mcq_commands:
         build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "gguf", "--block-size", "64"], "--block-size applies to --format onnx, not gguf"),
+    (["--format", "coreml", "--block-size", "64"], "--block-size applies to --format onnx, not coreml"),
+    (["--format", "onnx", "--seed", "1"], "--seed applies to --format gguf, not onnx"),
+    (["--format", "coreml", "--seed", "0"], "--seed applies to --format gguf, not coreml"),
+    (["--format", "onnx", "--precision", "fp16", "--block-size", "64"], "--block-size applies to int4 and int8"),
+    (["--format", "onnx", "--block-size", "64"], "--block-size applies to int4 and int8"),    # fp32 by default
+    (["--format", "onnx", "--precision", "int4", "--from", "{out}", "--block-size", "64"],
+     "--block-size does not apply with --from"),
+])
+def test_an_export_option_that_does_not_apply_is_an_error(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code = main(["export", "--model", "tiny:4.5", "--out", str(out), *[a.format(out=tmp_path) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"mcq: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()

@@ -13,13 +13,13 @@ from safetensors import safe_open
 
 import mcq.outputs as outputs
 from mcq.errors import McqError
+from mcq.models.loading import safetensors_component_bytes
 from mcq.models.tiny import TinySpec, make_tiny
 from mcq.outputs import (
     MANIFEST_NAME,
     check_output,
     directory_bytes,
     format_component_bytes,
-    safetensors_component_bytes,
     staged_output,
     write_manifest,
     write_model_card,

@@ -12,9 +12,11 @@ Layout of the output folder (updated in place by later runs; each variant is its
       README.md                what was built, with the measured table
 
 A variant is rebuilt only when its key changes: a digest of the model's files, the calibration set's (for the
-variants that read it), its own plan entry, the variant it exports from, the seed and the tool versions. Its
-validation is redone only when the variant or the validation settings change. So a second run with nothing changed
-reads the state, hashes nothing new (file digests are remembered by stat, `digest.py`) and renders the report.
+variants that read it), its own plan entry, the variant it exports from, the seed, the tool versions, and mcq's
+version and the digest of the mcq code that makes it (`digest.STEP_SOURCES`). Its validation is redone only when
+the variant, the validation settings, the eval data or the validation code change. So a second run with nothing
+changed reads the state, hashes nothing new (file digests are remembered by stat, `digest.py`) and renders the
+report; after an edit to one exporter, only that exporter's variants are rebuilt and validated again.
 
 A variant that fails (to build, to run, or a `fail_if` gate) is reported as failed and the others still finish;
 the variants exported from it fail with "needs <name>". `build()` returns the result; the CLI exits 1 when any
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
+from mcq.outputs import write_file_atomically
 
 from .plan import Plan, Variant, export_arguments, export_call, load_plan
 
@@ -97,7 +100,7 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
     from mcq.models.tiny import cache_dir
     from mcq.outputs import tool_versions
 
-    from .digest import DigestIndex, data_digest, key_of, model_digests
+    from .digest import DigestIndex, code_key, data_digest, key_of, model_digests
 
     started = time.perf_counter()
     chosen = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -121,7 +124,9 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
     digests = model_digests(index, path)
     versions = tool_versions()
     calib_settings = {**chosen.calibration, "data": calib, "data_digest": data_digest(index, calib), "seed": seed}
-    calib_key = key_of({"model": digests, "settings": calib_settings, "versions": versions})
+    calib_key = key_of({"model": digests, "settings": calib_settings, "versions": versions,
+                        "code": code_key("calibration")})
+    eval_digest = data_digest(index, eval_data) if validate else None
     index.save()
 
     outcomes: dict[str, VariantOutcome] = {}
@@ -136,7 +141,7 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
             continue
         # What the variant's bytes depend on (its gates and version list do not change them).
         keys[variant.name] = key_of({"model": digests, "step": {variant.step: variant.options}, "seed": seed,
-                                     "device": device, "versions": versions,
+                                     "device": device, "versions": versions, "code": code_key(_maker(variant)),
                                      "calibration": calib_key if _reads_calibration(variant) else None,
                                      "from": keys.get(variant.source) if variant.source else None})
         recorded = state["variants"].get(variant.name, {})
@@ -161,8 +166,8 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
     failed = [outcomes[v.name] for v in asked if outcomes[v.name].status == "failed"]
     report = False
     if validate and built:
-        report = _validate(chosen, model, out, built, failed, keys, state, eval_data, device, seed, versions,
-                           progress)
+        report = _validate(chosen, model, out, built, failed, keys, state, eval_data, eval_digest, device, seed,
+                           versions, progress)
     for outcome in outcomes.values():
         if outcome.validation == "none" and outcome.status in ("built", "reused"):
             outcome.validation = "skipped"
@@ -179,6 +184,11 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
 
 
 # -- calibration -----------------------------------------------------------------------------------------------------
+
+def _maker(variant: Variant) -> str:
+    """The STEP_SOURCES entry of the code that makes `variant`: quantize, or its export format."""
+    return "quantize" if variant.step == "quantize" else variant.format
+
 
 def _reads_calibration(variant: Variant) -> bool:
     """Whether a variant's bytes depend on the calibration set: AWQ/GPTQ, and GGUF types weighted by the importance
@@ -222,18 +232,21 @@ class _LazyCalibration:
         return self._set
 
     def imatrix(self, model, progress: bool) -> Path:
+        from .digest import code_key, key_of
+
         calibration = self.get()
-        if not calibration.imatrix.is_file():
+        target = calibration.imatrix(key_of(code_key("gguf")))   # computed by the GGUF exporter's code
+        if not target.is_file():
             from mcq.export.gguf import write_calibration_imatrix
 
             # Written beside and renamed in: a reader (another build) never sees half a file.
-            staged = calibration.directory / f".{calibration.imatrix.name}.{os.getpid()}"
+            staged = calibration.directory / f".{target.name}.{os.getpid()}"
             try:
                 write_calibration_imatrix(model, staged, calibration.samples, calibration.description, progress)
-                os.replace(staged, calibration.imatrix)
+                os.replace(staged, target)
             finally:
                 staged.unlink(missing_ok=True)
-        return calibration.imatrix
+        return target
 
     @property
     def used(self) -> bool:
@@ -286,16 +299,17 @@ def _run_step(variant: Variant, model, out: Path, target: Path, calibration: _La
 # -- validation and the report ---------------------------------------------------------------------------------------
 
 def _validate(plan: Plan, model, out: Path, built: list[VariantOutcome], failed: list[VariantOutcome],
-              keys: dict[str, str], state: dict, eval_data: str | None, device: str, seed: int, versions: dict,
-              progress: bool) -> bool:
+              keys: dict[str, str], state: dict, eval_data: str | None, eval_digest: str, device: str, seed: int,
+              versions: dict, progress: bool) -> bool:
     """Validate the built variants whose results are stale, in one `validate` call (the reference runs once), then
     gate every variant and write results.json and the report. True when a report was written."""
     from mcq.validate.api import validate
     from mcq.validate.runners import detect_format
 
-    from .digest import key_of
+    from .digest import code_key, key_of
 
-    settings = {**plan.validate, "eval": eval_data, "device": device, "seed": seed, "versions": versions}
+    settings = {**plan.validate, "eval": eval_data, "eval_digest": eval_digest, "device": device, "seed": seed,
+                "versions": versions, "code": code_key("validation")}
     settings.pop("fail_if")   # gates are applied to the stored results: changing them re-measures nothing
     validation_key = {o.name: key_of({"variant": keys[o.name], "settings": settings}) for o in built}
     stale = [o for o in built if state["variants"][o.name].get("validation_key") != validation_key[o.name]
@@ -401,15 +415,8 @@ def _write_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Written beside and renamed in: the build folder is updated in place, so no file of it is ever half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    # Written beside and renamed in: the build folder is updated in place, so no file of it is ever half-written.
+    write_file_atomically(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", force=True)
 
 
 def _write_card(out: Path, plan: Plan, result: BuildResult) -> None:
@@ -423,7 +430,7 @@ def _write_card(out: Path, plan: Plan, result: BuildResult) -> None:
             "Each folder under `variants/` has its own model card and manifest. "
             + ("The measurements are in `report/report.html` (and `results.json`)." if result.report else "")
             + "\n")
-    _write_text(out / "README.md", text)
+    write_file_atomically(out / "README.md", text, force=True)
 
 
 def _say(progress: bool, text: str) -> None:

@@ -3,9 +3,11 @@
 Every calibrated variant of a build reads the same encoded samples (AWQ and GPTQ through `quantize(calibration=)`),
 and the importance matrix, a full-precision forward over the whole set (`write_calibration_imatrix`), is computed
 once and read by every GGUF K-quant (`export_gguf(imatrix=FILE)`). Both live under
-`MCQ_CACHE/calibration/<key>/`, where the key is a digest of the model's files, the data's files, the sampling
-settings and the tool versions, so a later build (or another output folder) with the same inputs reads them back
-instead of recomputing.
+`MCQ_CACHE/calibration/<key>/`, where the key is a digest of the model's files, the data (for the built-in set, its
+generator's code and the Pillow and numpy versions), the sampling settings, the tool versions and the mcq code that
+encodes it, so a later build (or another output folder) with the same inputs reads them back instead of
+recomputing. The importance matrix is named by a key of the code that computes it as well
+(`imatrix-<key>.safetensors`): an edit to the GGUF exporter recomputes it from the same encoded set.
 
 The encoded set is saved without pickle: tensors go to one safetensors file and the nesting (dicts, lists, tuples,
 numbers) to JSON beside it, with each tensor leaf replaced by its key.
@@ -29,7 +31,6 @@ from mcq.errors import McqError
 
 SAMPLES_FILE = "samples.safetensors"
 STRUCTURE_FILE = "samples.json"
-IMATRIX_FILE = "imatrix.safetensors"
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class CalibrationSet:
     directory: Path            # the cache entry
     reused: bool               # read back from the cache rather than encoded now
 
-    @property
-    def imatrix(self) -> Path:
-        return self.directory / IMATRIX_FILE
+    def imatrix(self, code_key: str) -> Path:
+        """The importance matrix of this set computed by the code `code_key` names."""
+        return self.directory / f"imatrix-{code_key}.safetensors"
 
 
 def calibration_set(model_dir: Path, spec, settings: CalibrationSettings, key: str, root: Path) -> CalibrationSet:
@@ -58,7 +59,7 @@ def calibration_set(model_dir: Path, spec, settings: CalibrationSettings, key: s
     if (directory / STRUCTURE_FILE).is_file():
         samples, description = load_encoded(directory)
         return CalibrationSet(samples, description, directory, reused=True)
-    from mcq.quantize.api import calibration_samples
+    from mcq.calibration import calibration_samples
 
     samples, description = calibration_samples(model_dir, spec, settings.data, settings.num_samples,
                                                settings.max_slice_nums, settings.seed)

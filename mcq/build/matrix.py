@@ -83,6 +83,7 @@ def run_matrix(plan_source: str | Path | None, out: str | Path, versions=VERSION
                progress: bool = True) -> MatrixRun:
     """Run every matrix entry here, as the CI jobs do: for each version a build folder `OUT/<version>` (shared by
     its entries, so a variant two formats export from is built once), the gate, then one report per version."""
+    from mcq.outputs import write_file_atomically
     from mcq.reports import write_report
     from mcq.validate.api import failed_variants, parse_threshold, validate
 
@@ -115,8 +116,9 @@ def run_matrix(plan_source: str | Path | None, out: str | Path, versions=VERSION
                                max_new_tokens=plan.validate["max_new_tokens"],
                                latency_runs=plan.validate["latency_runs"], progress=progress)
             file = out / "results" / f"{entry['job']}.json"
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps(checked, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            # As `mcq validate --json` writes it: atomically, and a NaN is a bug, not JSON.
+            write_file_atomically(file, json.dumps(checked, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                                  force=True)
             results.setdefault(version, []).append(file)
             missed = failed_variants(checked)
             if missed:

@@ -30,8 +30,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mcq.errors import McqError
 
 FORMATS = ("compressed-tensors", "bitsandbytes", "gguf", "onnx", "coreml")
@@ -111,10 +109,9 @@ def load_plan(source: str | Path | None = None) -> Plan:
         if not path.is_file():
             raise McqError(f"plan {source} does not exist (pass a .yaml file, or omit --plan for the default)")
         text, name = path.read_text(encoding="utf-8"), path.stem
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise McqError(f"plan {source or 'default'} is not valid YAML: {str(err).splitlines()[0]}") from None
+    from mcq.quantize.recipe import load_yaml
+
+    data = load_yaml(text, f"plan {source or 'default'}")
     return _parse(data, name, text, str(source or "default"))
 
 
@@ -214,7 +211,8 @@ def _check_export(fmt: str, options: dict[str, Any], where: str) -> None:
         elif fmt == "onnx":
             from mcq.export.onnx.quantize import check_options
 
-            check_options(given["precision"], given["block_size"], given["algorithm"])
+            check_options(given["precision"], given["block_size"], given["algorithm"],
+                          from_quantized=given["from_dir"] is not None)
         else:
             from mcq.export.coreml.api import check_options
 

@@ -3,7 +3,8 @@
 `load_samples(source, split)` gives the conversations that calibration runs through the model (teacher-forced,
 answer included) and that evaluation scores: the built-in synthetic set (`synthetic.py`) or the user's data
 (`user_data.py`). `encode_sample` turns one into the batch `MiniCPMV.forward(data)` takes; `describe` summarises a
-set for model cards.
+set for model cards; `calibration_samples` does both for a checkpoint (what quantization and the GGUF importance
+matrix calibrate on).
 
 Held-out user data: a fixed 1/8 of the samples (at least one when there are two or more), chosen by a hash of
 each sample's name and not by the seed, so that a calibration run and an evaluation run with different seeds still
@@ -25,8 +26,8 @@ from .samples import KINDS, SPLITS, Sample
 from .synthetic import builtin_samples
 from .user_data import load_user_samples, read_user_data
 
-__all__ = ["KINDS", "SPLITS", "Sample", "builtin_samples", "describe", "encode_sample", "heldout_indices",
-           "load_samples", "load_user_samples", "read_user_data", "select_subset"]
+__all__ = ["KINDS", "SPLITS", "Sample", "builtin_samples", "calibration_samples", "describe", "encode_sample",
+           "heldout_indices", "load_samples", "load_user_samples", "read_user_data", "select_subset"]
 
 HELDOUT_FRACTION = 8  # one sample in eight
 
@@ -111,3 +112,19 @@ def describe(samples: Sequence[Sample]) -> dict[str, Any]:
         "turns": sum(len(s.messages) for s in samples),
         "prompt_only": sum(not s.has_answer for s in samples),
     }
+
+
+def calibration_samples(path: Path, spec, calib: str | None, count: int, slices: int,
+                        seed: int) -> tuple[list[dict], dict[str, Any]]:
+    """`count` calibration samples of `calib` (None: the built-in set) encoded by the processor of the checkpoint in
+    `path` (MiniCPM-V `spec`), and their description for manifests."""
+    from mcq.models.loading import load_processor
+
+    samples = load_samples(calib, split="calibration", num_samples=count, seed=seed)
+    if not samples:
+        raise McqError(f"calibration data {calib or 'builtin'} gave no samples")
+    if not spec.temporal:  # video clips need the 3D resampler (4.5); older versions calibrate on the rest
+        samples = [s for s in samples if not s.is_video]
+    processor = load_processor(path)
+    encoded = [dict(encode_sample(processor, spec, sample, max_slice_nums=slices)) for sample in samples]
+    return encoded, {"source": calib or "builtin", "seed": seed, "max_slice_nums": slices, **describe(samples)}

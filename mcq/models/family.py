@@ -17,10 +17,15 @@ GROUP_SIZES = (32, 64, 128)
 
 
 def component_of(name: str) -> str:
-    for component, prefix in COMPONENTS.items():
-        if name.startswith(prefix):
-            return component
-    raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({', '.join(COMPONENTS.values())})")
+    component = component_or_other(name)
+    if component == "other":
+        raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({', '.join(COMPONENTS.values())})")
+    return component
+
+
+def component_or_other(name: str) -> str:
+    """The component of any tensor name, "other" for one outside the three (sizes count it apart)."""
+    return next((component for component, prefix in COMPONENTS.items() if name.startswith(prefix)), "other")
 
 
 @dataclass(frozen=True)

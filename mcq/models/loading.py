@@ -109,6 +109,20 @@ def check_safetensors(file: Path) -> dict[str, Any]:
     return header
 
 
+def safetensors_component_bytes(path: Path) -> dict[str, int]:
+    """Tensor bytes per component (vision / resampler / llm, plus `other` when some name has none of their
+    prefixes) of the checkpoint in `path`, from the safetensors headers only (no tensor data is read)."""
+    from .family import COMPONENTS, component_or_other
+
+    sizes = dict.fromkeys(COMPONENTS, 0)
+    for file in weight_files(Path(path)):
+        for name, entry in check_safetensors(file).items():
+            begin, end = entry["data_offsets"]
+            component = component_or_other(name)
+            sizes[component] = sizes.get(component, 0) + end - begin
+    return sizes
+
+
 def stored_tensors(path: Path) -> dict[str, dict[str, Any]]:
     """Every tensor the checkpoint stores, from the shard headers (no data is read)."""
     return {name: entry for file in weight_files(path) for name, entry in check_safetensors(file).items()}

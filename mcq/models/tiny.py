@@ -23,7 +23,7 @@ import torch
 
 from mcq import __version__
 from mcq.errors import McqError
-from mcq.outputs import staged_output
+from mcq.outputs import source_digest, staged_output
 
 from .minicpmv import MiniCPMV, MiniCPMVConfig
 from .minicpmv.image_processing import MiniCPMVImageProcessor
@@ -46,15 +46,8 @@ class TinySpec:
     def cache_key(self) -> str:
         """The spec and the source of the code that builds the checkpoint: a change to the generator or to the
         model's layout must not be answered with a stale cached build of the same version number."""
-        blob = json.dumps({**asdict(self), "mcq": __version__, "code": _builder_source_digest()}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "mcq": __version__, "code": source_digest("models")}, sort_keys=True)
         return f"{self.version}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def _builder_source_digest() -> str:
-    digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
 
 
 # The token config.json and generation_config.json name as bos_token_id, per version.

@@ -49,9 +49,6 @@ class CheckpointReader:
     def stored_names(self) -> list[str]:
         return sorted(self._file_of)
 
-    def file_of(self, stored: str) -> Path:
-        return self._file_of[stored]
-
     def dtype_of(self, stored: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self._dtype_of[stored]]
 

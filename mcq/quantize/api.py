@@ -59,23 +59,6 @@ def resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
     return loaded
 
 
-def calibration_samples(path: Path, spec, calib: str | None, count: int, slices: int,
-                        seed: int) -> tuple[list[dict], dict[str, Any]]:
-    """The calibration set encoded by the checkpoint's processor, and its description for manifests."""
-    from mcq.calibration import describe, load_samples
-    from mcq.calibration.encode import encode_sample
-    from mcq.models.loading import load_processor
-
-    samples = load_samples(calib, split="calibration", num_samples=count, seed=seed)
-    if not samples:
-        raise McqError(f"calibration data {calib or 'builtin'} gave no samples")
-    if not spec.temporal:  # video clips need the 3D resampler (4.5); older versions calibrate on the rest
-        samples = [s for s in samples if not s.is_video]
-    processor = load_processor(path)
-    encoded = [dict(encode_sample(processor, spec, sample, max_slice_nums=slices)) for sample in samples]
-    return encoded, {"source": calib or "builtin", "seed": seed, "max_slice_nums": slices, **describe(samples)}
-
-
 def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Path, samples: list[dict],
                                 device: str, progress: bool) -> list[str]:
     from tqdm import tqdm
@@ -144,11 +127,12 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
              device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True,
              calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
     """Quantize `model` into `out` (see the module doc). `calibration`: samples already encoded by
-    `calibration_samples` and their description, used instead of encoding `calib` here (`mcq build` encodes its
-    set once for every variant)."""
+    `mcq.calibration.calibration_samples` and their description, used instead of encoding `calib` here (`mcq build`
+    encodes its set once for every variant)."""
     from mcq.models.family import linear_layers
-    from mcq.models.loading import check_device, check_layout, meta_skeleton, model_spec, stored_tensors
-    from mcq.outputs import check_output, safetensors_component_bytes, staged_output, write_manifest
+    from mcq.models.loading import (check_device, check_layout, meta_skeleton, model_spec,
+                                    safetensors_component_bytes, stored_tensors)
+    from mcq.outputs import check_output, staged_output, write_manifest
 
     started = time.perf_counter()
     chosen = resolve_recipe(method, recipe)
@@ -169,6 +153,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     samples: list[dict] = []
     described: dict[str, Any] = {}
     if chosen.method in CALIBRATED_METHODS:
+        from mcq.calibration import calibration_samples
+
         samples, described = calibration or calibration_samples(
             path, spec, calib, num_samples or chosen.calibration.num_samples,
             max_slice_nums or chosen.calibration.max_slice_nums, seed)

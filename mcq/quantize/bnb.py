@@ -79,9 +79,8 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
     from torch import nn
 
     from mcq.models.family import COMPONENTS, component_of
-    from mcq.models.loading import load_model, meta_skeleton, model_spec
+    from mcq.models.loading import load_model, meta_skeleton, model_spec, safetensors_component_bytes
     from mcq.models.minicpmv.checkpoint_names import RENAMES
-    from mcq.outputs import safetensors_component_bytes
 
     _check_arguments(bits, quant_type, compute_dtype, int8_threshold, device)
     _check_installed()

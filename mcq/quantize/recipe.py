@@ -370,6 +370,18 @@ def _construct_unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, dee
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML (safe tags only), a key given twice refused: a one-line `McqError` naming `where` and
+    the line. Recipes and build plans are read with it."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise McqError(f"{where} is not valid YAML: {' '.join(str(problem).split())}{line}") from None
+
+
 def _builtin_dir():
     return resources.files("mcq").joinpath("recipes")
 
@@ -407,14 +419,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                            f"(or give the path of a .yaml file)")
         text = _builtin_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8")
         where, default_name, source = f"built-in recipe {name}", name, "built-in"
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise McqError(f"{where} is not valid YAML: {' '.join(str(problem).split())}{line}") from None
-    return parse_recipe(data, where, default_name, source=source, text=text)
+    return parse_recipe(load_yaml(text, where), where, default_name, source=source, text=text)
 
 
 def format_recipe_list(recipes: list[Recipe]) -> str:

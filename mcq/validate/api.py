@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
-from mcq.models.family import COMPONENTS
+from mcq.models.family import component_or_other
 from mcq.models.loading import check_device, check_safetensors, resolve_model_path, weight_files
 from mcq.outputs import MANIFEST_NAME, tool_versions
 
@@ -90,15 +90,21 @@ def _check_same_model(reference: Target, variant: Target) -> None:
                        + ", ".join(differing[:3]))
     manifest = Path(variant.path) / MANIFEST_NAME
     if not manifest.is_file():
-        return
+        return   # not written by mcq (a GGUF from elsewhere): only the architecture check above applies
     try:
-        source = json.loads(manifest.read_text()).get("source") or {}
-    except (OSError, json.JSONDecodeError):
-        return   # an unreadable manifest does not stop validation; the architecture check above still holds
+        source = json.loads(manifest.read_text(encoding="utf-8")).get("source") or {}
+        files = source.get("files") or {}
+        if not isinstance(files, dict):
+            raise ValueError("source.files is not a mapping")
+    except (OSError, ValueError, AttributeError):
+        # mcq writes the manifest last, over every other file: a damaged one may mean a damaged output, and the
+        # weights it came from cannot be checked. Measuring it anyway would gate a variant on a check that did not run.
+        raise McqError(f"{manifest} is unreadable, so {variant.path} cannot be checked against the reference's "
+                       "weights; write the variant again with mcq") from None
     from mcq.outputs import file_sha256
 
     reference_dir = resolve_model_path(reference.path)
-    for name, digest in sorted((source.get("files") or {}).items()):
+    for name, digest in sorted(files.items()):
         if name.endswith(".safetensors") and (reference_dir / name).is_file():
             if file_sha256(reference_dir / name) != digest:
                 raise McqError(f"{variant.path} was quantized from other weights than the reference "
@@ -121,7 +127,7 @@ def _component_params(path: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for file in weight_files(resolve_model_path(path)):
         for name, entry in check_safetensors(file).items():
-            component = next((c for c, prefix in COMPONENTS.items() if name.startswith(prefix)), "other")
+            component = component_or_other(name)
             counts[component] = counts.get(component, 0) + math.prod(entry["shape"])
     return counts
 

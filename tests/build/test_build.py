@@ -100,6 +100,103 @@ def test_a_changed_variant_rebuilds_it_and_what_exports_from_it(first_build, tmp
         ("rtn", "built"), ("onnx-int4", "built"), ("gguf-q4_k_m", "reused")]
 
 
+@pytest.fixture()
+def edited_mcq(tmp_path, monkeypatch):
+    """A copy of mcq's source that the build's code digests read instead of the real one: editing a file of the
+    copy changes the keys exactly as editing mcq would, while the real code still runs."""
+    import shutil
+
+    import mcq
+    from mcq import outputs
+
+    copy = tmp_path / "mcq-source"
+    shutil.copytree(Path(mcq.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    outputs.source_digest.cache_clear()
+    monkeypatch.setattr(outputs, "_PACKAGE_DIR", copy)
+
+    def edit(relative: str) -> None:
+        with open(copy / relative, "a", encoding="utf-8") as source:
+            source.write("\n# an edit\n")
+        outputs.source_digest.cache_clear()
+
+    yield edit
+    outputs.source_digest.cache_clear()
+
+
+def _copy_build(first_build, tmp_path) -> Path:
+    import shutil
+
+    root, _, _ = first_build
+    out = tmp_path / "copy"
+    shutil.copytree(root / "out", out)
+    return out
+
+
+def test_an_exporter_edit_rebuilds_and_revalidates_its_variants_only(first_build, edited_mcq, tmp_path):
+    _, plan, _ = first_build
+    out = _copy_build(first_build, tmp_path)
+    unchanged = build("tiny:4.5", out, plan=plan, progress=False)     # the copy digests like the real source
+    assert [(v.status, v.validation) for v in unchanged.variants] == [("reused", "reused")] * 3
+    before = _stats(out / "validation")
+    edited_mcq("export/onnx/graphs.py")
+    result = build("tiny:4.5", out, plan=plan, progress=False)
+    assert [(v.name, v.status, v.validation) for v in result.variants] == [
+        ("rtn", "reused", "reused"), ("onnx-int4", "built", "validated"), ("gguf-q4_k_m", "reused", "reused")]
+    assert result.calibration["status"] == "not needed"
+    after = _stats(out / "validation")
+    assert {name for name in before if before[name] != after[name]} == {"onnx-int4.json"}
+
+
+def test_a_synthetic_data_edit_recalibrates_and_rebuilds_what_read_it(first_build, edited_mcq, tmp_path):
+    _, plan, _ = first_build
+    out = _copy_build(first_build, tmp_path)
+    edited_mcq("calibration/synthetic.py")
+    result = build("tiny:4.5", out, plan=plan, progress=False)
+    # RTN reads no data and the ONNX variant exports its levels: only the GGUF K-quant's importance matrix read the
+    # calibration set. Every variant was measured on the built-in eval set, which the same generator makes.
+    assert [(v.name, v.status, v.validation) for v in result.variants] == [
+        ("rtn", "reused", "validated"), ("onnx-int4", "reused", "validated"), ("gguf-q4_k_m", "built", "validated")]
+    assert result.calibration["status"] == "encoded"
+
+
+def test_keys_name_the_code_pillow_and_the_data_generator(monkeypatch, edited_mcq):
+    from importlib import metadata
+
+    from mcq.build import digest
+
+    index = digest.DigestIndex(Path("/nonexistent"))
+    builtin = digest.data_digest(index, None)
+    assert builtin == digest.data_digest(index, "builtin") and builtin.startswith("builtin-")
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0" if name == "pillow" else real_version(name))
+    assert digest.data_digest(index, None) != builtin            # another Pillow renders other pixels
+    monkeypatch.setattr(metadata, "version", real_version)
+    keys = {step: digest.code_key(step) for step in digest.STEP_SOURCES}
+    edited_mcq("calibration/synthetic.py")
+    assert digest.data_digest(index, None) != builtin
+    assert {step for step, key in keys.items() if digest.code_key(step) != key} == {"calibration", "validation"}
+
+
+def test_a_failed_write_leaves_the_build_folder_as_it_was(tmp_path, monkeypatch):
+    """The build folder is updated in place: a write that fails (a full disk) keeps the old file and leaves no
+    temporary one beside it."""
+    import os
+
+    from mcq.build import api
+
+    state = tmp_path / api.STATE_FILE
+    api._write_json(state, {"format": api.STATE_FORMAT, "variants": {}})
+    before = state.read_bytes()
+
+    def full_disk(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        api._write_json(state, {"format": api.STATE_FORMAT, "variants": {"a": {}}})
+    assert [p.name for p in tmp_path.iterdir()] == [api.STATE_FILE] and state.read_bytes() == before
+
+
 def test_a_failed_variant_is_reported_and_the_others_finish(tmp_path, capsys):
     recipe = tmp_path / "strict.yaml"
     # The tiny vision fc2 has 464 = 16 x 29 inputs: group 128 with non_divisible: error refuses it.

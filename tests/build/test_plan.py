@@ -46,6 +46,9 @@ def test_select_by_format_adds_what_a_variant_exports_from():
     ("variants: {a: {export: {format: gguf, quant: Q3_X}}}", "variants.a.export: quant 'Q3_X' is not a type"),
     ("variants: {a: {export: {format: coreml, target: iOS17}}}", "needs --target iOS18"),
     ("variants: {a: {export: {format: onnx, precision: int4, colour: red}}}", "unknown key 'colour'"),
+    ("variants: {a: {export: {format: onnx, block_size: 64}}}", "export: --block-size applies to int4 and int8"),
+    ("variants: {a: {quantize: {method: rtn}}, b: {export: {format: onnx, precision: int4, from: a, block_size: 64}}}",
+     "variants.b.export: --block-size does not apply with --from"),
     ("variants: {a: {quantize: {method: rtn}, fail_if: ['kl>1']}}", "unknown metric 'kl'"),
     ("variants: {a: {quantize: {method: rtn}, versions: ['5.0']}}", "versions: a list of MiniCPM-V versions"),
     ("calibration: {num_samples: 0}\nvariants: {a: {quantize: {method: rtn}}}", "calibration.num_samples: must be"),
@@ -55,6 +58,24 @@ def test_select_by_format_adds_what_a_variant_exports_from():
 def test_bad_plans_name_the_key(tmp_path, text, message):
     with pytest.raises(McqError, match=message.replace("(", r"\(").replace("[", r"\[")):
         _plan(tmp_path, text)
+
+
+@pytest.mark.parametrize("text", [
+    # The same variant twice: PyYAML would keep the second and drop the rtn variant without a word.
+    "variants:\n  a: {quantize: {method: rtn}}\n  a: {quantize: {method: awq}}\n",
+    "validate: {max_new_tokens: 8, max_new_tokens: 64}\nvariants: {a: {quantize: {method: rtn}}}\n",
+])
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path, text, capsys):
+    with pytest.raises(McqError, match=r"plan .*plan\.yaml is not valid YAML: duplicate key '(a|max_new_tokens)' "
+                                       r"\(line \d+, column \d+\)$"):
+        _plan(tmp_path, text)
+    from mcq.cli import main
+
+    assert main(["build", "--model", "tiny:4.5", "--out", str(tmp_path / "out"), "--plan",
+                 str(tmp_path / "plan.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mcq: error: plan ") and "duplicate key" in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_per_variant_gates_replace_the_default_and_split_matrix_entries(tmp_path):

@@ -167,6 +167,22 @@ def test_variant_quantized_from_other_weights_is_refused(gptq_variant, capsys):
     assert "quantized from other weights" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("manifest", ['{"source": {"files": {"model', '["not", "an", "object"]',
+                                      '{"source": {"files": ["model.safetensors"]}}', b"\xff\xfe"],
+                         ids=["truncated", "not-an-object", "files-not-a-mapping", "not-utf8"])
+def test_an_unreadable_manifest_is_refused_not_skipped(gptq_variant, manifest, tmp_path, capsys):
+    """The provenance check cannot run without the manifest: exit 2 before any model run, rather than measuring a
+    variant whose weights may come from another model."""
+    variant = tmp_path / "gptq"
+    shutil.copytree(gptq_variant, variant)
+    target = variant / "mcq-manifest.json"
+    target.write_bytes(manifest) if isinstance(manifest, bytes) else target.write_text(manifest)
+    assert main(["validate", "--reference", REFERENCE, "--variant", str(variant), "--latency-runs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"mcq: error: {target} is unreadable, so {variant} cannot be checked against the "
+                       "reference's weights; write the variant again with mcq")
+
+
 def test_quantized_reference_is_refused(gptq_variant, capsys):
     assert main(["validate", "--reference", gptq_variant, "--variant", gptq_variant]) == 2
     assert "pass the original" in capsys.readouterr().err

@@ -225,7 +225,7 @@ def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quan
     if weights.quantized_from:
         # An AWQ/GPTQ output already carries its calibration; its smoothed activations are not the source model's.
         return None, None
-    from mcq.quantize.api import calibration_samples
+    from mcq.calibration import calibration_samples
 
     samples, described = calibration_samples(weights.path, weights.spec, calib, num_samples or IMATRIX_SAMPLES,
                                              IMATRIX_SLICES, seed)

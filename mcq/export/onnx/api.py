@@ -30,6 +30,7 @@ from mcq.errors import McqError
 from .builder import GraphBuilder, TensorStore, save_graph
 from .graphs import DecoderShape, VisionShape, build_decoder, build_embed_tokens, build_vision_encoder
 from .quantize import (
+    DEFAULT_BLOCK_SIZE,
     PRECISION_BITS,
     WeightWriter,
     check_options,
@@ -81,13 +82,14 @@ class OnnxExportResult:
         return "\n".join(lines)
 
 
-def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", block_size: int = 32,
+def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", block_size: int | None = None,
                 from_dir: str | Path | None = None, force: bool = False, symmetric: bool = False,
                 accuracy_level: int = 4, algorithm: str = "default") -> OnnxExportResult:
     """Export `model` (or, with `from_dir`, its `mcq quantize` output) to ONNX at `precision`.
 
     int4 / int8 write MatMulNBits: from `from_dir`'s calibrated levels when given (each layer keeps its own group
-    size; `block_size` is not used), else by onnxruntime's quantizer at `block_size` (`symmetric`, `algorithm`:
+    size; giving `block_size` is an error), else by onnxruntime's quantizer at `block_size` (default
+    DEFAULT_BLOCK_SIZE; `symmetric`, `algorithm`:
     default | rtn | k_quant). `accuracy_level` is MatMulNBits' activation precision on CPU (0: float32, 4: int8,
     onnxruntime-genai's CPU default): on the real-width benchmark 4 decodes 4.7x faster than 0, and on the tiny
     outlier model it moves AWQ int4's mean KL from 0.002484 to 0.002488 (benchmarks/README.md).
@@ -99,7 +101,8 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
 
     from ..weights_source import ExportWeights
 
-    check_options(precision, block_size, algorithm)
+    check_options(precision, block_size, algorithm, from_quantized=from_dir is not None)
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if from_dir is not None and (algorithm != "default" or symmetric):
         # The calibrated levels are written as stored: onnxruntime's quantizer (and its options) does not run.
         raise McqError("--from writes the quantize output's own levels; onnxruntime quantizer options "

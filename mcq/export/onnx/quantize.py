@@ -32,6 +32,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PRECISION_BITS = {"int8": 8, "int4": 4}
 # MatMulNBits accepts power-of-two blocks from 16 inputs; onnxruntime's CPU kernels cover 16 to 256.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
 MIN_BLOCK = 16
 # Block used for one-scale-per-channel weights (their scale is repeated over every block of the row).
 CHANNEL_BLOCK = 128
@@ -60,9 +61,18 @@ class LinearPlan:
                 "algorithm": self.algorithm, "reason": self.reason, "fallback": self.fallback}
 
 
-def check_options(precision: str, block_size: int, algorithm: str) -> None:
+def check_options(precision: str, block_size: int | None, algorithm: str, from_quantized: bool = False) -> None:
+    """Refuse values onnxruntime's quantizer does not take, and a block size where it does not run (None: the
+    default block, DEFAULT_BLOCK_SIZE)."""
     if precision not in PRECISIONS:
         raise McqError(f"unsupported ONNX precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE
+    elif precision not in PRECISION_BITS:
+        raise McqError(f"--block-size applies to int4 and int8; {precision} weights are not quantized in blocks")
+    elif from_quantized:
+        raise McqError("--block-size does not apply with --from: each layer keeps the group size it was quantized "
+                       "with")
     if block_size not in BLOCK_SIZES:
         raise McqError(f"unsupported block size {block_size!r} for MatMulNBits; choose one of "
                        f"{', '.join(map(str, BLOCK_SIZES))}")

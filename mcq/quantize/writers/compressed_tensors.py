@@ -25,7 +25,7 @@ from mcq.models.minicpmv import checkpoint_names
 from mcq.models.weights import CheckpointReader
 from mcq.outputs import copy_support_files
 
-from ..recipe import LayerScheme, QuantPlan
+from ..recipe import QuantPlan
 
 SHARD_BYTES = 1 << 30
 
@@ -172,8 +172,3 @@ class CompressedTensorsWriter:
         self.shards.close()
         (self.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_support_files(source, self.out)
-
-
-def scheme_summary(scheme: LayerScheme) -> str:
-    group = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
-    return f"int{scheme.bits} {group} {'sym' if scheme.symmetric else 'asym'}"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mcq.errors import McqError
-from mcq.models.family import COMPONENTS
+from mcq.models.family import COMPONENTS, component_or_other
 
 from ..probes import Stopwatch
 from .base import Runner, config_identity
@@ -71,7 +71,7 @@ class OnnxRunner(Runner):
                     size = int(external_field(tensor, "length"))
                 else:
                     size = len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
-                component = next((c for c, prefix in COMPONENTS.items() if tensor.name.startswith(prefix)), "other")
+                component = component_or_other(tensor.name)
                 sizes[component] = sizes.get(component, 0) + size
         return sizes
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from mcq.models.loading import load_model, load_processor, model_spec, read_config, resolve_model_path
-from mcq.outputs import safetensors_component_bytes
+from mcq.models.loading import (load_model, load_processor, model_spec, read_config, resolve_model_path,
+                                safetensors_component_bytes)
 
 from ..probes import Stopwatch
 from .base import Runner, config_identity

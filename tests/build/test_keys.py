@@ -1,0 +1,102 @@
+"""The build's code keys cover the code each step runs: every mcq module a step's entry point imports (at the top or
+inside a function) is under that step's `STEP_SOURCES`, so an edit to it cannot be answered with a stale variant."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import mcq
+from mcq.build.digest import STEP_SOURCES
+
+PACKAGE = Path(mcq.__file__).resolve().parent
+
+# Where each cached thing's code starts.
+ENTRY_POINTS = {
+    "calibration": ["mcq.calibration", "mcq.build.calibration"],
+    "quantize": ["mcq.quantize.api"],
+    "gguf": ["mcq.export.gguf.api"],
+    "onnx": ["mcq.export.onnx.api"],
+    "coreml": ["mcq.export.coreml.api"],
+    "validation": ["mcq.validate.api", "mcq.validate.worker"],
+}
+# Imports a step makes that the build never runs through, each with the reason (the build hands the step their
+# result, keyed on its own code).
+NOT_FOLLOWED = {
+    "quantize": {("mcq.quantize.api", "mcq.calibration"): "the build passes the encoded calibration set"},
+    "gguf": {("mcq.export.gguf.api", "mcq.calibration"): "the build passes the importance matrix as a file"},
+    "validation": {(f"mcq.validate.runners.{runner}", target): "a runtime lives with its exporter, keyed with the "
+                   "variant it wrote" for runner, target in [
+                       ("coreml_runner", "mcq.export.coreml.api"), ("coreml_runner", "mcq.export.coreml.runtime"),
+                       ("gguf_runner", "mcq.export.gguf.layout"), ("gguf_runner", "mcq.export.gguf.writer"),
+                       ("onnx_runner", "mcq.export.onnx"), ("onnx_runner", "mcq.export.onnx.builder"),
+                       ("onnx_runner", "mcq.export.onnx.runtime")]},
+}
+# Modules that cannot change what a step makes: the package root (the version is keyed on its own) and the
+# exception class.
+IGNORED = {"mcq", "mcq.errors"}
+
+
+def _module_files() -> dict[str, Path]:
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        files[".".join(parts)] = path
+    return files
+
+
+def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The mcq modules `name` imports anywhere in its file (lazy imports inside functions included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names)
+    return {module for module in found if module in known and module != name}
+
+
+def _reached(step: str) -> set[str]:
+    known = _module_files()
+    skipped = NOT_FOLLOWED.get(step, {})
+    seen, todo = set(), list(ENTRY_POINTS[step])
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo += [target for target in _imports(module, known[module], known) if (module, target) not in skipped]
+    return seen - IGNORED
+
+
+def _covered(module: str, parts: tuple[str, ...]) -> bool:
+    relative = _module_files()[module].relative_to(PACKAGE).as_posix()
+    return any(relative == part or relative.startswith(part.rstrip("/") + "/") for part in parts)
+
+
+@pytest.mark.parametrize("step", sorted(ENTRY_POINTS))
+def test_step_sources_cover_every_module_the_step_imports(step):
+    missing = sorted(module for module in _reached(step) if not _covered(module, STEP_SOURCES[step]))
+    assert missing == [], f"{step} runs {missing}: add them to STEP_SOURCES[{step!r}] in mcq/build/digest.py"
+
+
+def test_every_keyed_step_is_checked_and_names_real_sources():
+    assert set(ENTRY_POINTS) == set(STEP_SOURCES)
+    for parts in STEP_SOURCES.values():
+        assert all((PACKAGE / part).exists() for part in parts), parts
+
+
+def test_the_import_walk_sees_lazy_imports():
+    """The check is only as good as the walk: a function-level import (how mcq defers torch) must be followed."""
+    assert "mcq.calibration" in _imports("mcq.export.gguf.api", _module_files()["mcq.export.gguf.api"],
+                                         _module_files())
+    assert not _covered("mcq.export.gguf.api", STEP_SOURCES["onnx"])

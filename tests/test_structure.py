@@ -1,0 +1,95 @@
+"""The house rules that code review alone keeps losing: data flows one way (docs/design.md: each layer imports only
+from the layers before it, lazy imports inside functions included, and the shared base imports no layer), each
+function lives in the layer it belongs to, and nothing defined is left unused."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import mcq
+
+PACKAGE = Path(mcq.__file__).resolve().parent
+# In data-flow order; `mcq.cli` sits on top of all of them.
+LAYERS = ("models", "calibration", "quantize", "export", "validate", "reports", "build", "cli")
+BASE = ("errors", "outputs")
+
+
+def _layer(module: str) -> int:
+    """-1 for the base, else the position in LAYERS."""
+    first = module.split(".")[1] if "." in module else ""
+    return -1 if first in ("", *BASE) else LAYERS.index(first)
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _imported(name: str, path: Path) -> set[str]:
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.add(base)
+    return {module for module in found if module == "mcq" or module.startswith("mcq.")}
+
+
+def test_every_import_goes_to_an_earlier_layer_or_the_base():
+    wrong = []
+    for name, path in sorted(_modules().items()):
+        own = _layer(name)
+        for target in sorted(_imported(name, path)):
+            layer = _layer(target)
+            # The package root registers the model with transformers (its one job besides the version).
+            allowed = layer <= own if own >= 0 else (layer < 0 or (name == "mcq" and target == "mcq.models"))
+            if not allowed:
+                wrong.append(f"{name} imports {target}")
+    assert wrong == []
+
+
+def test_the_check_sees_a_lazy_import_of_a_later_layer():
+    # mcq.export.gguf.api imports the calibration set inside a function only.
+    assert "mcq.calibration" in _imported("mcq.export.gguf.api", _modules()["mcq.export.gguf.api"])
+    assert _layer("mcq.build.api") > _layer("mcq.export.gguf") > _layer("mcq.models.loading") > _layer("mcq.outputs")
+
+
+def test_only_the_commands_run_the_quantize_job():
+    """`mcq.quantize.api` is the `mcq quantize` job; what other layers share (calibration sets, recipes) lives in
+    its own module, so an exporter never depends on the quantize job."""
+    importers = sorted(name for name, path in _modules().items() if "mcq.quantize.api" in _imported(name, path))
+    assert [name for name in importers if not name.startswith(("mcq.build.", "mcq.cli"))] == []
+
+
+# Called by transformers, not by mcq: PreTrainedModel's interface.
+FRAMEWORK_HOOKS = {"get_output_embeddings", "set_output_embeddings"}
+
+
+def test_nothing_defined_is_unused():
+    """Every function, method and class mcq defines is named somewhere besides its definition (mcq, its tests or
+    the benchmarks)."""
+    root = PACKAGE.parent
+    sources = {path: path.read_text(encoding="utf-8") for folder in ("mcq", "tests", "benchmarks")
+               for path in (root / folder).rglob("*.py")}
+    words: dict[str, int] = {}
+    for text in sources.values():
+        for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text):
+            words[word] = words.get(word, 0) + 1
+    unused = sorted(f"{path.relative_to(root)}: {node.name}" for path in PACKAGE.rglob("*.py")
+                    for node in ast.walk(ast.parse(sources[path]))
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                    and not node.name.startswith("__") and node.name not in FRAMEWORK_HOOKS
+                    and words[node.name] < 2)
+    assert unused == []
