@@ -82,7 +82,7 @@ def kind_of(layer: str) -> ModuleKind | None:
     return next((kind for kind in KINDS if kind.pattern.search(layer)), None)
 
 
-# ---------------------------------------------------------------------------------------------------- what a runtime holds
+# ------------------------------------------------------------------------------------------------ what a runtime holds
 
 @dataclass(frozen=True)
 class Holds:

@@ -151,8 +151,8 @@ def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> Non
 
 
 def quantize(model: str | Path, out: str | Path, *, method: str | None = None, recipe: str | Path | None = None,
-             target: str | list[str] | None = None, calib: str | None = None, num_samples: int | None = None, max_slice_nums: int | None = None,
-             device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True,
+             target: str | list[str] | None = None, calib: str | None = None, num_samples: int | None = None,
+             max_slice_nums: int | None = None, device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True,
              calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
     """Quantize `model` into `out` (see the module doc). `target`: runtime name(s) the output must load in
     (`mcq.models.runtimes.RUNTIMES`), instead of the recipe's `target:`. `calibration`: samples already encoded by

@@ -860,18 +860,19 @@ def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
 
 
 def _target_refusal(plan: QuantPlan, problems: dict[str, list[tuple[str, str]]]) -> str:
-    """One line: per (rule, reason), the kinds of layer a target cannot hold as the recipe plans them."""
+    """One line: per reason, the kinds of layer (and the rule that planned them) a target cannot hold."""
     rules = {rule.index: rule for rule in plan.recipe.rules}
-    grouped: dict[tuple[str, str], list[str]] = {}
-    for name, found in problems.items():
+    grouped: dict[str, dict[str, list[str]]] = {}   # why → rule → layer patterns
+    for found in problems.values():
         for layer_name, why in found:
             try:
-                rule = rules.get(plan.layer(layer_name).rule)
-            except KeyError:   # a fused group: its members' rule
-                rule = None
-            key = (rule.describe() if rule else "fused", why)
-            grouped.setdefault(key, []).append(layer_pattern(layer_name))
-    parts = [f"{', '.join(dict.fromkeys(patterns))} ({where}): {why}" for (where, why), patterns in grouped.items()]
+                rule = rules[plan.layer(layer_name).rule].describe()
+            except KeyError:   # a fused group, not a layer
+                rule = "fused"
+            grouped.setdefault(why, {}).setdefault(rule, []).append(layer_pattern(layer_name))
+    parts = [why + ": " + ", ".join(f"{', '.join(dict.fromkeys(patterns))} ({rule})"
+                                    for rule, patterns in by_rule.items())
+             for why, by_rule in grouped.items()]
     targets = ", ".join(plan.targets)
     return (f"recipe {plan.recipe.name} cannot be loaded by its target{'s' if len(plan.targets) > 1 else ''} "
             f"({targets}): {'; '.join(parts)}")

@@ -144,8 +144,8 @@ def test_builtins_on_the_real_45_widths():
     plan = plan_quantization(load_recipe("awq-w4g128"), REAL_45)
     fc2 = plan.layer(FC2[0])
     assert fc2.scheme == LayerScheme(4, 128, False) and fc2.fallback and fc2.pad_to == 4352
-    assert fc2.reason == ("rule 2 (^vpm\\.), group 128, inputs zero-padded 4304 → 4352 (with the rows that feed them; "
-                          "exact): no group ≤ 128 that vllm-gpu runs divides 4304")
+    assert fc2.reason == ("rule 2 (^vpm\\.), group 128, inputs zero-padded 4304 → 4352 (with the rows that feed "
+                          "them; exact): no group ≤ 128 that vllm-gpu runs divides 4304")
     assert plan.layer("llm.model.layers.0.mlp.down_proj").reason == "rule 1 (^llm\\.)"
     assert plan.layer("resampler.attn.v_proj").scheme is None
     assert plan.layer("resampler.kv_proj").scheme == LayerScheme(4, 128, False)

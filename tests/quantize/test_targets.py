@@ -103,8 +103,9 @@ def test_a_group_the_target_does_not_run_falls_back_or_is_refused():
         _plan([{**rules[0], "non_divisible": "error"}], "vllm-gpu")
     message = str(err.value)
     assert "\n" not in message and message.startswith("recipe t cannot be loaded by its target (vllm-gpu): ")
-    assert "llm.model.layers.*.self_attn.q_proj" in message and "(rule 1 (^llm\\.)): vllm-gpu runs groups per " \
-        "channel, 32, 64, 128, not group 256" in message
+    assert ": vllm-gpu runs groups per channel, 32, 64, 128, not group 256 (Marlin: " in message
+    assert "): llm.model.layers.*.self_attn.q_proj, llm.model.layers.*.self_attn.k_proj" in message
+    assert message.endswith("llm.model.layers.*.mlp.down_proj (rule 1 (^llm\\.))")
 
 
 def test_a_per_channel_rule_pads_the_mlp_for_cpuwna16():
@@ -122,11 +123,11 @@ def test_a_fused_group_planned_two_ways_is_refused_for_a_fusing_runtime():
     with pytest.raises(McqError) as err:
         _plan(rules, "vllm-gpu")
     message = str(err.value)
-    assert "llm.model.layers.*.self_attn.qkv_proj (fused): vllm-gpu builds it as one Linear with one scheme, the " \
-        "plan has q_proj int4 g64 sym, k_proj int4 g128 sym, v_proj int4 g128 sym" in message
+    assert "vllm-gpu builds it as one Linear with one scheme, the plan has q_proj int4 g64 sym, k_proj int4 g128 " \
+        "sym, v_proj int4 g128 sym: llm.model.layers.*.self_attn.qkv_proj (fused)" in message
     assert _plan(rules, "mcq").layer("llm.model.layers.0.self_attn.q_proj").scheme.group_size == 64
     # Half a fused group ignored is refused too (vLLM's should_ignore_layer raises on it at load).
-    with pytest.raises(McqError, match=r"mlp\.gate_up_proj \(fused\).*gate_proj int4 g128 sym, up_proj dense"):
+    with pytest.raises(McqError, match=r"gate_proj int4 g128 sym, up_proj dense: .*mlp\.gate_up_proj \(fused\)"):
         _plan([rules[1]], "vllm-cpu", ignore=["up_proj$"])
 
 
@@ -135,8 +136,11 @@ def test_weight_only_int8_on_vllm_cpu_is_refused_naming_layers_rule_and_reason()
         plan_quantization(load_recipe("rtn-w8").with_targets("vllm-cpu"), REAL_45)
     message = str(err.value)
     assert "\n" not in message and message.startswith("recipe rtn-w8 cannot be loaded by its target (vllm-cpu): ")
-    assert "llm.model.layers.*.self_attn.q_proj" in message and "resampler.kv_proj (rule 3 (^resampler\\.))" in message
-    assert "vllm-cpu runs int4 without zero points, not int8 without zero points" in message
+    why = ("vllm-cpu runs int4 without zero points, not int8 without zero points (CPUWNA16: int4 without zero points, "
+           "both widths multiples of 32)")
+    assert message.count(why) == 1 and message.endswith("vpm.encoder.layers.*.mlp.fc2 (rule 2 (^vpm\\.)), "
+                                                        "resampler.kv_proj (rule 3 (^resampler\\.))")
+    assert f"{why}: llm.model.layers.*.self_attn.q_proj, " in message
 
 
 def test_a_quantized_lm_head_needs_a_vocabulary_in_32s_on_cpu():
@@ -185,8 +189,8 @@ def test_a_recipe_its_target_cannot_hold_fails_in_one_line_before_calibration(ti
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mcq: error: recipe w8-gptq cannot be loaded by its target "
-                                                   "(vllm-cpu): llm.model.layers.*.self_attn.q_proj")
-    assert "(rule 1 (^llm\\.)): vllm-cpu runs int4 without zero points, not int8" in err
+                                                   "(vllm-cpu): vllm-cpu runs int4 without zero points, not int8")
+    assert err.rstrip().endswith("llm.model.layers.*.mlp.down_proj (rule 1 (^llm\\.))")
     assert not out.exists()
     assert main(["quantize", "--method", "rtn", "--target", "tensorrt", "--model", str(tiny45),
                  "--out", str(out)]) == 2
