@@ -288,3 +288,12 @@ def test_the_writer_refuses_unofficial_names_for_an_official_layout(tiny45, tmp_
     (tmp_path / "own").mkdir()
     own.add_block("resampler", torch.nn.Module(),
                   {"resampler.attn.q_proj.weight_packed": torch.zeros(2, 2, dtype=torch.int32)})
+
+
+def test_a_recipe_whose_every_layer_a_target_keeps_dense_quantizes_nothing():
+    with pytest.raises(McqError) as err:
+        _plan([{"match": "^resampler\\.(attn|proj)", "bits": 4}], "vllm-gpu")
+    assert str(err.value).startswith("recipe t quantizes nothing on this model: every Linear its rules match is kept "
+                                     "(rule 1 (^resampler\\.(attn|proj)), kept dense for vllm-gpu: vLLM builds "
+                                     "resampler.attn as torch nn.MultiheadAttention")
+    assert _plan([{"match": "^resampler\\.(attn|proj)", "bits": 4}], "mcq").layer("resampler.proj").scheme
