@@ -152,8 +152,8 @@ def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> Non
 
 def quantize(model: str | Path, out: str | Path, *, method: str | None = None, recipe: str | Path | None = None,
              target: str | list[str] | None = None, calib: str | None = None, num_samples: int | None = None,
-             max_slice_nums: int | None = None, device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True,
-             calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
+             max_slice_nums: int | None = None, device: str = "cpu", seed: int = 0, force: bool = False,
+             progress: bool = True, calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
     """Quantize `model` into `out` (see the module doc). `target`: runtime name(s) the output must load in
     (`mcq.models.runtimes.RUNTIMES`), instead of the recipe's `target:`. `calibration`: samples already encoded by
     `calibration_samples` and their description, used instead of encoding `calib` here (`mcq build` encodes its
@@ -245,7 +245,8 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
                 "model = AutoModel.from_pretrained(\n"
                 "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))\n"
                 "```")
-    runtime_rows = ["| runtime | built for it | loads | how |", "| --- | --- | --- | --- |"]
+    runtime_rows = ["| runtime | built for it | its rules hold this output | how to load |",
+                    "| --- | --- | --- | --- |"]
     for name, fit in result.runtimes.items():
         runtime = RUNTIMES[name]
         loads = "yes" if fit in ("target", "loads") else fit
@@ -288,7 +289,7 @@ def format_result(result: QuantizeResult) -> str:
     lines.append(f"{'total':<37}{before:>16,}{after:>15,}  ({after / before:.2f}x)")
     lines += [f"changed: {c['layers']} ({c['count']}): {c['scheme']}: {c['reason']}" for c in result.changes]
     loads = [name for name, fit in result.runtimes.items() if fit in ("target", "loads")]
-    lines.append("loads in: " + ", ".join(loads))
+    lines.append("loads in (by each runtime's rules): " + ", ".join(loads))
     lines += [f"not in {name}: {fit.removeprefix('no: ')}" for name, fit in result.runtimes.items()
               if fit not in ("target", "loads")]
     if result.data_free_blocks:
