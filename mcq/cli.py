@@ -95,9 +95,9 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from mcq.quantize.api import format_result, quantize
 
-    result = quantize(args.model, args.out, method=args.method, recipe=args.recipe, calib=args.calib,
-                      num_samples=args.num_samples, max_slice_nums=args.max_slice_nums, device=args.device,
-                      seed=args.seed, force=args.force)
+    result = quantize(args.model, args.out, method=args.method, recipe=args.recipe, target=args.target,
+                      calib=args.calib, num_samples=args.num_samples, max_slice_nums=args.max_slice_nums,
+                      device=args.device, seed=args.seed, force=args.force)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
 
 
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--method", choices=["awq", "gptq", "rtn", "bnb-nf4", "bnb-int8"],
                        help="use the method's built-in recipe (see `mcq recipes list`)")
     quant.add_argument("--recipe", help="a built-in recipe name or a recipe .yaml file")
+    quant.add_argument("--target", metavar="RUNTIME[,RUNTIME]",
+                       help="runtime(s) the output must load in, instead of the recipe's target: vllm-gpu, vllm-cpu, "
+                            "mcq, remote-code, remote-code-bnb (see docs/recipes.md)")
     quant.add_argument("--calib", metavar="DATA", help="calibration data: a folder (images + JSONL) or a saved "
                                                       "datasets directory; default: the built-in multimodal set")
     quant.add_argument("--num-samples", type=_positive, help="calibration samples (default: the recipe's)")

@@ -44,9 +44,10 @@ def tiny45() -> Path:
 
 @pytest.fixture(scope="session")
 def outlier_variants(tmp_path_factory):
-    """RTN, AWQ and GPTQ W4 g128 (vision + resampler included) of the tiny 4.5 model with activation outliers, each
-    with its built-in recipe as shipped (64 calibration samples; measured with 24, AWQ's KL was 1.95x below RTN's,
-    with 64 2.16x)."""
+    """RTN, AWQ and GPTQ W4 g128 (LLM, vision tower and resampler kv_proj) of the tiny 4.5 model with activation
+    outliers, each with its built-in recipe as shipped: 64 calibration samples, planned for the recipe's vLLM
+    target (the resampler's attention and proj dense, the vision MLP padded to 512 for group 128). Measured before
+    targets (resampler whole, fc2 at group 16): with 24 samples AWQ's KL was 1.95x below RTN's, with 64 2.16x."""
     from mcq.quantize.api import quantize
 
     root = tmp_path_factory.mktemp("outliers")

@@ -16,7 +16,7 @@ import torch
 
 from mcq.errors import McqError
 
-from .recipe import CALIBRATED_METHODS, QuantPlan, Recipe, load_recipe, plan_quantization
+from .recipe import CALIBRATED_METHODS, QuantPlan, Recipe, layer_pattern, load_recipe, plan_quantization
 
 DEFAULT_RECIPES = {"awq": "awq-w4g128", "gptq": "gptq-w4g128", "rtn": "rtn-w4g128", "bnb-nf4": "bnb-nf4",
                    "bnb-int8": "bnb-int8"}
@@ -29,8 +29,10 @@ class QuantizeResult:
     recipe: str
     method: str
     format: str
-    layers: dict[str, dict[str, int]]       # per component: quantized / kept / fallbacks
-    fallbacks: list[dict[str, str]]          # the layers a non_divisible policy changed, and how
+    targets: list[str]                       # the runtimes the plan was fitted to
+    layers: dict[str, dict[str, int]]       # per component: quantized / kept / changed
+    changes: list[dict[str, Any]]            # per kind of layer the plan changed from its rule: what and why
+    runtimes: dict[str, str]                 # every runtime of the format: "target", "loads", or why not
     bytes_before: dict[str, int]
     bytes_after: dict[str, int]
     seconds: float
@@ -41,8 +43,15 @@ class QuantizeResult:
         return asdict(self)
 
 
-def resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
-    """The recipe to run: `recipe` if given (checked against `method`), else the method's built-in default."""
+def resolve_recipe(method: str | None, recipe: str | Path | None,
+                   target: str | list[str] | None = None) -> Recipe:
+    """The recipe to run: `recipe` if given (checked against `method`), else the method's built-in default;
+    planned for `target` (runtime names) instead of the recipe's own targets when given."""
+    loaded = _resolve_recipe(method, recipe)
+    return loaded if target is None else loaded.with_targets(target)
+
+
+def _resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
     if method is not None and method not in METHODS:
         raise McqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if recipe is None:
@@ -64,6 +73,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     from tqdm import tqdm
 
     from mcq.models.family import PADDABLE_INPUTS, component_of, pad_intermediate
+    from mcq.models.runtimes import RUNTIMES
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
 
     from .llmc import LlmCompressorBlockQuantizer
@@ -74,7 +84,8 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     reader = CheckpointReader(path)
     source_dtype = reader.dtype_of("llm.model.embed_tokens.weight")
     quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype, device=device)
-    writer = CompressedTensorsWriter(reader, staging)
+    writer = CompressedTensorsWriter(reader, staging,
+                                     official_layout=any(RUNTIMES[t].official_layout for t in plan.targets))
     blocks = [name for name, _ in named_blocks(model)]
     bar = tqdm(total=len(blocks), desc=f"{plan.recipe.method} {plan.recipe.name}", unit="block", disable=not progress)
 
@@ -123,10 +134,11 @@ def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> Non
 
 
 def quantize(model: str | Path, out: str | Path, *, method: str | None = None, recipe: str | Path | None = None,
-             calib: str | None = None, num_samples: int | None = None, max_slice_nums: int | None = None,
-             device: str = "cpu", seed: int = 0, force: bool = False, progress: bool = True,
-             calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
-    """Quantize `model` into `out` (see the module doc). `calibration`: samples already encoded by
+             target: str | list[str] | None = None, calib: str | None = None, num_samples: int | None = None,
+             max_slice_nums: int | None = None, device: str = "cpu", seed: int = 0, force: bool = False,
+             progress: bool = True, calibration: tuple[list[dict], dict[str, Any]] | None = None) -> QuantizeResult:
+    """Quantize `model` into `out` (see the module doc). `target`: runtime name(s) the output must load in
+    (`mcq.models.runtimes.RUNTIMES`), instead of the recipe's `target:`. `calibration`: samples already encoded by
     `mcq.calibration.calibration_samples` and their description, used instead of encoding `calib` here (`mcq build`
     encodes its set once for every variant)."""
     from mcq.models.family import linear_layers
@@ -135,7 +147,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     from mcq.outputs import check_output, staged_output, write_manifest
 
     started = time.perf_counter()
-    chosen = resolve_recipe(method, recipe)
+    chosen = resolve_recipe(method, recipe, target)
     given = [option for option, value in (("--calib", calib), ("--num-samples", num_samples),
                                           ("--max-slice-nums", max_slice_nums)) if value is not None]
     if given and chosen.method not in CALIBRATED_METHODS:
@@ -167,19 +179,45 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
         result = QuantizeResult(
             out=str(out), recipe=chosen.name, method=chosen.method,
             format="bitsandbytes" if chosen.method == "bnb" else "compressed-tensors (pack-quantized)",
-            layers=plan.summary(),
-            fallbacks=[{"layer": l.name, "reason": l.reason} for l in plan.layers if l.fallback],
+            targets=list(plan.targets), layers=plan.summary(),
+            changes=[d for d in plan.decisions() if d["changed"]], runtimes=runtime_fit(plan),
             bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
             seconds=0.0, calibration=described, data_free_blocks=data_free)
         _write_card(staging, path, spec, chosen, result)
         settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": described}
         write_manifest(staging, kind="quantized", source=path, recipe=chosen.to_dict(), settings=settings,
-                       extra={"plan": plan.to_dict()})
+                       extra={"plan": plan.to_dict(), "runtimes": result.runtimes})
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
 
+def runtime_fit(plan: QuantPlan) -> dict[str, str]:
+    """Every runtime that reads the plan's format: "target" (the plan was fitted to it), "loads" (its rules hold the
+    plan as well), or why it cannot (the first problem, and how many layers have one)."""
+    from mcq.models.runtimes import RUNTIMES
+
+    fit = {}
+    for name, runtime in RUNTIMES.items():
+        if plan.recipe.format not in runtime.formats:
+            continue
+        problems = plan.problems(runtime)
+        if name in plan.targets:
+            fit[name] = "target"
+        elif not problems:
+            fit[name] = "loads"
+        else:
+            whys: dict[str, list[str]] = {}
+            for layer, why in problems:
+                whys.setdefault(why, []).append(layer)
+            why, layers = next(iter(whys.items()))
+            example = layer_pattern(layers[0]) + (", ..." if len(layers) > 1 else "")
+            others = f"; {len(whys) - 1} other reason(s)" if len(whys) > 1 else ""
+            fit[name] = f"no: {why} ({len(layers)} layer(s): {example}){others}"
+    return fit
+
+
 def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: QuantizeResult) -> None:
+    from mcq.models.runtimes import RUNTIMES
     from mcq.outputs import format_component_bytes, write_model_card
 
     if recipe.method == "bnb":
@@ -192,21 +230,33 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
                 "from transformers import AutoModel, CompressedTensorsConfig\n"
                 "model = AutoModel.from_pretrained(\n"
                 "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))\n"
-                "```\n\nThe LLM part (`llm.*`) uses the compressed-tensors layout vLLM reads.")
-    layer_rows = ["| component | quantized | kept | fallbacks |", "| --- | ---: | ---: | ---: |"]
-    layer_rows += [f"| {c} | {v['quantized']} | {v['kept']} | {v['fallbacks']} |" for c, v in result.layers.items()]
-    fallbacks = "\n".join(f"- `{f['layer']}`: {f['reason']}" for f in result.fallbacks) or "none"
+                "```")
+    runtime_rows = ["| runtime | built for it | its rules hold this output | how to load |",
+                    "| --- | --- | --- | --- |"]
+    for name, fit in result.runtimes.items():
+        runtime = RUNTIMES[name]
+        loads = "yes" if fit in ("target", "loads") else fit
+        checked = f" Checked by mcq's `{runtime.checked_by}`." if runtime.checked_by else ""
+        runtime_rows.append(f"| `{name}`: {runtime.description} | {'yes' if fit == 'target' else 'no'} | {loads} | "
+                            f"{runtime.load}.{checked} {runtime.notes} |".replace("  |", " |"))
+    runtimes = ("Built for: " + ", ".join(f"`{t}`" for t in result.targets) + " (the recipe's `target:`; "
+                "`mcq quantize --target` plans it for others).\n\n" + "\n".join(runtime_rows))
+    layer_rows = ["| component | quantized | kept | changed |", "| --- | ---: | ---: | ---: |"]
+    layer_rows += [f"| {c} | {v['quantized']} | {v['kept']} | {v['changed']} |" for c, v in result.layers.items()]
+    changes = "\n".join(f"- `{c['layers']}` ({c['count']}): {c['scheme']}: {c['reason']}" for c in result.changes)
     calibration = (json.dumps(result.calibration, indent=2, sort_keys=True) if result.calibration
                    else "none (data-free method)")
     write_model_card(
         staging, title=f"{source.name} — {recipe.name}", base_model=source.name,
         variant={"method": recipe.method, "format": "bitsandbytes" if recipe.method == "bnb" else "compressed-tensors",
-                 "bits": min(rule.bits for rule in recipe.rules)},
+                 "bits": min(rule.bits for rule in recipe.rules), "tags": list(result.targets)},
         source=source,
         sections=[
+            ("Runtimes", runtimes),
             ("How to load", load),
             ("Recipe", f"`{recipe.name}` ({recipe.method}): {recipe.description}\n\n```yaml\n{recipe.text.strip()}\n```"),
-            ("Layers", "\n".join(layer_rows) + f"\n\nNon-divisible fallbacks:\n{fallbacks}"),
+            ("Layers", "\n".join(layer_rows) + "\n\nChanged from their rule (per kind of layer; every layer with its "
+             f"reason is in mcq-manifest.json):\n{changes or 'none'}"),
             ("Calibration set", f"```json\n{calibration}\n```"),
             ("Sizes", format_component_bytes(result.bytes_before, result.bytes_after)),
             ("Model", f"MiniCPM-V {spec.version} ({spec.llm_name} LLM), quantized by mcq."),
@@ -215,14 +265,19 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
 
 def format_result(result: QuantizeResult) -> str:
     """The summary table `mcq quantize` prints."""
-    lines = [f"{result.out}: {result.recipe} ({result.format}) in {result.seconds:.1f} s", "",
-             f"{'component':<12}{'quantized':>10}{'kept':>6}{'fallbacks':>11}{'bytes before':>16}{'bytes after':>15}"]
+    lines = [f"{result.out}: {result.recipe} ({result.format}) in {result.seconds:.1f} s, for "
+             + ", ".join(result.targets), "",
+             f"{'component':<12}{'quantized':>10}{'kept':>6}{'changed':>9}{'bytes before':>16}{'bytes after':>15}"]
     for component, counts in result.layers.items():
-        lines.append(f"{component:<12}{counts['quantized']:>10}{counts['kept']:>6}{counts['fallbacks']:>11}"
+        lines.append(f"{component:<12}{counts['quantized']:>10}{counts['kept']:>6}{counts['changed']:>9}"
                      f"{result.bytes_before.get(component, 0):>16,}{result.bytes_after.get(component, 0):>15,}")
     before, after = sum(result.bytes_before.values()), sum(result.bytes_after.values())
-    lines.append(f"{'total':<39}{before:>16,}{after:>15,}  ({after / before:.2f}x)")
-    lines += [f"fallback: {f['layer']}: {f['reason']}" for f in result.fallbacks]
+    lines.append(f"{'total':<37}{before:>16,}{after:>15,}  ({after / before:.2f}x)")
+    lines += [f"changed: {c['layers']} ({c['count']}): {c['scheme']}: {c['reason']}" for c in result.changes]
+    loads = [name for name, fit in result.runtimes.items() if fit in ("target", "loads")]
+    lines.append("loads in (by each runtime's rules): " + ", ".join(loads))
+    lines += [f"not in {name}: {fit.removeprefix('no: ')}" for name, fit in result.runtimes.items()
+              if fit not in ("target", "loads")]
     if result.data_free_blocks:
         lines.append(f"no calibration input reached {len(result.data_free_blocks)} block(s) (quantized data-free): "
                      + ", ".join(result.data_free_blocks))

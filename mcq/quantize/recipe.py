@@ -19,19 +19,28 @@ Schema (every key is checked; unknown keys, wrong types and bad values are an `M
     calibration: {num_samples: 64, max_slice_nums: 2}   # awq/gptq only (defaults as shown); rtn/bnb are data-free
     ignore: []                  # patterns of Linears never quantized
     quantize_lm_head: false     # lm_head is kept unless this is true (and a rule matches it)
+    target: vllm-gpu            # runtime(s) the output must load in (mcq.models.runtimes.RUNTIMES); default: the
+                                # runtimes a user of the format serves with (DEFAULT_TARGETS)
     rules:                      # first match wins; Linears no rule matches are kept
       - match: "^llm\\."        # required
         bits: 4                 # required: 4 or 8
         group_size: 128         # power of two >= 8, or "channel"; default 128      (not for bnb)
         symmetric: true         # default true                                     (not for bnb)
         non_divisible: fallback_group   # fallback_group | pad | per_channel | skip | error (not for bnb)
+
+The plan applies the targets' rules per layer (`mcq.models.runtimes`): a module a target builds as something other
+than a quantizable Linear stays dense (in its official names), zero points become symmetric where a target runs
+none, a group a target does not run falls back through the rule's `non_divisible` policy (a smaller group, the MLP
+padded, per channel). What no policy can fix (bits a target does not run, a fused group planned two ways) refuses
+the recipe before any calibration, naming the layers, the rule and the runtime's reason.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -40,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mcq.errors import McqError
+from mcq.models.runtimes import (BITSANDBYTES, COMPRESSED_TENSORS, DEFAULT_TARGETS, RUNTIMES, PlannedLayer, Runtime,
+                                 kind_of, violations)
 
 if TYPE_CHECKING:  # mcq.models.family imports torch; `mcq recipes` should not have to
     from mcq.models.family import LinearInfo
@@ -121,7 +132,7 @@ METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
 BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int8_threshold",)}
 CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}
 TOP_LEVEL_KEYS = ("name", "description", "method", "method_args", "calibration", "ignore", "quantize_lm_head",
-                  "rules")
+                  "target", "rules")
 RULE_KEYS = ("match", "bits", "group_size", "symmetric", "non_divisible", "method")
 # A rule of a calibrated recipe may pick another calibrated-engine method for its layers (e.g. GPTQ rounding where
 # AWQ has no smoothing partner); a data-free recipe stays data-free.
@@ -177,6 +188,7 @@ class Recipe:
     ignore: tuple[NamePattern, ...]
     quantize_lm_head: bool
     rules: tuple[Rule, ...]
+    targets: tuple[str, ...] = ()   # the runtimes the output must load in (RUNTIMES names)
     source: str = field(default="", compare=False)  # "built-in" or the file it came from
     text: str = field(default="", compare=False, repr=False)  # the YAML as written, for `mcq recipes show`
 
@@ -194,8 +206,23 @@ class Recipe:
         if self.calibration is not None:
             data["calibration"] = {"num_samples": self.calibration.num_samples,
                                    "max_slice_nums": self.calibration.max_slice_nums}
-        data.update(ignore=[p.text for p in self.ignore], quantize_lm_head=self.quantize_lm_head, rules=rules)
+        data.update(ignore=[p.text for p in self.ignore], quantize_lm_head=self.quantize_lm_head,
+                    target=list(self.targets), rules=rules)
         return data
+
+    @property
+    def format(self) -> str:
+        """The checkpoint format the recipe writes."""
+        return recipe_format(self.method)
+
+    def with_targets(self, targets: str | list[str], where: str = "--target") -> Recipe:
+        """The same recipe planned for other runtimes (`mcq quantize --target`): a name, a comma-separated list
+        or a list of names."""
+        return replace(self, targets=_parse_targets(targets, self.method, where))
+
+
+def recipe_format(method: str) -> str:
+    return BITSANDBYTES if method == "bnb" else COMPRESSED_TENSORS
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -236,9 +263,28 @@ def parse_recipe(data: Any, where: str, default_name: str | None = None, *, sour
     patterns = tuple(_pattern(p, f"{where}: ignore entry {i}") for i, p in enumerate(ignore, start=1))
 
     quantize_lm_head = _checked(data.get("quantize_lm_head", False), _bool, f"{where}: quantize_lm_head")
+    targets = _parse_targets(data.get("target", list(DEFAULT_TARGETS[recipe_format(method)])), method,
+                             f"{where}: target")
     return Recipe(name=name, description=description.strip(), method=method,
                   method_args=MappingProxyType(method_args), calibration=calibration, ignore=patterns,
-                  quantize_lm_head=quantize_lm_head, rules=rules, source=source, text=text)
+                  quantize_lm_head=quantize_lm_head, rules=rules, targets=targets, source=source, text=text)
+
+
+def _parse_targets(value: Any, method: str, where: str) -> tuple[str, ...]:
+    """Runtime names (a name, a comma-separated string or a list), each one that reads the recipe's format."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise McqError(f"{where} must be a runtime name or a list of them; runtimes: {', '.join(RUNTIMES)}")
+    fmt = recipe_format(method)
+    targets = tuple(dict.fromkeys(n.strip() for n in names))
+    for name in targets:
+        if name not in RUNTIMES:
+            raise McqError(f"{where}: unknown runtime {name!r}; runtimes: {', '.join(RUNTIMES)}")
+        if fmt not in RUNTIMES[name].formats:
+            readers = ", ".join(r.name for r in RUNTIMES.values() if fmt in r.formats)
+            raise McqError(f"{where}: {name} does not read {fmt} checkpoints ({method} recipes write them); "
+                           f"runtimes that do: {readers}")
+    return targets
 
 
 def _no_unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str, why: str = "") -> None:
@@ -424,8 +470,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 def format_recipe_list(recipes: list[Recipe]) -> str:
     width = max([len("name")] + [len(r.name) for r in recipes])
-    lines = [f"{'name':<{width}}  {'method':<6}  description"]
-    lines += [f"{r.name:<{width}}  {r.method:<6}  {r.description}" for r in recipes]
+    targets = {r.name: ",".join(r.targets) for r in recipes}
+    target_width = max([len("target")] + [len(t) for t in targets.values()])
+    lines = [f"{'name':<{width}}  {'method':<6}  {'target':<{target_width}}  description"]
+    lines += [f"{r.name:<{width}}  {r.method:<6}  {targets[r.name]:<{target_width}}  {r.description}" for r in recipes]
     return "\n".join(lines)
 
 
@@ -443,6 +491,10 @@ class LayerScheme:
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
+    def describe(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -452,20 +504,31 @@ class LayerPlan:
     out_features: int
     scheme: LayerScheme | None  # None → kept in the source dtype
     reason: str  # why, for people: "rule 1 (^llm\.)", "ignored (lm_head)", "no rule matches", ...
-    fallback: bool  # a non_divisible policy changed this layer
+    fallback: bool  # the plan differs from the rule as written (a non_divisible policy or a target's rule)
     rule: int | None = None  # the index of the rule that decided it (None: ignored or no rule matches)
-    pad_to: int | None = None  # `pad`: the input width after zero-padding (the component's new intermediate size)
+    pad_to: int | None = None  # `pad`: the MLP's intermediate width after zero-padding (this layer's input width
+    #                            for the down projection, its output width for the projections that feed it)
+    kind: str = ""  # mcq.models.runtimes kind ("vision.mlp.fc2"); "" for a Linear the runtime table does not know
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "component": self.component, "in_features": self.in_features,
+        return {"name": self.name, "component": self.component, "kind": self.kind, "in_features": self.in_features,
                 "out_features": self.out_features, "scheme": self.scheme.to_dict() if self.scheme else None,
                 "reason": self.reason, "fallback": self.fallback, "rule": self.rule, "pad_to": self.pad_to}
+
+
+def layer_pattern(name: str) -> str:
+    """The name with layer indices replaced by `*` (one row per kind of layer in summaries)."""
+    return re.sub(r"\.\d+\.", ".*.", name)
 
 
 @dataclass(frozen=True)
 class QuantPlan:
     recipe: Recipe
     layers: tuple[LayerPlan, ...]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.recipe.targets
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme is not None]
@@ -488,7 +551,8 @@ class QuantPlan:
         raise KeyError(name)
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """Per component (data-flow order): how many Linears are quantized, kept, and changed by a fallback."""
+        """Per component (data-flow order): how many Linears are quantized, kept, and changed from their rule (by a
+        non_divisible policy or a target's rules)."""
         from mcq.models.family import COMPONENTS
 
         present = {layer.component for layer in self.layers}
@@ -496,7 +560,7 @@ class QuantPlan:
         return {component: {
             "quantized": sum(1 for l in self.layers if l.component == component and l.scheme is not None),
             "kept": sum(1 for l in self.layers if l.component == component and l.scheme is None),
-            "fallbacks": sum(1 for l in self.layers if l.component == component and l.fallback),
+            "changed": sum(1 for l in self.layers if l.component == component and l.fallback),
         } for component in order}
 
     def schemes(self) -> dict[LayerScheme, list[str]]:
@@ -512,9 +576,44 @@ class QuantPlan:
         used = {layer.rule for layer in self.layers}
         return [rule for rule in self.recipe.rules if rule.index not in used]
 
+    def decisions(self) -> list[dict[str, Any]]:
+        """The plan in a few lines: one entry per decision (scheme and reason), in model order, with the kinds of
+        layer it covers (`*` patterns), how many layers, and whether it differs from the rule as written."""
+        grouped: dict[tuple, list[LayerPlan]] = {}
+        for layer in self.layers:
+            grouped.setdefault((layer.scheme, layer.reason), []).append(layer)
+        return [{"layers": ", ".join(dict.fromkeys(layer_pattern(layer.name) for layer in members)),
+                 "count": len(members), "scheme": scheme.describe() if scheme else "dense", "reason": reason,
+                 "changed": members[0].fallback}
+                for (scheme, reason), members in grouped.items()]
+
+    def stored_layers(self) -> list[PlannedLayer]:
+        """Every Linear as it is written: its scheme and its widths after padding."""
+        from mcq.models.family import PADDABLE_INPUTS
+
+        stored = []
+        for layer in self.layers:
+            in_features, out_features = layer.in_features, layer.out_features
+            if layer.pad_to is not None:
+                if layer.name.endswith("." + PADDABLE_INPUTS[layer.component].consumer):
+                    in_features = layer.pad_to
+                else:
+                    out_features = layer.pad_to
+            scheme = layer.scheme
+            stored.append(PlannedLayer(layer.name, in_features, out_features, scheme.bits if scheme else None,
+                                       scheme.group_size if scheme else None, scheme.symmetric if scheme else True))
+        return stored
+
+    def problems(self, runtime: str | Runtime) -> list[tuple[str, str]]:
+        """(layer or fused group, why) for everything in the plan that `runtime` cannot hold; [] when it loads."""
+        runtime = RUNTIMES[runtime] if isinstance(runtime, str) else runtime
+        if self.recipe.format not in runtime.formats:
+            return [("*", f"{runtime.name} does not read {self.recipe.format} checkpoints")]
+        return violations(runtime, self.stored_layers())
+
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.name, "method": self.recipe.method, "summary": self.summary(),
-                "layers": [layer.to_dict() for layer in self.layers]}
+        return {"recipe": self.recipe.name, "method": self.recipe.method, "targets": list(self.targets),
+                "summary": self.summary(), "layers": [layer.to_dict() for layer in self.layers]}
 
 
 def is_lm_head(name: str) -> bool:
@@ -532,77 +631,217 @@ def dividing_groups(in_features: int, largest: int) -> list[int]:
 
 
 def plan_quantization(recipe: Recipe, linears: list[LinearInfo]) -> QuantPlan:
-    """One decision per Linear: ignored → kept; else the first matching rule, with its non_divisible policy applied
-    when the group size does not divide in_features."""
-    layers, refused = [], []
-    for info in linears:
-        plan = _plan_layer(recipe, info)
-        if plan is None:
-            refused.append(info)
-        else:
-            layers.append(plan)
-    if refused:
-        raise McqError(_refusal_message(recipe, refused))
+    """One decision per Linear: ignored → kept; else the first matching rule, fitted to the recipe's targets
+    (module docstring), with its non_divisible policy applied when the group size does not divide in_features or
+    a target does not run it. Refuses (McqError) what no policy fixes."""
+    layers = _Planner(recipe, linears).plan()
     if not any(layer.scheme for layer in layers):
         patterns = ", ".join(dict.fromkeys(info.pattern for info in linears)) or "(none)"
-        if any(layer.rule for layer in layers):
-            why = "every Linear its rules match is skipped (non_divisible: skip)"
+        kept = list(dict.fromkeys(layer.reason for layer in layers if layer.rule))
+        if kept:
+            why = f"every Linear its rules match is kept ({'; '.join(kept[:3])})"
         else:
             why = "no rule matches a Linear that is not ignored"
         raise McqError(f"recipe {recipe.name} quantizes nothing on this model: {why}; the model's Linears: "
                        f"{patterns}")
-    return QuantPlan(recipe, tuple(layers))
+    plan = QuantPlan(recipe, tuple(layers))
+    problems = {name: found for name in recipe.targets if (found := plan.problems(name))}
+    if problems:
+        raise McqError(_target_refusal(plan, problems))
+    return plan
 
 
-def _kept(info: LinearInfo, reason: str, *, fallback: bool = False, rule: int | None = None) -> LayerPlan:
-    return LayerPlan(info.name, info.component, info.in_features, info.out_features, None, reason, fallback, rule)
+class _Planner:
+    """Fits each matched rule to the targets' rules (mcq.models.runtimes), in two passes: the first finds which
+    MLPs must grow (`pad`) and to what multiple, the second plans every layer at the final widths."""
+
+    def __init__(self, recipe: Recipe, linears: list[LinearInfo]):
+        from mcq.models.family import PADDABLE_INPUTS
+
+        self.recipe, self.linears, self.mlps = recipe, linears, PADDABLE_INPUTS
+        self.runtimes = [RUNTIMES[name] for name in recipe.targets]
+        self.widths: dict[str, int] = {}     # component → intermediate width after padding
+        self.pad_cause: dict[str, str] = {}  # layer → why it asked for padding, when a target's rule is the reason
+        self.refused: list[LinearInfo] = []
+
+    def plan(self) -> list[LayerPlan]:
+        first = [self._layer(info) for info in self.linears]
+        self.widths = self._padded_widths(first)
+        if self.widths:
+            self.refused = []
+            first = [self._layer(info) for info in self.linears]
+        if self.refused:
+            raise McqError(_refusal_message(self.recipe, self.refused))
+        return first
+
+    # -- roles inside a paddable MLP ---------------------------------------------------------------------------
+    def _role(self, name: str, component: str) -> str | None:
+        mlp = self.mlps.get(component)
+        if mlp is None:
+            return None
+        if name.endswith("." + mlp.consumer):
+            return "consumer"
+        return "producer" if any(name.endswith("." + p) for p in mlp.producers) else None
+
+    def _padded_widths(self, first: list[LayerPlan | None]) -> dict[str, int]:
+        """Per component with a layer that asked for padding: the smallest width every quantized member fits (the
+        down projection's group and the targets' width multiples all divide it)."""
+        widths = {}
+        for component in self.mlps:
+            members = [(layer, self._role(layer.name, component)) for layer in first
+                       if layer is not None and layer.component == component]
+            members = [(layer, role) for layer, role in members if role]
+            if not any(layer.pad_to for layer, _ in members):
+                continue
+            modulus = 1
+            for layer, role in members:
+                if layer.scheme is None:
+                    continue   # a dense member grows with zeros and has no constraint
+                if role == "consumer" and layer.scheme.group_size:
+                    modulus = math.lcm(modulus, layer.scheme.group_size)
+                for runtime in self.runtimes:
+                    holds = runtime.holds_for(layer.name)
+                    modulus = math.lcm(modulus, holds.multiple_in if role == "consumer" else holds.multiple_out)
+            width = next(layer.in_features if role == "consumer" else layer.out_features for layer, role in members)
+            widths[component] = -(-width // modulus) * modulus
+        return widths
+
+    # -- one layer ---------------------------------------------------------------------------------------------
+    def _layer(self, info: LinearInfo) -> LayerPlan | None:
+        """The layer's plan, or None (and the layer in `refused`) when the group size does not divide its width
+        and the rule's policy allows nothing else."""
+        recipe = self.recipe
+        kind = kind_of(info.name)
+
+        def kept(reason: str, *, fallback: bool = False, rule: int | None = None) -> LayerPlan:
+            return LayerPlan(info.name, info.component, info.in_features, info.out_features, None, reason, fallback,
+                             rule, self._grown(info), kind.name if kind else "")
+
+        if is_lm_head(info.name) and not recipe.quantize_lm_head:
+            return kept("ignored (lm_head)")
+        for pattern in recipe.ignore:
+            if pattern.matches(info.name):
+                return kept(f"ignored ({pattern})")
+        rule = next((r for r in recipe.rules if r.pattern.matches(info.name)), None)
+        if rule is None:
+            return kept("no rule matches")
+        holds = [(runtime, runtime.holds_for(info.name)) for runtime in self.runtimes]
+        for runtime, held in holds:
+            if held.dense_only:
+                return kept(f"{rule.describe()}, kept dense for {runtime.name}: {held.why}", fallback=True,
+                            rule=rule.index)
+        notes: list[str] = []
+        # bnb: blocks of 64 over the flattened weight, always symmetric: no groups, no width constraint.
+        group = None if recipe.method == "bnb" else rule.group_size
+        symmetric = rule.symmetric or recipe.method == "bnb"
+        if not symmetric:
+            lacking = [runtime.name for runtime, held in holds
+                       if (rule.bits, False) not in held.schemes and (rule.bits, True) in held.schemes]
+            if lacking:
+                symmetric = True
+                notes.append(f"symmetric: {' and '.join(lacking)} run{'s' if len(lacking) == 1 else ''} no zero "
+                             f"points at {rule.bits} bits")
+        role = self._role(info.name, info.component)
+        width = self.widths.get(info.component)
+        in_w = width if width and role == "consumer" else info.in_features
+        out_w = width if width and role == "producer" else info.out_features
+
+        def quantized(group_size: int | None, reason: str = "", *, pad_to: int | None = None) -> LayerPlan:
+            texts = [*notes, reason] if reason else list(notes)
+            if width and role and (in_w, out_w) != (info.in_features, info.out_features):
+                texts.append(self._pad_text(info, role, group_size, width))
+            return LayerPlan(info.name, info.component, info.in_features, info.out_features,
+                             LayerScheme(rule.bits, group_size, symmetric),
+                             ", ".join([rule.describe(), *texts]), bool(texts), rule.index,
+                             pad_to or self._grown(info), kind.name if kind else "")
+
+        def runs(group_size: int | None) -> bool:
+            return (all(held.runs_group(group_size) for _, held in holds)
+                    and (group_size is None or in_w % group_size == 0))
+
+        shaped = all(in_w % held.multiple_in == 0 and out_w % held.multiple_out == 0 for _, held in holds)
+        if runs(group) and shaped:
+            return quantized(group)
+        problem = self._problem(in_w, out_w, group, holds)
+        policy = rule.non_divisible
+        if policy == "skip":
+            return kept(f"{rule.describe()}, skipped: {problem}", fallback=True, rule=rule.index)
+        if policy == "fallback_group" and group is not None and shaped:
+            smaller = [size for size in dividing_groups(in_w, group) if runs(size)]
+            if smaller:
+                size = smaller[-1]
+                why = f"{in_w} = {size} × {in_w // size}" if in_w % group else problem
+                return quantized(size, f"group {group} → {size}: {why}")
+        grows = role == "consumer" or (role == "producer" and runs(group) and not shaped)
+        if policy in ("fallback_group", "pad") and grows and width is None:
+            # Grow the MLP (exact): the largest group the targets run, and their width multiples, fit after it.
+            pad_group = _largest_group_run(group, holds) if role == "consumer" else group
+            if group is None or pad_group is not None:
+                if not (policy == "pad" and pad_group == group and in_w % group):   # else: the rule asked for it
+                    self.pad_cause[info.name] = self._pad_cause(in_w, out_w, group, holds)
+                modulus = pad_group or 1
+                for _, held in holds:
+                    modulus = math.lcm(modulus, held.multiple_in if role == "consumer" else held.multiple_out)
+                base = in_w if role == "consumer" else out_w
+                return quantized(pad_group, pad_to=-(-base // modulus) * modulus)
+        if policy in ("fallback_group", "per_channel") and runs(None) and shaped and group is not None:
+            if policy == "fallback_group":
+                why = (f"no power-of-two group >= {MIN_FALLBACK_GROUP} divides {in_w}"
+                       if not dividing_groups(in_w, group) else problem)
+            else:
+                why = f"{in_w} not divisible by {group}" if in_w % group else problem
+            return quantized(None, f"group {group} → per channel: {why}")
+        if group is not None and in_w % group:
+            self.refused.append(info)   # the engine cannot quantize a group that does not divide the width
+            return None
+        return quantized(group)   # holdable by mcq; plan.problems() names what a target lacks
+
+    def _grown(self, info: LinearInfo) -> int | None:
+        width = self.widths.get(info.component)
+        return width if width and self._role(info.name, info.component) else None
+
+    def _pad_cause(self, in_w: int, out_w: int, group: int | None, holds: list[tuple[Runtime, Any]]) -> str:
+        """Why a target's rules make this layer's MLP grow."""
+        for runtime, held in holds:
+            for size, multiple, side in ((in_w, held.multiple_in, "input"), (out_w, held.multiple_out, "output")):
+                if size % multiple:
+                    return f"{runtime.name} needs {side} widths that are multiples of {multiple}, not {size}"
+        if group is not None and in_w % group and dividing_groups(in_w, group):
+            names = " and ".join(runtime.name for runtime, _ in holds)
+            return f"no group ≤ {group} that {names} run{'s' if len(holds) == 1 else ''} divides {in_w}"
+        return self._problem(in_w, out_w, group, holds)
+
+    def _pad_text(self, info: LinearInfo, role: str, group_size: int | None, width: int) -> str:
+        cause = self.pad_cause.get(info.name)
+        if role == "consumer":
+            group = f"group {group_size}, " if group_size else ""
+            text = f"{group}inputs zero-padded {info.in_features} → {width} (with the rows that feed them; exact)"
+        else:
+            text = f"outputs zero-padded {info.out_features} → {width} with the MLP (exact)"
+        return f"{text}: {cause}" if cause else text
+
+    def _problem(self, in_w: int, out_w: int, group: int | None, holds: list[tuple[Runtime, Any]]) -> str:
+        """Why the rule's group does not fit as written: the width, or the first target rule it breaks."""
+        if group is not None and in_w % group:
+            return f"{in_w} not divisible by {group}"
+        for runtime, held in holds:
+            if not held.runs_group(group):
+                runs = ", ".join("per channel" if g is None else str(g) for g in held.groups)
+                return f"{runtime.name} runs groups {runs}"
+            for size, multiple, side in ((in_w, held.multiple_in, "input"), (out_w, held.multiple_out, "output")):
+                if size % multiple:
+                    return f"{runtime.name} needs {side} widths that are multiples of {multiple}, not {size}"
+        return ""
 
 
-def _plan_layer(recipe: Recipe, info: LinearInfo) -> LayerPlan | None:
-    """The layer's plan, or None when the matching rule's policy is `error` and its group size does not divide."""
-    if is_lm_head(info.name) and not recipe.quantize_lm_head:
-        return _kept(info, "ignored (lm_head)")
-    for pattern in recipe.ignore:
-        if pattern.matches(info.name):
-            return _kept(info, f"ignored ({pattern})")
-    rule = next((r for r in recipe.rules if r.pattern.matches(info.name)), None)
-    if rule is None:
-        return _kept(info, "no rule matches")
-
-    def quantized(group_size: int | None, reason: str = "", *, pad_to: int | None = None) -> LayerPlan:
-        scheme = LayerScheme(rule.bits, group_size, rule.symmetric)
-        text = rule.describe() + (f", {reason}" if reason else "")
-        return LayerPlan(info.name, info.component, info.in_features, info.out_features, scheme, text,
-                         bool(reason), rule.index, pad_to)
-
-    fan_in, group = info.in_features, rule.group_size
-    if recipe.method == "bnb":  # blocks over the flattened weight: no divisibility constraint
-        return LayerPlan(info.name, info.component, fan_in, info.out_features,
-                         LayerScheme(rule.bits, None, True), rule.describe(), False, rule.index)
-    if group is None or fan_in % group == 0:
-        return quantized(group)
-    policy = rule.non_divisible
-    if policy == "fallback_group":
-        smaller = dividing_groups(fan_in, group)
-        if smaller:
-            return quantized(smaller[-1], f"group {group} → {smaller[-1]}: {fan_in} = {smaller[-1]} × "
-                                          f"{fan_in // smaller[-1]}")
-        return quantized(None, f"group {group} → per channel: no power-of-two group >= {MIN_FALLBACK_GROUP} "
-                               f"divides {fan_in}")
-    if policy == "pad":
-        from mcq.models.family import paddable
-
-        if not paddable(info.name, info.component):
-            return None   # refused: only a Linear fed by another Linear through 0-preserving elementwise ops can grow
-        width = -(-fan_in // group) * group
-        return quantized(group, f"group {group}, inputs zero-padded {fan_in} → {width} (with the rows that feed "
-                                "them; exact)", pad_to=width)
-    if policy == "per_channel":
-        return quantized(None, f"group {group} → per channel: {fan_in} not divisible by {group}")
-    if policy == "skip":
-        return _kept(info, f"{rule.describe()}, skipped: {fan_in} not divisible by {group}", fallback=True,
-                     rule=rule.index)
-    return None  # "error": collected so that one message lists every offending layer
+def _largest_group_run(group: int | None, holds: list[tuple[Runtime, Any]]) -> int | None:
+    """The largest power-of-two group <= `group` (>= MIN_FALLBACK_GROUP) that every target runs."""
+    size = group or 0
+    while size >= MIN_FALLBACK_GROUP:
+        if all(held.runs_group(size) for _, held in holds):
+            return size
+        size //= 2
+    return None
 
 
 def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
@@ -623,3 +862,22 @@ def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
         parts.append(f"{info.name} (in_features {info.in_features}, {rule.describe()} group {rule.group_size}; {why})")
     return (f"recipe {recipe.name}: non_divisible is {' / '.join(repr(p) for p in sorted(policies))} and the group "
             f"size does not divide the input width of {len(refused)} Linear(s): {'; '.join(parts)}")
+
+
+def _target_refusal(plan: QuantPlan, problems: dict[str, list[tuple[str, str]]]) -> str:
+    """One line: per reason, the kinds of layer (and the rule that planned them) a target cannot hold."""
+    rules = {rule.index: rule for rule in plan.recipe.rules}
+    grouped: dict[str, dict[str, list[str]]] = {}   # why → rule → layer patterns
+    for found in problems.values():
+        for layer_name, why in found:
+            try:
+                rule = rules[plan.layer(layer_name).rule].describe()
+            except KeyError:   # a fused group, not a layer
+                rule = "fused"
+            grouped.setdefault(why, {}).setdefault(rule, []).append(layer_pattern(layer_name))
+    parts = [why + ": " + ", ".join(f"{', '.join(dict.fromkeys(patterns))} ({rule})"
+                                    for rule, patterns in by_rule.items())
+             for why, by_rule in grouped.items()]
+    targets = ", ".join(plan.targets)
+    return (f"recipe {plan.recipe.name} cannot be loaded by its target{'s' if len(plan.targets) > 1 else ''} "
+            f"({targets}): {'; '.join(parts)}")

@@ -34,10 +34,12 @@ def matmul_nbits(path) -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def rtn_variants(tmp_path_factory):
-    """Data-free mcq variants of tiny 4.5: RTN int4 g128 (asymmetric) and RTN int8 per channel (symmetric)."""
+    """Data-free mcq variants of tiny 4.5: RTN int4 g128 (asymmetric) and RTN int8 per channel (symmetric), planned
+    for mcq's own loader (`target="mcq"`): every resampler Linear quantized and fc2 at group 16, the most layouts the
+    export has to carry (the vLLM-targeted defaults keep the resampler's attention dense and pad fc2)."""
     root = tmp_path_factory.mktemp("rtn")
-    return {"int4": quantize("tiny:4.5", root / "w4", method="rtn", progress=False).out,
-            "int8": quantize("tiny:4.5", root / "w8", recipe="rtn-w8", progress=False).out}
+    return {"int4": quantize("tiny:4.5", root / "w4", method="rtn", target="mcq", progress=False).out,
+            "int8": quantize("tiny:4.5", root / "w8", recipe="rtn-w8", target="mcq", progress=False).out}
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,8 @@ FC2 = ["vpm.encoder.layers.0.mlp.fc2", "vpm.encoder.layers.1.mlp.fc2"]
 
 
 def _recipe(policy: str = "fallback_group", group_size=128, **top):
-    data = {"name": "t", "method": "rtn", "rules": [
+    """One rule over the whole model, planned for mcq's own loader (no serving runtime's rules) unless `target`."""
+    data = {"name": "t", "method": "rtn", "target": "mcq", "rules": [
         {"match": "^(llm|vpm|resampler)\\.", "bits": 4, "group_size": group_size, "symmetric": False,
          "non_divisible": policy}]}
     data.update(top)
@@ -85,32 +86,49 @@ def test_builtins_round_trip_through_to_dict(name, tmp_path):
     assert load_recipe(file) == recipe
 
 
+RESAMPLER_DENSE = {"resampler.attn.q_proj", "resampler.attn.k_proj", "resampler.attn.v_proj",
+                   "resampler.attn.out_proj", "resampler.proj"}   # modules vLLM and the official code hold dense
+DEFAULT_TARGETS = {"awq-w4g128": ("vllm-gpu",), "gptq-w4g128": ("vllm-gpu", "vllm-cpu"), "rtn-w4g128": ("vllm-gpu",),
+                   "rtn-w8": ("vllm-gpu",), "awq-llm-only": ("vllm-gpu", "remote-code"),
+                   "bnb-nf4": ("mcq", "remote-code-bnb"), "bnb-int8": ("mcq", "remote-code-bnb")}
+
+
 def test_builtins_plan_on_every_tiny_model(tiny_path):
     linears = _tiny_linears(tiny_path)
     names = [l.name for l in linears]
     fc2 = [n for n in names if n.endswith("mlp.fc2")]
+    fc1 = [n for n in names if n.endswith("mlp.fc1")]
     assert fc2 and all(l.in_features == 464 for l in linears if l.name in fc2)  # 16 × 29, like 4304 = 16 × 269
     for name in BUILTINS:
-        plan = plan_quantization(load_recipe(name), linears)
+        recipe = load_recipe(name)
+        assert recipe.targets == DEFAULT_TARGETS[name]
+        plan = plan_quantization(recipe, linears)
         assert [l.name for l in plan.layers] == names
         assert plan.layer("llm.lm_head").scheme is None and plan.layer("llm.lm_head").reason == "ignored (lm_head)"
+        assert all(plan.problems(target) == [] for target in recipe.targets)
         quantized = {l.name for l in plan.quantized()}
         if name in ("awq-w4g128", "gptq-w4g128", "rtn-w4g128"):
-            assert quantized == set(names) - {"llm.lm_head"}
+            # Everything but the LM head and the resampler's attention and proj (dense, official names); the
+            # vision MLP grows to 512 so that fc2 keeps group 128 (Marlin runs no group 16, CPUWNA16 needs 32s).
+            assert quantized == set(names) - {"llm.lm_head"} - RESAMPLER_DENSE
+            for layer in RESAMPLER_DENSE:
+                assert "kept dense for vllm-gpu: vLLM builds resampler." in plan.layer(layer).reason
             for layer in fc2:
-                assert plan.layer(layer).scheme.group_size == 16 and plan.layer(layer).fallback
-                assert plan.layer(layer).reason.endswith("group 128 → 16: 464 = 16 × 29")
-            assert plan.summary()["vision"]["fallbacks"] == len(fc2)
-            assert {s.group_size for s in plan.schemes()} == {16, 128}
+                assert plan.layer(layer).scheme.group_size == 128 and plan.layer(layer).pad_to == 512
+                assert "group 128, inputs zero-padded 464 → 512 (with the rows that feed them; exact)" in \
+                    plan.layer(layer).reason
+            assert all(plan.layer(layer).pad_to == 512 for layer in fc1)
+            assert plan.summary()["vision"]["changed"] == len(fc2) * 2
+            assert {s.group_size for s in plan.schemes()} == {128}
             assert {s.symmetric for s in plan.schemes()} == {name == "gptq-w4g128"}
         elif name == "rtn-w8":
-            assert quantized == set(names) - {"llm.lm_head"}
+            assert quantized == set(names) - {"llm.lm_head"} - RESAMPLER_DENSE
             assert list(plan.schemes()) == [LayerScheme(8, None, True)]
-            assert not any(l.fallback for l in plan.layers)
+            assert plan.padded_widths() == {}
         elif name == "awq-llm-only":
             assert quantized == {n for n in names if n.startswith("llm.model.layers.")}
             assert list(plan.schemes()) == [LayerScheme(4, 128, False)]
-            assert plan.summary()["vision"] == {"quantized": 0, "kept": len(fc2) * 6, "fallbacks": 0}
+            assert plan.summary()["vision"] == {"quantized": 0, "kept": len(fc2) * 6, "changed": 0}
         else:  # bnb: the official -int4 skips; the resampler (kv_proj, attention, proj) is kept whole
             bits = 4 if name == "bnb-nf4" else 8
             assert list(plan.schemes()) == [LayerScheme(bits, None, True)]
@@ -125,17 +143,28 @@ def test_builtins_plan_on_every_tiny_model(tiny_path):
 def test_builtins_on_the_real_45_widths():
     plan = plan_quantization(load_recipe("awq-w4g128"), REAL_45)
     fc2 = plan.layer(FC2[0])
-    assert fc2.scheme == LayerScheme(4, 16, False) and fc2.fallback
-    assert fc2.reason == "rule 2 (^vpm\\.), group 128 → 16: 4304 = 16 × 269"
+    assert fc2.scheme == LayerScheme(4, 128, False) and fc2.fallback and fc2.pad_to == 4352
+    assert fc2.reason == ("rule 2 (^vpm\\.), group 128, inputs zero-padded 4304 → 4352 (with the rows that feed "
+                          "them; exact): no group ≤ 128 that vllm-gpu runs divides 4304")
     assert plan.layer("llm.model.layers.0.mlp.down_proj").reason == "rule 1 (^llm\\.)"
-    assert plan.layer("resampler.attn.v_proj").scheme == LayerScheme(4, 128, False)
-    assert plan.summary() == {"vision": {"quantized": 12, "kept": 0, "fallbacks": 2},
-                              "resampler": {"quantized": 6, "kept": 0, "fallbacks": 0},
-                              "llm": {"quantized": 14, "kept": 1, "fallbacks": 0}}
-    schemes = plan.schemes()
-    assert list(schemes) == [LayerScheme(4, 16, False), LayerScheme(4, 128, False)]
-    assert schemes[LayerScheme(4, 16, False)] == FC2
-    assert schemes[LayerScheme(4, 128, False)][0] == "llm.model.layers.0.self_attn.q_proj"
+    assert plan.layer("resampler.attn.v_proj").scheme is None
+    assert plan.layer("resampler.kv_proj").scheme == LayerScheme(4, 128, False)
+    assert plan.summary() == {"vision": {"quantized": 12, "kept": 0, "changed": 4},
+                              "resampler": {"quantized": 1, "kept": 5, "changed": 5},
+                              "llm": {"quantized": 14, "kept": 1, "changed": 0}}
+    assert list(plan.schemes()) == [LayerScheme(4, 128, False)]
+    assert plan.padded_widths() == {"vision": 4352}
+
+    # For mcq's own loader the same recipe keeps today's plan: fc2 at group 16, the resampler quantized whole.
+    own = plan_quantization(load_recipe("awq-w4g128").with_targets("mcq"), REAL_45)
+    assert own.layer(FC2[0]).scheme == LayerScheme(4, 16, False)
+    assert own.layer(FC2[0]).reason == "rule 2 (^vpm\\.), group 128 → 16: 4304 = 16 × 269"
+    assert own.layer("resampler.attn.v_proj").scheme == LayerScheme(4, 128, False)
+    assert list(own.schemes()) == [LayerScheme(4, 16, False), LayerScheme(4, 128, False)]
+    assert own.schemes()[LayerScheme(4, 16, False)] == FC2
+    assert own.problems("vllm-gpu")[0] == ("vpm.encoder.layers.0.mlp.fc2", "vllm-gpu runs groups per channel, 32, "
+                                           "64, 128, not group 16 (Marlin: int4 with or without zero points, int8 "
+                                           "without; groups 32/64/128 or per channel)")
 
     # bnb: blocks over the flattened weight, so fc2 needs no fallback; the q/k/v split of the packed in_proj is
     # kept like the bare Parameter it was in the official model.
@@ -178,7 +207,8 @@ def test_pad_keeps_the_group_and_grows_the_mlp_width():
     fc2 = plan.layer(FC2[0])
     assert fc2.scheme == LayerScheme(4, 128, False) and fc2.fallback and fc2.pad_to == 4352
     assert fc2.reason.endswith("group 128, inputs zero-padded 4304 → 4352 (with the rows that feed them; exact)")
-    assert plan.layer("vpm.encoder.layers.0.mlp.fc1").pad_to is None
+    fc1 = plan.layer("vpm.encoder.layers.0.mlp.fc1")   # its outputs grow with the MLP
+    assert fc1.pad_to == 4352 and fc1.reason.endswith("outputs zero-padded 4304 → 4352 with the MLP (exact)")
     assert plan.padded_widths() == {"vision": 4352}
     assert list(plan.schemes()) == [LayerScheme(4, 128, False)]
 
@@ -201,7 +231,7 @@ def test_skip_policy_keeps_the_layer():
     assert fc2.scheme is None and fc2.fallback and fc2.rule == 1
     assert fc2.reason == "rule 1 (^(llm|vpm|resampler)\\.), skipped: 4304 not divisible by 128"
     assert {l.name for l in plan.kept()} == {*FC2, "llm.lm_head"}
-    assert plan.summary()["vision"] == {"quantized": 10, "kept": 2, "fallbacks": 2}
+    assert plan.summary()["vision"] == {"quantized": 10, "kept": 2, "changed": 2}
 
 
 def test_error_policy_lists_every_offending_layer_in_one_line():
@@ -235,7 +265,7 @@ def test_first_matching_rule_wins_and_unmatched_layers_are_kept():
     assert plan.layer("vpm.encoder.layers.0.mlp.fc1").scheme == LayerScheme(4, 128, True)
     assert plan.layer("llm.model.layers.0.mlp.up_proj").reason == "no rule matches"
     assert [r.index for r in plan.unused_rules()] == [3, 4]
-    assert plan.summary()["llm"] == {"quantized": 0, "kept": 15, "fallbacks": 0}
+    assert plan.summary()["llm"] == {"quantized": 0, "kept": 15, "changed": 0}
 
 
 def test_re_prefix_matches_from_the_start_like_llm_compressor():
@@ -273,7 +303,8 @@ def test_plan_to_dict_is_json():
     data = json.loads(json.dumps(plan_quantization(_recipe("pad"), REAL_45).to_dict()))
     fc2 = next(l for l in data["layers"] if l["name"] == FC2[0])
     assert fc2["scheme"] == {"bits": 4, "group_size": 128, "symmetric": False} and fc2["pad_to"] == 4352
-    assert data["summary"]["vision"]["fallbacks"] == 2 and data["method"] == "rtn"
+    assert data["summary"]["vision"]["changed"] == 4 and data["method"] == "rtn" and data["targets"] == ["mcq"]
+    assert fc2["kind"] == "vision.mlp.fc2"
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -296,7 +327,7 @@ def _with(**changes):
 
 INVALID = {
     "unknown top key": (_with(top__rule=[]), "test: unknown key 'rule'; allowed keys: name, description, method, "
-                                            "method_args, calibration, ignore, quantize_lm_head, rules"),
+                                            "method_args, calibration, ignore, quantize_lm_head, target, rules"),
     "unknown rule key": (_with(rule2__bit=4), "test: rule 2: unknown key 'bit'; allowed keys: match, bits, group_size, "
                                              "symmetric, non_divisible"),
     "unknown method arg": (_with(method_args__n_grids=3), "test: method_args: unknown key 'n_grids' (for awq); "
@@ -426,9 +457,10 @@ def test_unknown_recipe_name_lists_the_builtins():
 def test_cli_recipes_list(capsys):
     assert main(["recipes", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "method", "description"]
+    assert lines[0].split() == ["name", "method", "target", "description"]
     rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
     assert rows == BUILTINS
+    assert {line.split()[0]: tuple(line.split()[2].split(",")) for line in lines[1:]} == DEFAULT_TARGETS
     assert main(["recipes", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {r["name"]: r["method"] for r in listed} == BUILTINS

@@ -103,7 +103,8 @@ def export_recipe(bits: int, block_size: int, symmetric: bool):
     rules = [{"match": rf"^{prefix}\.", "bits": bits, "group_size": block_size, "symmetric": symmetric,
               "non_divisible": "fallback_group"} for prefix in ("llm", "vpm", "resampler")]
     name = f"onnx-w{bits}b{block_size}"
-    return parse_recipe({"name": name, "method": "rtn", "rules": rules,
+    # target mcq: no serving runtime's rules; MatMulNBits' own constraints are applied in plan_onnxruntime.
+    return parse_recipe({"name": name, "method": "rtn", "rules": rules, "target": "mcq",
                          "description": f"onnxruntime MatMulNBits int{bits}, block {block_size}"}, name)
 
 

@@ -81,6 +81,12 @@ def stored_name(param: str) -> str:
     return param
 
 
+def official_module(linear: str) -> bool:
+    """Whether an mcq Linear is a module of its own in the official layout (the resampler's attention input
+    projections and `proj` are not: they are parts of a packed Parameter, or a bare one)."""
+    return stored_name(f"{linear}.weight") == f"{linear}.weight"
+
+
 def transformers_conversions() -> list:
     """The same table as transformers checkpoint conversions (applied on from_pretrained, reversed on save)."""
     from transformers.core_model_loading import Chunk, Transpose, WeightConverter

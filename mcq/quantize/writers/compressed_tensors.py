@@ -4,9 +4,13 @@ Quantized Linears are stored the way llm-compressor saves them (`weight_packed`,
 `weight_zero_point`, `weight_shape`, …) under the module's name; every other tensor is copied from the source
 checkpoint byte for byte under its official name. A stored tensor that packs several parameters (the resampler's
 `in_proj_weight`) is copied whole when none of its parts is quantized, and otherwise split into the parts that are
-not. `quantization_config` in config.json names every quantized module per scheme (compact regexes when a scheme
-covers all layers of a kind) and lists the Linears left unquantized in `ignore`, so transformers, vLLM (for the LLM
-part) and our loader all know exactly what is where.
+not, which only a plan for mcq's own loader does (`target: mcq`): for every other target the planner keeps those
+modules dense, and the writer refuses to write a non-official name for them. `quantization_config` in config.json
+names every quantized module per scheme (compact regexes when a scheme covers all layers of a kind) and lists in
+`ignore` the unquantized Linears that are modules in the official layout, the names vLLM and the official code
+resolve. vLLM fuses q/k/v and gate/up and gives a fused module its first member's scheme (and refuses one that is
+ignored unevenly); plans for such a target hold one scheme per fused group (`mcq.models.runtimes`), so each group
+lands whole in one config group or whole in `ignore`.
 """
 
 from __future__ import annotations
@@ -133,8 +137,9 @@ def quantization_config(plan: QuantPlan, *, scale_dtype: torch.dtype, observer: 
         groups[f"group_{i}"] = QuantizationScheme(
             targets=_compact_targets(members, names),
             weights=quantization_args(scheme, observer=observer, actorder=actorder, scale_dtype=scale_dtype))
+    kept = [layer.name for layer in plan.kept() if checkpoint_names.official_module(layer.name)]
     config = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
-                                ignore=_compact_targets([layer.name for layer in plan.kept()], names))
+                                ignore=_compact_targets(kept, names))
     return config.to_dict()
 
 
@@ -144,8 +149,8 @@ class CompressedTensorsWriter:
     A block is written from the processed module, not copied from the source: AWQ rescales the smoothing layers
     (norms, `v_proj` biases) that stay unquantized, so their new values belong with the packed weights."""
 
-    def __init__(self, reader: CheckpointReader, out: Path):
-        self.reader, self.out = reader, out
+    def __init__(self, reader: CheckpointReader, out: Path, official_layout: bool = True):
+        self.reader, self.out, self.official_layout = reader, out, official_layout
         self.shards = ShardedWriter(out)
         self.written_blocks: list[str] = []
 
@@ -161,6 +166,11 @@ class CompressedTensorsWriter:
             dtypes[name] = self.reader.dtype_of(stored)
         tensors = {**packed, **checkpoint_names.to_stored(
             {name: tensor.detach().to("cpu", dtypes[name]) for name, tensor in plain.items()})}
+        if self.official_layout:
+            unofficial = [name for name in tensors if checkpoint_names.stored_name(name) != name
+                          or not checkpoint_names.official_module(name.rsplit(".", 1)[0])]
+            if unofficial:   # the planner keeps these dense for every official-layout target: a bug if reached
+                raise ValueError(f"{block_name}: names outside the official layout: {', '.join(unofficial)}")
         for name in sorted(tensors):
             self.shards.add(name, tensors[name])
         self.shards.spill()   # on disk before the next block: memory must not grow with depth
