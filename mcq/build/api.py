@@ -96,9 +96,11 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
           calib: str | None = None, eval_data: str | None = None, device: str = "cpu", seed: int = 0,
           validate: bool = True, force: bool = False, progress: bool = True) -> BuildResult:
     """Build every variant of `plan` (the built-in default when None) selected by `only` into `out`."""
+    from mcq.extras import require_method
     from mcq.models.loading import check_device, model_spec
     from mcq.models.tiny import cache_dir
     from mcq.outputs import tool_versions
+    from mcq.quantize.api import resolve_recipe
 
     from .digest import DigestIndex, code_key, data_digest, key_of, model_digests
 
@@ -116,9 +118,12 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
         from mcq.calibration import read_user_data
 
         read_user_data(calib)     # checked, not loaded: bad calibration data fails before any build
+    variants = chosen.select(only)
+    for variant in variants:
+        if variant.step == "quantize":
+            require_method(resolve_recipe(variant.options.get("method"), variant.options.get("recipe")).method)
     out = Path(out)
     state = _open_state(out, path, force)
-    variants = chosen.select(only)
     applicable = [v for v in variants if spec.version in v.versions]
     index = DigestIndex(cache_dir())
     digests = model_digests(index, path)

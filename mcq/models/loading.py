@@ -225,6 +225,10 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
     check_weights_finite(path)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     stored_quantization = getattr(config, "quantization_config", None) or {}
+    if stored_quantization.get("quant_method") == "bitsandbytes":
+        from mcq.extras import require
+
+        require("quantize", "bitsandbytes", f"loading {path} (a bitsandbytes variant)")
     if quantization_config is None and stored_quantization.get("quant_method") == "compressed-tensors":
         # No CPU kernels run packed int4/int8: dequantize once at load (to the compute dtype) instead of lazily
         # inside the first forward, so the loaded model is a plain one and `dtype`/`device` apply to every weight.

@@ -128,7 +128,7 @@ def _generation_config(special_ids: dict[str, int], version: str) -> dict:
     return {
         "bos_token_id": special_ids["bos"],
         "do_sample": True,
-        "eos_token_id": [special_ids["eos"], special_ids["pad"]],
+        "eos_token_id": [token for token in (special_ids["eos"], special_ids["pad"]) if token is not None],
         "pad_token_id": special_ids["pad"],
         "temperature": 0.6,
         "top_k": 20,

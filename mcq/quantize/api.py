@@ -141,6 +141,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     (`mcq.models.runtimes.RUNTIMES`), instead of the recipe's `target:`. `calibration`: samples already encoded by
     `mcq.calibration.calibration_samples` and their description, used instead of encoding `calib` here (`mcq build`
     encodes its set once for every variant)."""
+    from mcq.extras import require_method
     from mcq.models.family import linear_layers
     from mcq.models.loading import (check_device, check_layout, meta_skeleton, model_spec,
                                     safetensors_component_bytes, stored_tensors)
@@ -148,6 +149,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
 
     started = time.perf_counter()
     chosen = resolve_recipe(method, recipe, target)
+    require_method(chosen.method)
     given = [option for option, value in (("--calib", calib), ("--num-samples", num_samples),
                                           ("--max-slice-nums", max_slice_nums)) if value is not None]
     if given and chosen.method not in CALIBRATED_METHODS:

@@ -29,7 +29,7 @@ from mcq.outputs import MANIFEST_NAME, tool_versions
 
 from .evalset import describe_items, encode_items, eval_samples
 from .results import FORMAT, METRICS
-from .runners import detect_format
+from .runners import runtime_runner
 
 _OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
@@ -72,12 +72,16 @@ class Target:
     path: str          # as given (a directory, or a tiny: name)
     format: str
     runner: type
+    python: str        # the interpreter of the runner's environment (vLLM's has its own)
 
 
-def _target(path: str | Path, name: str | None = None) -> Target:
+def _target(path: str | Path, name: str | None = None, runtime: str = "auto") -> Target:
     text = str(path)
-    format_name, runner = detect_format(text)
-    return Target(name or (text if text.startswith("tiny:") else Path(text).name), text, format_name, runner)
+    format_name, runner = runtime_runner(text, runtime)
+    default = text if text.startswith("tiny:") else Path(text).name
+    if runtime != "auto":
+        default = f"{default} ({runner.name})"
+    return Target(name or default, text, format_name, runner, runner.environment())
 
 
 def _check_same_model(reference: Target, variant: Target) -> None:
@@ -140,13 +144,14 @@ def _sizes(target: Target, params: dict[str, int]) -> tuple[int, dict[str, dict[
     return sum(per_component.values()), components
 
 
-def _run_worker(job: dict[str, Any], workdir: Path, label: str) -> tuple[dict[str, Any] | None, str | None]:
+def _run_worker(job: dict[str, Any], workdir: Path, label: str,
+                python: str = sys.executable) -> tuple[dict[str, Any] | None, str | None]:
     """(result, None) or (None, the error's last line) of one worker process."""
     job_file, result_file = workdir / f"{label}.job.json", workdir / f"{label}.result.json"
     log_file = workdir / f"{label}.log"
     job_file.write_text(json.dumps(job))
     with open(log_file, "w") as log:
-        process = subprocess.run([sys.executable, "-m", "mcq.validate.worker", str(job_file), str(result_file)],
+        process = subprocess.run([python, "-m", "mcq.validate.worker", str(job_file), str(result_file)],
                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
     if process.returncode == 0 and result_file.is_file():
         return json.loads(result_file.read_text()), None
@@ -174,8 +179,12 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
              num_samples: int | None = None, max_slice_nums: int | None = 2, device: str = "cpu",
              dtype: str = "auto", max_new_tokens: int = 24, latency_runs: int = 5, warmup_runs: int = 1,
              decode_tokens: int = 16, seed: int = 0, thresholds: list[Threshold] = (),
-             progress: bool = True) -> dict[str, Any]:
-    """Validate `variants` against `reference`; returns the results object (`mcq.validate.results`)."""
+             runtimes: list[str] = ("auto",), progress: bool = True) -> dict[str, Any]:
+    """Validate `variants` against `reference`; returns the results object (`mcq.validate.results`).
+
+    `runtimes` names the runtime of each variant, or one for all: "auto" (the one its format is served by:
+    transformers, llama.cpp, onnxruntime, Core ML) or "vllm" (bf16 and compressed-tensors, in vLLM's own
+    environment, see `mcq.validate.runners.vllm_runner`)."""
     from mcq.models.loading import load_processor, model_spec
 
     check_device(device)
@@ -188,10 +197,15 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
     ref = _target(reference, name=None)
     if ref.format not in ("bf16", "float16", "float32"):
         raise McqError(f"the reference {reference} is {ref.format}; pass the original (unquantized) checkpoint")
-    targets = [_target(v) for v in variants]
+    runtimes = list(runtimes)
+    if len(runtimes) not in (1, len(variants)):
+        raise McqError(f"--runtime: give one runtime for every variant or one for all ({len(variants)} variants, "
+                       f"{len(runtimes)} runtimes)")
+    targets = [_target(v, runtime=r) for v, r in zip(variants, runtimes * len(variants) if len(runtimes) == 1
+                                                      else runtimes)]
     names = [t.name for t in targets]
-    targets = [Target(f"{t.name} ({i + 1})" if names.count(t.name) > 1 else t.name, t.path, t.format, t.runner)
-               for i, t in enumerate(targets)]
+    targets = [Target(f"{t.name} ({i + 1})" if names.count(t.name) > 1 else t.name, t.path, t.format, t.runner,
+                      t.python) for i, t in enumerate(targets)]
     for target in targets:
         _check_same_model(ref, target)
     _, _, spec = model_spec(reference)
@@ -215,7 +229,8 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         for role, index, target in runs:
             bar.set_postfix_str(target.name)
             result, error = _run_worker({**base_job, "role": role, "index": index, "path": target.path,
-                                         "format": target.format}, workdir, f"{role}-{index}")
+                                         "format": target.format, "runner": target.runner.name},
+                                        workdir, f"{role}-{index}", target.python)
             bar.update()
             if role == "reference" and result is None:
                 raise McqError(f"the reference {reference} failed to run: {error}")

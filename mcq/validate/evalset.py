@@ -44,10 +44,19 @@ def encode_items(processor, spec, samples: list[Sample], max_slice_nums: int | N
         prompt = None
         if sample.has_answer:
             # The same conversation without its final answer: what the model answers from in `generate`.
-            prompt = encode_sample(processor, spec, replace(sample, messages=sample.messages[:-1]),
-                                   max_slice_nums=max_slice_nums)
-        items.append(EvalItem(sample, encode_sample(processor, spec, sample, max_slice_nums=max_slice_nums), prompt))
+            prompt = _with_media(encode_sample(processor, spec, replace(sample, messages=sample.messages[:-1]),
+                                               max_slice_nums=max_slice_nums), sample)
+        scored = _with_media(encode_sample(processor, spec, sample, max_slice_nums=max_slice_nums), sample)
+        items.append(EvalItem(sample, scored, prompt))
     return items
+
+
+def _with_media(encoded: dict[str, Any], sample: Sample) -> dict[str, Any]:
+    """The sample's images (`images`) or video frames (`video`), one list per batch row like `pixel_values`: a
+    runtime whose own multimodal path preprocesses images (vLLM, with mcq's image processor) takes these, not the
+    pixels. Runners read only the keys they use."""
+    encoded["video" if sample.is_video else "images"] = [list(sample.images)]
+    return encoded
 
 
 def describe_items(items: list[EvalItem], source: str | Path | None) -> dict[str, Any]:

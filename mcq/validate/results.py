@@ -68,6 +68,9 @@ METRICS: dict[str, Metric] = {
                                 "peak resident memory while encoding an image and generating, after loading"),
     "peak_device_memory": Metric("peak device memory", "bytes", "lower", "memory",
                                  "peak accelerator memory allocated (CUDA runs only)"),
+    "load_s": Metric("load time", "s", "lower", "latency",
+                     "seconds from a fresh process to the variant loaded and ready in its runtime (the engine's "
+                     "start and warm-up included)"),
     "vision_ms": Metric("vision encode", "ms", "lower", "latency",
                         "vision tower + resampler time per image (all its slices), median of the runs"),
     "prefill_tok_s": Metric("prefill", "tok/s", "higher", "latency",

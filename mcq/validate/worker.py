@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from mcq.models.loading import load_processor, model_spec
 from .accuracy import slice_cosines, token_kl
 from .evalset import EvalItem, encode_items, eval_samples
 from .probes import measure, peak_device_memory, peak_rss, reset_peak_device_memory, reset_peak_rss
-from .runners import runner_class
+from .runners import RUNTIMES, runner_class
 from .runners.base import Runner
 
 REFERENCE_FILE = "reference.safetensors"
@@ -93,12 +94,24 @@ def _latency(runner: Runner, items: list[EvalItem], job: dict[str, Any]) -> dict
     return spread
 
 
+def _runner_class(job: dict[str, Any]) -> type[Runner]:
+    return RUNTIMES[job["runner"]] if job.get("runner") else runner_class(job["format"])
+
+
+def _open(job: dict[str, Any]) -> Runner:
+    cls = _runner_class(job)
+    options = {"max_slice_nums": job["eval"]["max_slice_nums"]} if cls.preprocesses_images else {}
+    return cls(job["path"], torch.device(job["device"]), job["dtype"], **options)
+
+
 def _measure_and_generate(job: dict[str, Any], items: list[EvalItem]) -> tuple[Runner, dict[str, Any]]:
     device = torch.device(job["device"])
     reset_peak_rss()
     reset_peak_device_memory(device)
-    runner = runner_class(job["format"])(job["path"], device, job["dtype"])
-    memory = {"peak_rss_load": peak_rss(), "peak_device_memory": peak_device_memory(device)}
+    started = time.perf_counter()
+    runner = _open(job)
+    memory = {"load_s": time.perf_counter() - started, "peak_rss_load": peak_rss(),
+              "peak_device_memory": peak_device_memory(device)}
     reset_peak_rss()
     spread = _latency(runner, items, job)
     # Each sample's vision output, computed once: the prompt and the scored conversation hold the same images,
@@ -113,6 +126,16 @@ def _measure_and_generate(job: dict[str, Any], items: list[EvalItem]) -> tuple[R
     return runner, {"memory": memory, "spread": spread, "generated": generated, "visions": visions}
 
 
+def _check_same_tokens(reference_ids: torch.Tensor, item: EvalItem, index: int) -> None:
+    """Variants are scored position by position on the reference's tokens; a worker in another environment (vLLM's
+    has its own transformers) must have encoded the sample to the same ids."""
+    ids = item.scored["input_ids"][0]
+    if not torch.equal(reference_ids, ids):
+        raise McqError(f"evaluation sample {index} ({item.sample.name}) encodes to other tokens in this runtime's "
+                       f"environment than in the reference's ({len(ids)} vs {len(reference_ids)} tokens): its "
+                       "tokenizer or mcq version differs")
+
+
 def _score(runner: Runner, items: list[EvalItem], indices: list[int], reference: Path, generated: list[list[int]],
            visions: list[torch.Tensor | None], keep_vision: Path | None) -> dict[str, Any]:
     """Accuracy of the loaded runner against the reference's stored outputs; `indices` are the items' places in the
@@ -121,6 +144,7 @@ def _score(runner: Runner, items: list[EvalItem], indices: list[int], reference:
     gen_agreement, gen_exact = [], []
     with safe_open(reference, "pt") as stored:
         for position, (index, item) in enumerate(zip(indices, items)):
+            _check_same_tokens(stored.get_tensor(f"input_ids.{index}"), item, index)
             positions = _answer_positions(item)
             if len(positions):
                 ref_logits = stored.get_tensor(f"logits.{index}")
@@ -159,6 +183,7 @@ def _write_reference(runner: Runner, items: list[EvalItem], generated: list[list
                      visions: list[torch.Tensor | None], out: Path) -> None:
     tensors = {}
     for index, item in enumerate(items):
+        tensors[f"input_ids.{index}"] = item.scored["input_ids"][0].contiguous()
         positions = _answer_positions(item)
         if len(positions):
             # Raw logits, not log-probabilities: renormalizing stored log-probs would put a rounding-size KL
@@ -174,7 +199,7 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
     """KL of the reference LLM fed each variant's vision outputs, averaged over all answer tokens of the eval set,
     the same tokens as `kl_mean`. Samples without images are not run: their inputs are the reference's own, so
     their KL is exactly 0."""
-    runner = runner_class(job["format"])(job["path"], torch.device(job["device"]), job["dtype"])
+    runner = _open(job)
     reference = Path(job["artifacts"]) / REFERENCE_FILE
     total_tokens = sum(len(_answer_positions(item)) for item in items)
     results = {}
@@ -202,7 +227,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     if job["role"] == "vision_path":
         return _vision_path(job, items)
     # A variant is scored on the samples its runtime serves (GGUF has no video path); the reference on all.
-    unserved = {index: runner_class(job["format"]).unserved(item.scored) for index, item in enumerate(items)}
+    unserved = {index: _runner_class(job).unserved(item.scored) for index, item in enumerate(items)}
     indices = [index for index, reason in unserved.items() if reason is None]
     skipped = Counter(reason for reason in unserved.values() if reason is not None)
     if not indices:

@@ -82,6 +82,9 @@ def test_tiny_layout_is_official(tiny_path):
     assert _layout(stored) == _official_layout(str(config["version"]))
     for name in ("tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
         assert (tiny_path / name).is_file()
+    # Token ids only (4.0's tokenizer has no pad token): vLLM refuses a stop id that is null.
+    generation = json.loads((tiny_path / "generation_config.json").read_text())
+    assert all(isinstance(token, int) for token in generation["eos_token_id"])
 
 
 def test_load_save_load_is_bit_exact(tiny_path, tmp_path):

@@ -38,8 +38,8 @@ def _variant(name, path, fmt, recipe, *, size, component_bits, kl, p99, top1, pp
     metrics.update(kl_mean=kl, kl_p99=p99, top1_agreement=top1, ppl=ppl, ppl_delta=round(ppl - 3.412, 4),
                    vision_cosine=cosine, gen_token_agreement=gen_tok, gen_exact_match=gen_exact, bytes=size,
                    bits_per_weight=round(8 * size / sum(PARAMS.values()), 3), peak_rss_load=rss,
-                   peak_rss_generate=rss + 700 * (1 << 20), peak_device_memory=None, vision_ms=vision_ms,
-                   prefill_tok_s=prefill, decode_tok_s=decode)
+                   peak_rss_generate=rss + 700 * (1 << 20), peak_device_memory=None, load_s=round(rss / 2**30, 1),
+                   vision_ms=vision_ms, prefill_tok_s=prefill, decode_tok_s=decode)
     spread = {key: {"median": metrics[key], "min": round(metrics[key] * 0.97, 2),
                     "max": round(metrics[key] * 1.05, 2), "runs": 5} for key in LATENCY_KEYS}
     variant = {"name": name, "path": path, "format": fmt, "status": "ok", "error": None, "recipe": recipe,

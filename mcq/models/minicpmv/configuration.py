@@ -84,6 +84,12 @@ class MiniCPMVConfig(PreTrainedConfig):
     def max_slice_nums(self) -> int:
         return int(self.slice_config["max_slice_nums"])
 
+    @max_slice_nums.setter
+    def max_slice_nums(self, value: int) -> None:
+        # `from_pretrained(dir, max_slice_nums=N)` sets it (transformers passes processor keyword arguments on to
+        # the config; vLLM's `--mm-processor-kwargs '{"max_slice_nums": N}'` does): it lives in slice_config.
+        self.slice_config = {**self.slice_config, "max_slice_nums": int(value)}
+
     @property
     def scale_resolution(self) -> int:
         return int(self.slice_config.get("scale_resolution", 448))

