@@ -41,9 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# Candidates per batched fake-quantization: enough to amortize the per-call overhead on small Linears, few enough
-# that a real-width MLP (2 x 4096 x 12288) stays at one candidate (its float32 copies are 200 MB each).
-QDQ_CHUNK_BYTES = 256 << 20
+# The candidates' rounded weights held at once (float32 bytes, all balance layers of a pair): a tiny model's 19
+# candidates fit in one batch, a real-width vision q/k/v takes 4 at a time and a real-width MLP one. Rounding
+# holds about three temporaries of that size on top.
+QDQ_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -427,8 +428,9 @@ def search_block(block: nn.Module, pairs: Sequence[Pair], calls: Sequence[Call],
                  quant_args: dict[str, Any], mixing: Callable[[str], bool]
                  ) -> tuple[list[PairResult], list[SkippedPair], list[torch.Tensor]]:
     """Find and apply each pair's scales in place, in order. Returns what was found, the pairs skipped at run time
-    (a parent whose float output is not finite), and the block's outputs on `calls` — the float block's, which the
-    smoothed block reproduces (smoothing is exact in float), so the driver need not run it again.
+    (no token reached them, or their parent's float output is not finite), and the block's outputs on `calls` — the
+    float block's, which the smoothed block reproduces (smoothing is exact in float), so the driver need not run it
+    again.
 
     `quant_args`: balance layer → its QuantizationArgs; `mixing(parent)`: whether that parent mixes tokens;
     `origins[i][row]`: (kind, sample index) of each batch row of call i, for picking rows across kinds."""
@@ -436,6 +438,9 @@ def search_block(block: nn.Module, pairs: Sequence[Pair], calls: Sequence[Call],
     results, skipped = [], []
     candidates = grid(settings.n_grid, settings.duo_scaling)
     for pair in pairs:
+        if pair.smooth not in statistics.x_means:   # a branch the calibration data never took
+            skipped.append(SkippedPair(pair.smooth, pair.balance, "no calibration token reached it"))
+            continue
         parent = ParentSample(block, pair.parent, statistics)
         if not parent.finite():
             skipped.append(SkippedPair(pair.smooth, pair.balance, f"the float output of "

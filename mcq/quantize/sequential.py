@@ -2,10 +2,10 @@
 
 Each block (a SigLIP encoder layer, the resampler, an LLM decoder layer) is materialized from the checkpoint, fed
 the inputs its predecessor produced for every calibration sample, quantized, run again to produce the inputs of the
-next block, handed to the writer and released. What that second run computes is the quantizer's choice (it leaves
-the block's forward as later blocks should see it): GPTQ blocks propagate their quantized outputs, AWQ blocks their
-smoothed, unquantized ones — llm-compressor's sequential pipeline bit for bit in both cases
-(tests/quantize/test_llmc_parity.py). Nothing but the current block and the
+next block (unless the quantizer hands back outputs it already computed), handed to the writer and released. What
+the next block sees is the quantizer's choice (it leaves the block's forward as later blocks should see it): GPTQ
+blocks propagate their quantized outputs, AWQ blocks their smoothed, unquantized ones — llm-compressor's sequential
+pipeline bit for bit in both cases (tests/quantize/test_llmc_parity.py). Nothing but the current block and the
 cached activations is in memory, so peak memory does not grow with depth.
 
 Inputs of a block are captured by running the model's own forward (`MiniCPMV.forward(data)`, the vision path
@@ -200,7 +200,8 @@ class SequentialDriver:
             # the last block. Closing the handles unmaps them; the next block reopens what it needs.
             self.reader.close()
             if name.startswith("vpm.") or name.startswith("llm."):
-                calls = Calls([((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)], calls.origins)
+                calls = Calls([((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)],
+                              calls.origins)
 
 
 def _batch_equal_shapes(calls: Calls) -> tuple[Calls, list[tuple[int, int]]]:
