@@ -126,5 +126,7 @@ def calibration_samples(path: Path, spec, calib: str | None, count: int, slices:
     if not spec.temporal:  # video clips need the 3D resampler (4.5); older versions calibrate on the rest
         samples = [s for s in samples if not s.is_video]
     processor = load_processor(path)
-    encoded = [dict(encode_sample(processor, spec, sample, max_slice_nums=slices)) for sample in samples]
+    # The kind rides along (the model ignores it): AWQ's scale search samples tokens across kinds.
+    encoded = [dict(encode_sample(processor, spec, sample, max_slice_nums=slices), kind=sample.kind)
+               for sample in samples]
     return encoded, {"source": calib or "builtin", "seed": seed, "max_slice_nums": slices, **describe(samples)}

@@ -75,11 +75,16 @@ SMOOTHING_PAIRS = {
     ),
     "llm": (
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped by the engine under GQA (shapes differ)
+        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped (and reported) under GQA: the widths differ
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
     ),
 }
+
+# The modules inside a block whose output at one token depends on the other tokens of its sequence (attention).
+# AWQ's scale search measures its loss on a sample of tokens; a parent that is or holds one of these must run on
+# whole sequences, every other module (Linears, MLPs) maps each token on its own.
+TOKEN_MIXING = {"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)}
 
 
 @dataclass(frozen=True)

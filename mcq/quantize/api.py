@@ -38,6 +38,7 @@ class QuantizeResult:
     seconds: float
     calibration: dict[str, Any] = field(default_factory=dict)
     data_free_blocks: list[str] = field(default_factory=list)
+    skipped_pairs: list[dict[str, Any]] = field(default_factory=list)   # AWQ smoothing pairs not applied, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +70,7 @@ def _resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
 
 
 def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Path, samples: list[dict],
-                                device: str, progress: bool) -> list[str]:
+                                device: str, progress: bool) -> tuple[list[str], list[dict[str, Any]]]:
     from tqdm import tqdm
 
     from mcq.models.family import PADDABLE_INPUTS, component_of, pad_intermediate
@@ -91,13 +92,13 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
 
     widths = plan.padded_widths()
 
-    def quantize_block(name: str, block: torch.nn.Module, calls) -> None:
+    def quantize_block(name: str, block: torch.nn.Module, calls) -> list[torch.Tensor] | None:
         # `pad`: the block's MLP grows to the padded width before calibration (exact, so its outputs, and every
         # later block's inputs, are unchanged); the checkpoint is written at that width.
         component = component_of(name + ".")
         if component in widths:
             pad_intermediate(block, component, widths[component])
-        quantizer.quantize(name, block, calls)
+        return quantizer.quantize(name, block, calls)
 
     def emit(name: str, block: torch.nn.Module) -> None:
         writer.add_block(name, block, quantizer.packed_tensors(name, block))
@@ -119,7 +120,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
         observer=args.get("weight_observer", "minmax") if plan.recipe.method != "gptq" else "minmax",
         actorder=args.get("actorder") if plan.recipe.method == "gptq" else None)
     writer.finish(stored_config, path)
-    return quantizer.data_free_blocks
+    return quantizer.data_free_blocks, quantizer.skipped_pairs
 
 
 def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> None:
@@ -173,22 +174,23 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
             path, spec, calib, num_samples or chosen.calibration.num_samples,
             max_slice_nums or chosen.calibration.max_slice_nums, seed)
     data_free: list[str] = []
+    skipped: list[dict[str, Any]] = []
     with staged_output(out, force) as staging:
         if chosen.method == "bnb":
             _bnb_variant(path, plan, staging, device)
         else:
-            data_free = _compressed_tensors_variant(path, config, plan, staging, samples, device, progress)
+            data_free, skipped = _compressed_tensors_variant(path, config, plan, staging, samples, device, progress)
         result = QuantizeResult(
             out=str(out), recipe=chosen.name, method=chosen.method,
             format="bitsandbytes" if chosen.method == "bnb" else "compressed-tensors (pack-quantized)",
             targets=list(plan.targets), layers=plan.summary(),
             changes=[d for d in plan.decisions() if d["changed"]], runtimes=runtime_fit(plan),
             bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
-            seconds=0.0, calibration=described, data_free_blocks=data_free)
+            seconds=0.0, calibration=described, data_free_blocks=data_free, skipped_pairs=skipped)
         _write_card(staging, path, spec, chosen, result)
         settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": described}
         write_manifest(staging, kind="quantized", source=path, recipe=chosen.to_dict(), settings=settings,
-                       extra={"plan": plan.to_dict(), "runtimes": result.runtimes})
+                       extra={"plan": plan.to_dict(), "runtimes": result.runtimes, "skipped_smoothing_pairs": skipped})
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
@@ -246,6 +248,9 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
     layer_rows = ["| component | quantized | kept | changed |", "| --- | ---: | ---: | ---: |"]
     layer_rows += [f"| {c} | {v['quantized']} | {v['kept']} | {v['changed']} |" for c, v in result.layers.items()]
     changes = "\n".join(f"- `{c['layers']}` ({c['count']}): {c['scheme']}: {c['reason']}" for c in result.changes)
+    skipped = "\n".join(f"- {line}" for line in skipped_pair_lines(result.skipped_pairs))
+    if skipped:
+        changes += f"\n\nAWQ smoothing pairs not applied (their layers are rounded without AWQ scales):\n{skipped}"
     calibration = (json.dumps(result.calibration, indent=2, sort_keys=True) if result.calibration
                    else "none (data-free method)")
     write_model_card(
@@ -280,7 +285,29 @@ def format_result(result: QuantizeResult) -> str:
     lines.append("loads in (by each runtime's rules): " + ", ".join(loads))
     lines += [f"not in {name}: {fit.removeprefix('no: ')}" for name, fit in result.runtimes.items()
               if fit not in ("target", "loads")]
+    lines += [f"AWQ skipped {line}" for line in skipped_pair_lines(result.skipped_pairs)]
     if result.data_free_blocks:
         lines.append(f"no calibration input reached {len(result.data_free_blocks)} block(s) (quantized data-free): "
                      + ", ".join(result.data_free_blocks))
     return "\n".join(lines)
+
+
+def skipped_pair_lines(skipped: list[dict[str, Any]]) -> list[str]:
+    """One line per skipped smoothing pair and reason, naming the blocks it was skipped in (every LLM layer under
+    grouped-query attention skips v_proj → o_proj: one line, not 36)."""
+    grouped: dict[tuple[str, tuple[str, ...], str], list[str]] = {}
+    for entry in skipped:
+        grouped.setdefault((entry["smooth"], tuple(entry["balance"]), entry["reason"]), []).append(entry["block"])
+    return [f"{smooth} → {', '.join(balance)} in {len(blocks)} block(s) ({_block_range(blocks)}): {reason}"
+            for (smooth, balance, reason), blocks in grouped.items()]
+
+
+def _block_range(blocks: list[str]) -> str:
+    """`llm.model.layers.0-35` for consecutive numbered blocks of one stack, else the names."""
+    stems = {block.rpartition(".")[0] for block in blocks}
+    numbers = [block.rpartition(".")[2] for block in blocks]
+    if len(blocks) > 2 and len(stems) == 1 and all(n.isdigit() for n in numbers):
+        first, last = int(numbers[0]), int(numbers[-1])
+        if [int(n) for n in numbers] == list(range(first, last + 1)):
+            return f"{stems.pop()}.{first}-{last}"
+    return ", ".join(blocks)

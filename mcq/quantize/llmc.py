@@ -1,11 +1,17 @@
-"""AWQ, GPTQ and RTN on one block at a time, through llm-compressor's modifiers.
+"""AWQ, GPTQ and RTN on one block at a time: mcq's AWQ scale search, llm-compressor's modifiers for the rest.
 
 llm-compressor's own pipelines need the whole model in memory and a torch.fx trace of its forward (which fails on
 MiniCPM-V's data-dependent vision path). Its modifiers, though, only need a module and lifecycle events: so for
 each block the driver hands over, we open a fresh llm-compressor session whose model *is* the block, let the
 modifiers hook it, run the block on the captured calibration calls, and fire the same events the sequential
-pipeline fires (calibration start → sequential epoch end → calibration end). The math (AWQ scale search, GPTQ
-Hessians, observers) and the packed format are llm-compressor's and compressed-tensors'; the walk is ours.
+pipeline fires (calibration start → sequential epoch end → calibration end). GPTQ's Hessians, the observers that set
+the weight ranges and the packed format are llm-compressor's and compressed-tensors'; the walk is ours.
+
+AWQ's scale search is mcq's own by default (`mcq.quantize.awq`: the same algorithm at a fraction of the cost), run
+on the block before the session, which then only rounds the smoothed weights; `method_args: {engine:
+llm-compressor}` runs llm-compressor's `AWQModifier` inside the session instead. Either way the smoothing pairs
+come from `mcq.models.family.SMOOTHING_PAIRS`, and the pairs that cannot be applied are collected with the reason
+(`skipped_pairs`), because llm-compressor's own notice of them is a debug log line.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import logging
 import torch
 from torch import nn
 
-from mcq.models.family import SMOOTHING_PAIRS, component_of
+from mcq.models.family import SMOOTHING_PAIRS, TOKEN_MIXING, component_of
 
+from .awq import Pair, SearchSettings, SkippedPair, resolve_pairs, search_block, token_mixing
 from .recipe import LayerScheme, QuantPlan
 from .sequential import Call
 
@@ -66,7 +73,7 @@ def quantization_args(scheme: LayerScheme, *, observer: str, actorder: str | Non
 
 
 class LlmCompressorBlockQuantizer:
-    """Quantizes the Linears a plan selects inside each block, with the recipe's method."""
+    """Quantizes the Linears a plan selects inside each block, with the recipe's method (see the module doc)."""
 
     def __init__(self, plan: QuantPlan, scale_dtype: torch.dtype, device: torch.device | str = "cpu"):
         _quiet_llmcompressor()
@@ -74,7 +81,10 @@ class LlmCompressorBlockQuantizer:
         self.plan, self.scale_dtype = plan, scale_dtype
         self.method = plan.recipe.method
         self.args = dict(plan.recipe.method_args)
+        self.engine = self.args.get("engine", "mcq") if self.method == "awq" else "llm-compressor"
         self.data_free_blocks: list[str] = []   # calibrated method, but no calibration input reached the block
+        self.skipped_pairs: list[dict] = []     # AWQ smoothing pairs not applied: block, smooth, balance, reason
+        self.awq_results: dict[str, list] = {}  # block → mcq.quantize.awq.PairResult per smoothed pair (mcq engine)
 
     def _block_layers(self, block_name: str) -> dict[str, tuple[LayerScheme, str]]:
         """The block's quantized Linears (names relative to the block) → (scheme, method of their rule)."""
@@ -83,43 +93,37 @@ class LlmCompressorBlockQuantizer:
         return {layer.name[len(prefix):]: (layer.scheme, rules[layer.rule].method or self.method)
                 for layer in self.plan.quantized() if layer.name.startswith(prefix)}
 
+    def _observer(self, method: str) -> str:
+        return self.args.get("weight_observer", "minmax") if method != "gptq" else "minmax"
+
     def _config_groups(self, layers: dict[str, LayerScheme], method: str) -> dict:
         from compressed_tensors.quantization import QuantizationScheme
 
-        observer = self.args.get("weight_observer", "minmax") if method != "gptq" else "minmax"
         actorder = self.args.get("actorder", "static") if method == "gptq" else None
         by_scheme: dict[LayerScheme, list[str]] = {}
         for name, scheme in sorted(layers.items()):
             by_scheme.setdefault(scheme, []).append(name)
         return {
             f"{method}_{i}": QuantizationScheme(
-                targets=names, weights=quantization_args(scheme, observer=observer, actorder=actorder,
+                targets=names, weights=quantization_args(scheme, observer=self._observer(method), actorder=actorder,
                                                          scale_dtype=self.scale_dtype))
             for i, (scheme, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: kv[1][0]))
         }
 
-    def _modifiers(self, block_name: str, block: nn.Module, layers: dict[str, tuple[LayerScheme, str]],
-                   calibrated: bool) -> list:
-        """GPTQ for the layers whose rule says gptq; AWQ smoothing (where a pair exists) then observer ranges for
-        awq and rtn layers. Without calibration input every layer is rounded to nearest."""
+    def _modifiers(self, by_method: dict[str, dict[str, LayerScheme]], llmc_pairs: list[Pair]) -> list:
+        """llm-compressor's AWQ smoothing on `llmc_pairs` (engine llm-compressor), then observer ranges for the awq
+        and rtn layers, and GPTQ for the layers whose rule says gptq."""
         from llmcompressor.modifiers.gptq import GPTQModifier
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 
-        by_method: dict[str, dict[str, LayerScheme]] = {}
-        for name, (scheme, method) in layers.items():
-            by_method.setdefault(method if calibrated else "rtn", {})[name] = scheme
         modifiers = []
-        awq_layers = by_method.get("awq", {})
-        if awq_layers:
-            present = {name for name, _ in block.named_modules()}
-            mappings = [AWQMapping(_exact(smooth), [_exact(b) for b in balance])
-                        for smooth, balance in SMOOTHING_PAIRS[component_of(block_name + ".")]
-                        if smooth in present and all(b in awq_layers for b in balance)]
-            if mappings:
-                modifiers.append(AWQModifier(mappings=mappings, duo_scaling=self.args.get("duo_scaling", True),
-                                             n_grid=self.args.get("n_grid", 20)))
-        rounded = {**awq_layers, **by_method.get("rtn", {})}
+        if llmc_pairs:
+            modifiers.append(AWQModifier(mappings=[AWQMapping(_exact(p.smooth), [_exact(b) for b in p.balance])
+                                                   for p in llmc_pairs],
+                                         duo_scaling=self.args.get("duo_scaling", True),
+                                         n_grid=self.args.get("n_grid", 20)))
+        rounded = {**by_method.get("awq", {}), **by_method.get("rtn", {})}
         if rounded:
             modifiers.append(QuantizationModifier(config_groups=self._config_groups(rounded, "rtn")))
         if by_method.get("gptq"):
@@ -128,26 +132,62 @@ class LlmCompressorBlockQuantizer:
                                           dampening_frac=self.args.get("dampening_frac", 0.01)))
         return modifiers
 
-    def quantize(self, block_name: str, block: nn.Module, calls: list[Call]) -> None:
+    def _search(self, block_name: str, block: nn.Module, pairs: list[Pair], layers,
+                calls: list[Call]) -> list[torch.Tensor]:
+        """mcq's AWQ scale search (mcq.quantize.awq), applied to the block in place; returns the block's outputs."""
+        balance = {name for pair in pairs for name in pair.balance}
+        quant_args = {name: quantization_args(layers[name][0], observer="minmax", scale_dtype=self.scale_dtype)
+                      for name in balance}
+        settings = SearchSettings(n_grid=self.args["n_grid"], duo_scaling=self.args["duo_scaling"],
+                                  loss_tokens=self.args["loss_tokens"])
+        mixing = token_mixing(TOKEN_MIXING.get(component_of(block_name + "."), ()))
+        results, skipped, outputs = search_block(block, pairs, calls, getattr(calls, "origins", None), settings,
+                                                 quant_args, mixing)
+        self.awq_results[block_name] = results
+        self.skipped_pairs += [s.to_dict(block_name) for s in skipped]
+        return outputs
+
+    def quantize(self, block_name: str, block: nn.Module, calls: list[Call]) -> list[torch.Tensor] | None:
+        """Quantize the block in place. Returns its outputs on `calls` as the next block should see them when they
+        are already known (mcq's AWQ ran the block; see `search_block`), else None and the driver runs it."""
         from llmcompressor.core import LifecycleCallbacks, create_session
 
         layers = self._block_layers(block_name)
         if not layers:
-            return
+            return None
         calibrated = self.method in ("awq", "gptq") and bool(calls)
         if self.method in ("awq", "gptq") and not calls:
             self.data_free_blocks.append(block_name)
-        modifiers = self._modifiers(block_name, block, layers, calibrated)
+        # Without calibration input every layer is rounded to nearest.
+        methods = {name: method if calibrated else "rtn" for name, (_, method) in layers.items()}
+        by_method: dict[str, dict[str, LayerScheme]] = {}
+        for name, (scheme, _) in layers.items():
+            by_method.setdefault(methods[name], {})[name] = scheme
+        pairs: list[Pair] = []
+        outputs = None
+        if "awq" in by_method:
+            pairs, skipped = resolve_pairs(block, SMOOTHING_PAIRS[component_of(block_name + ".")], methods)
+            self.skipped_pairs += [s.to_dict(block_name) for s in skipped]
+        if pairs and self.engine == "mcq":
+            outputs = self._search(block_name, block, pairs, layers, calls)
+        llmc_pairs = pairs if self.engine == "llm-compressor" else []
+        modifiers = self._modifiers(by_method, llmc_pairs)
+        # The session needs the calibration forward only for what collects statistics in it: GPTQ's Hessians,
+        # llm-compressor's AWQ, the imatrix observer's E[x²]; mcq's AWQ has smoothed the block already.
+        needs_data = calibrated and (bool(by_method.get("gptq")) or bool(llmc_pairs)
+                                     or ("awq" in by_method and self._observer("awq") == "imatrix_mse"))
         # llm-compressor draws its own tqdm bars (AWQ grid search per mapping); they would bury mcq's per-block bar.
         with create_session() as session, torch.no_grad(), _silenced_stderr():
             session.initialize(model=block, recipe=modifiers, start=-1)
             LifecycleCallbacks.calibration_start()
-            for args, kwargs in (calls if calibrated else []):
+            for args, kwargs in (calls if needs_data else []):
                 block(*args, **kwargs)
             LifecycleCallbacks.sequential_epoch_end(list(block.modules()))
             LifecycleCallbacks.calibration_end()
+            if llmc_pairs:
+                self._collect_llmc_skips(block_name, modifiers[0], llmc_pairs)
             session.finalize()
-        if calibrated and any(method == "awq" for _, method in layers.values()):
+        if calibrated and "awq" in by_method:
             # AWQ hands the next block the smoothed block's *unquantized* outputs, as llm-compressor's pipeline and
             # AutoAWQ do (the AWQ layers' rounding is applied data-free when packing): each block's scale search
             # then sees the float model's activations instead of compounding the rounding error of every block
@@ -156,6 +196,19 @@ class LlmCompressorBlockQuantizer:
             from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
 
             block.apply(disable_quantization)
+        # GPTQ rewrote its layers after the search ran the block: then the driver computes the outputs.
+        return None if by_method.get("gptq") else outputs
+
+    def _collect_llmc_skips(self, block_name: str, modifier, pairs: list[Pair]) -> None:
+        """The pairs llm-compressor's AWQModifier resolved but did not smooth (it skips a pair whose parent output
+        is not finite, or that no activation reached, with a log line only): every smoothed pair leaves an error
+        record, read here before `finalize` clears them."""
+        smoothed = {record["layer_name"] for record in modifier._error_metrics}
+        self.skipped_pairs += [
+            SkippedPair(p.smooth, p.balance, "llm-compressor's AWQ skipped it (no activations reached it, or the "
+                                             f"float output of {p.parent or 'the block'} is not finite)"
+                        ).to_dict(block_name)
+            for p in pairs if p.smooth not in smoothed]
 
     def packed_tensors(self, block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
         """Compress the block's quantized Linears to compressed-tensors `pack-quantized` and return those tensors.

@@ -119,8 +119,9 @@ _CALIBRATED_OBSERVER = _one_of("minmax", "mse", "imatrix_mse")
 # n_grid=20) and GPTQModifier (block_size=128, dampening_frac=0.01, actorder=static); awq ranges are min/max, what
 # its scale search scores with (see recipes/awq-w4g128.yaml for the measured alternative); bnb's nf4 + double quant is QLoRA's best 4-bit setting.
 METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
-    "awq": {"duo_scaling": (True, _one_of(True, False, "both")), "n_grid": (20, _positive_int),
-            "weight_observer": ("minmax", _CALIBRATED_OBSERVER)},
+    "awq": {"engine": ("mcq", _one_of("mcq", "llm-compressor")),
+            "duo_scaling": (True, _one_of(True, False, "both")), "n_grid": (20, _positive_int),
+            "weight_observer": ("minmax", _CALIBRATED_OBSERVER), "loss_tokens": (1024, _positive_int)},
     "gptq": {"block_size": (128, _positive_int), "dampening_frac": (0.01, _open_fraction),
              "actorder": ("static", _one_of("static", "group", "weight", None))},
     "rtn": {"weight_observer": ("minmax", _OBSERVER)},
@@ -128,6 +129,9 @@ METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
             "compute_dtype": ("bfloat16", _one_of("bfloat16", "float16", "float32")),
             "int8_threshold": (6.0, _non_negative)},
 }
+# AWQ's scale search is mcq's (engine: mcq, mcq/quantize/awq.py) or llm-compressor's AWQModifier; these arguments
+# only the named engine reads (given for the other, they are an error, not silently ignored).
+AWQ_ENGINE_ARGS = {"loss_tokens": "mcq"}
 # bitsandbytes has two unrelated code paths; an option of the other one would be silently ignored.
 BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int8_threshold",)}
 CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}
@@ -373,8 +377,15 @@ def _parse_method_args(args: Any, method: str, rules: tuple[Rule, ...], where: s
         _no_unknown_keys(args, tuple(spec), at, f" (for {method} with {bits}-bit rules)")
     else:
         _no_unknown_keys(args, tuple(spec), at, f" (for {method})")
-    return {key: _checked(args[key], check, f"{at}: {key}") if key in args else default
-            for key, (default, check) in spec.items()}
+    values = {key: _checked(args[key], check, f"{at}: {key}") if key in args else default
+              for key, (default, check) in spec.items()}
+    if method == "awq":
+        for key, engine in AWQ_ENGINE_ARGS.items():
+            if values["engine"] != engine:
+                if key in args:
+                    raise McqError(f"{at}: {key} applies to engine {engine}, not {values['engine']}")
+                del values[key]
+    return values
 
 
 def _parse_calibration(calibration: Any, method: str, where: str) -> Calibration | None:

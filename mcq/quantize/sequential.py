@@ -2,10 +2,10 @@
 
 Each block (a SigLIP encoder layer, the resampler, an LLM decoder layer) is materialized from the checkpoint, fed
 the inputs its predecessor produced for every calibration sample, quantized, run again to produce the inputs of the
-next block, handed to the writer and released. What that second run computes is the quantizer's choice (it leaves
-the block's forward as later blocks should see it): GPTQ blocks propagate their quantized outputs, AWQ blocks their
-smoothed, unquantized ones — llm-compressor's sequential pipeline bit for bit in both cases
-(tests/quantize/test_llmc_parity.py). Nothing but the current block and the
+next block (unless the quantizer hands back outputs it already computed), handed to the writer and released. What
+the next block sees is the quantizer's choice (it leaves the block's forward as later blocks should see it): GPTQ
+blocks propagate their quantized outputs, AWQ blocks their smoothed, unquantized ones — llm-compressor's sequential
+pipeline bit for bit in both cases (tests/quantize/test_llmc_parity.py). Nothing but the current block and the
 cached activations is in memory, so peak memory does not grow with depth.
 
 Inputs of a block are captured by running the model's own forward (`MiniCPMV.forward(data)`, the vision path
@@ -28,6 +28,17 @@ from mcq.models.minicpmv import MiniCPMV
 from mcq.models.weights import CheckpointReader, named_blocks, release
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+Origin = tuple[str, int]   # (kind, index) of the calibration sample a batch row comes from
+
+
+class Calls(list):
+    """A block's recorded calls (each `(args, kwargs)`, a list like any other), with `origins[i][row]`: the sample
+    (kind, index) each batch row of call i comes from, so that a quantizer can sample tokens across samples and
+    their kinds. Encoded samples carry their kind under "kind" (`calibration_samples`); "" when they do not."""
+
+    def __init__(self, calls=(), origins: list[tuple[Origin, ...]] | None = None):
+        super().__init__(calls)
+        self.origins = origins if origins is not None else [() for _ in self]
 
 
 class _Stop(Exception):
@@ -35,14 +46,17 @@ class _Stop(Exception):
 
 
 class _Recorder(nn.Module):
-    """Stands in for a block: records each call's (args, kwargs); either stops the forward or passes input on."""
+    """Stands in for a block: records each call's (args, kwargs) and the sample it came from; either stops the
+    forward or passes input on."""
 
-    def __init__(self, calls: list[Call], stop: bool):
+    def __init__(self, calls: list[Call], stop: bool, origin: Callable[[], Origin] = lambda: ("", -1)):
         super().__init__()
-        self.calls, self.stop = calls, stop
+        self.calls, self.stop, self.origin = calls, stop, origin
+        self.origins: list[Origin] = []
 
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
+        self.origins.append(self.origin())
         if self.stop:
             raise _Stop
         return args[0]
@@ -79,7 +93,9 @@ def _output_tensor(output: Any) -> torch.Tensor:
 class BlockHandler:
     """What the driver calls for every block; the quantization method and the writer live behind it."""
 
-    quantize: Callable[[str, nn.Module, list[Call]], None]   # calibrate on the calls, quantize in place
+    # Calibrate on the calls and quantize in place; may return the block's outputs on the calls as the next block
+    # should see them, when it computed them anyway (else None, and the driver runs the block).
+    quantize: Callable[[str, nn.Module, list[Call]], list[torch.Tensor] | None]
     emit: Callable[[str, nn.Module], None]                    # hand the quantized block to the writer
 
 
@@ -92,10 +108,14 @@ class SequentialDriver:
         # image content. `_batch_equal_shapes` then regroups slices of equal length, which need no padding.
         model.config.vision_batch_size = 1
         self.dtype, self.device = dtype, torch.device(device)
+        self._sample = -1   # the sample the forward in progress runs
+
+    def _origin(self) -> Origin:
+        return str(self.samples[self._sample].get("kind", "")), self._sample
 
     # -- running the model's own forward with blocks swapped out ----------------------------------------------------
     def _forward_all(self) -> None:
-        for data in self.samples:
+        for self._sample, data in enumerate(self.samples):
             try:
                 with torch.no_grad():
                     self.model(data, use_cache=False)
@@ -118,22 +138,21 @@ class SequentialDriver:
                 _swapped(self.model.llm.model, "layers", llm_layers):
             self._forward_all()
 
-    def _capture_vision_layer_inputs(self) -> list[Call]:
-        calls: list[Call] = []
+    def _capture_vision_layer_inputs(self) -> Calls:
+        recorder = _Recorder([], stop=False, origin=self._origin)
         stop = _Recorder([], stop=True)  # text-only samples never reach the resampler; stop them at the LLM
-        self._capture(nn.ModuleList([_Recorder(calls, stop=False)]), stop, nn.ModuleList([stop]))
-        return calls
+        self._capture(nn.ModuleList([recorder]), stop, nn.ModuleList([stop]))
+        return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
 
-    def _capture_resampler_inputs(self, vision_outputs: list[torch.Tensor]) -> list[Call]:
-        calls: list[Call] = []
-        self._capture(nn.ModuleList([_Replay(vision_outputs)]), _Recorder(calls, stop=True),
-                      nn.ModuleList([_Recorder([], stop=True)]))
-        return calls
+    def _capture_resampler_inputs(self, vision_outputs: list[torch.Tensor]) -> Calls:
+        recorder = _Recorder([], stop=True, origin=self._origin)
+        self._capture(nn.ModuleList([_Replay(vision_outputs)]), recorder, nn.ModuleList([_Recorder([], stop=True)]))
+        return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
 
-    def _capture_llm_layer_inputs(self, resampler_outputs: list[torch.Tensor]) -> list[Call]:
-        calls: list[Call] = []
-        self._capture(nn.ModuleList(), _Replay(resampler_outputs), nn.ModuleList([_Recorder(calls, stop=True)]))
-        return calls
+    def _capture_llm_layer_inputs(self, resampler_outputs: list[torch.Tensor]) -> Calls:
+        recorder = _Recorder([], stop=True, origin=self._origin)
+        self._capture(nn.ModuleList(), _Replay(resampler_outputs), nn.ModuleList([recorder]))
+        return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
 
     # -- the walk ----------------------------------------------------------------------------------------------------
     def _materialize_shell(self) -> None:
@@ -154,23 +173,26 @@ class SequentialDriver:
         self.samples = [self._on_device(s) for s in self.samples]
         self._materialize_shell()
         calibrating = bool(self.samples)
-        slices = self._capture_vision_layer_inputs() if calibrating else []
+        slices = self._capture_vision_layer_inputs() if calibrating else Calls()
         calls, placement = _batch_equal_shapes(slices)
         outputs: list[torch.Tensor] = []
         stage = "vision"
         for name, block in named_blocks(self.model):
             if name == "resampler":
                 per_slice = [outputs[batch][row: row + 1] for batch, row in placement]
-                calls = self._capture_resampler_inputs(per_slice) if calibrating else []
+                calls = self._capture_resampler_inputs(per_slice) if calibrating else Calls()
             elif name.startswith("llm.") and stage != "llm":
-                calls = self._capture_llm_layer_inputs(outputs) if calibrating else []
+                calls = self._capture_llm_layer_inputs(outputs) if calibrating else Calls()
                 stage = "llm"
             if progress:
                 progress(name)
             self.reader.materialize(block, name, self.dtype, self.device)
-            handler.quantize(name, block, calls)
-            with torch.no_grad():
-                outputs = [_output_tensor(block(*args, **kwargs)) for args, kwargs in calls]
+            known = handler.quantize(name, block, calls)
+            if known is not None:
+                outputs = known
+            else:
+                with torch.no_grad():
+                    outputs = [_output_tensor(block(*args, **kwargs)) for args, kwargs in calls]
             handler.emit(name, block)
             release(block)
             # The shards are memory-mapped, and every page a block was read from stays resident (and counts in the
@@ -178,10 +200,11 @@ class SequentialDriver:
             # the last block. Closing the handles unmaps them; the next block reopens what it needs.
             self.reader.close()
             if name.startswith("vpm.") or name.startswith("llm."):
-                calls = [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)]
+                calls = Calls([((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)],
+                              calls.origins)
 
 
-def _batch_equal_shapes(calls: list[Call]) -> tuple[list[Call], list[tuple[int, int]]]:
+def _batch_equal_shapes(calls: Calls) -> tuple[Calls, list[tuple[int, int]]]:
     """Concatenate single-slice vision calls of equal length into batches (no padding needed between equals).
 
     Per-slice calls keep padding out of the statistics but make every calibration forward tiny, and
@@ -200,11 +223,12 @@ def _batch_equal_shapes(calls: list[Call]) -> tuple[list[Call], list[tuple[int, 
     for index, (args, kwargs) in enumerate(calls):
         key = (tuple(signature(a) for a in args), tuple((k, signature(v)) for k, v in sorted(kwargs.items())))
         groups.setdefault(key, []).append(index)
-    batched, placement = [], [(0, 0)] * len(calls)
+    batched, placement = Calls(), [(0, 0)] * len(calls)
     for batch, members in enumerate(groups.values()):
         args = tuple(join([calls[i][0][position] for i in members]) for position in range(len(calls[members[0]][0])))
         kwargs = {k: join([calls[i][1][k] for i in members]) for k in calls[members[0]][1]}
         batched.append((args, kwargs))
+        batched.origins.append(tuple(origin for i in members for origin in calls.origins[i]))
         for row, index in enumerate(members):
             placement[index] = (batch, row)
     return batched, placement

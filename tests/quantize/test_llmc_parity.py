@@ -60,7 +60,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def parity(tiny45, tmp_path_factory):
+def parity(tiny45, tmp_path_factory, awq_recipe_on):
     """The MiniCPM-V checkpoint, its LLM as a standalone Qwen3 checkpoint, the calibration tokens, the plans."""
     path, config, spec = model_spec(tiny45)
     qwen3 = tmp_path_factory.mktemp("qwen3")
@@ -75,9 +75,10 @@ def parity(tiny45, tmp_path_factory):
             shutil.copy2(path / name, qwen3 / name)
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, config.vocab_size, (1, length), generator=generator) for length in (64, 48, 56, 64)]
-    # The built-in recipes as shipped; text-only samples never reach the vision tower, which is rounded data-free.
-    plans = {method: plan_quantization(load_recipe(f"{method}-w4g128"), linear_layers(meta_skeleton(config)))
-             for method in ("gptq", "awq")}
+    # The built-in recipes as shipped, AWQ on llm-compressor's engine (mcq's own search is compared with it in
+    # test_awq.py); text-only samples never reach the vision tower, which is rounded data-free.
+    recipes = {"gptq": load_recipe("gptq-w4g128"), "awq": awq_recipe_on("llm-compressor")}
+    plans = {method: plan_quantization(recipe, linear_layers(meta_skeleton(config))) for method, recipe in recipes.items()}
     return {"path": path, "qwen3": qwen3, "sequences": sequences, "plans": plans,
             "tokenizer": load_tokenizer(path, spec.version)}
 

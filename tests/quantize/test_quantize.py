@@ -104,15 +104,27 @@ def test_gptq_halves_rtn_kl_and_both_keep_the_vision_output(outlier_metrics):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_awq_halves_rtn_kl(outlier_metrics):
     assert outlier_metrics["awq"]["kl_mean"] * 2 <= outlier_metrics["rtn"]["kl_mean"], outlier_metrics
 
 
-def test_same_inputs_same_bytes(tiny45, tmp_path):
+@pytest.mark.slow
+def test_mcq_awq_is_as_accurate_as_llmcompressors(outlier_metrics):
+    """The default AWQ (mcq's own scale search, loss on a token sample) against llm-compressor's AWQModifier with the
+    same recipe and calibration, which was the default before: mean KL within 5 %, and the vision path (vision
+    tower and resampler) as close to bf16, 0.9985 to four digits. Measured: KL 0.002480 vs 0.002490, vision cosine
+    0.998473 vs 0.998472 (RTN: KL 0.00536, cosine 0.980)."""
+    ours, theirs = outlier_metrics["awq"], outlier_metrics["awq-llm-compressor"]
+    assert ours["kl_mean"] <= 1.05 * theirs["kl_mean"], outlier_metrics
+    assert round(ours["vision_cosine"], 4) >= 0.9985, outlier_metrics
+    assert ours["vision_cosine"] >= theirs["vision_cosine"] - 1e-5, outlier_metrics
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_same_inputs_same_bytes(tiny45, tmp_path, method):
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
-        quantize(tiny45, out, method="gptq", num_samples=4, progress=False)
+        quantize(tiny45, out, method=method, num_samples=4, progress=False)
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in second.iterdir())
     for name in names:

@@ -13,8 +13,8 @@ from mcq.cli import main
 from mcq.errors import McqError
 from mcq.models.family import LinearInfo, linear_layers
 from mcq.models.loading import meta_skeleton, model_spec
-from mcq.quantize.recipe import (LayerScheme, builtin_recipe_names, dividing_groups, load_recipe, parse_recipe,
-                                 plan_quantization)
+from mcq.quantize.recipe import (METHOD_ARGS, LayerScheme, builtin_recipe_names, dividing_groups, load_recipe,
+                                 parse_recipe, plan_quantization)
 
 BUILTINS = {"awq-w4g128": "awq", "gptq-w4g128": "gptq", "rtn-w4g128": "rtn", "rtn-w8": "rtn", "bnb-nf4": "bnb",
             "bnb-int8": "bnb", "awq-llm-only": "awq"}
@@ -309,6 +309,7 @@ def test_plan_to_dict_is_json():
 
 # ---------------------------------------------------------------------------------------------------- validation
 
+LOSS_TOKENS = METHOD_ARGS["awq"]["loss_tokens"][0]
 GOOD = {"name": "t", "method": "awq", "rules": [{"match": "^llm\\.", "bits": 4}, {"match": "^vpm\\.", "bits": 4}]}
 
 
@@ -331,7 +332,8 @@ INVALID = {
     "unknown rule key": (_with(rule2__bit=4), "test: rule 2: unknown key 'bit'; allowed keys: match, bits, group_size, "
                                              "symmetric, non_divisible"),
     "unknown method arg": (_with(method_args__n_grids=3), "test: method_args: unknown key 'n_grids' (for awq); "
-                                                         "allowed keys: duo_scaling, n_grid, weight_observer"),
+                                                         "allowed keys: engine, duo_scaling, n_grid, weight_observer, "
+                                                         "loss_tokens"),
     "bad regex": (_with(rule2__match="vpm.(("), "test: rule 2: match: bad regular expression 'vpm.(('"),
     "bad ignore regex": (_with(top__ignore=["ok", "[a-"]), "test: ignore entry 2: bad regular expression '[a-'"),
     "empty pattern": (_with(rule2__match=""), "rule 2: match: empty pattern"),
@@ -352,6 +354,11 @@ INVALID = {
     "duo_scaling int": (_with(method_args__duo_scaling=1), "duo_scaling must be one of true, false, 'both', got 1"),
     "observer": (_with(method_args__weight_observer="hist"), "weight_observer must be one of 'minmax', 'mse'"),
     "n_grid": (_with(method_args__n_grid=0), "n_grid must be a positive integer, got 0"),
+    "engine": (_with(method_args__engine="autoawq"), "engine must be one of 'mcq', 'llm-compressor', got 'autoawq'"),
+    "loss_tokens": (_with(method_args__loss_tokens=0), "loss_tokens must be a positive integer, got 0"),
+    # llm-compressor's AWQ scores every token: a budget for it would be silently ignored
+    "loss_tokens on llm-compressor": (_with(method_args__engine="llm-compressor", method_args__loss_tokens=512),
+                                      "method_args: loss_tokens applies to engine mcq, not llm-compressor"),
     "no rules": (_with(top__rules=[]), "rules must be a non-empty list"),
     "rule not a mapping": (_with(top__rules=["^llm"]), "rule 1: must be a mapping"),
     "bad name": (_with(top__name="my recipe"), "name 'my recipe' must be letters"),
@@ -405,7 +412,11 @@ def test_method_specific_validation(case):
 
 def test_defaults_are_filled_in():
     recipe = parse_recipe(GOOD, "test")
-    assert dict(recipe.method_args) == {"duo_scaling": True, "n_grid": 20, "weight_observer": "minmax"}
+    assert dict(recipe.method_args) == {"engine": "mcq", "duo_scaling": True, "n_grid": 20,
+                                        "weight_observer": "minmax", "loss_tokens": LOSS_TOKENS}
+    on_llmc = parse_recipe({**GOOD, "method_args": {"engine": "llm-compressor"}}, "t")
+    assert "loss_tokens" not in on_llmc.method_args
+    assert parse_recipe(on_llmc.to_dict(), "again") == on_llmc
     assert (recipe.calibration.num_samples, recipe.calibration.max_slice_nums) == (64, 2)
     rule = recipe.rules[0]
     assert (rule.bits, rule.group_size, rule.symmetric, rule.non_divisible) == (4, 128, True, "fallback_group")

@@ -1,0 +1,474 @@
+"""mcq's AWQ scale search on one block: llm-compressor's algorithm, with the compute spent where it changes the answer.
+
+The algorithm is AWQ as llm-compressor's `AWQModifier` (and AutoAWQ) runs it. For each smoothing pair — a smooth
+layer (a norm, or a Linear) whose output channels are the input channels of the balance Linears — candidate
+per-channel scales are `mean|x|^r` (or, duo form, `mean|x|^r / mean|ŵ|^(1-r)` with ŵ the weights normalized per
+quantization group), normalized by `sqrt(max · min)`, for r on a grid; each candidate's balance weights are scaled,
+rounded with min/max ranges and unscaled, `Q(W·s)/s`; the candidate whose *parent* output is closest (mean squared
+error) to the float output wins, and its scales are folded into the smooth layer (÷ s) and the balance layers (× s),
+which leaves the block's float function unchanged. The parent is the balance layers' lowest common ancestor, as in
+llm-compressor: `self_attn` for q/k/v, the MLP for gate/up, the Linear itself for a single balance layer.
+
+What differs is the cost of one grid point. llm-compressor re-runs the parent on every calibration token for each
+of its (up to 20) candidates; here:
+
+- One forward of the block over all calibration tokens gives each pair's activation means (over every token, as
+  llm-compressor's) and keeps a sample of each parent's inputs. The parent's float output is computed once, on that
+  sample.
+- The loss is measured on `loss_tokens` tokens, not all of them. A parent that treats tokens independently (a
+  Linear, an MLP) gets tokens drawn at random within each recorded call, each call's share proportional to its token
+  count: a stratified sample over calls (a calibration sample in the LLM, a batch of equal-size slices in the vision
+  tower), so every sample and image contributes in proportion. A parent that mixes tokens (attention) needs whole
+  sequences, so it gets whole rows, picked round-robin over the calibration samples' kinds (document, chart, scene,
+  video, ...) and within a kind over samples: one row of every kind, then more until the budget is filled.
+  docs/design.md gives the measurement behind the default budget.
+- Each candidate's `Q(W·s)/s` is computed once per Linear, for as many candidates at once as a memory budget allows
+  (one batched min/max, qparams and fake-quantize through compressed-tensors' own functions, so the rounding scored
+  here is the rounding the checkpoint gets).
+- The two scale forms (`duo_scaling: both`) share the activation powers, the token sample and the reference; at
+  r = 1 they are the same candidate (mean|x|, up to a constant the normalization removes), evaluated once.
+
+Everything is deterministic: the token sample comes from a generator seeded per call, never from global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# The candidates' rounded weights held at once (float32 bytes, all balance layers of a pair): a tiny model's 19
+# candidates fit in one batch, a real-width vision q/k/v takes 4 at a time and a real-width MLP one. Rounding
+# holds about three temporaries of that size on top.
+QDQ_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A smoothing pair resolved in one block (names relative to the block)."""
+
+    smooth: str
+    balance: tuple[str, ...]
+    parent: str
+
+
+@dataclass(frozen=True)
+class SkippedPair:
+    """A smoothing pair that was not applied, and why (the user sees these in the quantize summary and manifest)."""
+
+    smooth: str
+    balance: tuple[str, ...]
+    reason: str
+
+    def to_dict(self, block: str) -> dict[str, Any]:
+        return {"block": block, "smooth": self.smooth, "balance": list(self.balance), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    n_grid: int
+    duo_scaling: bool | str
+    loss_tokens: int    # tokens whose parent output enters the grid loss (the recipe's default, see recipe.py)
+
+
+@dataclass
+class PairResult:
+    """What the search found for one pair (for benchmarks and tests)."""
+
+    smooth: str
+    parent: str
+    tokens: int                 # tokens whose parent output entered the loss
+    ratio: float
+    duo: bool
+    initial_error: float        # the loss of the first candidate (r = 0 without duo: plain rounding)
+    best_error: float
+    losses: list[tuple[float, bool, float]] = field(default_factory=list)   # (ratio, duo, loss) per candidate
+
+
+# ---------------------------------------------------------------------------------------------------- resolving
+
+def lowest_common_ancestor(names: Sequence[str]) -> str:
+    """The deepest module name that contains every name ("" = the block); a single name is its own ancestor."""
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if any(part != level[0] for part in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _output_width(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
+def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]],
+                  methods: dict[str, str]) -> tuple[list[Pair], list[SkippedPair]]:
+    """The pairs of `pairs` that can smooth this block, and the ones that cannot, with the reason.
+
+    `methods` maps the block's quantized Linears to their method. A pair concerns AWQ when one of its balance layers
+    is an AWQ layer; it is applied only if every balance layer is, the smooth layer exists, and the widths agree
+    (under grouped-query attention `v_proj` has fewer outputs than `o_proj` has inputs, so no per-channel scale
+    passes between them)."""
+    modules = dict(block.named_modules())
+    usable, skipped = [], []
+    for smooth, balance in pairs:
+        if not any(methods.get(name) == "awq" for name in balance):
+            continue
+        reason = None
+        if smooth not in modules:
+            reason = f"{smooth} is not in this block"
+        else:
+            for name in balance:
+                if methods.get(name) != "awq":
+                    how = f"quantized with {methods[name]}" if name in methods else "kept unquantized"
+                    reason = f"{name} is {how}; every balance layer of a pair must be AWQ-quantized"
+                    break
+                width, fan_in = _output_width(modules[smooth]), modules[name].in_features
+                if width != fan_in:
+                    reason = f"{smooth} has {width} output channels but {name} takes {fan_in} inputs"
+                    if smooth.endswith("v_proj") and fan_in % width == 0:
+                        reason += (f" (grouped-query attention: each value head serves {fan_in // width} query "
+                                   "heads), so no per-channel scale passes between them")
+                    break
+        if reason:
+            skipped.append(SkippedPair(smooth, tuple(balance), reason))
+        else:
+            usable.append(Pair(smooth, tuple(balance), lowest_common_ancestor(balance)))
+    return usable, skipped
+
+
+def token_mixing(mixers: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a parent (a module name in the block, "" = the block) is, or holds, one of `mixers`, the modules whose
+    output at one token depends on other tokens (`mcq.models.family.TOKEN_MIXING`)."""
+    return lambda parent: any(not parent or m == parent or m.startswith(parent + ".") for m in mixers)
+
+
+# ---------------------------------------------------------------------------------------------------- the sample
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _allocate(total: int, weights: Sequence[int]) -> list[int]:
+    """`total` split over `weights` proportionally, in whole numbers that sum to `total` (largest remainders)."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    shares = [int(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _rows_of(call: Call) -> tuple[int, int]:
+    """(batch rows, tokens per row) of a block call: its hidden states are the first argument, `[B, L, D]`."""
+    hidden = call[0][0]
+    return (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.shape[0])
+
+
+def pick_rows(calls: Sequence[Call], origins: Sequence[Sequence[tuple[str, int]]] | None,
+              budget: int) -> dict[int, list[int]]:
+    """Whole rows (call index → row indices) for parents that mix tokens: one row of every kind of sample, then more
+    until they hold `budget` tokens.
+
+    Round-robin over the samples' kinds (sorted), within a kind over its samples in order, a sample's first row
+    before any sample's second: every kind is in the loss however small the budget (a whole row can be a 1000-patch
+    slice, so a budget counted in rows alone would let one image decide), and first slices come before second
+    slices of the same image. Every row when all of them fit."""
+    shapes = [_rows_of(call) for call in calls]
+    if sum(b * n for b, n in shapes) <= budget:
+        return {i: list(range(b)) for i, (b, _) in enumerate(shapes)}
+    by_kind: dict[str, list[tuple[int, int, int, int]]] = {}   # kind → (rank within sample, sample, call, row)
+    seen: dict[int, int] = {}
+    for i, (batch, _) in enumerate(shapes):
+        own = list(origins[i]) if origins and i < len(origins) else []
+        # One origin for a whole call (the resampler gets a sample's slices in one call) covers all its rows.
+        labels = own if len(own) == batch else [own[0] if own else ("", i)] * batch
+        for row, (kind, sample) in enumerate(labels):
+            rank = seen.get(sample, 0)
+            seen[sample] = rank + 1
+            by_kind.setdefault(kind, []).append((rank, sample, i, row))
+    queues = [sorted(rows) for _, rows in sorted(by_kind.items())]
+    picked: dict[int, list[int]] = {}
+    tokens, position = 0, 0
+    while (position == 0 or tokens < budget) and any(position < len(queue) for queue in queues):
+        for queue in queues:
+            if position < len(queue) and (position == 0 or tokens < budget):
+                _, _, i, row = queue[position]
+                picked.setdefault(i, []).append(row)
+                tokens += shapes[i][1]
+        position += 1
+    return {i: sorted(rows) for i, rows in sorted(picked.items())}
+
+
+def _select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """`value` with its batch rows narrowed to `rows`: tensors of two or more dims whose first dim is the batch
+    (hidden states, masks, per-row position tables); tuples and lists element-wise; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows.to(value.device)) if value.dim() >= 2 and value.shape[0] == batch \
+            and batch > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_rows(v, rows, batch) for v in value)
+    return value
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+def _output(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------------------------------------------- the search
+
+def grid(n_grid: int, duo_scaling: bool | str) -> list[tuple[float, bool]]:
+    """The candidates (ratio, duo form), in llm-compressor's order; the r = 1 duo candidate of `both` is dropped
+    (it is the plain one)."""
+    def ratios(n: int) -> list[float]:
+        return [i / (n - 1) for i in range(n)] if n > 1 else [0.0]
+
+    if duo_scaling == "both":
+        return [(r, duo) for r in ratios(max(n_grid // 2, 1)) for duo in (False, True) if not (duo and r == 1.0)]
+    if duo_scaling:
+        return [(0.0, False)] + [(r, True) for r in ratios(n_grid - 1)]
+    return [(r, False) for r in ratios(n_grid)]
+
+
+def normalized_weight_means(weights: Sequence[torch.Tensor], group_sizes: Sequence[int | None]) -> torch.Tensor:
+    """Per input channel, the mean over output rows of |w| / (max |w| of its quantization group), over all balance
+    layers: the weight side of the duo form."""
+    total, rows = 0, 0
+    for weight, group in zip(weights, group_sizes):
+        chunk = group or weight.shape[1]
+        magnitude = weight.abs().reshape(-1, chunk)
+        magnitude = magnitude / (magnitude.amax(dim=1, keepdim=True) + 1e-6)
+        total = total + magnitude.reshape(weight.shape).sum(0, dtype=torch.float64)
+        rows += weight.shape[0]
+    return (total / rows).to(torch.float32)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
+                     candidates: Sequence[tuple[float, bool]]) -> torch.Tensor:
+    """`[len(candidates), channels]` scales, each normalized so that max · min = 1."""
+    powers: dict[float, torch.Tensor] = {}
+    rows = []
+    for ratio, duo in candidates:
+        power = powers.setdefault(ratio, x_mean.pow(ratio))
+        scales = (power / (w_mean.pow(1 - ratio) + 1e-4)) if duo else power
+        scales = scales.clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        scales[torch.isinf(scales) | torch.isnan(scales)] = 1
+        rows.append(scales)
+    return torch.stack(rows)
+
+
+def fake_quantized(weight: torch.Tensor, scales: torch.Tensor, args) -> torch.Tensor:
+    """`Q(W · s) / s` for each row of `scales` (`[G, in]`): `[G, out, in]`, with min/max ranges per group or per
+    output channel and compressed-tensors' qparams and rounding (`args`: the layer's QuantizationArgs)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scaled = weight.unsqueeze(0) * scales[:, None, :]
+    if args.group_size:
+        grouped = scaled.unflatten(-1, (-1, args.group_size))
+        low, high = grouped.amin(-1), grouped.amax(-1)
+    else:
+        low, high = scaled.amin(-1, keepdim=True), scaled.amax(-1, keepdim=True)
+    scale, zero_point = calculate_qparams(low, high, args)
+    quantized = fake_quantize(scaled, scale, zero_point, args)
+    return quantized.div_(scales[:, None, :])
+
+
+@dataclass
+class Statistics:
+    """What one forward of the block over every calibration call gives the search."""
+
+    x_means: dict[str, torch.Tensor]          # smooth layer → mean |x| per input channel of its balance layers
+    inputs: dict[str, torch.Tensor]           # token-wise parent → its inputs at the sampled tokens, `[n, in]`
+    calls: dict[str, list[Call]]              # token-mixing parent → its calls on the picked rows
+    outputs: list[torch.Tensor]               # the block's output on each call
+
+
+@torch.no_grad()
+def collect(block: nn.Module, pairs: Sequence[Pair], calls: Sequence[Call],
+            origins: Sequence[Sequence[tuple[str, int]]] | None, loss_tokens: int, mixing: Callable[[str], bool],
+            seed: int = 0) -> Statistics:
+    """Run the block once on every call with hooks that take the pairs' activation means (over all tokens) and the
+    parents' inputs on the token sample (see the module doc). `seed` varies the draw (the budget study uses it)."""
+    tokens = [batch * length for batch, length in (_rows_of(call) for call in calls)]
+    shares = _allocate(min(loss_tokens, sum(tokens)), tokens)
+    rows = pick_rows(calls, origins, loss_tokens)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    parent_calls: dict[str, list[Call]] = {}
+    current = 0
+
+    def activations(smooth: str):
+        def hook(module, args):
+            x = args[0].detach().flatten(0, -2)
+            total = x.abs().sum(0, dtype=torch.float32)
+            sums[smooth] = sums[smooth] + total if smooth in sums else total
+            counts[smooth] = counts.get(smooth, 0) + x.shape[0]
+        return hook
+
+    def token_sample(parent: str):
+        def hook(module, args, kwargs):
+            if shares[current] == 0:
+                return
+            x = _first_tensor(args, kwargs).detach().flatten(0, -2)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + current)
+            positions = torch.randperm(x.shape[0], generator=generator)[: shares[current]].sort().values
+            inputs.setdefault(parent, []).append(x.index_select(0, positions.to(x.device)))
+        return hook
+
+    def row_sample(parent: str):
+        def hook(module, args, kwargs):
+            picked = rows.get(current)
+            if picked:
+                batch, index = _first_tensor(args, kwargs).shape[0], torch.tensor(picked)
+                parent_calls.setdefault(parent, []).append(
+                    (_select_rows(args, index, batch), {k: _select_rows(v, index, batch) for k, v in kwargs.items()}))
+        return hook
+
+    handles = [block.get_submodule(pair.balance[0]).register_forward_pre_hook(activations(pair.smooth))
+               for pair in pairs]
+    for parent in dict.fromkeys(pair.parent for pair in pairs):
+        module = block.get_submodule(parent) if parent else block
+        hook = row_sample(parent) if mixing(parent) else token_sample(parent)
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    outputs = []
+    try:
+        for current, (args, kwargs) in enumerate(calls):
+            outputs.append(_output(block(*args, **kwargs)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Statistics({smooth: sums[smooth] / counts[smooth] for smooth in sums},
+                      {parent: torch.cat(x) for parent, x in inputs.items()}, parent_calls, outputs)
+
+
+class ParentSample:
+    """A pair's parent module on the sampled inputs: its float output, computed once, and the loss of the module as
+    it now is against it."""
+
+    def __init__(self, block: nn.Module, parent: str, statistics: Statistics):
+        self.module = block.get_submodule(parent) if parent else block
+        self.sample = statistics.inputs.get(parent)
+        self.calls = statistics.calls.get(parent, [])
+        self.reference = self.run()
+        self.tokens = sum(r.shape[:-1].numel() for r in self.reference)
+
+    @torch.no_grad()
+    def run(self) -> list[torch.Tensor]:
+        if self.sample is not None:
+            return [_output(self.module(self.sample))]
+        return [_output(self.module(*args, **kwargs)) for args, kwargs in self.calls]
+
+    def loss(self) -> float:
+        squared, count = 0.0, 0
+        for output, reference in zip(self.run(), self.reference):
+            squared += float(torch.nn.functional.mse_loss(output, reference, reduction="sum"))
+            count += reference.numel()
+        return squared / count
+
+    def finite(self) -> bool:
+        return all(bool(r.isfinite().all()) for r in self.reference)
+
+
+def pair_scales(block: nn.Module, pair: Pair, x_mean: torch.Tensor, candidates: Sequence[tuple[float, bool]],
+                quant_args: dict[str, Any]) -> torch.Tensor:
+    """The candidates' scales for `pair` (`[len(candidates), channels]`)."""
+    weights = [block.get_submodule(name).weight.data for name in pair.balance]
+    w_mean = None
+    if any(duo for _, duo in candidates):
+        w_mean = normalized_weight_means(weights, [quant_args[name].group_size for name in pair.balance])
+    return candidate_scales(x_mean.to(weights[0].device), w_mean, candidates)
+
+
+@torch.no_grad()
+def candidate_losses(block: nn.Module, pair: Pair, parent: ParentSample, scales: torch.Tensor,
+                     quant_args: dict[str, Any]) -> list[float]:
+    """The parent's loss with the balance layers at `Q(W·s)/s`, for each row of `scales`; the weights are restored."""
+    layers = [block.get_submodule(name) for name in pair.balance]
+    originals = [layer.weight.data for layer in layers]
+    per_candidate = sum(w.numel() * w.element_size() for w in originals)
+    chunk = max(1, min(scales.shape[0], QDQ_CHUNK_BYTES // max(per_candidate, 1)))
+    losses: list[float] = []
+    try:
+        for start in range(0, scales.shape[0], chunk):
+            rows = scales[start: start + chunk]
+            quantized = [fake_quantized(w, rows, quant_args[name]) for w, name in zip(originals, pair.balance)]
+            for g in range(rows.shape[0]):
+                for layer, weights in zip(layers, quantized):
+                    layer.weight.data = weights[g]
+                losses.append(parent.loss())
+            del quantized
+    finally:
+        for layer, weight in zip(layers, originals):
+            layer.weight.data = weight
+    return losses
+
+
+def best_candidate(losses: Sequence[float]) -> int | None:
+    """The first candidate of least finite loss (as llm-compressor picks), None when no loss is finite."""
+    finite = [g for g, loss in enumerate(losses) if math.isfinite(loss)]
+    return min(finite, key=lambda g: (losses[g], g)) if finite else None
+
+
+def search_block(block: nn.Module, pairs: Sequence[Pair], calls: Sequence[Call],
+                 origins: Sequence[Sequence[tuple[str, int]]] | None, settings: SearchSettings,
+                 quant_args: dict[str, Any], mixing: Callable[[str], bool]
+                 ) -> tuple[list[PairResult], list[SkippedPair], list[torch.Tensor]]:
+    """Find and apply each pair's scales in place, in order. Returns what was found, the pairs skipped at run time
+    (no token reached them, or their parent's float output is not finite), and the block's outputs on `calls` — the
+    float block's, which the smoothed block reproduces (smoothing is exact in float), so the driver need not run it
+    again.
+
+    `quant_args`: balance layer → its QuantizationArgs; `mixing(parent)`: whether that parent mixes tokens;
+    `origins[i][row]`: (kind, sample index) of each batch row of call i, for picking rows across kinds."""
+    statistics = collect(block, pairs, calls, origins, settings.loss_tokens, mixing)
+    results, skipped = [], []
+    candidates = grid(settings.n_grid, settings.duo_scaling)
+    for pair in pairs:
+        if pair.smooth not in statistics.x_means:   # a branch the calibration data never took
+            skipped.append(SkippedPair(pair.smooth, pair.balance, "no calibration token reached it"))
+            continue
+        parent = ParentSample(block, pair.parent, statistics)
+        if not parent.finite():
+            skipped.append(SkippedPair(pair.smooth, pair.balance, f"the float output of "
+                                       f"{pair.parent or 'the block'} is not finite on the calibration data"))
+            continue
+        scales = pair_scales(block, pair, statistics.x_means[pair.smooth], candidates, quant_args)
+        losses = candidate_losses(block, pair, parent, scales, quant_args)
+        best = best_candidate(losses)
+        if best is None:
+            raise RuntimeError(f"AWQ: no finite loss for {pair.smooth} (non-finite values in "
+                               f"{pair.parent or 'the block'})")
+        apply_scales(block, pair, scales[best])
+        ratio, duo = candidates[best]
+        results.append(PairResult(pair.smooth, pair.parent, parent.tokens, ratio, duo, losses[0], losses[best],
+                                  [(r, d, loss) for (r, d), loss in zip(candidates, losses)]))
+    return results, skipped, statistics.outputs
+
+
+@torch.no_grad()
+def apply_scales(block: nn.Module, pair: Pair, scales: torch.Tensor) -> None:
+    """Fold the scales in: balance weights × s on their input channels, the smooth layer's outputs ÷ s."""
+    for name in pair.balance:
+        layer = block.get_submodule(name)
+        layer.weight.data = layer.weight.data * scales.view(1, -1).to(layer.weight.dtype)
+    smooth = block.get_submodule(pair.smooth)
+    if smooth.weight.dim() == 1:
+        smooth.weight.data = smooth.weight.data / scales.to(smooth.weight.dtype)
+    else:
+        smooth.weight.data = smooth.weight.data / scales.view(-1, 1).to(smooth.weight.dtype)
+    if getattr(smooth, "bias", None) is not None:
+        smooth.bias.data = smooth.bias.data / scales.to(smooth.bias.dtype)
