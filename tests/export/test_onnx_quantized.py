@@ -117,14 +117,14 @@ def test_streamed_quantization_equals_onnxruntime_on_the_float_graph(precision, 
     attributes onnxruntime's MatMulNBitsQuantizer writes from the whole float graph (what the export ran before)."""
     from onnx import numpy_helper
 
-    from mcq.export.onnx import builder
+    from mcq.export import rows
     from mcq.export.onnx.quantize import LinearPlan
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     out = tmp_path / "streamed"
     with monkeypatch.context() as patch:
-        patch.setattr(builder, "ROW_BLOCK_BYTES", 4096)     # several row blocks per weight at tiny widths
+        patch.setattr(rows, "ROW_BLOCK_BYTES", 4096)     # several row blocks per weight at tiny widths
 
         def whole_graph(*_args, **_kwargs):
             raise AssertionError("the export ran onnxruntime's quantizer over a whole float graph")
@@ -156,12 +156,12 @@ def test_streamed_quantization_equals_onnxruntime_on_the_float_graph(precision, 
 def test_row_blocks_and_inline_weights_give_the_same_files(tmp_path, monkeypatch):
     """Weights written a few rows at a time (transposed Linears, tables) and folded into the .onnx file as it is
     written give the bytes of a whole-tensor export, and the file is protobuf's own serialization of the model."""
-    from mcq.export.onnx import builder
+    from mcq.export import rows
 
     for precision in ("fp32", "fp16"):
         export_onnx("tiny:4.5", tmp_path / f"{precision}-whole", precision=precision)
         with monkeypatch.context() as patch:
-            patch.setattr(builder, "ROW_BLOCK_BYTES", 1000)
+            patch.setattr(rows, "ROW_BLOCK_BYTES", 1000)
             export_onnx("tiny:4.5", tmp_path / f"{precision}-rows", precision=precision)
         assert digests(tmp_path / f"{precision}-whole") == digests(tmp_path / f"{precision}-rows")
     for path in (tmp_path / "fp16-rows/onnx").iterdir():

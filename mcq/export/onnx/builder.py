@@ -49,10 +49,6 @@ ONNX_DTYPES = {
 }
 
 
-# Large weights are produced and written this many bytes of rows at a time.
-ROW_BLOCK_BYTES = 64 << 20
-
-
 @dataclass(frozen=True)
 class Rows:
     """A weight too large to hold twice (an embedding table, lm_head), produced as consecutive blocks of rows:
@@ -61,13 +57,6 @@ class Rows:
     shape: tuple[int, ...]
     dtype: np.dtype
     blocks: Callable[[], Iterator[np.ndarray]]
-
-
-def row_ranges(rows: int, row_bytes: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
-    """(start, stop) of consecutive row blocks of about ROW_BLOCK_BYTES (a multiple of `multiple` rows each)."""
-    step = max(multiple, ROW_BLOCK_BYTES // max(row_bytes, 1) // multiple * multiple)
-    for start in range(0, rows, step):
-        yield start, min(start + step, rows)
 
 
 class TensorStore:

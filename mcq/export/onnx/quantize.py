@@ -14,7 +14,7 @@ Two sources of quantized weights:
   kept, a layer whose width the block size does not divide falls back to the largest dividing power of two).
 
 Every large weight is read from the memory-mapped checkpoint and written a block of rows at a time
-(`builder.Rows`): both kinds of quantization treat each output channel on its own, so blocks of rows give the same
+(`builder.Rows`, `mcq.export.rows`): both kinds of quantization treat each output channel on its own, so blocks of rows give the same
 bytes as the whole tensor.
 """
 
@@ -31,7 +31,8 @@ from onnx import TensorProto
 
 from mcq.errors import McqError
 
-from .builder import MS_DOMAIN, GraphBuilder, Rows, row_ranges
+from ..rows import row_ranges
+from .builder import MS_DOMAIN, GraphBuilder, Rows
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PRECISION_BITS = {"int8": 8, "int4": 4}
