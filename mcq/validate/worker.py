@@ -97,7 +97,7 @@ def _measure_and_generate(job: dict[str, Any], items: list[EvalItem]) -> tuple[R
     device = torch.device(job["device"])
     reset_peak_rss()
     reset_peak_device_memory(device)
-    runner = runner_class(job["format"])(job["path"], device, job["dtype"])
+    runner = runner_class(job["format"])(job["path"], device, job["dtype"], **job.get("load", {}))
     memory = {"peak_rss_load": peak_rss(), "peak_device_memory": peak_device_memory(device)}
     reset_peak_rss()
     spread = _latency(runner, items, job)
@@ -174,7 +174,7 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
     """KL of the reference LLM fed each variant's vision outputs, averaged over all answer tokens of the eval set,
     the same tokens as `kl_mean`. Samples without images are not run: their inputs are the reference's own, so
     their KL is exactly 0."""
-    runner = runner_class(job["format"])(job["path"], torch.device(job["device"]), job["dtype"])
+    runner = runner_class(job["format"])(job["path"], torch.device(job["device"]), job["dtype"], **job.get("load", {}))
     reference = Path(job["artifacts"]) / REFERENCE_FILE
     total_tokens = sum(len(_answer_positions(item)) for item in items)
     results = {}
