@@ -91,12 +91,14 @@ def main() -> int:
                 if args.check:
                     row["vision_cosine_vs_torch"] = vision_cosine(model_dir, Path(result.vision.path))
             else:
-                row["llm_bytes"], row["embed_bytes"] = result.llm.bytes, result.embed.bytes
-                if result.llm.physical_min_bytes:
-                    row["llm_physical_min_bytes"] = result.llm.physical_min_bytes
-                    row["llm_vs_physical_min"] = round(result.llm.bytes / result.llm.physical_min_bytes, 4)
-                    row["llm_weights_vs_physical_min"] = round(result.llm.weights_bytes
-                                                               / result.llm.physical_min_bytes, 4)
+                # the decoder packages and the head together
+                llm_bytes = sum(p.bytes for p in result.llm)
+                row["llm_bytes"], row["embed_bytes"] = llm_bytes, result.embed.bytes
+                if all(p.physical_min_bytes for p in result.llm):
+                    minimum = sum(p.physical_min_bytes for p in result.llm)
+                    row["llm_physical_min_bytes"] = minimum
+                    row["llm_vs_physical_min"] = round(llm_bytes / minimum, 4)
+                    row["llm_weights_vs_physical_min"] = round(sum(p.weights_bytes for p in result.llm) / minimum, 4)
             rows.append(row)
             shutil.rmtree(out, ignore_errors=True)
         report = {"benchmark": "coreml-export", "model": f"4.5 real widths, {args.llm_layers} LLM / "

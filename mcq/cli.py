@@ -18,7 +18,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
     from mcq.models.tiny import TinySpec, make_tiny
 
     spec = TinySpec(version=args.version, seed=args.seed, outliers=args.outliers, real_widths=args.real_widths,
-                    llm_layers=args.llm_layers, vision_layers=args.vision_layers)
+                    llm_layers=args.llm_layers, vision_layers=args.vision_layers, real_vocab=args.real_vocab)
     out = make_tiny(args.out, spec, force=args.force)
     print(json.dumps({"path": str(out), "version": spec.version}) if args.json else f"wrote {out}")
 
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--outliers", action="store_true", help="give norm channels 20-50x gains (activation outliers)")
     tiny.add_argument("--real-widths", action="store_true", help="true 4.5 widths with few layers (benchmarks)")
+    tiny.add_argument("--real-vocab", action="store_true",
+                      help="the official 4.5 vocabulary's 151,748 embedding and lm_head rows (benchmarks)")
     tiny.add_argument("--llm-layers", type=_positive, default=2)
     tiny.add_argument("--vision-layers", type=_positive, default=2)
     tiny.add_argument("--force", action="store_true", help="replace an existing output directory")

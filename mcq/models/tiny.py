@@ -8,7 +8,15 @@ and the image processor is the official one (448 slices, 14-pixel patches, a 70 
 
 `--outliers` scales a few input channels of every norm that feeds a Linear by 20-50x, the activation outliers
 that make calibration-aware quantization (AWQ, GPTQ) beat round-to-nearest. `--real-widths` keeps the true 4.5
-widths with few layers, the shape the performance benchmarks use.
+widths with few layers, the shape the performance benchmarks use; `--real-vocab` gives the embedding table and
+`lm_head` the official 151,748 rows (the small tokenizer's ids are the first rows; the rest are rows no token maps
+to, as the official vocabularies have a few).
+
+Weights are written shard by shard, tensor by tensor (`mcq.models.shards`). Small widths are initialized as one
+model in memory (a few MB; the bytes every test was written against). Real widths are initialized one block at a
+time (a decoder or encoder layer, the resampler, each table) from a seed derived from the spec's seed and the
+block's name, and released once written, so the full 8.7B layout (36 + 27 layers, 17 GB) is written holding one
+block.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mcq import __version__
 from mcq.errors import McqError
@@ -32,6 +41,8 @@ from .minicpmv.versions import VERSIONS, normalize_version
 from .tiny_tokenizer import write_tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
+# The official 4.5 config.json's vocab_size (../shared/reference): the rows of its embedding table and lm_head.
+REAL_VOCAB_SIZE = 151748
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class TinySpec:
     real_widths: bool = False
     llm_layers: int = 2
     vision_layers: int = 2
+    real_vocab: bool = False
 
     def cache_key(self) -> str:
         """The spec and the source of the code that builds the checkpoint: a change to the generator or to the
@@ -112,11 +124,13 @@ def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) ->
     }
 
 
-def _add_outliers(model: MiniCPMV, seed: int) -> None:
+_OUTLIER_NORMS = ("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "ln_kv")
+
+
+def _add_outliers(model: nn.Module, seed: int) -> None:
     """Give 2 input channels of each norm that feeds Linears a 20-50x gain (seeded, so reproducible)."""
     generator = torch.Generator().manual_seed(seed + 1)
-    norms = [m for name, m in model.named_modules()
-             if name.endswith(("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "ln_kv"))]
+    norms = [m for name, m in model.named_modules() if name.endswith(_OUTLIER_NORMS)]
     with torch.no_grad():
         for norm in norms:
             channels = torch.randperm(norm.weight.numel(), generator=generator)[:2]
@@ -141,6 +155,9 @@ def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
     """Write a tiny checkpoint to `out` (atomically: built in a staging dir, then renamed into place)."""
     if spec.version not in VERSIONS:
         raise McqError(f"no tiny model for version {spec.version}; choose one of {', '.join(VERSIONS)}")
+    if spec.real_vocab and spec.version != "4.5":
+        raise McqError(f"--real-vocab is the 4.5 vocabulary ({REAL_VOCAB_SIZE} rows); version {spec.version} has "
+                       "another")
     out = Path(out)
     with staged_output(out, force) as staging:
         write_tiny_tokenizer(staging, spec.version)
@@ -149,19 +166,109 @@ def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
         # configs name Qwen's <|endoftext|> while their tokenizer_config.json says <|im_start|>.
         special_ids = {"bos": tokenizer.convert_tokens_to_ids(CONFIG_BOS[spec.version]),
                        "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-        config = MiniCPMVConfig(**tiny_config(spec, len(tokenizer), special_ids))
-        torch.manual_seed(spec.seed)
-        model = MiniCPMV(config)
-        if spec.outliers:
-            _add_outliers(model, spec.seed)
-        model = model.to(torch.bfloat16)
-        total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        # Small shards so that even the tiny model is sharded with an index, like the official release.
-        model.save_pretrained(staging, max_shard_size=max(total_bytes // 3, 1 << 16))
+        vocab_size = REAL_VOCAB_SIZE if spec.real_vocab else len(tokenizer)
+        config = MiniCPMVConfig(**tiny_config(spec, vocab_size, special_ids))
+        _write_weights(staging, config, spec)
+        config.save_pretrained(staging)
         (staging / "generation_config.json").write_text(
             json.dumps(_generation_config(special_ids, spec.version), indent=2) + "\n")
         MiniCPMVImageProcessor(version=float(spec.version)).save_pretrained(staging)
     return out
+
+
+def _write_weights(staging: Path, config: MiniCPMVConfig, spec: TinySpec) -> None:
+    """The bf16 shards and their index, in the layout `save_pretrained` writes (official tensor names; shards of a
+    third of the weights, so that even the tiny model is sharded with an index, like the official release)."""
+    from .minicpmv import checkpoint_names
+    from .shards import TensorEntry, plan_shards, write_index, write_shard
+    from .weights import shell_model
+
+    shell = shell_model(config)
+    shapes = checkpoint_names.to_stored(shell.state_dict())
+    entries = [TensorEntry(name, torch.bfloat16, tuple(tensor.shape)) for name, tensor in shapes.items()]
+    shards = plan_shards(entries, max(sum(e.nbytes for e in entries) // 3, 1 << 16))
+    tensors = _block_tensors(shell, spec) if _per_block(spec) else _model_tensors(config, spec)
+    for shard in shards:
+        write_shard(staging / shard.file, shard, ((e.name, tensors(e.name)) for e in shard.layout()))
+    if len(shards) > 1:
+        write_index(staging / "model.safetensors.index.json", shards, shell.num_parameters())
+
+
+def _per_block(spec: TinySpec) -> bool:
+    return spec.real_widths
+
+
+def _model_tensors(config: MiniCPMVConfig, spec: TinySpec):
+    """Small widths: the whole model initialized at once under the spec's seed (transformers' init order)."""
+    from .minicpmv import checkpoint_names
+
+    torch.manual_seed(spec.seed)
+    model = MiniCPMV(config)
+    if spec.outliers:
+        _add_outliers(model, spec.seed)
+    stored = checkpoint_names.to_stored(model.to(torch.bfloat16).state_dict())
+    return stored.pop
+
+
+def _block_tensors(shell: MiniCPMV, spec: TinySpec):
+    """Real widths: each block initialized when its first tensor is written, released with its last one."""
+    from .minicpmv import checkpoint_names
+
+    units = _init_units(shell)
+    pending: dict[str, torch.Tensor] = {}
+
+    def tensor(stored: str) -> torch.Tensor:
+        if stored not in pending:
+            param = checkpoint_names.params_of(stored)[0]
+            name, module = next((n, m) for n, m in units if param.startswith(n + "."))
+            pending.update(_init_unit(shell, name, module, spec))
+        return pending.pop(stored)
+    return tensor
+
+
+def _init_units(shell: MiniCPMV) -> list[tuple[str, nn.Module]]:
+    """What real widths initialize at once: each block (`named_blocks`), and each largest module holding no block
+    (an embedding table, a norm, the vision embeddings), so every module keeps its parent's own init."""
+    from .weights import named_blocks
+
+    blocks = dict(named_blocks(shell))
+    units = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        holds_block = any(b.startswith(name + ".") for b in blocks) if name else True
+        if name in blocks or not holds_block:
+            if any(True for _ in module.parameters()):
+                units.append((name, module))
+            return
+        for child, sub in module.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    visit("", shell)
+    return units
+
+
+@torch.no_grad()
+def _init_unit(shell: MiniCPMV, name: str, module: nn.Module, spec: TinySpec) -> dict[str, torch.Tensor]:
+    """One unit's stored tensors (bf16), initialized as transformers initializes the whole model (children first,
+    each by the init of the model that owns it) from a seed of its own, then released from the shell."""
+    from .minicpmv import checkpoint_names
+
+    module.to_empty(device="cpu")
+    owner = shell.llm if name.startswith("llm.") else shell
+    digest = hashlib.sha256(f"{spec.seed}/{name}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def init(sub: nn.Module) -> None:
+        for child in sub.children():
+            init(child)
+        owner._init_weights(sub)
+
+    init(module)
+    if spec.outliers:
+        _add_outliers(module, int.from_bytes(digest[8:12], "little"))
+    stored = checkpoint_names.to_stored({f"{name}.{n}": p.to(torch.bfloat16) for n, p in module.named_parameters()})
+    module.to("meta")
+    return stored
 
 
 def cache_dir() -> Path:

@@ -212,6 +212,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
     samples = eval_samples(eval_data, num_samples, seed)
     items = encode_items(load_processor(reference), spec, samples, max_slice_nums)
     params = _component_params(ref.path)
+    plans = memory_plans([ref, *targets], device, dtype, items, max_new_tokens)
 
     base_job = {"reference": ref.path, "device": device, "dtype": dtype, "seed": seed,
                 "eval": {"source": None if eval_data is None else str(eval_data), "num_samples": num_samples,
@@ -229,14 +230,18 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         for role, index, target in runs:
             bar.set_postfix_str(target.name)
             result, error = _run_worker({**base_job, "role": role, "index": index, "path": target.path,
-                                         "format": target.format, "runner": target.runner.name},
+                                         "format": target.format, "runner": target.runner.name,
+                                         "load": plans[index].load},
                                         workdir, f"{role}-{index}", target.python)
             bar.update()
             if role == "reference" and result is None:
                 raise McqError(f"the reference {reference} failed to run: {error}")
             size, components = _sizes(target, params)
+            runtime = target.runner.runtime(target.format)
+            if plans[index].load:      # run otherwise than a user of the runtime would by default: say how
+                runtime += f" ({plans[index].how})"
             row = {"name": target.name, "path": target.path, "format": target.format,
-                   "runtime": target.runner.runtime(target.format), "status": "ok" if result is not None else "failed",
+                   "runtime": runtime, "status": "ok" if result is not None else "failed",
                    "error": error, "recipe": _recipe_of(target.path) if role == "variant" else None,
                    "metrics": {key: None for key in METRICS}, "spread": {}, "components": components,
                    "kl_by_kind": {}, "kl_vision_path": None, "skipped_samples": {}, "thresholds": []}
@@ -255,7 +260,8 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         bar.set_postfix_str("vision path")
         if vision_files:
             result, error = _run_worker({**base_job, "role": "vision_path", "index": 0, "path": ref.path,
-                                         "format": ref.format, "vision_files": vision_files}, workdir, "vision-path")
+                                         "format": ref.format, "vision_files": vision_files, "load": plans[0].load},
+                                        workdir, "vision-path")
             if result is None:
                 raise McqError(f"the reference failed to score the variants' vision paths: {error}")
             for index, value in result["kl_vision_path"].items():
@@ -275,6 +281,24 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         "seconds": round(time.perf_counter() - started, 1),
         "variants": rows,
     }
+
+
+def memory_plans(targets: list[Target], device: str, dtype: str, items, max_new_tokens: int) -> list:
+    """Each target's memory plan (reference first), or a one-line McqError, before anything is loaded, naming
+    the first target that cannot fit in the memory available, what it needs and what to pass."""
+    from .probes import available_memory
+
+    available = available_memory()
+    tokens = max((item.scored["input_ids"].shape[1] for item in items), default=0) + max_new_tokens
+    plans = []
+    for target in targets:
+        plan = target.runner.memory_plan(target.path, device, dtype, available, tokens)
+        if plan.bytes is not None and available is not None and plan.bytes > available:
+            how = f" ({plan.how})" if plan.how else ""
+            raise McqError(f"{target.name} needs about {plan.bytes / 2**30:.1f} GiB to run on {device}{how}, and "
+                           f"{available / 2**30:.1f} GiB is available; pass {plan.hint}")
+        plans.append(plan)
+    return plans
 
 
 def check_thresholds(row: dict[str, Any], thresholds: list[Threshold]) -> list[dict[str, Any]]:

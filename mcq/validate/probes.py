@@ -43,6 +43,51 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def available_memory() -> int | None:
+    """Bytes a new process may still use: the kernel's MemAvailable, or less when this process is in a memory
+    cgroup with a limit (v1 or v2) whose headroom is smaller (its page cache counted as free, as MemAvailable
+    counts it). None where neither can be read (macOS)."""
+    values = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                values.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    values += [v for v in (_cgroup_headroom(),) if v is not None]
+    return min(values) if values else None
+
+
+def _cgroup_headroom() -> int | None:
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in groups:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":                                    # v2: one unified hierarchy
+            root, limit, usage, stat = Path("/sys/fs/cgroup") / group.lstrip("/"), "memory.max", "memory.current", \
+                "memory.stat"
+            cache_key = "file"
+        elif "memory" in controllers.split(","):
+            root, limit, usage, stat = Path("/sys/fs/cgroup/memory") / group.lstrip("/"), "memory.limit_in_bytes", \
+                "memory.usage_in_bytes", "memory.stat"
+            cache_key = "cache"
+        else:
+            continue
+        try:
+            cap = (root / limit).read_text().strip()
+            if cap == "max" or int(cap) >= 1 << 60:
+                continue
+            used = int((root / usage).read_text())
+            cache = next((int(v) for k, v in (l.split() for l in (root / stat).read_text().splitlines())
+                          if k == cache_key), 0)
+            return max(int(cap) - used + cache, 0)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def reset_peak_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

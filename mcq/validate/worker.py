@@ -101,7 +101,7 @@ def _runner_class(job: dict[str, Any]) -> type[Runner]:
 def _open(job: dict[str, Any]) -> Runner:
     cls = _runner_class(job)
     options = {"max_slice_nums": job["eval"]["max_slice_nums"]} if cls.preprocesses_images else {}
-    return cls(job["path"], torch.device(job["device"]), job["dtype"], **options)
+    return cls(job["path"], torch.device(job["device"]), job["dtype"], **options, **job.get("load", {}))
 
 
 def _measure_and_generate(job: dict[str, Any], items: list[EvalItem]) -> tuple[Runner, dict[str, Any]]:

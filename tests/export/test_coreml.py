@@ -311,7 +311,33 @@ def _llm_feeds(embeds: np.ndarray, past: int, length: int, config) -> dict[str, 
             "causal_mask": causal_mask(past, length)}
 
 
-def _run_calls(interpreter: Interpreter, embeds, config) -> np.ndarray:
+class InterpretedLlm:
+    """An export's decoder packages and head package through the interpreter, called as the runtime calls them:
+    `predict` takes the embeddings with the host inputs of one call and returns its logits."""
+
+    def __init__(self, out: Path):
+        llm = json.loads((out / api.SIDECAR).read_text())["llm"]
+        self.decoders = [Interpreter(load_program(out / chunk["package"])) for chunk in llm["decoder"]]
+        self.head = Interpreter(load_program(out / llm["head_package"]))
+
+    def reset_state(self) -> None:
+        for decoder in self.decoders:
+            decoder.reset_state()
+
+    def predict(self, feeds: dict) -> dict:
+        hidden = feeds["inputs_embeds"]
+        for decoder in self.decoders:
+            hidden = decoder.predict({"hidden_states": hidden, "position_cos": feeds["position_cos"],
+                                      "position_sin": feeds["position_sin"],
+                                      "causal_mask": feeds["causal_mask"]})["output_hidden_states"]
+        return self.head.predict({"hidden_states": hidden})
+
+    def weights(self) -> dict:
+        return {name: value for interpreter in (*self.decoders, self.head)
+                for name, value in interpreter.weights().items()}
+
+
+def _run_calls(interpreter, embeds, config) -> np.ndarray:
     interpreter.reset_state()
     return np.concatenate([interpreter.predict(_llm_feeds(embeds, past, length, config))["logits"]
                            for past, length in CALLS], axis=1).astype(np.float32)
@@ -319,38 +345,48 @@ def _run_calls(interpreter: Interpreter, embeds, config) -> np.ndarray:
 
 def test_llm_package_structure(llm_exports, weights):
     out = llm_exports("int4-block32")
-    package = out / api.LLM_PACKAGE
-    assert ct.models.MLModel(str(package), skip_model_load=True).get_spec().specificationVersion == \
-        SPEC_VERSION["iOS18"]
-    program = load_program(package)
     config = weights.config
+    decoder, head = out / api.decoder_package(0), out / api.HEAD_PACKAGE
+    assert sorted(p.name for p in out.glob("*.mlpackage")) == [api.EMBED_PACKAGE, head.name, decoder.name,
+                                                               api.VISION_PACKAGE]   # tiny: one decoder chunk
+    for package in (decoder, head):
+        assert ct.models.MLModel(str(package), skip_model_load=True).get_spec().specificationVersion == \
+            SPEC_VERSION["iOS18"]
+    program = load_program(decoder)
     cache = [config.num_hidden_layers, 1, config.num_key_value_heads, 4096, config.head_dim]
     assert program.states == {"key_cache": ("FLOAT16", cache), "value_cache": ("FLOAT16", cache)}
-    assert program.inputs == {"inputs_embeds": ("FLOAT16", [1, None, 256]),
+    assert program.inputs == {"hidden_states": ("FLOAT16", [1, None, 256]),
                               "position_cos": ("FLOAT16", [1, 1, None, 64]),
                               "position_sin": ("FLOAT16", [1, 1, None, 64]),
                               "causal_mask": ("FLOAT16", [1, 1, None, None])}
-    assert program.outputs == ["logits"]
+    assert program.outputs == ["output_hidden_states"]
+    head_program = load_program(head)
+    assert head_program.inputs == {"hidden_states": ("FLOAT16", [1, None, 256])} and not head_program.states
+    assert head_program.outputs == ["logits"]
     ops = program.op_types()
     assert {"constexpr_blockwise_shift_scale", "read_state", "write_state", "slice_update"} <= ops
-    blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]
     # Every Linear (7 per layer) and the LM head, stored as int4 with one scale per block of 32 inputs.
-    assert len(blockwise) == 7 * config.num_hidden_layers + 1
-    interpreter = Interpreter(program)
-    env = interpreter.weights()
-    for op in blockwise:
-        data, scale = (env[ref] if kind == "var" else materialized(ref)
-                       for kind, ref in (op.inputs[key][0] for key in ("data", "scale")))
-        assert data.min() >= -8 and data.max() <= 7
-        assert scale.shape == (data.shape[0], data.shape[1] // 32)
-    sidecar = json.loads((out / api.SIDECAR).read_text())
-    assert sidecar["llm"]["kv_heads"] == config.num_key_value_heads and sidecar["llm"]["states"]["key_cache"][
-        "shape"] == cache
+    blockwise = {package: [op for op in p.operations if op.type == "constexpr_blockwise_shift_scale"]
+                 for package, p in ((decoder, program), (head, head_program))}
+    assert len(blockwise[decoder]) == 7 * config.num_hidden_layers and len(blockwise[head]) == 1
+    for package, ops in blockwise.items():
+        interpreter = Interpreter(load_program(package))
+        env = interpreter.weights()
+        for op in ops:
+            data, scale = (env[ref] if kind == "var" else materialized(ref)
+                           for kind, ref in (op.inputs[key][0] for key in ("data", "scale")))
+            assert data.min() >= -8 and data.max() <= 7
+            assert scale.shape == (data.shape[0], data.shape[1] // 32)
+    sidecar = json.loads((out / api.SIDECAR).read_text())["llm"]
+    assert sidecar["kv_heads"] == config.num_key_value_heads
+    assert sidecar["decoder"] == [{"package": decoder.name, "layers": [0, config.num_hidden_layers],
+                                   "states": {name: {"dtype": "float16", "shape": cache}
+                                              for name in ("key_cache", "value_cache")}}]
 
 
 def test_llm_fp16_package_agrees_with_torch_across_calls(llm_exports, llm_reference, weights):
     embeds, expected = llm_reference
-    interpreter = Interpreter(load_program(llm_exports("fp16") / api.LLM_PACKAGE))
+    interpreter = InterpretedLlm(llm_exports("fp16"))
     got = _run_calls(interpreter, embeds, weights.config)
     assert cosine(got, expected) > 0.9999
     np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
@@ -360,42 +396,88 @@ def test_llm_fp16_package_agrees_with_torch_across_calls(llm_exports, llm_refere
     alone = interpreter.predict(_llm_feeds(embeds, 4, 3, weights.config))["logits"].astype(np.float32)
     assert cosine(alone, expected[:, 4:7]) < 0.999
     if sys.platform == "darwin":
-        package = llm_exports("fp16") / api.LLM_PACKAGE
-        model, program = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY), load_program(package)
-        state = model.make_state()
-        native = np.concatenate([model.predict(as_declared(_llm_feeds(embeds, past, length, weights.config), program),
-                                               state=state)["logits"] for past, length in CALLS], axis=1)
-        assert cosine(native, expected) > 0.9999
+        from mcq.export.coreml.runtime import CoremlMiniCPMV
+
+        model = CoremlMiniCPMV(llm_exports("fp16"), native=True)
+        native = np.concatenate([model.decode(embeds[0, past: past + length], past) for past, length in CALLS])
+        assert cosine(native[None], expected) > 0.9999
+
+
+def test_llm_in_chunk_packages_computes_what_one_package_computes(llm_exports, llm_reference, weights, tmp_path,
+                                                                  monkeypatch):
+    """The decoder split into one package per layer (what real widths get: ≤ 1 GiB of fp16 weights a package)
+    gives the same weights and bit for bit the same logits as the tiny model's single decoder package."""
+    from mcq.export.coreml import convert
+
+    monkeypatch.setattr(convert, "LLM_PACKAGE_BYTES", 1)
+    out = tmp_path / "chunks"
+    result = api.export_coreml(MODEL, out, vision="fp16", llm="int4-block32", progress=False)
+    layers = weights.config.num_hidden_layers
+    assert [Path(p.path).name for p in result.llm] == [api.decoder_package(i) for i in range(layers)] + \
+        [api.HEAD_PACKAGE]
+    sidecar = json.loads((out / api.SIDECAR).read_text())["llm"]
+    assert [chunk["layers"] for chunk in sidecar["decoder"]] == [[i, i + 1] for i in range(layers)]
+    assert sidecar["decoder"][0]["states"]["key_cache"]["shape"][0] == 1
+    whole, chunked = InterpretedLlm(llm_exports("int4-block32")), InterpretedLlm(out)
+    embeds, _ = llm_reference
+    assert np.array_equal(_run_calls(chunked, embeds, weights.config), _run_calls(whole, embeds, weights.config))
+    per_chunk = [decoder.weights() for decoder in chunked.decoders]
+    head = chunked.head.weights()
+    compared = 0
+    for name, value in whole.weights().items():
+        if name.startswith("layers_"):
+            # coremltools names a chunk's weights after its own module path: layer i is layers_0 of chunk i
+            index, rest = name.split("_", 2)[1:]
+            ours = per_chunk[int(index)][f"layers_0_{rest}"]
+        elif name.startswith(("lm_head_", "norm_")):
+            ours = head[name]
+        else:
+            continue    # small constants of the ops (axes, shapes), named by position in each program
+        assert ours.dtype == value.dtype and np.array_equal(ours, value), name
+        compared += 1
+    assert compared > 7 * layers
+
+
+def test_an_export_of_the_single_llm_package_layout_is_refused(llm_exports, tmp_path):
+    from mcq.export.coreml.runtime import read_sidecar
+
+    out = tmp_path / "old"
+    shutil.copytree(llm_exports("fp16"), out)
+    sidecar = json.loads((out / api.SIDECAR).read_text())
+    (out / api.SIDECAR).write_text(json.dumps({**sidecar, "format": "mcq-coreml-1"}))
+    with pytest.raises(McqError, match="earlier layout .*export it again"):
+        read_sidecar(out)
 
 
 def test_llm_int4_package_is_its_torch_program(llm_exports, llm_reference, weights):
-    """The int4 package computes what the torch decoder computes with the package's own dequantized weights."""
-    from mcq.export.coreml.graphs import StatefulDecoder
+    """The int4 packages compute what the torch decoder computes with the packages' own dequantized weights."""
+    from mcq.export.coreml.graphs import DecoderHead, StatefulDecoder
 
     embeds, expected = llm_reference
-    program = load_program(llm_exports("int4-block32") / api.LLM_PACKAGE)
-    interpreter = Interpreter(program)
+    interpreter = InterpretedLlm(llm_exports("int4-block32"))
     decompressed = interpreter.weights()
-    module = StatefulDecoder(weights, 4096).eval()
+    decoder = StatefulDecoder(weights, 4096, range(weights.config.num_hidden_layers)).eval()
+    head = DecoderHead(weights).eval()
     replaced = 0
-    for name, parameter in module.state_dict().items():
-        key = name.replace(".", "_") + "_to_fp16"
-        found = [value for stored, value in decompressed.items() if stored.startswith(key) and stored != key
-                 and value.shape == tuple(parameter.shape)]
-        if found and name.endswith("weight") and parameter.dim() == 2:
-            original = parameter.numpy()
-            stored = found[0].astype(np.float32)
-            # symmetric int4 per block of 32: at most half a step (max |w| of the block / 7), plus fp16 rounding
-            peak = np.abs(original.reshape(original.shape[0], -1, 32)).max(-1, keepdims=True)
-            bound = np.repeat(peak / 7 * 0.5, 32, axis=-1).reshape(original.shape) * 1.01 + 1e-6
-            assert (np.abs(stored - original) <= bound).all(), name
-            parameter.copy_(torch.from_numpy(stored))
-            replaced += 1
+    for module in (decoder, head):
+        for name, parameter in module.state_dict().items():
+            key = name.replace(".", "_") + "_to_fp16"
+            found = [value for stored, value in decompressed.items() if stored.startswith(key) and stored != key
+                     and value.shape == tuple(parameter.shape)]
+            if found and name.endswith("weight") and parameter.dim() == 2:
+                original = parameter.numpy()
+                stored = found[0].astype(np.float32)
+                # symmetric int4 per block of 32: at most half a step (max |w| of the block / 7), plus fp16 rounding
+                peak = np.abs(original.reshape(original.shape[0], -1, 32)).max(-1, keepdims=True)
+                bound = np.repeat(peak / 7 * 0.5, 32, axis=-1).reshape(original.shape) * 1.01 + 1e-6
+                assert (np.abs(stored - original) <= bound).all(), name
+                parameter.copy_(torch.from_numpy(stored))
+                replaced += 1
     assert replaced == 7 * weights.config.num_hidden_layers + 1
     got = _run_calls(interpreter, embeds, weights.config)
     with torch.no_grad():
-        wrapped = np.concatenate([module(*(torch.from_numpy(np.asarray(v, np.float32)) for v in
-                                           _llm_feeds(embeds, past, length, weights.config).values())).numpy()
+        wrapped = np.concatenate([head(decoder(*(torch.from_numpy(np.asarray(v, np.float32)) for v in
+                                                 _llm_feeds(embeds, past, length, weights.config).values()))).numpy()
                                   for past, length in CALLS], axis=1)
     assert cosine(got, wrapped) > 0.9999
     assert cosine(got, expected) > 0.95     # int4 rounding of random tiny weights, against the float model
@@ -439,12 +521,13 @@ def test_llm_int4_package_is_within_5_percent_of_the_physical_minimum(wide_model
         source.close()
     minimum = linear * 4 // 8 + linear // 32 * 2 + other * 2
     result = api.export_coreml(wide_model, tmp_path / "out", vision="fp16", llm="int4-block32", progress=False)
-    package = Path(result.llm.path)
-    assert result.llm.bytes == sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
-    assert minimum <= result.llm.weights_bytes <= result.llm.bytes <= 1.05 * minimum
-    # The package's own count (from the program's declared shapes) is the same minimum, up to what the checkpoint
-    # and the program hold differently: coremltools' zero biases, norms of ones folded away.
-    assert abs(result.llm.physical_min_bytes - minimum) <= 0.01 * minimum
+    total, weights, physical = (sum(getattr(p, key) for p in result.llm)
+                                for key in ("bytes", "weights_bytes", "physical_min_bytes"))
+    assert total == sum(f.stat().st_size for p in result.llm for f in Path(p.path).rglob("*") if f.is_file())
+    assert minimum <= weights <= total <= 1.05 * minimum
+    # The packages' own count (from the programs' declared shapes) is the same minimum, up to what the checkpoint
+    # and the programs hold differently: coremltools' zero biases, norms of ones folded away.
+    assert abs(physical - minimum) <= 0.01 * minimum
     assert "x the physical minimum" in result.summary()
 
 
@@ -452,7 +535,7 @@ def test_physical_minimum_reads_no_weight(llm_exports, monkeypatch):
     """Sizing an 8B package must not decompress (or even read) its weights: every read fails here."""
     from mcq.export.coreml import interpreter
 
-    program = load_program(llm_exports("int4-block32") / api.LLM_PACKAGE)
+    program = load_program(llm_exports("int4-block32") / api.decoder_package(0))
 
     def no_reads(*args, **kwargs):
         raise AssertionError("a weight was read")
@@ -498,16 +581,16 @@ def test_from_dir_carries_the_stored_int4_levels(rtn_export):
 
     variant, out, result = rtn_export
     assert set(result.llm_fallbacks) == {"llm.lm_head"}      # the recipe leaves the LM head unquantized
-    program = load_program(out / api.LLM_PACKAGE)
+    program = load_program(out / api.decoder_package(0))
     stored_ops = [op for op in program.operations if op.outputs and op.outputs[0][0].endswith("_stored_int4")]
+    assert not [op for op in load_program(out / api.HEAD_PACKAGE).operations
+                if op.outputs and op.outputs[0][0].endswith("_stored_int4")]
     source = ExportWeights(MODEL, variant)
     try:
-        module = StatefulDecoder(source, 4096).eval()
-        assert len(stored_ops) == len(module.linear_sources()) - 1
+        module = StatefulDecoder(source, 4096, range(source.config.num_hidden_layers)).eval()
+        assert len(stored_ops) == len(module.linear_sources())
         decompressed = Interpreter(program).weights()
         for prefix, checkpoint_module in module.linear_sources().items():
-            if checkpoint_module == "llm.lm_head":
-                continue
             got = decompressed[f"{prefix}_stored_int4"].astype(np.float32)
             expected = source.tensor(f"{checkpoint_module}.weight").numpy()
             np.testing.assert_allclose(got, expected, rtol=2**-10, atol=1e-7)
@@ -515,8 +598,8 @@ def test_from_dir_carries_the_stored_int4_levels(rtn_export):
         source.close()
     manifest = json.loads((out / "mcq-manifest.json").read_text())
     assert manifest["settings"]["from"] == "w4" and manifest["settings"]["llm_fallbacks"] == result.llm_fallbacks
-    assert json.loads(json.dumps(result.to_dict()))["llm"]["compression"] == "int4-block32"
-    assert "requantized: llm.lm_head" in result.summary() and api.LLM_PACKAGE in result.summary()
+    assert [p["compression"] for p in json.loads(json.dumps(result.to_dict()))["llm"]] == ["int4-block32"] * 2
+    assert "requantized: llm.lm_head" in result.summary() and api.decoder_package(0) in result.summary()
     assert manifest["settings"]["llm_requantized"] is None and "every LLM Linear" not in result.summary()
 
 
@@ -606,8 +689,8 @@ def test_scaled_rope_is_refused_before_converting(tmp_path, monkeypatch, scaling
 @pytest.mark.parametrize(("damage", "file"), [("truncate weights", "weight.bin"), ("truncate program", "model.mlmodel"),
                                               ("garbage program", "model.mlmodel")])
 def test_damaged_package_is_one_line_error_naming_the_file(llm_exports, tmp_path, damage, file):
-    package = tmp_path / api.LLM_PACKAGE
-    shutil.copytree(llm_exports("int4-block32") / api.LLM_PACKAGE, package)
+    package = tmp_path / api.decoder_package(0)
+    shutil.copytree(llm_exports("int4-block32") / api.decoder_package(0), package)
     target = next(package.rglob(file))
     data = target.read_bytes()
     target.write_bytes(b"\x07not a protobuf" * 64 if damage == "garbage program" else data[: len(data) * 2 // 3])
@@ -644,7 +727,7 @@ def test_minicpmv_2_6_packages_agree_with_torch(tmp_path):
     inputs = vision_inputs(pixels, 10, 12, patch=14, patches_per_side=config.vision_config.image_size // 14,
                            hidden=config.hidden_size, max_patches=MAX_PATCHES)
     assert cosine(_interpreted(out / api.VISION_PACKAGE, inputs), expected_features) > 0.999
-    interpreter = Interpreter(load_program(out / api.LLM_PACKAGE))
+    interpreter = InterpretedLlm(out)
     head_dim = config.hidden_size // config.num_attention_heads
     logits = []
     for past, length in ((0, 3), (3, 2)):

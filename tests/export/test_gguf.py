@@ -360,3 +360,18 @@ def test_out_may_not_replace_the_from_output(outlier_variants, capsys):
                  "--force"])
     assert code == 2 and len(_error_lines(capsys.readouterr().err)) == 1
     assert (awq / "config.json").is_file()
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
+def test_row_blocks_give_the_bytes_of_whole_tensors(quant, tmp_path, monkeypatch):
+    """Tensors read, cast and encoded a few rows at a time (the real vocabulary's tables would be 2.5 GB each in
+    float32) give the files whole tensors give, the importance-matrix re-quantization included."""
+    from mcq.export import rows
+
+    export_gguf("tiny:4.0", tmp_path / "whole", quant=quant, mmproj_quant=quant, num_samples=2, progress=False)
+    monkeypatch.setattr(rows, "ROW_BLOCK_BYTES", 1000)
+    export_gguf("tiny:4.0", tmp_path / "rows", quant=quant, mmproj_quant=quant, num_samples=2, progress=False)
+    whole, blocks = sorted((tmp_path / "whole").iterdir()), sorted((tmp_path / "rows").iterdir())
+    assert [p.name for p in whole] == [p.name for p in blocks]
+    for a, b in zip(whole, blocks):
+        assert a.read_bytes() == b.read_bytes(), a.name

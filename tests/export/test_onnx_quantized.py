@@ -20,7 +20,7 @@ from mcq.validate.runners import detect_format
 from mcq.validate.runners.onnx_runner import OnnxRunner
 from mcq.validate.runners.transformers_runner import TransformersRunner
 
-from onnx_helpers import chat_inputs, digests, image, relative_error
+from onnx_helpers import chat_inputs, digests, image, quantize_with_onnxruntime, relative_error
 
 
 def matmul_nbits(path) -> dict[str, dict[str, int]]:
@@ -109,6 +109,65 @@ def test_onnxruntime_quantizer(precision, block, algorithm, prompt, tmp_path):
     expected = torch.from_numpy(reference.forward(prompt)[0])
     kl = token_kl(expected, torch.from_numpy(OnnxMiniCPMV(out).forward(prompt)[0])).mean().item()
     assert 0 < kl < (0.01 if precision == "int8" else 0.2), kl
+
+
+@pytest.mark.parametrize("precision, block, algorithm", [("int4", 32, "default"), ("int8", 64, "default"),
+                                                         ("int4", 128, "rtn"), ("int4", 64, "k_quant")])
+def test_streamed_quantization_equals_onnxruntime_on_the_float_graph(precision, block, algorithm, tmp_path,
+                                                                    monkeypatch):
+    """Each weight quantized as it is written, a few rows at a time, gives exactly the MatMulNBits tensors and
+    attributes onnxruntime's MatMulNBitsQuantizer writes from the whole float graph (what the export ran before)."""
+    from onnx import numpy_helper
+
+    from mcq.export import rows
+    from mcq.export.onnx.quantize import LinearPlan
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = tmp_path / "streamed"
+    with monkeypatch.context() as patch:
+        patch.setattr(rows, "ROW_BLOCK_BYTES", 4096)     # several row blocks per weight at tiny widths
+
+        def whole_graph(*_args, **_kwargs):
+            raise AssertionError("the export ran onnxruntime's quantizer over a whole float graph")
+        patch.setattr(MatMulNBitsQuantizer, "process", whole_graph)
+        export_onnx("tiny:4.5", out, precision=precision, block_size=block, algorithm=algorithm)
+    plans = {d["name"]: LinearPlan(**d) for d in json.loads((out / "mcq-manifest.json").read_text())["extra"]["linears"]}
+    suffix = "_q4" if precision == "int4" else "_int8"
+    compared = 0
+    for graph in ("decoder_model_merged", "vision_encoder"):
+        float_graph = onnx.load(str(_fp32_export(tmp_path) / f"onnx/{graph}.onnx"))
+        oracle = quantize_with_onnxruntime(float_graph, plans, symmetric=False, accuracy_level=4)
+        streamed = onnx.load(str(out / f"onnx/{graph}{suffix}.onnx"))
+        weights = {t.name: t for g in (oracle, streamed) for t in g.graph.initializer}
+        ours = {n.name.split("/")[0]: n for n in streamed.graph.node if n.op_type == "MatMulNBits"}
+        theirs = {n.name.split("/")[0]: n for n in oracle.graph.node if n.op_type == "MatMulNBits"}
+        assert set(ours) == set(theirs) and ours
+        for module, node in theirs.items():
+            assert [(a.name, a.i) for a in node.attribute] == [(a.name, a.i) for a in ours[module].attribute]
+            assert len(node.input) == len(ours[module].input)
+            for mine, reference in zip(ours[module].input[1:], node.input[1:]):
+                expected = numpy_helper.to_array(weights[reference])
+                actual = numpy_helper.to_array(weights[mine])
+                assert actual.dtype == expected.dtype and actual.shape == expected.shape
+                assert actual.tobytes() == expected.tobytes(), (module, mine)
+            compared += 1
+    assert compared == 14 + 18
+
+
+def test_row_blocks_and_inline_weights_give_the_same_files(tmp_path, monkeypatch):
+    """Weights written a few rows at a time (transposed Linears, tables) and folded into the .onnx file as it is
+    written give the bytes of a whole-tensor export, and the file is protobuf's own serialization of the model."""
+    from mcq.export import rows
+
+    for precision in ("fp32", "fp16"):
+        export_onnx("tiny:4.5", tmp_path / f"{precision}-whole", precision=precision)
+        with monkeypatch.context() as patch:
+            patch.setattr(rows, "ROW_BLOCK_BYTES", 1000)
+            export_onnx("tiny:4.5", tmp_path / f"{precision}-rows", precision=precision)
+        assert digests(tmp_path / f"{precision}-whole") == digests(tmp_path / f"{precision}-rows")
+    for path in (tmp_path / "fp16-rows/onnx").iterdir():
+        assert path.read_bytes() == onnx.load(str(path)).SerializeToString()
 
 
 def test_onnxruntime_int4_export_is_deterministic(tmp_path):

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 import mcq  # noqa: F401  (registers the Auto classes)
+from mcq.errors import McqError
 from mcq.models.loading import load_model, load_processor, stored_tensors
 from mcq.models.minicpmv import MiniCPMV
 from mcq.models.tiny import TinySpec, make_tiny
@@ -295,3 +296,71 @@ def test_outliers_give_a_few_norm_channels_a_large_gain(tmp_path):
         assert big.sum() == 2, name  # two channels per norm ...
         assert torch.all((gain[big] >= 19.5) & (gain[big] <= 50.5)), name  # ... at 20-50x
         torch.testing.assert_close(gain[~big], torch.ones_like(gain[~big]))
+
+
+def test_make_tiny_writes_the_bytes_save_pretrained_wrote(tmp_path):
+    """The streaming shard writer gives small tiny models exactly the files `save_pretrained` of the whole model
+    wrote (the bytes every test and documented number was measured on)."""
+    from mcq.models import tiny
+
+    ours = make_tiny(tmp_path / "ours", TinySpec(version="4.5", outliers=True))
+    config = json.loads((ours / "config.json").read_text())
+    torch.manual_seed(0)
+    model = MiniCPMV(AutoConfig.from_pretrained(ours))
+    tiny._add_outliers(model, 0)
+    model = model.to(torch.bfloat16)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path / "theirs", max_shard_size=max(total // 3, 1 << 16))
+    theirs = _digests(tmp_path / "theirs")
+    assert len(theirs) == 6 and config["vocab_size"] == model.config.vocab_size
+    assert {name: digest for name, digest in _digests(ours).items() if name in theirs} == theirs
+
+
+def test_shard_writer_matches_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from mcq.models.shards import TensorEntry, plan_shards, write_shard
+
+    tensors = {"b.weight": torch.randn(3, 5).to(torch.bfloat16), "a.bias": torch.randn(7),
+               "c.idx": torch.arange(4, dtype=torch.int32), "a.weight": torch.randn(2, 2).half(),
+               "d.scalar": torch.tensor(1.5)}
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    (shard,) = plan_shards([TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], 1 << 20)
+    write_shard(tmp_path / "ours.safetensors", shard, ((e.name, tensors[e.name]) for e in shard.layout()))
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    # sharded as huggingface_hub shards a state dict in name order (what save_pretrained does)
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    for limit in (29, 40, 60):
+        split = plan_shards([TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], limit)
+        hub = split_torch_state_dict_into_shards(dict(sorted(tensors.items())), max_shard_size=limit,
+                                                 filename_pattern="model{suffix}.safetensors")
+        assert {s.file: [e.name for e in s.entries] for s in split} == hub.filename_to_tensors
+        assert len(split) > 1
+
+
+def test_per_block_init_real_vocab(tmp_path, monkeypatch):
+    """The per-block initialization real widths use (here at tiny widths): a loadable checkpoint, deterministic,
+    each block from its own seed (layer 0 is the same at any depth), with the official 151,748-row tables."""
+    from mcq.models import tiny
+    from mcq.models.weights import CheckpointReader
+
+    monkeypatch.setattr(tiny, "_per_block", lambda spec: True)
+    two = make_tiny(tmp_path / "two", TinySpec(version="4.5", real_vocab=True, outliers=True))
+    again = make_tiny(tmp_path / "again", TinySpec(version="4.5", real_vocab=True, outliers=True))
+    three = make_tiny(tmp_path / "three", TinySpec(version="4.5", real_vocab=True, outliers=True, llm_layers=3))
+    assert _digests(two) == _digests(again)
+    model = load_model(two, dtype="float32")
+    assert model.config.vocab_size == tiny.REAL_VOCAB_SIZE
+    assert model.llm.model.embed_tokens.weight.shape[0] == model.llm.lm_head.weight.shape[0] == 151748
+    assert len(load_processor(two).tokenizer) < 151748
+    reader_two, reader_three = CheckpointReader(two), CheckpointReader(three)
+    for name in ("llm.model.layers.0.mlp.down_proj.weight", "llm.model.embed_tokens.weight", "resampler.query"):
+        assert torch.equal(reader_two.read_stored(name), reader_three.read_stored(name))
+    # blocks differ from each other, and the outlier gains are there
+    assert not torch.equal(reader_three.read_stored("llm.model.layers.1.mlp.up_proj.weight"),
+                           reader_three.read_stored("llm.model.layers.2.mlp.up_proj.weight"))
+    norm = reader_two.read_stored("llm.model.layers.1.input_layernorm.weight").float()
+    assert norm.max() > 19 and (norm == 1).sum() == norm.numel() - 2
+    with pytest.raises(McqError, match="--real-vocab"):
+        make_tiny(tmp_path / "v26", TinySpec(version="2.6", real_vocab=True))

@@ -241,3 +241,38 @@ def test_an_already_quantized_checkpoint_is_refused(tiny45, tmp_path):
     quantize(tiny45, tmp_path / "q", method="rtn", progress=False)
     with pytest.raises(McqError, match="already quantized"):
         quantize(tmp_path / "q", tmp_path / "qq", method="rtn", progress=False)
+
+
+def test_embedding_tables_stay_in_their_stored_dtype(tiny45):
+    """The driver looks rows up in the stored bf16 tables (an 8B model's would be 2.5 GB in float32 for the whole
+    run) and hands the first LLM block exactly the float32 inputs the float32 model computes."""
+    from mcq.models.weights import CheckpointReader, shell_model
+    from mcq.quantize.sequential import BlockHandler, SequentialDriver
+
+    path, config, spec = model_spec(tiny45)
+    processor = load_processor(path)
+    samples = [encode_sample(processor, spec, s) for s in load_samples(None, num_samples=4)]
+    model = shell_model(config)
+    captured = []
+
+    def record(name, block, calls):
+        if name == "llm.model.layers.0":
+            captured.extend(args[0] for args, _ in calls)
+    SequentialDriver(model, CheckpointReader(path), samples, torch.float32, "cpu").run(
+        BlockHandler(record, lambda name, block: None))
+    assert model.llm.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.vpm.embeddings.position_embedding.weight.dtype == torch.bfloat16
+
+    reference = load_model(path, dtype="float32")
+    expected = []
+    hook = reference.llm.model.layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: expected.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
+    reference.config.vision_batch_size = 1
+    with torch.no_grad():
+        for sample in samples:
+            reference(sample, use_cache=False)
+    hook.remove()
+    assert len(captured) == len(expected) == len(samples)
+    for ours, theirs in zip(captured, expected):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs)

@@ -186,3 +186,46 @@ def test_an_unreadable_manifest_is_refused_not_skipped(gptq_variant, manifest, t
 def test_quantized_reference_is_refused(gptq_variant, capsys):
     assert main(["validate", "--reference", gptq_variant, "--variant", gptq_variant]) == 2
     assert "pass the original" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def rtn_tiny(tmp_path_factory):
+    from mcq.quantize.api import quantize
+
+    return str(quantize("tiny:4.5", tmp_path_factory.mktemp("rtn") / "rtn", method="rtn", progress=False).out)
+
+
+def test_mapped_weights_give_the_resident_numbers(rtn_tiny, monkeypatch):
+    """A model too large for the machine runs from its mapped checkpoint (a Linear cast or dequantized a block at a
+    time): the reference and a compressed-tensors variant score exactly what they score with resident weights."""
+    from mcq.validate import api
+    from mcq.validate.runners import transformers_runner
+
+    options = {"num_samples": 3, "max_new_tokens": 6, "latency_runs": 1, "progress": False}
+    resident = api.validate("tiny:4.5", [rtn_tiny], **options)
+    monkeypatch.setattr(transformers_runner, "RESIDENT_SHARE", 0.0)    # nothing fits: every weight mapped
+    mapped = api.validate("tiny:4.5", [rtn_tiny], **options)
+    for ours, theirs in zip(mapped["variants"], resident["variants"]):
+        assert "weights mapped from the checkpoint" in ours["runtime"] and "mapped" not in theirs["runtime"]
+        assert ours["status"] == theirs["status"] == "ok"
+        for key in ("kl_mean", "kl_p99", "top1_agreement", "ppl", "vision_cosine", "gen_token_agreement",
+                    "gen_exact_match"):
+            assert ours["metrics"][key] == theirs["metrics"][key], key
+        assert ours["kl_by_kind"] == theirs["kl_by_kind"] and ours["kl_vision_path"] == theirs["kl_vision_path"]
+    assert mapped["variants"][1]["metrics"]["kl_mean"] > 0
+
+
+def test_a_variant_that_cannot_fit_is_refused_before_loading(rtn_tiny, monkeypatch, capsys):
+    from mcq.validate import api, probes
+
+    monkeypatch.setattr(probes, "available_memory", lambda: 512 << 20)
+
+    def no_run(*_args, **_kwargs):
+        raise AssertionError("a worker was started")
+    monkeypatch.setattr(api, "_run_worker", no_run)
+    code = main(["validate", "--reference", "tiny:4.5", "--variant", rtn_tiny])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "needs about" in error and "GiB is available; pass --dtype bfloat16 or --device cuda" in error
+    assert main(["validate", "--reference", "tiny:4.5", "--variant", rtn_tiny, "--dtype", "bfloat16"]) == 2
+    assert "pass --device cuda" in capsys.readouterr().err

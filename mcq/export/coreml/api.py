@@ -4,15 +4,19 @@ Layout:
 
     OUT/
       MiniCPMV-vision.mlpackage   one slice (≤ 1088 patches) + host inputs → image_features [1, 64, hidden]
-      MiniCPMV-embed.mlpackage    input_ids → inputs_embeds (a quantized gather)          } unless --llm none
-      MiniCPMV-llm.mlpackage      inputs_embeds + rotary terms + mask → logits, KV cache  }
-                                  in two iOS18 states (key_cache, value_cache)
+      MiniCPMV-embed.mlpackage    input_ids → inputs_embeds (a quantized gather)          }
+      MiniCPMV-llm-00.mlpackage   decoder layers of chunk 0: hidden states + rotary terms  }
+      MiniCPMV-llm-01.mlpackage   + mask → hidden states, their KV cache in two iOS18      } unless --llm none
+      ...                         states (key_cache, value_cache)                          }
+      MiniCPMV-head.mlpackage     final norm + LM head: hidden states → logits             }
       minicpmv-coreml.json        preprocessing constants, token ids and the packages' I/O, for the Swift app
       README.md, mcq-manifest.json
 
-Every package is checked before the output is moved into place: its ops must all be ones the reference
-interpreter knows (`interpreter.check_supported`), so every export stays verifiable on Linux. The output is
-staged; a failure leaves nothing behind.
+The LLM is converted a chunk of layers at a time (`convert.decoder_chunks`: ≤ 1 GiB of fp16 weights each), each
+chunk saved before the next is traced, as Apple's own conversions of large models split them into packages, so
+the export's memory does not grow with depth. Every package is checked before the output is moved into place: its
+ops must all be ones the reference interpreter knows (`interpreter.check_supported`), so every export stays
+verifiable on Linux. The output is staged; a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import time
 
 import numpy as np
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,15 @@ from .convert import MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_com
 
 VISION_PACKAGE = "MiniCPMV-vision.mlpackage"
 EMBED_PACKAGE = "MiniCPMV-embed.mlpackage"
-LLM_PACKAGE = "MiniCPMV-llm.mlpackage"
+HEAD_PACKAGE = "MiniCPMV-head.mlpackage"
 SIDECAR = "minicpmv-coreml.json"
+SIDECAR_FORMAT = "mcq-coreml-2"     # 2: the decoder in chunk packages and a head package (1: one LLM package)
+
+
+def decoder_package(index: int) -> str:
+    return f"MiniCPMV-llm-{index:02d}.mlpackage"
+
+
 # `--llm none` writes no LLM (the vision package alone); `fp16` an uncompressed one.
 LLM_COMPRESSIONS = ("int4-block32", "palettize4", "int8", "fp16", "none")
 
@@ -54,7 +65,7 @@ class CoremlExportResult:
     version: str
     target: str
     vision: CoremlPackage
-    llm: CoremlPackage | None
+    llm: list[CoremlPackage] | None     # the decoder chunks in order, then the head
     embed: CoremlPackage | None
     weights_from: str
     seconds: float
@@ -69,7 +80,7 @@ class CoremlExportResult:
     def summary(self) -> str:
         lines = [f"{self.out}: MiniCPM-V {self.version} → Core ML ({self.target}) in {self.seconds:.1f} s "
                  f"(weights from {self.weights_from})"]
-        for role, package in (("vision", self.vision), ("embed", self.embed), ("llm", self.llm)):
+        for role, package in (("vision", self.vision), ("embed", self.embed), *(("llm", p) for p in self.llm or ())):
             if package is not None:
                 line = f"  {role:<7}{Path(package.path).name}  {package.compression}  {package.bytes / 2**20:.2f} MiB"
                 if package.physical_min_bytes:
@@ -119,35 +130,51 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
 
 def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, force: bool, progress: bool,
             started: float, support: dict[str, Any]) -> CoremlExportResult:
+    """Convert and save one package at a time (each released before the next is traced)."""
     from mcq.outputs import staged_output, write_manifest
 
-    from .convert import convert_embeddings, convert_llm, convert_vision
+    from .convert import convert_embeddings, convert_head, convert_llm, convert_vision, decoder_chunks
 
-    _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
-    models = {VISION_PACKAGE: (convert_vision(weights, target, vision), vision)}
     fallbacks: dict[str, str] = {}
-    if llm != "none":
-        compression = "none" if llm == "fp16" else llm
-        _say(progress, f"converting the token embeddings ({llm})")
-        models[EMBED_PACKAGE] = (convert_embeddings(weights, target, compression), llm)
-        _say(progress, f"converting the LLM decoder with its stateful KV cache ({llm})")
-        llm_model, fallbacks = convert_llm(weights, target, compression)
-        models[LLM_PACKAGE] = (llm_model, llm)
     with staged_output(out, force) as staging:
-        packages, programs = {}, {}
-        for name, (model, compression) in models.items():
-            packages[name], programs[name] = _save(model, staging / name, out / name, compression)
+        packages, programs, chunks = {}, {}, []
+
+        def save(name: str, model, compression: str) -> None:
+            packages[name], program = _save(model, staging / name, out / name, compression)
+            # The sidecar needs each program's I/O and states only: its operations go with the model.
+            programs[name] = replace(program, operations=[])
+
+        _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
+        save(VISION_PACKAGE, convert_vision(weights, target, vision), vision)
+        if llm != "none":
+            compression = "none" if llm == "fp16" else llm
+            _say(progress, f"converting the token embeddings ({llm})")
+            save(EMBED_PACKAGE, convert_embeddings(weights, target, compression), llm)
+            chunks = decoder_chunks(weights)
+            for index, layers in enumerate(chunks):
+                _say(progress, f"converting LLM decoder layers {layers.start}-{layers.stop - 1} of "
+                               f"{weights.config.num_hidden_layers} with their stateful KV cache ({llm})")
+                model, missed = convert_llm(weights, target, compression, layers)
+                save(decoder_package(index), model, llm)
+                fallbacks.update(missed)
+                del model
+            _say(progress, f"converting the LLM head ({llm})")
+            model, missed = convert_head(weights, target, compression)
+            save(HEAD_PACKAGE, model, llm)
+            fallbacks.update(missed)
+            del model
+        llm_packages = [packages[decoder_package(i)] for i in range(len(chunks))]
         result = CoremlExportResult(
             out=str(out), version=weights.spec.version, target=target, vision=packages[VISION_PACKAGE],
-            llm=packages.get(LLM_PACKAGE), embed=packages.get(EMBED_PACKAGE), llm_fallbacks=fallbacks,
-            llm_requantized=_requantized(from_dir, llm),
+            llm=llm_packages + [packages[HEAD_PACKAGE]] if chunks else None, embed=packages.get(EMBED_PACKAGE),
+            llm_fallbacks=dict(sorted(fallbacks.items())), llm_requantized=_requantized(from_dir, llm),
             weights_from=str(from_dir) if from_dir else str(weights.model_path), seconds=0.0)
         (staging / SIDECAR).write_text(
-            json.dumps(sidecar(weights, programs, support, {"vision": vision, "llm": llm}), indent=2, sort_keys=True)
-            + "\n", encoding="utf-8")
+            json.dumps(sidecar(weights, programs, support, {"vision": vision, "llm": llm}, chunks), indent=2,
+                       sort_keys=True) + "\n", encoding="utf-8")
         _write_card(staging, weights, result)
         settings = {"format": "coreml", "target": target, "vision": vision, "llm": llm,
-                    "from": Path(from_dir).name if from_dir else None, "llm_fallbacks": fallbacks,
+                    "from": Path(from_dir).name if from_dir else None, "llm_fallbacks": result.llm_fallbacks,
                     "llm_requantized": result.llm_requantized}
         write_manifest(staging, kind="coreml", source=weights.model_path,
                        recipe=getattr(weights.config, "quantization_config", None), settings=settings)
@@ -231,7 +258,8 @@ def support_files(weights) -> dict[str, Any]:
     return {"config": files["config.json"], "preprocessor": files["preprocessor_config.json"], "tokens": tokens}
 
 
-def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[str, str]) -> dict[str, Any]:
+def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[str, str],
+            chunks: list[range]) -> dict[str, Any]:
     """What a Swift app needs beside the packages: preprocessing constants, token ids, package I/O; and for
     tools (`mcq validate`), the compression choices and the checkpoint's config.json."""
     config, version = weights.config, weights.spec.version
@@ -239,7 +267,7 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
     vision = config.vision_config
     vision_program = programs[VISION_PACKAGE]
     return {
-        "format": "mcq-coreml-1",
+        "format": SIDECAR_FORMAT,
         "version": version,
         "compression": compression,
         "model_config": support["config"],
@@ -275,11 +303,11 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
             "terminators": tokens.terminator_ids(weights.spec.terminators),
         },
         "embedding_scale": float(getattr(config, "scale_emb", 1.0) or 1.0),
-        "llm": _llm_sidecar(weights, programs) if LLM_PACKAGE in programs else None,
+        "llm": _llm_sidecar(weights, programs, chunks) if chunks else None,
     }
 
 
-def _llm_sidecar(weights, programs: dict) -> dict[str, Any]:
+def _llm_sidecar(weights, programs: dict, chunks: list[range]) -> dict[str, Any]:
     from .convert import LLM_CONTEXT, LLM_MAX_CHUNK, rope_theta
     from .graphs import MASKED_SCORE, DecoderShape
 
@@ -290,15 +318,21 @@ def _llm_sidecar(weights, programs: dict) -> dict[str, Any]:
                            in program.inputs.items()},
                 "outputs": list(program.outputs)}
 
+    decoder = [{"package": decoder_package(i), "layers": [layers.start, layers.stop],
+                "states": {name: {"dtype": dtype.lower(), "shape": dims}
+                           for name, (dtype, dims) in programs[decoder_package(i)].states.items()}}
+               for i, layers in enumerate(chunks)]
     return {
-        "package": LLM_PACKAGE, "embed_package": EMBED_PACKAGE,
-        **io(programs[LLM_PACKAGE]), "embed": io(programs[EMBED_PACKAGE]),
-        "states": {name: {"dtype": dtype.lower(), "shape": dims}
-                   for name, (dtype, dims) in programs[LLM_PACKAGE].states.items()},
+        "embed_package": EMBED_PACKAGE, "decoder": decoder, "head_package": HEAD_PACKAGE,
+        "embed": io(programs[EMBED_PACKAGE]), "decoder_io": io(programs[decoder_package(0)]),
+        "head": io(programs[HEAD_PACKAGE]),
         "context": LLM_CONTEXT, "max_tokens_per_call": LLM_MAX_CHUNK,
         "layers": shape.layers, "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
         "rope_theta": rope_theta(weights.config), "masked_score": MASKED_SCORE,
         "host": {
+            "decoder": "call the decoder packages in order, each on its own state (key_cache / value_cache of its "
+                       "layers): the first takes the embeddings as hidden_states, each next one the previous "
+                       "one's output_hidden_states; the head package turns the last one's into logits",
             "position_cos/position_sin": "[1, 1, S, head_dim]: cos/sin(p * theta^(-2i/head_dim)) for the S new "
                                          "positions p, i < head_dim/2, the halves repeated; computed in float32",
             "causal_mask": "[1, 1, S, past + S]: 0 where key position <= query position, masked_score elsewhere; "
@@ -311,7 +345,7 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
     from mcq.outputs import write_model_card
 
     llm_rows = "".join(f"| `{Path(p.path).name}` | {p.compression} | {p.bytes:,} |\n"
-                       for p in (result.embed, result.llm) if p is not None)
+                       for p in (result.embed, *(result.llm or ())) if p is not None)
     write_model_card(
         staging, title=f"{weights.model_path.name} — Core ML ({result.target})", base_model=weights.model_path.name,
         variant={"library": None, "method": "coreml", "format": result.vision.compression,
@@ -327,16 +361,18 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
                                "`position_ids`, `patch_mask`, `key_positions` (see the JSON sidecar). Output "
                                f"`image_features` [1, {weights.config.query_num}, {weights.config.hidden_size}] "
                                "replaces the image placeholder tokens of the slice."),
-            ("LLM package", "Decoder with its KV cache in two iOS18 states (`key_cache`, `value_cache`); each call "
-                            "adds up to 512 tokens (prefill in chunks, then one at a time) and returns their logits. "
-                            "Grouped-query attention without copies of the cache. See the JSON sidecar for the host "
-                            "inputs."
-                            if result.llm else "not exported (`--llm none`)"),
+            ("LLM packages", f"The decoder in {len(result.llm) - 1} package(s) of consecutive layers, called in "
+                             "order, each with the KV cache of its layers in two iOS18 states (`key_cache`, "
+                             "`value_cache`), then the head package (final norm, LM head) for the logits; each call "
+                             "adds up to 512 tokens (prefill in chunks, then one at a time). Grouped-query attention "
+                             "without copies of the cache. See the JSON sidecar for the host inputs."
+                             if result.llm else "not exported (`--llm none`)"),
             ("Weights", f"from `{Path(result.weights_from).name}`"),
             ("Model", f"MiniCPM-V {result.version}, exported by mcq. Video frames go through the package one at "
                       "a time as images (the 3D resampler's temporal grouping is not in this package)."),
         ])
 
 
-__all__ = ["EMBED_PACKAGE", "LLM_COMPRESSIONS", "LLM_PACKAGE", "SIDECAR", "TARGETS", "VISION_COMPRESSIONS",
-           "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options", "export_coreml"]
+__all__ = ["EMBED_PACKAGE", "HEAD_PACKAGE", "LLM_COMPRESSIONS", "SIDECAR", "TARGETS", "VISION_COMPRESSIONS",
+           "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options", "decoder_package",
+           "export_coreml"]

@@ -196,6 +196,21 @@ def save_package(model, path) -> None:
 LLM_CONTEXT = 4096          # cached positions the state holds (the Swift app starts over, or slides, past it)
 LLM_MAX_CHUNK = 512         # tokens one call may add (prefill in chunks of up to this many)
 INT4_BLOCK = 32
+# Decoder layers are converted in packages of at most this many bytes of fp16 weights (at least one layer each):
+# tracing and converting a package holds its weights several times over (float32 for the trace, fp16 constants,
+# the compressed copy), so the packages bound the export's memory whatever the depth. Real 4.5 widths: 2 layers
+# (772 MB at fp16) per package, 18 packages for 36 layers; every tiny model fits in one.
+LLM_PACKAGE_BYTES = 1 << 30
+
+
+def decoder_chunks(weights) -> list[range]:
+    """The LLM's decoder layers split into consecutive ranges, one per package."""
+    config = weights.config
+    layers = config.num_hidden_layers
+    prefix = "llm.model.layers.0."
+    layer_bytes = 2 * sum(weights.tensor(name).numel() for name in weights.names() if name.startswith(prefix))
+    step = max(1, LLM_PACKAGE_BYTES // max(layer_bytes, 1))
+    return [range(start, min(start + step, layers)) for start in range(0, layers, step)]
 
 
 def rope_theta(config) -> float:
@@ -216,38 +231,62 @@ def check_rope(config) -> None:
                        "only); remove rope_scaling (MiniCPM-V 2.6 / 4.5 ship without it) or pass --llm none")
 
 
-def convert_llm(weights, target: str, compression: str, context: int = LLM_CONTEXT,
+def _decoder_inputs(ct, shape, max_chunk: int, context: int, first: str):
+    length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
+    cached = ct.RangeDim(lower_bound=1, upper_bound=context, default=1, symbol="end")
+    return [ct.TensorType(first, shape=(1, length, shape.hidden), dtype=np.float16),
+            ct.TensorType("position_cos", shape=(1, 1, length, shape.head_dim), dtype=np.float16),
+            ct.TensorType("position_sin", shape=(1, 1, length, shape.head_dim), dtype=np.float16),
+            ct.TensorType("causal_mask", shape=(1, 1, length, cached), dtype=np.float16)]
+
+
+def convert_llm(weights, target: str, compression: str, layers: range, context: int = LLM_CONTEXT,
                 max_chunk: int = LLM_MAX_CHUNK):
-    """The stateful decoder as an in-memory MLModel (iOS18: states), and the Linears whose `--from` levels could
-    not be carried into int4 blocks (module → reason; empty without `--from`)."""
+    """Decoder layers `layers` with their stateful KV cache as an in-memory MLModel (iOS18: states), and the Linears
+    whose `--from` levels could not be carried into int4 blocks (module → reason; empty without `--from`)."""
     from .graphs import StatefulDecoder
 
     if weights.spec.version == "4.0":
         raise McqError("Core ML LLM export supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); 4.0's MiniCPM4 "
                        "decoder (scaled residuals) is not implemented")
     ct = import_coremltools()
-    module = StatefulDecoder(weights, context)
+    module = StatefulDecoder(weights, context, layers)
     shape = module.shape
     chunk, seen = 2, 5       # example sizes ≥ 2, so tracing specializes nothing to 1
     example = (torch.zeros(1, chunk, shape.hidden), torch.ones(1, 1, chunk, shape.head_dim),
                torch.zeros(1, 1, chunk, shape.head_dim), torch.zeros(1, 1, chunk, seen))
-    length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
-    cached = ct.RangeDim(lower_bound=1, upper_bound=context, default=1, symbol="end")
-    inputs = [ct.TensorType("inputs_embeds", shape=(1, length, shape.hidden), dtype=np.float16),
-              ct.TensorType("position_cos", shape=(1, 1, length, shape.head_dim), dtype=np.float16),
-              ct.TensorType("position_sin", shape=(1, 1, length, shape.head_dim), dtype=np.float16),
-              ct.TensorType("causal_mask", shape=(1, 1, length, cached), dtype=np.float16)]
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shape.cache_shape, dtype=np.float16), name=name)
               for name in ("key_cache", "value_cache")]
-    model = _convert(ct, module, example, inputs, [ct.TensorType("logits", dtype=np.float16)], target, states)
-    model.short_description = (f"MiniCPM-V {weights.spec.version} LLM decoder with a stateful KV cache of "
-                               f"{context} positions; up to {max_chunk} new tokens per call")
-    model = compress_llm(ct, model, compression)
+    model = _convert(ct, module, example, _decoder_inputs(ct, shape, max_chunk, context, "hidden_states"),
+                     [ct.TensorType("output_hidden_states", dtype=np.float16)], target, states)
+    model.short_description = (f"MiniCPM-V {weights.spec.version} LLM decoder layers {layers.start}-{layers.stop - 1} "
+                               f"with their stateful KV cache of {context} positions; up to {max_chunk} new tokens "
+                               "per call")
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, module.linear_sources())
+
+
+def convert_head(weights, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
+    """The final norm and the LM head (hidden states → logits) as an in-memory MLModel, and its `--from`
+    fallbacks."""
+    from .graphs import DecoderHead
+
+    ct = import_coremltools()
+    module = DecoderHead(weights)
+    length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
+    hidden = weights.config.hidden_size
+    model = _convert(ct, module, (torch.zeros(1, 2, hidden),),
+                     [ct.TensorType("hidden_states", shape=(1, length, hidden), dtype=np.float16)],
+                     [ct.TensorType("logits", dtype=np.float16)], target)
+    model.short_description = f"MiniCPM-V {weights.spec.version} LLM final norm and LM head (hidden states → logits)"
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, module.linear_sources())
+
+
+def _with_stored_levels(weights, model, compression: str, sources: dict[str, str]):
     if not weights.quantized_from or compression != "int4-block32":
         return model, {}
     from .stored import replace_with_stored, stored_int4_blocks
 
-    blocks, fallbacks = stored_int4_blocks(weights, module.linear_sources())
+    blocks, fallbacks = stored_int4_blocks(weights, sources)
     if blocks:
         model = replace_with_stored(model, blocks, model.get_spec().specificationVersion)
     return model, fallbacks

@@ -18,20 +18,21 @@ MASKED_SCORE = -1.0e4
 
 
 def _linear(weights, prefix: str, bias: bool) -> nn.Linear:
+    # Built on the meta device and given the checkpoint's tensors: no random init, no second copy of the weight.
     weight = weights.tensor(f"{prefix}.weight").float()
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
-    layer.weight.data.copy_(weight)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
     layer.mcq_source = prefix      # the checkpoint module, for `--from`'s stored levels
     if bias:
-        layer.bias.data.copy_(weights.tensor(f"{prefix}.bias").float())
+        layer.bias = nn.Parameter(weights.tensor(f"{prefix}.bias").float(), requires_grad=False)
     return layer
 
 
 def _layer_norm(weights, prefix: str, eps: float) -> nn.LayerNorm:
     weight = weights.tensor(f"{prefix}.weight").float()
-    norm = nn.LayerNorm(weight.shape[0], eps=eps)
-    norm.weight.data.copy_(weight)
-    norm.bias.data.copy_(weights.tensor(f"{prefix}.bias").float())
+    norm = nn.LayerNorm(weight.shape[0], eps=eps, device="meta")
+    norm.weight = nn.Parameter(weight, requires_grad=False)
+    norm.bias = nn.Parameter(weights.tensor(f"{prefix}.bias").float(), requires_grad=False)
     return norm
 
 
@@ -190,8 +191,9 @@ class _DecoderLayer(nn.Module):
 
 
 class DecoderShape:
-    def __init__(self, config, context: int):
-        self.layers, self.hidden = config.num_hidden_layers, config.hidden_size
+    def __init__(self, config, context: int, layers: int | None = None):
+        self.layers = config.num_hidden_layers if layers is None else layers
+        self.hidden = config.hidden_size
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
         self.eps, self.context = config.rms_norm_eps, context
@@ -202,44 +204,61 @@ class DecoderShape:
         return (self.layers, 1, self.kv_heads, self.context, self.head_dim)
 
 
-class StatefulDecoder(nn.Module):
-    """The LLM with its KV cache as two state buffers (`key_cache`, `value_cache`), updated in place.
+def _linear_sources(module: nn.Module) -> dict[str, str]:
+    """Weight name prefix in the converted program (coremltools names consts after the torch parameter path) →
+    checkpoint module of that Linear."""
+    return {f"{name.replace('.', '_')}_weight": linear.mcq_source for name, linear in module.named_modules()
+            if isinstance(linear, nn.Linear) and hasattr(linear, "mcq_source")}
 
-    Inputs: `inputs_embeds` [1, S, hidden] (text embeddings, with image features written over the placeholders),
-    `position_cos` / `position_sin` [1, 1, S, head_dim] (the rotary terms of the S positions, host-computed in
-    float32: fp16 cannot hold positions past 2048 exactly, and a table would cost more than the model at tiny
-    sizes), `causal_mask` [1, 1, S, E] with E = positions cached after this call (0 where a query may attend, a large
-    negative value elsewhere). The call writes positions [E - S, E) of the cache and returns logits [1, S, vocab].
+
+class StatefulDecoder(nn.Module):
+    """Decoder layers `layers` (a range of the LLM's) with their KV cache as two state buffers (`key_cache`,
+    `value_cache`, one entry per layer of the range), updated in place. The LLM is converted as several of these,
+    a few layers each, so that one chunk is traced and converted at a time (memory does not grow with depth).
+
+    Inputs: `hidden_states` [1, S, hidden] (the first chunk's: text embeddings with image features written over the
+    placeholders), `position_cos` / `position_sin` [1, 1, S, head_dim] (the rotary terms of the S positions,
+    host-computed in float32: fp16 cannot hold positions past 2048 exactly, and a table would cost more than the
+    model at tiny sizes), `causal_mask` [1, 1, S, E] with E = positions cached after this call (0 where a query may
+    attend, a large negative value elsewhere). The call writes positions [E - S, E) of the cache and returns the
+    hidden states after the range's last layer.
     """
 
-    def __init__(self, weights, context: int):
+    def __init__(self, weights, context: int, layers: range):
         super().__init__()
-        self.shape = shape = DecoderShape(weights.config, context)
-        self.layers = nn.ModuleList(_DecoderLayer(weights, f"llm.model.layers.{i}", shape)
-                                    for i in range(shape.layers))
-        self.norm = nn.Parameter(weights.tensor("llm.model.norm.weight").float(), requires_grad=False)
-        head = "llm.lm_head.weight" if "llm.lm_head.weight" in weights.names() else "llm.model.embed_tokens.weight"
-        lm_head = weights.tensor(head).float()
-        self.lm_head = nn.Linear(lm_head.shape[1], lm_head.shape[0], bias=False)
-        self.lm_head.weight.data.copy_(lm_head)
-        self.lm_head.mcq_source = head.removesuffix(".weight")
+        self.shape = shape = DecoderShape(weights.config, context, len(layers))
+        self.layers = nn.ModuleList(_DecoderLayer(weights, f"llm.model.layers.{i}", shape) for i in layers)
         self.register_buffer("key_cache", torch.zeros(shape.cache_shape, dtype=torch.float16))
         self.register_buffer("value_cache", torch.zeros(shape.cache_shape, dtype=torch.float16))
 
-    def forward(self, inputs_embeds, position_cos, position_sin, causal_mask) -> torch.Tensor:
+    def forward(self, hidden_states, position_cos, position_sin, causal_mask) -> torch.Tensor:
         end = causal_mask.shape[-1]
-        past = end - inputs_embeds.shape[1]
-        hidden = inputs_embeds
+        past = end - hidden_states.shape[1]
+        hidden = hidden_states
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, position_cos, position_sin, causal_mask, self.key_cache, self.value_cache, index,
                            past, end)
-        return self.lm_head(_rms_norm(hidden, self.norm, self.shape.eps))
+        return hidden
 
     def linear_sources(self) -> dict[str, str]:
-        """Weight name prefix in the converted program (coremltools names consts after the torch parameter path)
-        → checkpoint module of that Linear."""
-        return {f"{name.replace('.', '_')}_weight": module.mcq_source for name, module in self.named_modules()
-                if isinstance(module, nn.Linear) and hasattr(module, "mcq_source")}
+        return _linear_sources(self)
+
+
+class DecoderHead(nn.Module):
+    """The final norm and the LM head: hidden states [1, S, hidden] → logits [1, S, vocab]."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.eps = weights.config.rms_norm_eps
+        self.norm = nn.Parameter(weights.tensor("llm.model.norm.weight").float(), requires_grad=False)
+        head = "llm.lm_head" if "llm.lm_head.weight" in weights.names() else "llm.model.embed_tokens"
+        self.lm_head = _linear(weights, head, False)
+
+    def forward(self, hidden_states) -> torch.Tensor:
+        return self.lm_head(_rms_norm(hidden_states, self.norm, self.eps))
+
+    def linear_sources(self) -> dict[str, str]:
+        return _linear_sources(self)
 
 
 class EmbedTokens(nn.Module):

@@ -483,6 +483,12 @@ def check_supported(program: Program) -> None:
                        f"{', '.join(repr(op) for op in unknown)}")
 
 
+# Constants (and decompressed weights) up to this size are kept between calls; larger ones are read from the
+# weights file again by each call, so running a package holds its weights once, during the call, and running an
+# LLM's packages one after the other never holds the whole model.
+CACHED_CONSTANT_BYTES = 1 << 20
+
+
 class Interpreter:
     """Runs a Program on numpy inputs; `state` holds the program's states between calls (a stateful LLM's cache)."""
 
@@ -519,9 +525,9 @@ class Interpreter:
     def _run(self, op: Operation, env: dict[str, Any]) -> None:
         if op.type == "const":
             name = op.outputs[0][0]
-            if name not in self._constants:
-                self._constants[name] = materialized(op.attributes["val"])
-            env[name] = self._constants[name]
+            value = self._constants[name] if name in self._constants else materialized(op.attributes["val"])
+            self._keep(name, value)
+            env[name] = value
             return
         kwargs = {key: self._argument(bound, env) for key, bound in op.inputs.items()}
         if op.type == "read_state":
@@ -550,7 +556,11 @@ class Interpreter:
                 value = np.asarray(value).astype(_STORAGE[dtype])
             env[name] = value
             if op.type.startswith("constexpr_"):
-                self._constants[name] = value
+                self._keep(name, value)
+
+    def _keep(self, name: str, value: Any) -> None:
+        if getattr(value, "nbytes", 0) <= CACHED_CONSTANT_BYTES:
+            self._constants[name] = value
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every weight as the program uses it: constexpr ops decompressed, by output name (for weight checks)."""

@@ -1,9 +1,10 @@
 """Run an `mcq export --format coreml` output from Python: Core ML itself on macOS, mcq's numpy interpreter elsewhere.
 
 `CoremlMiniCPMV` does on the host what the Swift app of docs/coreml.md does: one vision call per slice, the text
-embedded by the embed package with each slice's features written over its placeholder rows, then the LLM package
-called in chunks of at most `max_tokens_per_call` tokens on its stateful KV cache, with the rotary terms and the
-causal mask of `host`. Inputs are cast to the dtypes the packages declare, so both backends see what an app passes.
+embedded by the embed package with each slice's features written over its placeholder rows, then, in chunks of at
+most `max_tokens_per_call` tokens, the decoder packages in order (each on the stateful KV cache of its layers) and
+the head package, with the rotary terms and the causal mask of `host`. Inputs are cast to the dtypes the packages
+declare, so both backends see what an app passes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from mcq.errors import McqError
 
-from .api import EMBED_PACKAGE, LLM_PACKAGE, SIDECAR, VISION_PACKAGE
+from .api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
 from .host import causal_mask, rotary_inputs, vision_inputs
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
@@ -35,7 +36,12 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
         sidecar = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise McqError(f"{file} is not readable JSON ({err})") from None
-    return sidecar if isinstance(sidecar, dict) and sidecar.get("format") == "mcq-coreml-1" else None
+    if not isinstance(sidecar, dict) or not str(sidecar.get("format", "")).startswith("mcq-coreml-"):
+        return None
+    if sidecar["format"] != SIDECAR_FORMAT:
+        raise McqError(f"{file}: a Core ML export of an earlier layout ({sidecar['format']}: one LLM package); "
+                       f"export it again with this mcq ({SIDECAR_FORMAT}: the decoder in chunk packages)")
+    return sidecar
 
 
 def native_available() -> bool:
@@ -61,10 +67,17 @@ def component_bytes(path: str | Path) -> dict[str, int]:
     sizes = {"vision": 0, "resampler": 0, "llm": 0}
     for name, stored in load_program(root / VISION_PACKAGE).stored():
         sizes["vision" if name.startswith(_TOWER_PREFIXES) else "resampler"] += stored.nbytes
-    for package in (EMBED_PACKAGE, LLM_PACKAGE):
-        if (root / package).is_dir():
-            sizes["llm"] += sum(stored.nbytes for _, stored in load_program(root / package).stored())
+    for package in llm_packages(read_sidecar(root)):
+        sizes["llm"] += sum(stored.nbytes for _, stored in load_program(root / package).stored())
     return sizes
+
+
+def llm_packages(sidecar: dict[str, Any] | None) -> list[str]:
+    """The LLM's packages of an export, in calling order: embed, the decoder chunks, the head (none for --llm none)."""
+    llm = (sidecar or {}).get("llm")
+    if not llm:
+        return []
+    return [llm["embed_package"], *(chunk["package"] for chunk in llm["decoder"]), llm["head_package"]]
 
 
 class _Package:
@@ -116,11 +129,12 @@ class CoremlMiniCPMV:
         self.sidecar, self.llm_info = sidecar, sidecar["llm"]
         self.vision_info = sidecar["vision"]
         self.vision_package = _Package(root / VISION_PACKAGE, self.native)
-        if self.llm_info is None:
-            self.embed_package = self.llm_package = None
-        else:
-            self.embed_package = _Package(root / EMBED_PACKAGE, self.native)
-            self.llm_package = _Package(root / LLM_PACKAGE, self.native)
+        self.embed_package, self.decoder_packages, self.head_package = None, [], None
+        if self.llm_info is not None:
+            self.embed_package = _Package(root / self.llm_info["embed_package"], self.native)
+            self.decoder_packages = [_Package(root / chunk["package"], self.native)
+                                     for chunk in self.llm_info["decoder"]]
+            self.head_package = _Package(root / self.llm_info["head_package"], self.native)
         self.terminators = set(sidecar["tokens"]["terminators"])
 
     # -- vision -------------------------------------------------------------------------------------------------
@@ -175,15 +189,19 @@ class CoremlMiniCPMV:
         logits = []
         for start, end in self._chunks(len(embeds)):
             cos, sin = rotary_inputs(np.arange(past + start, past + end), info["head_dim"], info["rope_theta"])
-            logits.append(self.llm_package({
-                "inputs_embeds": embeds[None, start:end], "position_cos": cos, "position_sin": sin,
-                "causal_mask": causal_mask(past + start, end - start, info["masked_score"])})["logits"][0])
+            mask = causal_mask(past + start, end - start, info["masked_score"])
+            hidden = embeds[None, start:end]
+            for package in self.decoder_packages:
+                hidden = package({"hidden_states": hidden, "position_cos": cos, "position_sin": sin,
+                                  "causal_mask": mask})["output_hidden_states"]
+            logits.append(self.head_package({"hidden_states": hidden})["logits"][0])
         return np.concatenate(logits).astype(np.float32)
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
         """Teacher-forced logits of a whole sequence, from an empty cache."""
         self._require_llm()
-        self.llm_package.reset()
+        for package in self.decoder_packages:
+            package.reset()
         return self.decode(embeds, 0)
 
     def generate(self, embeds: np.ndarray, max_new_tokens: int) -> list[int]:

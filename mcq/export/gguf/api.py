@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 
 from mcq.errors import McqError
 
+from ..rows import row_ranges
 from . import layout
 from .imatrix import write_imatrix_file
 from .writer import PYTHON_TYPES, check_type, place, require_llama_cpp, stored_types, write_gguf
@@ -150,17 +152,23 @@ def _progress_bar(total: int, enabled: bool, desc: str = "Writing GGUF tensors",
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
-def _tensor_values(weights, config, tensor: layout.GgufTensor) -> np.ndarray:
+def _tensor_values(weights, config, tensor: layout.GgufTensor) -> Iterator[np.ndarray]:
+    """A tensor's values as blocks of rows, read from the mapped checkpoint and cast to float32 a block at a time
+    (the embedding table and lm_head are 2.5 GB each in float32 at the real vocabulary)."""
     if not tensor.source:
-        return layout.sincos_table(config.hidden_size, config.vision_config.image_size // config.patch_size)
-    values = weights.tensor(tensor.source).float()
-    if tensor.transform == "permute_q":
-        values = layout.permute_for_rope(values, config.num_attention_heads)
-    elif tensor.transform == "permute_k":
-        values = layout.permute_for_rope(values, config.num_key_value_heads)
-    elif tensor.transform == "scale_emb":
-        values = values / float(getattr(config, "scale_emb", 1.0) or 1.0)
-    return values.numpy()
+        yield layout.sincos_table(config.hidden_size, config.vision_config.image_size // config.patch_size)
+        return
+    values = weights.tensor(tensor.source)
+    if tensor.transform in ("permute_q", "permute_k"):
+        # a permutation of whole heads' rows: a q/k projection at a time (not one of the large tables)
+        heads = config.num_attention_heads if tensor.transform == "permute_q" else config.num_key_value_heads
+        yield layout.permute_for_rope(values.float(), heads).numpy()
+        return
+    scale = float(getattr(config, "scale_emb", 1.0) or 1.0) if tensor.transform == "scale_emb" else 1.0
+    row_bytes = 4 * (values.numel() // max(values.shape[0], 1))
+    for start, stop in row_ranges(values.shape[0], row_bytes):
+        block = values[start:stop].float()
+        yield (block / scale if scale != 1.0 else block).numpy()
 
 
 def _write_file(path: Path, arch: str, type_name: str, metadata: dict, tensors: list[layout.GgufTensor],

@@ -1,7 +1,8 @@
 """Writing GGUF files tensor by tensor, and re-quantizing them with libllama.
 
 A file is written in gguf-py's streaming order (header, metadata, tensor table, then each tensor's data as it is
-produced), so memory holds one tensor at a time. The float types and the block types gguf-py implements
+produced), and each tensor's data a block of rows at a time (`mcq.export.rows`: every GGML type encodes rows
+independently), so memory holds one block of one tensor. The float types and the block types gguf-py implements
 (Q8_0, Q4_0/1, Q5_0/1) are encoded here; K-quants and i-quants have no Python encoder, so those files are written
 as F16 first and re-quantized by libllama's `llama_model_quantize` (llama-cpp-python), which applies llama.cpp's
 own per-tensor mixes (Q4_K_M's Q6_K rows, its fallbacks) and takes mcq's importance matrix.
@@ -10,7 +11,7 @@ own per-tensor mixes (Q4_K_M's Q6_K rows, its fallbacks) and takes mcq's importa
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +102,35 @@ def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType[ggml_type])
 
 
+class _EncodedBlocks:
+    """A tensor's encoded bytes as `GGUFWriter.write_tensor_data` takes an array (its size, then `tofile`), made
+    block by block of rows as the file is written."""
+
+    def __init__(self, tensor: GgufTensor, ggml_type: str, blocks: Iterable[np.ndarray]):
+        import gguf
+
+        self.tensor, self.ggml_type, self.blocks = tensor, ggml_type, blocks
+        qtype = gguf.GGMLQuantizationType[ggml_type]
+        self.nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(tensor.shape, qtype)))
+
+    def tofile(self, out) -> None:
+        rows = 0
+        for block in self.blocks:
+            if tuple(block.shape[1:]) != self.tensor.shape[1:]:
+                raise McqError(f"{self.tensor.source or self.tensor.name} has rows of shape {tuple(block.shape[1:])},"
+                               f" the GGUF layout expects {self.tensor.shape}")
+            encode(block, self.ggml_type).tofile(out)
+            rows += block.shape[0]
+        if rows != self.tensor.shape[0]:
+            raise McqError(f"{self.tensor.source or self.tensor.name} has {rows} rows, the GGUF layout expects "
+                           f"{self.tensor.shape}")
+
+
 def write_gguf(path: Path, arch: str, metadata: dict[str, tuple[str, object]], tensors: list[GgufTensor],
-               placements: dict[str, Placement], data: Callable[[GgufTensor], np.ndarray],
+               placements: dict[str, Placement], data: Callable[[GgufTensor], Iterable[np.ndarray]],
                progress: Callable[[str], None] | None = None) -> None:
-    """Write one GGUF file; `data(tensor)` gives a tensor's float values in its logical (numpy) shape."""
+    """Write one GGUF file; `data(tensor)` gives a tensor's float values in its logical (numpy) shape, as
+    consecutive blocks of rows."""
     import gguf
 
     writer = gguf.GGUFWriter(path, arch)
@@ -120,11 +146,7 @@ def write_gguf(path: Path, arch: str, metadata: dict[str, tuple[str, object]], t
     for tensor in tensors:
         if progress:
             progress(tensor.name)
-        values = data(tensor)
-        if tuple(values.shape) != tensor.shape:
-            raise McqError(f"{tensor.source or tensor.name} has shape {tuple(values.shape)}, the GGUF layout "
-                           f"expects {tensor.shape}")
-        writer.write_tensor_data(encode(values, placements[tensor.name].ggml_type).view(np.uint8))
+        writer.write_tensor_data(_EncodedBlocks(tensor, placements[tensor.name].ggml_type, data(tensor)))
     writer.close()
 
 

@@ -38,7 +38,6 @@ from .quantize import (
     float_plans,
     plan_from_mcq,
     plan_onnxruntime,
-    quantize_with_onnxruntime,
 )
 from .runtime import DTYPE_SUFFIXES, GRAPHS
 
@@ -133,7 +132,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
             recipe = export_recipe(bits, block_size, symmetric).to_dict()
         else:
             plans, recipe = float_plans(linears, f"{precision} export"), None
-        writer = WeightWriter(weights, precision, plans, accuracy_level)
+        writer = WeightWriter(weights, precision, plans, accuracy_level, symmetric)
         names = weights.names()
         builds = {
             "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
@@ -146,8 +145,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
             onnx_dir.mkdir()
             dtypes, external = {}, []
             for graph in GRAPHS:
-                dtype, is_external = _write_graph(graph, builds[graph], onnx_dir, precision, plans,
-                                                  symmetric=symmetric, accuracy_level=accuracy_level)
+                dtype, is_external = _write_graph(graph, builds[graph], onnx_dir, precision)
                 dtypes[graph] = dtype
                 if is_external:
                     external.append(f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx")
@@ -186,17 +184,14 @@ def _scale_emb(config) -> float:
     return float(getattr(config, "scale_emb", 1.0) or 1.0)
 
 
-def _write_graph(graph: str, build, onnx_dir: Path, precision: str, plans, *, symmetric: bool,
-                 accuracy_level: int) -> tuple[str, bool]:
-    """Build one graph, quantize it with onnxruntime when its plan says so, save it; returns (dtype, external)."""
+def _write_graph(graph: str, build, onnx_dir: Path, precision: str) -> tuple[str, bool]:
+    """Build one graph (its weights streamed to disk as they are made, quantized ones included) and save it;
+    returns (dtype, external)."""
     base = f"{graph}{DTYPE_SUFFIXES['fp32']}.onnx"
     store = TensorStore(onnx_dir / f"{base}_data")
     builder = GraphBuilder(graph, store)
     build(builder)
     model = builder.model(f"MiniCPM-V {graph}, written by mcq")
-    if any(p.source == "onnxruntime" for p in plans.values()) and \
-            any(n.op_type == "MatMul" and n.name.removesuffix("/MatMul") in plans for n in model.graph.node):
-        model, store = _quantize_in_memory(model, store, plans, symmetric=symmetric, accuracy_level=accuracy_level)
     dtype = _graph_dtype(model, precision)
     path = onnx_dir / f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx"
     if path.name != base:
@@ -209,29 +204,6 @@ def _graph_dtype(model: onnx.ModelProto, precision: str) -> str:
     if bits:
         return "q4" if 4 in bits else "int8"
     return "fp16" if precision == "fp16" else "fp32"
-
-
-def _quantize_in_memory(model, store: TensorStore, plans, **options):
-    """onnxruntime's quantizer works on in-memory tensors: load the streamed weights, quantize, stream them out."""
-    from onnx.external_data_helper import load_external_data_for_model
-
-    store.close()
-    load_external_data_for_model(model, str(store.data_path.parent))
-    store.data_path.unlink()
-    model = quantize_with_onnxruntime(model, plans, **options)
-    fresh = TensorStore(store.data_path)
-    _move_out(model, fresh)
-    return model, fresh
-
-
-def _move_out(model: onnx.ModelProto, store: TensorStore) -> None:
-    """Rewrite every inline initializer through `store` (large ones go to its data file)."""
-    from onnx import numpy_helper
-
-    tensors = list(model.graph.initializer)
-    del model.graph.initializer[:]
-    for tensor in tensors:
-        model.graph.initializer.append(store.tensor(tensor.name, numpy_helper.to_array(tensor)))
 
 
 def _rename_store(model: onnx.ModelProto, store: TensorStore, new_path: Path) -> TensorStore:

@@ -5,11 +5,17 @@ Two sources of quantized weights:
   are, so calibration carries into ONNX with no second rounding. MatMulNBits stores unsigned levels in blocks of a
   power of two ≥ 16 inputs with one scale (and zero point) per block; a group of g inputs becomes g / block blocks
   that repeat its scale, and one scale per channel repeats over every block of the row, so both are exact.
-- `onnxruntime`: no mcq quantization given: the float graph goes through onnxruntime's own
-  `MatMulNBitsQuantizer` (its default round-to-nearest kernel, or the RTN / k-quant of its neural-compressor port).
+- `onnxruntime`: no mcq quantization given: each weight is quantized as it is written, by the functions
+  onnxruntime's `MatMulNBitsQuantizer` applies to each MatMul of a float graph (its default round-to-nearest
+  kernel, or the RTN / k-quant of its neural-compressor port), so the tensors are the ones that quantizer writes
+  (tests compare them), without the quantizer's need for the whole float graph in memory (4 bytes a parameter).
   Which Linears, and at which block size, comes from a recipe built from the export's options
   (`export_recipe`), planned by `mcq.quantize.recipe.plan_quantization`: the same rules as `mcq quantize` (lm_head
   kept, a layer whose width the block size does not divide falls back to the largest dividing power of two).
+
+Every large weight is read from the memory-mapped checkpoint and written a block of rows at a time
+(`builder.Rows`, `mcq.export.rows`): both kinds of quantization treat each output channel on its own, so blocks of rows give the same
+bytes as the whole tensor.
 """
 
 from __future__ import annotations
@@ -18,15 +24,15 @@ import io
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
 from onnx import TensorProto
 
 from mcq.errors import McqError
 
-from .builder import MS_DOMAIN, GraphBuilder
+from ..rows import row_ranges
+from .builder import MS_DOMAIN, GraphBuilder, Rows
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PRECISION_BITS = {"int8": 8, "int4": 4}
@@ -215,105 +221,151 @@ def matmul_nbits_tensors(stored, block: int) -> tuple[np.ndarray, np.ndarray, np
 class WeightWriter:
     """Reads the model's tensors (`mcq.export.weights_source.ExportWeights`) and writes them into graphs."""
 
-    def __init__(self, weights, precision: str, plans: dict[str, LinearPlan], accuracy_level: int):
+    def __init__(self, weights, precision: str, plans: dict[str, LinearPlan], accuracy_level: int,
+                 symmetric: bool = False):
         self.weights, self.precision, self.plans = weights, precision, plans
-        self.accuracy_level = accuracy_level
+        self.accuracy_level, self.symmetric = accuracy_level, symmetric
         self._names = set(weights.names())
 
     def has(self, name: str) -> bool:
         return name in self._names
 
     def array(self, name: str) -> np.ndarray:
+        """A small weight (a norm, a bias) in float32."""
         return self.weights.tensor(name).float().numpy()
 
-    def _float(self, b: GraphBuilder, name: str, array: np.ndarray) -> str:
+    def _float_rows(self, name: str, transpose: bool = False) -> Rows:
+        """A float weight (transposed: a Linear's `[in, out]` MatMul operand) in its export dtype, block by block
+        of rows read from the mapped checkpoint."""
+        tensor = self.weights.tensor(name)
+        dtype = np.dtype(np.float16 if self.precision == "fp16" else np.float32)
+        shape = tuple(tensor.shape[::-1]) if transpose else tuple(tensor.shape)
+        row_bytes = 4 * (shape[0] and int(np.prod(shape)) // shape[0])
+
+        def blocks() -> Iterator[np.ndarray]:
+            for start, stop in row_ranges(shape[0], row_bytes):
+                block = tensor[:, start:stop].float().T if transpose else tensor[start:stop].float()
+                # via float32, as the whole-tensor export did: bf16 → float32 is exact, float32 → float16 rounds once
+                yield block.numpy().astype(dtype, copy=False)
+        return Rows(shape, dtype, blocks)
+
+    def _float(self, b: GraphBuilder, name: str, rows: Rows) -> str:
         """A large float weight; fp16 exports store it in half precision and compute in float32 after a Cast."""
         if self.precision == "fp16":
-            return b.op("Cast", b.weight(f"{name}.fp16", array.astype(np.float16)), to=TensorProto.FLOAT)
-        return b.weight(name, array)
+            return b.op("Cast", b.weight(f"{name}.fp16", rows), to=TensorProto.FLOAT)
+        return b.weight(name, rows)
 
     def large_weight(self, b: GraphBuilder, name: str) -> str:
-        return self._float(b, name, self.array(name))
+        return self._float(b, name, self._float_rows(name))
 
     def linear(self, b: GraphBuilder, x: str, module: str) -> str:
         plan = self.plans[module]
         with b.scope(module):
             if plan.source == "mcq":
-                out = self._matmul_nbits(b, x, module, plan)
+                out = self._matmul_nbits(b, x, module, plan, *self._stored_tensors(module, plan))
+            elif plan.source == "onnxruntime":
+                out = self._matmul_nbits(b, x, module, plan, *self._onnxruntime_tensors(module, plan))
             else:
-                # MatMul takes B as [in, out]: the transposed weight. The onnxruntime path finds these MatMuls by
-                # node name (`<module>/MatMul`) and replaces them.
-                weight = np.ascontiguousarray(self.array(f"{module}.weight").T)
-                out = b.op("MatMul", x, self._float(b, f"{module}.weight.T", weight))
+                # MatMul takes B as [in, out]: the transposed weight.
+                out = b.op("MatMul", x, self._float(b, f"{module}.weight.T",
+                                                    self._float_rows(f"{module}.weight", transpose=True)))
             if self.has(f"{module}.bias"):
                 out = b.op("Add", out, b.weight(f"{module}.bias", self.array(f"{module}.bias")))
         return out
 
-    def _matmul_nbits(self, b: GraphBuilder, x: str, module: str, plan: LinearPlan) -> str:
-        stored = self.weights.quantized(module)
-        packed, scales, zeros = matmul_nbits_tensors(stored, plan.block)
-        inputs = [x, b.weight(f"{module}.weight_q{stored.bits}", packed), b.weight(f"{module}.weight_scales", scales)]
+    def _matmul_nbits(self, b: GraphBuilder, x: str, module: str, plan: LinearPlan, packed: np.ndarray,
+                      scales: np.ndarray, zeros: np.ndarray | None, shape: tuple[int, int]) -> str:
+        inputs = [x, b.weight(f"{module}.weight_q{plan.bits}", packed), b.weight(f"{module}.weight_scales", scales)]
         if zeros is not None:
             inputs.append(b.weight(f"{module}.weight_zero_points", zeros))
-        attributes = {"K": int(stored.levels.shape[1]), "N": int(stored.levels.shape[0]), "bits": stored.bits,
-                      "block_size": plan.block}
+        attributes = {"K": shape[1], "N": shape[0], "bits": plan.bits, "block_size": plan.block}
         if self.accuracy_level:
             attributes["accuracy_level"] = self.accuracy_level
         return b.op("MatMulNBits", *inputs, domain=MS_DOMAIN, **attributes)
 
+    def _stored_tensors(self, module: str, plan: LinearPlan):
+        """MatMulNBits tensors of an `mcq quantize` output's levels, block of output rows by block."""
+        stored = self.weights.quantized(module)
+        n, k = stored.levels.shape
+        parts = [matmul_nbits_tensors(replace(stored, levels=stored.levels[start:stop], scale=stored.scale[start:stop],
+                                              zero=None if stored.zero is None else stored.zero[start:stop]),
+                                      plan.block)
+                 for start, stop in row_ranges(n, 4 * k)]
+        return (*_joined(parts), (n, k))
 
-# -- onnxruntime's quantizer -------------------------------------------------------------------------------------
+    def _onnxruntime_tensors(self, module: str, plan: LinearPlan):
+        """MatMulNBits tensors as onnxruntime's quantizer makes them from the float weight, block of output rows by
+        block (an even number of rows: its RTN / k-quant port packs zero points in pairs across the flattened
+        rows)."""
+        weight = self.weights.tensor(f"{module}.weight")        # [N, K], mapped
+        n, k = weight.shape
+        quantize = _onnxruntime_quantizer(plan, self.symmetric, self.accuracy_level)
+        parts = [quantize(np.ascontiguousarray(weight[start:stop].float().numpy().T))
+                 for start, stop in row_ranges(n, 4 * k, multiple=2)]
+        return (*_joined(parts), (n, k))
 
-def quantize_with_onnxruntime(model: onnx.ModelProto, plans: dict[str, LinearPlan], *, symmetric: bool,
-                              accuracy_level: int) -> onnx.ModelProto:
-    """Replace the MatMuls the plans give to onnxruntime by MatMulNBits, one quantizer pass per (algorithm, bits,
-    block size).
 
-    The quantizer takes every MatMul with a constant weight unless excluded, so each pass excludes all the others.
-    """
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        KQuantWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-        RTNWeightOnlyQuantConfig,
+def _joined(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]):
+    packed, scales, zeros = zip(*parts)
+    return (np.concatenate(packed), np.concatenate(scales),
+            None if zeros[0] is None else np.concatenate(zeros))
+
+
+# -- onnxruntime's quantizer, one weight at a time -----------------------------------------------------------------
+
+def _onnxruntime_quantizer(plan: LinearPlan, symmetric: bool, accuracy_level: int):
+    """A function from a float MatMul operand `[K, N]` to MatMulNBits' (packed [N, blocks, bytes], scales,
+    zero points or None): what `MatMulNBitsQuantizer` writes for that MatMul, through the same onnxruntime
+    functions (`DefaultWeightOnlyQuantizer.qbits_block_quant`; the neural-compressor port's `quant_tensor` /
+    `quant_tensor_k_quant_cuda` and `make_matmul_weight_only_node`)."""
+    if plan.algorithm in (None, "default"):
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
+        from onnxruntime.quantization.quant_utils import QuantFormat
+
+        quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+            block_size=plan.block, is_symmetric=symmetric, accuracy_level=accuracy_level or None,
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=plan.bits))
+
+        def default(weight: np.ndarray):
+            packed, scales, zeros = quantizer.qbits_block_quant(weight)
+            return packed, scales, None if symmetric else zeros
+        return default
+
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.neural_compressor.weight_only import (
+        make_matmul_weight_only_node,
+        pad_tensor,
+        quant_tensor,
+        quant_tensor_k_quant_cuda,
     )
-    from onnxruntime.quantization.quant_utils import QuantFormat
 
-    matmuls = [node.name for node in model.graph.node if node.op_type == "MatMul"]
-    present = set(matmuls)
-    passes: dict[tuple[str, int, int], set[str]] = {}
-    for plan in plans.values():
-        node = f"{plan.name}/MatMul"
-        if plan.source == "onnxruntime" and node in present:
-            passes.setdefault((plan.algorithm or "default", plan.bits, plan.block), set()).add(node)
-    for (algorithm, bits, block), nodes in sorted(passes.items()):
-        exclude = [name for name in matmuls if name not in nodes]
-        level = accuracy_level or None
-        if algorithm == "rtn":
-            config = RTNWeightOnlyQuantConfig()
-        elif algorithm == "k_quant":
-            config = KQuantWeightOnlyQuantConfig()
-        else:
-            config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, accuracy_level=level,
-                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
-                                                  bits=bits)
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
-                                         accuracy_level=level, nodes_to_exclude=exclude,
-                                         op_types_to_quantize=("MatMul",), algo_config=config)
-        # The neural-compressor port prints a progress bar on stdout, which would corrupt `--json` output.
-        with _quiet("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
-                    "neural_compressor"), \
-                redirect_stdout(io.StringIO()):
-            quantizer.process()
-        model = quantizer.model.model
-        matmuls = [node.name for node in model.graph.node if node.op_type == "MatMul"]
-    return model
+    block, k_quant = plan.block, plan.algorithm == "k_quant"
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")
+
+    def neural_compressor(weight: np.ndarray):
+        rows, cols = weight.shape
+        k_blocks = (rows - 1) // block + 1
+        padded = pad_tensor(weight, block, k_blocks)
+        with _quiet("onnxruntime.quantization", "neural_compressor"), redirect_stdout(io.StringIO()):
+            if k_quant:
+                levels, scale, zero = quant_tensor_k_quant_cuda(padded.T, 4, block)
+            else:
+                levels, scale, zero = quant_tensor(padded.T, 4, block, "sym" if symmetric else "asym", "uint", 1)
+        _, tensors = make_matmul_weight_only_node(
+            node=node, weight_shape=(rows, cols), num_bits=4, group_size=block, k_blocks=k_blocks,
+            q_weight=levels.astype("uint8"), scale=scale.astype(np.float32),
+            zero_point=zero if not symmetric or k_quant else None, accuracy_level=accuracy_level)
+        arrays = {t.name: numpy_helper.to_array(t) for t in tensors}
+        return arrays[f"w_Q4G{block}"], arrays["w_scale"], arrays.get("w_zp")
+    return neural_compressor
 
 
 @contextmanager
 def _quiet(*names: str) -> Iterator[None]:
-    """onnxruntime's quantizer logs INFO lines per node (and its neural-compressor port per weight); an export prints
-    its own summary instead."""
+    """onnxruntime's quantizer logs INFO lines per weight; an export prints its own summary instead."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

@@ -9,12 +9,27 @@ them and computes every metric, so a runner only runs its model.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a variant will be run and about how much memory that takes, decided before it is loaded.
+
+    `bytes` is the estimate the validator compares with the memory available (None: the runner cannot tell);
+    `load` are keyword arguments for the runner's constructor; `how` says in words what was chosen (it is shown
+    with the runtime, so a report says how a variant was run)."""
+
+    bytes: int | None
+    how: str = ""
+    load: dict[str, Any] = field(default_factory=dict)
+    hint: str = "--device cuda"     # what to pass when it does not fit
 
 
 
@@ -54,6 +69,13 @@ class Runner(ABC):
         """The Python that runs this runner's worker process: this one, unless the runtime lives in an environment
         of its own (vLLM); a one-line McqError when that environment is missing."""
         return sys.executable
+
+    @classmethod
+    def memory_plan(cls, path: str | Path, device: str, dtype: str, available: int | None,
+                    tokens: int) -> MemoryPlan:
+        """How to run `path` on `device` in memory `available` (bytes, None if unknown) with inputs of up to
+        `tokens` tokens. The default says nothing (the validator then checks nothing before loading)."""
+        return MemoryPlan(None)
 
     @classmethod
     def unserved(cls, data: dict[str, Any]) -> str | None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mcq.errors import McqError
 from mcq.export.coreml.api import LLM_COMPRESSIONS
 
 from ..probes import Stopwatch
-from .base import Runner, config_identity, grouped_video
+from .base import MemoryPlan, Runner, config_identity, grouped_video
 
 
 class CoremlRunner(Runner):
@@ -74,6 +75,22 @@ class CoremlRunner(Runner):
         if grouped_video(data):
             return "video (the Core ML vision package has no 3D resampler to group frames by temporal id)"
         return None
+
+    @classmethod
+    def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
+        """The packages run one after the other and each call reads its package's weights (the interpreter keeps
+        only small constants): the largest package decompressed to fp16 and computed in float32, the caches of every
+        decoder package, and the logits."""
+        from mcq.export.coreml.runtime import read_sidecar
+
+        sidecar = read_sidecar(path)
+        if torch.device(device).type != "cpu" or sidecar is None or sidecar["llm"] is None:
+            return MemoryPlan(None)
+        packages = [p for p in Path(path).glob("*.mlpackage")]
+        largest = max(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in packages)
+        cache = sum(2 * 2 * int(np.prod(chunk["states"]["key_cache"]["shape"])) for chunk in sidecar["llm"]["decoder"])
+        vocab = sidecar["model_config"]["vocab_size"]
+        return MemoryPlan(6 * largest + cache + 3 * tokens * vocab * 4 + (1 << 30), "numpy MIL interpreter")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
         from mcq.export.coreml.runtime import CoremlMiniCPMV

@@ -26,7 +26,7 @@ from mcq.export.gguf.layout import MINICPMV_VERSION
 from mcq.export.gguf.writer import quiet_llama_cpp, require_llama_cpp
 
 from ..probes import Stopwatch
-from .base import Runner, grouped_video
+from .base import MemoryPlan, Runner, grouped_video
 
 CONTEXT = 4096
 
@@ -88,6 +88,20 @@ class GgufRunner(Runner):
         for tensor in gguf.GGUFReader(mmproj).tensors:
             sizes["resampler" if tensor.name.startswith("resampler.") else "vision"] += int(tensor.n_bytes)
         return sizes
+
+    @classmethod
+    def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
+        """llama.cpp maps the LLM file (file-backed pages, which the kernel reclaims), loads the mmproj, and
+        allocates the KV cache and the logits of a batch of CONTEXT tokens."""
+        llm, mmproj = gguf_files(path)
+        meta = _metadata(llm)
+        arch = meta["general.architecture"]
+        layers, heads = meta[f"{arch}.block_count"], meta[f"{arch}.attention.head_count_kv"]
+        head_dim = meta.get(f"{arch}.attention.key_length") or meta[f"{arch}.embedding_length"] // meta[
+            f"{arch}.attention.head_count"]
+        cache = 2 * layers * heads * head_dim * CONTEXT * 2
+        logits = CONTEXT * meta[f"{arch}.vocab_size"] * 4
+        return MemoryPlan(mmproj.stat().st_size + cache + 2 * logits + (1 << 30), "LLM file mapped")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
         require_llama_cpp()

@@ -16,7 +16,7 @@ from mcq.errors import McqError
 from mcq.models.family import COMPONENTS, component_or_other
 
 from ..probes import Stopwatch
-from .base import Runner, config_identity
+from .base import MemoryPlan, Runner, config_identity
 
 _FORMATS = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8", "q4": "onnx-int4"}
 
@@ -75,6 +75,20 @@ class OnnxRunner(Runner):
                 component = component_or_other(tensor.name)
                 sizes[component] = sizes.get(component, 0) + size
         return sizes
+
+    @classmethod
+    def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
+        """onnxruntime holds every graph with its weights (read from the .onnx file, or from the external data
+        file), plus the logits and the KV cache of the sequence."""
+        from mcq.export.onnx.runtime import find_export
+        from mcq.models.minicpmv.configuration import MiniCPMVConfig
+
+        root, onnx_dir = find_export(path)
+        config = MiniCPMVConfig.from_pretrained(str(root))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
+        stored = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.is_file())
+        return MemoryPlan(stored + cache + 3 * tokens * config.vocab_size * 4 + (1 << 30), "onnxruntime CPU")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
         import onnxruntime as ort

@@ -4,6 +4,12 @@ bitsandbytes variants (the formats `mcq quantize` writes).
 Loading goes through `mcq.models.loading.load_model`, which is what `mcq chat` runs: compressed-tensors weights
 are dequantized once at load on CPU (transformers has no CPU kernel for packed int4), bitsandbytes weights stay
 quantized and run bitsandbytes' kernels. So memory and speed are what a transformers user of the variant gets.
+
+Unless the model is large for the machine: on CPU, when its weights in the compute dtype would take more than a
+quarter of the memory available (`memory_plan`), a bf16 or compressed-tensors checkpoint is run with its weights
+mapped from the checkpoint instead (`mcq.models.mapped`: each Linear cast or dequantized a block at a time as it
+computes). The numbers are the same (tests compare the logits bit for bit); only time is traded for memory, and
+memory then does not grow with depth. An 8B reference in float32 would take 33 GB resident.
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ from mcq.models.loading import (load_model, load_processor, model_spec, read_con
                                 safetensors_component_bytes)
 
 from ..probes import Stopwatch
-from .base import Runner, config_identity
+from .base import MemoryPlan, Runner, config_identity
+
+# Weights are held whole (the fastest way to run them) when they take at most this share of the memory available;
+# larger models run from their mapped checkpoint. The rest is for activations, the cache, the logits, the parent.
+RESIDENT_SHARE = 0.25
+_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+_RUNTIME_BYTES = 1 << 30     # torch, transformers and the tokenizer imported, before any weight
 
 # quant_method in config.json → the format name reported.
 _QUANT_FORMATS = {"compressed-tensors": "compressed-tensors", "bitsandbytes": "bitsandbytes"}
@@ -33,6 +45,16 @@ def _move(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [_move(v, device) for v in value]
     return value
+
+
+def _working_bytes(config, tokens: int, width: int) -> int:
+    """Memory besides the weights for inputs of up to `tokens` tokens: the logits (float32, kept, log-softmaxed
+    and compared: three copies), the KV cache, a layer's activations, the runtime itself."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    logits = 3 * tokens * config.vocab_size * 4
+    cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * width
+    activations = 4 * tokens * max(config.intermediate_size, config.hidden_size) * width
+    return logits + cache + activations + _RUNTIME_BYTES
 
 
 class TransformersRunner(Runner):
@@ -72,10 +94,48 @@ class TransformersRunner(Runner):
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
         return safetensors_component_bytes(resolve_model_path(path))
 
-    def __init__(self, path: str | Path, device: torch.device, dtype: str):
+    @classmethod
+    def memory_plan(cls, path: str | Path, device: str, dtype: str, available: int | None,
+                    tokens: int) -> MemoryPlan:
+        from mcq.models.loading import meta_skeleton
+
+        format_name = cls.detect(path)
+        _, config, _ = model_spec(path)
+        skeleton = meta_skeleton(config)
+        width = _WIDTH[dtype]
+        params = sum(p.numel() for p in skeleton.parameters())
+        linears = [m for m in skeleton.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+        large = sum(m.weight.numel() for m in linears)
+        working = _working_bytes(config, tokens, width)
+        if torch.device(device).type != "cpu":
+            return MemoryPlan(None, f"{dtype} on {device}")
+        if format_name == "bitsandbytes":
+            stored = sum(safetensors_component_bytes(resolve_model_path(path)).values())
+            return MemoryPlan(stored + (params - large) * width + working, "bitsandbytes kernels, weights resident",
+                              hint="--device cuda")
+        resident = params * width + working
+        if available is None or resident <= available * RESIDENT_SHARE:
+            return MemoryPlan(resident, f"{dtype}, weights resident")
+        largest = max(m.weight.numel() for m in linears if isinstance(m, torch.nn.Linear))
+        # a compressed Linear is dequantized whole for its call; a plain one is cast a block of rows at a time
+        in_flight = largest * width * 2 if format_name == "compressed-tensors" else 0
+        mapped = (params - large) * width + in_flight + working
+        return MemoryPlan(mapped, f"{dtype} compute, weights mapped from the checkpoint", {"weights": "mapped"},
+                          hint="--device cuda" if dtype != "float32" else "--dtype bfloat16 or --device cuda")
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: str, weights: str = "resident"):
+        """`weights`: "resident" (loaded whole, as `mcq chat` does) or "mapped" (`mcq.models.mapped`, CPU)."""
         self.device = torch.device(device)
         self.tokenizer = load_processor(path).tokenizer
-        self.model = load_model(path, dtype=dtype, device=str(self.device))
+        if weights == "mapped":
+            from mcq.models.loading import DTYPES, check_layout, meta_skeleton, stored_tensors
+            from mcq.models.mapped import load_mapped
+
+            model_path, config, _ = model_spec(path)
+            check_layout(model_path, meta_skeleton(config), stored_tensors(model_path))
+            self.model = load_mapped(model_path, config, DTYPES[dtype])
+        else:
+            self.model = load_model(path, dtype=dtype, device=str(self.device))
         self.terminators = set(self.model.terminator_ids(self.tokenizer))
 
     def _inputs(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""A model whose large weights stay in the memory-mapped checkpoint: memory that does not grow with depth.
+
+`load_mapped` builds the module tree on the meta device (`weights.shell_model`) and gives it its weights without
+copying the large ones: every Linear and embedding table keeps the checkpoint's own tensor, mapped from its shard
+(safetensors hands out tensors backed by the file), in its stored dtype. A Linear computes in the compute dtype a
+block of output rows at a time (`MappedLinear`): the block's weights are cast (bf16 → float32 is exact) and
+multiplied while they are in cache, so the float32 copy of a weight never exists whole, and every output column
+is the same dot product a float32 `nn.Linear` computes (tests compare the logits bit for bit). A table looks up
+its rows in the stored dtype and casts them. The small weights (norms, biases, the resampler's queries, the patch
+convolution) are materialized in the compute dtype.
+
+A compressed-tensors checkpoint (`mcq quantize`: packed int4/int8 levels) keeps its packed tensors mapped; each
+call dequantizes one Linear, as transformers' loader dequantizes it, then multiplies as above. That trades time
+for memory: the packed model is read once per forward, never held as floats.
+
+The mapped pages are file-backed: the kernel counts them in the resident set while they are used and drops them
+under pressure, so they neither count as the process's anonymous memory nor need swap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Output rows of a Linear computed per block: 256 rows of a 4096-wide float32 weight are 4 MiB, which stay in cache
+# between the cast and the product.
+ROW_BLOCK = 256
+
+
+class MappedLinear(nn.Module):
+    """`nn.Linear` over a weight kept in its stored dtype (mapped), computing in `dtype`. `weight` is the stored
+    tensor (read-only use: shape, dtype); the module has no parameters of its own besides the bias."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype,
+                 dequantize=None, shape: tuple[int, int] | None = None):
+        super().__init__()
+        self._stored, self._dequantize, self.compute_dtype = weight, dequantize, dtype
+        self.out_features, self.in_features = shape if shape is not None else tuple(weight.shape)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._stored if self._dequantize is None else self._dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        if self._dequantize is not None:           # dequantized once per call, in the compute dtype
+            return F.linear(x, self._dequantize(), self.bias)
+        bias = self.bias
+        blocks = [F.linear(x, self._stored[start: start + ROW_BLOCK].to(self.compute_dtype),
+                           None if bias is None else bias[start: start + ROW_BLOCK])
+                  for start in range(0, self.out_features, ROW_BLOCK)]
+        return torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mapped"
+
+
+class MappedEmbedding(nn.Module):
+    """`nn.Embedding` over a table kept in its stored dtype (mapped): rows are looked up, then cast."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None):
+        super().__init__()
+        self._stored, self.compute_dtype, self.padding_idx = table, dtype, padding_idx
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._stored
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._stored).to(self.compute_dtype)
+
+
+def load_mapped(path: Path, config, dtype: torch.dtype):
+    """The MiniCPMV of checkpoint `path` (checked by the caller) with its Linears and tables mapped, computing in
+    `dtype` on CPU."""
+    from .weights import CheckpointReader, shell_model
+
+    model = shell_model(config)
+    reader = CheckpointReader(path)
+    stored = set(reader.stored_names)
+    schemes = _compressed_schemes(model, config, stored)
+    for name, module in list(model.named_modules()):
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if not own and name not in schemes:
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Linear):
+            bias = reader.read_params([f"{prefix}bias"])[f"{prefix}bias"] if module.bias is not None else None
+            if name in schemes:
+                replacement = MappedLinear(None, bias, dtype, shape=(module.out_features, module.in_features),
+                                           dequantize=_dequantizer(reader, name, schemes[name], stored, dtype))
+            else:
+                weight = reader.read_params([f"{prefix}weight"])[f"{prefix}weight"]
+                replacement = MappedLinear(weight, bias, dtype)
+            _set(model, name, replacement)
+        elif isinstance(module, nn.Embedding):
+            table = reader.read_params([f"{prefix}weight"])[f"{prefix}weight"]
+            _set(model, name, MappedEmbedding(table, dtype, module.padding_idx))
+        else:
+            tensors = reader.read_params([prefix + n for n in own])
+            for n in own:
+                value = tensors[prefix + n]
+                setattr(module, n, nn.Parameter(value.to(dtype) if value.is_floating_point() else value,
+                                                requires_grad=False))
+    return model.eval()
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _compressed_schemes(model: nn.Module, config, stored: set[str]) -> dict[str, Any]:
+    """Module → compressed-tensors scheme, for the Linears a quantized checkpoint stores packed (its config
+    groups' targets matched by compressed-tensors itself)."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    if not quantization:
+        return {}
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.utils.match import is_match
+
+    packed = sorted({n.rsplit(".", 1)[0] for n in stored if n.endswith(".weight_packed")})
+    schemes = {}
+    for group in quantization.get("config_groups", {}).values():
+        scheme = QuantizationScheme.model_validate(group)
+        for module in packed:
+            if is_match(module, model.get_submodule(module), scheme.targets):
+                schemes.setdefault(module, scheme)
+    return schemes
+
+
+def _dequantizer(reader, module: str, scheme, stored: set[str], dtype: torch.dtype):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+    packed = {suffix: reader.read_stored(f"{module}.{suffix}") for suffix in suffixes
+              if f"{module}.{suffix}" in stored}
+
+    def dequantize() -> torch.Tensor:
+        # Scales in the compute dtype, as transformers' loader has them when it dequantizes at load.
+        return PackedQuantizationCompressor.decompress(
+            {**packed, "weight_scale": packed["weight_scale"].to(dtype)}, scheme)["weight"].to(dtype)
+    return dequantize
