@@ -27,9 +27,11 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from mcq.errors import McqError
 
+from .families import FAMILIES
+
 __all__ = ["QWEN2_PRETOKENIZE_REGEX", "SUPPORTED_VERSIONS", "write_tiny_tokenizer"]
 
-SUPPORTED_VERSIONS = ("2.6", "4.0", "4.5")
+SUPPORTED_VERSIONS = FAMILIES["minicpmv"]
 
 # Training text. Plain English, Chinese, numbers, punctuation and code-like lines so that every kind of input a test
 # feeds the tokenizer gets some multi-byte merges. The order of the entries is part of the output: do not sort it.

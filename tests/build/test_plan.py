@@ -10,6 +10,7 @@ import yaml
 from mcq.build.matrix import matrix_entries
 from mcq.build.plan import FORMATS, load_plan
 from mcq.errors import McqError
+from mcq.models.families import RELEASES
 
 WORKFLOW = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "ci.yml"
 
@@ -24,15 +25,18 @@ def test_default_plan_covers_every_format_and_exports_from_awq():
     plan = load_plan()
     assert {v.format for v in plan.variants} == set(FORMATS)
     assert plan.variant("onnx-int4").source == "awq" and plan.variant("coreml").source == "awq"
-    assert "4.0" not in plan.variant("coreml").versions      # no Core ML LLM for MiniCPM4's decoder
+    assert plan.variant("coreml").versions == RELEASES      # 4.0's MiniCPM4 decoder included
     assert all(v.fail_if for v in plan.variants)
 
 
-def test_select_by_format_adds_what_a_variant_exports_from():
+def test_select_by_format_adds_what_a_variant_exports_from(tmp_path):
     plan = load_plan()
     assert [v.name for v in plan.select(["onnx"])] == ["awq", "onnx-int4"]
     assert [v.name for v in plan.select(["gguf", "bnb-nf4"])] == ["bnb-nf4", "gguf-q4_k_m"]
-    assert "coreml" not in [v.name for v in plan.select(version="4.0")]
+    narrowed = _plan(tmp_path, "variants:\n  awq:\n    quantize: {method: awq}\n  coreml:\n"
+                               "    export: {format: coreml, from: awq}\n    versions: ['2.6', '4.5']\n")
+    assert [v.name for v in narrowed.select(version="4.0")] == ["awq"]
+    assert [v.name for v in narrowed.select(version="4.5")] == ["awq", "coreml"]
     with pytest.raises(McqError, match="--only tflite: not a format"):
         plan.select(["tflite"])
 

@@ -699,14 +699,11 @@ def test_damaged_package_is_one_line_error_naming_the_file(llm_exports, tmp_path
     assert "\n" not in str(error.value)
 
 
-def test_llm_of_4_0_is_refused_before_converting(tmp_path):
-    with pytest.raises(McqError, match="4.0's MiniCPM4"):
-        api.export_coreml("tiny:4.0", tmp_path / "out", llm="int4-block32", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
-def test_minicpmv_2_6_packages_agree_with_torch(tmp_path):
-    """2.6: Qwen2 decoder (q/k/v biases, no q/k norms) and its resampler, through the same programs."""
+@pytest.mark.parametrize("version", ["2.6", "4.0"])
+def test_other_versions_packages_agree_with_torch(tmp_path, version):
+    """2.6: Qwen2 decoder (q/k/v biases, no q/k norms) and the 2D resampler; 4.0: the Llama decoder of MiniCPM4,
+    whose text embeddings (never the image features) are multiplied by `scale_emb` (12 in tiny 4.0) in the
+    embeddings package. The same programs as 4.5's, built from the version's facts."""
     from transformers import AutoModel
 
     import mcq  # noqa: F401
@@ -714,25 +711,30 @@ def test_minicpmv_2_6_packages_agree_with_torch(tmp_path):
     from mcq.export.coreml.host import causal_mask, rotary_inputs
     from mcq.models.loading import model_spec
 
-    path, config, _ = model_spec("tiny:2.6")
+    path, config, _ = model_spec(f"tiny:{version}")
     out = tmp_path / "out"
-    api.export_coreml("tiny:2.6", out, vision="fp16", llm="fp16", progress=False)
+    api.export_coreml(f"tiny:{version}", out, vision="fp16", llm="fp16", progress=False)
     model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
     pixels = torch.randn(3, 14, 14 * 10 * 12, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[5, 17, 300, 42, 9]])
     with torch.no_grad():
         expected_features = model.get_vision_embedding([pixels], torch.tensor([[10, 12]])).numpy()
-        embeds = model.llm.get_input_embeddings()(ids)
+        embeds = model.llm.get_input_embeddings()(ids) * model.embedding_scale
         expected_logits = model.llm(inputs_embeds=embeds).logits.numpy()
     inputs = vision_inputs(pixels, 10, 12, patch=14, patches_per_side=config.vision_config.image_size // 14,
                            hidden=config.hidden_size, max_patches=MAX_PATCHES)
     assert cosine(_interpreted(out / api.VISION_PACKAGE, inputs), expected_features) > 0.999
+    packaged_embeds = Interpreter(load_program(out / api.EMBED_PACKAGE)).predict(
+        {"input_ids": ids.numpy().astype(np.int32)})["inputs_embeds"].astype(np.float32)
+    np.testing.assert_allclose(packaged_embeds, embeds.numpy(), rtol=1e-2, atol=1e-2 * np.abs(embeds.numpy()).max())
     interpreter = InterpretedLlm(out)
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     logits = []
     for past, length in ((0, 3), (3, 2)):
         cos, sin = rotary_inputs(np.arange(past, past + length), head_dim, rope_theta(config))
         logits.append(interpreter.predict({"inputs_embeds": embeds[:, past : past + length].numpy(),
                                            "position_cos": cos, "position_sin": sin,
                                            "causal_mask": causal_mask(past, length)})["logits"])
-    assert cosine(np.concatenate(logits, axis=1), expected_logits) > 0.9999
+    got = np.concatenate(logits, axis=1).astype(np.float32)
+    assert cosine(got, expected_logits) > 0.9999
+    assert (got.argmax(-1) == expected_logits.argmax(-1)).all()

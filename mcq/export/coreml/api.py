@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
+from mcq.models.minicpmv.versions import embedding_scale
 
 from .convert import MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_compression
 
@@ -115,9 +116,6 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
     check_options(target, vision, llm)
     weights = ExportWeights(model, from_dir)
     try:
-        if llm != "none" and weights.spec.version == "4.0":
-            raise McqError("--llm: the Core ML LLM package supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); "
-                           "4.0's MiniCPM4 decoder is not implemented; pass --llm none for its vision package")
         if llm != "none":
             check_rope(weights.config)
         weights.check_output(Path(out), force)
@@ -302,7 +300,7 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
             "bos": tokens.bos_id, "eos": tokens.eos_id, "pad": tokens.pad_id,
             "terminators": tokens.terminator_ids(weights.spec.terminators),
         },
-        "embedding_scale": float(getattr(config, "scale_emb", 1.0) or 1.0),
+        "embedding_scale": embedding_scale(config),
         "llm": _llm_sidecar(weights, programs, chunks) if chunks else None,
     }
 

@@ -222,7 +222,7 @@ def rope_theta(config) -> float:
 
 def check_rope(config) -> None:
     """The LLM package's host computes plain RoPE from `rope_theta` (`host.rotary_inputs`), which is what MiniCPM-V
-    2.6 and 4.5 ship (no rope_scaling). A scaled RoPE (YaRN, linear, dynamic: a long-context edit of config.json)
+    2.6, 4.0 and 4.5 ship (no rope_scaling). A scaled RoPE (YaRN, linear, dynamic: a long-context edit of config.json)
     changes the frequencies at every position, so it is refused rather than exported with the wrong angles."""
     scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
@@ -246,9 +246,6 @@ def convert_llm(weights, target: str, compression: str, layers: range, context: 
     whose `--from` levels could not be carried into int4 blocks (module → reason; empty without `--from`)."""
     from .graphs import StatefulDecoder
 
-    if weights.spec.version == "4.0":
-        raise McqError("Core ML LLM export supports MiniCPM-V 2.6 and 4.5 (Qwen2/Qwen3 decoders); 4.0's MiniCPM4 "
-                       "decoder (scaled residuals) is not implemented")
     ct = import_coremltools()
     module = StatefulDecoder(weights, context, layers)
     shape = module.shape

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcq.models.minicpmv.versions import embedding_scale
+
 # Added to attention scores of padded keys. Representable in fp16 (the real minimum would overflow to -inf when
 # a score is added to it), and exp(-1e4) is 0 in any precision, so a padded key gets no weight.
 MASKED_SCORE = -1.0e4
@@ -143,7 +145,7 @@ class _DecoderLayer(nn.Module):
         super().__init__()
         self.shape = shape
         attention = f"{prefix}.self_attn"
-        bias = f"{attention}.q_proj.bias" in weights.names()      # Qwen2 (2.6) has q/k/v biases, Qwen3 not
+        bias = weights.spec.qkv_bias
         self.q_proj = _linear(weights, f"{attention}.q_proj", bias)
         self.k_proj = _linear(weights, f"{attention}.k_proj", bias)
         self.v_proj = _linear(weights, f"{attention}.v_proj", bias)
@@ -158,7 +160,8 @@ class _DecoderLayer(nn.Module):
             return nn.Parameter(weights.tensor(key).float(), requires_grad=False) if key in names else None
 
         self.input_norm, self.post_norm = norm("input_layernorm"), norm("post_attention_layernorm")
-        self.q_norm, self.k_norm = norm("self_attn.q_norm"), norm("self_attn.k_norm")   # Qwen3 only
+        self.q_norm, self.k_norm = ((norm("self_attn.q_norm"), norm("self_attn.k_norm")) if weights.spec.qk_norm
+                                    else (None, None))
 
     def forward(self, hidden, cos, sin, causal_mask, key_cache, value_cache, index: int, past, end):
         s = self.shape
@@ -268,7 +271,7 @@ class EmbedTokens(nn.Module):
     def __init__(self, weights):
         super().__init__()
         table = weights.tensor("llm.model.embed_tokens.weight").float()
-        scale = float(getattr(weights.config, "scale_emb", 1.0) or 1.0)
+        scale = embedding_scale(weights.config)
         self.embed_tokens = nn.Embedding.from_pretrained(table * scale if scale != 1.0 else table)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mcq.errors import McqError
+from mcq.models.minicpmv.versions import embedding_scale
 
 from ..rows import row_ranges
 from . import layout
@@ -83,14 +84,15 @@ def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: s
             num_samples, seed: int, force: bool, progress: bool, started: float) -> GgufExportResult:
     from mcq.outputs import staged_output, write_manifest
 
-    config, version = weights.config, weights.spec.version
-    layout.check_exportable(config, version)
+    config, spec = weights.config, weights.spec
+    version = spec.version
+    layout.check_exportable(config, spec)
     weights.check_output(out, force)
     # Files are named after the checkpoint folder (a tiny model after its spec, not its cache folder).
     name = str(model).replace(":", "-") if str(model).startswith("tiny:") else weights.model_path.name
     vision_layers = _vision_layers(weights)
-    llm_tensors = layout.llm_tensors(config, version)
-    mmproj_tensors = layout.mmproj_tensors(config, version, vision_layers)
+    llm_tensors = layout.llm_tensors(config, spec)
+    mmproj_tensors = layout.mmproj_tensors(config, spec, vision_layers)
     vocab = _vocab(weights, config, version)
     needs_libllama = quant not in PYTHON_TYPES or mmproj_quant not in PYTHON_TYPES
     if needs_libllama:
@@ -102,14 +104,14 @@ def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: s
         with staged_output(out, force) as staging:
             llm_file = staging / f"{name}-{quant}.gguf"
             mmproj_file = staging / f"mmproj-{name}-{mmproj_quant}.gguf"
-            llm = _write_file(llm_file, layout.llm_arch(version), quant,
-                              {**_general(name, quant), **layout.llm_metadata(config, version),
+            llm = _write_file(llm_file, spec.gguf_arch, quant,
+                              {**_general(name, quant), **layout.llm_metadata(config, spec),
                                **vocab.metadata()}, llm_tensors, weights, config, matrix, bar)
             mmproj = _write_file(mmproj_file, "clip", mmproj_quant,
                                  {**_general(f"mmproj-{name}", mmproj_quant),
                                   "general.type": ("str", "mmproj"),
                                   "general.description": ("str", f"MiniCPM-V {version} vision tower and resampler"),
-                                  **layout.mmproj_metadata(config, version, vision_layers)},
+                                  **layout.mmproj_metadata(config, spec, vision_layers)},
                                  mmproj_tensors, weights, config, matrix, bar)
             if matrix_info and matrix_info["source"] == "calibration":
                 # Kept beside the files: `--imatrix OUT/imatrix.safetensors` reuses it for another type.
@@ -164,7 +166,7 @@ def _tensor_values(weights, config, tensor: layout.GgufTensor) -> Iterator[np.nd
         heads = config.num_attention_heads if tensor.transform == "permute_q" else config.num_key_value_heads
         yield layout.permute_for_rope(values.float(), heads).numpy()
         return
-    scale = float(getattr(config, "scale_emb", 1.0) or 1.0) if tensor.transform == "scale_emb" else 1.0
+    scale = embedding_scale(config) if tensor.transform == "scale_emb" else 1.0
     row_bytes = 4 * (values.numel() // max(values.shape[0], 1))
     for start, stop in row_ranges(values.shape[0], row_bytes):
         block = values[start:stop].float()
@@ -264,8 +266,8 @@ def write_calibration_imatrix(model: str | Path, out_file: Path, samples: list[d
     weights = ExportWeights(model)
     try:
         vision_layers = _vision_layers(weights)
-        tensors = (layout.llm_tensors(weights.config, weights.spec.version)
-                   + layout.mmproj_tensors(weights.config, weights.spec.version, vision_layers))
+        tensors = (layout.llm_tensors(weights.config, weights.spec)
+                   + layout.mmproj_tensors(weights.config, weights.spec, vision_layers))
         matrix = _calibration_imatrix(weights, tensors, samples, progress)
     finally:
         weights.close()

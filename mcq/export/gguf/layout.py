@@ -1,10 +1,10 @@
 """What llama.cpp expects of the two GGUF files of a MiniCPM-V, per version: metadata keys and tensor names.
 
-The LLM file is an ordinary text model of llama.cpp's architecture for the version's LLM (`qwen3` for 4.5,
-`qwen2` for 2.6, `minicpm` for 4.0); its tensor names come from gguf-py's own name tables. The mmproj file
-(`general.architecture = clip`, projector `resampler`) holds the SigLIP tower and the resampler under the names
-clip.cpp looks up; gguf-py's mmproj table gets several of those wrong (`pos_embd_k`, a bare `resampler.proj`, no
-`post_layernorm`), so they are spelled out here. Sources: shared/research/gguf_minicpmv.md §2-3, checked against
+The LLM file is an ordinary text model of llama.cpp's architecture for the version's LLM (`VersionSpec.gguf_arch`:
+`qwen3` for 4.5, `qwen2` for 2.6, `minicpm` for 4.0); its tensor names come from gguf-py's own name tables. The
+mmproj file (`general.architecture = clip`, projector `resampler`) holds the SigLIP tower and the resampler under
+the names clip.cpp looks up; gguf-py's mmproj table gets several of those wrong (`pos_embd_k`, a bare
+`resampler.proj`, no `post_layernorm`), so they are spelled out here. Sources: shared/research/gguf_minicpmv.md §2-3, checked against
 llama.cpp's loader (clip.cpp `load_tensors`, src/models/*.cpp).
 """
 
@@ -16,10 +16,22 @@ import numpy as np
 import torch
 
 from mcq.errors import McqError
+from mcq.models.minicpmv.versions import VersionSpec, embedding_scale
 
-# clip.minicpmv_version per release: selects the slice-marker template and the query count llama.cpp assumes.
-MINICPMV_VERSION = {"2.6": 3, "4.0": 5, "4.5": 6}
-LLM_ARCH = {"2.6": "qwen2", "4.0": "minicpm", "4.5": "qwen3"}
+
+@dataclass(frozen=True)
+class LlamaCppArch:
+    """How llama.cpp runs one of its LLM architectures, where that differs from the transformers model."""
+
+    # rope on interleaved pairs: HF's rotate-half q/k rows are permuted per head (`permute_for_rope`)
+    interleaved_rope: bool = False
+    # every input embedding, image ones included, times `{arch}.embedding_scale` (MiniCPM's muP scales, written
+    # explicitly since llama.cpp's defaults are MiniCPM 2's)
+    scales_embeddings: bool = False
+
+
+LLAMA_CPP_ARCHS = {"qwen2": LlamaCppArch(), "qwen3": LlamaCppArch(),
+                   "minicpm": LlamaCppArch(interleaved_rope=True, scales_embeddings=True)}
 
 
 @dataclass(frozen=True)
@@ -33,16 +45,10 @@ class GgufTensor:
     transform: str = ""  # "", "permute_q", "permute_k" (minicpm rope layout), "scale_emb" (resampler.proj / scale)
 
 
-def llm_arch(version: str) -> str:
-    if version not in LLM_ARCH:
-        raise McqError(f"MiniCPM-V {version} has no GGUF layout in mcq (supported: {', '.join(LLM_ARCH)})")
-    return LLM_ARCH[version]
-
-
-def check_exportable(config, version: str) -> None:
-    """Refuse versions without a GGUF layout and configs whose LLM llama.cpp would run differently from the model
-    (one line, before any work)."""
-    llm_arch(version)
+def check_exportable(config, spec: VersionSpec) -> None:
+    """Refuse configs whose LLM llama.cpp would run differently from the model (one line, before any work)."""
+    if spec.gguf_arch not in LLAMA_CPP_ARCHS:
+        raise McqError(f"MiniCPM-V {spec.version}: mcq's GGUF export has no rules for llama.cpp's {spec.gguf_arch}")
     if getattr(config, "rope_scaling", None):
         raise McqError(f"rope_scaling {config.rope_scaling} is not supported by mcq's GGUF export yet")
     if getattr(config, "tie_word_embeddings", False):
@@ -51,9 +57,9 @@ def check_exportable(config, version: str) -> None:
 
 # -- the LLM file ------------------------------------------------------------------------------------------------
 
-def llm_metadata(config, version: str) -> dict[str, tuple[str, object]]:
+def llm_metadata(config, spec: VersionSpec) -> dict[str, tuple[str, object]]:
     """`{key: (gguf value kind, value)}` of the LLM's architecture keys (the tokenizer is written separately)."""
-    arch = llm_arch(version)
+    arch = spec.gguf_arch
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     keys: dict[str, tuple[str, object]] = {
         f"{arch}.context_length": ("u32", config.max_position_embeddings),
@@ -70,19 +76,19 @@ def llm_metadata(config, version: str) -> dict[str, tuple[str, object]]:
         f"{arch}.rope.dimension_count": ("u32", head_dim),
         f"{arch}.vocab_size": ("u32", config.vocab_size),
     }
-    if arch == "minicpm":
+    if LLAMA_CPP_ARCHS[arch].scales_embeddings:
         # The official 4.0 LLM is Llama with the text embeddings multiplied by scale_emb, nothing else: no residual
         # or logit scaling (llama.cpp's defaults for `minicpm` are MiniCPM 2's muP values, so write all three).
-        keys[f"{arch}.embedding_scale"] = ("f32", float(getattr(config, "scale_emb", 1.0) or 1.0))
+        keys[f"{arch}.embedding_scale"] = ("f32", embedding_scale(config))
         keys[f"{arch}.residual_scale"] = ("f32", 1.0)
         keys[f"{arch}.logit_scale"] = ("f32", 1.0)
     return keys
 
 
-def llm_tensors(config, version: str) -> list[GgufTensor]:
+def llm_tensors(config, spec: VersionSpec) -> list[GgufTensor]:
     import gguf
 
-    arch = llm_arch(version)
+    arch = spec.gguf_arch
     arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     hidden, ff, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -94,10 +100,10 @@ def llm_tensors(config, version: str) -> list[GgufTensor]:
              "self_attn.v_proj.weight": (kv_out, hidden), "self_attn.o_proj.weight": (hidden, q_out),
              "mlp.gate_proj.weight": (ff, hidden), "mlp.up_proj.weight": (ff, hidden),
              "mlp.down_proj.weight": (hidden, ff)}
-    if version == "2.6":
+    if spec.qkv_bias:
         layer |= {"self_attn.q_proj.bias": (q_out,), "self_attn.k_proj.bias": (kv_out,),
                   "self_attn.v_proj.bias": (kv_out,)}
-    if version == "4.5":
+    if spec.qk_norm:
         layer |= {"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)}
 
     def entry(hf: str, shape: tuple[int, ...]) -> GgufTensor:
@@ -105,10 +111,8 @@ def llm_tensors(config, version: str) -> list[GgufTensor]:
         if name is None:
             raise McqError(f"gguf-py has no {arch} name for {hf}")
         transform = ""
-        if arch == "minicpm" and hf.endswith("q_proj.weight"):
-            transform = "permute_q"
-        elif arch == "minicpm" and hf.endswith("k_proj.weight"):
-            transform = "permute_k"
+        if LLAMA_CPP_ARCHS[arch].interleaved_rope and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            transform = "permute_q" if hf.endswith("q_proj.weight") else "permute_k"
         return GgufTensor(name, f"llm.{hf}", shape, quantizable=len(shape) == 2, transform=transform)
 
     tensors = [entry("model.embed_tokens.weight", shapes["embed_tokens.weight"])]
@@ -127,18 +131,16 @@ def permute_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 # -- the mmproj file ---------------------------------------------------------------------------------------------
 
-def mmproj_metadata(config, version: str, vision_layers: int) -> dict[str, tuple[str, object]]:
+def mmproj_metadata(config, spec: VersionSpec, vision_layers: int) -> dict[str, tuple[str, object]]:
     """`vision_layers`: the encoder layers the model runs (the config's count, less one when
     `drop_vision_last_layer` is set)."""
     vision = config.vision_config
-    if version not in MINICPMV_VERSION:
-        raise McqError(f"MiniCPM-V {version} has no mmproj layout in mcq (supported: {', '.join(MINICPMV_VERSION)})")
     return {
         "clip.has_text_encoder": ("bool", False),
         "clip.has_vision_encoder": ("bool", True),
         "clip.has_minicpmv_projector": ("bool", True),
         "clip.projector_type": ("str", "resampler"),
-        "clip.minicpmv_version": ("i32", MINICPMV_VERSION[version]),
+        "clip.minicpmv_version": ("i32", spec.gguf_projector_version),
         "clip.minicpmv_query_num": ("u32", config.query_num),
         # The slice resolution (448), not the tower's position grid size (980 = 70 patches).
         "clip.vision.image_size": ("u32", config.image_size),
@@ -157,7 +159,7 @@ def mmproj_metadata(config, version: str, vision_layers: int) -> dict[str, tuple
     }
 
 
-def mmproj_tensors(config, version: str, vision_layers: int) -> list[GgufTensor]:
+def mmproj_tensors(config, spec: VersionSpec, vision_layers: int) -> list[GgufTensor]:
     vision = config.vision_config
     width, ff, patch, embed = vision.hidden_size, vision.intermediate_size, vision.patch_size, config.hidden_size
     grid = vision.image_size // patch
@@ -199,7 +201,8 @@ def mmproj_tensors(config, version: str, vision_layers: int) -> list[GgufTensor]
     # llama.cpp multiplies every input embedding by `minicpm.embedding_scale`, image ones included, where the
     # official 4.0 scales only text embeddings: the projection is divided by it to cancel that.
     tensors.append(GgufTensor("resampler.proj.weight", "resampler.proj.weight", (embed, embed), True,
-                              transform="scale_emb" if llm_arch(version) == "minicpm" else ""))
+                              transform="scale_emb" if LLAMA_CPP_ARCHS[spec.gguf_arch].scales_embeddings else ""))
+
     # Required by the loader, recomputed by the graph at run time; written as the official 2D sin-cos table.
     tensors.append(GgufTensor("resampler.pos_embed_k", "", (grid * grid, embed), False))
     return tensors

@@ -26,6 +26,7 @@ from typing import Any
 import onnx
 
 from mcq.errors import McqError
+from mcq.models.minicpmv.versions import embedding_scale
 
 from .builder import GraphBuilder, TensorStore, save_graph
 from .graphs import DecoderShape, VisionShape, build_decoder, build_embed_tokens, build_vision_encoder
@@ -136,7 +137,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         names = weights.names()
         builds = {
             "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
-            "embed_tokens": lambda b: build_embed_tokens(b, writer, _scale_emb(weights.config),
+            "embed_tokens": lambda b: build_embed_tokens(b, writer, embedding_scale(weights.config),
                                                          weights.config.hidden_size),
             "decoder_model_merged": lambda b: build_decoder(b, writer, DecoderShape(shell, names)),
         }
@@ -178,10 +179,6 @@ def _identity(directory: Path) -> dict[str, Any]:
 
     files = sorted(p for p in Path(directory).iterdir() if p.is_file() and not p.name.startswith("."))
     return {"name": Path(directory).name, "files": {p.name: file_sha256(p) for p in files}}
-
-
-def _scale_emb(config) -> float:
-    return float(getattr(config, "scale_emb", 1.0) or 1.0)
 
 
 def _write_graph(graph: str, build, onnx_dir: Path, precision: str) -> tuple[str, bool]:

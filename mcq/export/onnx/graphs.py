@@ -107,7 +107,7 @@ class DecoderShape:
         self.inv_freq = rotary.inv_freq.float().numpy()
         self.rotary_scale = float(rotary.attention_scaling)
         attn = llm.model.layers[0].self_attn
-        self.qk_norm = hasattr(attn, "q_norm")   # Qwen3
+        self.qk_norm = shell.spec.qk_norm
         self.scaling = float(attn.scaling)
 
 

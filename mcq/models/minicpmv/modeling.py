@@ -21,7 +21,7 @@ from transformers import initialization as init
 from .configuration import MiniCPMVConfig
 from .resampler import Resampler, ResamplerAttention
 from .tokenization import special_token_ids
-from .versions import VersionSpec, version_spec
+from .versions import VersionSpec, embedding_scale, version_spec
 from .vision import MiniCPMVisionEmbeddings, MiniCPMVisionTransformer
 
 
@@ -108,7 +108,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     @property
     def embedding_scale(self) -> float:
         """MiniCPM-family LLMs (4.0) multiply text embeddings (never vision features) by `scale_emb`."""
-        return float(getattr(self.config, "scale_emb", 1.0) or 1.0)
+        return embedding_scale(self.config)
 
     # -- vision ---------------------------------------------------------------------------------------------------
     def get_vision_embedding(

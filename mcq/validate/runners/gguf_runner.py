@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from mcq.errors import McqError
-
-from mcq.export.gguf.layout import MINICPMV_VERSION
 from mcq.export.gguf.writer import quiet_llama_cpp, require_llama_cpp
+from mcq.models.minicpmv.versions import VERSIONS
 
 from ..probes import Stopwatch
 from .base import MemoryPlan, Runner, grouped_video
@@ -71,7 +70,7 @@ class GgufRunner(Runner):
         llm, mmproj = gguf_files(path)
         meta, vision = _metadata(llm), _metadata(mmproj)
         arch = meta["general.architecture"]
-        versions = {number: version for version, number in MINICPMV_VERSION.items()}
+        versions = {spec.gguf_projector_version: version for version, spec in VERSIONS.items()}
         return {"version": versions.get(vision.get("clip.minicpmv_version")),
                 "hidden_size": meta[f"{arch}.embedding_length"], "num_hidden_layers": meta[f"{arch}.block_count"],
                 "vocab_size": meta[f"{arch}.vocab_size"],
