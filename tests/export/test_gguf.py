@@ -325,19 +325,20 @@ def test_official_4_5_layout_maps_every_stored_tensor(reference_dir):
     from mcq.export.gguf import layout
     from mcq.models.minicpmv import checkpoint_names
     from mcq.models.minicpmv.configuration import MiniCPMVConfig
+    from mcq.models.minicpmv.versions import VERSIONS
 
-    config = MiniCPMVConfig.from_pretrained(reference_dir)
+    config, spec = MiniCPMVConfig.from_pretrained(reference_dir), VERSIONS["4.5"]
     stored = json.loads((reference_dir / "parameter_shapes.json").read_text())["shapes"]
     params = {param: tuple(shape) for name, entry in stored.items()
               for param, shape in checkpoint_names.param_shapes(name, entry).items()}
-    llm = layout.llm_tensors(config, "4.5")
-    mmproj = layout.mmproj_tensors(config, "4.5", config.vision_config.num_hidden_layers)
+    llm = layout.llm_tensors(config, spec)
+    mmproj = layout.mmproj_tensors(config, spec, config.vision_config.num_hidden_layers)
     assert (len(llm), len(mmproj)) == (36 * 11 + 3, 27 * 16 + 3 + 2 + 18)
     sourced = {t.source: t.shape for t in llm + mmproj if t.source}
     assert sourced == params
-    metadata = layout.mmproj_metadata(config, "4.5", 27)
+    metadata = layout.mmproj_metadata(config, spec, 27)
     assert metadata["clip.vision.image_size"] == ("u32", 448) and metadata["clip.minicpmv_version"] == ("i32", 6)
-    assert layout.llm_metadata(config, "4.5")["qwen3.rope.freq_base"] == ("f32", 1000000.0)
+    assert layout.llm_metadata(config, spec)["qwen3.rope.freq_base"] == ("f32", 1000000.0)
 
 
 def test_mcq_validate_scores_a_gguf_export_in_llama_cpp(tmp_path, capsys):
