@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCKS = {"vision": "vpm.encoder.layers.0", "llm": "llm.model.layers.0"}
 ENGINES = ("mcq", "llm-compressor")
 BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+RECIPE_NUM_SAMPLES = 64   # awq-w4g128's calibration.num_samples
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -87,7 +88,8 @@ def part_blocks(args, workdir: Path) -> dict:
         blocks[key] = {"name": name, "calls": captured["blocks"][name], **runs,
                        "time_ratio": _ratio(runs["mcq"]["block_s"], runs["llm-compressor"]["block_s"]),
                        "search_time_ratio": _ratio(runs["mcq"]["search_s"], runs["llm-compressor"]["search_s"])}
-    return {"calibration": captured["calibration"], "blocks": blocks,
+    return {"num_samples": args.num_samples, "recipe_num_samples": RECIPE_NUM_SAMPLES,
+            "calibration": captured["calibration"], "blocks": blocks,
             "time_ratio": max(b["time_ratio"] for b in blocks.values())}
 
 
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", choices=["blocks", "whole", "budget"],
                         default=["blocks", "whole", "budget"])
-    parser.add_argument("--num-samples", type=int, default=64,
+    parser.add_argument("--num-samples", type=int, default=RECIPE_NUM_SAMPLES,
                         help="calibration samples for the real-width blocks (default 64, the recipe's)")
     parser.add_argument("--repeats", type=int, default=1, help="whole-model runs per engine (alternating order)")
     parser.add_argument("--budget-samples", type=int, default=64)
@@ -215,16 +217,17 @@ def child_capture(spec: dict) -> None:
     from mcq.models.loading import model_spec
     from mcq.models.tiny import TinySpec, make_tiny
     from mcq.models.weights import CheckpointReader, shell_model
-    from mcq.quantize.api import calibration_samples, resolve_recipe
+    from mcq.calibration import calibration_samples
+    from mcq.quantize.api import resolve_recipe
     from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
     root = Path(spec["dir"])
     checkpoint = root / "checkpoint"
     make_tiny(checkpoint, TinySpec(version="4.5", seed=spec["seed"], real_widths=True, llm_layers=1,
                                    vision_layers=1), force=True)
-    path, config, version = model_spec(checkpoint)
+    path, config, minicpmv = model_spec(checkpoint)
     recipe = resolve_recipe("awq", None)
-    samples, described = calibration_samples(path, version, None, spec["num_samples"],
+    samples, described = calibration_samples(path, minicpmv, None, spec["num_samples"],
                                              recipe.calibration.max_slice_nums, spec["seed"])
     recorded = {}
 
@@ -262,6 +265,7 @@ def child_block(spec: dict) -> None:
     from compressed_tensors.quantization.lifecycle.helpers import enable_quantization
 
     from mcq.build.calibration import load_encoded
+    from mcq.models.family import component_of, pad_intermediate
     from mcq.models.loading import model_spec
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
     from mcq.quantize.llmc import LlmCompressorBlockQuantizer
@@ -275,10 +279,14 @@ def child_block(spec: dict) -> None:
                   [tuple((kind, index) for kind, index in row) for row in described["origins"]])
     block = dict(named_blocks(shell_model(config)))[name]
     CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
+    plan = _plan(path, spec["engine"])
+    widths, component = plan.padded_widths(), component_of(name + ".")
+    if component in widths:   # the recipe's target pads the vision MLP (4304 -> 4352), as `mcq quantize` does
+        pad_intermediate(block, component, widths[component])
     checked = calls[: min(4, len(calls))]
     with torch.no_grad():
         reference = [block(*a, **k) for a, k in checked]
-    quantizer = LlmCompressorBlockQuantizer(_plan(path, spec["engine"]), scale_dtype=torch.bfloat16)
+    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=torch.bfloat16)
     log(f"{name} {spec['engine']}: {len(calls)} calls")
     resettable = reset_peak_rss()
     started = time.perf_counter()
@@ -310,13 +318,13 @@ def child_budget(spec: dict) -> None:
     from mcq.models.tiny import resolve_tiny
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
     from mcq.quantize import awq
-    from mcq.quantize.api import calibration_samples
+    from mcq.calibration import calibration_samples
     from mcq.quantize.llmc import quantization_args
     from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
-    path, config, version = model_spec(resolve_tiny(spec["model"]))
+    path, config, minicpmv = model_spec(resolve_tiny(spec["model"]))
     plan = _plan(path, "mcq")
-    samples, described = calibration_samples(path, version, None, spec["num_samples"], 2, 0)
+    samples, described = calibration_samples(path, minicpmv, None, spec["num_samples"], 2, 0)
     recorded = {}
     SequentialDriver(shell_model(config), CheckpointReader(path), samples, torch.float32, "cpu").run(
         BlockHandler(lambda name, block, calls: recorded.__setitem__(name, calls), lambda name, block: None))
