@@ -1,7 +1,7 @@
 """AWQ's scale search: mcq's own (mcq/quantize/awq.py) beside llm-compressor's AWQModifier, on the same inputs.
 
     python benchmarks/bench_awq.py [--parts blocks whole budget] [--num-samples 8] [--threads N]
-                                   [--repeats 1] [--out results.json] [--keep]
+                                   [--repeats 1] [--whole-engines mcq] [--out results.json] [--keep]
 
 JSON goes to stdout (and to --out), progress to stderr; every measured run is its own child process (exact peak
 RSS from `os.wait4`), with the 1-minute load average before and after it: the machine may be shared, and times
@@ -21,7 +21,7 @@ Parts:
   `block_s`, per block and the larger of the two.
 - `whole`: `mcq quantize --method awq --model tiny:4.5` as a user runs it (the CLI, default recipe: 64 samples),
   once with the built-in recipe (mcq's engine) and once with the same recipe on llm-compressor's engine, in
-  alternating order --repeats times.
+  alternating order --repeats times (--whole-engines: one of them only).
 - `budget`: how many tokens the grid loss needs. On `tiny:4.5-outliers` (activation outliers, where AWQ's choice
   matters) with --budget-samples calibration samples (default 64, the recipe's), for every AWQ pair of every
   block: the loss of each grid candidate on every token (llm-compressor's objective), and the candidate each token
@@ -95,11 +95,12 @@ def part_blocks(args, workdir: Path) -> dict:
 
 def part_whole(args, workdir: Path) -> dict:
     recipe = workdir / "awq-llm-compressor.yaml"
-    runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    engines = args.whole_engines
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     # tiny:4.5 built once, outside the timings, and the built-in recipe on llm-compressor's engine written out
     _child("tiny", {"model": "tiny:4.5", "recipe": str(recipe)}, workdir, "build-tiny", args.threads)
     for repeat in range(args.repeats):
-        for engine in (ENGINES if repeat % 2 == 0 else ENGINES[::-1]):
+        for engine in (engines if repeat % 2 == 0 else engines[::-1]):
             out = workdir / f"whole-{engine}-{repeat}"
             options = ["--method", "awq"] if engine == "mcq" else ["--recipe", str(recipe)]
             env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -117,7 +118,7 @@ def part_whole(args, workdir: Path) -> dict:
                 f"load {measured['load_1min']}")
     best = {engine: min(r["wall_seconds"] for r in rs) for engine, rs in runs.items()}
     return {"command": "mcq quantize --method awq --model tiny:4.5 (default recipe: 64 samples, 2 slices)",
-            "runs": runs, "best_wall_seconds": best, "time_ratio": _ratio(best["mcq"], best["llm-compressor"])}
+            "runs": runs, "best_wall_seconds": best, "time_ratio": _ratio(best.get("mcq"), best.get("llm-compressor"))}
 
 
 def _last_json(log_file: Path) -> dict:
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=RECIPE_NUM_SAMPLES,
                         help="calibration samples for the real-width blocks (default 64, the recipe's)")
     parser.add_argument("--repeats", type=int, default=1, help="whole-model runs per engine (alternating order)")
+    parser.add_argument("--whole-engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="the engines of the whole-model part (default both)")
     parser.add_argument("--budget-samples", type=int, default=64)
     parser.add_argument("--budget-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
