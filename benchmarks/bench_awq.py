@@ -1,7 +1,7 @@
 """AWQ's scale search: mcq's own (mcq/quantize/awq.py) beside llm-compressor's AWQModifier, on the same inputs.
 
     python benchmarks/bench_awq.py [--parts blocks whole budget] [--num-samples 8] [--threads N]
-                                   [--repeats 1] [--out results.json] [--keep]
+                                   [--repeats 1] [--whole-engines mcq] [--out results.json] [--keep]
 
 JSON goes to stdout (and to --out), progress to stderr; every measured run is its own child process (exact peak
 RSS from `os.wait4`), with the 1-minute load average before and after it: the machine may be shared, and times
@@ -21,7 +21,7 @@ Parts:
   `block_s`, per block and the larger of the two.
 - `whole`: `mcq quantize --method awq --model tiny:4.5` as a user runs it (the CLI, default recipe: 64 samples),
   once with the built-in recipe (mcq's engine) and once with the same recipe on llm-compressor's engine, in
-  alternating order --repeats times.
+  alternating order --repeats times (--whole-engines: one of them only).
 - `budget`: how many tokens the grid loss needs. On `tiny:4.5-outliers` (activation outliers, where AWQ's choice
   matters) with --budget-samples calibration samples (default 64, the recipe's), for every AWQ pair of every
   block: the loss of each grid candidate on every token (llm-compressor's objective), and the candidate each token
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCKS = {"vision": "vpm.encoder.layers.0", "llm": "llm.model.layers.0"}
 ENGINES = ("mcq", "llm-compressor")
 BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+RECIPE_NUM_SAMPLES = 64   # awq-w4g128's calibration.num_samples
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -87,17 +88,19 @@ def part_blocks(args, workdir: Path) -> dict:
         blocks[key] = {"name": name, "calls": captured["blocks"][name], **runs,
                        "time_ratio": _ratio(runs["mcq"]["block_s"], runs["llm-compressor"]["block_s"]),
                        "search_time_ratio": _ratio(runs["mcq"]["search_s"], runs["llm-compressor"]["search_s"])}
-    return {"calibration": captured["calibration"], "blocks": blocks,
+    return {"num_samples": args.num_samples, "recipe_num_samples": RECIPE_NUM_SAMPLES,
+            "calibration": captured["calibration"], "blocks": blocks,
             "time_ratio": max(b["time_ratio"] for b in blocks.values())}
 
 
 def part_whole(args, workdir: Path) -> dict:
     recipe = workdir / "awq-llm-compressor.yaml"
-    runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    engines = args.whole_engines
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     # tiny:4.5 built once, outside the timings, and the built-in recipe on llm-compressor's engine written out
     _child("tiny", {"model": "tiny:4.5", "recipe": str(recipe)}, workdir, "build-tiny", args.threads)
     for repeat in range(args.repeats):
-        for engine in (ENGINES if repeat % 2 == 0 else ENGINES[::-1]):
+        for engine in (engines if repeat % 2 == 0 else engines[::-1]):
             out = workdir / f"whole-{engine}-{repeat}"
             options = ["--method", "awq"] if engine == "mcq" else ["--recipe", str(recipe)]
             env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -115,7 +118,7 @@ def part_whole(args, workdir: Path) -> dict:
                 f"load {measured['load_1min']}")
     best = {engine: min(r["wall_seconds"] for r in rs) for engine, rs in runs.items()}
     return {"command": "mcq quantize --method awq --model tiny:4.5 (default recipe: 64 samples, 2 slices)",
-            "runs": runs, "best_wall_seconds": best, "time_ratio": _ratio(best["mcq"], best["llm-compressor"])}
+            "runs": runs, "best_wall_seconds": best, "time_ratio": _ratio(best.get("mcq"), best.get("llm-compressor"))}
 
 
 def _last_json(log_file: Path) -> dict:
@@ -133,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", choices=["blocks", "whole", "budget"],
                         default=["blocks", "whole", "budget"])
-    parser.add_argument("--num-samples", type=int, default=64,
+    parser.add_argument("--num-samples", type=int, default=RECIPE_NUM_SAMPLES,
                         help="calibration samples for the real-width blocks (default 64, the recipe's)")
     parser.add_argument("--repeats", type=int, default=1, help="whole-model runs per engine (alternating order)")
+    parser.add_argument("--whole-engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="the engines of the whole-model part (default both)")
     parser.add_argument("--budget-samples", type=int, default=64)
     parser.add_argument("--budget-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,16 +220,17 @@ def child_capture(spec: dict) -> None:
     from mcq.models.loading import model_spec
     from mcq.models.tiny import TinySpec, make_tiny
     from mcq.models.weights import CheckpointReader, shell_model
-    from mcq.quantize.api import calibration_samples, resolve_recipe
+    from mcq.calibration import calibration_samples
+    from mcq.quantize.api import resolve_recipe
     from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
     root = Path(spec["dir"])
     checkpoint = root / "checkpoint"
     make_tiny(checkpoint, TinySpec(version="4.5", seed=spec["seed"], real_widths=True, llm_layers=1,
                                    vision_layers=1), force=True)
-    path, config, version = model_spec(checkpoint)
+    path, config, minicpmv = model_spec(checkpoint)
     recipe = resolve_recipe("awq", None)
-    samples, described = calibration_samples(path, version, None, spec["num_samples"],
+    samples, described = calibration_samples(path, minicpmv, None, spec["num_samples"],
                                              recipe.calibration.max_slice_nums, spec["seed"])
     recorded = {}
 
@@ -262,6 +268,7 @@ def child_block(spec: dict) -> None:
     from compressed_tensors.quantization.lifecycle.helpers import enable_quantization
 
     from mcq.build.calibration import load_encoded
+    from mcq.models.family import component_of, pad_intermediate
     from mcq.models.loading import model_spec
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
     from mcq.quantize.llmc import LlmCompressorBlockQuantizer
@@ -275,10 +282,14 @@ def child_block(spec: dict) -> None:
                   [tuple((kind, index) for kind, index in row) for row in described["origins"]])
     block = dict(named_blocks(shell_model(config)))[name]
     CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
+    plan = _plan(path, spec["engine"])
+    widths, component = plan.padded_widths(), component_of(name + ".")
+    if component in widths:   # the recipe's target pads the vision MLP (4304 -> 4352), as `mcq quantize` does
+        pad_intermediate(block, component, widths[component])
     checked = calls[: min(4, len(calls))]
     with torch.no_grad():
         reference = [block(*a, **k) for a, k in checked]
-    quantizer = LlmCompressorBlockQuantizer(_plan(path, spec["engine"]), scale_dtype=torch.bfloat16)
+    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=torch.bfloat16)
     log(f"{name} {spec['engine']}: {len(calls)} calls")
     resettable = reset_peak_rss()
     started = time.perf_counter()
@@ -310,13 +321,13 @@ def child_budget(spec: dict) -> None:
     from mcq.models.tiny import resolve_tiny
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
     from mcq.quantize import awq
-    from mcq.quantize.api import calibration_samples
+    from mcq.calibration import calibration_samples
     from mcq.quantize.llmc import quantization_args
     from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
-    path, config, version = model_spec(resolve_tiny(spec["model"]))
+    path, config, minicpmv = model_spec(resolve_tiny(spec["model"]))
     plan = _plan(path, "mcq")
-    samples, described = calibration_samples(path, version, None, spec["num_samples"], 2, 0)
+    samples, described = calibration_samples(path, minicpmv, None, spec["num_samples"], 2, 0)
     recorded = {}
     SequentialDriver(shell_model(config), CheckpointReader(path), samples, torch.float32, "cpu").run(
         BlockHandler(lambda name, block, calls: recorded.__setitem__(name, calls), lambda name, block: None))

@@ -104,19 +104,21 @@ def test_gptq_halves_rtn_kl_and_both_keep_the_vision_output(outlier_metrics):
 
 
 @pytest.mark.slow
-def test_awq_halves_rtn_kl(outlier_metrics):
+def test_awq_halves_rtn_kl(outlier_metrics, record_property):
+    record_property("kl_mean", {m: round(v["kl_mean"], 6) for m, v in outlier_metrics.items()})
     assert outlier_metrics["awq"]["kl_mean"] * 2 <= outlier_metrics["rtn"]["kl_mean"], outlier_metrics
 
 
 @pytest.mark.slow
-def test_mcq_awq_is_as_accurate_as_llmcompressors(outlier_metrics):
+def test_mcq_awq_is_as_accurate_as_llmcompressors(outlier_metrics, record_property):
     """The default AWQ (mcq's own scale search, loss on a token sample) against llm-compressor's AWQModifier with the
     same recipe and calibration, which was the default before: mean KL within 5 %, and the vision path (vision
-    tower and resampler) as close to bf16, 0.9985 to four digits. Measured: KL 0.002480 vs 0.002490, vision cosine
-    0.998473 vs 0.998472 (RTN: KL 0.00536, cosine 0.980)."""
+    tower and resampler) at least as close to bf16 as the issue's 0.9985. Measured with the recipe's vllm-gpu target
+    (2026-12-03): KL 0.002859 vs 0.002886, vision cosine 0.998863 vs 0.998729 (RTN: KL 0.005028, cosine 0.99005)."""
     ours, theirs = outlier_metrics["awq"], outlier_metrics["awq-llm-compressor"]
+    record_property("vision_cosine", {m: round(v["vision_cosine"], 6) for m, v in outlier_metrics.items()})
     assert ours["kl_mean"] <= 1.05 * theirs["kl_mean"], outlier_metrics
-    assert round(ours["vision_cosine"], 4) >= 0.9985, outlier_metrics
+    assert ours["vision_cosine"] >= 0.9985, outlier_metrics
     assert ours["vision_cosine"] >= theirs["vision_cosine"] - 1e-5, outlier_metrics
 
 
