@@ -31,6 +31,7 @@ made: `--layers 36 --vision-layers 27 --cap 20G`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -152,6 +153,8 @@ def _cgroup_result(group: Path | None) -> dict | None:
     result = {"limit_mib": mib(int((group / "memory.limit_in_bytes").read_text()) // 1024),
               "max_usage_mib": mib(int((group / "memory.max_usage_in_bytes").read_text()) // 1024),
               "failcnt": int((group / "memory.failcnt").read_text()), "oom_kill": int(oom.get("oom_kill", 0))}
+    if (group / "memory.memsw.max_usage_in_bytes").exists():  # memory + swap (equal to the above without swap)
+        result["memsw_max_usage_mib"] = mib(int((group / "memory.memsw.max_usage_in_bytes").read_text()) // 1024)
     group.rmdir()
     return result
 
@@ -195,11 +198,11 @@ def mcq(*args: str) -> list[str]:
     return [sys.executable, "-m", "mcq.cli", *args]
 
 
-def run_depth(layers: int, args, work: Path, stages: list[Stage]) -> dict:
+def run_depth(layers: int, args, work: Path, stages: list[Stage], results: dict) -> dict:
+    """Runs the stages at one depth into `results` (the report is rewritten after each stage: a run can be cut)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
     model = work / "model"
-    results = {}
     if args.reuse_model and (model / "config.json").is_file():
         log(f"{layers}L: reusing {model}")
     else:
@@ -219,6 +222,7 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage]) -> dict:
         command = mcq(*(part.format(**fill) for part in stage.args))
         results[stage.name] = run_stage(f"{layers}L-{stage.name}", command, work / "logs" / f"{stage.name}.log",
                                         args.cap, args.code)
+        args.checkpoint()
         if args.keep:
             continue
         later = {s.name for s in stages[position + 1:]}
@@ -275,9 +279,16 @@ def main() -> None:
     args = parser.parse_args()
     stages = [stage for stage in STAGES if stage.name in args.stages]
     by_depth = {}
+
+    def checkpoint() -> None:  # the results so far, in --out only (stdout gets the final report)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"partial": True, "results": by_depth}, indent=2) + "\n")
+
+    args.checkpoint = checkpoint
     for layers in args.layers:
-        by_depth[layers] = run_depth(layers, args, args.workdir / f"{layers}L", stages)
-        emit({"partial": True, "results": by_depth}, args.out)
+        run_depth(layers, args, args.workdir / f"{layers}L", stages, by_depth.setdefault(layers, {}))
+        args.checkpoint()
     if not args.keep:
         for layers in args.layers:
             shutil.rmtree(args.workdir / f"{layers}L", ignore_errors=True)
