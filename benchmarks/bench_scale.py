@@ -210,6 +210,7 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage], results: dict)
             "make-tiny", str(model), "--real-widths", *(["--real-vocab"] if args.real_vocab else []),
             "--llm-layers", str(layers), "--vision-layers", str(args.vision_layers), "--force"),
             work / "logs" / "make-tiny.log", args.cap, args.code)
+        args.checkpoint()
     fill = {"model": str(model), "work": str(work), "samples": str(args.num_samples), "eval": str(args.eval_samples)}
     (work / "plan.yaml").write_text(PLAN.format(samples=args.num_samples, eval=args.eval_samples))
     selected = {stage.name for stage in stages}
