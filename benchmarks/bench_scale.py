@@ -103,7 +103,7 @@ STAGES = (
     Stage("onnx-int8", ("export", "--format", "onnx", "--model", "{model}", "--precision", "int8", "--out",
                         "{work}/onnx-int8"), "onnx-int8"),
     Stage("onnx-int4", ("export", "--format", "onnx", "--model", "{model}", "--precision", "int4", "--out",
-                        "{work}/onnx-int4"), "onnx-int4"),
+                        "{work}/onnx-int4"), "onnx-int4", ("validate-onnx-int4",)),
     Stage("onnx-int4-from", ("export", "--format", "onnx", "--model", "{model}", "--from", "{work}/rtn",
                              "--precision", "int4", "--out", "{work}/onnx-int4-from"), "onnx-int4-from", ("validate",)),
     Stage("onnx-int8-from", ("export", "--format", "onnx", "--model", "{model}", "--from", "{work}/rtn8",
@@ -126,11 +126,15 @@ STAGES = (
     Stage("validate-gguf", ("validate", "--reference", "{model}", "--variant", "{work}/gguf-q4_k_m", "--num-samples",
                             "{eval}", "--latency-runs", "1", "--max-new-tokens", "4", "--json",
                             "{work}/validate-gguf.json")),
+    Stage("validate-onnx-int4", ("validate", "--reference", "{model}", "--variant", "{work}/onnx-int4",
+                                 "--num-samples", "{eval}", "--latency-runs", "1", "--max-new-tokens", "4", "--json",
+                                 "{work}/validate-onnx-int4.json")),
     Stage("build", ("build", "--model", "{model}", "--out", "{work}/build", "--plan", "{work}/plan.yaml"), "build"),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # GPTQ / AWQ take minutes per real-width layer on 2 cores and were measured flat (bench_quantize.py): opt in.
-DEFAULT_STAGES = tuple(name for name in STAGE_NAMES if name not in ("quantize-gptq", "quantize-awq", "validate-gguf"))
+DEFAULT_STAGES = tuple(name for name in STAGE_NAMES if name not in ("quantize-gptq", "quantize-awq", "validate-gguf",
+                                                                           "validate-onnx-int4"))
 
 
 # -- cgroup v1 memory cap ------------------------------------------------------------------------------------------
