@@ -31,6 +31,7 @@ made: `--layers 36 --vision-layers 27 --cap 20G`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -102,7 +103,7 @@ STAGES = (
     Stage("onnx-int8", ("export", "--format", "onnx", "--model", "{model}", "--precision", "int8", "--out",
                         "{work}/onnx-int8"), "onnx-int8"),
     Stage("onnx-int4", ("export", "--format", "onnx", "--model", "{model}", "--precision", "int4", "--out",
-                        "{work}/onnx-int4"), "onnx-int4"),
+                        "{work}/onnx-int4"), "onnx-int4", ("validate-onnx-int4",)),
     Stage("onnx-int4-from", ("export", "--format", "onnx", "--model", "{model}", "--from", "{work}/rtn",
                              "--precision", "int4", "--out", "{work}/onnx-int4-from"), "onnx-int4-from", ("validate",)),
     Stage("onnx-int8-from", ("export", "--format", "onnx", "--model", "{model}", "--from", "{work}/rtn8",
@@ -125,11 +126,15 @@ STAGES = (
     Stage("validate-gguf", ("validate", "--reference", "{model}", "--variant", "{work}/gguf-q4_k_m", "--num-samples",
                             "{eval}", "--latency-runs", "1", "--max-new-tokens", "4", "--json",
                             "{work}/validate-gguf.json")),
+    Stage("validate-onnx-int4", ("validate", "--reference", "{model}", "--variant", "{work}/onnx-int4",
+                                 "--num-samples", "{eval}", "--latency-runs", "1", "--max-new-tokens", "4", "--json",
+                                 "{work}/validate-onnx-int4.json")),
     Stage("build", ("build", "--model", "{model}", "--out", "{work}/build", "--plan", "{work}/plan.yaml"), "build"),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # GPTQ / AWQ take minutes per real-width layer on 2 cores and were measured flat (bench_quantize.py): opt in.
-DEFAULT_STAGES = tuple(name for name in STAGE_NAMES if name not in ("quantize-gptq", "quantize-awq", "validate-gguf"))
+DEFAULT_STAGES = tuple(name for name in STAGE_NAMES if name not in ("quantize-gptq", "quantize-awq", "validate-gguf",
+                                                                           "validate-onnx-int4"))
 
 
 # -- cgroup v1 memory cap ------------------------------------------------------------------------------------------
@@ -152,6 +157,8 @@ def _cgroup_result(group: Path | None) -> dict | None:
     result = {"limit_mib": mib(int((group / "memory.limit_in_bytes").read_text()) // 1024),
               "max_usage_mib": mib(int((group / "memory.max_usage_in_bytes").read_text()) // 1024),
               "failcnt": int((group / "memory.failcnt").read_text()), "oom_kill": int(oom.get("oom_kill", 0))}
+    if (group / "memory.memsw.max_usage_in_bytes").exists():  # memory + swap (equal to the above without swap)
+        result["memsw_max_usage_mib"] = mib(int((group / "memory.memsw.max_usage_in_bytes").read_text()) // 1024)
     group.rmdir()
     return result
 
@@ -195,11 +202,11 @@ def mcq(*args: str) -> list[str]:
     return [sys.executable, "-m", "mcq.cli", *args]
 
 
-def run_depth(layers: int, args, work: Path, stages: list[Stage]) -> dict:
+def run_depth(layers: int, args, work: Path, stages: list[Stage], results: dict) -> dict:
+    """Runs the stages at one depth into `results` (the report is rewritten after each stage: a run can be cut)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
     model = work / "model"
-    results = {}
     if args.reuse_model and (model / "config.json").is_file():
         log(f"{layers}L: reusing {model}")
     else:
@@ -207,6 +214,7 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage]) -> dict:
             "make-tiny", str(model), "--real-widths", *(["--real-vocab"] if args.real_vocab else []),
             "--llm-layers", str(layers), "--vision-layers", str(args.vision_layers), "--force"),
             work / "logs" / "make-tiny.log", args.cap, args.code)
+        args.checkpoint()
     fill = {"model": str(model), "work": str(work), "samples": str(args.num_samples), "eval": str(args.eval_samples)}
     (work / "plan.yaml").write_text(PLAN.format(samples=args.num_samples, eval=args.eval_samples))
     selected = {stage.name for stage in stages}
@@ -219,6 +227,7 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage]) -> dict:
         command = mcq(*(part.format(**fill) for part in stage.args))
         results[stage.name] = run_stage(f"{layers}L-{stage.name}", command, work / "logs" / f"{stage.name}.log",
                                         args.cap, args.code)
+        args.checkpoint()
         if args.keep:
             continue
         later = {s.name for s in stages[position + 1:]}
@@ -275,9 +284,16 @@ def main() -> None:
     args = parser.parse_args()
     stages = [stage for stage in STAGES if stage.name in args.stages]
     by_depth = {}
+
+    def checkpoint() -> None:  # the results so far, in --out only (stdout gets the final report)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"partial": True, "results": by_depth}, indent=2) + "\n")
+
+    args.checkpoint = checkpoint
     for layers in args.layers:
-        by_depth[layers] = run_depth(layers, args, args.workdir / f"{layers}L", stages)
-        emit({"partial": True, "results": by_depth}, args.out)
+        run_depth(layers, args, args.workdir / f"{layers}L", stages, by_depth.setdefault(layers, {}))
+        args.checkpoint()
     if not args.keep:
         for layers in args.layers:
             shutil.rmtree(args.workdir / f"{layers}L", ignore_errors=True)

@@ -261,6 +261,71 @@ def test_kmeans_palette_is_exact_on_few_values_and_deterministic():
     assert np.abs(first[0][first[1]] - weight.ravel()).mean() < uniform_error
 
 
+class _Head(torch.nn.Module):
+    """An LM head's shape of program (norm, then a wide Linear), seeded."""
+
+    def __init__(self, vocab: int, hidden: int, scale: float = 3.0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight.data = torch.randn(vocab, hidden, generator=generator) * scale
+        self.norm = torch.nn.Parameter(torch.ones(hidden), requires_grad=False)
+
+    def forward(self, hidden_states):
+        normed = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.lm_head(normed * self.norm)
+
+
+def _convert_head(head: _Head):
+    from mcq.export.coreml.convert import _convert
+
+    hidden = head.norm.shape[0]
+    length = ct.RangeDim(lower_bound=1, upper_bound=8, default=1, symbol="length")
+    return _convert(ct, head, (torch.zeros(1, 2, hidden),),
+                    [ct.TensorType("hidden_states", shape=(1, length, hidden), dtype=np.float16)],
+                    [ct.TensorType("logits", dtype=np.float16)], "iOS18")
+
+
+def test_conversion_holds_a_large_weight_about_once(monkeypatch):
+    """coremltools' fp16 cast pass checks a float32 constant's range with np.where over all of it (about 8x the
+    weight: 20 GB for 4.5's 151,748-row LM head); mcq's pass reads it a block of rows at a time."""
+    import tracemalloc
+
+    head = _Head(vocab=4096, hidden=1024)
+    weight_bytes = head.lm_head.weight.numel() * 4
+    tracemalloc.start()          # numpy reports its buffers to tracemalloc
+    try:
+        _convert_head(head)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * weight_bytes, f"conversion peak {peak / weight_bytes:.1f}x the float32 weight"
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e5])     # 1e5: the weight overflows fp16, so the op is kept in fp32
+def test_row_block_fp16_cast_gives_the_stock_program(tmp_path, monkeypatch, scale):
+    from mcq.export.coreml import convert
+
+    made = {}
+    for label in ("mcq", "stock"):
+        if label == "stock":
+            monkeypatch.setattr(convert, "_pass_pipeline", lambda ct: None)
+        convert.save_package(_convert_head(_Head(vocab=256, hidden=64, scale=scale)), tmp_path / f"{label}.mlpackage")
+        made[label] = {path.relative_to(tmp_path / f"{label}.mlpackage"): path.read_bytes()
+                       for path in sorted((tmp_path / f"{label}.mlpackage").rglob("*")) if path.is_file()}
+    assert made["mcq"] == made["stock"]
+
+
+def test_fits_fp16_is_coremltools_rule():
+    from mcq.export.coreml.convert import _fits_fp16
+
+    rows = np.zeros((3000, 8), np.float32)
+    assert _fits_fp16(rows) and _fits_fp16(np.float32(65504)) and _fits_fp16(np.array([1.0, np.inf, -1e39]))
+    rows[2999, 7] = -70000.0                 # in the last block of rows
+    assert not _fits_fp16(rows) and not _fits_fp16(np.float32(65505.0))
+    assert not _fits_fp16(np.full((2, 3, 4), 1e37, np.float32))
+
+
 def test_host_inputs_refuse_oversized_slices():
     with pytest.raises(McqError, match="exceeds"):
         vision_inputs(np.zeros((3, 14, 14 * 35 * 32)), 35, 32, patch=14, patches_per_side=70, hidden=256,

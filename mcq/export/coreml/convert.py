@@ -8,6 +8,7 @@ names one, and nothing is written here: the caller saves into a staged output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -71,6 +72,51 @@ def check_vision_compression(compression: str, target: str) -> None:
         raise McqError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
 
 
+# Rows of a float32 constant the fp16 range check reads at a time (see _pass_pipeline).
+_OVERFLOW_CHECK_ROWS = 1024
+
+
+def _fits_fp16(value: np.ndarray) -> bool:
+    """coremltools' fp16 overflow rule (every |x| below 1e38 is at most 65504; larger ones are infinities that may
+    become fp16 inf), read a block of rows at a time."""
+    flat = np.asarray(value).reshape(-1, value.shape[-1]) if np.ndim(value) > 1 else np.reshape(value, (1, -1))
+    for start in range(0, flat.shape[0], _OVERFLOW_CHECK_ROWS):
+        magnitude = np.abs(flat[start:start + _OVERFLOW_CHECK_ROWS])
+        if np.max(magnitude, where=magnitude < 1e38, initial=0.0) > 65504:
+            return False
+    return True
+
+
+def _pass_pipeline(ct):
+    """coremltools' default pipeline with its fp16 cast pass replaced by one that checks the fp16 range of float32
+    constants a block of rows at a time. The stock check takes `np.where` of the whole constant (three int64 index
+    arrays for a 2-D weight, 24 bytes per element), about 8x the float32 weight at once: 20 GB for the 151,748-row
+    LM head of 4.5. Same decision, same program."""
+    pipeline = ct.PassPipeline()
+    pipeline.passes = [_fp16_cast_by_rows() if name == "common::add_fp16_cast" else name for name in pipeline.passes]
+    return pipeline
+
+
+@functools.cache
+def _fp16_cast_by_rows() -> str:
+    """Registers the row-block fp16 cast pass with coremltools (once) and returns its name."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+    from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+
+    class add_fp16_cast_by_rows(add_fp16_cast):  # noqa: N801 - coremltools names passes in snake case
+        @staticmethod
+        def fp16_overflow(op) -> bool:
+            for inputs in op.inputs.values():
+                for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+                    if (var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
+                            and not _fits_fp16(var.op.val.val)):
+                        return True
+            return False
+
+    register_pass(namespace="mcq")(add_fp16_cast_by_rows)
+    return "mcq::add_fp16_cast_by_rows"
+
+
 def _convert(ct, module: torch.nn.Module, example: tuple, inputs: list, outputs: list, target: str, states=None):
     module = module.eval()
     try:
@@ -78,7 +124,8 @@ def _convert(ct, module: torch.nn.Module, example: tuple, inputs: list, outputs:
             traced = torch.jit.trace(module, example, check_trace=False)
             converted = ct.convert(traced, inputs=inputs, outputs=outputs, states=states or None,
                                    convert_to="mlprogram", minimum_deployment_target=deployment_target(ct, target),
-                                   compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+                                   compute_precision=ct.precision.FLOAT16, skip_model_load=True,
+                                   pass_pipeline=_pass_pipeline(ct))
     except McqError:
         raise
     except Exception as err:  # noqa: BLE001 - every converter failure becomes one line naming the op
