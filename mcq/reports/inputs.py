@@ -108,13 +108,19 @@ def _is_number_or_none(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
+def reference_row(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The reference's own row: mcq validate writes it first (its checkpoint served by another runtime, `NAME
+    (vllm)`, is a variant like any other); None when no file measured it."""
+    variants = results["variants"]
+    return variants[0] if variants and variants[0]["path"] == results["reference"]["path"] else None
+
+
 def combine_results(paths: list[Path]) -> Combined:
     """Load every file and merge them into one results object (see the module docstring for the rules)."""
     if not paths:
         raise McqError("no results files given")
     loaded = [(Path(p), load_results(p)) for p in paths]
     first_path, first = loaded[0]
-    reference_path = first["reference"]["path"]
     reference: dict | None = None
     reference_from = None
     others: list[dict] = []
@@ -122,15 +128,16 @@ def combine_results(paths: list[Path]) -> Combined:
     for path, data in loaded:
         if path != first_path:
             _check_agreement(first_path, first, path, data)
+        own_reference = reference_row(data)
         for variant in data["variants"]:
-            if variant["path"] == reference_path:
+            if variant is own_reference:
                 if reference is None:
                     reference, reference_from = variant, path
                 continue
-            if variant["path"] in seen:
-                raise McqError(f"variant {variant['name']} ({variant['path']}) is in both {seen[variant['path']]} "
+            if variant["name"] in seen:
+                raise McqError(f"variant {variant['name']} ({variant['path']}) is in both {seen[variant['name']]} "
                                f"and {path}; pass only one result for it")
-            seen[variant["path"]] = path
+            seen[variant["name"]] = path
             others.append(variant)
     notes = []
     if reference is not None and len(loaded) > 1:

@@ -23,14 +23,14 @@ _REFERENCE_COLOR = "#555555"
 _RC = {"font.size": 9, "svg.fonttype": "path", "axes.spines.top": False, "axes.spines.right": False}
 
 
-def draw_plots(variants: list[dict], reference_path: str, ranking: Ranking) -> dict[str, str]:
-    """SVG text of each plot, keyed by the names content.Plot blocks use."""
+def draw_plots(variants: list[dict], ranking: Ranking, reference: dict | None) -> dict[str, str]:
+    """SVG text of each plot, keyed by the names content.Plot blocks use. `reference`: the reference's row."""
     ok = [v for v in variants if v["status"] == "ok"]
-    colors = {v["path"]: _REFERENCE_COLOR for v in ok if v["path"] == reference_path}
+    colors = {v["name"]: _REFERENCE_COLOR for v in ok if v is reference}
     # The others take tab10's colours in input order: a variant keeps its colour across the plots.
     palette = matplotlib.colormaps["tab10"].colors
-    others = [v for v in ok if v["path"] != reference_path]
-    colors |= {v["path"]: to_hex(palette[i % len(palette)]) for i, v in enumerate(others)}
+    others = [v for v in ok if v is not reference]
+    colors |= {v["name"]: to_hex(palette[i % len(palette)]) for i, v in enumerate(others)}
     drawers = {"accuracy_size": lambda fig: _accuracy_size(fig, ok, ranking, colors),
                "kl_parts": lambda fig: _kl_parts(fig, others, colors),
                "latency": lambda fig: _latency(fig, ok, colors)}
@@ -66,8 +66,8 @@ def _accuracy_size(fig: Figure, ok: list[dict], ranking: Ranking, colors: dict[s
         _empty(ax, "no variant has both a size and a mean KL")
         return
     scale, unit = (1 << 30, "GiB") if max(v["metrics"]["bytes"] for v in points) >= 1 << 30 else (1 << 20, "MiB")
-    xs = {v["path"]: v["metrics"]["bytes"] / scale for v in points}
-    ys = {v["path"]: v["metrics"]["kl_mean"] for v in points}
+    xs = {v["name"]: v["metrics"]["bytes"] / scale for v in points}
+    ys = {v["name"]: v["metrics"]["kl_mean"] for v in points}
     positive = [y for y in ys.values() if y > 0]
     if positive:
         # Log above the decade of the smallest positive KL, linear below it, so KL 0 (the reference) stays on the
@@ -79,9 +79,9 @@ def _accuracy_size(fig: Figure, ok: list[dict], ranking: Ranking, colors: dict[s
                 label="Pareto front")
     left_labels = _left_labels(points, xs, ys)
     for v in points:
-        x, y = xs[v["path"]], ys[v["path"]]
-        ax.scatter([x], [y], s=40, color=colors[v["path"]], zorder=3)
-        left = v["path"] in left_labels
+        x, y = xs[v["name"]], ys[v["name"]]
+        ax.scatter([x], [y], s=40, color=colors[v["name"]], zorder=3)
+        left = v["name"] in left_labels
         ax.annotate(_text(v["name"]), (x, y), xytext=(-6 if left else 6, 4), textcoords="offset points",
                     ha="right" if left else "left", fontsize=8)
     if ranking.pick in xs:
@@ -102,15 +102,15 @@ def _left_labels(points: list[dict], xs: dict[str, float], ys: dict[str, float])
     so their labels would print over each other. Within each run of points closer than 3% of the x range, labels
     alternate right and left going up in KL."""
     span = (max(xs.values()) - min(xs.values())) or 1.0
-    ordered = sorted(points, key=lambda v: (xs[v["path"]], ys[v["path"]]))
+    ordered = sorted(points, key=lambda v: (xs[v["name"]], ys[v["name"]]))
     clusters: list[list[dict]] = []
     for v in ordered:
-        if clusters and xs[v["path"]] - xs[clusters[-1][-1]["path"]] < 0.03 * span:
+        if clusters and xs[v["name"]] - xs[clusters[-1][-1]["name"]] < 0.03 * span:
             clusters[-1].append(v)
         else:
             clusters.append([v])
-    return {v["path"] for cluster in clusters
-            for i, v in enumerate(sorted(cluster, key=lambda v: ys[v["path"]])) if i % 2}
+    return {v["name"] for cluster in clusters
+            for i, v in enumerate(sorted(cluster, key=lambda v: ys[v["name"]])) if i % 2}
 
 
 def _kl_parts(fig: Figure, variants: list[dict], colors: dict[str, str]) -> None:
@@ -126,9 +126,9 @@ def _kl_parts(fig: Figure, variants: list[dict], colors: dict[str, str]) -> None
         width = 0.38
         whole = [r[1] or 0 for r in rows]
         vision = [r[2] or 0 for r in rows]
-        left.bar([p - width / 2 for p in positions], whole, width, color=[colors[r[0]["path"]] for r in rows],
+        left.bar([p - width / 2 for p in positions], whole, width, color=[colors[r[0]["name"]] for r in rows],
                  label="whole model")
-        left.bar([p + width / 2 for p in positions], vision, width, color=[colors[r[0]["path"]] for r in rows],
+        left.bar([p + width / 2 for p in positions], vision, width, color=[colors[r[0]["name"]] for r in rows],
                  alpha=0.45, hatch="//", edgecolor="#333333", linewidth=0.5, label="vision path only")
         values = [y for y in whole + vision if y > 0]
         if values and all(y > 0 for r in rows for y in (r[1], r[2]) if y is not None):
@@ -176,7 +176,7 @@ def _latency(fig: Figure, ok: list[dict], colors: dict[str, str]) -> None:
             spread = v.get("spread", {}).get(key) or {}
             low.append(max(height - spread["min"], 0) if spread.get("min") is not None else 0)
             high.append(max(spread["max"] - height, 0) if spread.get("max") is not None else 0)
-        ax.bar(range(len(bars)), heights, color=[colors[v["path"]] for v in bars], yerr=[low, high], capsize=3,
+        ax.bar(range(len(bars)), heights, color=[colors[v["name"]] for v in bars], yerr=[low, high], capsize=3,
                error_kw={"elinewidth": 1, "ecolor": "#222222"})
         ax.set_xticks(range(len(bars)), [_text(v["name"]) for v in bars], rotation=25, ha="right")
         ax.set_ylabel(metric.unit)

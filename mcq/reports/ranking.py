@@ -9,10 +9,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Ranking:
     expressions: tuple[str, ...]   # every threshold expression given, in order of first appearance
-    eligible: tuple[str, ...]      # paths of the ok variants checked against all of them and passing all
-    pick: str | None               # path of the smallest eligible variant (None: no thresholds, or none passes)
-    front: tuple[str, ...]         # paths on the size / mean-KL Pareto front, smallest first
-    dominated_by: dict[str, str]   # path of each variant off the front → path of one front variant that beats it
+    # Variants by name: one checkpoint served by two runtimes is two variants (`Q (transformers)`, `Q (vllm)`).
+    eligible: tuple[str, ...]      # names of the ok variants checked against all of them and passing all
+    pick: str | None               # name of the smallest eligible variant (None: no thresholds, or none passes)
+    front: tuple[str, ...]         # names on the size / mean-KL Pareto front, smallest first
+    dominated_by: dict[str, str]   # name of each variant off the front → name of one front variant that beats it
 
 
 def rank(variants: list[dict]) -> Ranking:
@@ -25,10 +26,10 @@ def rank(variants: list[dict]) -> Ranking:
     on_axes = [v for v in measured if _kl(v) is not None]
     front = [v for v in on_axes if not any(_dominates(w, v) for w in on_axes)]
     # Dominance is a strict order on finitely many points, so whatever is off the front is beaten by a front variant.
-    dominated_by = {v["path"]: next(w["path"] for w in front if _dominates(w, v)) for v in on_axes if v not in front}
+    dominated_by = {v["name"]: next(w["name"] for w in front if _dominates(w, v)) for v in on_axes if v not in front}
     front.sort(key=lambda v: (_size(v), _kl(v)))
-    return Ranking(expressions=expressions, eligible=tuple(v["path"] for v in eligible),
-                   pick=None if pick is None else pick["path"], front=tuple(v["path"] for v in front),
+    return Ranking(expressions=expressions, eligible=tuple(v["name"] for v in eligible),
+                   pick=None if pick is None else pick["name"], front=tuple(v["name"] for v in front),
                    dominated_by=dominated_by)
 
 

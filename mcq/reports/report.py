@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mcq.outputs import check_output, staged_output
 from mcq.reports.content import build_sections
-from mcq.reports.inputs import combine_results
+from mcq.reports.inputs import combine_results, reference_row
 from mcq.reports.plots import draw_plots
 from mcq.reports.ranking import rank
 from mcq.reports.render import render_html, render_markdown
@@ -49,7 +49,7 @@ def write_report(results: list[Path], out: Path, force: bool = False) -> ReportR
     reference = combined.results["reference"]
     title = f"mcq validation report: {reference['name']}"
     sections = build_sections(combined.results, ranking, combined.sources, combined.notes)
-    plots = draw_plots(variants, reference["path"], ranking)
+    plots = draw_plots(variants, ranking, reference_row(combined.results))
     texts = {
         "report.md": render_markdown(title, sections),
         "report.html": render_html(title, sections, plots),
@@ -59,14 +59,13 @@ def write_report(results: list[Path], out: Path, force: bool = False) -> ReportR
     with staged_output(out, force) as staging:
         for name in REPORT_FILES:
             (staging / name).write_text(texts[name], encoding="utf-8")
-    names = {v["path"]: v["name"] for v in variants}
     if not ranking.expressions:
         reason = "no thresholds given, no pick"
     elif ranking.pick is None:
         reason = "no variant passes every threshold"
     else:
-        reason = f"ship {names[ranking.pick]} (smallest passing every threshold)"
+        reason = f"ship {ranking.pick} (smallest passing every threshold)"
     return ReportResult(out=out, files=REPORT_FILES, variants=len(variants),
                         failed=sum(v["status"] == "failed" for v in variants),
-                        pick=None if ranking.pick is None else names[ranking.pick], reason=reason,
-                        pareto_front=tuple(names[p] for p in ranking.front))
+                        pick=ranking.pick, reason=reason,
+                        pareto_front=ranking.front)

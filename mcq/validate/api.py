@@ -179,12 +179,14 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
              num_samples: int | None = None, max_slice_nums: int | None = 2, device: str = "cpu",
              dtype: str = "auto", max_new_tokens: int = 24, latency_runs: int = 5, warmup_runs: int = 1,
              decode_tokens: int = 16, seed: int = 0, thresholds: list[Threshold] = (),
-             runtimes: list[str] = ("auto",), progress: bool = True) -> dict[str, Any]:
+             runtimes: list[str] = ("auto",), reference_runtime: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Validate `variants` against `reference`; returns the results object (`mcq.validate.results`).
 
     `runtimes` names the runtime of each variant, or one for all: "auto" (the one its format is served by:
     transformers, llama.cpp, onnxruntime, Core ML) or "vllm" (bf16 and compressed-tensors, in vLLM's own
-    environment, see `mcq.validate.runners.vllm_runner`)."""
+    environment, see `mcq.validate.runners.vllm_runner`). `reference_runtime` serves the reference the same way:
+    "vllm" scores every variant against vLLM's own bf16 (what a quantized variant changes in vLLM, apart from where
+    vLLM computes otherwise than the official code); every variant is then scored on the samples vLLM serves."""
     from mcq.models.loading import load_processor, model_spec
 
     check_device(device)
@@ -194,7 +196,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         dtype = "float32" if device == "cpu" else "bfloat16"
     if not variants:
         raise McqError("name at least one --variant")
-    ref = _target(reference, name=None)
+    ref = _target(reference, name=None, runtime=reference_runtime)
     if ref.format not in ("bf16", "float16", "float32"):
         raise McqError(f"the reference {reference} is {ref.format}; pass the original (unquantized) checkpoint")
     runtimes = list(runtimes)
@@ -214,7 +216,8 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
     params = _component_params(ref.path)
     plans = memory_plans([ref, *targets], device, dtype, items, max_new_tokens)
 
-    base_job = {"reference": ref.path, "device": device, "dtype": dtype, "seed": seed,
+    base_job = {"reference": ref.path, "reference_runner": ref.runner.name, "device": device, "dtype": dtype,
+                "seed": seed,
                 "eval": {"source": None if eval_data is None else str(eval_data), "num_samples": num_samples,
                          "max_slice_nums": max_slice_nums},
                 "max_new_tokens": max_new_tokens,
@@ -260,8 +263,9 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
         bar.set_postfix_str("vision path")
         if vision_files:
             result, error = _run_worker({**base_job, "role": "vision_path", "index": 0, "path": ref.path,
-                                         "format": ref.format, "vision_files": vision_files, "load": plans[0].load},
-                                        workdir, "vision-path")
+                                         "format": ref.format, "runner": ref.runner.name,
+                                         "vision_files": vision_files, "load": plans[0].load},
+                                        workdir, "vision-path", ref.python)
             if result is None:
                 raise McqError(f"the reference failed to score the variants' vision paths: {error}")
             for index, value in result["kl_vision_path"].items():

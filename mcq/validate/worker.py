@@ -179,19 +179,20 @@ def _score(runner: Runner, items: list[EvalItem], indices: list[int], reference:
     }
 
 
-def _write_reference(runner: Runner, items: list[EvalItem], generated: list[list[int]],
+def _write_reference(runner: Runner, items: list[EvalItem], indices: list[int], generated: list[list[int]],
                      visions: list[torch.Tensor | None], out: Path) -> None:
+    """The reference's outputs, keyed by each item's place in the evaluation set (`indices`)."""
     tensors = {}
-    for index, item in enumerate(items):
+    for position, (index, item) in enumerate(zip(indices, items)):
         tensors[f"input_ids.{index}"] = item.scored["input_ids"][0].contiguous()
-        positions = _answer_positions(item)
-        if len(positions):
+        answer = _answer_positions(item)
+        if len(answer):
             # Raw logits, not log-probabilities: renormalizing stored log-probs would put a rounding-size KL
             # (~1e-8) between the reference and itself.
-            tensors[f"logits.{index}"] = runner.logits(item.scored, vision=visions[index])[positions].contiguous()
+            tensors[f"logits.{index}"] = runner.logits(item.scored, vision=visions[position])[answer].contiguous()
         if item.has_vision:
-            tensors[f"vision.{index}"] = visions[index].contiguous()
-        tensors[f"generated.{index}"] = torch.tensor(generated[index], dtype=torch.long)
+            tensors[f"vision.{index}"] = visions[position].contiguous()
+        tensors[f"generated.{index}"] = torch.tensor(generated[position], dtype=torch.long)
     save_file(tensors, str(out))
 
 
@@ -201,7 +202,8 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
     their KL is exactly 0."""
     runner = _open(job)
     reference = Path(job["artifacts"]) / REFERENCE_FILE
-    total_tokens = sum(len(_answer_positions(item)) for item in items)
+    served = [_unserved(job, item) is None for item in items]
+    total_tokens = sum(len(_answer_positions(item)) for item, ok in zip(items, served) if ok)
     results = {}
     with safe_open(reference, "pt") as stored:
         for name, file in job["vision_files"].items():
@@ -209,12 +211,22 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
             with safe_open(file, "pt") as variant:
                 for index, item in enumerate(items):
                     positions = _answer_positions(item)
-                    if not item.has_vision or not len(positions) or f"vision.{index}" not in variant.keys():
+                    if (not item.has_vision or not len(positions) or not served[index]
+                            or f"vision.{index}" not in variant.keys()):
                         continue   # text only (KL 0), or a sample the variant's runtime does not serve
                     logits = runner.logits(item.scored, vision=variant.get_tensor(f"vision.{index}"))[positions]
                     kl_sum += token_kl(stored.get_tensor(f"logits.{index}"), logits).sum().item()
             results[name] = kl_sum / total_tokens if total_tokens else None
     return {"kl_vision_path": results}
+
+
+def _unserved(job: dict[str, Any], item: EvalItem) -> str | None:
+    """Why this run's runtime, or the reference's, does not serve the item (None when both do)."""
+    reason = _runner_class(job).unserved(item.scored)
+    if reason is None and job.get("reference_runner"):
+        reason = RUNTIMES[job["reference_runner"]].unserved(item.scored)
+        reason = None if reason is None else f"{reason}; not served by the reference's runtime"
+    return reason
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
@@ -226,8 +238,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     items = encode_items(processor, spec, samples, job["eval"]["max_slice_nums"])
     if job["role"] == "vision_path":
         return _vision_path(job, items)
-    # A variant is scored on the samples its runtime serves (GGUF has no video path); the reference on all.
-    unserved = {index: _runner_class(job).unserved(item.scored) for index, item in enumerate(items)}
+    # A variant is scored on the samples its runtime and the reference's serve (GGUF and vLLM have no video path).
+    unserved = {index: _unserved(job, item) for index, item in enumerate(items)}
     indices = [index for index, reason in unserved.items() if reason is None]
     skipped = Counter(reason for reason in unserved.values() if reason is not None)
     if not indices:
@@ -236,7 +248,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     runner, measured = _measure_and_generate(job, items)
     artifacts = Path(job["artifacts"])
     if job["role"] == "reference":
-        _write_reference(runner, items, measured["generated"], measured["visions"], artifacts / REFERENCE_FILE)
+        _write_reference(runner, items, indices, measured["generated"], measured["visions"],
+                         artifacts / REFERENCE_FILE)
     keep = artifacts / f"vision-{job['index']}.safetensors" if job["role"] == "variant" else None
     scores = _score(runner, items, indices, artifacts / REFERENCE_FILE, measured["generated"], measured["visions"],
                     keep)

