@@ -150,8 +150,9 @@ _WIDE_AS_ASCII = {"“": '"', "”": '"', "‘": "'", "’": "'", "《": "<", "�
 def latin_font(size: int) -> ImageFont.FreeTypeFont:
     """DejaVu Sans from matplotlib's data at `size` pixels, laid out by Pillow's basic engine (see the module
     docstring: no system font, no libraqm, no fallback)."""
+    font_file = latin_font_file()   # outside the try: a missing matplotlib is not a Pillow without FreeType
     try:
-        return ImageFont.truetype(str(latin_font_file()), size=size, layout_engine=ImageFont.Layout.BASIC)
+        return ImageFont.truetype(str(font_file), size=size, layout_engine=ImageFont.Layout.BASIC)
     except ImportError:
         raise McqError("Pillow was built without FreeType, which the built-in calibration set needs to draw its "
                        "text; install Pillow from its PyPI wheels, which include FreeType") from None
