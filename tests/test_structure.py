@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
-import mcq
+from mcq_imports import PACKAGE, mcq_imports, mcq_modules  # tests/mcq_imports.py
 
-PACKAGE = Path(mcq.__file__).resolve().parent
 # In data-flow order; `mcq.cli` sits on top of all of them, and vLLM's entry point (`vllm_plugin`, run by vLLM,
 # imported by no layer) beside it.
 LAYERS = ("models", "calibration", "quantize", "export", "validate", "reports", "build", "cli", "vllm_plugin")
@@ -23,36 +21,11 @@ def _layer(module: str) -> int:
     return -1 if first in ("", *BASE) else LAYERS.index(first)
 
 
-def _modules() -> dict[str, Path]:
-    modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        modules[".".join(parts)] = path
-    return modules
-
-
-def _imported(name: str, path: Path) -> set[str]:
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            found.add(base)
-    return {module for module in found if module == "mcq" or module.startswith("mcq.")}
-
-
 def test_every_import_goes_to_an_earlier_layer_or_the_base():
     wrong = []
-    for name, path in sorted(_modules().items()):
+    for name, path in sorted(mcq_modules().items()):
         own = _layer(name)
-        for target in sorted(_imported(name, path)):
+        for target in sorted(mcq_imports(name, path)):
             layer = _layer(target)
             # The package root registers the model with transformers (its one job besides the version).
             allowed = layer <= own if own >= 0 else (layer < 0 or (name == "mcq" and target == "mcq.models"))
@@ -63,14 +36,14 @@ def test_every_import_goes_to_an_earlier_layer_or_the_base():
 
 def test_the_check_sees_a_lazy_import_of_a_later_layer():
     # mcq.export.gguf.api imports the calibration set inside a function only.
-    assert "mcq.calibration" in _imported("mcq.export.gguf.api", _modules()["mcq.export.gguf.api"])
+    assert "mcq.calibration" in mcq_imports("mcq.export.gguf.api", mcq_modules()["mcq.export.gguf.api"])
     assert _layer("mcq.build.api") > _layer("mcq.export.gguf") > _layer("mcq.models.loading") > _layer("mcq.outputs")
 
 
 def test_only_the_commands_run_the_quantize_job():
     """`mcq.quantize.api` is the `mcq quantize` job; what other layers share (calibration sets, recipes) lives in
     its own module, so an exporter never depends on the quantize job."""
-    importers = sorted(name for name, path in _modules().items() if "mcq.quantize.api" in _imported(name, path))
+    importers = sorted(name for name, path in mcq_modules().items() if "mcq.quantize.api" in mcq_imports(name, path))
     assert [name for name in importers if not name.startswith(("mcq.build.", "mcq.cli"))] == []
 
 
@@ -101,7 +74,7 @@ def test_no_version_branch_outside_the_model_families():
     adding a release touches no exporter, runner or command. No string constant in code (docstrings aside) outside
     `mcq/models/` names a release."""
     found = []
-    for name, path in sorted(_modules().items()):
+    for name, path in sorted(mcq_modules().items()):
         if name.startswith("mcq.models"):
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))

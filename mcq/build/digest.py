@@ -29,13 +29,13 @@ INDEX_NAME = "file-digests.json"
 # result of: `quantize()` and the GGUF export get their calibration samples or importance matrix from the build,
 # which keys those on their own code. The build's driver (build/api.py, plan.py) is in no key: what it passes to a
 # step is in the key as settings.
-_COMMON = ("models", "outputs.py")
+_COMMON = ("models", "outputs.py", "extras.py")
 STEP_SOURCES = {
     "calibration": ("calibration", "build/calibration.py", *_COMMON),          # the encoded calibration set
     "quantize": ("quantize", "recipes", *_COMMON),
     # The importance matrix is computed by the GGUF exporter's code through quantize's block driver.
-    "gguf": ("export/gguf", "export/weights_source.py", "quantize/sequential.py", *_COMMON),
-    "onnx": ("export/onnx", "export/weights_source.py", "quantize/recipe.py", *_COMMON),
+    "gguf": ("export/gguf", "export/weights_source.py", "export/rows.py", "quantize/sequential.py", *_COMMON),
+    "onnx": ("export/onnx", "export/weights_source.py", "export/rows.py", "quantize/recipe.py", *_COMMON),
     "coreml": ("export/coreml", "export/weights_source.py", *_COMMON),
     # A variant's results: the runners, the eval set, the reference run. A runtime's own code (export/onnx/runtime.py
     # ...) lives with its exporter and is keyed with the variant that exporter wrote, which a validation key holds.

@@ -3,15 +3,10 @@ inside a function) is under that step's `STEP_SOURCES`, so an edit to it cannot 
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-import mcq
 from mcq.build.digest import STEP_SOURCES
-
-PACKAGE = Path(mcq.__file__).resolve().parent
+from mcq_imports import PACKAGE, mcq_imports, mcq_modules  # tests/mcq_imports.py
 
 # Where each cached thing's code starts.
 ENTRY_POINTS = {
@@ -39,34 +34,8 @@ NOT_FOLLOWED = {
 IGNORED = {"mcq", "mcq.errors"}
 
 
-def _module_files() -> dict[str, Path]:
-    files = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        files[".".join(parts)] = path
-    return files
-
-
-def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The mcq modules `name` imports anywhere in its file (lazy imports inside functions included)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names)
-    return {module for module in found if module in known and module != name}
-
-
 def _reached(step: str) -> set[str]:
-    known = _module_files()
+    known = mcq_modules()
     skipped = NOT_FOLLOWED.get(step, {})
     seen, todo = set(), list(ENTRY_POINTS[step])
     while todo:
@@ -74,12 +43,12 @@ def _reached(step: str) -> set[str]:
         if module in seen:
             continue
         seen.add(module)
-        todo += [target for target in _imports(module, known[module], known) if (module, target) not in skipped]
+        todo += [target for target in mcq_imports(module, known[module], known) if (module, target) not in skipped]
     return seen - IGNORED
 
 
 def _covered(module: str, parts: tuple[str, ...]) -> bool:
-    relative = _module_files()[module].relative_to(PACKAGE).as_posix()
+    relative = mcq_modules()[module].relative_to(PACKAGE).as_posix()
     return any(relative == part or relative.startswith(part.rstrip("/") + "/") for part in parts)
 
 
@@ -97,6 +66,6 @@ def test_every_keyed_step_is_checked_and_names_real_sources():
 
 def test_the_import_walk_sees_lazy_imports():
     """The check is only as good as the walk: a function-level import (how mcq defers torch) must be followed."""
-    assert "mcq.calibration" in _imports("mcq.export.gguf.api", _module_files()["mcq.export.gguf.api"],
-                                         _module_files())
+    assert "mcq.calibration" in mcq_imports("mcq.export.gguf.api", mcq_modules()["mcq.export.gguf.api"],
+                                         mcq_modules())
     assert not _covered("mcq.export.gguf.api", STEP_SOURCES["onnx"])
