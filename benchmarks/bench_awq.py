@@ -268,7 +268,6 @@ def child_block(spec: dict) -> None:
     from compressed_tensors.quantization.lifecycle.helpers import enable_quantization
 
     from mcq.build.calibration import load_encoded
-    from mcq.models.family import component_of, pad_intermediate
     from mcq.models.loading import model_spec
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
     from mcq.quantize.llmc import LlmCompressorBlockQuantizer
@@ -283,9 +282,6 @@ def child_block(spec: dict) -> None:
     block = dict(named_blocks(shell_model(config)))[name]
     CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
     plan = _plan(path, spec["engine"])
-    widths, component = plan.padded_widths(), component_of(name + ".")
-    if component in widths:   # the recipe's target pads the vision MLP (4304 -> 4352), as `mcq quantize` does
-        pad_intermediate(block, component, widths[component])
     checked = calls[: min(4, len(calls))]
     with torch.no_grad():
         reference = [block(*a, **k) for a, k in checked]

@@ -73,7 +73,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
                                 device: str, progress: bool) -> tuple[list[str], list[dict[str, Any]]]:
     from tqdm import tqdm
 
-    from mcq.models.family import PADDABLE_INPUTS, component_of, pad_intermediate
+    from mcq.models.family import PADDABLE_INPUTS
     from mcq.models.runtimes import RUNTIMES
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
 
@@ -90,25 +90,15 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     blocks = [name for name, _ in named_blocks(model)]
     bar = tqdm(total=len(blocks), desc=f"{plan.recipe.method} {plan.recipe.name}", unit="block", disable=not progress)
 
-    widths = plan.padded_widths()
-
-    def quantize_block(name: str, block: torch.nn.Module, calls) -> list[torch.Tensor] | None:
-        # `pad`: the block's MLP grows to the padded width before calibration (exact, so its outputs, and every
-        # later block's inputs, are unchanged); the checkpoint is written at that width.
-        component = component_of(name + ".")
-        if component in widths:
-            pad_intermediate(block, component, widths[component])
-        return quantizer.quantize(name, block, calls)
-
     def emit(name: str, block: torch.nn.Module) -> None:
         writer.add_block(name, block, quantizer.packed_tensors(name, block))
         bar.update(1)
 
     driver = SequentialDriver(model, reader, samples, torch.float32, device)
     with bar:   # closed on an error too, so that the error's line does not start on the bar's
-        driver.run(BlockHandler(quantize_block, emit), progress=lambda name: bar.set_postfix_str(name))
+        driver.run(BlockHandler(quantizer.quantize, emit), progress=lambda name: bar.set_postfix_str(name))
     stored_config = json.loads((path / "config.json").read_text())
-    for component, width in widths.items():
+    for component, width in quantizer.padded_widths.items():
         *parents, key = PADDABLE_INPUTS[component].config_key
         section = stored_config
         for parent in parents:

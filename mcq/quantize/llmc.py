@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from mcq.models.family import SMOOTHING_PAIRS, TOKEN_MIXING, component_of
+from mcq.models.family import SMOOTHING_PAIRS, TOKEN_MIXING, component_of, pad_intermediate
 
 from .awq import Pair, SearchSettings, SkippedPair, resolve_pairs, search_block, token_mixing
 from .recipe import LayerScheme, QuantPlan
@@ -85,6 +85,7 @@ class LlmCompressorBlockQuantizer:
         self.data_free_blocks: list[str] = []   # calibrated method, but no calibration input reached the block
         self.skipped_pairs: list[dict] = []     # AWQ smoothing pairs not applied: block, smooth, balance, reason
         self.awq_results: dict[str, list] = {}  # block → mcq.quantize.awq.PairResult per smoothed pair (mcq engine)
+        self.padded_widths = plan.padded_widths()   # component → intermediate width its MLPs grow to (`pad`)
 
     def _block_layers(self, block_name: str) -> dict[str, tuple[LayerScheme, str]]:
         """The block's quantized Linears (names relative to the block) → (scheme, method of their rule)."""
@@ -149,9 +150,15 @@ class LlmCompressorBlockQuantizer:
 
     def quantize(self, block_name: str, block: nn.Module, calls: list[Call]) -> list[torch.Tensor] | None:
         """Quantize the block in place. Returns its outputs on `calls` as the next block should see them when they
-        are already known (mcq's AWQ ran the block; see `search_block`), else None and the driver runs it."""
+        are already known (mcq's AWQ ran the block; see `search_block`), else None and the driver runs it.
+
+        Under `pad` the block's MLP first grows to the planned width (exact: its outputs, and every later block's
+        inputs, are unchanged), so it is calibrated and packed in the layout the plan writes."""
         from llmcompressor.core import LifecycleCallbacks, create_session
 
+        component = component_of(block_name + ".")
+        if component in self.padded_widths:
+            pad_intermediate(block, component, self.padded_widths[component])
         layers = self._block_layers(block_name)
         if not layers:
             return None
