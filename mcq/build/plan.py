@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
-from mcq.models.families import RELEASES
+from mcq.models.families import BUILD_RELEASES
 
 FORMATS = ("compressed-tensors", "bitsandbytes", "gguf", "onnx", "coreml")
 # The options each export format takes in a plan, as `mcq export` names them (minus the leading dashes).
@@ -169,9 +169,9 @@ def _variant(name: str, spec: Any, earlier: list[str], default_gates: tuple[str,
         if source is not None and source not in earlier:
             raise McqError(f"{where}.export.from: {source!r} is not a variant listed before {name}")
         _check_export(fmt, options, f"{where}.export")
-    versions = spec.get("versions", list(RELEASES))
-    if not isinstance(versions, list) or not versions or any(str(v) not in RELEASES for v in versions):
-        raise McqError(f"{where}.versions: a list of MiniCPM-V versions among {', '.join(RELEASES)}")
+    versions = spec.get("versions", list(BUILD_RELEASES))
+    if not isinstance(versions, list) or not versions or any(str(v) not in BUILD_RELEASES for v in versions):
+        raise McqError(f"{where}.versions: a list of MiniCPM-V versions among {', '.join(BUILD_RELEASES)}")
     gates = _thresholds(spec["fail_if"], f"{where}.fail_if") if "fail_if" in spec else default_gates
     return Variant(name=name, step=step, options=options, fail_if=tuple(gates),
                    versions=tuple(str(v) for v in versions))

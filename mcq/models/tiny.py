@@ -37,7 +37,8 @@ from mcq.outputs import source_digest, staged_output
 from .minicpmv import MiniCPMV, MiniCPMVConfig
 from .minicpmv.image_processing import MiniCPMVImageProcessor
 from .minicpmv.tokenization import load_tokenizer
-from .minicpmv.versions import VERSIONS, normalize_version
+from .families import RELEASES, family_of
+from .minicpmv.versions import normalize_version
 from .tiny_tokenizer import write_tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
@@ -51,8 +52,8 @@ class TinySpec:
     seed: int = 0
     outliers: bool = False
     real_widths: bool = False
-    llm_layers: int = 2
-    vision_layers: int = 2
+    llm_layers: int | None = None      # None: the family's default (2, or 4 for 4.6: both LLM layer kinds)
+    vision_layers: int | None = None   # None: the family's default (2, or 3 for 4.6: layers around the vit_merger)
     real_vocab: bool = False
 
     def cache_key(self) -> str:
@@ -61,6 +62,9 @@ class TinySpec:
         blob = json.dumps({**asdict(self), "mcq": __version__, "code": source_digest("models")}, sort_keys=True)
         return f"{self.version}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
+
+# Layers of a resampler-family tiny model unless the spec says otherwise.
+_DEFAULT_LAYERS = 2
 
 # The token config.json and generation_config.json name as bos_token_id, per version.
 CONFIG_BOS = {"4.5": "<|endoftext|>", "2.6": "<|endoftext|>", "4.0": "<s>"}
@@ -102,7 +106,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) ->
         **llm,
         "hidden_act": "silu",
         "initializer_range": 0.02,
-        "num_hidden_layers": spec.llm_layers,
+        "num_hidden_layers": spec.llm_layers or _DEFAULT_LAYERS,
         "rms_norm_eps": 1e-06,
         "rope_scaling": None,
         "tie_word_embeddings": False,
@@ -119,8 +123,8 @@ def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) ->
         "query_num": 64,
         "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
         "slice_mode": True,
-        "vision_config": {**vision, "image_size": 980, "model_type": "siglip", "num_hidden_layers": spec.vision_layers,
-                          "patch_size": 14},
+        "vision_config": {**vision, "image_size": 980, "model_type": "siglip",
+                          "num_hidden_layers": spec.vision_layers or _DEFAULT_LAYERS, "patch_size": 14},
     }
 
 
@@ -153,8 +157,11 @@ def _generation_config(special_ids: dict[str, int], version: str) -> dict:
 
 def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
     """Write a tiny checkpoint to `out` (atomically: built in a staging dir, then renamed into place)."""
-    if spec.version not in VERSIONS:
-        raise McqError(f"no tiny model for version {spec.version}; choose one of {', '.join(VERSIONS)}")
+    family = family_of(spec.version)
+    if family is None:
+        raise McqError(f"no tiny model for version {spec.version}; choose one of {', '.join(RELEASES)}")
+    if family == "minicpmv4_6":
+        return _make_tiny_native(Path(out), spec, force)
     if spec.real_vocab and spec.version != "4.5":
         raise McqError(f"--real-vocab is the 4.5 vocabulary ({REAL_VOCAB_SIZE} rows); version {spec.version} has "
                        "another")
@@ -173,6 +180,19 @@ def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
         (staging / "generation_config.json").write_text(
             json.dumps(_generation_config(special_ids, spec.version), indent=2) + "\n")
         MiniCPMVImageProcessor(version=float(spec.version)).save_pretrained(staging)
+    return out
+
+
+def _make_tiny_native(out: Path, spec: TinySpec, force: bool) -> Path:
+    """A release native in transformers: its family writes the checkpoint with transformers' own classes."""
+    from .minicpmv4_6.tiny import write_tiny
+
+    unsupported = [flag for flag, on in (("--outliers", spec.outliers), ("--real-widths", spec.real_widths),
+                                         ("--real-vocab", spec.real_vocab)) if on]
+    if unsupported:
+        raise McqError(f"{unsupported[0]} is not available for a tiny MiniCPM-V {spec.version} yet")
+    with staged_output(out, force) as staging:
+        write_tiny(staging, spec.seed, spec.llm_layers, spec.vision_layers)
     return out
 
 
@@ -284,7 +304,7 @@ def resolve_tiny(name: str) -> Path:
     try:
         spec = TinySpec(version=normalize_version(version), outliers=variant == "outliers")
     except McqError:
-        raise McqError(f"unknown tiny model {name!r}; versions: {', '.join(VERSIONS)}") from None
+        raise McqError(f"unknown tiny model {name!r}; versions: {', '.join(RELEASES)}") from None
     path = cache_dir() / "tiny" / spec.cache_key()
     if not (path / "config.json").exists():
         make_tiny(path, spec, force=True)

@@ -29,7 +29,7 @@ from mcq.errors import McqError
 
 from .families import FAMILIES
 
-__all__ = ["QWEN2_PRETOKENIZE_REGEX", "SUPPORTED_VERSIONS", "write_tiny_tokenizer"]
+__all__ = ["QWEN2_PRETOKENIZE_REGEX", "SUPPORTED_VERSIONS", "write_tiny_qwen_tokenizer", "write_tiny_tokenizer"]
 
 SUPPORTED_VERSIONS = FAMILIES["minicpmv"]
 
@@ -232,6 +232,17 @@ def write_tiny_tokenizer(directory: str | Path, version: str, vocab_size: int = 
     return out
 
 
+def write_tiny_qwen_tokenizer(directory: str | Path, version: str, config: dict, vocab_size: int = 1024) -> Path:
+    """Write the Qwen-style tiny tokenizer (the vocabulary and added tokens of ``write_tiny_tokenizer``'s 4.5) for a
+    release of another family, whose ``tokenizer_config.json`` differs by ``config``: its entries replace the
+    resampler family's, and an entry set to None is left out (the remote-code ``auto_map`` of a native model)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in _qwen_files(version, vocab_size, config).items():
+        (out / name).write_text(text, encoding="utf-8", newline="\n")
+    return out
+
+
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
@@ -271,7 +282,7 @@ def _merged_tokens(merges: list[tuple[str, str]]) -> list[str]:
     return [a + b for a, b in merges]
 
 
-def _qwen_files(version: str, vocab_size: int) -> dict[str, str]:
+def _qwen_files(version: str, vocab_size: int, overrides: dict | None = None) -> dict[str, str]:
     byte_symbols = _byte_symbols()
     # One base slot is kept for <unk>: the official vocabulary holds it inside the base range (id 128244, below the
     # first added token 151643) instead of in added_tokens.json, and we mirror that at the last base id.
@@ -329,13 +340,15 @@ def _qwen_files(version: str, vocab_size: int) -> dict[str, str]:
         "eos_token": "<|im_end|>",
         "errors": "replace",
         "extra_special_tokens": {},
-        "model_max_length": _MODEL_MAX_LENGTH[version],
+        "model_max_length": _MODEL_MAX_LENGTH.get(version),
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
         "unk_token": "<unk>",
         "auto_map": _AUTO_MAP,
         "tokenizer_class": "MiniCPMVTokenizerFast",
     }
+    # A release outside the resampler family has no entry in _MODEL_MAX_LENGTH and gives its own in `overrides`.
+    config = {key: value for key, value in {**config, **(overrides or {})}.items() if value is not None}
     # Like the official special_tokens_map.json: no bos/unk entries there, only the additional list, eos and pad.
     special_map = {
         "additional_special_tokens": [_token_entry(t, None) for t in _QWEN_ADDITIONAL_SPECIAL],

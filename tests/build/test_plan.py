@@ -10,7 +10,7 @@ import yaml
 from mcq.build.matrix import matrix_entries
 from mcq.build.plan import FORMATS, load_plan
 from mcq.errors import McqError
-from mcq.models.families import RELEASES
+from mcq.models.families import BUILD_RELEASES
 
 WORKFLOW = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "ci.yml"
 
@@ -25,7 +25,7 @@ def test_default_plan_covers_every_format_and_exports_from_awq():
     plan = load_plan()
     assert {v.format for v in plan.variants} == set(FORMATS)
     assert plan.variant("onnx-int4").source == "awq" and plan.variant("coreml").source == "awq"
-    assert plan.variant("coreml").versions == RELEASES      # 4.0's MiniCPM4 decoder included
+    assert plan.variant("coreml").versions == BUILD_RELEASES      # 4.0's MiniCPM4 decoder included
     assert all(v.fail_if for v in plan.variants)
 
 

@@ -1,0 +1,70 @@
+"""`tiny:4.6`: a tiny random MiniCPM-V 4.6 in the official layout, written by transformers' own classes.
+
+The config is `MiniCPMV4_6Config`, the weights are `MiniCPMV4_6ForConditionalGeneration`'s initialization under
+the seed, saved by `save_pretrained` (bf16 safetensors, the tied `lm_head` not stored), so the layout is by
+construction the one transformers loads. Widths are tiny but keep what matters to quantization and export: the
+vision MLP width is 16 mod 32 like 4304 (and the `vit_merger`'s 4x wider one is 64 mod 128 like 17216),
+`insert_layer_id` lies inside the vision layers (layers before and after the `vit_merger` both exist), and the LLM
+has both layer kinds (transformers' default pattern: full attention every 4th layer, so 4 layers are 3
+linear-attention + 1 full).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+from mcq.errors import McqError
+
+from ..tiny_tokenizer import write_tiny_qwen_tokenizer
+from .facts import PROCESSOR_TOKENS, RELEASE
+
+LLM_LAYERS = 4
+VISION_LAYERS = 3
+# The vit_merger runs after this vision layer (the release: 6 of 27); 1 leaves one layer before it, one after.
+INSERT_LAYER_ID = 1
+
+# tokenizer_config.json entries that differ from the resampler family's tiny tokenizer: transformers' own tokenizer
+# class (no remote code), the named tokens the processor reads, Qwen3.5's context length.
+_TOKENIZER_CONFIG = {"tokenizer_class": "Qwen2Tokenizer", "auto_map": None, "extra_special_tokens": PROCESSOR_TOKENS,
+                     "model_max_length": 262144}
+
+
+def tiny_config(tokenizer, llm_layers: int, vision_layers: int) -> MiniCPMV4_6Config:
+    ids = {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    text = {"model_type": "qwen3_5_text", "vocab_size": len(tokenizer), "hidden_size": 256, "intermediate_size": 768,
+            "num_hidden_layers": llm_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 4,
+            "linear_num_value_heads": 8, "tie_word_embeddings": True, **ids}
+    # 464 = 16 x 29: like 4304 = 16 x 269, no group size of 32 or more divides it.
+    vision = {"hidden_size": 128, "intermediate_size": 464, "num_hidden_layers": vision_layers,
+              "num_attention_heads": 2, "image_size": 980, "patch_size": 14}
+    return MiniCPMV4_6Config(text_config=text, vision_config=vision, insert_layer_id=INSERT_LAYER_ID,
+                             image_token_id=tokenizer.image_token_id, video_token_id=tokenizer.video_token_id,
+                             tie_word_embeddings=True, dtype="bfloat16", **ids)
+
+
+def write_tiny(staging: Path, seed: int, llm_layers: int | None, vision_layers: int | None) -> None:
+    """Write the checkpoint into `staging` (an empty directory)."""
+    llm_layers, vision_layers = llm_layers or LLM_LAYERS, vision_layers or VISION_LAYERS
+    if vision_layers <= INSERT_LAYER_ID:
+        raise McqError(f"MiniCPM-V {RELEASE} needs more than {INSERT_LAYER_ID} vision layers: its vit_merger runs "
+                       f"after layer {INSERT_LAYER_ID}")
+    write_tiny_qwen_tokenizer(staging, RELEASE, _TOKENIZER_CONFIG)
+    tokenizer = AutoTokenizer.from_pretrained(staging)
+    config = tiny_config(tokenizer, llm_layers, vision_layers)
+    torch.manual_seed(seed)
+    model = MiniCPMV4_6ForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    model.save_pretrained(staging)
+    MiniCPMV4_6ImageProcessorPil().save_pretrained(staging)
+    # The processor and its video processor with their class defaults. Written as data: transformers builds the
+    # video processor only with torchvision, which mcq does not depend on (AutoProcessor needs it to load these).
+    for name, entry in (("processor_config.json", {"processor_class": "MiniCPMV4_6Processor"}),
+                        ("video_preprocessor_config.json", {"video_processor_type": "MiniCPMV4_6VideoProcessor"})):
+        (staging / name).write_text(json.dumps(entry, indent=2) + "\n")

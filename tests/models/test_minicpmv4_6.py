@@ -1,0 +1,104 @@
+"""MiniCPM-V 4.6 (native in transformers): the tiny checkpoint in the official layout, read by transformers' own
+classes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoTokenizer, MiniCPMV4_6ForConditionalGeneration
+# transformers' top-level AutoImageProcessor is a placeholder without torchvision; this one picks the PIL backend.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+from mcq.errors import McqError
+from mcq.models.minicpmv4_6.facts import PROCESSOR_TOKENS
+from mcq.models.tiny import TinySpec, make_tiny, resolve_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny46():
+    return resolve_tiny("tiny:4.6")
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+def _image_inputs(path, image: Image.Image) -> dict[str, torch.Tensor]:
+    """One unsliced image and a question, as the 4.6 processor lays them out: `<image_id>0</image_id><image>`, one
+    image token per 16 patches (two 2x2 merges), `</image>`. (MiniCPMV4_6Processor itself needs torchvision.)"""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pixels = AutoImageProcessor.from_pretrained(path)(image, slice_mode=False, return_tensors="pt")
+    count = int(pixels["target_sizes"].prod()) // 16
+    text = (f"<|im_start|>user\n{tokenizer.image_id_start_token}0{tokenizer.image_id_end_token}"
+            f"{tokenizer.image_start_token}{tokenizer.image_token * count}{tokenizer.image_end_token}\n"
+            "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
+    return {**tokenizer(text, return_tensors="pt"), "pixel_values": pixels["pixel_values"],
+            "target_sizes": pixels["target_sizes"]}
+
+
+def _digests(path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def test_tiny46_has_the_release_structure(tiny46):
+    config = json.loads((tiny46 / "config.json").read_text())
+    assert config["model_type"] == "minicpmv4_6" and config["architectures"] == ["MiniCPMV4_6ForConditionalGeneration"]
+    text, vision = config["text_config"], config["vision_config"]
+    assert text["model_type"] == "qwen3_5_text" and set(text["layer_types"]) == {"linear_attention", "full_attention"}
+    assert 0 <= config["insert_layer_id"] < vision["num_hidden_layers"] - 1   # vision layers after the vit_merger too
+    assert vision["intermediate_size"] % 32 == 4304 % 32 == 16
+    with safe_open(tiny46 / "model.safetensors", "pt") as handle:
+        names = set(handle.keys())
+        assert {handle.get_tensor(n).dtype for n in names} == {torch.bfloat16}
+    # The official layout is transformers' own (no conversion mapping for minicpmv4_6): tied lm_head not stored.
+    assert "lm_head.weight" not in names
+    assert {n.split(".")[1] for n in names} == {"vision_tower", "language_model", "merger"}
+    assert any(".vit_merger.linear_1." in n for n in names) and any(".linear_attn.in_proj_qkv." in n for n in names)
+    tokenizer = AutoTokenizer.from_pretrained(tiny46)
+    assert {name: getattr(tokenizer, name) for name in PROCESSOR_TOKENS} == PROCESSOR_TOKENS
+    assert (config["image_token_id"], config["video_token_id"]) == (tokenizer.image_token_id, tokenizer.video_token_id)
+
+
+def test_tiny46_runs_an_image_in_transformers(tiny46):
+    model = AutoModelForImageTextToText.from_pretrained(tiny46).eval()
+    assert isinstance(model, MiniCPMV4_6ForConditionalGeneration)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    inputs = _image_inputs(tiny46, _image(150, 100, seed=0))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        other = model(**{**inputs, "pixel_values": _image_inputs(tiny46, _image(150, 100, seed=1))["pixel_values"]}).logits
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.isfinite(logits).all() and logits.shape[:2] == inputs["input_ids"].shape
+    # The image reaches the answer: another picture of the same size changes the last position's logits.
+    assert not torch.equal(logits[0, -1], other[0, -1])
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_autoprocessor_loads_the_processor(tiny46):
+    # transformers builds MiniCPMV4_6Processor only with torchvision (its video processor), which mcq does not need.
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+
+    assert type(AutoProcessor.from_pretrained(tiny46)).__name__ == "MiniCPMV4_6Processor"
+
+
+def test_make_tiny46_is_deterministic_and_seeded(tmp_path):
+    first = make_tiny(tmp_path / "a", TinySpec(version="4.6"))
+    second = make_tiny(tmp_path / "b", TinySpec(version="4.6"))
+    reseeded = make_tiny(tmp_path / "c", TinySpec(version="4.6", seed=1))
+    assert _digests(first) == _digests(second)
+    differs = {name for name, digest in _digests(reseeded).items() if digest != _digests(first)[name]}
+    assert differs == {"model.safetensors"}
+
+
+def test_make_tiny46_refuses_what_it_cannot_build(tmp_path):
+    with pytest.raises(McqError, match="--outliers is not available"):
+        make_tiny(tmp_path / "o", TinySpec(version="4.6", outliers=True))
+    with pytest.raises(McqError, match="more than 1 vision layers"):
+        make_tiny(tmp_path / "v", TinySpec(version="4.6", vision_layers=1))
