@@ -10,15 +10,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .family import COMPONENTS, component_of, linear_layers
-from .minicpmv.checkpoint_names import RENAMES
-from .loading import check_layout, meta_skeleton, model_spec, stored_tensors
+from .family import component_of, linear_layers
+from .minicpmv.checkpoint_names import RENAMES, stored_name
+from .loading import check_layout, meta_skeleton, open_checkpoint, stored_tensors
 
 
 def inspect_model(model: str | Path) -> dict[str, Any]:
-    path, config, spec = model_spec(model)
+    checkpoint = open_checkpoint(model)
+    path = checkpoint.path
     stored = stored_tensors(path)
-    skeleton = meta_skeleton(config)
+    skeleton = meta_skeleton(checkpoint.config)
     check_layout(path, skeleton, stored)
     params, stored_bytes = defaultdict(int), defaultdict(int)
     for name, parameter in skeleton.named_parameters():
@@ -28,10 +29,10 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
     linears = linear_layers(skeleton)
     return {
         "model": str(path),
-        "version": spec.version,
-        "llm": spec.llm_name,
+        "version": checkpoint.release,
+        "llm": checkpoint.llm_name,
         "dtypes": sorted({t["dtype"] for t in stored.values()}),
-        "components": {c: {"parameters": params[c], "bytes": stored_bytes[c]} for c in COMPONENTS},
+        "components": {c: {"parameters": params[c], "bytes": stored_bytes[c]} for c in checkpoint.family.components},
         "total_parameters": sum(params.values()),
         "total_bytes": sum(stored_bytes.values()),
         "linears": [
@@ -40,7 +41,9 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
             for l in linears
         ],
         "non_divisible": [l.name for l in linears if l.non_divisible],
-        "stored_as": [{"stored": r.stored, "params": list(r.params), "transposed": r.transposed} for r in RENAMES],
+        # The renames that apply to this checkpoint (the resampler family's packed attention; none for 4.6).
+        "stored_as": [{"stored": r.stored, "params": list(r.params), "transposed": r.transposed} for r in RENAMES
+                      if stored_name(r.params[0]) in stored],
     }
 
 
@@ -60,7 +63,8 @@ def format_inspection(report: dict[str, Any]) -> str:
             str(g) for g in (32, 64, 128) if g not in sizes)
         lines.append(f"{pattern:<52}{len(members):>6}{f'{fan_in} -> {fan_out}':>16}  "
                      f"{' '.join(f'g{g}' for g in sizes) or '-'}{flag}")
-    lines += ["", "Stored under their official names (nn.MultiheadAttention / x @ proj layout):"]
-    lines += [f"  {r['stored']} -> {', '.join(r['params'])}{' (transposed)' if r['transposed'] else ''}"
-              for r in report["stored_as"]]
+    if report["stored_as"]:
+        lines += ["", "Stored under their official names (nn.MultiheadAttention / x @ proj layout):"]
+        lines += [f"  {r['stored']} -> {', '.join(r['params'])}{' (transposed)' if r['transposed'] else ''}"
+                  for r in report["stored_as"]]
     return "\n".join(lines)

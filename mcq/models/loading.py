@@ -8,6 +8,7 @@ import math
 import re
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .minicpmv.configuration import MiniCPMVConfig
 from .minicpmv.versions import VersionSpec, version_spec
 from .tiny import TINY_PREFIX, resolve_tiny
 
-SUPPORTED_MODEL_TYPES = {"minicpmv": "MiniCPM-V 2.6, 4.0, 4.5"}
+SUPPORTED_MODEL_TYPES = {"minicpmv": "MiniCPM-V 2.6, 4.0, 4.5", "minicpmv4_6": "MiniCPM-V 4.6"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,7 +64,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         listed = "; ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         raise McqError(f"{config_path}: model_type {model_type!r} is not supported; supported: {listed}")
-    version_spec(config.get("version"))
+    from .family import family_for
+
+    family_for(model_type).describe(config)   # a McqError for a release the family lacks
     return config
 
 
@@ -110,11 +113,11 @@ def check_safetensors(file: Path) -> dict[str, Any]:
 
 
 def safetensors_component_bytes(path: Path) -> dict[str, int]:
-    """Tensor bytes per component (vision / resampler / llm, plus `other` when some name has none of their
-    prefixes) of the checkpoint in `path`, from the safetensors headers only (no tensor data is read)."""
-    from .family import COMPONENTS, component_or_other
+    """Tensor bytes per component of its family (vision / resampler / llm, plus `other` when some name has none of
+    their prefixes) of the checkpoint in `path`, from the safetensors headers only (no tensor data is read)."""
+    from .family import component_or_other, family_for
 
-    sizes = dict.fromkeys(COMPONENTS, 0)
+    sizes = dict.fromkeys(family_for(read_config(Path(path))["model_type"]).components, 0)
     for file in weight_files(Path(path)):
         for name, entry in check_safetensors(file).items():
             begin, end = entry["data_offsets"]
@@ -158,10 +161,12 @@ def check_weights_finite(path: Path) -> None:
                 check_finite(handle.get_tensor(stored), stored, file)
 
 
-def meta_skeleton(config: MiniCPMVConfig) -> MiniCPMV:
-    """The module tree the config describes, with no memory behind its weights."""
+def meta_skeleton(config) -> torch.nn.Module:
+    """The module tree the config describes (its family's model class), with no memory behind its weights."""
+    from .family import family_for
+
     with torch.device("meta"):
-        return MiniCPMV(config)
+        return family_for(config.model_type).model_class(config)
 
 
 # Tensors a quantized Linear stores in place of (or beside) its `weight`, per on-disk format.
@@ -193,7 +198,10 @@ def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any
 
     Quantized checkpoints (compressed-tensors, bitsandbytes) are checked the same way, with each quantized Linear's
     weight accounted for by its quantization tensors."""
-    expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+    # A tied parameter (4.6's lm_head is its embedding table) is stored once, under the name met first.
+    tied = ({name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+            - {name for name, _ in skeleton.named_parameters()})
+    expected = {k: list(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
     shapes = {param: shape for name, entry in stored.items()
               for param, shape in checkpoint_names.param_shapes(name, entry["shape"]).items()}
     shapes, quantized = _split_quantized(shapes)
@@ -210,8 +218,10 @@ def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any
     if problems:
         detail = "; ".join(f"{kind}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
                            for kind, keys in problems.items())
-        raise McqError(f"{path} does not match the MiniCPM-V {skeleton.spec.version} layout its config.json "
-                       f"describes: {detail}")
+        from .family import family_for
+
+        release, _ = family_for(skeleton.config.model_type).describe(skeleton.config.to_dict())
+        raise McqError(f"{path} does not match the MiniCPM-V {release} layout its config.json describes: {detail}")
 
 
 def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
@@ -270,14 +280,37 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
 def load_processor(model: str | Path):
     from .minicpmv.processing import MiniCPMVProcessor
 
-    path = resolve_model_path(model)
-    read_config(path)
+    path, _, _ = model_spec(model)   # mcq's processor serves the resampler family only
     return MiniCPMVProcessor.from_pretrained(path)
 
 
 def model_spec(model: str | Path) -> tuple[Path, MiniCPMVConfig, VersionSpec]:
-    """Path, config and version of a checkpoint, without loading weights."""
+    """Path, config and version of a resampler-family checkpoint, without loading weights (the commands that run
+    mcq's own `MiniCPMV`; `open_checkpoint` serves every family)."""
+    checkpoint = open_checkpoint(model)
+    if checkpoint.family.model_class is not MiniCPMV:
+        raise McqError(f"{checkpoint.path} is MiniCPM-V {checkpoint.release}, which this command does not support yet "
+                       f"(it runs {SUPPORTED_MODEL_TYPES['minicpmv']})")
+    return checkpoint.path, checkpoint.config, version_spec(checkpoint.config.version)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint resolved once: where it is, its config (its family's config class), its family's facts."""
+
+    path: Path
+    config: Any
+    family: Any        # mcq.models.familyspec.Family
+    release: str       # "4.5", "4.6"
+    llm_name: str
+
+
+def open_checkpoint(model: str | Path) -> Checkpoint:
+    """Resolve a model spec (a directory or `tiny:VERSION`) of any family, without loading weights."""
+    from .family import family_for
+
     path = resolve_model_path(model)
-    read_config(path)
-    config = MiniCPMVConfig.from_pretrained(path)
-    return path, config, version_spec(config.version)
+    raw = read_config(path)
+    family = family_for(raw["model_type"])
+    release, llm_name = family.describe(raw)
+    return Checkpoint(path, family.config_class.from_pretrained(path), family, release, llm_name)

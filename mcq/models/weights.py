@@ -16,8 +16,8 @@ from safetensors import safe_open
 from torch import nn
 
 from . import loading
-from .minicpmv import MiniCPMV, checkpoint_names
-from .minicpmv.configuration import MiniCPMVConfig
+from .family import family_for
+from .minicpmv import checkpoint_names
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,12 +25,13 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BOOL": torch.bool}
 
 
-def shell_model(config: MiniCPMVConfig) -> MiniCPMV:
-    """The module tree with every parameter on the meta device (no memory) and buffers computed for real."""
+def shell_model(config) -> nn.Module:
+    """The module tree of the config's family, with every parameter on the meta device (no memory) and buffers
+    computed for real."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = MiniCPMV(config)
+        model = family_for(config.model_type).model_class(config)
     return model.eval()
 
 
@@ -85,10 +86,7 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
-def named_blocks(model: MiniCPMV) -> Iterator[tuple[str, nn.Module]]:
-    """The model's repeated blocks in data-flow order: vision encoder layers, the resampler, LLM decoder layers."""
-    for i, layer in enumerate(model.vpm.encoder.layers):
-        yield f"vpm.encoder.layers.{i}", layer
-    yield "resampler", model.resampler
-    for i, layer in enumerate(model.llm.model.layers):
-        yield f"llm.model.layers.{i}", layer
+def named_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's repeated blocks in data-flow order, as its family lists them (resampler family: vision encoder
+    layers, the resampler, LLM decoder layers)."""
+    return family_for(model.config.model_type).blocks(model)

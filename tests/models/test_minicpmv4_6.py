@@ -1,22 +1,28 @@
 """MiniCPM-V 4.6 (native in transformers): the tiny checkpoint in the official layout, read by transformers' own
-classes."""
+classes; the family's facts (components, blocks) and `mcq inspect` on it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, MiniCPMV4_6ForConditionalGeneration
 # transformers' top-level AutoImageProcessor is a placeholder without torchvision; this one picks the PIL backend.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+from mcq.cli import main
 from mcq.errors import McqError
+from mcq.models.family import component_or_other
+from mcq.models.loading import model_spec, open_checkpoint
 from mcq.models.minicpmv4_6.facts import PROCESSOR_TOKENS
 from mcq.models.tiny import TinySpec, make_tiny, resolve_tiny
+from mcq.models.weights import named_blocks, shell_model
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +108,58 @@ def test_make_tiny46_refuses_what_it_cannot_build(tmp_path):
         make_tiny(tmp_path / "o", TinySpec(version="4.6", outliers=True))
     with pytest.raises(McqError, match="more than 1 vision layers"):
         make_tiny(tmp_path / "v", TinySpec(version="4.6", vision_layers=1))
+
+
+def test_blocks_follow_the_data_flow_through_the_vit_merger(tiny46):
+    checkpoint = open_checkpoint(tiny46)
+    assert (checkpoint.release, checkpoint.family.name) == ("4.6", "minicpmv4_6")
+    assert checkpoint.family.components == ("vision", "vit_merger", "merger", "llm")
+    names = [name for name, _ in named_blocks(shell_model(checkpoint.config))]
+    vision = "model.vision_tower.encoder.layers."
+    # insert_layer_id is 1: layers 0 and 1, then the vit_merger, then layer 2.
+    assert names == [f"{vision}0", f"{vision}1", "model.vision_tower.vit_merger", f"{vision}2", "model.merger",
+                     *(f"model.language_model.layers.{i}" for i in range(4))]
+    assert [component_or_other(name + ".") for name in names] == ["vision", "vision", "vit_merger", "vision",
+                                                                  "merger", "llm", "llm", "llm", "llm"]
+    # The resampler family's names still resolve as before.
+    assert [component_or_other(n) for n in ("vpm.encoder.layers.0.mlp.fc2", "resampler.kv_proj", "llm.lm_head")] \
+        == ["vision", "resampler", "llm"]
+
+
+def test_inspect_tiny46(capsys):
+    assert main(["inspect", "tiny:4.6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["version"] == "4.6" and report["llm"].startswith("Qwen3.5")
+    assert list(report["components"]) == ["vision", "vit_merger", "merger", "llm"]
+    assert all(part["parameters"] > 0 for part in report["components"].values())
+    # The tied lm_head is counted once (with the embedding table) and stored once.
+    assert report["total_bytes"] == 2 * report["total_parameters"]
+    by_name = {linear["name"]: linear for linear in report["linears"]}
+    assert by_name["lm_head"]["component"] == "llm"
+    assert by_name["model.vision_tower.vit_merger.linear_2"]["component"] == "vit_merger"
+    assert by_name["model.merger.mlp.0.linear_1"]["component"] == "merger"
+    assert {"linear_attn.in_proj_qkv", "self_attn.q_proj"} <= {n.split(".", 4)[-1] for n in by_name
+                                                               if n.startswith("model.language_model.")}
+    assert set(report["non_divisible"]) == {*(f"model.vision_tower.encoder.layers.{i}.mlp.fc2" for i in range(3)),
+                                            "model.vision_tower.vit_merger.linear_2"}
+    assert report["stored_as"] == []
+    assert main(["inspect", "tiny:4.6"]) == 0
+    assert "vit_merger" in capsys.readouterr().out
+
+
+def test_a_46_checkpoint_missing_a_tensor_is_one_line(tiny46, tmp_path, capsys):
+    copy = tmp_path / "broken"
+    shutil.copytree(tiny46, copy)
+    tensors = load_file(copy / "model.safetensors")
+    del tensors["model.vision_tower.vit_merger.linear_1.weight"]
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert main(["inspect", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MiniCPM-V 4.6 layout" in err and "vit_merger.linear_1.weight" in err
+
+
+def test_commands_of_the_resampler_family_refuse_46_in_one_line(tiny46, capsys):
+    with pytest.raises(McqError, match="MiniCPM-V 4.6, which this command does not support yet"):
+        model_spec(tiny46)
+    assert main(["chat", "--model", "tiny:4.6", "hi"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

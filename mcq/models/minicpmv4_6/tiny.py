@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+from transformers.utils import logging as hf_logging
 
 from mcq.errors import McqError
 
@@ -61,7 +62,14 @@ def write_tiny(staging: Path, seed: int, llm_layers: int | None, vision_layers: 
     torch.manual_seed(seed)
     model = MiniCPMV4_6ForConditionalGeneration(config).to(torch.bfloat16)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    model.save_pretrained(staging)
+    # save_pretrained draws a progress bar per shard: noise in the output of the command that asked for tiny:4.6.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(staging)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     MiniCPMV4_6ImageProcessorPil().save_pretrained(staging)
     # The processor and its video processor with their class defaults. Written as data: transformers builds the
     # video processor only with torchvision, which mcq does not depend on (AutoProcessor needs it to load these).

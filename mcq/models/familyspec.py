@@ -1,0 +1,28 @@
+"""The questions every model family answers for mcq's tools, as one value per family (`mcq.models.family.FAMILY`
+maps a config.json `model_type` to it): how to build its module tree, what its components are, which repeated
+blocks the block-by-block quantizer walks in data-flow order, and the few module names the tools look up.
+
+The resampler family (2.6 / 4.0 / 4.5, mcq's own `MiniCPMV`) and 4.6 (transformers' `MiniCPMV4_6*`) each hold one
+in their folder; nothing outside `mcq/models/` branches on which it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                                       # config.json model_type, and the package under mcq/models
+    config_class: type                              # a transformers config class
+    model_class: type                               # the class that holds the official layout
+    # Its components in data-flow order (which names belong to which: `mcq.models.family.component_or_other`).
+    components: tuple[str, ...]
+    blocks: Callable[[nn.Module], Iterator[tuple[str, nn.Module]]]   # the repeated blocks, in data-flow order
+    embedding: str          # the LLM's input embedding table (its stored dtype is the checkpoint's)
+    lm_head: str            # the output head: never materialized by the block-by-block driver
+    # config.json → (release, LLM name), for reports and cards; a McqError for a release the family lacks.
+    describe: Callable[[dict[str, Any]], tuple[str, str]]

@@ -1,0 +1,33 @@
+"""The resampler family (2.6 / 4.0 / 4.5) as mcq's tools see it: mcq's own `MiniCPMV`, its blocks in data-flow
+order (`mcq.models.familyspec.Family`). Per-release differences are in `versions.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..family import COMPONENTS
+from ..familyspec import Family
+from .configuration import MiniCPMVConfig
+from .modeling import MiniCPMV
+from .versions import version_spec
+
+
+def _blocks(model: MiniCPMV) -> Iterator[tuple[str, nn.Module]]:
+    """Vision encoder layers, the resampler, LLM decoder layers."""
+    for i, layer in enumerate(model.vpm.encoder.layers):
+        yield f"vpm.encoder.layers.{i}", layer
+    yield "resampler", model.resampler
+    for i, layer in enumerate(model.llm.model.layers):
+        yield f"llm.model.layers.{i}", layer
+
+
+def _describe(config: dict) -> tuple[str, str]:
+    spec = version_spec(config.get("version"))
+    return spec.version, spec.llm_name
+
+
+FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV, components=tuple(COMPONENTS),
+                blocks=_blocks, embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head",
+                describe=_describe)

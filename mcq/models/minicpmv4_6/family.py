@@ -1,0 +1,36 @@
+"""MiniCPM-V 4.6 as mcq's tools see it (`mcq.models.familyspec.Family`): transformers' own classes, and its blocks in
+the order data flows through them: vision layers up to `insert_layer_id`, the window-attention `vit_merger`, the
+remaining vision layers, the downsampling `merger`, the LLM's decoder layers (linear- and full-attention alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+from ..familyspec import Family
+from .facts import COMPONENTS, RELEASE
+
+
+def _blocks(model: MiniCPMV4_6ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
+    tower = model.model.vision_tower
+    insert = tower.config.insert_layer_id
+    for i, layer in enumerate(tower.encoder.layers):
+        yield f"model.vision_tower.encoder.layers.{i}", layer
+        if i == insert:
+            yield "model.vision_tower.vit_merger", tower.vit_merger
+    yield "model.merger", model.model.merger
+    for i, layer in enumerate(model.model.language_model.layers):
+        yield f"model.language_model.layers.{i}", layer
+
+
+def _describe(config: dict) -> tuple[str, str]:
+    layer_types = config.get("text_config", {}).get("layer_types", [])
+    kinds = {kind: layer_types.count(kind) for kind in dict.fromkeys(layer_types)}
+    return RELEASE, f"Qwen3.5 hybrid ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})"
+
+
+FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=MiniCPMV4_6ForConditionalGeneration,
+                components=tuple(COMPONENTS), blocks=_blocks, embedding="model.language_model.embed_tokens.weight",
+                lm_head="lm_head", describe=_describe)
