@@ -113,16 +113,16 @@ class PaddableMlp:
     elementwise function that maps 0 to 0 (SigLIP's GELU between fc1 and fc2; SiLU(gate) * up before down_proj),
     so zero rows appended to the producers and zero columns to the consumer leave the block's function exactly
     unchanged. That is what `non_divisible: pad` relies on to give the consumer an input width its group size
-    divides. Names are relative to the block; `config_key` is the path of the width in config.json."""
+    divides. Names are relative to the block (the same in both families); where config.json keeps the width is
+    each family's (`Family.intermediate_keys`)."""
 
     consumer: str
     producers: tuple[str, ...]
-    config_key: tuple[str, ...]
 
 
 PADDABLE_INPUTS = {
-    "vision": PaddableMlp("mlp.fc2", ("mlp.fc1",), ("vision_config", "intermediate_size")),
-    "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), ("intermediate_size",)),
+    "vision": PaddableMlp("mlp.fc2", ("mlp.fc1",)),
+    "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
 }
 
 

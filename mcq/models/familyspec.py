@@ -7,7 +7,7 @@ in their folder; nothing outside `mcq/models/` branches on which it is."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,3 +26,10 @@ class Family:
     lm_head: str            # the output head: never materialized by the block-by-block driver
     # config.json → (release, LLM name), for reports and cards; a McqError for a release the family lacks.
     describe: Callable[[dict[str, Any]], tuple[str, str]]
+    # Component → the config.json path of its paddable MLP's intermediate width (`mcq.models.family.PADDABLE_INPUTS`),
+    # which a quantized output with padded MLPs rewrites.
+    intermediate_keys: Mapping[str, tuple[str, ...]]
+    # Whether the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ).
+    calibrates: bool
+    # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
+    load_code: str

@@ -69,11 +69,10 @@ def _resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
     return loaded
 
 
-def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Path, samples: list[dict],
+def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samples: list[dict],
                                 device: str, progress: bool) -> tuple[list[str], list[dict[str, Any]]]:
     from tqdm import tqdm
 
-    from mcq.models.family import PADDABLE_INPUTS
     from mcq.models.runtimes import RUNTIMES
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
 
@@ -81,9 +80,10 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
     from .sequential import BlockHandler, SequentialDriver
     from .writers.compressed_tensors import CompressedTensorsWriter, quantization_config
 
-    model = shell_model(config)
+    path = checkpoint.path
+    model = shell_model(checkpoint.config)
     reader = CheckpointReader(path)
-    source_dtype = reader.dtype_of("llm.model.embed_tokens.weight")
+    source_dtype = reader.dtype_of(checkpoint.family.embedding)
     quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype, device=device)
     writer = CompressedTensorsWriter(reader, staging,
                                      official_layout=any(RUNTIMES[t].official_layout for t in plan.targets))
@@ -99,7 +99,7 @@ def _compressed_tensors_variant(path: Path, config, plan: QuantPlan, staging: Pa
         driver.run(BlockHandler(quantizer.quantize, emit), progress=lambda name: bar.set_postfix_str(name))
     stored_config = json.loads((path / "config.json").read_text())
     for component, width in quantizer.padded_widths.items():
-        *parents, key = PADDABLE_INPUTS[component].config_key
+        *parents, key = checkpoint.family.intermediate_keys[component]
         section = stored_config
         for parent in parents:
             section = section[parent]
@@ -134,7 +134,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     encodes its set once for every variant)."""
     from mcq.extras import require_method
     from mcq.models.family import linear_layers
-    from mcq.models.loading import (check_device, check_layout, meta_skeleton, model_spec,
+    from mcq.models.loading import (check_device, check_layout, meta_skeleton, open_checkpoint,
                                     safetensors_component_bytes, stored_tensors)
     from mcq.outputs import check_output, staged_output, write_manifest
 
@@ -146,12 +146,20 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     if given and chosen.method not in CALIBRATED_METHODS:
         raise McqError(f"{given[0]} applies to awq and gptq; {chosen.name} ({chosen.method}) uses no calibration data")
     check_device(device)
-    path, config, spec = model_spec(model)
+    checkpoint = open_checkpoint(model)
+    path, config = checkpoint.path, checkpoint.config
     if getattr(config, "quantization_config", None):
         raise McqError(f"{path} is already quantized; quantize the original bf16 checkpoint")
+    if chosen.method in CALIBRATED_METHODS and not checkpoint.family.calibrates:
+        raise McqError(f"{chosen.method} calibrates through the model's blocks, which mcq does not do for MiniCPM-V "
+                       f"{checkpoint.release} yet; rtn quantizes it data-free")
     skeleton = meta_skeleton(config)
     check_layout(path, skeleton, stored_tensors(path))
     plan = plan_quantization(chosen, linear_layers(skeleton))
+    unpaddable = sorted(plan.padded_widths().keys() - checkpoint.family.intermediate_keys.keys())
+    if unpaddable:
+        raise McqError(f"{chosen.name} pads the {unpaddable[0]} MLPs (non_divisible: pad), which mcq cannot do for "
+                       f"MiniCPM-V {checkpoint.release} yet; use another non_divisible policy")
     out = Path(out)
     check_output(out, force, source=path)
     torch.manual_seed(seed)
@@ -159,9 +167,11 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     described: dict[str, Any] = {}
     if chosen.method in CALIBRATED_METHODS:
         from mcq.calibration import calibration_samples
+        from mcq.models.minicpmv.versions import version_spec
 
+        # Only families that calibrate get here (the resampler family, whose releases have a VersionSpec).
         samples, described = calibration or calibration_samples(
-            path, spec, calib, num_samples or chosen.calibration.num_samples,
+            path, version_spec(config.version), calib, num_samples or chosen.calibration.num_samples,
             max_slice_nums or chosen.calibration.max_slice_nums, seed)
     data_free: list[str] = []
     skipped: list[dict[str, Any]] = []
@@ -169,7 +179,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
         if chosen.method == "bnb":
             _bnb_variant(path, plan, staging, device)
         else:
-            data_free, skipped = _compressed_tensors_variant(path, config, plan, staging, samples, device, progress)
+            data_free, skipped = _compressed_tensors_variant(checkpoint, plan, staging, samples, device, progress)
         result = QuantizeResult(
             out=str(out), recipe=chosen.name, method=chosen.method,
             format="bitsandbytes" if chosen.method == "bnb" else "compressed-tensors (pack-quantized)",
@@ -177,7 +187,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
             changes=[d for d in plan.decisions() if d["changed"]], runtimes=runtime_fit(plan),
             bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
             seconds=0.0, calibration=described, data_free_blocks=data_free, skipped_pairs=skipped)
-        _write_card(staging, path, spec, chosen, result)
+        _write_card(staging, checkpoint, chosen, result)
         settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": described}
         write_manifest(staging, kind="quantized", source=path, recipe=chosen.to_dict(), settings=settings,
                        extra={"plan": plan.to_dict(), "runtimes": result.runtimes, "skipped_smoothing_pairs": skipped})
@@ -210,21 +220,16 @@ def runtime_fit(plan: QuantPlan) -> dict[str, str]:
     return fit
 
 
-def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: QuantizeResult) -> None:
+def _write_card(staging: Path, checkpoint, recipe: Recipe, result: QuantizeResult) -> None:
     from mcq.models.runtimes import RUNTIMES
     from mcq.outputs import format_component_bytes, write_model_card
 
+    source = checkpoint.path
     if recipe.method == "bnb":
         load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
                 "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(PATH, device_map=\"cpu\")\n```")
     else:
-        # Without dequantize=True transformers keeps the packed weights for kernels the CPU does not have, and
-        # the first forward fails (transformers 5.17, compressed-tensors 0.19).
-        load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
-                "from transformers import AutoModel, CompressedTensorsConfig\n"
-                "model = AutoModel.from_pretrained(\n"
-                "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))\n"
-                "```")
+        load = f"```python\n{checkpoint.family.load_code}\n```"
     runtime_rows = ["| runtime | built for it | its rules hold this output | how to load |",
                     "| --- | --- | --- | --- |"]
     for name, fit in result.runtimes.items():
@@ -256,7 +261,7 @@ def _write_card(staging: Path, source: Path, spec, recipe: Recipe, result: Quant
              f"reason is in mcq-manifest.json):\n{changes or 'none'}"),
             ("Calibration set", f"```json\n{calibration}\n```"),
             ("Sizes", format_component_bytes(result.bytes_before, result.bytes_after)),
-            ("Model", f"MiniCPM-V {spec.version} ({spec.llm_name} LLM), quantized by mcq."),
+            ("Model", f"MiniCPM-V {checkpoint.release} ({checkpoint.llm_name} LLM), quantized by mcq."),
         ])
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcq.models.family import family_for
 from mcq.models.minicpmv import MiniCPMV
 from mcq.models.weights import CheckpointReader, named_blocks, release
 
@@ -162,8 +163,9 @@ class SequentialDriver:
         rows; the 151,748 x 4096 table of an 8B model would be 2.5 GB in float32 for the whole run); their output
         is cast to the compute dtype, which is exactly the lookup in a cast table."""
         blocks = {name for name, _ in named_blocks(self.model)}
+        head = family_for(self.model.config.model_type).lm_head
         for name, module in self.model.named_modules():
-            if name in blocks or name == "llm.lm_head" or any(name.startswith(b + ".") for b in blocks):
+            if name in blocks or name == head or any(name.startswith(b + ".") for b in blocks):
                 continue
             own = [n for n, p in module.named_parameters(recurse=False)]
             if not own:

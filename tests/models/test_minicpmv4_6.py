@@ -9,12 +9,11 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, MiniCPMV4_6ForConditionalGeneration
-# transformers' top-level AutoImageProcessor is a placeholder without torchvision; this one picks the PIL backend.
-from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+from minicpmv4_6_inputs import image_inputs, random_image  # tests/minicpmv4_6_inputs.py
 
 from mcq.cli import main
 from mcq.errors import McqError
@@ -28,24 +27,6 @@ from mcq.models.weights import named_blocks, shell_model
 @pytest.fixture(scope="module")
 def tiny46():
     return resolve_tiny("tiny:4.6")
-
-
-def _image(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
-
-
-def _image_inputs(path, image: Image.Image) -> dict[str, torch.Tensor]:
-    """One unsliced image and a question, as the 4.6 processor lays them out: `<image_id>0</image_id><image>`, one
-    image token per 16 patches (two 2x2 merges), `</image>`. (MiniCPMV4_6Processor itself needs torchvision.)"""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pixels = AutoImageProcessor.from_pretrained(path)(image, slice_mode=False, return_tensors="pt")
-    count = int(pixels["target_sizes"].prod()) // 16
-    text = (f"<|im_start|>user\n{tokenizer.image_id_start_token}0{tokenizer.image_id_end_token}"
-            f"{tokenizer.image_start_token}{tokenizer.image_token * count}{tokenizer.image_end_token}\n"
-            "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
-    return {**tokenizer(text, return_tensors="pt"), "pixel_values": pixels["pixel_values"],
-            "target_sizes": pixels["target_sizes"]}
 
 
 def _digests(path) -> dict[str, str]:
@@ -75,10 +56,11 @@ def test_tiny46_runs_an_image_in_transformers(tiny46):
     model = AutoModelForImageTextToText.from_pretrained(tiny46).eval()
     assert isinstance(model, MiniCPMV4_6ForConditionalGeneration)
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
-    inputs = _image_inputs(tiny46, _image(150, 100, seed=0))
+    inputs = image_inputs(tiny46, random_image(150, 100, seed=0))
     with torch.no_grad():
         logits = model(**inputs).logits
-        other = model(**{**inputs, "pixel_values": _image_inputs(tiny46, _image(150, 100, seed=1))["pixel_values"]}).logits
+        other_image = image_inputs(tiny46, random_image(150, 100, seed=1))["pixel_values"]
+        other = model(**{**inputs, "pixel_values": other_image}).logits
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.isfinite(logits).all() and logits.shape[:2] == inputs["input_ids"].shape
     # The image reaches the answer: another picture of the same size changes the last position's logits.

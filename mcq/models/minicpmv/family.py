@@ -28,6 +28,15 @@ def _describe(config: dict) -> tuple[str, str]:
     return spec.version, spec.llm_name
 
 
+# Without dequantize=True transformers keeps the packed weights for kernels the CPU does not have, and the first
+# forward fails (transformers 5.17, compressed-tensors 0.19).
+_LOAD = ("import mcq  # registers MiniCPM-V with transformers (no remote code)\n"
+         "from transformers import AutoModel, CompressedTensorsConfig\n"
+         "model = AutoModel.from_pretrained(\n"
+         "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
+
 FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV, components=tuple(COMPONENTS),
                 blocks=_blocks, embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head",
-                describe=_describe)
+                describe=_describe,
+                intermediate_keys={"vision": ("vision_config", "intermediate_size"), "llm": ("intermediate_size",)},
+                calibrates=True, load_code=_LOAD)

@@ -31,6 +31,18 @@ def _describe(config: dict) -> tuple[str, str]:
     return RELEASE, f"Qwen3.5 hybrid ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})"
 
 
+# Native in transformers: no `import mcq`. dequantize=True as for the resampler family (no CPU kernels for packed
+# int4 in transformers 5.17 / compressed-tensors 0.19).
+_LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensorsConfig\n"
+         "model = AutoModelForImageTextToText.from_pretrained(\n"
+         "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
+
+# No "vision" intermediate key: vision_config.intermediate_size also sizes the vit_merger's MLP (4x it), so padding
+# the encoder MLPs through config.json would change the vit_merger's shapes too (not supported yet).
+# calibrates=False: the block-by-block driver captures block inputs through the resampler family's forward only;
+# 4.6's vision path (the vit_merger's windows and the shrinking target_sizes) is not wired into it yet.
 FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=MiniCPMV4_6ForConditionalGeneration,
                 components=tuple(COMPONENTS), blocks=_blocks, embedding="model.language_model.embed_tokens.weight",
-                lm_head="lm_head", describe=_describe)
+                lm_head="lm_head", describe=_describe,
+                intermediate_keys={"llm": ("text_config", "intermediate_size")},
+                calibrates=False, load_code=_LOAD)
