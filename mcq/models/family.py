@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
 from importlib import import_module
 
 from torch import nn

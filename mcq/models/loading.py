@@ -16,6 +16,7 @@ import torch
 
 from mcq.errors import McqError
 
+from .familyspec import Family
 from .minicpmv import MiniCPMV, checkpoint_names
 from .minicpmv.configuration import MiniCPMVConfig
 from .minicpmv.versions import VersionSpec, version_spec
@@ -300,7 +301,7 @@ class Checkpoint:
 
     path: Path
     config: Any
-    family: Any        # mcq.models.familyspec.Family
+    family: Family
     release: str       # "4.5", "4.6"
     llm_name: str
 
