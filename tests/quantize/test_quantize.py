@@ -107,7 +107,8 @@ def test_gptq_halves_rtn_kl_and_both_keep_the_vision_output(outlier_metrics):
 def test_awq_halves_rtn_kl(outlier_metrics, record_property):
     """Issue 19's acceptance with the vLLM-servable defaults (resampler attention dense, vision fc2 padded to group
     128). Without weight clipping AWQ measured 0.57x RTN's mean KL (0.002859 vs 0.005028; llm-compressor's AWQ
-    0.002886); with mcq's clip search (awq-w4g128's weight_clip, on by default) 0.000937, 0.19x (2026-12-03)."""
+    0.002886); with mcq's clip search (awq-w4g128's weight_clip, on by default) 0.000937, 0.19x (2026-12-03; GPTQ
+    0.000427)."""
     record_property("kl_mean", {m: round(v["kl_mean"], 6) for m, v in outlier_metrics.items()})
     assert outlier_metrics["awq"]["kl_mean"] * 2 <= outlier_metrics["rtn"]["kl_mean"], outlier_metrics
 
