@@ -518,8 +518,9 @@ def clip_weight(weight: torch.Tensor, inputs: torch.Tensor, args) -> tuple[float
     The second step of the AWQ paper's method: min/max spends the int4 levels on a group's extreme weights, and
     shrinking the range trades their error for finer steps everywhere else. A group's error is scored on its own
     share of the output, `Δ·H·Δ` with Δ its rounding error and H = XᵀX over the group's input columns (one small
-    Gram matrix per group, so a candidate costs out × in × group multiply-adds, whatever the token count). The
-    weights are clamped to the chosen [lo, hi] (lo ≤ 0 ≤ hi, as compressed-tensors' qparams include zero): their
+    Gram matrix per group, so a candidate costs out × in × group multiply-adds, whatever the token count); a group
+    wider than the token sample (per-channel ranges: one group of a whole row) is scored on the tokens instead,
+    `|X·Δ|²`, out × in × tokens. The weights are clamped to the chosen [lo, hi] (lo ≤ 0 ≤ hi, as compressed-tensors' qparams include zero): their
     min/max is then exactly that range, so the observer that packs them rounds as it was scored here."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -527,7 +528,14 @@ def clip_weight(weight: torch.Tensor, inputs: torch.Tensor, args) -> tuple[float
     group = args.group_size or weight.shape[1]
     grouped = weight.float().unflatten(-1, (-1, group))                      # [out, G, group]
     columns = inputs.float().unflatten(-1, (-1, group))                      # [n, G, group]
-    gram = torch.einsum("ngi,ngj->gij", columns, columns)
+    if group <= columns.shape[0]:
+        gram = torch.einsum("ngi,ngj->gij", columns, columns)
+
+        def score(delta: torch.Tensor) -> torch.Tensor:                      # [A, out, G, group] → [A, out, G]
+            return (torch.einsum("aogi,gij->aogj", delta, gram) * delta).sum(-1)
+    else:
+        def score(delta: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("aogi,ngi->aogn", delta, columns).square().sum(-1)
     low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)  # [out, G]
     factors = torch.tensor(CLIP_SHRINKS, dtype=torch.float32, device=weight.device)
     chunk = max(1, QDQ_CHUNK_BYTES // max(weight.numel() * 4, 1))
@@ -539,7 +547,7 @@ def clip_weight(weight: torch.Tensor, inputs: torch.Tensor, args) -> tuple[float
         scale, zero_point = calculate_qparams(lo, hi, args)
         delta = fake_quantize(clamped.flatten(-2), scale, zero_point, args).unflatten(-1, (-1, group))
         delta -= grouped
-        errors.append((torch.einsum("aogi,gij->aogj", delta, gram) * delta).sum(-1))
+        errors.append(score(delta))
         del clamped, delta
     errors = torch.cat(errors)                                                # [A, out, G]
     best = errors.argmin(0)                      # the first least error: on a tie, the widest range

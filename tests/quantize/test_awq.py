@@ -161,7 +161,9 @@ def test_the_loss_runs_on_the_token_budget_and_still_smooths(captured, quantized
 
 
 # -- weight clipping --------------------------------------------------------------------------------------------------
-def test_the_clip_search_lowers_a_layers_output_error_and_packs_as_it_scored():
+@pytest.mark.parametrize("scheme,tokens", [(LayerScheme(4, 128, False), 512), (LayerScheme(4, 32, True), 512),
+                                           (LayerScheme(4, None, False), 128)])   # per channel: scored on tokens
+def test_the_clip_search_lowers_a_layers_output_error_and_packs_as_it_scored(scheme, tokens):
     """The clipped weights, rounded as packing rounds them (llm-compressor's min/max observer on the stored weights),
     give the per-group error the search scored, and a lower output error than min/max ranges on the raw weights."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -171,16 +173,17 @@ def test_the_clip_search_lowers_a_layers_output_error_and_packs_as_it_scored():
     # Heavy-tailed weights (2 % of them 5x larger): the ranges min/max wastes most of its levels on.
     weight = torch.randn(64, 256, generator=generator)
     weight = weight * (1 + 4 * (torch.rand(64, 256, generator=generator) < 0.02))
-    inputs = torch.randn(512, 256, generator=generator)
-    args = quantization_args(LayerScheme(4, 128, False), observer="minmax", scale_dtype=torch.bfloat16)
+    inputs = torch.randn(tokens, 256, generator=generator)
+    args = quantization_args(scheme, observer="minmax", scale_dtype=torch.bfloat16)
+    group = scheme.group_size or 256
 
     def packed(w):
         qparams = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)(w).get_qparams()
         return fake_quantize(w, qparams["scale"], qparams["zero_point"], args)
 
     def group_error(w):      # each group's share of the output, squared, summed
-        delta = (packed(w) - weight).unflatten(-1, (-1, 128))
-        return float(torch.einsum("ogi,ngi->ong", delta, inputs.unflatten(-1, (-1, 128))).pow(2).sum())
+        delta = (packed(w) - weight).unflatten(-1, (-1, group))
+        return float(torch.einsum("ogi,ngi->ong", delta, inputs.unflatten(-1, (-1, group))).pow(2).sum())
 
     def output_error(w):
         return float((inputs @ (packed(w) - weight).T).pow(2).sum())
