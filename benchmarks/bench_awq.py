@@ -203,12 +203,13 @@ def child_tiny(spec: dict) -> None:
 
 def _recipe(engine: str):
     """The built-in awq-w4g128 on `engine`."""
-    from mcq.quantize.recipe import load_recipe, parse_recipe
+    from mcq.quantize.recipe import AWQ_ENGINE_ARGS, load_recipe, parse_recipe
 
     data = load_recipe("awq-w4g128").to_dict()
     data["method_args"]["engine"] = engine
-    if engine != "mcq":
-        del data["method_args"]["loss_tokens"]
+    for key, owner in AWQ_ENGINE_ARGS.items():   # loss_tokens, weight_clip: mcq's engine only
+        if owner != engine:
+            del data["method_args"][key]
     return parse_recipe(data, f"awq-w4g128 on {engine}")
 
 

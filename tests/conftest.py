@@ -46,13 +46,14 @@ def tiny45() -> Path:
 def awq_recipe_on():
     """`awq_recipe_on(engine, **method_args)`: the built-in awq-w4g128 with its scale search on `engine` (mcq's
     own, or llm-compressor's AWQModifier), other method arguments changed as given."""
-    from mcq.quantize.recipe import load_recipe, parse_recipe
+    from mcq.quantize.recipe import AWQ_ENGINE_ARGS, load_recipe, parse_recipe
 
     def recipe(engine: str, **method_args):
         data = load_recipe("awq-w4g128").to_dict()
         data["method_args"].update(engine=engine, **method_args)
-        if engine != "mcq":
-            del data["method_args"]["loss_tokens"]   # mcq's engine only
+        for key, owner in AWQ_ENGINE_ARGS.items():   # loss_tokens, weight_clip: mcq's engine only
+            if owner != engine:
+                del data["method_args"][key]
         return parse_recipe(data, f"awq-w4g128 on {engine}")
 
     return recipe

@@ -85,6 +85,7 @@ class LlmCompressorBlockQuantizer:
         self.data_free_blocks: list[str] = []   # calibrated method, but no calibration input reached the block
         self.skipped_pairs: list[dict] = []     # AWQ smoothing pairs not applied: block, smooth, balance, reason
         self.awq_results: dict[str, list] = {}  # block → mcq.quantize.awq.PairResult per smoothed pair (mcq engine)
+        self.clip_results: dict[str, list] = {}  # block → mcq.quantize.awq.ClipResult per clipped Linear (mcq engine)
         self.padded_widths = plan.padded_widths()   # component → intermediate width its MLPs grow to (`pad`)
 
     def _block_layers(self, block_name: str) -> dict[str, tuple[LayerScheme, str]]:
@@ -133,18 +134,19 @@ class LlmCompressorBlockQuantizer:
                                           dampening_frac=self.args.get("dampening_frac", 0.01)))
         return modifiers
 
-    def _search(self, block_name: str, block: nn.Module, pairs: list[Pair], layers,
+    def _search(self, block_name: str, block: nn.Module, pairs: list[Pair], layers: dict[str, LayerScheme],
                 calls: list[Call]) -> list[torch.Tensor]:
-        """mcq's AWQ scale search (mcq.quantize.awq), applied to the block in place; returns the block's outputs."""
-        balance = {name for pair in pairs for name in pair.balance}
-        quant_args = {name: quantization_args(layers[name][0], observer="minmax", scale_dtype=self.scale_dtype)
-                      for name in balance}
+        """mcq's AWQ search (mcq.quantize.awq) on the block's AWQ Linears `layers`: scales, then clipped ranges,
+        applied to the block in place; returns the block's outputs."""
+        quant_args = {name: quantization_args(scheme, observer="minmax", scale_dtype=self.scale_dtype)
+                      for name, scheme in layers.items()}
         settings = SearchSettings(n_grid=self.args["n_grid"], duo_scaling=self.args["duo_scaling"],
-                                  loss_tokens=self.args["loss_tokens"])
+                                  loss_tokens=self.args["loss_tokens"], weight_clip=self.args["weight_clip"])
         mixing = token_mixing(TOKEN_MIXING.get(component_of(block_name + "."), ()))
-        results, skipped, outputs = search_block(block, pairs, calls, getattr(calls, "origins", None), settings,
-                                                 quant_args, mixing)
+        results, clipped, skipped, outputs = search_block(block, pairs, calls, getattr(calls, "origins", None),
+                                                          settings, quant_args, mixing)
         self.awq_results[block_name] = results
+        self.clip_results[block_name] = clipped
         self.skipped_pairs += [s.to_dict(block_name) for s in skipped]
         return outputs
 
@@ -175,8 +177,9 @@ class LlmCompressorBlockQuantizer:
         if "awq" in by_method:
             pairs, skipped = resolve_pairs(block, SMOOTHING_PAIRS[component_of(block_name + ".")], methods)
             self.skipped_pairs += [s.to_dict(block_name) for s in skipped]
-        if pairs and self.engine == "mcq":
-            outputs = self._search(block_name, block, pairs, layers, calls)
+        # A block whose AWQ layers have no pair (the vision MLP's fc2 on its own) still gets clipped ranges.
+        if self.engine == "mcq" and (pairs or ("awq" in by_method and self.args["weight_clip"])):
+            outputs = self._search(block_name, block, pairs, by_method["awq"], calls)
         llmc_pairs = pairs if self.engine == "llm-compressor" else []
         modifiers = self._modifiers(by_method, llmc_pairs)
         # The session needs the calibration forward only for what collects statistics in it: GPTQ's Hessians,

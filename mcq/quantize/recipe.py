@@ -121,7 +121,8 @@ _CALIBRATED_OBSERVER = _one_of("minmax", "mse", "imatrix_mse")
 METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
     "awq": {"engine": ("mcq", _one_of("mcq", "llm-compressor")),
             "duo_scaling": (True, _one_of(True, False, "both")), "n_grid": (20, _positive_int),
-            "weight_observer": ("minmax", _CALIBRATED_OBSERVER), "loss_tokens": (1024, _positive_int)},
+            "weight_observer": ("minmax", _CALIBRATED_OBSERVER), "loss_tokens": (1024, _positive_int),
+            "weight_clip": (True, _bool)},
     "gptq": {"block_size": (128, _positive_int), "dampening_frac": (0.01, _open_fraction),
              "actorder": ("static", _one_of("static", "group", "weight", None))},
     "rtn": {"weight_observer": ("minmax", _OBSERVER)},
@@ -131,7 +132,7 @@ METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
 }
 # AWQ's scale search is mcq's (engine: mcq, mcq/quantize/awq.py) or llm-compressor's AWQModifier; these arguments
 # only the named engine reads (given for the other, they are an error, not silently ignored).
-AWQ_ENGINE_ARGS = {"loss_tokens": "mcq"}
+AWQ_ENGINE_ARGS = {"loss_tokens": "mcq", "weight_clip": "mcq"}
 # bitsandbytes has two unrelated code paths; an option of the other one would be silently ignored.
 BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int8_threshold",)}
 CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}

@@ -128,8 +128,9 @@ def quantized_block(captured, awq_recipe_on):
 @pytest.mark.parametrize("name", ["vpm.encoder.layers.0", "llm.model.layers.0"])
 def test_with_every_token_in_the_loss_the_search_picks_llmcompressors_scales(captured, quantized_block, name):
     """A budget covering all calibration tokens makes the loss llm-compressor's own (all tokens, all rows), so the
-    chosen scales, folded into the smooth layers, must be the same."""
-    ours, quantizer = quantized_block(name, "mcq", loss_tokens=10 ** 9)
+    chosen scales, folded into the smooth layers, must be the same (without mcq's clip search, which
+    llm-compressor's AWQ does not run)."""
+    ours, quantizer = quantized_block(name, "mcq", loss_tokens=10 ** 9, weight_clip=False)
     theirs, _ = quantized_block(name, "llm-compressor")
     reference = theirs.state_dict()
     smoothed = {key: value for key, value in ours.state_dict().items() if not key.rpartition(".")[2].startswith(
@@ -157,6 +158,74 @@ def test_the_loss_runs_on_the_token_budget_and_still_smooths(captured, quantized
     assert results["layer_norm1"].tokens == sum(len(rows) * calls[i][0][0].shape[1] for i, rows in picked.items())
     assert len(picked) < len(calls) or sum(map(len, picked.values())) < sum(c[0][0].shape[0] for c in calls)
     assert all(r.best_error <= r.initial_error for r in results.values())
+
+
+# -- weight clipping --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme,tokens", [(LayerScheme(4, 128, False), 512), (LayerScheme(4, 32, True), 512),
+                                           (LayerScheme(4, None, False), 128)])   # per channel: scored on tokens
+def test_the_clip_search_lowers_a_layers_output_error_and_packs_as_it_scored(scheme, tokens):
+    """The clipped weights, rounded as packing rounds them (llm-compressor's min/max observer on the stored weights),
+    give the per-group error the search scored, and a lower output error than min/max ranges on the raw weights."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from llmcompressor.observers.base import Observer
+
+    generator = torch.Generator().manual_seed(0)
+    # Heavy-tailed weights (2 % of them 5x larger): the ranges min/max wastes most of its levels on.
+    weight = torch.randn(64, 256, generator=generator)
+    weight = weight * (1 + 4 * (torch.rand(64, 256, generator=generator) < 0.02))
+    inputs = torch.randn(tokens, 256, generator=generator)
+    args = quantization_args(scheme, observer="minmax", scale_dtype=torch.bfloat16)
+    group = scheme.group_size or 256
+
+    def packed(w):
+        qparams = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)(w).get_qparams()
+        return fake_quantize(w, qparams["scale"], qparams["zero_point"], args)
+
+    def group_error(w):      # each group's share of the output, squared, summed
+        delta = (packed(w) - weight).unflatten(-1, (-1, group))
+        return float(torch.einsum("ogi,ngi->ong", delta, inputs.unflatten(-1, (-1, group))).pow(2).sum())
+
+    def output_error(w):
+        return float((inputs @ (packed(w) - weight).T).pow(2).sum())
+
+    clipped = weight.clone()
+    initial, best, kept = awq.clip_weight(clipped, inputs, args)
+    assert initial == pytest.approx(group_error(weight), rel=1e-4)
+    assert best == pytest.approx(group_error(clipped), rel=1e-4)
+    assert 0.5 < kept < 1 and best < 0.9 * initial
+    assert output_error(clipped) < 0.9 * output_error(weight)
+
+
+def test_clipping_follows_the_scales_on_every_awq_linear_but_queries_and_keys(quantized_block):
+    name = "vpm.encoder.layers.0"
+    clipped, quantizer = quantized_block(name, "mcq")
+    results = {r.layer: r for r in quantizer.clip_results[name]}
+    # fc2 has no smoothing partner (GELU sits between fc1 and fc2): clipping is all AWQ does for it.
+    assert set(results) == {"self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"}
+    assert all(r.best_error < r.initial_error and r.kept < 1 for r in results.values())
+    plain, unclipped = quantized_block(name, "mcq", weight_clip=False)
+    assert unclipped.clip_results[name] == []
+    assert [r.ratio for r in quantizer.awq_results[name]] == [r.ratio for r in unclipped.awq_results[name]]
+    weights = {key: value for key, value in plain.state_dict().items() if key.endswith(".weight")}
+    changed = {key for key, value in clipped.state_dict().items() if key in weights
+               and not torch.equal(value, weights[key])}
+    assert changed == {f"{layer}.weight" for layer in results}
+
+
+def test_a_block_with_awq_layers_but_no_pair_is_still_clipped(captured, awq_recipe_on):
+    """fc2 alone under AWQ: no smoothing pair applies, the clip search still sets its ranges."""
+    from mcq.quantize.recipe import parse_recipe
+
+    path, config, calls = captured
+    data = awq_recipe_on("mcq").to_dict()
+    data["rules"] = [{**data["rules"][1], "match": "^vpm\\..*mlp\\.fc2$"}]
+    plan = plan_quantization(parse_recipe(data, "fc2 only"), linear_layers(shell_model(config)))
+    name = "vpm.encoder.layers.0"
+    block = dict(named_blocks(shell_model(config)))[name]
+    CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
+    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=torch.bfloat16)
+    quantizer.quantize(name, block, calls[name])
+    assert quantizer.awq_results[name] == [] and [r.layer for r in quantizer.clip_results[name]] == ["mlp.fc2"]
 
 
 # -- skipped pairs reach the user ------------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ INVALID = {
                                              "symmetric, non_divisible"),
     "unknown method arg": (_with(method_args__n_grids=3), "test: method_args: unknown key 'n_grids' (for awq); "
                                                          "allowed keys: engine, duo_scaling, n_grid, weight_observer, "
-                                                         "loss_tokens"),
+                                                         "loss_tokens, weight_clip"),
     "bad regex": (_with(rule2__match="vpm.(("), "test: rule 2: match: bad regular expression 'vpm.(('"),
     "bad ignore regex": (_with(top__ignore=["ok", "[a-"]), "test: ignore entry 2: bad regular expression '[a-'"),
     "empty pattern": (_with(rule2__match=""), "rule 2: match: empty pattern"),
@@ -356,9 +356,12 @@ INVALID = {
     "n_grid": (_with(method_args__n_grid=0), "n_grid must be a positive integer, got 0"),
     "engine": (_with(method_args__engine="autoawq"), "engine must be one of 'mcq', 'llm-compressor', got 'autoawq'"),
     "loss_tokens": (_with(method_args__loss_tokens=0), "loss_tokens must be a positive integer, got 0"),
-    # llm-compressor's AWQ scores every token: a budget for it would be silently ignored
+    "weight_clip": (_with(method_args__weight_clip="yes"), "weight_clip must be true or false, got 'yes'"),
+    # llm-compressor's AWQ scores every token and clips nothing: these would be silently ignored
     "loss_tokens on llm-compressor": (_with(method_args__engine="llm-compressor", method_args__loss_tokens=512),
                                       "method_args: loss_tokens applies to engine mcq, not llm-compressor"),
+    "weight_clip on llm-compressor": (_with(method_args__engine="llm-compressor", method_args__weight_clip=True),
+                                      "method_args: weight_clip applies to engine mcq, not llm-compressor"),
     "no rules": (_with(top__rules=[]), "rules must be a non-empty list"),
     "rule not a mapping": (_with(top__rules=["^llm"]), "rule 1: must be a mapping"),
     "bad name": (_with(top__name="my recipe"), "name 'my recipe' must be letters"),
@@ -413,9 +416,9 @@ def test_method_specific_validation(case):
 def test_defaults_are_filled_in():
     recipe = parse_recipe(GOOD, "test")
     assert dict(recipe.method_args) == {"engine": "mcq", "duo_scaling": True, "n_grid": 20,
-                                        "weight_observer": "minmax", "loss_tokens": LOSS_TOKENS}
+                                        "weight_observer": "minmax", "loss_tokens": LOSS_TOKENS, "weight_clip": True}
     on_llmc = parse_recipe({**GOOD, "method_args": {"engine": "llm-compressor"}}, "t")
-    assert "loss_tokens" not in on_llmc.method_args
+    assert "loss_tokens" not in on_llmc.method_args and "weight_clip" not in on_llmc.method_args
     assert parse_recipe(on_llmc.to_dict(), "again") == on_llmc
     assert (recipe.calibration.num_samples, recipe.calibration.max_slice_nums) == (64, 2)
     rule = recipe.rules[0]
