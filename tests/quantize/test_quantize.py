@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from checkpoint_files import stored_tensors  # tests/checkpoint_files.py
 from mcq.calibration import load_samples
 from mcq.calibration.encode import encode_sample
 from mcq.cli import main
@@ -17,14 +18,6 @@ from mcq.models.loading import load_model, load_processor, model_spec
 from mcq.quantize.api import quantize
 from mcq.quantize.recipe import CALIBRATED_METHODS, builtin_recipe_names, load_recipe
 from mcq.validate.accuracy import compare_models
-
-
-def _stored(path: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return tensors
 
 
 def _answer(model_dir: Path) -> str:
@@ -44,7 +37,7 @@ def test_rtn_output_layout_reloads_and_generates(tiny_path, tmp_path):
     group_sizes = {g["weights"]["group_size"] for g in qc["config_groups"].values()}
     # The vision MLP grew 464 → 512 so that fc2 keeps group 128 (vLLM's kernels run no group 16), not left in bf16.
     assert group_sizes == {128} and config["vision_config"]["intermediate_size"] == 512
-    stored = _stored(out)
+    stored = stored_tensors(out)
     assert "llm.model.layers.0.self_attn.q_proj.weight_packed" in stored
     assert "llm.model.layers.0.self_attn.q_proj.weight" not in stored
     assert "resampler.kv_proj.weight_packed" in stored

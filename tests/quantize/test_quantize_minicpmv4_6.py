@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
 
 from mcq.cli import main
 from mcq.errors import McqError
 from mcq.models.tiny import resolve_tiny
 from mcq.quantize.api import quantize
+from checkpoint_files import stored_tensors  # tests/checkpoint_files.py
 from minicpmv4_6_inputs import image_inputs, random_image  # tests/minicpmv4_6_inputs.py
 
 # The built-in recipes name the resampler family's modules (^llm\., ^vpm\.); this one names 4.6's, with the LLM and
@@ -49,14 +49,6 @@ def _recipe(tmp_path: Path, policy: str = "fallback_group") -> Path:
     return path
 
 
-def _stored(path: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return tensors
-
-
 def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """KL(reference || other) per position."""
     return torch.nn.functional.kl_div(other.float().log_softmax(-1), reference.float().log_softmax(-1),
@@ -75,7 +67,7 @@ def test_rtn46_layout(tiny46, rtn46):
     config = json.loads((rtn46 / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["format"] == "pack-quantized" and "lm_head" in qc["ignore"]
-    stored, source = _stored(rtn46), _stored(tiny46)
+    stored, source = stored_tensors(rtn46), stored_tensors(tiny46)
     layer = "model.language_model.layers"
     # Both LLM layer kinds are quantized: the linear-attention projections and the full-attention ones.
     for name in (f"{layer}.0.linear_attn.in_proj_qkv", f"{layer}.0.linear_attn.in_proj_b", f"{layer}.3.self_attn.q_proj",
