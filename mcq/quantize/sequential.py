@@ -86,6 +86,20 @@ def _swapped(parent: nn.Module, attribute: str, replacement: nn.Module) -> Itera
         setattr(parent, attribute, original)
 
 
+@contextmanager
+def _replaying(module: nn.Module, outputs: list[torch.Tensor] | None) -> Iterator[None]:
+    """`module` hands back `outputs` in call order instead of computing them (its attributes stay as they are,
+    for the code around it that reads them); with None, it computes as usual."""
+    if outputs is None:
+        yield
+        return
+    module.forward = _Replay(outputs).forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
 def _output_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -132,9 +146,12 @@ class SequentialDriver:
             return value
         return {key: move(value) for key, value in data.items()}
 
-    def _capture(self, vision_layers: nn.Module, resampler: nn.Module, llm_layers: nn.Module) -> None:
-        """One forward over all samples with the encoder layers, the resampler and the decoder layers swapped."""
+    def _capture(self, vision_layers: nn.Module, resampler: nn.Module, llm_layers: nn.Module,
+                 embedded: list[torch.Tensor] | None = None) -> None:
+        """One forward over all samples with the encoder layers, the resampler and the decoder layers swapped, and
+        the patch embeddings replayed from `embedded` when given."""
         with _swapped(self.model.vpm.encoder, "layers", vision_layers), \
+                _replaying(self.model.vpm.embeddings, embedded), \
                 _swapped(self.model, "resampler", resampler), \
                 _swapped(self.model.llm.model, "layers", llm_layers):
             self._forward_all()
@@ -145,14 +162,17 @@ class SequentialDriver:
         self._capture(nn.ModuleList([recorder]), stop, nn.ModuleList([stop]))
         return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
 
-    def _capture_resampler_inputs(self, vision_outputs: list[torch.Tensor]) -> Calls:
+    # The later passes run the vision tower's forward again (its packing and masks feed what follows) but replay
+    # its patch embeddings, `embedded`: the first layer's recorded inputs, one per slice in call order.
+    def _capture_resampler_inputs(self, vision_outputs: list[torch.Tensor], embedded: list[torch.Tensor]) -> Calls:
         recorder = _Recorder([], stop=True, origin=self._origin)
-        self._capture(nn.ModuleList([_Replay(vision_outputs)]), recorder, nn.ModuleList([_Recorder([], stop=True)]))
+        self._capture(nn.ModuleList([_Replay(vision_outputs)]), recorder, nn.ModuleList([_Recorder([], stop=True)]),
+                      embedded)
         return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
 
-    def _capture_llm_layer_inputs(self, resampler_outputs: list[torch.Tensor]) -> Calls:
+    def _capture_llm_layer_inputs(self, resampler_outputs: list[torch.Tensor], embedded: list[torch.Tensor]) -> Calls:
         recorder = _Recorder([], stop=True, origin=self._origin)
-        self._capture(nn.ModuleList(), _Replay(resampler_outputs), nn.ModuleList([recorder]))
+        self._capture(nn.ModuleList(), _Replay(resampler_outputs), nn.ModuleList([recorder]), embedded)
         return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
 
     # -- the walk ----------------------------------------------------------------------------------------------------
@@ -184,15 +204,17 @@ class SequentialDriver:
         calibrating = bool(self.samples)
         slices = self._capture_vision_layer_inputs() if calibrating else Calls()
         calls, placement = _batch_equal_shapes(slices)
+        embedded = [args[0] for args, _ in slices]
+        del slices
         outputs: list[torch.Tensor] = []
         stage = "vision"
         for name, block in named_blocks(self.model):
             if name == "resampler":
                 per_slice = [outputs[batch][row: row + 1] for batch, row in placement]
-                calls = self._capture_resampler_inputs(per_slice) if calibrating else Calls()
+                calls = self._capture_resampler_inputs(per_slice, embedded) if calibrating else Calls()
             elif name.startswith("llm.") and stage != "llm":
-                calls = self._capture_llm_layer_inputs(outputs) if calibrating else Calls()
-                stage = "llm"
+                calls = self._capture_llm_layer_inputs(outputs, embedded) if calibrating else Calls()
+                stage, embedded = "llm", []
             if progress:
                 progress(name)
             self.reader.materialize(block, name, self.dtype, self.device)

@@ -157,6 +157,30 @@ def test_blocks_are_released_after_processing(tiny45, tmp_path):
     assert model.llm.lm_head.weight.is_meta
 
 
+def test_vision_blocks_calibrate_on_image_patches_only(tiny45):
+    """Every row a vision block is calibrated on is a patch of an image: a slice shorter than its sample's longest is
+    not padded (padded rows would enter AWQ's activation means and GPTQ's Hessians as if they were content), and
+    the rows add up to the slices' patches."""
+    from mcq.models.weights import CheckpointReader, shell_model
+    from mcq.quantize.sequential import BlockHandler, SequentialDriver
+
+    path, config, spec = model_spec(tiny45)
+    processor = load_processor(path)
+    samples = [encode_sample(processor, spec, s) for s in load_samples(None, num_samples=8)]
+    slices = [size for sample in samples for sizes in sample["tgt_sizes"] for size in sizes.reshape(-1, 2).tolist()]
+    assert len({h * w for h, w in slices}) > 1        # slices of unequal length share samples: padding was possible
+    seen = {}
+
+    def record(name, block, calls):
+        if name == "vpm.encoder.layers.0":
+            seen["masks"] = [args[1] if len(args) > 1 else kwargs.get("attention_mask") for args, kwargs in calls]
+            seen["rows"] = sum(args[0].shape[0] * args[0].shape[1] for args, _ in calls)
+    SequentialDriver(shell_model(config), CheckpointReader(path), samples, torch.float32, "cpu").run(
+        BlockHandler(record, lambda name, block: None))
+    assert all(mask is None for mask in seen["masks"])
+    assert seen["rows"] == sum(h * w for h, w in slices)
+
+
 def test_interrupt_leaves_no_output(tiny45, tmp_path, monkeypatch):
     from mcq.quantize import llmc
 

@@ -119,8 +119,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     ) -> torch.Tensor:
         """Slices (each `[3, patch, patch * n]`) → resampled features `[G, query_num, hidden]`.
 
-        All slices are padded to the longest, run through the vision tower in chunks of `vision_batch_size`, then
-        through the resampler together (temporal groups must be seen whole).
+        All slices are padded to the longest, run through the vision tower in chunks of `vision_batch_size` (each
+        chunk cut to its own longest slice: a padded patch costs as much as a real one, and the calibration driver,
+        which runs one slice per chunk, must see no padding), then through the resampler together (temporal groups
+        must be seen whole; its key mask hides the padding, which is zeros here).
         """
         patch = self.vpm.patch_size
         device, dtype = self.vpm.post_layernorm.weight.device, self.vpm.post_layernorm.weight.dtype
@@ -130,14 +132,16 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         rows = [p.to(device=device, dtype=dtype).flatten(end_dim=1).permute(1, 0) for p in pixel_values]
         packed = nn.utils.rnn.pad_sequence(rows, batch_first=True)
         packed = packed.permute(0, 2, 1).reshape(len(rows), 3, patch, -1)
-        patch_mask = torch.arange(max_patches, device=device)[None, :] < (tgt_sizes[:, 0] * tgt_sizes[:, 1]).to(
-            device)[:, None]
+        lengths = (tgt_sizes[:, 0] * tgt_sizes[:, 1]).to(device)
+        patch_mask = torch.arange(max_patches, device=device)[None, :] < lengths[:, None]
         chunk = max(int(self.config.vision_batch_size), 1)
-        features = torch.cat(
-            [self.vpm(packed[i : i + chunk], patch_mask[i : i + chunk], tgt_sizes[i : i + chunk])
-             for i in range(0, len(rows), chunk)]
-        )
-        return self.resampler(features, tgt_sizes, temporal_ids)
+        features = []
+        for i in range(0, len(rows), chunk):
+            longest = int(lengths[i : i + chunk].max())
+            out = self.vpm(packed[i : i + chunk, ..., : longest * patch], patch_mask[i : i + chunk, :longest],
+                           tgt_sizes[i : i + chunk])
+            features.append(nn.functional.pad(out, (0, 0, 0, max_patches - longest)))
+        return self.resampler(torch.cat(features), tgt_sizes, temporal_ids)
 
     def get_vllm_embedding(self, data: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Text embeddings with the vision features written over the `<unk>` slots named by `image_bound`."""
