@@ -39,6 +39,9 @@ class QuantizeResult:
     calibration: dict[str, Any] = field(default_factory=dict)
     data_free_blocks: list[str] = field(default_factory=list)
     skipped_pairs: list[dict[str, Any]] = field(default_factory=list)   # AWQ smoothing pairs not applied, and why
+    # mcq's AWQ search per component: pairs smoothed and their loss against plain rounding, Linears clipped and
+    # their output error against min/max ranges (`LlmCompressorBlockQuantizer.search_report`; per block in the manifest)
+    awq_search: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +73,7 @@ def _resolve_recipe(method: str | None, recipe: str | Path | None) -> Recipe:
 
 
 def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samples: list[dict],
-                                device: str, progress: bool) -> tuple[list[str], list[dict[str, Any]]]:
+                                device: str, progress: bool) -> tuple[list[str], list[dict[str, Any]], dict]:
     from tqdm import tqdm
 
     from mcq.models.runtimes import RUNTIMES
@@ -110,7 +113,7 @@ def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samp
         observer=args.get("weight_observer", "minmax") if plan.recipe.method != "gptq" else "minmax",
         actorder=args.get("actorder") if plan.recipe.method == "gptq" else None)
     writer.finish(stored_config, path)
-    return quantizer.data_free_blocks, quantizer.skipped_pairs
+    return quantizer.data_free_blocks, quantizer.skipped_pairs, quantizer.search_report()
 
 
 def _bnb_variant(path: Path, plan: QuantPlan, staging: Path, device: str) -> None:
@@ -175,22 +178,26 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
             max_slice_nums or chosen.calibration.max_slice_nums, seed)
     data_free: list[str] = []
     skipped: list[dict[str, Any]] = []
+    search: dict[str, Any] = {}
     with staged_output(out, force) as staging:
         if chosen.method == "bnb":
             _bnb_variant(path, plan, staging, device)
         else:
-            data_free, skipped = _compressed_tensors_variant(checkpoint, plan, staging, samples, device, progress)
+            data_free, skipped, search = _compressed_tensors_variant(checkpoint, plan, staging, samples, device,
+                                                                     progress)
         result = QuantizeResult(
             out=str(out), recipe=chosen.name, method=chosen.method,
             format="bitsandbytes" if chosen.method == "bnb" else "compressed-tensors (pack-quantized)",
             targets=list(plan.targets), layers=plan.summary(),
             changes=[d for d in plan.decisions() if d["changed"]], runtimes=runtime_fit(plan),
             bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
-            seconds=0.0, calibration=described, data_free_blocks=data_free, skipped_pairs=skipped)
+            seconds=0.0, calibration=described, data_free_blocks=data_free, skipped_pairs=skipped,
+            awq_search=search.get("components", {}))
         _write_card(staging, checkpoint, chosen, result)
         settings = {"method": chosen.method, "device": device, "seed": seed, "calibration": described}
         write_manifest(staging, kind="quantized", source=path, recipe=chosen.to_dict(), settings=settings,
-                       extra={"plan": plan.to_dict(), "runtimes": result.runtimes, "skipped_smoothing_pairs": skipped})
+                       extra={"plan": plan.to_dict(), "runtimes": result.runtimes, "skipped_smoothing_pairs": skipped,
+                              "awq_search": search})
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
@@ -246,6 +253,9 @@ def _write_card(staging: Path, checkpoint, recipe: Recipe, result: QuantizeResul
     skipped = "\n".join(f"- {line}" for line in skipped_pair_lines(result.skipped_pairs))
     if skipped:
         changes += f"\n\nAWQ smoothing pairs not applied (their layers are rounded without AWQ scales):\n{skipped}"
+    search = "\n".join(f"- {line}" for line in search_lines(result.awq_search))
+    if search:
+        changes += f"\n\nAWQ search (per block in mcq-manifest.json):\n{search}"
     calibration = (json.dumps(result.calibration, indent=2, sort_keys=True) if result.calibration
                    else "none (data-free method)")
     write_model_card(
@@ -281,10 +291,25 @@ def format_result(result: QuantizeResult) -> str:
     lines += [f"not in {name}: {fit.removeprefix('no: ')}" for name, fit in result.runtimes.items()
               if fit not in ("target", "loads")]
     lines += [f"AWQ skipped {line}" for line in skipped_pair_lines(result.skipped_pairs)]
+    lines += [f"AWQ search: {line}" for line in search_lines(result.awq_search)]
     if result.data_free_blocks:
         lines.append(f"no calibration input reached {len(result.data_free_blocks)} block(s) (quantized data-free): "
                      + ", ".join(result.data_free_blocks))
     return "\n".join(lines)
+
+
+def search_lines(components: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per component that mcq's AWQ search worked on."""
+    lines = []
+    for component, found in components.items():
+        parts = []
+        if found["pairs"]:
+            parts.append(f"{found['pairs']} pair(s) smoothed, parent loss {found['pair_loss_ratio']:.2f}x plain rounding")
+        if found["clipped"]:
+            parts.append(f"{found['clipped']} Linear(s) clipped, output error {found['clip_error_ratio']:.2f}x min/max, "
+                         f"{found['kept']:.3f} of the range kept on average")
+        lines.append(f"{component}: " + "; ".join(parts))
+    return lines
 
 
 def skipped_pair_lines(skipped: list[dict[str, Any]]) -> list[str]:

@@ -88,6 +88,33 @@ class LlmCompressorBlockQuantizer:
         self.clip_results: dict[str, list] = {}  # block → mcq.quantize.awq.ClipResult per clipped Linear (mcq engine)
         self.padded_widths = plan.padded_widths()   # component → intermediate width its MLPs grow to (`pad`)
 
+    def search_report(self) -> dict[str, dict]:
+        """What mcq's AWQ search did, for the summary and the manifest: per component, the smoothed pairs with their
+        parents' mean loss against plain rounding (best / first candidate), and the clipped Linears with their
+        summed output error against min/max ranges and the mean fraction of the range kept; per block, each pair
+        and Linear. Empty for other methods and engines."""
+        components: dict[str, dict] = {}
+        blocks: dict[str, dict] = {}
+        for block in dict.fromkeys([*self.awq_results, *self.clip_results]):
+            pairs, clipped = self.awq_results.get(block, []), self.clip_results.get(block, [])
+            blocks[block] = {
+                "pairs": [{"smooth": r.smooth, "parent": r.parent, "tokens": r.tokens, "ratio": r.ratio, "duo": r.duo,
+                           "loss_ratio": _ratio(r.best_error, r.initial_error)} for r in pairs],
+                "clipped": [{"layer": c.layer, "error_ratio": _ratio(c.best_error, c.initial_error),
+                             "kept": round(c.kept, 6)} for c in clipped]}
+            totals = components.setdefault(component_of(block + "."), {"loss_ratios": [], "clip": [0.0, 0.0], "kept": []})
+            totals["loss_ratios"] += [entry["loss_ratio"] for entry in blocks[block]["pairs"]]
+            totals["clip"][0] += sum(c.initial_error for c in clipped)
+            totals["clip"][1] += sum(c.best_error for c in clipped)
+            totals["kept"] += [c.kept for c in clipped]
+        summary = {component: {"pairs": len(t["loss_ratios"]),
+                               "pair_loss_ratio": _mean(t["loss_ratios"]),
+                               "clipped": len(t["kept"]),
+                               "clip_error_ratio": _ratio(t["clip"][1], t["clip"][0]) if t["kept"] else None,
+                               "kept": _mean(t["kept"])}
+                   for component, t in components.items()}
+        return {"components": summary, "blocks": blocks} if blocks else {}
+
     def _block_layers(self, block_name: str) -> dict[str, tuple[LayerScheme, str]]:
         """The block's quantized Linears (names relative to the block) → (scheme, method of their rule)."""
         prefix = block_name + "."
@@ -239,6 +266,14 @@ class LlmCompressorBlockQuantizer:
                         value = value.to(self.scale_dtype)
                     tensors[f"{block_name}.{name}.{param}"] = value.detach().to("cpu").contiguous()
         return tensors
+
+
+def _ratio(part: float, whole: float) -> float:
+    return round(part / whole, 6) if whole > 0 else 1.0
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
 
 
 def _exact(relative_name: str) -> str:

@@ -120,6 +120,33 @@ def test_mcq_awq_is_as_accurate_as_llmcompressors(outlier_metrics, record_proper
     assert ours["vision_cosine"] >= theirs["vision_cosine"] - 1e-5, outlier_metrics
 
 
+@pytest.mark.slow
+def test_awq_search_is_reported_per_block(outlier_variants):
+    """What mcq's AWQ search did is in the manifest per block (and summed per component in the summary and card):
+    every vision and LLM block, each of its AWQ Linears but queries and keys clipped, never worse than min/max
+    (the full range is a candidate), every smoothed pair's loss at most plain rounding's (so is r = 0's). The
+    llm-compressor engine searches nothing of mcq's: nothing is reported."""
+    manifest = json.loads((outlier_variants["awq"] / "mcq-manifest.json").read_text())
+    search = manifest["extra"]["awq_search"]
+    blocks = search["blocks"]
+    assert {name.rsplit(".", 1)[0] for name in blocks} == {"vpm.encoder.layers", "llm.model.layers"}
+    quantized = {entry["name"] for entry in manifest["extra"]["plan"]["layers"]
+                 if entry["component"] in ("vision", "llm") and entry["scheme"]}   # the AWQ rules' Linears
+    for name, found in blocks.items():
+        clipped = {f"{name}.{entry['layer']}" for entry in found["clipped"]}
+        assert clipped == {layer for layer in quantized if layer.startswith(name + ".")
+                           and not layer.endswith(("q_proj", "k_proj"))}, name
+        assert all(entry["error_ratio"] <= 1 and 0.5 <= entry["kept"] <= 1 for entry in found["clipped"]), found
+        assert found["pairs"] and all(entry["loss_ratio"] <= 1 for entry in found["pairs"]), found
+    summary = search["components"]
+    assert set(summary) == {"vision", "llm"}
+    assert sum(s["clipped"] for s in summary.values()) == sum(len(b["clipped"]) for b in blocks.values())
+    card = (outlier_variants["awq"] / "README.md").read_text()
+    assert "AWQ search (per block in mcq-manifest.json):" in card
+    reference = json.loads((outlier_variants["awq-llm-compressor"] / "mcq-manifest.json").read_text())
+    assert reference["extra"]["awq_search"] == {}
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_same_inputs_same_bytes(tiny45, tmp_path, method):
     first, second = tmp_path / "a", tmp_path / "b"
