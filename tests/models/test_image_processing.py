@@ -190,6 +190,13 @@ def test_normalisation_range(proc):
     img = gradient(14, 14)
     want = (np.asarray(img).astype(np.float32) / 255 - np.float32(0.5)) / np.float32(0.5)
     np.testing.assert_array_equal(proc.normalize(img), want.transpose(2, 0, 1))
+    # Every byte of every channel, with per-channel statistics (the lookup table is per channel).
+    imagenet = MiniCPMVImageProcessor(norm_mean=[0.485, 0.456, 0.406], norm_std=[0.229, 0.224, 0.225])
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    every = np.stack([levels, levels[::-1], levels.T], axis=-1)
+    want = (every.astype(np.float32) / 255 - np.asarray(imagenet.norm_mean, dtype=np.float32)) \
+        / np.asarray(imagenet.norm_std, dtype=np.float32)
+    np.testing.assert_array_equal(imagenet.normalize(Image.fromarray(every)), want.transpose(2, 0, 1))
 
 
 def test_non_rgb_and_bad_inputs(proc):
