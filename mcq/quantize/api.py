@@ -304,9 +304,11 @@ def search_lines(components: dict[str, dict[str, Any]]) -> list[str]:
     for component, found in components.items():
         parts = []
         if found["pairs"]:
-            parts.append(f"{found['pairs']} pair(s) smoothed, parent loss {found['pair_loss_ratio']:.2f}x plain rounding")
+            parts.append(f"{found['pairs']} pair(s) smoothed, "
+                         f"parent loss {found['pair_loss_ratio']:.2f}x plain rounding")
         if found["clipped"]:
-            parts.append(f"{found['clipped']} Linear(s) clipped, output error {found['clip_error_ratio']:.2f}x min/max, "
+            parts.append(f"{found['clipped']} Linear(s) clipped, "
+                         f"output error {found['clip_error_ratio']:.2f}x min/max, "
                          f"{found['kept']:.3f} of the range kept on average")
         lines.append(f"{component}: " + "; ".join(parts))
     return lines

@@ -102,7 +102,8 @@ class LlmCompressorBlockQuantizer:
                            "loss_ratio": _ratio(r.best_error, r.initial_error)} for r in pairs],
                 "clipped": [{"layer": c.layer, "error_ratio": _ratio(c.best_error, c.initial_error),
                              "kept": round(c.kept, 6)} for c in clipped]}
-            totals = components.setdefault(component_of(block + "."), {"loss_ratios": [], "clip": [0.0, 0.0], "kept": []})
+            totals = components.setdefault(component_of(block + "."),
+                                           {"loss_ratios": [], "clip": [0.0, 0.0], "kept": []})
             totals["loss_ratios"] += [entry["loss_ratio"] for entry in blocks[block]["pairs"]]
             totals["clip"][0] += sum(c.initial_error for c in clipped)
             totals["clip"][1] += sum(c.best_error for c in clipped)
