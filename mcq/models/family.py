@@ -12,20 +12,10 @@ from importlib import import_module
 
 from torch import nn
 
-from .families import FAMILIES
+from .families import FAMILIES, component_prefixes
 from .familyspec import Family
-from .minicpmv4_6.facts import COMPONENTS as COMPONENTS_4_6
 
-# Component → state-dict prefix of the resampler family, in data-flow order.
-COMPONENTS = {"vision": "vpm.", "resampler": "resampler.", "llm": "llm."}
 GROUP_SIZES = (32, 64, 128)
-
-# Every family's (prefix, component), longest prefix first. Names of different families never share a prefix
-# (`vpm.`/`resampler.`/`llm.` against `model.`/`lm_head.`), so one table answers for a name of any family, and 4.6's
-# `vit_merger` (inside its vision tower's prefix) wins over `vision`.
-_PREFIXES = sorted([(prefix, component) for component, prefix in COMPONENTS.items()]
-                   + [(prefix, component) for component, prefixes in COMPONENTS_4_6.items() for prefix in prefixes],
-                   key=lambda entry: -len(entry[0]))
 
 
 def family_for(model_type: str) -> Family:
@@ -38,13 +28,14 @@ def family_for(model_type: str) -> Family:
 def component_of(name: str) -> str:
     component = component_or_other(name)
     if component == "other":
-        raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({', '.join(p for p, _ in _PREFIXES)})")
+        prefixes = ", ".join(prefix for prefix, _ in component_prefixes())
+        raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({prefixes})")
     return component
 
 
 def component_or_other(name: str) -> str:
     """The component of any tensor name, "other" for one outside them (sizes count it apart)."""
-    return next((component for prefix, component in _PREFIXES if name.startswith(prefix)), "other")
+    return next((component for prefix, component in component_prefixes() if name.startswith(prefix)), "other")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ class Family:
     name: str                                       # config.json model_type, and the package under mcq/models
     config_class: type                              # a transformers config class
     model_class: type                               # the class that holds the official layout
-    # Its components in data-flow order (which names belong to which: `mcq.models.family.component_or_other`).
+    # Its components in data-flow order: its folder's components.yaml (`mcq.models.families.family_components`),
+    # which also says which names belong to which (`mcq.models.family.component_or_other`).
     components: tuple[str, ...]
     blocks: Callable[[nn.Module], Iterator[tuple[str, nn.Module]]]   # the repeated blocks, in data-flow order
     embedding: str          # the LLM's input embedding table (its stored dtype is the checkpoint's)

@@ -565,10 +565,9 @@ class QuantPlan:
     def summary(self) -> dict[str, dict[str, int]]:
         """Per component (data-flow order): how many Linears are quantized, kept, and changed from their rule (by a
         non_divisible policy or a target's rules)."""
-        from mcq.models.family import COMPONENTS
+        from mcq.models.families import in_data_flow_order
 
-        present = {layer.component for layer in self.layers}
-        order = [c for c in COMPONENTS if c in present] + sorted(present - COMPONENTS.keys())
+        order = in_data_flow_order({layer.component for layer in self.layers})
         return {component: {
             "quantized": sum(1 for l in self.layers if l.component == component and l.scheme is not None),
             "kept": sum(1 for l in self.layers if l.component == component and l.scheme is None),

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from ..family import COMPONENTS
+from ..families import family_components
 from ..familyspec import Family
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
@@ -35,8 +35,8 @@ _LOAD = ("import mcq  # registers MiniCPM-V with transformers (no remote code)\n
          "model = AutoModel.from_pretrained(\n"
          "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
 
-FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV, components=tuple(COMPONENTS),
-                blocks=_blocks, embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head",
-                describe=_describe,
+FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV,
+                components=tuple(family_components("minicpmv")), blocks=_blocks,
+                embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head", describe=_describe,
                 intermediate_keys={"vision": ("vision_config", "intermediate_size"), "llm": ("intermediate_size",)},
                 calibrates=True, load_code=_LOAD)

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from torch import nn
 from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
+from ..families import family_components
 from ..familyspec import Family
-from .facts import COMPONENTS, RELEASE
+from .facts import RELEASE
 
 
 def _blocks(model: MiniCPMV4_6ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
@@ -42,7 +43,7 @@ _LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensor
 # calibrates=False: the block-by-block driver captures block inputs through the resampler family's forward only;
 # 4.6's vision path (the vit_merger's windows and the shrinking target_sizes) is not wired into it yet.
 FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=MiniCPMV4_6ForConditionalGeneration,
-                components=tuple(COMPONENTS), blocks=_blocks, embedding="model.language_model.embed_tokens.weight",
-                lm_head="lm_head", describe=_describe,
+                components=tuple(family_components("minicpmv4_6")), blocks=_blocks,
+                embedding="model.language_model.embed_tokens.weight", lm_head="lm_head", describe=_describe,
                 intermediate_keys={"llm": ("text_config", "intermediate_size")},
                 calibrates=False, load_code=_LOAD)
