@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -34,3 +35,6 @@ class Family:
     calibrates: bool
     # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
     load_code: str
+    # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its
+    # folder's tiny.py); a McqError for an option the family has no tiny model for.
+    write_tiny: Callable[[Path, Any], None]

@@ -11,6 +11,7 @@ from ..families import family_components
 from ..familyspec import Family
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
+from .tiny import write_tiny
 from .versions import version_spec
 
 
@@ -39,4 +40,4 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                 components=tuple(family_components("minicpmv")), blocks=_blocks,
                 embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head", describe=_describe,
                 intermediate_keys={"vision": ("vision_config", "intermediate_size"), "llm": ("intermediate_size",)},
-                calibrates=True, load_code=_LOAD)
+                calibrates=True, load_code=_LOAD, write_tiny=write_tiny)

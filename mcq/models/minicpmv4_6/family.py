@@ -12,6 +12,7 @@ from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 from ..families import family_components
 from ..familyspec import Family
 from .facts import RELEASE
+from .tiny import write_tiny
 
 
 def _blocks(model: MiniCPMV4_6ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
@@ -46,4 +47,4 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                 components=tuple(family_components("minicpmv4_6")), blocks=_blocks,
                 embedding="model.language_model.embed_tokens.weight", lm_head="lm_head", describe=_describe,
                 intermediate_keys={"llm": ("text_config", "intermediate_size")},
-                calibrates=False, load_code=_LOAD)
+                calibrates=False, load_code=_LOAD, write_tiny=write_tiny)

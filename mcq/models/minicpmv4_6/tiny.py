@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
@@ -23,6 +24,9 @@ from mcq.errors import McqError
 
 from ..tiny_tokenizer import write_tiny_qwen_tokenizer
 from .facts import PROCESSOR_TOKENS, RELEASE
+
+if TYPE_CHECKING:
+    from ..tiny import TinySpec
 
 LLM_LAYERS = 4
 VISION_LAYERS = 3
@@ -50,16 +54,20 @@ def tiny_config(tokenizer, llm_layers: int, vision_layers: int) -> MiniCPMV4_6Co
                              tie_word_embeddings=True, dtype="bfloat16", **ids)
 
 
-def write_tiny(staging: Path, seed: int, llm_layers: int | None, vision_layers: int | None) -> None:
-    """Write the checkpoint into `staging` (an empty directory)."""
-    llm_layers, vision_layers = llm_layers or LLM_LAYERS, vision_layers or VISION_LAYERS
+def write_tiny(staging: Path, spec: TinySpec) -> None:
+    """Write the checkpoint `spec` asks for into `staging` (an empty directory)."""
+    unsupported = [flag for flag, on in (("--outliers", spec.outliers), ("--real-widths", spec.real_widths),
+                                         ("--real-vocab", spec.real_vocab)) if on]
+    if unsupported:
+        raise McqError(f"{unsupported[0]} is not available for a tiny MiniCPM-V {RELEASE} yet")
+    llm_layers, vision_layers = spec.llm_layers or LLM_LAYERS, spec.vision_layers or VISION_LAYERS
     if vision_layers <= INSERT_LAYER_ID:
         raise McqError(f"MiniCPM-V {RELEASE} needs more than {INSERT_LAYER_ID} vision layers: its vit_merger runs "
                        f"after layer {INSERT_LAYER_ID}")
     write_tiny_qwen_tokenizer(staging, RELEASE, _TOKENIZER_CONFIG)
     tokenizer = AutoTokenizer.from_pretrained(staging)
     config = tiny_config(tokenizer, llm_layers, vision_layers)
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
     model = MiniCPMV4_6ForConditionalGeneration(config).to(torch.bfloat16)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     # save_pretrained draws a progress bar per shard: noise in the output of the command that asked for tiny:4.6.
