@@ -84,7 +84,7 @@ def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samp
     model = shell_model(checkpoint.config)
     reader = CheckpointReader(path)
     source_dtype = reader.dtype_of(checkpoint.family.embedding)
-    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype, device=device)
+    quantizer = LlmCompressorBlockQuantizer(plan, checkpoint.family, scale_dtype=source_dtype, device=device)
     writer = CompressedTensorsWriter(reader, staging,
                                      official_layout=any(RUNTIMES[t].official_layout for t in plan.targets))
     blocks = [name for name, _ in named_blocks(model)]

@@ -521,6 +521,7 @@ class LayerPlan:
     pad_to: int | None = None  # `pad`: the MLP's intermediate width after zero-padding (this layer's input width
     #                            for the down projection, its output width for the projections that feed it)
     kind: str = ""  # mcq.models.runtimes kind ("vision.mlp.fc2"); "" for a Linear the runtime table does not know
+    mlp_role: str | None = None  # "consumer" / "producer" in its family's paddable MLP (which side pad_to widens)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "component": self.component, "kind": self.kind, "in_features": self.in_features,
@@ -600,13 +601,11 @@ class QuantPlan:
 
     def stored_layers(self) -> list[PlannedLayer]:
         """Every Linear as it is written: its scheme and its widths after padding."""
-        from mcq.models.family import PADDABLE_INPUTS
-
         stored = []
         for layer in self.layers:
             in_features, out_features = layer.in_features, layer.out_features
             if layer.pad_to is not None:
-                if layer.name.endswith("." + PADDABLE_INPUTS[layer.component].consumer):
+                if layer.mlp_role == "consumer":
                     in_features = layer.pad_to
                 else:
                     out_features = layer.pad_to
@@ -667,9 +666,8 @@ class _Planner:
     MLPs must grow (`pad`) and to what multiple, the second plans every layer at the final widths."""
 
     def __init__(self, recipe: Recipe, linears: list[LinearInfo]):
-        from mcq.models.family import PADDABLE_INPUTS
-
-        self.recipe, self.linears, self.mlps = recipe, linears, PADDABLE_INPUTS
+        self.recipe, self.linears = recipe, linears
+        self.roles = {info.name: info.mlp_role for info in linears}
         self.runtimes = [RUNTIMES[name] for name in recipe.targets]
         self.widths: dict[str, int] = {}     # component → intermediate width after padding
         self.pad_cause: dict[str, str] = {}  # layer → why it asked for padding, when a target's rule is the reason
@@ -682,24 +680,19 @@ class _Planner:
             self.refused = []
             first = [self._layer(info) for info in self.linears]
         if self.refused:
-            raise McqError(_refusal_message(self.recipe, self.refused))
+            raise McqError(_refusal_message(self.recipe, self.refused, self.linears))
         return first
 
     # -- roles inside a paddable MLP ---------------------------------------------------------------------------
-    def _role(self, name: str, component: str) -> str | None:
-        mlp = self.mlps.get(component)
-        if mlp is None:
-            return None
-        if name.endswith("." + mlp.consumer):
-            return "consumer"
-        return "producer" if any(name.endswith("." + p) for p in mlp.producers) else None
+    def _role(self, name: str) -> str | None:
+        return self.roles.get(name)
 
     def _padded_widths(self, first: list[LayerPlan | None]) -> dict[str, int]:
         """Per component with a layer that asked for padding: the smallest width every quantized member fits (the
         down projection's group and the targets' width multiples all divide it)."""
         widths = {}
-        for component in self.mlps:
-            members = [(layer, self._role(layer.name, component)) for layer in first
+        for component in dict.fromkeys(info.component for info in self.linears if info.mlp_role):
+            members = [(layer, self._role(layer.name)) for layer in first
                        if layer is not None and layer.component == component]
             members = [(layer, role) for layer, role in members if role]
             if not any(layer.pad_to for layer, _ in members):
@@ -726,7 +719,7 @@ class _Planner:
 
         def kept(reason: str, *, fallback: bool = False, rule: int | None = None) -> LayerPlan:
             return LayerPlan(info.name, info.component, info.in_features, info.out_features, None, reason, fallback,
-                             rule, self._grown(info), kind.name if kind else "")
+                             rule, self._grown(info), kind.name if kind else "", info.mlp_role)
 
         if is_lm_head(info.name) and not recipe.quantize_lm_head:
             return kept("ignored (lm_head)")
@@ -752,7 +745,7 @@ class _Planner:
                 symmetric = True
                 notes.append(f"symmetric: {' and '.join(lacking)} run{'s' if len(lacking) == 1 else ''} no zero "
                              f"points at {rule.bits} bits")
-        role = self._role(info.name, info.component)
+        role = self._role(info.name)
         width = self.widths.get(info.component)
         in_w = width if width and role == "consumer" else info.in_features
         out_w = width if width and role == "producer" else info.out_features
@@ -764,7 +757,7 @@ class _Planner:
             return LayerPlan(info.name, info.component, info.in_features, info.out_features,
                              LayerScheme(rule.bits, group_size, symmetric),
                              ", ".join([rule.describe(), *texts]), bool(texts), rule.index,
-                             pad_to or self._grown(info), kind.name if kind else "")
+                             pad_to or self._grown(info), kind.name if kind else "", info.mlp_role)
 
         def runs(group_size: int | None) -> bool:
             return (all(held.runs_group(group_size) for _, held in holds)
@@ -809,7 +802,7 @@ class _Planner:
 
     def _grown(self, info: LinearInfo) -> int | None:
         width = self.widths.get(info.component)
-        return width if width and self._role(info.name, info.component) else None
+        return width if width and self._role(info.name) else None
 
     def _pad_cause(self, in_w: int, out_w: int, group: int | None, holds: list[tuple[Runtime, Any]]) -> str:
         """Why a target's rules make this layer's MLP grow."""
@@ -855,17 +848,15 @@ def _largest_group_run(group: int | None, holds: list[tuple[Runtime, Any]]) -> i
     return None
 
 
-def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
-    from mcq.models.family import PADDABLE_INPUTS
-
+def _refusal_message(recipe: Recipe, refused: list[LinearInfo], linears: list[LinearInfo]) -> str:
+    consumers = ", ".join(dict.fromkeys(info.mlp.consumer for info in linears if info.mlp_role == "consumer"))
     parts, policies = [], set()
     for info in refused:
         rule = next(r for r in recipe.rules if r.pattern.matches(info.name))
         policies.add(rule.non_divisible)
         sizes = dividing_groups(info.in_features, rule.group_size)
         if rule.non_divisible == "pad":
-            why = "pad grows only an MLP's intermediate width (" + ", ".join(
-                mlp.consumer for mlp in PADDABLE_INPUTS.values()) + ")"
+            why = f"pad grows only an MLP's intermediate width ({consumers or 'this model has none'})"
         elif sizes:
             why = f"groups that divide it: {', '.join(map(str, sizes))}"
         else:

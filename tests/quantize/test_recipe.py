@@ -11,13 +11,17 @@ import yaml
 
 from mcq.cli import main
 from mcq.errors import McqError
-from mcq.models.family import LinearInfo, linear_layers
+from mcq.models.family import LinearInfo, family_for, linear_layers
 from mcq.models.loading import meta_skeleton, model_spec
 from mcq.quantize.recipe import (METHOD_ARGS, LayerScheme, builtin_recipe_names, dividing_groups, load_recipe,
                                  parse_recipe, plan_quantization)
 
 BUILTINS = {"awq-w4g128": "awq", "gptq-w4g128": "gptq", "rtn-w4g128": "rtn", "rtn-w8": "rtn", "bnb-nf4": "bnb",
             "bnb-int8": "bnb", "awq-llm-only": "awq"}
+
+
+# The resampler family's paddable MLPs, as `linear_layers` attaches them to a real model's Linears.
+MLPS = family_for("minicpmv").paddable_mlps
 
 
 def _real_45() -> list[LinearInfo]:
@@ -30,15 +34,15 @@ def _real_45() -> list[LinearInfo]:
                    LinearInfo(prefix + "self_attn.k_proj", "llm", 4096, 1024),
                    LinearInfo(prefix + "self_attn.v_proj", "llm", 4096, 1024),
                    LinearInfo(prefix + "self_attn.o_proj", "llm", 4096, 4096),
-                   LinearInfo(prefix + "mlp.gate_proj", "llm", 4096, 12288),
-                   LinearInfo(prefix + "mlp.up_proj", "llm", 4096, 12288),
-                   LinearInfo(prefix + "mlp.down_proj", "llm", 12288, 4096)]
+                   LinearInfo(prefix + "mlp.gate_proj", "llm", 4096, 12288, MLPS["llm"]),
+                   LinearInfo(prefix + "mlp.up_proj", "llm", 4096, 12288, MLPS["llm"]),
+                   LinearInfo(prefix + "mlp.down_proj", "llm", 12288, 4096, MLPS["llm"])]
     layers.append(LinearInfo("llm.lm_head", "llm", 4096, 151748))
     for i in range(2):
         prefix = f"vpm.encoder.layers.{i}."
         layers += [LinearInfo(prefix + f"self_attn.{p}_proj", "vision", 1152, 1152) for p in ("q", "k", "v", "out")]
-        layers += [LinearInfo(prefix + "mlp.fc1", "vision", 1152, 4304),
-                   LinearInfo(prefix + "mlp.fc2", "vision", 4304, 1152)]
+        layers += [LinearInfo(prefix + "mlp.fc1", "vision", 1152, 4304, MLPS["vision"]),
+                   LinearInfo(prefix + "mlp.fc2", "vision", 4304, 1152, MLPS["vision"])]
     layers += [LinearInfo("resampler.kv_proj", "resampler", 1152, 4096),
                *[LinearInfo(f"resampler.attn.{p}_proj", "resampler", 4096, 4096) for p in ("q", "k", "v")],
                LinearInfo("resampler.attn.out_proj", "resampler", 4096, 4096),
@@ -178,7 +182,7 @@ def test_builtins_on_the_real_45_widths():
 
 
 def test_awq_llm_only_refuses_an_llm_width_that_128_does_not_divide():
-    odd = [*REAL_45, LinearInfo("llm.model.layers.2.mlp.down_proj", "llm", 4304, 4096)]
+    odd = [*REAL_45, LinearInfo("llm.model.layers.2.mlp.down_proj", "llm", 4304, 4096, MLPS["llm"])]
     with pytest.raises(McqError, match=r"llm\.model\.layers\.2\.mlp\.down_proj \(in_features 4304"):
         plan_quantization(load_recipe("awq-llm-only"), odd)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..families import family_components
-from ..familyspec import Family
+from ..familyspec import Family, PaddableMlp
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
 from .tiny import write_tiny
@@ -36,8 +36,33 @@ _LOAD = ("import mcq  # registers MiniCPM-V with transformers (no remote code)\n
          "model = AutoModel.from_pretrained(\n"
          "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
 
+# Inside each block, only pairs with nothing nonlinear between smooth and balance layers: so no fc1 → fc2 (GELU
+# between), and in the resampler no ln_kv → k/v (the 2D position term is added to the keys after ln_kv).
+_SMOOTHING_PAIRS = {
+    "vision": (
+        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("layer_norm2", ("mlp.fc1",)),
+    ),
+    "resampler": (
+        ("ln_q", ("attn.q_proj",)),
+        ("attn.v_proj", ("attn.out_proj",)),
+        ("ln_post", ("proj",)),
+    ),
+    "llm": (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped (and reported) under GQA: the widths differ
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+}
+
 FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV,
                 components=tuple(family_components("minicpmv")), blocks=_blocks,
                 embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head", describe=_describe,
+                paddable_mlps={"vision": PaddableMlp("mlp.fc2", ("mlp.fc1",)),
+                               "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"))},
                 intermediate_keys={"vision": ("vision_config", "intermediate_size"), "llm": ("intermediate_size",)},
+                smoothing_pairs=_SMOOTHING_PAIRS,
+                token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
                 calibrates=True, load_code=_LOAD, write_tiny=write_tiny)
