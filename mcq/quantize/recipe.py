@@ -5,6 +5,9 @@ when the group size does not divide the layer's input width (SigLIP's `mlp.fc2` 
 `plan_quantization` turns it into one explicit decision per Linear, so engines, exporters and reports all act on
 the same list instead of each re-matching patterns.
 
+A rule selects Linears by component, by name pattern, or both (a Linear must then satisfy both). Components are
+what each model family calls its parts (`mcq.models.families.component_names()`: vision, resampler, llm for
+2.6-4.5; vision, vit_merger, merger, llm for 4.6), so one rule applies to every family that has the component.
 Pattern syntax (`ignore` entries and rule `match`): a Python regular expression searched anywhere in the full
 module name (`re.search`), so anchor with `^`/`$` where it matters (`^vpm\\.`, `(^|\\.)out_proj$`). A leading `re:`
 is accepted with llm-compressor's meaning: the rest must match from the start of the name (`re.match`), so a
@@ -22,7 +25,8 @@ Schema (every key is checked; unknown keys, wrong types and bad values are an `M
     target: vllm-gpu            # runtime(s) the output must load in (mcq.models.runtimes.RUNTIMES); default: the
                                 # runtimes a user of the format serves with (DEFAULT_TARGETS)
     rules:                      # first match wins; Linears no rule matches are kept
-      - match: "^llm\\."        # required
+      - component: [vision, vit_merger]   # a component or a list of them, and/or
+        match: "mlp\\.fc2$"     # a name pattern; at least one of the two (both: a Linear must satisfy both)
         bits: 4                 # required: 4 or 8
         group_size: 128         # power of two >= 8, or "channel"; default 128      (not for bnb)
         symmetric: true         # default true                                     (not for bnb)
@@ -138,11 +142,11 @@ BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int
 CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}
 TOP_LEVEL_KEYS = ("name", "description", "method", "method_args", "calibration", "ignore", "quantize_lm_head",
                   "target", "rules")
-RULE_KEYS = ("match", "bits", "group_size", "symmetric", "non_divisible", "method")
+RULE_KEYS = ("component", "match", "bits", "group_size", "symmetric", "non_divisible", "method")
 # A rule of a calibrated recipe may pick another calibrated-engine method for its layers (e.g. GPTQ rounding where
 # AWQ has no smoothing partner); a data-free recipe stays data-free.
 RULE_METHODS = {"awq": ("awq", "gptq", "rtn"), "gptq": ("awq", "gptq", "rtn"), "rtn": ("rtn",)}
-BNB_RULE_KEYS = ("match", "bits")
+BNB_RULE_KEYS = ("component", "match", "bits")
 
 
 # ---------------------------------------------------------------------------------------------------- the recipe
@@ -166,15 +170,23 @@ class NamePattern:
 @dataclass(frozen=True)
 class Rule:
     index: int  # 1-based position in `rules`, as messages and plan reasons name it
-    pattern: NamePattern
+    pattern: NamePattern | None   # None: any name (the rule selects by component)
     bits: int
     group_size: int | None  # None = one scale per output channel
     symmetric: bool
     non_divisible: str
     method: str = ""  # the engine for this rule's layers (the recipe's method unless the rule names one)
+    components: tuple[str, ...] = ()   # () = any component (the rule selects by name)
+
+    def matches(self, name: str, component: str) -> bool:
+        return ((self.pattern is None or self.pattern.matches(name))
+                and (not self.components or component in self.components))
 
     def describe(self) -> str:
-        return f"rule {self.index} ({self.pattern})"
+        # A name-only rule reads as before components existed: "rule 1 (^llm\.)".
+        selectors = ([f"component: {', '.join(self.components)}"] if self.components else []) \
+            + ([str(self.pattern)] if self.pattern is not None else [])
+        return f"rule {self.index} ({'; '.join(selectors)})"
 
 
 @dataclass(frozen=True)
@@ -201,7 +213,12 @@ class Recipe:
         """The validated recipe with every default filled in; parsing it again gives the same recipe."""
         rules = []
         for rule in self.rules:
-            entry: dict[str, Any] = {"match": rule.pattern.text, "bits": rule.bits}
+            entry: dict[str, Any] = {}
+            if rule.components:
+                entry["component"] = list(rule.components)
+            if rule.pattern is not None:
+                entry["match"] = rule.pattern.text
+            entry["bits"] = rule.bits
             if self.method != "bnb":
                 entry.update(group_size="channel" if rule.group_size is None else rule.group_size,
                              symmetric=rule.symmetric, non_divisible=rule.non_divisible, method=rule.method)
@@ -332,14 +349,16 @@ def _parse_rules(rules: Any, method: str, where: str) -> tuple[Rule, ...]:
                                                        "no group size, always symmetric)")
         else:
             _no_unknown_keys(entry, RULE_KEYS, at)
-        for key in ("match", "bits"):
-            if key not in entry:
-                raise McqError(f"{at}: missing key {key!r}")
+        if "match" not in entry and "component" not in entry:
+            raise McqError(f"{at}: missing key 'component' or 'match' (what the rule selects)")
+        if "bits" not in entry:
+            raise McqError(f"{at}: missing key 'bits'")
         bits = _checked(entry["bits"], _one_of(*BITS), f"{at}: bits")
         group_size = _group_size(entry.get("group_size", DEFAULT_GROUP_SIZE), at) if method != "bnb" else None
         parsed.append(Rule(
             index=index,
-            pattern=_pattern(entry["match"], f"{at}: match"),
+            pattern=_pattern(entry["match"], f"{at}: match") if "match" in entry else None,
+            components=_components(entry["component"], f"{at}: component") if "component" in entry else (),
             bits=bits,
             group_size=group_size,
             symmetric=_checked(entry.get("symmetric", True), _bool, f"{at}: symmetric"),
@@ -352,6 +371,21 @@ def _parse_rules(rules: Any, method: str, where: str) -> tuple[Rule, ...]:
         raise McqError(f"{where}: bnb quantizes the whole model at one width (load_in_4bit or load_in_8bit); "
                        f"the rules mix 4 and 8 bits")
     return tuple(parsed)
+
+
+def _components(value: Any, at: str) -> tuple[str, ...]:
+    """A component name or a list of them, each one some family's (`mcq.models.families`, no torch needed)."""
+    from mcq.models.families import component_names
+
+    names = [value] if isinstance(value, str) else value
+    known = component_names()
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise McqError(f"{at} must be a component name or a list of them ({', '.join(known)}), got "
+                       f"{_yaml_literal(value)}")
+    for name in names:
+        if name not in known:
+            raise McqError(f"{at}: unknown component {name!r}; components: {', '.join(known)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _group_size(value: Any, at: str) -> int | None:
@@ -726,7 +760,7 @@ class _Planner:
         for pattern in recipe.ignore:
             if pattern.matches(info.name):
                 return kept(f"ignored ({pattern})")
-        rule = next((r for r in recipe.rules if r.pattern.matches(info.name)), None)
+        rule = next((r for r in recipe.rules if r.matches(info.name, info.component)), None)
         if rule is None:
             return kept("no rule matches")
         holds = [(runtime, runtime.holds_for(info.name)) for runtime in self.runtimes]
@@ -852,7 +886,7 @@ def _refusal_message(recipe: Recipe, refused: list[LinearInfo], linears: list[Li
     consumers = ", ".join(dict.fromkeys(info.mlp.consumer for info in linears if info.mlp_role == "consumer"))
     parts, policies = [], set()
     for info in refused:
-        rule = next(r for r in recipe.rules if r.pattern.matches(info.name))
+        rule = next(r for r in recipe.rules if r.matches(info.name, info.component))
         policies.add(rule.non_divisible)
         sizes = dividing_groups(info.in_features, rule.group_size)
         if rule.non_divisible == "pad":

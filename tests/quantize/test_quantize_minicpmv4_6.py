@@ -17,9 +17,9 @@ from mcq.quantize.api import quantize
 from checkpoint_files import stored_tensors  # tests/checkpoint_files.py
 from minicpmv4_6_inputs import image_inputs, random_image  # tests/minicpmv4_6_inputs.py
 
-# The built-in recipes name the resampler family's modules (^llm\., ^vpm\.); this one names 4.6's, with the LLM and
-# the vision encoder layers quantized and the mergers left dense. Target `mcq`: the runtime rules know no 4.6
-# module kinds yet, so the vLLM targets would keep every layer dense.
+# A user recipe in 4.6's own module names (match rules), with the LLM and the vision encoder layers quantized and
+# the mergers left dense. Target `mcq`: the runtime rules know no 4.6 module kinds yet, so the vLLM targets would
+# keep every layer dense.
 RECIPE = """
 name: rtn-w4g128-46
 method: rtn
@@ -94,6 +94,21 @@ def test_rtn46_reloads_in_transformers_close_to_bf16(tiny46, rtn46):
     # int4 g128 on a random tiny model: measured 1.7e-3; nonzero (the weights did change), and small.
     assert 1e-5 < kl.mean().item() < 1e-2
     assert greedy.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_the_default_recipe_reaches_every_46_component(tmp_path):
+    """rtn-w4g128's rules select components, so on 4.6 they cover its vision tower, vit_merger, merger and LLM."""
+    out = tmp_path / "default"
+    result = quantize("tiny:4.6", out, method="rtn", target="mcq", progress=False)
+    assert result.recipe == "rtn-w4g128"
+    assert list(result.layers) == ["vision", "vit_merger", "merger", "llm"]   # data-flow order
+    # Everything but the tied lm_head: 3 x 6 encoder, 6 vit_merger, 2 merger, 3 x 8 linear-attention + 7 full.
+    assert {c: (row["quantized"], row["kept"]) for c, row in result.layers.items()} == {
+        "vision": (18, 0), "vit_merger": (6, 0), "merger": (2, 0), "llm": (31, 1)}
+    stored = stored_tensors(out)
+    for name in ("model.vision_tower.vit_merger.linear_2", "model.vision_tower.vit_merger.self_attn.q_proj",
+                 "model.merger.mlp.0.linear_1"):
+        assert f"{name}.weight_packed" in stored and f"{name}.weight" not in stored, name
 
 
 def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):

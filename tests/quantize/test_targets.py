@@ -78,7 +78,7 @@ def test_a_cpu_target_makes_zero_points_symmetric_and_says_why():
     plan = plan_quantization(load_recipe("awq-w4g128").with_targets("vllm-cpu"), REAL_45)
     assert {scheme.symmetric for scheme in plan.schemes()} == {True}
     assert plan.layer("llm.model.layers.0.self_attn.q_proj").reason == \
-        "rule 1 (^llm\\.), symmetric: vllm-cpu runs no zero points at 4 bits"
+        "rule 1 (component: llm), symmetric: vllm-cpu runs no zero points at 4 bits"
     assert plan.problems("vllm-gpu") == []   # symmetric int4 runs on GPUs too
     # The default (vllm-gpu) keeps its zero points, and the CPU build cannot take that plan.
     gpu = plan_quantization(load_recipe("awq-w4g128"), REAL_45)
@@ -138,8 +138,9 @@ def test_weight_only_int8_on_vllm_cpu_is_refused_naming_layers_rule_and_reason()
     assert "\n" not in message and message.startswith("recipe rtn-w8 cannot be loaded by its target (vllm-cpu): ")
     why = ("vllm-cpu runs int4 without zero points, not int8 without zero points (CPUWNA16: int4 without zero points, "
            "both widths multiples of 32)")
-    assert message.count(why) == 1 and message.endswith("vpm.encoder.layers.*.mlp.fc2 (rule 2 (^vpm\\.)), "
-                                                        "resampler.kv_proj (rule 3 (^resampler\\.))")
+    assert message.count(why) == 1 and message.endswith(
+        "vpm.encoder.layers.*.mlp.fc2 (rule 2 (component: vision, vit_merger, merger)), "
+        "resampler.kv_proj (rule 3 (component: resampler))")
     assert f"{why}: llm.model.layers.*.self_attn.q_proj, " in message
 
 
@@ -252,7 +253,8 @@ def test_the_default_output_keeps_the_official_layout_and_consistent_fused_group
     assert "## Runtimes\n\nBuilt for: `vllm-gpu`" in card
     assert "| `vllm-cpu`: vLLM's CPU build" in card and "| no | no: vllm-cpu runs int4 without zero points" in card
     assert ("`resampler.attn.q_proj, resampler.attn.k_proj, resampler.attn.v_proj, resampler.attn.out_proj` (4): "
-            "dense: rule 3 (^resampler\\.), kept dense for vllm-gpu: vLLM builds resampler.attn as torch") in card
+            "dense: rule 3 (component: resampler), kept dense for vllm-gpu: vLLM builds resampler.attn as "
+            "torch") in card
     manifest = json.loads((out / "mcq-manifest.json").read_text())
     assert manifest["recipe"]["target"] == ["vllm-gpu"] and manifest["extra"]["plan"]["targets"] == ["vllm-gpu"]
     assert manifest["extra"]["runtimes"] == result.runtimes
