@@ -21,10 +21,12 @@ class PaddableMlp:
     elementwise function that maps 0 to 0 (SigLIP's GELU between fc1 and fc2; SiLU(gate) * up before down_proj),
     so zero rows appended to the producers and zero columns to the consumer leave the block's function exactly
     unchanged. That is what `non_divisible: pad` relies on to give the consumer an input width its group size
-    divides. Names are relative to the block; where config.json keeps the width is `Family.intermediate_keys`."""
+    divides. Names are relative to the block; `width_key` is where config.json keeps the width (the path a
+    quantized output with padded MLPs rewrites)."""
 
     consumer: str
     producers: tuple[str, ...]
+    width_key: tuple[str, ...]
 
     def role(self, name: str) -> str | None:
         """"consumer" or "producer" for a Linear (full name) of this MLP, None for any other."""
@@ -52,11 +54,9 @@ class Family:
     lm_head: str            # the output head: never materialized by the block-by-block driver
     # config.json → (release, LLM name), for reports and cards; a McqError for a release the family lacks.
     describe: Callable[[dict[str, Any]], tuple[str, str]]
-    # Component → the MLP of its blocks that `non_divisible: pad` may grow (`PaddableMlp`).
+    # Component → the MLP of its blocks that `non_divisible: pad` may grow (`PaddableMlp`); a component absent
+    # here is never padded (fallback_group goes per channel there, `pad` is refused).
     paddable_mlps: Mapping[str, PaddableMlp]
-    # Component → the config.json path of its paddable MLP's intermediate width, which a quantized output with
-    # padded MLPs rewrites (a component absent here cannot be padded yet).
-    intermediate_keys: Mapping[str, tuple[str, ...]]
     # Component → the AWQ smoothing pairs inside each of its blocks (`SmoothingPair`).
     smoothing_pairs: Mapping[str, tuple[SmoothingPair, ...]]
     # Component → the modules inside its blocks whose output at one token depends on the other tokens of its

@@ -112,8 +112,9 @@ def test_the_default_recipe_reaches_every_46_component(tmp_path):
 
 
 def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
-    # vision_config.intermediate_size also sizes the vit_merger: padding the encoder MLPs is not exact through it.
-    with pytest.raises(McqError, match="pads the vision MLPs .* MiniCPM-V 4.6"):
+    # vision_config.intermediate_size also sizes the vit_merger: 4.6's family declares only the LLM's MLP paddable.
+    with pytest.raises(McqError, match=r"'pad' .*encoder\.layers\.0\.mlp\.fc2 \(in_features 464.*pad grows only an "
+                                       r"MLP's intermediate width \(mlp\.down_proj\)"):
         quantize(tiny46, tmp_path / "pad", recipe=_recipe(tmp_path, "pad"), progress=False)
     assert not (tmp_path / "pad").exists()
 

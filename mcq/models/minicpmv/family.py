@@ -60,9 +60,9 @@ _SMOOTHING_PAIRS = {
 FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV,
                 components=tuple(family_components("minicpmv")), blocks=_blocks,
                 embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head", describe=_describe,
-                paddable_mlps={"vision": PaddableMlp("mlp.fc2", ("mlp.fc1",)),
-                               "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"))},
-                intermediate_keys={"vision": ("vision_config", "intermediate_size"), "llm": ("intermediate_size",)},
+                paddable_mlps={"vision": PaddableMlp("mlp.fc2", ("mlp.fc1",), ("vision_config", "intermediate_size")),
+                               "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                                                  ("intermediate_size",))},
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
                 calibrates=True, load_code=_LOAD, write_tiny=write_tiny)
