@@ -18,8 +18,7 @@ from checkpoint_files import stored_tensors  # tests/checkpoint_files.py
 from minicpmv4_6_inputs import image_inputs, random_image  # tests/minicpmv4_6_inputs.py
 
 # A user recipe in 4.6's own module names (match rules), with the LLM and the vision encoder layers quantized and
-# the mergers left dense. Target `mcq`: the runtime rules know no 4.6 module kinds yet, so the vLLM targets would
-# keep every layer dense.
+# the mergers left dense, for mcq's own loader (no serving runtime's rules).
 RECIPE = """
 name: rtn-w4g128-46
 method: rtn
@@ -111,6 +110,20 @@ def test_the_default_recipe_reaches_every_46_component(tmp_path):
         assert f"{name}.weight_packed" in stored and f"{name}.weight" not in stored, name
 
 
+def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_dense(tiny46, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--method", "rtn", "--model", "tiny:4.6", "--out", str(out)]) == 0
+    assert "for vllm-gpu" in capsys.readouterr().out
+    stored = stored_tensors(out)
+    for name in ("model.vision_tower.vit_merger.linear_1", "model.merger.mlp.0.linear_2"):
+        assert f"{name}.weight" in stored and f"{name}.weight_packed" not in stored, name
+    for name in ("model.vision_tower.vit_merger.self_attn.k_proj", "model.language_model.layers.0.linear_attn.in_proj_z",
+                 "model.language_model.layers.0.linear_attn.in_proj_a"):
+        assert f"{name}.weight_packed" in stored, name
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["extra"]["runtimes"]["vllm-gpu"] == "target"
+
+
 def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
     # vision_config.intermediate_size also sizes the vit_merger: 4.6's family declares only the LLM's MLP paddable.
     with pytest.raises(McqError, match=r"'pad' .*encoder\.layers\.0\.mlp\.fc2 \(in_features 464.*pad grows only an "
@@ -121,7 +134,6 @@ def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "gptq"], "gptq calibrates through the model's blocks, which mcq does not do for MiniCPM-V 4.6"),
-    (["--method", "rtn"], "recipe rtn-w4g128 quantizes nothing on this model"),   # resampler-family names
 ])
 def test_what_46_cannot_do_yet_is_one_line(argv, message, tmp_path, capsys):
     assert main(["quantize", "--model", "tiny:4.6", "--out", str(tmp_path / "q"), *argv]) == 2
