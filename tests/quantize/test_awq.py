@@ -74,8 +74,8 @@ def test_pairs_that_cannot_smooth_are_reported_with_the_reason(tiny45):
     layer = model.llm.model.layers[0]
     names = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
     # q_proj kept (an ignore pattern, say), down_proj rounded with GPTQ
-    pairs, skipped = awq.resolve_pairs(layer, family_for("minicpmv").smoothing_pairs["llm"], {**dict.fromkeys(names, "awq"),
-                                                                      "mlp.down_proj": "gptq"})
+    pairs, skipped = awq.resolve_pairs(layer, family_for("minicpmv").smoothing_pairs["llm"],
+                                       {**dict.fromkeys(names, "awq"), "mlp.down_proj": "gptq"})
     assert [(p.smooth, p.balance, p.parent) for p in pairs] == [
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")]
     # up_proj → down_proj is no AWQ pair here (its balance layer is GPTQ's): not applied, and nothing to report
