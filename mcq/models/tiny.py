@@ -39,6 +39,27 @@ class TinySpec:
         return f"{self.version}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def add_outliers(model, seed: int, norms: tuple[str, ...], offset=lambda norm: 0.0) -> None:
+    """Give 2 input channels of each norm whose name ends in one of `norms` (those that feed Linears) a 20-50x
+    gain, seeded, so reproducible: the activation outliers that make calibration-aware quantization beat
+    round-to-nearest (`tiny:VERSION-outliers`). `offset(norm)`: what the norm adds to its stored weight before
+    scaling (1 for a norm that scales by 1 + weight, as Qwen3.5's RMSNorm does), so the gain is on the scale it
+    computes with."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for norm in [m for name, m in model.named_modules() if name.endswith(norms)]:
+            channels = torch.randperm(norm.weight.numel(), generator=generator)[:2]
+            gains = 20 + 30 * torch.rand(2, generator=generator)
+            shift = offset(norm)
+            if shift:
+                scale = shift + norm.weight[channels].float()
+                norm.weight[channels] = (scale * gains - shift).to(norm.weight.dtype)
+            else:
+                norm.weight[channels] *= gains.to(norm.weight.dtype)
+
+
 def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
     """Write a tiny checkpoint to `out` (atomically: built in a staging dir, then renamed into place)."""
     from .family import family_for

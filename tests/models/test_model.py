@@ -302,12 +302,13 @@ def test_make_tiny_writes_the_bytes_save_pretrained_wrote(tmp_path):
     """The streaming shard writer gives small tiny models exactly the files `save_pretrained` of the whole model
     wrote (the bytes every test and documented number was measured on)."""
     from mcq.models.minicpmv import tiny
+    from mcq.models.tiny import add_outliers
 
     ours = make_tiny(tmp_path / "ours", TinySpec(version="4.5", outliers=True))
     config = json.loads((ours / "config.json").read_text())
     torch.manual_seed(0)
     model = MiniCPMV(AutoConfig.from_pretrained(ours))
-    tiny._add_outliers(model, 0)
+    add_outliers(model, 0, tiny.OUTLIER_NORMS)
     model = model.to(torch.bfloat16)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(tmp_path / "theirs", max_shard_size=max(total // 3, 1 << 16))

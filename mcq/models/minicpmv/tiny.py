@@ -30,6 +30,7 @@ from torch import nn
 
 from mcq.errors import McqError
 
+from ..tiny import add_outliers
 from ..tiny_tokenizer import write_tiny_tokenizer
 from .configuration import MiniCPMVConfig
 from .image_processing import MiniCPMVImageProcessor
@@ -107,18 +108,8 @@ def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) ->
     }
 
 
-_OUTLIER_NORMS = ("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "ln_kv")
-
-
-def _add_outliers(model: nn.Module, seed: int) -> None:
-    """Give 2 input channels of each norm that feeds Linears a 20-50x gain (seeded, so reproducible)."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    norms = [m for name, m in model.named_modules() if name.endswith(_OUTLIER_NORMS)]
-    with torch.no_grad():
-        for norm in norms:
-            channels = torch.randperm(norm.weight.numel(), generator=generator)[:2]
-            gains = 20 + 30 * torch.rand(2, generator=generator)
-            norm.weight[channels] *= gains.to(norm.weight.dtype)
+# The norms that feed Linears (`add_outliers`).
+OUTLIER_NORMS = ("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "ln_kv")
 
 
 def _generation_config(special_ids: dict[str, int], version: str) -> dict:
@@ -183,7 +174,7 @@ def _model_tensors(config: MiniCPMVConfig, spec: TinySpec):
     torch.manual_seed(spec.seed)
     model = MiniCPMV(config)
     if spec.outliers:
-        _add_outliers(model, spec.seed)
+        add_outliers(model, spec.seed, OUTLIER_NORMS)
     stored = checkpoint_names.to_stored(model.to(torch.bfloat16).state_dict())
     return stored.pop
 
@@ -243,7 +234,7 @@ def _init_unit(shell: MiniCPMV, name: str, module: nn.Module, spec: TinySpec) ->
 
     init(module)
     if spec.outliers:
-        _add_outliers(module, int.from_bytes(digest[8:12], "little"))
+        add_outliers(module, int.from_bytes(digest[8:12], "little"), OUTLIER_NORMS)
     stored = checkpoint_names.to_stored({f"{name}.{n}": p.to(torch.bfloat16) for n, p in module.named_parameters()})
     module.to("meta")
     return stored
