@@ -269,6 +269,7 @@ def child_block(spec: dict) -> None:
     from compressed_tensors.quantization.lifecycle.helpers import enable_quantization
 
     from mcq.build.calibration import load_encoded
+    from mcq.models.family import family_for
     from mcq.models.loading import model_spec
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
     from mcq.quantize.llmc import LlmCompressorBlockQuantizer
@@ -286,7 +287,7 @@ def child_block(spec: dict) -> None:
     checked = calls[: min(4, len(calls))]
     with torch.no_grad():
         reference = [block(*a, **k) for a, k in checked]
-    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=torch.bfloat16)
+    quantizer = LlmCompressorBlockQuantizer(plan, family_for(config.model_type), scale_dtype=torch.bfloat16)
     log(f"{name} {spec['engine']}: {len(calls)} calls")
     resettable = reset_peak_rss()
     started = time.perf_counter()
@@ -313,7 +314,7 @@ def child_budget(spec: dict) -> None:
     """Regret of each token budget against the full-token loss, pair by pair, block by block (see the doc)."""
     import torch
 
-    from mcq.models.family import SMOOTHING_PAIRS, TOKEN_MIXING, component_of
+    from mcq.models.family import component_of, family_for
     from mcq.models.loading import model_spec
     from mcq.models.tiny import resolve_tiny
     from mcq.models.weights import CheckpointReader, named_blocks, shell_model
@@ -331,16 +332,17 @@ def child_budget(spec: dict) -> None:
     rules = {rule.index: rule for rule in plan.recipe.rules}
     candidates = awq.grid(plan.recipe.method_args["n_grid"], plan.recipe.method_args["duo_scaling"])
     rows, per_budget = [], {b: [] for b in spec["budgets"]}
+    family = family_for(config.model_type)
     for name, block in named_blocks(shell_model(config)):
         methods = {layer.name[len(name) + 1:]: rules[layer.rule].method or plan.recipe.method
                    for layer in plan.quantized() if layer.name.startswith(name + ".")}
         component = component_of(name + ".")
-        pairs, _ = awq.resolve_pairs(block, SMOOTHING_PAIRS[component], methods) if "awq" in methods.values() \
+        pairs, _ = awq.resolve_pairs(block, family.smoothing_pairs[component], methods) if "awq" in methods.values() \
             else ([], [])
         if not pairs:
             continue
         CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
-        calls, mixing = recorded[name], awq.token_mixing(TOKEN_MIXING[component])
+        calls, mixing = recorded[name], awq.token_mixing(family.token_mixing[component])
         schemes = {layer.name[len(name) + 1:]: layer.scheme for layer in plan.quantized()
                    if layer.name.startswith(name + ".")}
         quant_args = {b: quantization_args(schemes[b], observer="minmax", scale_dtype=torch.bfloat16)

@@ -26,10 +26,10 @@ What is measured, each run in its own child process:
 - `llmcompressor`: `llmcompressor.oneshot` on the standalone Qwen3 checkpoint, loaded in float32 (mcq calibrates in
   float32 too), with modifiers built from the same built-in recipe's LLM rule and method arguments: gptq →
   `GPTQModifier` (W4 g128 symmetric, actorder, block size, dampening); awq → `AWQModifier` (duo_scaling, n_grid,
-  llm-compressor's own Qwen3 mappings = mcq's SMOOTHING_PAIRS) + `QuantizationModifier` (W4 g128 asymmetric, the
-  recipe's weight observer); targets Linear, ignore lm_head; scales in bf16 as mcq stores them; llm-compressor's
-  default pipeline (independent: a sequential pipeline per calibrating modifier); the compressed model saved. The
-  modifiers used are in each result's `recipe`.
+  llm-compressor's own Qwen3 mappings = the resampler family's smoothing_pairs) + `QuantizationModifier` (W4 g128
+  asymmetric, the recipe's weight observer); targets Linear, ignore lm_head; scales in bf16 as mcq stores them;
+  llm-compressor's default pipeline (independent: a sequential pipeline per calibrating modifier); the compressed
+  model saved. The modifiers used are in each result's `recipe`.
   Calibration is text with exactly the same number of sequences and the same token count per sequence as mcq's
   LLM sees (image placeholders included), so both LLM sides process the same number of tokens; mcq additionally
   runs the vision tower and resampler. Per subgraph: the time between llm-compressor's SEQUENTIAL_EPOCH_END events.

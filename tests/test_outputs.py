@@ -112,12 +112,12 @@ def test_check_output_refuses_bad_destinations(tmp_path, monkeypatch):
 
 
 def test_make_tiny_interrupted_leaves_nothing(tmp_path, monkeypatch):
-    import mcq.models.tiny as tiny
+    import mcq.models.minicpmv.tiny as resampler_tiny
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny.MiniCPMVImageProcessor, "save_pretrained", interrupted)  # the last write
+    monkeypatch.setattr(resampler_tiny.MiniCPMVImageProcessor, "save_pretrained", interrupted)  # the last write
     with pytest.raises(KeyboardInterrupt):
         make_tiny(tmp_path / "tiny", TinySpec())
     assert list(tmp_path.iterdir()) == []

@@ -12,20 +12,10 @@ from importlib import import_module
 
 from torch import nn
 
-from .families import FAMILIES
-from .familyspec import Family
-from .minicpmv4_6.facts import COMPONENTS as COMPONENTS_4_6
+from .families import FAMILIES, component_prefixes
+from .familyspec import Family, PaddableMlp
 
-# Component → state-dict prefix of the resampler family, in data-flow order.
-COMPONENTS = {"vision": "vpm.", "resampler": "resampler.", "llm": "llm."}
 GROUP_SIZES = (32, 64, 128)
-
-# Every family's (prefix, component), longest prefix first. Names of different families never share a prefix
-# (`vpm.`/`resampler.`/`llm.` against `model.`/`lm_head.`), so one table answers for a name of any family, and 4.6's
-# `vit_merger` (inside its vision tower's prefix) wins over `vision`.
-_PREFIXES = sorted([(prefix, component) for component, prefix in COMPONENTS.items()]
-                   + [(prefix, component) for component, prefixes in COMPONENTS_4_6.items() for prefix in prefixes],
-                   key=lambda entry: -len(entry[0]))
 
 
 def family_for(model_type: str) -> Family:
@@ -38,13 +28,14 @@ def family_for(model_type: str) -> Family:
 def component_of(name: str) -> str:
     component = component_or_other(name)
     if component == "other":
-        raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({', '.join(p for p, _ in _PREFIXES)})")
+        prefixes = ", ".join(prefix for prefix, _ in component_prefixes())
+        raise ValueError(f"{name!r} belongs to no MiniCPM-V component ({prefixes})")
     return component
 
 
 def component_or_other(name: str) -> str:
     """The component of any tensor name, "other" for one outside them (sizes count it apart)."""
-    return next((component for prefix, component in _PREFIXES if name.startswith(prefix)), "other")
+    return next((component for prefix, component in component_prefixes() if name.startswith(prefix)), "other")
 
 
 @dataclass(frozen=True)
@@ -53,6 +44,12 @@ class LinearInfo:
     component: str
     in_features: int
     out_features: int
+    mlp: PaddableMlp | None = None   # the paddable MLP it consumes or produces the intermediate of (its family's)
+
+    @property
+    def mlp_role(self) -> str | None:
+        """"consumer" / "producer" in its paddable MLP, None outside one."""
+        return self.mlp.role(self.name) if self.mlp else None
 
     @property
     def group_sizes(self) -> tuple[int, ...]:
@@ -70,65 +67,15 @@ class LinearInfo:
 
 
 def linear_layers(model: nn.Module) -> list[LinearInfo]:
-    return [
-        LinearInfo(name, component_of(name), module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    ]
-
-
-# Activation-smoothing pairs inside each block (names relative to the block), for AWQ-style scaling: the smooth
-# layer's output channels are divided by s and the balance layers' input channels multiplied by s, which leaves the
-# block's function unchanged only where nothing nonlinear sits between them. So: no fc1 → fc2 (GELU between), and
-# in the resampler no ln_kv → k/v (the 2D position term is added to the keys after ln_kv).
-SMOOTHING_PAIRS = {
-    "vision": (
-        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.out_proj",)),
-        ("layer_norm2", ("mlp.fc1",)),
-    ),
-    "resampler": (
-        ("ln_q", ("attn.q_proj",)),
-        ("attn.v_proj", ("attn.out_proj",)),
-        ("ln_post", ("proj",)),
-    ),
-    "llm": (
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped (and reported) under GQA: the widths differ
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-}
-
-# The modules inside a block whose output at one token depends on the other tokens of its sequence (attention).
-# AWQ's scale search measures its loss on a sample of tokens; a parent that is or holds one of these must run on
-# whole sequences, every other module (Linears, MLPs) maps each token on its own.
-TOKEN_MIXING = {"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)}
-
-
-@dataclass(frozen=True)
-class PaddableMlp:
-    """An MLP whose intermediate width can grow with zeros: `consumer`'s inputs are `producers`' outputs through an
-    elementwise function that maps 0 to 0 (SigLIP's GELU between fc1 and fc2; SiLU(gate) * up before down_proj),
-    so zero rows appended to the producers and zero columns to the consumer leave the block's function exactly
-    unchanged. That is what `non_divisible: pad` relies on to give the consumer an input width its group size
-    divides. Names are relative to the block (the same in both families); where config.json keeps the width is
-    each family's (`Family.intermediate_keys`)."""
-
-    consumer: str
-    producers: tuple[str, ...]
-
-
-PADDABLE_INPUTS = {
-    "vision": PaddableMlp("mlp.fc2", ("mlp.fc1",)),
-    "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
-}
-
-
-def paddable(name: str, component: str) -> bool:
-    """Whether `name` is a Linear whose input width `pad_intermediate` can grow."""
-    mlp = PADDABLE_INPUTS.get(component)
-    return mlp is not None and name.endswith("." + mlp.consumer)
+    mlps = family_for(model.config.model_type).paddable_mlps
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            component = component_of(name)
+            mlp = mlps.get(component)
+            linears.append(LinearInfo(name, component, module.in_features, module.out_features,
+                                      mlp if mlp is not None and mlp.role(name) else None))
+    return linears
 
 
 def _zero_padded(tensor, rows: int = 0, columns: int = 0) -> nn.Parameter:
@@ -136,9 +83,8 @@ def _zero_padded(tensor, rows: int = 0, columns: int = 0) -> nn.Parameter:
     return nn.Parameter(nn.functional.pad(tensor.data, pad), requires_grad=False)
 
 
-def pad_intermediate(block: nn.Module, component: str, width: int) -> None:
-    """Grow the intermediate width of every MLP in `block` to `width` with zeros (exact: see PaddableMlp)."""
-    mlp = PADDABLE_INPUTS[component]
+def pad_intermediate(block: nn.Module, mlp: PaddableMlp, width: int) -> None:
+    """Grow the intermediate width of every `mlp` in `block` to `width` with zeros (exact: see PaddableMlp)."""
     for name, module in list(block.named_modules()):
         if not name.endswith(mlp.consumer) or not isinstance(module, nn.Linear):
             continue

@@ -9,9 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class PaddableMlp:
+    """An MLP whose intermediate width can grow with zeros: `consumer`'s inputs are `producers`' outputs through an
+    elementwise function that maps 0 to 0 (SigLIP's GELU between fc1 and fc2; SiLU(gate) * up before down_proj),
+    so zero rows appended to the producers and zero columns to the consumer leave the block's function exactly
+    unchanged. That is what `non_divisible: pad` relies on to give the consumer an input width its group size
+    divides. Names are relative to the block; `width_key` is where config.json keeps the width (the path a
+    quantized output with padded MLPs rewrites)."""
+
+    consumer: str
+    producers: tuple[str, ...]
+    width_key: tuple[str, ...]
+
+    def role(self, name: str) -> str | None:
+        """"consumer" or "producer" for a Linear (full name) of this MLP, None for any other."""
+        if name.endswith("." + self.consumer):
+            return "consumer"
+        return "producer" if any(name.endswith("." + producer) for producer in self.producers) else None
+
+
+# An activation-smoothing pair inside a block, for AWQ-style scaling: (smooth layer, balance layers), names relative
+# to the block. The smooth layer's output channels are divided by s and the balance layers' input channels
+# multiplied by s, which leaves the block's function unchanged only where nothing nonlinear sits between them.
+SmoothingPair = tuple[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -19,17 +46,27 @@ class Family:
     name: str                                       # config.json model_type, and the package under mcq/models
     config_class: type                              # a transformers config class
     model_class: type                               # the class that holds the official layout
-    # Its components in data-flow order (which names belong to which: `mcq.models.family.component_or_other`).
+    # Its components in data-flow order: its folder's components.yaml (`mcq.models.families.family_components`),
+    # which also says which names belong to which (`mcq.models.family.component_or_other`).
     components: tuple[str, ...]
     blocks: Callable[[nn.Module], Iterator[tuple[str, nn.Module]]]   # the repeated blocks, in data-flow order
     embedding: str          # the LLM's input embedding table (its stored dtype is the checkpoint's)
     lm_head: str            # the output head: never materialized by the block-by-block driver
     # config.json → (release, LLM name), for reports and cards; a McqError for a release the family lacks.
     describe: Callable[[dict[str, Any]], tuple[str, str]]
-    # Component → the config.json path of its paddable MLP's intermediate width (`mcq.models.family.PADDABLE_INPUTS`),
-    # which a quantized output with padded MLPs rewrites.
-    intermediate_keys: Mapping[str, tuple[str, ...]]
+    # Component → the MLP of its blocks that `non_divisible: pad` may grow (`PaddableMlp`); a component absent
+    # here is never padded (fallback_group goes per channel there, `pad` is refused).
+    paddable_mlps: Mapping[str, PaddableMlp]
+    # Component → the AWQ smoothing pairs inside each of its blocks (`SmoothingPair`).
+    smoothing_pairs: Mapping[str, tuple[SmoothingPair, ...]]
+    # Component → the modules inside its blocks whose output at one token depends on the other tokens of its
+    # sequence (attention). AWQ's scale search measures its loss on a sample of tokens; a parent that is or holds
+    # one of these must run on whole sequences, every other module (Linears, MLPs) maps each token on its own.
+    token_mixing: Mapping[str, tuple[str, ...]]
     # Whether the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ).
     calibrates: bool
     # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
     load_code: str
+    # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its
+    # folder's tiny.py); a McqError for an option the family has no tiny model for.
+    write_tiny: Callable[[Path, Any], None]

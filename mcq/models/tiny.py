@@ -1,22 +1,7 @@
-"""Tiny MiniCPM-V checkpoints in the exact official on-disk layout, built locally (no download).
-
-`make_tiny` writes config.json, sharded bf16 safetensors + `model.safetensors.index.json`, a small BPE tokenizer
-with every special token of the family, `preprocessor_config.json` and `generation_config.json`. Widths are small
-but keep the properties that matter to quantization and export: the LLM and vision widths divide 128 while the
-vision MLP width does not divide 32 (like 4304), the resampler has a real `kv_proj` (vision width != LLM width),
-and the image processor is the official one (448 slices, 14-pixel patches, a 70 x 70 position table).
-
-`--outliers` scales a few input channels of every norm that feeds a Linear by 20-50x, the activation outliers
-that make calibration-aware quantization (AWQ, GPTQ) beat round-to-nearest. `--real-widths` keeps the true 4.5
-widths with few layers, the shape the performance benchmarks use; `--real-vocab` gives the embedding table and
-`lm_head` the official 151,748 rows (the small tokenizer's ids are the first rows; the rest are rows no token maps
-to, as the official vocabularies have a few).
-
-Weights are written shard by shard, tensor by tensor (`mcq.models.shards`). Small widths are initialized as one
-model in memory (a few MB; the bytes every test was written against). Real widths are initialized one block at a
-time (a decoder or encoder layer, the resampler, each table) from a seed derived from the spec's seed and the
-block's name, and released once written, so the full 8.7B layout (36 + 27 layers, 17 GB) is written holding one
-block.
+"""Tiny MiniCPM-V checkpoints in the exact official on-disk layout, built locally (no download): `tiny:VERSION`
+names one, built on first use and cached. Each family writes its own (`Family.write_tiny`: the resampler family's
+`minicpmv/tiny.py`, 4.6's `minicpmv4_6/tiny.py`); this module holds what every family shares: the spec, the atomic
+output, the cache.
 """
 
 from __future__ import annotations
@@ -27,23 +12,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from mcq import __version__
 from mcq.errors import McqError
 from mcq.outputs import source_digest, staged_output
 
-from .minicpmv import MiniCPMV, MiniCPMVConfig
-from .minicpmv.image_processing import MiniCPMVImageProcessor
-from .minicpmv.tokenization import load_tokenizer
 from .families import RELEASES, family_of
 from .minicpmv.versions import normalize_version
-from .tiny_tokenizer import write_tiny_tokenizer
 
 TINY_PREFIX = "tiny:"
-# The official 4.5 config.json's vocab_size (../shared/reference): the rows of its embedding table and lm_head.
-REAL_VOCAB_SIZE = 151748
 
 
 @dataclass(frozen=True)
@@ -63,232 +39,38 @@ class TinySpec:
         return f"{self.version}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-# Layers of a resampler-family tiny model unless the spec says otherwise.
-_DEFAULT_LAYERS = 2
+def add_outliers(model, seed: int, norms: tuple[str, ...], offset=lambda norm: 0.0) -> None:
+    """Give 2 input channels of each norm whose name ends in one of `norms` (those that feed Linears) a 20-50x
+    gain, seeded, so reproducible: the activation outliers that make calibration-aware quantization beat
+    round-to-nearest (`tiny:VERSION-outliers`). `offset(norm)`: what the norm adds to its stored weight before
+    scaling (1 for a norm that scales by 1 + weight, as Qwen3.5's RMSNorm does), so the gain is on the scale it
+    computes with."""
+    import torch
 
-# The token config.json and generation_config.json name as bos_token_id, per version.
-CONFIG_BOS = {"4.5": "<|endoftext|>", "2.6": "<|endoftext|>", "4.0": "<s>"}
-
-# LLM fields per version, as the official config.json files spell them (tiny widths).
-_LLM_FIELDS = {
-    "4.5": {"head_dim": 64, "max_window_layers": 36, "use_sliding_window": False,
-            "sliding_window": None, "attention_bias": False, "rope_theta": 1000000, "max_position_embeddings": 40960},
-    "2.6": {"max_window_layers": 28, "use_sliding_window": False,
-            "sliding_window": None, "rope_theta": 1000000.0, "max_position_embeddings": 32768},
-    "4.0": {"head_dim": 64, "attention_bias": False, "mlp_bias": False,
-            "rope_theta": 10000.0, "max_position_embeddings": 32768, "scale_emb": 12},
-}
-
-
-def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) -> dict:
-    if spec.real_widths:
-        llm = {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8,
-               "head_dim": 128}
-        vision = {"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16}
-    else:
-        llm = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4, "num_key_value_heads": 2}
-        # 464 = 16 x 29: like 4304 = 16 x 269, no group size of 32 or more divides it.
-        vision = {"hidden_size": 128, "intermediate_size": 464, "num_attention_heads": 2}
-    fields = dict(_LLM_FIELDS[spec.version])
-    if spec.real_widths:
-        fields.pop("head_dim", None)
-        llm.setdefault("head_dim", 128)
-    return {
-        "version": float(spec.version),
-        "architectures": ["MiniCPMV"],
-        "auto_map": {
-            "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
-            "AutoModel": "modeling_minicpmv.MiniCPMV",
-            "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
-        },
-        "model_type": "minicpmv",
-        **fields,
-        **llm,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "num_hidden_layers": spec.llm_layers or _DEFAULT_LAYERS,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": vocab_size,
-        "bos_token_id": special_ids["bos"],
-        "eos_token_id": special_ids["eos"],
-        "batch_vision_input": True,
-        "batch_3d_resampler": True,
-        "drop_vision_last_layer": False,
-        "image_size": 448,
-        "patch_size": 14,
-        "query_num": 64,
-        "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
-        "slice_mode": True,
-        "vision_config": {**vision, "image_size": 980, "model_type": "siglip",
-                          "num_hidden_layers": spec.vision_layers or _DEFAULT_LAYERS, "patch_size": 14},
-    }
-
-
-_OUTLIER_NORMS = ("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "ln_kv")
-
-
-def _add_outliers(model: nn.Module, seed: int) -> None:
-    """Give 2 input channels of each norm that feeds Linears a 20-50x gain (seeded, so reproducible)."""
     generator = torch.Generator().manual_seed(seed + 1)
-    norms = [m for name, m in model.named_modules() if name.endswith(_OUTLIER_NORMS)]
     with torch.no_grad():
-        for norm in norms:
+        for norm in [m for name, m in model.named_modules() if name.endswith(norms)]:
             channels = torch.randperm(norm.weight.numel(), generator=generator)[:2]
             gains = 20 + 30 * torch.rand(2, generator=generator)
-            norm.weight[channels] *= gains.to(norm.weight.dtype)
-
-
-def _generation_config(special_ids: dict[str, int], version: str) -> dict:
-    return {
-        "bos_token_id": special_ids["bos"],
-        "do_sample": True,
-        "eos_token_id": [token for token in (special_ids["eos"], special_ids["pad"]) if token is not None],
-        "pad_token_id": special_ids["pad"],
-        "temperature": 0.6,
-        "top_k": 20,
-        "top_p": 0.95,
-        **({"chat_template_kwargs": {"enable_thinking": False}} if version == "4.5" else {}),
-    }
+            shift = offset(norm)
+            if shift:
+                scale = shift + norm.weight[channels].float()
+                norm.weight[channels] = (scale * gains - shift).to(norm.weight.dtype)
+            else:
+                norm.weight[channels] *= gains.to(norm.weight.dtype)
 
 
 def make_tiny(out: str | Path, spec: TinySpec, force: bool = False) -> Path:
     """Write a tiny checkpoint to `out` (atomically: built in a staging dir, then renamed into place)."""
+    from .family import family_for
+
     family = family_of(spec.version)
     if family is None:
         raise McqError(f"no tiny model for version {spec.version}; choose one of {', '.join(RELEASES)}")
-    if family == "minicpmv4_6":
-        return _make_tiny_native(Path(out), spec, force)
-    if spec.real_vocab and spec.version != "4.5":
-        raise McqError(f"--real-vocab is the 4.5 vocabulary ({REAL_VOCAB_SIZE} rows); version {spec.version} has "
-                       "another")
     out = Path(out)
     with staged_output(out, force) as staging:
-        write_tiny_tokenizer(staging, spec.version)
-        tokenizer = load_tokenizer(staging, spec.version)
-        # config.json's bos_token_id is the LLM's own BOS, not the tokenizer's bos_token: the official 4.5 and 2.6
-        # configs name Qwen's <|endoftext|> while their tokenizer_config.json says <|im_start|>.
-        special_ids = {"bos": tokenizer.convert_tokens_to_ids(CONFIG_BOS[spec.version]),
-                       "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-        vocab_size = REAL_VOCAB_SIZE if spec.real_vocab else len(tokenizer)
-        config = MiniCPMVConfig(**tiny_config(spec, vocab_size, special_ids))
-        _write_weights(staging, config, spec)
-        config.save_pretrained(staging)
-        (staging / "generation_config.json").write_text(
-            json.dumps(_generation_config(special_ids, spec.version), indent=2) + "\n")
-        MiniCPMVImageProcessor(version=float(spec.version)).save_pretrained(staging)
+        family_for(family).write_tiny(staging, spec)
     return out
-
-
-def _make_tiny_native(out: Path, spec: TinySpec, force: bool) -> Path:
-    """A release native in transformers: its family writes the checkpoint with transformers' own classes."""
-    from .minicpmv4_6.tiny import write_tiny
-
-    unsupported = [flag for flag, on in (("--outliers", spec.outliers), ("--real-widths", spec.real_widths),
-                                         ("--real-vocab", spec.real_vocab)) if on]
-    if unsupported:
-        raise McqError(f"{unsupported[0]} is not available for a tiny MiniCPM-V {spec.version} yet")
-    with staged_output(out, force) as staging:
-        write_tiny(staging, spec.seed, spec.llm_layers, spec.vision_layers)
-    return out
-
-
-def _write_weights(staging: Path, config: MiniCPMVConfig, spec: TinySpec) -> None:
-    """The bf16 shards and their index, in the layout `save_pretrained` writes (official tensor names; shards of a
-    third of the weights, so that even the tiny model is sharded with an index, like the official release)."""
-    from .minicpmv import checkpoint_names
-    from .shards import TensorEntry, plan_shards, write_index, write_shard
-    from .weights import shell_model
-
-    shell = shell_model(config)
-    shapes = checkpoint_names.to_stored(shell.state_dict())
-    entries = [TensorEntry(name, torch.bfloat16, tuple(tensor.shape)) for name, tensor in shapes.items()]
-    shards = plan_shards(entries, max(sum(e.nbytes for e in entries) // 3, 1 << 16))
-    tensors = _block_tensors(shell, spec) if _per_block(spec) else _model_tensors(config, spec)
-    for shard in shards:
-        write_shard(staging / shard.file, shard, ((e.name, tensors(e.name)) for e in shard.layout()))
-    if len(shards) > 1:
-        write_index(staging / "model.safetensors.index.json", shards, shell.num_parameters())
-
-
-def _per_block(spec: TinySpec) -> bool:
-    return spec.real_widths
-
-
-def _model_tensors(config: MiniCPMVConfig, spec: TinySpec):
-    """Small widths: the whole model initialized at once under the spec's seed (transformers' init order)."""
-    from .minicpmv import checkpoint_names
-
-    torch.manual_seed(spec.seed)
-    model = MiniCPMV(config)
-    if spec.outliers:
-        _add_outliers(model, spec.seed)
-    stored = checkpoint_names.to_stored(model.to(torch.bfloat16).state_dict())
-    return stored.pop
-
-
-def _block_tensors(shell: MiniCPMV, spec: TinySpec):
-    """Real widths: each block initialized when its first tensor is written, released with its last one."""
-    from .minicpmv import checkpoint_names
-
-    units = _init_units(shell)
-    pending: dict[str, torch.Tensor] = {}
-
-    def tensor(stored: str) -> torch.Tensor:
-        if stored not in pending:
-            param = checkpoint_names.params_of(stored)[0]
-            name, module = next((n, m) for n, m in units if param.startswith(n + "."))
-            pending.update(_init_unit(shell, name, module, spec))
-        return pending.pop(stored)
-    return tensor
-
-
-def _init_units(shell: MiniCPMV) -> list[tuple[str, nn.Module]]:
-    """What real widths initialize at once: each block (`named_blocks`), and each largest module holding no block
-    (an embedding table, a norm, the vision embeddings), so every module keeps its parent's own init."""
-    from .weights import named_blocks
-
-    blocks = dict(named_blocks(shell))
-    units = []
-
-    def visit(name: str, module: nn.Module) -> None:
-        holds_block = any(b.startswith(name + ".") for b in blocks) if name else True
-        if name in blocks or not holds_block:
-            if any(True for _ in module.parameters()):
-                units.append((name, module))
-            return
-        for child, sub in module.named_children():
-            visit(f"{name}.{child}" if name else child, sub)
-
-    visit("", shell)
-    return units
-
-
-@torch.no_grad()
-def _init_unit(shell: MiniCPMV, name: str, module: nn.Module, spec: TinySpec) -> dict[str, torch.Tensor]:
-    """One unit's stored tensors (bf16), initialized as transformers initializes the whole model (children first,
-    each by the init of the model that owns it) from a seed of its own, then released from the shell."""
-    from .minicpmv import checkpoint_names
-
-    module.to_empty(device="cpu")
-    owner = shell.llm if name.startswith("llm.") else shell
-    digest = hashlib.sha256(f"{spec.seed}/{name}".encode()).digest()
-    torch.manual_seed(int.from_bytes(digest[:8], "little"))
-
-    def init(sub: nn.Module) -> None:
-        for child in sub.children():
-            init(child)
-        owner._init_weights(sub)
-
-    init(module)
-    if spec.outliers:
-        _add_outliers(module, int.from_bytes(digest[8:12], "little"))
-    stored = checkpoint_names.to_stored({f"{name}.{n}": p.to(torch.bfloat16) for n, p in module.named_parameters()})
-    module.to("meta")
-    return stored
 
 
 def cache_dir() -> Path:

@@ -87,7 +87,7 @@ def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samp
     model = shell_model(checkpoint.config)
     reader = CheckpointReader(path)
     source_dtype = reader.dtype_of(checkpoint.family.embedding)
-    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=source_dtype, device=device)
+    quantizer = LlmCompressorBlockQuantizer(plan, checkpoint.family, scale_dtype=source_dtype, device=device)
     writer = CompressedTensorsWriter(reader, staging,
                                      official_layout=any(RUNTIMES[t].official_layout for t in plan.targets))
     blocks = [name for name, _ in named_blocks(model)]
@@ -102,7 +102,7 @@ def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samp
         driver.run(BlockHandler(quantizer.quantize, emit), progress=lambda name: bar.set_postfix_str(name))
     stored_config = json.loads((path / "config.json").read_text())
     for component, width in quantizer.padded_widths.items():
-        *parents, key = checkpoint.family.intermediate_keys[component]
+        *parents, key = checkpoint.family.paddable_mlps[component].width_key
         section = stored_config
         for parent in parents:
             section = section[parent]
@@ -159,10 +159,6 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     skeleton = meta_skeleton(config)
     check_layout(path, skeleton, stored_tensors(path))
     plan = plan_quantization(chosen, linear_layers(skeleton))
-    unpaddable = sorted(plan.padded_widths().keys() - checkpoint.family.intermediate_keys.keys())
-    if unpaddable:
-        raise McqError(f"{chosen.name} pads the {unpaddable[0]} MLPs (non_divisible: pad), which mcq cannot do for "
-                       f"MiniCPM-V {checkpoint.release} yet; use another non_divisible policy")
     out = Path(out)
     check_output(out, force, source=path)
     torch.manual_seed(seed)

@@ -148,7 +148,7 @@ def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]]
 
 def token_mixing(mixers: Sequence[str]) -> Callable[[str], bool]:
     """Whether a parent (a module name in the block, "" = the block) is, or holds, one of `mixers`, the modules whose
-    output at one token depends on other tokens (`mcq.models.family.TOKEN_MIXING`)."""
+    output at one token depends on other tokens (`Family.token_mixing`)."""
     return lambda parent: any(not parent or m == parent or m.startswith(parent + ".") for m in mixers)
 
 

@@ -78,7 +78,7 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
     import torch
     from torch import nn
 
-    from mcq.models.family import COMPONENTS, component_of
+    from mcq.models.family import component_of, family_for
     from mcq.models.loading import load_model, meta_skeleton, model_spec, safetensors_component_bytes
     from mcq.models.minicpmv.checkpoint_names import RENAMES
 
@@ -139,7 +139,7 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
         "settings": ({"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
                      if bits == 4 else {"int8_threshold": float(int8_threshold)}),
         "skip_modules": skip,
-        "converted": {component: converted.get(component, 0) for component in COMPONENTS},
+        "converted": {component: converted.get(component, 0) for component in family_for(config.model_type).components},
         "kept": sorted(kept),
         "bytes_before": safetensors_component_bytes(path),
         "bytes_after": safetensors_component_bytes(staging_dir),

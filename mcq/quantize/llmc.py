@@ -10,8 +10,8 @@ the weight ranges and the packed format are llm-compressor's and compressed-tens
 AWQ's scale search is mcq's own by default (`mcq.quantize.awq`: the same algorithm at a fraction of the cost), run
 on the block before the session, which then only rounds the smoothed weights; `method_args: {engine:
 llm-compressor}` runs llm-compressor's `AWQModifier` inside the session instead. Either way the smoothing pairs
-come from `mcq.models.family.SMOOTHING_PAIRS`, and the pairs that cannot be applied are collected with the reason
-(`skipped_pairs`), because llm-compressor's own notice of them is a debug log line.
+come from the model's family (`Family.smoothing_pairs`), and the pairs that cannot be applied are collected with
+the reason (`skipped_pairs`), because llm-compressor's own notice of them is a debug log line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import logging
 import torch
 from torch import nn
 
-from mcq.models.family import SMOOTHING_PAIRS, TOKEN_MIXING, component_of, pad_intermediate
+from mcq.models.family import component_of, pad_intermediate
+from mcq.models.familyspec import Family
 
 from .awq import Pair, SearchSettings, SkippedPair, resolve_pairs, search_block, token_mixing
 from .recipe import LayerScheme, QuantPlan
@@ -75,10 +76,10 @@ def quantization_args(scheme: LayerScheme, *, observer: str, actorder: str | Non
 class LlmCompressorBlockQuantizer:
     """Quantizes the Linears a plan selects inside each block, with the recipe's method (see the module doc)."""
 
-    def __init__(self, plan: QuantPlan, scale_dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, plan: QuantPlan, family: Family, scale_dtype: torch.dtype, device: torch.device | str = "cpu"):
         _quiet_llmcompressor()
         _cpu_compat(device)
-        self.plan, self.scale_dtype = plan, scale_dtype
+        self.plan, self.family, self.scale_dtype = plan, family, scale_dtype
         self.method = plan.recipe.method
         self.args = dict(plan.recipe.method_args)
         self.engine = self.args.get("engine", "mcq") if self.method == "awq" else "llm-compressor"
@@ -170,7 +171,7 @@ class LlmCompressorBlockQuantizer:
                       for name, scheme in layers.items()}
         settings = SearchSettings(n_grid=self.args["n_grid"], duo_scaling=self.args["duo_scaling"],
                                   loss_tokens=self.args["loss_tokens"], weight_clip=self.args["weight_clip"])
-        mixing = token_mixing(TOKEN_MIXING.get(component_of(block_name + "."), ()))
+        mixing = token_mixing(self.family.token_mixing.get(component_of(block_name + "."), ()))
         results, clipped, skipped, outputs = search_block(block, pairs, calls, getattr(calls, "origins", None),
                                                           settings, quant_args, mixing)
         self.awq_results[block_name] = results
@@ -188,7 +189,7 @@ class LlmCompressorBlockQuantizer:
 
         component = component_of(block_name + ".")
         if component in self.padded_widths:
-            pad_intermediate(block, component, self.padded_widths[component])
+            pad_intermediate(block, self.family.paddable_mlps[component], self.padded_widths[component])
         layers = self._block_layers(block_name)
         if not layers:
             return None
@@ -203,7 +204,7 @@ class LlmCompressorBlockQuantizer:
         pairs: list[Pair] = []
         outputs = None
         if "awq" in by_method:
-            pairs, skipped = resolve_pairs(block, SMOOTHING_PAIRS[component_of(block_name + ".")], methods)
+            pairs, skipped = resolve_pairs(block, self.family.smoothing_pairs.get(component, ()), methods)
             self.skipped_pairs += [s.to_dict(block_name) for s in skipped]
         # A block whose AWQ layers have no pair (the vision MLP's fc2 on its own) still gets clipped ranges.
         if self.engine == "mcq" and (pairs or ("awq" in by_method and self.args["weight_clip"])):

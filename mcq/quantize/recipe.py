@@ -5,6 +5,9 @@ when the group size does not divide the layer's input width (SigLIP's `mlp.fc2` 
 `plan_quantization` turns it into one explicit decision per Linear, so engines, exporters and reports all act on
 the same list instead of each re-matching patterns.
 
+A rule selects Linears by component, by name pattern, or both (a Linear must then satisfy both). Components are
+what each model family calls its parts (`mcq.models.families.component_names()`: vision, resampler, llm for
+2.6-4.5; vision, vit_merger, merger, llm for 4.6), so one rule applies to every family that has the component.
 Pattern syntax (`ignore` entries and rule `match`): a Python regular expression searched anywhere in the full
 module name (`re.search`), so anchor with `^`/`$` where it matters (`^vpm\\.`, `(^|\\.)out_proj$`). A leading `re:`
 is accepted with llm-compressor's meaning: the rest must match from the start of the name (`re.match`), so a
@@ -22,7 +25,8 @@ Schema (every key is checked; unknown keys, wrong types and bad values are an `M
     target: vllm-gpu            # runtime(s) the output must load in (mcq.models.runtimes.RUNTIMES); default: the
                                 # runtimes a user of the format serves with (DEFAULT_TARGETS)
     rules:                      # first match wins; Linears no rule matches are kept
-      - match: "^llm\\."        # required
+      - component: [vision, vit_merger]   # a component or a list of them, and/or
+        match: "mlp\\.fc2$"     # a name pattern; at least one of the two (both: a Linear must satisfy both)
         bits: 4                 # required: 4 or 8
         group_size: 128         # power of two >= 8, or "channel"; default 128      (not for bnb)
         symmetric: true         # default true                                     (not for bnb)
@@ -138,11 +142,11 @@ BNB_ARGS_BY_BITS = {4: ("quant_type", "double_quant", "compute_dtype"), 8: ("int
 CALIBRATION_ARGS = {"num_samples": (64, _positive_int), "max_slice_nums": (2, _positive_int)}
 TOP_LEVEL_KEYS = ("name", "description", "method", "method_args", "calibration", "ignore", "quantize_lm_head",
                   "target", "rules")
-RULE_KEYS = ("match", "bits", "group_size", "symmetric", "non_divisible", "method")
+RULE_KEYS = ("component", "match", "bits", "group_size", "symmetric", "non_divisible", "method")
 # A rule of a calibrated recipe may pick another calibrated-engine method for its layers (e.g. GPTQ rounding where
 # AWQ has no smoothing partner); a data-free recipe stays data-free.
 RULE_METHODS = {"awq": ("awq", "gptq", "rtn"), "gptq": ("awq", "gptq", "rtn"), "rtn": ("rtn",)}
-BNB_RULE_KEYS = ("match", "bits")
+BNB_RULE_KEYS = ("component", "match", "bits")
 
 
 # ---------------------------------------------------------------------------------------------------- the recipe
@@ -166,15 +170,23 @@ class NamePattern:
 @dataclass(frozen=True)
 class Rule:
     index: int  # 1-based position in `rules`, as messages and plan reasons name it
-    pattern: NamePattern
+    pattern: NamePattern | None   # None: any name (the rule selects by component)
     bits: int
     group_size: int | None  # None = one scale per output channel
     symmetric: bool
     non_divisible: str
     method: str = ""  # the engine for this rule's layers (the recipe's method unless the rule names one)
+    components: tuple[str, ...] = ()   # () = any component (the rule selects by name)
+
+    def matches(self, name: str, component: str) -> bool:
+        return ((self.pattern is None or self.pattern.matches(name))
+                and (not self.components or component in self.components))
 
     def describe(self) -> str:
-        return f"rule {self.index} ({self.pattern})"
+        # A name-only rule reads as before components existed: "rule 1 (^llm\.)".
+        selectors = ([f"component: {', '.join(self.components)}"] if self.components else []) \
+            + ([str(self.pattern)] if self.pattern is not None else [])
+        return f"rule {self.index} ({'; '.join(selectors)})"
 
 
 @dataclass(frozen=True)
@@ -201,7 +213,12 @@ class Recipe:
         """The validated recipe with every default filled in; parsing it again gives the same recipe."""
         rules = []
         for rule in self.rules:
-            entry: dict[str, Any] = {"match": rule.pattern.text, "bits": rule.bits}
+            entry: dict[str, Any] = {}
+            if rule.components:
+                entry["component"] = list(rule.components)
+            if rule.pattern is not None:
+                entry["match"] = rule.pattern.text
+            entry["bits"] = rule.bits
             if self.method != "bnb":
                 entry.update(group_size="channel" if rule.group_size is None else rule.group_size,
                              symmetric=rule.symmetric, non_divisible=rule.non_divisible, method=rule.method)
@@ -332,14 +349,16 @@ def _parse_rules(rules: Any, method: str, where: str) -> tuple[Rule, ...]:
                                                        "no group size, always symmetric)")
         else:
             _no_unknown_keys(entry, RULE_KEYS, at)
-        for key in ("match", "bits"):
-            if key not in entry:
-                raise McqError(f"{at}: missing key {key!r}")
+        if "match" not in entry and "component" not in entry:
+            raise McqError(f"{at}: missing key 'component' or 'match' (what the rule selects)")
+        if "bits" not in entry:
+            raise McqError(f"{at}: missing key 'bits'")
         bits = _checked(entry["bits"], _one_of(*BITS), f"{at}: bits")
         group_size = _group_size(entry.get("group_size", DEFAULT_GROUP_SIZE), at) if method != "bnb" else None
         parsed.append(Rule(
             index=index,
-            pattern=_pattern(entry["match"], f"{at}: match"),
+            pattern=_pattern(entry["match"], f"{at}: match") if "match" in entry else None,
+            components=_components(entry["component"], f"{at}: component") if "component" in entry else (),
             bits=bits,
             group_size=group_size,
             symmetric=_checked(entry.get("symmetric", True), _bool, f"{at}: symmetric"),
@@ -352,6 +371,21 @@ def _parse_rules(rules: Any, method: str, where: str) -> tuple[Rule, ...]:
         raise McqError(f"{where}: bnb quantizes the whole model at one width (load_in_4bit or load_in_8bit); "
                        f"the rules mix 4 and 8 bits")
     return tuple(parsed)
+
+
+def _components(value: Any, at: str) -> tuple[str, ...]:
+    """A component name or a list of them, each one some family's (`mcq.models.families`, no torch needed)."""
+    from mcq.models.families import component_names
+
+    names = [value] if isinstance(value, str) else value
+    known = component_names()
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise McqError(f"{at} must be a component name or a list of them ({', '.join(known)}), got "
+                       f"{_yaml_literal(value)}")
+    for name in names:
+        if name not in known:
+            raise McqError(f"{at}: unknown component {name!r}; components: {', '.join(known)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _group_size(value: Any, at: str) -> int | None:
@@ -521,6 +555,7 @@ class LayerPlan:
     pad_to: int | None = None  # `pad`: the MLP's intermediate width after zero-padding (this layer's input width
     #                            for the down projection, its output width for the projections that feed it)
     kind: str = ""  # mcq.models.runtimes kind ("vision.mlp.fc2"); "" for a Linear the runtime table does not know
+    mlp_role: str | None = None  # "consumer" / "producer" in its family's paddable MLP (which side pad_to widens)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "component": self.component, "kind": self.kind, "in_features": self.in_features,
@@ -565,10 +600,9 @@ class QuantPlan:
     def summary(self) -> dict[str, dict[str, int]]:
         """Per component (data-flow order): how many Linears are quantized, kept, and changed from their rule (by a
         non_divisible policy or a target's rules)."""
-        from mcq.models.family import COMPONENTS
+        from mcq.models.families import in_data_flow_order
 
-        present = {layer.component for layer in self.layers}
-        order = [c for c in COMPONENTS if c in present] + sorted(present - COMPONENTS.keys())
+        order = in_data_flow_order({layer.component for layer in self.layers})
         return {component: {
             "quantized": sum(1 for l in self.layers if l.component == component and l.scheme is not None),
             "kept": sum(1 for l in self.layers if l.component == component and l.scheme is None),
@@ -601,13 +635,11 @@ class QuantPlan:
 
     def stored_layers(self) -> list[PlannedLayer]:
         """Every Linear as it is written: its scheme and its widths after padding."""
-        from mcq.models.family import PADDABLE_INPUTS
-
         stored = []
         for layer in self.layers:
             in_features, out_features = layer.in_features, layer.out_features
             if layer.pad_to is not None:
-                if layer.name.endswith("." + PADDABLE_INPUTS[layer.component].consumer):
+                if layer.mlp_role == "consumer":
                     in_features = layer.pad_to
                 else:
                     out_features = layer.pad_to
@@ -668,9 +700,8 @@ class _Planner:
     MLPs must grow (`pad`) and to what multiple, the second plans every layer at the final widths."""
 
     def __init__(self, recipe: Recipe, linears: list[LinearInfo]):
-        from mcq.models.family import PADDABLE_INPUTS
-
-        self.recipe, self.linears, self.mlps = recipe, linears, PADDABLE_INPUTS
+        self.recipe, self.linears = recipe, linears
+        self.roles = {info.name: info.mlp_role for info in linears}
         self.runtimes = [RUNTIMES[name] for name in recipe.targets]
         self.widths: dict[str, int] = {}     # component → intermediate width after padding
         self.pad_cause: dict[str, str] = {}  # layer → why it asked for padding, when a target's rule is the reason
@@ -683,24 +714,19 @@ class _Planner:
             self.refused = []
             first = [self._layer(info) for info in self.linears]
         if self.refused:
-            raise McqError(_refusal_message(self.recipe, self.refused))
+            raise McqError(_refusal_message(self.recipe, self.refused, self.linears))
         return first
 
     # -- roles inside a paddable MLP ---------------------------------------------------------------------------
-    def _role(self, name: str, component: str) -> str | None:
-        mlp = self.mlps.get(component)
-        if mlp is None:
-            return None
-        if name.endswith("." + mlp.consumer):
-            return "consumer"
-        return "producer" if any(name.endswith("." + p) for p in mlp.producers) else None
+    def _role(self, name: str) -> str | None:
+        return self.roles.get(name)
 
     def _padded_widths(self, first: list[LayerPlan | None]) -> dict[str, int]:
         """Per component with a layer that asked for padding: the smallest width every quantized member fits (the
         down projection's group and the targets' width multiples all divide it)."""
         widths = {}
-        for component in self.mlps:
-            members = [(layer, self._role(layer.name, component)) for layer in first
+        for component in dict.fromkeys(info.component for info in self.linears if info.mlp_role):
+            members = [(layer, self._role(layer.name)) for layer in first
                        if layer is not None and layer.component == component]
             members = [(layer, role) for layer, role in members if role]
             if not any(layer.pad_to for layer, _ in members):
@@ -727,14 +753,14 @@ class _Planner:
 
         def kept(reason: str, *, fallback: bool = False, rule: int | None = None) -> LayerPlan:
             return LayerPlan(info.name, info.component, info.in_features, info.out_features, None, reason, fallback,
-                             rule, self._grown(info), kind.name if kind else "")
+                             rule, self._grown(info), kind.name if kind else "", info.mlp_role)
 
         if is_lm_head(info.name) and not recipe.quantize_lm_head:
             return kept("ignored (lm_head)")
         for pattern in recipe.ignore:
             if pattern.matches(info.name):
                 return kept(f"ignored ({pattern})")
-        rule = next((r for r in recipe.rules if r.pattern.matches(info.name)), None)
+        rule = next((r for r in recipe.rules if r.matches(info.name, info.component)), None)
         if rule is None:
             return kept("no rule matches")
         holds = [(runtime, runtime.holds_for(info.name)) for runtime in self.runtimes]
@@ -753,7 +779,7 @@ class _Planner:
                 symmetric = True
                 notes.append(f"symmetric: {' and '.join(lacking)} run{'s' if len(lacking) == 1 else ''} no zero "
                              f"points at {rule.bits} bits")
-        role = self._role(info.name, info.component)
+        role = self._role(info.name)
         width = self.widths.get(info.component)
         in_w = width if width and role == "consumer" else info.in_features
         out_w = width if width and role == "producer" else info.out_features
@@ -765,7 +791,7 @@ class _Planner:
             return LayerPlan(info.name, info.component, info.in_features, info.out_features,
                              LayerScheme(rule.bits, group_size, symmetric),
                              ", ".join([rule.describe(), *texts]), bool(texts), rule.index,
-                             pad_to or self._grown(info), kind.name if kind else "")
+                             pad_to or self._grown(info), kind.name if kind else "", info.mlp_role)
 
         def runs(group_size: int | None) -> bool:
             return (all(held.runs_group(group_size) for _, held in holds)
@@ -810,7 +836,7 @@ class _Planner:
 
     def _grown(self, info: LinearInfo) -> int | None:
         width = self.widths.get(info.component)
-        return width if width and self._role(info.name, info.component) else None
+        return width if width and self._role(info.name) else None
 
     def _pad_cause(self, in_w: int, out_w: int, group: int | None, holds: list[tuple[Runtime, Any]]) -> str:
         """Why a target's rules make this layer's MLP grow."""
@@ -856,17 +882,15 @@ def _largest_group_run(group: int | None, holds: list[tuple[Runtime, Any]]) -> i
     return None
 
 
-def _refusal_message(recipe: Recipe, refused: list[LinearInfo]) -> str:
-    from mcq.models.family import PADDABLE_INPUTS
-
+def _refusal_message(recipe: Recipe, refused: list[LinearInfo], linears: list[LinearInfo]) -> str:
+    consumers = ", ".join(dict.fromkeys(info.mlp.consumer for info in linears if info.mlp_role == "consumer"))
     parts, policies = [], set()
     for info in refused:
-        rule = next(r for r in recipe.rules if r.pattern.matches(info.name))
+        rule = next(r for r in recipe.rules if r.matches(info.name, info.component))
         policies.add(rule.non_divisible)
         sizes = dividing_groups(info.in_features, rule.group_size)
         if rule.non_divisible == "pad":
-            why = "pad grows only an MLP's intermediate width (" + ", ".join(
-                mlp.consumer for mlp in PADDABLE_INPUTS.values()) + ")"
+            why = f"pad grows only an MLP's intermediate width ({consumers or 'this model has none'})"
         elif sizes:
             why = f"groups that divide it: {', '.join(map(str, sizes))}"
         else:

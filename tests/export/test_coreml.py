@@ -558,10 +558,11 @@ def wide_model(tmp_path_factory):
     """tiny:4.5 with a 1024-wide, one-layer LLM (make-tiny has no width option between tiny and real widths, and a
     real-width LLM layer takes a minute to convert)."""
     from mcq.models import tiny
+    from mcq.models.minicpmv import tiny as resampler_tiny
 
-    real_config = tiny.tiny_config
+    real_config = resampler_tiny.tiny_config
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tiny, "tiny_config", lambda spec, *args: {**real_config(spec, *args), **WIDE_LLM})
+        patch.setattr(resampler_tiny, "tiny_config", lambda spec, *args: {**real_config(spec, *args), **WIDE_LLM})
         return tiny.make_tiny(tmp_path_factory.mktemp("wide") / "model", tiny.TinySpec(version="4.5", llm_layers=1))
 
 

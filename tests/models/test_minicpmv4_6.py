@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer, MiniCPMV4_6ForConditionalGeneration
 
+from checkpoint_files import stored_tensors  # tests/checkpoint_files.py
 from minicpmv4_6_inputs import image_inputs, random_image  # tests/minicpmv4_6_inputs.py
 
 from mcq.cli import main
@@ -20,6 +21,7 @@ from mcq.errors import McqError
 from mcq.models.family import component_or_other
 from mcq.models.loading import model_spec, open_checkpoint
 from mcq.models.minicpmv4_6.facts import PROCESSOR_TOKENS
+from mcq.models.minicpmv4_6.tiny import OUTLIER_NORMS
 from mcq.models.tiny import TinySpec, make_tiny, resolve_tiny
 from mcq.models.weights import named_blocks, shell_model
 
@@ -94,8 +96,8 @@ def test_make_tiny46_is_deterministic_and_seeded(tmp_path):
 
 
 def test_make_tiny46_refuses_what_it_cannot_build(tmp_path):
-    with pytest.raises(McqError, match="--outliers is not available"):
-        make_tiny(tmp_path / "o", TinySpec(version="4.6", outliers=True))
+    with pytest.raises(McqError, match="--real-widths is not available"):
+        make_tiny(tmp_path / "o", TinySpec(version="4.6", real_widths=True))
     with pytest.raises(McqError, match="more than 1 vision layers"):
         make_tiny(tmp_path / "v", TinySpec(version="4.6", vision_layers=1))
 
@@ -153,3 +155,18 @@ def test_commands_of_the_resampler_family_refuse_46_in_one_line(tiny46, capsys):
         model_spec(tiny46)
     assert main(["chat", "--model", "tiny:4.6", "hi"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_tiny46_outliers_scale_two_channels_of_each_norm_that_feeds_linears():
+    """tiny:4.6-outliers is tiny:4.6 with 2 channels of every such norm 20-50x stronger: for the LLM's RMSNorms,
+    which scale by 1 + weight, on that scale; nothing else changes."""
+    plain, outliers = stored_tensors(resolve_tiny("tiny:4.6")), stored_tensors(resolve_tiny("tiny:4.6-outliers"))
+    changed = {name for name in plain if not torch.equal(plain[name], outliers[name])}
+    norms = {name for name in plain if name.endswith(tuple(f"{n}.weight" for n in OUTLIER_NORMS))}
+    assert changed == norms and len(norms) == 3 * 2 + 2 + 1 + 4 * 2   # encoder, vit_merger, merger, LLM layers
+    for name in norms:
+        offset = 1.0 if name.startswith("model.language_model.") else 0.0
+        ratio = (offset + outliers[name].float()) / (offset + plain[name].float())
+        strong = ratio > 1.5
+        assert strong.sum() == 2 and bool(((ratio[strong] > 19) & (ratio[strong] < 51)).all()), name
+        assert torch.allclose(ratio[~strong], torch.ones(1)), name

@@ -301,13 +301,14 @@ def test_outliers_give_a_few_norm_channels_a_large_gain(tmp_path):
 def test_make_tiny_writes_the_bytes_save_pretrained_wrote(tmp_path):
     """The streaming shard writer gives small tiny models exactly the files `save_pretrained` of the whole model
     wrote (the bytes every test and documented number was measured on)."""
-    from mcq.models import tiny
+    from mcq.models.minicpmv import tiny
+    from mcq.models.tiny import add_outliers
 
     ours = make_tiny(tmp_path / "ours", TinySpec(version="4.5", outliers=True))
     config = json.loads((ours / "config.json").read_text())
     torch.manual_seed(0)
     model = MiniCPMV(AutoConfig.from_pretrained(ours))
-    tiny._add_outliers(model, 0)
+    add_outliers(model, 0, tiny.OUTLIER_NORMS)
     model = model.to(torch.bfloat16)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(tmp_path / "theirs", max_shard_size=max(total // 3, 1 << 16))
@@ -342,7 +343,7 @@ def test_shard_writer_matches_safetensors(tmp_path):
 def test_per_block_init_real_vocab(tmp_path, monkeypatch):
     """The per-block initialization real widths use (here at tiny widths): a loadable checkpoint, deterministic,
     each block from its own seed (layer 0 is the same at any depth), with the official 151,748-row tables."""
-    from mcq.models import tiny
+    from mcq.models.minicpmv import tiny
     from mcq.models.weights import CheckpointReader
 
     monkeypatch.setattr(tiny, "_per_block", lambda spec: True)

@@ -15,7 +15,7 @@ import torch
 
 from mcq.calibration import load_samples
 from mcq.calibration.encode import encode_sample
-from mcq.models.family import SMOOTHING_PAIRS, linear_layers
+from mcq.models.family import family_for, linear_layers
 from mcq.models.loading import load_processor, model_spec
 from mcq.models.weights import CheckpointReader, named_blocks, shell_model
 from mcq.quantize import awq
@@ -74,8 +74,8 @@ def test_pairs_that_cannot_smooth_are_reported_with_the_reason(tiny45):
     layer = model.llm.model.layers[0]
     names = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
     # q_proj kept (an ignore pattern, say), down_proj rounded with GPTQ
-    pairs, skipped = awq.resolve_pairs(layer, SMOOTHING_PAIRS["llm"], {**dict.fromkeys(names, "awq"),
-                                                                      "mlp.down_proj": "gptq"})
+    pairs, skipped = awq.resolve_pairs(layer, family_for("minicpmv").smoothing_pairs["llm"],
+                                       {**dict.fromkeys(names, "awq"), "mlp.down_proj": "gptq"})
     assert [(p.smooth, p.balance, p.parent) for p in pairs] == [
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")]
     # up_proj → down_proj is no AWQ pair here (its balance layer is GPTQ's): not applied, and nothing to report
@@ -118,7 +118,7 @@ def quantized_block(captured, awq_recipe_on):
         plan = plan_quantization(awq_recipe_on(engine, **args), linear_layers(shell_model(config)))
         block = dict(named_blocks(shell_model(config)))[name]
         CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
-        quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=torch.bfloat16)
+        quantizer = LlmCompressorBlockQuantizer(plan, family_for(config.model_type), scale_dtype=torch.bfloat16)
         quantizer.quantize(name, block, calls[name])
         return block, quantizer
 
@@ -223,7 +223,7 @@ def test_a_block_with_awq_layers_but_no_pair_is_still_clipped(captured, awq_reci
     name = "vpm.encoder.layers.0"
     block = dict(named_blocks(shell_model(config)))[name]
     CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
-    quantizer = LlmCompressorBlockQuantizer(plan, scale_dtype=torch.bfloat16)
+    quantizer = LlmCompressorBlockQuantizer(plan, family_for(config.model_type), scale_dtype=torch.bfloat16)
     quantizer.quantize(name, block, calls[name])
     assert quantizer.awq_results[name] == [] and [r.layer for r in quantizer.clip_results[name]] == ["mlp.fc2"]
 

@@ -38,7 +38,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mcq.models.family import linear_layers
+from mcq.models.family import family_for, linear_layers
 from mcq.models.loading import meta_skeleton, model_spec
 from mcq.models.minicpmv.tokenization import load_tokenizer
 from mcq.models.weights import CheckpointReader, shell_model
@@ -118,7 +118,7 @@ def run_oneshot(parity, method: str) -> dict[str, torch.Tensor]:
     if llm_rule(plan)[1] == "gptq":
         recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=args["block_size"],
                                dampening_frac=args["dampening_frac"])]
-    else:   # llm-compressor's own Qwen3 mappings, the pairs mcq smooths (family.SMOOTHING_PAIRS)
+    else:   # llm-compressor's own Qwen3 mappings, the pairs mcq smooths (the family's smoothing_pairs)
         recipe = [AWQModifier(duo_scaling=args["duo_scaling"], n_grid=args["n_grid"]),
                   QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     # float32 like mcq's driver; loaded from a real directory (oneshot re-reads config.name_or_path)
@@ -146,7 +146,8 @@ def run_mcq(parity, method: str, attention: str = "sdpa", propagate: str = "as_s
     config._attn_implementation = attention
     model = shell_model(config)
     assert model.llm.config._attn_implementation == attention
-    quantizer = LlmCompressorBlockQuantizer(parity["plans"][method], scale_dtype=torch.bfloat16)
+    quantizer = LlmCompressorBlockQuantizer(parity["plans"][method], family_for(config.model_type),
+                                            scale_dtype=torch.bfloat16)
     tensors, hooks = {}, []
 
     def quantize(name, block, calls):

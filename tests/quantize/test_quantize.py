@@ -259,19 +259,20 @@ def test_json_output_is_pure_json(tiny45, tmp_path):
 
 
 def test_pad_grows_the_vision_mlp_exactly_and_quantizes_it_with_the_full_group(tiny45, tmp_path):
-    from mcq.models.family import pad_intermediate
+    from mcq.models.family import family_for, pad_intermediate
 
     reference = load_model(tiny45, dtype="float32")
     layer = reference.vpm.encoder.layers[0]
     hidden = torch.randn(2, 10, 128)
     before = layer.mlp(hidden)
-    pad_intermediate(layer, "vision", 512)
+    mlps = family_for("minicpmv").paddable_mlps
+    pad_intermediate(layer, mlps["vision"], 512)
     assert layer.mlp.fc1.out_features == layer.mlp.fc2.in_features == 512
     assert torch.allclose(layer.mlp(hidden), before, atol=1e-6)
     decoder = reference.llm.model.layers[0]          # SiLU(gate) * up → down_proj: padded the same way
     hidden = torch.randn(2, 10, 256)
     before, width = decoder.mlp(hidden), decoder.mlp.down_proj.in_features + 128
-    pad_intermediate(decoder, "llm", width)
+    pad_intermediate(decoder, mlps["llm"], width)
     assert decoder.mlp.gate_proj.out_features == decoder.mlp.up_proj.out_features == width
     assert torch.allclose(decoder.mlp(hidden), before, atol=1e-6)
 

@@ -17,9 +17,8 @@ from mcq.quantize.api import quantize
 from checkpoint_files import stored_tensors  # tests/checkpoint_files.py
 from minicpmv4_6_inputs import image_inputs, random_image  # tests/minicpmv4_6_inputs.py
 
-# The built-in recipes name the resampler family's modules (^llm\., ^vpm\.); this one names 4.6's, with the LLM and
-# the vision encoder layers quantized and the mergers left dense. Target `mcq`: the runtime rules know no 4.6
-# module kinds yet, so the vLLM targets would keep every layer dense.
+# A user recipe in 4.6's own module names (match rules), with the LLM and the vision encoder layers quantized and
+# the mergers left dense, for mcq's own loader (no serving runtime's rules).
 RECIPE = """
 name: rtn-w4g128-46
 method: rtn
@@ -96,16 +95,45 @@ def test_rtn46_reloads_in_transformers_close_to_bf16(tiny46, rtn46):
     assert greedy.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_the_default_recipe_reaches_every_46_component(tmp_path):
+    """rtn-w4g128's rules select components, so on 4.6 they cover its vision tower, vit_merger, merger and LLM."""
+    out = tmp_path / "default"
+    result = quantize("tiny:4.6", out, method="rtn", target="mcq", progress=False)
+    assert result.recipe == "rtn-w4g128"
+    assert list(result.layers) == ["vision", "vit_merger", "merger", "llm"]   # data-flow order
+    # Everything but the tied lm_head: 3 x 6 encoder, 6 vit_merger, 2 merger, 3 x 8 linear-attention + 7 full.
+    assert {c: (row["quantized"], row["kept"]) for c, row in result.layers.items()} == {
+        "vision": (18, 0), "vit_merger": (6, 0), "merger": (2, 0), "llm": (31, 1)}
+    stored = stored_tensors(out)
+    for name in ("model.vision_tower.vit_merger.linear_2", "model.vision_tower.vit_merger.self_attn.q_proj",
+                 "model.merger.mlp.0.linear_1"):
+        assert f"{name}.weight_packed" in stored and f"{name}.weight" not in stored, name
+
+
+def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_dense(tiny46, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--method", "rtn", "--model", "tiny:4.6", "--out", str(out)]) == 0
+    assert "for vllm-gpu" in capsys.readouterr().out
+    stored = stored_tensors(out)
+    for name in ("model.vision_tower.vit_merger.linear_1", "model.merger.mlp.0.linear_2"):
+        assert f"{name}.weight" in stored and f"{name}.weight_packed" not in stored, name
+    for name in ("model.vision_tower.vit_merger.self_attn.k_proj", "model.language_model.layers.0.linear_attn.in_proj_z",
+                 "model.language_model.layers.0.linear_attn.in_proj_a"):
+        assert f"{name}.weight_packed" in stored, name
+    manifest = json.loads((out / "mcq-manifest.json").read_text())
+    assert manifest["extra"]["runtimes"]["vllm-gpu"] == "target"
+
+
 def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
-    # vision_config.intermediate_size also sizes the vit_merger: padding the encoder MLPs is not exact through it.
-    with pytest.raises(McqError, match="pads the vision MLPs .* MiniCPM-V 4.6"):
+    # vision_config.intermediate_size also sizes the vit_merger: 4.6's family declares only the LLM's MLP paddable.
+    with pytest.raises(McqError, match=r"'pad' .*encoder\.layers\.0\.mlp\.fc2 \(in_features 464.*pad grows only an "
+                                       r"MLP's intermediate width \(mlp\.down_proj\)"):
         quantize(tiny46, tmp_path / "pad", recipe=_recipe(tmp_path, "pad"), progress=False)
     assert not (tmp_path / "pad").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "gptq"], "gptq calibrates through the model's blocks, which mcq does not do for MiniCPM-V 4.6"),
-    (["--method", "rtn"], "recipe rtn-w4g128 quantizes nothing on this model"),   # resampler-family names
 ])
 def test_what_46_cannot_do_yet_is_one_line(argv, message, tmp_path, capsys):
     assert main(["quantize", "--model", "tiny:4.6", "--out", str(tmp_path / "q"), *argv]) == 2

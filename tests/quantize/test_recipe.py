@@ -11,13 +11,17 @@ import yaml
 
 from mcq.cli import main
 from mcq.errors import McqError
-from mcq.models.family import LinearInfo, linear_layers
+from mcq.models.family import LinearInfo, family_for, linear_layers
 from mcq.models.loading import meta_skeleton, model_spec
 from mcq.quantize.recipe import (METHOD_ARGS, LayerScheme, builtin_recipe_names, dividing_groups, load_recipe,
                                  parse_recipe, plan_quantization)
 
 BUILTINS = {"awq-w4g128": "awq", "gptq-w4g128": "gptq", "rtn-w4g128": "rtn", "rtn-w8": "rtn", "bnb-nf4": "bnb",
             "bnb-int8": "bnb", "awq-llm-only": "awq"}
+
+
+# The resampler family's paddable MLPs, as `linear_layers` attaches them to a real model's Linears.
+MLPS = family_for("minicpmv").paddable_mlps
 
 
 def _real_45() -> list[LinearInfo]:
@@ -30,15 +34,15 @@ def _real_45() -> list[LinearInfo]:
                    LinearInfo(prefix + "self_attn.k_proj", "llm", 4096, 1024),
                    LinearInfo(prefix + "self_attn.v_proj", "llm", 4096, 1024),
                    LinearInfo(prefix + "self_attn.o_proj", "llm", 4096, 4096),
-                   LinearInfo(prefix + "mlp.gate_proj", "llm", 4096, 12288),
-                   LinearInfo(prefix + "mlp.up_proj", "llm", 4096, 12288),
-                   LinearInfo(prefix + "mlp.down_proj", "llm", 12288, 4096)]
+                   LinearInfo(prefix + "mlp.gate_proj", "llm", 4096, 12288, MLPS["llm"]),
+                   LinearInfo(prefix + "mlp.up_proj", "llm", 4096, 12288, MLPS["llm"]),
+                   LinearInfo(prefix + "mlp.down_proj", "llm", 12288, 4096, MLPS["llm"])]
     layers.append(LinearInfo("llm.lm_head", "llm", 4096, 151748))
     for i in range(2):
         prefix = f"vpm.encoder.layers.{i}."
         layers += [LinearInfo(prefix + f"self_attn.{p}_proj", "vision", 1152, 1152) for p in ("q", "k", "v", "out")]
-        layers += [LinearInfo(prefix + "mlp.fc1", "vision", 1152, 4304),
-                   LinearInfo(prefix + "mlp.fc2", "vision", 4304, 1152)]
+        layers += [LinearInfo(prefix + "mlp.fc1", "vision", 1152, 4304, MLPS["vision"]),
+                   LinearInfo(prefix + "mlp.fc2", "vision", 4304, 1152, MLPS["vision"])]
     layers += [LinearInfo("resampler.kv_proj", "resampler", 1152, 4096),
                *[LinearInfo(f"resampler.attn.{p}_proj", "resampler", 4096, 4096) for p in ("q", "k", "v")],
                LinearInfo("resampler.attn.out_proj", "resampler", 4096, 4096),
@@ -144,9 +148,9 @@ def test_builtins_on_the_real_45_widths():
     plan = plan_quantization(load_recipe("awq-w4g128"), REAL_45)
     fc2 = plan.layer(FC2[0])
     assert fc2.scheme == LayerScheme(4, 128, False) and fc2.fallback and fc2.pad_to == 4352
-    assert fc2.reason == ("rule 2 (^vpm\\.), group 128, inputs zero-padded 4304 → 4352 (with the rows that feed "
-                          "them; exact): no group ≤ 128 that vllm-gpu runs divides 4304")
-    assert plan.layer("llm.model.layers.0.mlp.down_proj").reason == "rule 1 (^llm\\.)"
+    assert fc2.reason == ("rule 2 (component: vision, vit_merger, merger), group 128, inputs zero-padded 4304 → 4352 "
+                          "(with the rows that feed them; exact): no group ≤ 128 that vllm-gpu runs divides 4304")
+    assert plan.layer("llm.model.layers.0.mlp.down_proj").reason == "rule 1 (component: llm)"
     assert plan.layer("resampler.attn.v_proj").scheme is None
     assert plan.layer("resampler.kv_proj").scheme == LayerScheme(4, 128, False)
     assert plan.summary() == {"vision": {"quantized": 12, "kept": 0, "changed": 4},
@@ -158,7 +162,8 @@ def test_builtins_on_the_real_45_widths():
     # For mcq's own loader the same recipe keeps today's plan: fc2 at group 16, the resampler quantized whole.
     own = plan_quantization(load_recipe("awq-w4g128").with_targets("mcq"), REAL_45)
     assert own.layer(FC2[0]).scheme == LayerScheme(4, 16, False)
-    assert own.layer(FC2[0]).reason == "rule 2 (^vpm\\.), group 128 → 16: 4304 = 16 × 269"
+    assert own.layer(FC2[0]).reason == ("rule 2 (component: vision, vit_merger, merger), group 128 → 16: "
+                                        "4304 = 16 × 269")
     assert own.layer("resampler.attn.v_proj").scheme == LayerScheme(4, 128, False)
     assert list(own.schemes()) == [LayerScheme(4, 16, False), LayerScheme(4, 128, False)]
     assert own.schemes()[LayerScheme(4, 16, False)] == FC2
@@ -178,7 +183,7 @@ def test_builtins_on_the_real_45_widths():
 
 
 def test_awq_llm_only_refuses_an_llm_width_that_128_does_not_divide():
-    odd = [*REAL_45, LinearInfo("llm.model.layers.2.mlp.down_proj", "llm", 4304, 4096)]
+    odd = [*REAL_45, LinearInfo("llm.model.layers.2.mlp.down_proj", "llm", 4304, 4096, MLPS["llm"])]
     with pytest.raises(McqError, match=r"llm\.model\.layers\.2\.mlp\.down_proj \(in_features 4304"):
         plan_quantization(load_recipe("awq-llm-only"), odd)
 
@@ -329,8 +334,8 @@ def _with(**changes):
 INVALID = {
     "unknown top key": (_with(top__rule=[]), "test: unknown key 'rule'; allowed keys: name, description, method, "
                                             "method_args, calibration, ignore, quantize_lm_head, target, rules"),
-    "unknown rule key": (_with(rule2__bit=4), "test: rule 2: unknown key 'bit'; allowed keys: match, bits, group_size, "
-                                             "symmetric, non_divisible"),
+    "unknown rule key": (_with(rule2__bit=4), "test: rule 2: unknown key 'bit'; allowed keys: component, match, bits, "
+                                             "group_size, symmetric, non_divisible, method"),
     "unknown method arg": (_with(method_args__n_grids=3), "test: method_args: unknown key 'n_grids' (for awq); "
                                                          "allowed keys: engine, duo_scaling, n_grid, weight_observer, "
                                                          "loss_tokens, weight_clip"),
@@ -371,6 +376,14 @@ INVALID = {
     "calibration value": (_with(calibration__num_samples=0), "calibration: num_samples must be a positive integer"),
     "lm_head flag": (_with(top__quantize_lm_head="no"), "quantize_lm_head must be true or false"),
     "method_args not mapping": (_with(top__method_args=[1]), "method_args must be a mapping"),
+    "unknown component": (_with(rule2__component="vpm"), "test: rule 2: component: unknown component 'vpm'; "
+                                                         "components: vision, resampler, llm, vit_merger, merger"),
+    "component in a list": (_with(rule2__component=["llm", "projector"]), "unknown component 'projector'"),
+    "component not a name": (_with(rule2__component=3), "rule 2: component must be a component name or a list"),
+    "empty component list": (_with(rule2__component=[]), "rule 2: component must be a component name or a list"),
+    "no selector": ({**GOOD, "rules": [{"bits": 4}]}, "rule 1: missing key 'component' or 'match'"),
+    "bnb unknown component": ({"name": "t", "method": "bnb", "rules": [{"component": "apm", "bits": 4}]},
+                              "rule 1: component: unknown component 'apm'"),
 }
 
 
@@ -519,3 +532,32 @@ def test_a_rule_may_pick_another_calibrated_method():
     assert load_recipe("awq-w4g128").rules[-1].method == "gptq"
     with pytest.raises(McqError, match="rule 1: method"):
         parse_recipe({"name": "t", "method": "rtn", "rules": [{"match": "x", "bits": 4, "method": "gptq"}]}, "t")
+
+
+# ---------------------------------------------------------------------------------------------------- components
+
+def test_a_rule_selects_by_component_and_by_name_together():
+    recipe = parse_recipe({"name": "t", "method": "rtn", "target": "mcq", "rules": [
+        {"component": "vision", "match": "mlp\\.fc2$", "bits": 8, "group_size": "channel"},
+        {"component": ["llm", "resampler"], "bits": 4}]}, "t")
+    plan = plan_quantization(recipe, REAL_45)
+    assert plan.layer(FC2[0]).scheme == LayerScheme(8, None, True)
+    assert plan.layer("vpm.encoder.layers.0.mlp.fc1").reason == "no rule matches"   # vision, but not fc2
+    assert plan.layer("resampler.kv_proj").reason == "rule 2 (component: llm, resampler)"
+    assert plan.layer(FC2[0]).reason == "rule 1 (component: vision; mlp\\.fc2$)"
+    assert recipe.to_dict()["rules"][1]["component"] == ["llm", "resampler"]
+    assert parse_recipe(recipe.to_dict(), "again") == recipe
+
+
+def test_a_name_only_rule_reads_and_dumps_as_before_components():
+    """User recipes written with `match:` alone keep their plan reasons and their dumped form (manifests, cards)."""
+    rule = parse_recipe({"name": "t", "method": "rtn", "rules": [{"match": "^llm\\.", "bits": 4}]}, "t").rules[0]
+    assert rule.describe() == "rule 1 (^llm\\.)" and rule.components == ()
+    assert list(parse_recipe({"name": "t", "method": "rtn", "rules": [{"match": "^llm\\.", "bits": 4}]}, "t")
+                .to_dict()["rules"][0]) == ["match", "bits", "group_size", "symmetric", "non_divisible", "method"]
+
+
+def test_builtin_rules_name_components_not_module_names():
+    """The built-in recipes apply to every family: no rule names a family's module prefix."""
+    for name in builtin_recipe_names():
+        assert all(rule.pattern is None and rule.components for rule in load_recipe(name).rules), name

@@ -11,18 +11,19 @@ from safetensors import safe_open
 
 from mcq.cli import main
 from mcq.errors import McqError
+from mcq.models.families import RELEASES
 from mcq.models.family import LinearInfo, linear_layers
-from mcq.models.loading import meta_skeleton, model_spec
+from mcq.models.loading import meta_skeleton, model_spec, open_checkpoint
 from mcq.models.minicpmv import checkpoint_names
 from mcq.models.runtimes import (BITSANDBYTES, COMPRESSED_TENSORS, DEFAULT_TARGETS, KINDS, RUNTIMES, kind_of)
+from mcq.models.tiny import resolve_tiny
 from mcq.quantize.recipe import LayerScheme, load_recipe, parse_recipe, plan_quantization
 
 from test_recipe import FC2, REAL_45, RESAMPLER_DENSE  # tests/quantize is on sys.path (pytest prepend)
 
 
 def _linears(path) -> list[LinearInfo]:
-    _, config, _ = model_spec(path)
-    return linear_layers(meta_skeleton(config))
+    return linear_layers(meta_skeleton(open_checkpoint(path).config))
 
 
 def _plan(rules, target, **top):
@@ -50,16 +51,28 @@ def test_runtimes_that_read_the_official_layout_keep_its_packed_modules_dense():
         assert dense == (set(renamed) if runtime.official_layout else set()), runtime.name
 
 
-def test_every_linear_of_every_version_has_a_kind(tiny_path):
-    linears = _linears(tiny_path)
-    kinds = {layer.name: kind_of(layer.name) for layer in linears}
-    assert all(kinds.values()), [name for name, kind in kinds.items() if kind is None]
-    assert {kind.name for kind in kinds.values()} == {kind.name for kind in KINDS}
+def test_every_linear_of_every_release_has_a_kind():
+    """Each release's Linears all have a kind, and every kind is some release's (no rule for modules that exist
+    nowhere)."""
+    seen = set()
+    for release in RELEASES:
+        kinds = {layer.name: kind_of(layer.name) for layer in _linears(resolve_tiny(f"tiny:{release}"))}
+        assert all(kinds.values()), (release, [name for name, kind in kinds.items() if kind is None])
+        seen |= {kind.name for kind in kinds.values()}
+    assert seen == {kind.name for kind in KINDS}
     assert kind_of("llm.model.layers.3.mlp.up_proj").fused_group("llm.model.layers.3.mlp.up_proj") == \
         "llm.model.layers.3.mlp.gate_up_proj"
     assert kind_of("vpm.encoder.layers.0.self_attn.k_proj").fused_group("vpm.encoder.layers.0.self_attn.k_proj") \
         == "vpm.encoder.layers.0.self_attn.qkv_proj"
     assert kind_of("vpm.encoder.layers.0.self_attn.out_proj").fused_group("x") is None
+    # 4.6: vLLM's Qwen3.5 fuses the Gated DeltaNet input projections, its vit_merger fuses q/k/v.
+    layer = "model.language_model.layers.0.linear_attn."
+    assert [kind_of(layer + name).fused_group(layer + name) for name in ("in_proj_qkv", "in_proj_z", "in_proj_b",
+                                                                         "in_proj_a")] == \
+        [layer + "in_proj_qkvz"] * 2 + [layer + "in_proj_ba"] * 2
+    merger = "model.vision_tower.vit_merger.self_attn."
+    assert kind_of(merger + "v_proj").fused_group(merger + "v_proj") == merger + "qkv_proj"
+    assert kind_of("lm_head").name == kind_of("llm.lm_head").name == "llm.lm_head"
 
 
 # ---------------------------------------------------------------------------------------------------- plans
@@ -78,7 +91,7 @@ def test_a_cpu_target_makes_zero_points_symmetric_and_says_why():
     plan = plan_quantization(load_recipe("awq-w4g128").with_targets("vllm-cpu"), REAL_45)
     assert {scheme.symmetric for scheme in plan.schemes()} == {True}
     assert plan.layer("llm.model.layers.0.self_attn.q_proj").reason == \
-        "rule 1 (^llm\\.), symmetric: vllm-cpu runs no zero points at 4 bits"
+        "rule 1 (component: llm), symmetric: vllm-cpu runs no zero points at 4 bits"
     assert plan.problems("vllm-gpu") == []   # symmetric int4 runs on GPUs too
     # The default (vllm-gpu) keeps its zero points, and the CPU build cannot take that plan.
     gpu = plan_quantization(load_recipe("awq-w4g128"), REAL_45)
@@ -138,8 +151,9 @@ def test_weight_only_int8_on_vllm_cpu_is_refused_naming_layers_rule_and_reason()
     assert "\n" not in message and message.startswith("recipe rtn-w8 cannot be loaded by its target (vllm-cpu): ")
     why = ("vllm-cpu runs int4 without zero points, not int8 without zero points (CPUWNA16: int4 without zero points, "
            "both widths multiples of 32)")
-    assert message.count(why) == 1 and message.endswith("vpm.encoder.layers.*.mlp.fc2 (rule 2 (^vpm\\.)), "
-                                                        "resampler.kv_proj (rule 3 (^resampler\\.))")
+    assert message.count(why) == 1 and message.endswith(
+        "vpm.encoder.layers.*.mlp.fc2 (rule 2 (component: vision, vit_merger, merger)), "
+        "resampler.kv_proj (rule 3 (component: resampler))")
     assert f"{why}: llm.model.layers.*.self_attn.q_proj, " in message
 
 
@@ -252,7 +266,8 @@ def test_the_default_output_keeps_the_official_layout_and_consistent_fused_group
     assert "## Runtimes\n\nBuilt for: `vllm-gpu`" in card
     assert "| `vllm-cpu`: vLLM's CPU build" in card and "| no | no: vllm-cpu runs int4 without zero points" in card
     assert ("`resampler.attn.q_proj, resampler.attn.k_proj, resampler.attn.v_proj, resampler.attn.out_proj` (4): "
-            "dense: rule 3 (^resampler\\.), kept dense for vllm-gpu: vLLM builds resampler.attn as torch") in card
+            "dense: rule 3 (component: resampler), kept dense for vllm-gpu: vLLM builds resampler.attn as "
+            "torch") in card
     manifest = json.loads((out / "mcq-manifest.json").read_text())
     assert manifest["recipe"]["target"] == ["vllm-gpu"] and manifest["extra"]["plan"]["targets"] == ["vllm-gpu"]
     assert manifest["extra"]["runtimes"] == result.runtimes
@@ -297,3 +312,55 @@ def test_a_recipe_whose_every_layer_a_target_keeps_dense_quantizes_nothing():
                                      "(rule 1 (^resampler\\.(attn|proj)), kept dense for vllm-gpu: vLLM builds "
                                      "resampler.attn as torch nn.MultiheadAttention")
     assert _plan([{"match": "^resampler\\.(attn|proj)", "bits": 4}], "mcq").layer("resampler.proj").scheme
+
+
+# ---------------------------------------------------------------------------------------------------- MiniCPM-V 4.6
+
+def _linears_46(**text_config) -> list[LinearInfo]:
+    """tiny:4.6's Linears, with `text_config` fields changed (a meta skeleton: no weights)."""
+    config = open_checkpoint(resolve_tiny("tiny:4.6")).config
+    for key, value in text_config.items():
+        setattr(config.text_config, key, value)
+    return linear_layers(meta_skeleton(config))
+
+
+def test_the_default_recipe_on_46_keeps_what_vllm_builds_as_plain_linears_dense():
+    plan = plan_quantization(load_recipe("rtn-w4g128"), _linears_46())
+    assert plan.targets == ("vllm-gpu",) and plan.problems("vllm-gpu") == []
+    plain = ["model.vision_tower.vit_merger.linear_1", "model.vision_tower.vit_merger.linear_2",
+             "model.merger.mlp.0.linear_1", "model.merger.mlp.0.linear_2"]
+    assert {layer.name for layer in plan.kept()} == {*plain, "lm_head"}
+    assert all("vLLM builds MiniCPM-V 4.6's vit_merger.linear_1/2 and merger.* as plain nn.Linear" in
+               plan.layer(name).reason for name in plain)
+    # What vLLM builds with the quantization config is quantized: the vit_merger's attention, both LLM layer kinds.
+    layer = "model.language_model.layers.0.linear_attn."
+    for name in ("model.vision_tower.vit_merger.self_attn.q_proj", "model.vision_tower.vit_merger.self_attn.out_proj",
+                 layer + "in_proj_qkv", layer + "in_proj_z", layer + "in_proj_b", layer + "in_proj_a",
+                 layer + "out_proj", "model.language_model.layers.3.self_attn.q_proj"):
+        assert plan.layer(name).scheme == LayerScheme(4, 128, False), name
+    # No group Marlin runs divides 464, and 4.6's encoder MLP cannot be padded: per channel.
+    fc2 = plan.layer("model.vision_tower.encoder.layers.0.mlp.fc2")
+    assert fc2.scheme == LayerScheme(4, None, False) and fc2.pad_to is None
+
+
+@pytest.mark.parametrize("member,fused", [("in_proj_z", "in_proj_qkvz"), ("in_proj_a", "in_proj_ba")])
+def test_a_linear_attention_group_planned_two_ways_is_refused_for_vllm(member, fused):
+    rules = [{"match": member + "$", "bits": 8, "group_size": "channel"}, {"component": "llm", "bits": 4}]
+    recipe = parse_recipe({"name": "t", "method": "rtn", "target": "vllm-gpu", "rules": rules}, "t")
+    with pytest.raises(McqError, match=rf"vllm-gpu builds it as one Linear with one scheme, the plan has .*"
+                                       rf"{member} int8 per-channel sym: model\.language_model\.layers\.\*\."
+                                       rf"linear_attn\.{fused} \(fused\)"):
+        plan_quantization(recipe, _linears_46())
+    assert plan_quantization(recipe.with_targets("mcq"), _linears_46()).problems("mcq") == []
+
+
+def test_vllm_cpu_holds_in_proj_ba_by_its_fused_width():
+    """CPUWNA16 sees in_proj_b + in_proj_a as one layer: its width (two per value head) must be a multiple of 32.
+    tiny:4.6 has 8 value heads (16 fused); the release has 16 (32 fused)."""
+    recipe = parse_recipe({"name": "t", "method": "rtn", "target": "vllm-cpu",
+                           "rules": [{"component": "llm", "bits": 4}]}, "t")
+    with pytest.raises(McqError, match=r"vllm-cpu needs output widths that are multiples of 16, not 8 .*"
+                                       r"linear_attn\.in_proj_b, .*linear_attn\.in_proj_a \(rule 1"):
+        plan_quantization(recipe, _linears_46())
+    plan = plan_quantization(recipe, _linears_46(linear_num_value_heads=16))
+    assert plan.layer("model.language_model.layers.0.linear_attn.in_proj_b").scheme == LayerScheme(4, 128, True)

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from ..family import COMPONENTS
-from ..familyspec import Family
+from ..families import family_components
+from ..familyspec import Family, PaddableMlp
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
+from .tiny import write_tiny
 from .versions import version_spec
 
 
@@ -35,8 +36,33 @@ _LOAD = ("import mcq  # registers MiniCPM-V with transformers (no remote code)\n
          "model = AutoModel.from_pretrained(\n"
          "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
 
-FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV, components=tuple(COMPONENTS),
-                blocks=_blocks, embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head",
-                describe=_describe,
-                intermediate_keys={"vision": ("vision_config", "intermediate_size"), "llm": ("intermediate_size",)},
-                calibrates=True, load_code=_LOAD)
+# Inside each block, only pairs with nothing nonlinear between smooth and balance layers: so no fc1 → fc2 (GELU
+# between), and in the resampler no ln_kv → k/v (the 2D position term is added to the keys after ln_kv).
+_SMOOTHING_PAIRS = {
+    "vision": (
+        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("layer_norm2", ("mlp.fc1",)),
+    ),
+    "resampler": (
+        ("ln_q", ("attn.q_proj",)),
+        ("attn.v_proj", ("attn.out_proj",)),
+        ("ln_post", ("proj",)),
+    ),
+    "llm": (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped (and reported) under GQA: the widths differ
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+}
+
+FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCPMV,
+                components=tuple(family_components("minicpmv")), blocks=_blocks,
+                embedding="llm.model.embed_tokens.weight", lm_head="llm.lm_head", describe=_describe,
+                paddable_mlps={"vision": PaddableMlp("mlp.fc2", ("mlp.fc1",), ("vision_config", "intermediate_size")),
+                               "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                                                  ("intermediate_size",))},
+                smoothing_pairs=_SMOOTHING_PAIRS,
+                token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
+                calibrates=True, load_code=_LOAD, write_tiny=write_tiny)

@@ -1,4 +1,5 @@
-"""MiniCPM-V 4.6 facts as data (importable without torch): its components and the tokenizer's named tokens.
+"""MiniCPM-V 4.6 facts as data (importable without torch): the tokenizer's named tokens (its components are in
+`components.yaml`).
 
 `MiniCPMV4_6Processor` reads its placeholder strings from the tokenizer's named special tokens
 (`tokenizer_config.json` `extra_special_tokens`): `tokenizer.image_token`, `tokenizer.image_token_id`, ... The names
@@ -18,14 +19,4 @@ PROCESSOR_TOKENS = {
     "slice_end_token": "</slice>",
     "image_id_start_token": "<image_id>",
     "image_id_end_token": "</image_id>",
-}
-
-# Component → state-dict prefixes (transformers' names, which are the official ones), in data-flow order. The
-# vit_merger lies inside the vision tower's prefix: a name belongs to the component of its longest prefix. The head
-# is a top-level module, so its own name (no dot) is its prefix.
-COMPONENTS = {
-    "vision": ("model.vision_tower.",),
-    "vit_merger": ("model.vision_tower.vit_merger.",),
-    "merger": ("model.merger.",),
-    "llm": ("model.language_model.", "lm_head"),
 }

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from torch import nn
 from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
-from ..familyspec import Family
-from .facts import COMPONENTS, RELEASE
+from ..families import family_components
+from ..familyspec import Family, PaddableMlp
+from .facts import RELEASE
+from .tiny import write_tiny
 
 
 def _blocks(model: MiniCPMV4_6ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
@@ -37,12 +39,17 @@ _LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensor
          "model = AutoModelForImageTextToText.from_pretrained(\n"
          "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
 
-# No "vision" intermediate key: vision_config.intermediate_size also sizes the vit_merger's MLP (4x it), so padding
-# the encoder MLPs through config.json would change the vit_merger's shapes too (not supported yet).
+# Only the LLM's MLP is paddable: the encoder's fc1 -> fc2 is exact to pad like SigLIP's, but its width,
+# vision_config.intermediate_size, also sizes the vit_merger's MLP (4x it), so padding the encoder MLPs through
+# config.json would change the vit_merger's shapes too. Without it, fallback_group goes per channel on the encoder's
+# fc2 where no group a target runs divides its width, and `pad` is refused.
 # calibrates=False: the block-by-block driver captures block inputs through the resampler family's forward only;
-# 4.6's vision path (the vit_merger's windows and the shrinking target_sizes) is not wired into it yet.
+# 4.6's vision path (the vit_merger's windows and the shrinking target_sizes) is not wired into it yet, so there are
+# no smoothing pairs or token-mixing modules to declare for AWQ either.
 FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=MiniCPMV4_6ForConditionalGeneration,
-                components=tuple(COMPONENTS), blocks=_blocks, embedding="model.language_model.embed_tokens.weight",
-                lm_head="lm_head", describe=_describe,
-                intermediate_keys={"llm": ("text_config", "intermediate_size")},
-                calibrates=False, load_code=_LOAD)
+                components=tuple(family_components("minicpmv4_6")), blocks=_blocks,
+                embedding="model.language_model.embed_tokens.weight", lm_head="lm_head", describe=_describe,
+                paddable_mlps={"llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                                                  ("text_config", "intermediate_size"))},
+                smoothing_pairs={}, token_mixing={},
+                calibrates=False, load_code=_LOAD, write_tiny=write_tiny)

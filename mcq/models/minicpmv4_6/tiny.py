@@ -6,28 +6,39 @@ construction the one transformers loads. Widths are tiny but keep what matters t
 vision MLP width is 16 mod 32 like 4304 (and the `vit_merger`'s 4x wider one is 64 mod 128 like 17216),
 `insert_layer_id` lies inside the vision layers (layers before and after the `vit_merger` both exist), and the LLM
 has both layer kinds (transformers' default pattern: full attention every 4th layer, so 4 layers are 3
-linear-attention + 1 full).
+linear-attention + 1 full). `tiny:4.6-outliers` gives 2 channels of every norm that feeds Linears a 20-50x gain
+(`mcq.models.tiny.add_outliers`), as `tiny:4.5-outliers` does.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 from transformers.utils import logging as hf_logging
 
 from mcq.errors import McqError
 
+from ..tiny import add_outliers
 from ..tiny_tokenizer import write_tiny_qwen_tokenizer
 from .facts import PROCESSOR_TOKENS, RELEASE
+
+if TYPE_CHECKING:
+    from ..tiny import TinySpec
 
 LLM_LAYERS = 4
 VISION_LAYERS = 3
 # The vit_merger runs after this vision layer (the release: 6 of 27); 1 leaves one layer before it, one after.
 INSERT_LAYER_ID = 1
+
+# The norms that feed Linears (`add_outliers`): the encoder's and the vit_merger's layer_norm1/2, the mergers'
+# pre_norm before their MLPs, the LLM's input and post-attention RMSNorms (which scale by 1 + weight).
+OUTLIER_NORMS = ("input_layernorm", "post_attention_layernorm", "layer_norm1", "layer_norm2", "pre_norm")
 
 # tokenizer_config.json entries that differ from the resampler family's tiny tokenizer: transformers' own tokenizer
 # class (no remote code), the named tokens the processor reads, Qwen3.5's context length.
@@ -50,17 +61,23 @@ def tiny_config(tokenizer, llm_layers: int, vision_layers: int) -> MiniCPMV4_6Co
                              tie_word_embeddings=True, dtype="bfloat16", **ids)
 
 
-def write_tiny(staging: Path, seed: int, llm_layers: int | None, vision_layers: int | None) -> None:
-    """Write the checkpoint into `staging` (an empty directory)."""
-    llm_layers, vision_layers = llm_layers or LLM_LAYERS, vision_layers or VISION_LAYERS
+def write_tiny(staging: Path, spec: TinySpec) -> None:
+    """Write the checkpoint `spec` asks for into `staging` (an empty directory)."""
+    unsupported = [flag for flag, on in (("--real-widths", spec.real_widths), ("--real-vocab", spec.real_vocab)) if on]
+    if unsupported:
+        raise McqError(f"{unsupported[0]} is not available for a tiny MiniCPM-V {RELEASE} yet")
+    llm_layers, vision_layers = spec.llm_layers or LLM_LAYERS, spec.vision_layers or VISION_LAYERS
     if vision_layers <= INSERT_LAYER_ID:
         raise McqError(f"MiniCPM-V {RELEASE} needs more than {INSERT_LAYER_ID} vision layers: its vit_merger runs "
                        f"after layer {INSERT_LAYER_ID}")
     write_tiny_qwen_tokenizer(staging, RELEASE, _TOKENIZER_CONFIG)
     tokenizer = AutoTokenizer.from_pretrained(staging)
     config = tiny_config(tokenizer, llm_layers, vision_layers)
-    torch.manual_seed(seed)
-    model = MiniCPMV4_6ForConditionalGeneration(config).to(torch.bfloat16)
+    torch.manual_seed(spec.seed)
+    model = MiniCPMV4_6ForConditionalGeneration(config)
+    if spec.outliers:
+        add_outliers(model, spec.seed, OUTLIER_NORMS, offset=lambda norm: float(isinstance(norm, Qwen3_5RMSNorm)))
+    model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     # save_pretrained draws a progress bar per shard: noise in the output of the command that asked for tiny:4.6.
     shown = hf_logging.is_progress_bar_enabled()

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from mcq.errors import McqError
-from mcq.models.family import COMPONENTS, component_or_other
+from mcq.models.families import family_components
+from mcq.models.family import component_or_other
 
 from ..probes import Stopwatch
 from .base import MemoryPlan, Runner, config_identity
@@ -64,7 +65,8 @@ class OnnxRunner(Runner):
         from mcq.export.onnx.runtime import find_export, graph_files
 
         root, onnx_dir = find_export(path)
-        sizes = dict.fromkeys(COMPONENTS, 0)
+        model_type = json.loads((root / "config.json").read_text())["model_type"]
+        sizes = dict.fromkeys(family_components(model_type), 0)
         for file in graph_files(root).values():
             model = onnx.load(str(onnx_dir / file), load_external_data=False)
             for tensor in model.graph.initializer:
