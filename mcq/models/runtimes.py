@@ -184,11 +184,21 @@ class Runtime:
     other: Holds = field(default=_dense("a module the runtime rules do not know"))   # Linears of no known kind
     notes: str = ""              # conditions the planner cannot check (hardware, versions)
     checked_by: str = ""         # the test that loads mcq's outputs in this runtime ("" = none yet)
+    # The model families (mcq.models.families.FAMILIES) it has a model for, and why not the others; () = all.
+    families: tuple[str, ...] = ()
+    families_why: str = ""
+
+    def lacks(self, family: str) -> str | None:
+        """Why this runtime cannot load a checkpoint of `family`, None when it can."""
+        return self.families_why if self.families and family not in self.families else None
 
     def holds_for(self, layer: str) -> Holds:
         kind = kind_of(layer)
         return self.holds[kind.name] if kind else self.other
 
+
+# MiniCPM-V 4.6 is native in transformers (5.x): its releases carry no modeling code to run on transformers 4.51.
+_NO_REMOTE_CODE = "the official remote code exists for MiniCPM-V 2.6 / 4.0 / 4.5 only (4.6 is native in transformers)"
 
 RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
     Runtime(
@@ -223,13 +233,15 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         load="`AutoModel.from_pretrained(PATH, trust_remote_code=True)` in an environment with transformers 4.51 "
              "and compressed-tensors 0.9 (the checkpoint must carry the release's *.py files)",
         notes="Rules read from the official code, not run here. Its flash-attention vision path reads "
-              "q_proj.weight.dtype when its inputs are float32: load in bfloat16."),
+              "q_proj.weight.dtype when its inputs are float32: load in bfloat16.",
+        families=("minicpmv",), families_why=_NO_REMOTE_CODE),
     Runtime(
         "remote-code-bnb", "the official remote code on transformers 4.51 with bitsandbytes (needs a CUDA GPU there)",
         (BITSANDBYTES,), MappingProxyType(_remote(BNB_MODULE)), fused=False, official_layout=True,
         load="`AutoModel.from_pretrained(PATH, trust_remote_code=True, device_map='cuda')` with transformers 4.51 "
              "and bitsandbytes",
-        notes="transformers 4.51 loads bitsandbytes checkpoints on a CUDA GPU only."),
+        notes="transformers 4.51 loads bitsandbytes checkpoints on a CUDA GPU only.",
+        families=("minicpmv",), families_why=_NO_REMOTE_CODE),
 )})
 
 # The runtimes a user of each format serves with: what a recipe without `target:` is planned for.

@@ -139,6 +139,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     from mcq.models.family import linear_layers
     from mcq.models.loading import (check_device, check_layout, meta_skeleton, open_checkpoint,
                                     safetensors_component_bytes, stored_tensors)
+    from mcq.models.runtimes import RUNTIMES
     from mcq.outputs import check_output, staged_output, write_manifest
 
     started = time.perf_counter()
@@ -156,6 +157,9 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     if chosen.method in CALIBRATED_METHODS and not checkpoint.family.calibrates:
         raise McqError(f"{chosen.method} calibrates through the model's blocks, which mcq does not do for MiniCPM-V "
                        f"{checkpoint.release} yet; rtn quantizes it data-free")
+    for name in chosen.targets:
+        if why := RUNTIMES[name].lacks(checkpoint.family.name):
+            raise McqError(f"target {name} cannot load MiniCPM-V {checkpoint.release}: {why}")
     skeleton = meta_skeleton(config)
     check_layout(path, skeleton, stored_tensors(path))
     plan = plan_quantization(chosen, linear_layers(skeleton))
@@ -185,7 +189,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
             out=str(out), recipe=chosen.name, method=chosen.method,
             format="bitsandbytes" if chosen.method == "bnb" else "compressed-tensors (pack-quantized)",
             targets=list(plan.targets), layers=plan.summary(),
-            changes=[d for d in plan.decisions() if d["changed"]], runtimes=runtime_fit(plan),
+            changes=[d for d in plan.decisions() if d["changed"]],
+            runtimes=runtime_fit(plan, checkpoint.family.name),
             bytes_before=safetensors_component_bytes(path), bytes_after=safetensors_component_bytes(staging),
             seconds=0.0, calibration=described, data_free_blocks=data_free, skipped_pairs=skipped,
             awq_search=search.get("components", {}))
@@ -198,14 +203,18 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     return result
 
 
-def runtime_fit(plan: QuantPlan) -> dict[str, str]:
+def runtime_fit(plan: QuantPlan, family: str) -> dict[str, str]:
     """Every runtime that reads the plan's format: "target" (the plan was fitted to it), "loads" (its rules hold the
-    plan as well), or why it cannot (the first problem, and how many layers have one)."""
+    plan as well), or why it cannot (it has no model of `family`; else the first problem, and how many layers have
+    one)."""
     from mcq.models.runtimes import RUNTIMES
 
     fit = {}
     for name, runtime in RUNTIMES.items():
         if plan.recipe.format not in runtime.formats:
+            continue
+        if why := runtime.lacks(family):
+            fit[name] = f"no: {why}"
             continue
         problems = plan.problems(runtime)
         if name in plan.targets:

@@ -122,6 +122,8 @@ def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_den
         assert f"{name}.weight_packed" in stored, name
     manifest = json.loads((out / "mcq-manifest.json").read_text())
     assert manifest["extra"]["runtimes"]["vllm-gpu"] == "target"
+    # 4.6 is native in transformers: there is no official remote code to load it in.
+    assert manifest["extra"]["runtimes"]["remote-code"].startswith("no: the official remote code exists for")
 
 
 def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
@@ -134,6 +136,8 @@ def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "gptq"], "gptq calibrates through the model's blocks, which mcq does not do for MiniCPM-V 4.6"),
+    (["--method", "rtn", "--target", "remote-code"], "target remote-code cannot load MiniCPM-V 4.6: the official "
+                                                     "remote code exists for MiniCPM-V 2.6 / 4.0 / 4.5 only"),
 ])
 def test_what_46_cannot_do_yet_is_one_line(argv, message, tmp_path, capsys):
     assert main(["quantize", "--model", "tiny:4.6", "--out", str(tmp_path / "q"), *argv]) == 2
