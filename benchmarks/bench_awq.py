@@ -1,7 +1,8 @@
 """AWQ's scale search: mcq's own (mcq/quantize/awq.py) beside llm-compressor's AWQModifier, on the same inputs.
 
     python benchmarks/bench_awq.py [--parts blocks whole budget] [--num-samples 8] [--threads N]
-                                   [--repeats 1] [--whole-engines mcq] [--out results.json] [--keep]
+                                   [--block-engines mcq] [--loss-tokens N] [--repeats 1] [--whole-engines mcq]
+                                   [--out results.json] [--keep]
 
 JSON goes to stdout (and to --out), progress to stderr; every measured run is its own child process (exact peak
 RSS from `os.wait4`), with the 1-minute load average before and after it: the machine may be shared, and times
@@ -84,15 +85,16 @@ def part_blocks(args, workdir: Path) -> dict:
     blocks = {}
     for key, name in BLOCKS.items():
         runs = {}
-        for engine in ENGINES:
-            runs[engine] = _child("block", {"dir": str(workdir / "real-widths"), "block": name, "engine": engine},
+        for engine in args.block_engines:
+            runs[engine] = _child("block", {"dir": str(workdir / "real-widths"), "block": name, "engine": engine,
+                                            "loss_tokens": args.loss_tokens},
                                   workdir, f"{key}-{engine}", args.threads)
         blocks[key] = {"name": name, "calls": captured["blocks"][name], **runs,
-                       "time_ratio": _ratio(runs["mcq"]["block_s"], runs["llm-compressor"]["block_s"]),
-                       "search_time_ratio": _ratio(runs["mcq"]["search_s"], runs["llm-compressor"]["search_s"])}
+                       "time_ratio": _ratio(*(runs.get(e, {}).get("block_s") for e in ENGINES)),
+                       "search_time_ratio": _ratio(*(runs.get(e, {}).get("search_s") for e in ENGINES))}
     return {"num_samples": args.num_samples, "recipe_num_samples": RECIPE_NUM_SAMPLES,
             "calibration": captured["calibration"], "blocks": blocks,
-            "time_ratio": max(b["time_ratio"] for b in blocks.values())}
+            "time_ratio": max((b["time_ratio"] for b in blocks.values() if b["time_ratio"]), default=None)}
 
 
 def part_whole(args, workdir: Path) -> dict:
@@ -141,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=RECIPE_NUM_SAMPLES,
                         help="calibration samples for the real-width blocks (default 64, the recipe's)")
     parser.add_argument("--repeats", type=int, default=1, help="whole-model runs per engine (alternating order)")
+    parser.add_argument("--block-engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="the engines of the blocks part (default both; llm-compressor's takes > 30 min)")
     parser.add_argument("--whole-engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                         help="the engines of the whole-model part (default both)")
     parser.add_argument("--budget-samples", type=int, default=64)
     parser.add_argument("--budget-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-tokens", type=int, help="mcq's grid loss budget in the blocks (default: the recipe's)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in every run (default: torch's)")
     parser.add_argument("--contention", default="", help="what else ran on the machine (recorded as given)")
     parser.add_argument("--out", type=Path)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mcq-bench-awq-"))
     log(f"working in {workdir}")
     report: dict = {"settings": {
-        "parts": args.parts, "num_samples": args.num_samples, "seed": args.seed,
+        "parts": args.parts, "num_samples": args.num_samples, "seed": args.seed, "loss_tokens": args.loss_tokens,
         "threads": args.threads or "torch default", "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "contention": args.contention, "load_1min_at_start": round(os.getloadavg()[0], 2),
         "started": time.strftime("%Y-%m-%d %H:%M:%S")}}
@@ -203,8 +208,8 @@ def child_tiny(spec: dict) -> None:
     _write_result(spec, {"path": str(resolve_tiny(spec["model"]))})
 
 
-def _recipe(engine: str):
-    """The built-in awq-w4g128 on `engine`."""
+def _recipe(engine: str, loss_tokens: int | None = None):
+    """The built-in awq-w4g128 on `engine` (mcq's with `loss_tokens` instead of the recipe's, when given)."""
     from mcq.quantize.recipe import AWQ_ENGINE_ARGS, load_recipe, parse_recipe
 
     data = load_recipe("awq-w4g128").to_dict()
@@ -212,6 +217,8 @@ def _recipe(engine: str):
     for key, owner in AWQ_ENGINE_ARGS.items():   # loss_tokens, weight_clip: mcq's engine only
         if owner != engine:
             del data["method_args"][key]
+    if loss_tokens is not None and engine == "mcq":
+        data["method_args"]["loss_tokens"] = loss_tokens
     return parse_recipe(data, f"awq-w4g128 on {engine}")
 
 
@@ -256,13 +263,13 @@ def child_capture(spec: dict) -> None:
                          "blocks": summary, "versions": _versions()})
 
 
-def _plan(path: Path, engine: str):
+def _plan(path: Path, engine: str, loss_tokens: int | None = None):
     from mcq.models.family import linear_layers
     from mcq.models.loading import meta_skeleton, model_spec
     from mcq.quantize.recipe import plan_quantization
 
     _, config, _ = model_spec(path)
-    return plan_quantization(_recipe(engine), linear_layers(meta_skeleton(config)))
+    return plan_quantization(_recipe(engine, loss_tokens), linear_layers(meta_skeleton(config)))
 
 
 def child_block(spec: dict) -> None:
@@ -284,7 +291,7 @@ def child_block(spec: dict) -> None:
                   [tuple((kind, index) for kind, index in row) for row in described["origins"]])
     block = dict(named_blocks(shell_model(config)))[name]
     CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
-    plan = _plan(path, spec["engine"])
+    plan = _plan(path, spec["engine"], spec.get("loss_tokens"))
     checked = calls[: min(4, len(calls))]
     with torch.no_grad():
         reference = [block(*a, **k) for a, k in checked]
