@@ -18,9 +18,9 @@ Parts:
   rounding), `block_s` (plus the forward that gives the next block its inputs, which mcq's engine returns from its
   statistics pass and the driver otherwise runs), the peak RSS of the child and the peak during `block_s` alone
   (VmHWM reset just before), and the block's output error with its weights quantized (relative MSE against the
-  float block on the first calls), so speed is not bought with accuracy; for mcq's engine `stages_s`, where the
-  search's time went (statistics forward, candidate scales, the parents' float outputs, the grid's rounding and
-  forwards, the clip search). `time_ratio` = mcq / llm-compressor
+  float block on the first calls), so speed is not bought with accuracy; for mcq's engine `stages_s` and
+  `stages_cpu_s`, where the search's time went, wall and process CPU seconds (statistics forward, candidate
+  scales, the parents' float outputs, the grid's rounding and forwards, the clip search). `time_ratio` = mcq / llm-compressor
   `block_s`, per block and the larger of the two.
 - `whole`: `mcq quantize --method awq --model tiny:4.5` as a user runs it (the CLI, default recipe: 64 samples),
   once with the built-in recipe (mcq's engine) and once with the same recipe on llm-compressor's engine, in
@@ -310,11 +310,15 @@ def child_block(spec: dict) -> None:
     block.apply(enable_quantization)
     with torch.no_grad():
         error = [float(((block(*a, **k) - r) ** 2).mean() / (r ** 2).mean()) for (a, k), r in zip(checked, reference)]
-    stages = {stage: round(seconds, 2) for stage, seconds in stages.items()}
-    if stages:   # the grid's rounding is what candidate_losses spends outside the parent's forwards
-        stages["grid_rounding"] = round(stages.pop("candidate_losses") - stages["grid_forward"], 2)
+    stage_seconds = {}
+    for clock, seconds in stages.items():
+        split = {stage: round(value, 2) for stage, value in seconds.items()}
+        if split:   # the grid's rounding is what candidate_losses spends outside the parent's forwards
+            split["grid_rounding"] = round(split.pop("candidate_losses") - split["grid_forward"], 2)
+        stage_seconds[clock] = split
     _write_result(spec, {
-        "search_s": round(search, 2), "block_s": round(total, 2), "stages_s": stages,
+        "search_s": round(search, 2), "block_s": round(total, 2), "stages_s": stage_seconds.get("wall", {}),
+        "stages_cpu_s": stage_seconds.get("cpu", {}),
         "peak_rss_during_block_mib": round(peak / 2**20, 1) if resettable else None,
         "output_relative_mse": sum(error) / len(error),
         "pairs": [{"smooth": r.smooth, "parent": r.parent, "tokens": r.tokens, "ratio": r.ratio, "duo": r.duo}
@@ -322,24 +326,26 @@ def child_block(spec: dict) -> None:
         "skipped_pairs": quantizer.skipped_pairs, "versions": _versions()})
 
 
-def _timed_awq_stages() -> dict[str, float]:
+def _timed_awq_stages() -> dict[str, dict[str, float]]:
     """Seconds spent in each stage of mcq's AWQ search from now on in this process (its functions wrapped with
-    timers): `collect` (the statistics forward), `pair_scales`, `grid_reference` (each parent's float output),
+    timers), by the wall clock and in process CPU time (which other jobs on a shared machine bend less):
+    `collect` (the statistics forward), `pair_scales`, `grid_reference` (each parent's float output),
     `candidate_losses` (the grid: rounding the candidates and `grid_forward`, the parent's forwards that score
     them) and `clip_weight`."""
     from mcq.quantize import awq
 
-    seconds: dict[str, float] = {}
+    seconds: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
 
     def timed(owner, attribute: str, stage: str) -> None:
         function = getattr(owner, attribute)
 
         def wrapper(*args, **kwargs):
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return function(*args, **kwargs)
             finally:
-                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+                for clock, now, started in (("wall", time.perf_counter(), wall), ("cpu", time.process_time(), cpu)):
+                    seconds[clock][stage] = seconds[clock].get(stage, 0.0) + now - started
         setattr(owner, attribute, wrapper)
 
     for attribute in ("collect", "pair_scales", "candidate_losses", "clip_weight"):
