@@ -1,7 +1,8 @@
 """AWQ's scale search: mcq's own (mcq/quantize/awq.py) beside llm-compressor's AWQModifier, on the same inputs.
 
     python benchmarks/bench_awq.py [--parts blocks whole budget] [--num-samples 8] [--threads N]
-                                   [--repeats 1] [--whole-engines mcq] [--out results.json] [--keep]
+                                   [--block-engines mcq] [--loss-tokens N] [--repeats 1] [--whole-engines mcq]
+                                   [--out results.json] [--keep]
 
 JSON goes to stdout (and to --out), progress to stderr; every measured run is its own child process (exact peak
 RSS from `os.wait4`), with the 1-minute load average before and after it: the machine may be shared, and times
@@ -17,7 +18,9 @@ Parts:
   rounding), `block_s` (plus the forward that gives the next block its inputs, which mcq's engine returns from its
   statistics pass and the driver otherwise runs), the peak RSS of the child and the peak during `block_s` alone
   (VmHWM reset just before), and the block's output error with its weights quantized (relative MSE against the
-  float block on the first calls), so speed is not bought with accuracy. `time_ratio` = mcq / llm-compressor
+  float block on the first calls), so speed is not bought with accuracy; for mcq's engine `stages_s` and
+  `stages_cpu_s`, where the search's time went, wall and process CPU seconds (statistics forward, candidate
+  scales, the parents' float outputs, the grid's rounding and forwards, the clip search). `time_ratio` = mcq / llm-compressor
   `block_s`, per block and the larger of the two.
 - `whole`: `mcq quantize --method awq --model tiny:4.5` as a user runs it (the CLI, default recipe: 64 samples),
   once with the built-in recipe (mcq's engine) and once with the same recipe on llm-compressor's engine, in
@@ -82,15 +85,16 @@ def part_blocks(args, workdir: Path) -> dict:
     blocks = {}
     for key, name in BLOCKS.items():
         runs = {}
-        for engine in ENGINES:
-            runs[engine] = _child("block", {"dir": str(workdir / "real-widths"), "block": name, "engine": engine},
+        for engine in args.block_engines:
+            runs[engine] = _child("block", {"dir": str(workdir / "real-widths"), "block": name, "engine": engine,
+                                            "loss_tokens": args.loss_tokens},
                                   workdir, f"{key}-{engine}", args.threads)
         blocks[key] = {"name": name, "calls": captured["blocks"][name], **runs,
-                       "time_ratio": _ratio(runs["mcq"]["block_s"], runs["llm-compressor"]["block_s"]),
-                       "search_time_ratio": _ratio(runs["mcq"]["search_s"], runs["llm-compressor"]["search_s"])}
+                       "time_ratio": _ratio(*(runs.get(e, {}).get("block_s") for e in ENGINES)),
+                       "search_time_ratio": _ratio(*(runs.get(e, {}).get("search_s") for e in ENGINES))}
     return {"num_samples": args.num_samples, "recipe_num_samples": RECIPE_NUM_SAMPLES,
             "calibration": captured["calibration"], "blocks": blocks,
-            "time_ratio": max(b["time_ratio"] for b in blocks.values())}
+            "time_ratio": max((b["time_ratio"] for b in blocks.values() if b["time_ratio"]), default=None)}
 
 
 def part_whole(args, workdir: Path) -> dict:
@@ -139,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=RECIPE_NUM_SAMPLES,
                         help="calibration samples for the real-width blocks (default 64, the recipe's)")
     parser.add_argument("--repeats", type=int, default=1, help="whole-model runs per engine (alternating order)")
+    parser.add_argument("--block-engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="the engines of the blocks part (default both; llm-compressor's takes > 30 min)")
     parser.add_argument("--whole-engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                         help="the engines of the whole-model part (default both)")
     parser.add_argument("--budget-samples", type=int, default=64)
     parser.add_argument("--budget-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-tokens", type=int, help="mcq's grid loss budget in the blocks (default: the recipe's)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in every run (default: torch's)")
     parser.add_argument("--contention", default="", help="what else ran on the machine (recorded as given)")
     parser.add_argument("--out", type=Path)
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mcq-bench-awq-"))
     log(f"working in {workdir}")
     report: dict = {"settings": {
-        "parts": args.parts, "num_samples": args.num_samples, "seed": args.seed,
+        "parts": args.parts, "num_samples": args.num_samples, "seed": args.seed, "loss_tokens": args.loss_tokens,
         "threads": args.threads or "torch default", "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "contention": args.contention, "load_1min_at_start": round(os.getloadavg()[0], 2),
         "started": time.strftime("%Y-%m-%d %H:%M:%S")}}
@@ -201,8 +208,8 @@ def child_tiny(spec: dict) -> None:
     _write_result(spec, {"path": str(resolve_tiny(spec["model"]))})
 
 
-def _recipe(engine: str):
-    """The built-in awq-w4g128 on `engine`."""
+def _recipe(engine: str, loss_tokens: int | None = None):
+    """The built-in awq-w4g128 on `engine` (mcq's with `loss_tokens` instead of the recipe's, when given)."""
     from mcq.quantize.recipe import AWQ_ENGINE_ARGS, load_recipe, parse_recipe
 
     data = load_recipe("awq-w4g128").to_dict()
@@ -210,6 +217,8 @@ def _recipe(engine: str):
     for key, owner in AWQ_ENGINE_ARGS.items():   # loss_tokens, weight_clip: mcq's engine only
         if owner != engine:
             del data["method_args"][key]
+    if loss_tokens is not None and engine == "mcq":
+        data["method_args"]["loss_tokens"] = loss_tokens
     return parse_recipe(data, f"awq-w4g128 on {engine}")
 
 
@@ -254,13 +263,13 @@ def child_capture(spec: dict) -> None:
                          "blocks": summary, "versions": _versions()})
 
 
-def _plan(path: Path, engine: str):
+def _plan(path: Path, engine: str, loss_tokens: int | None = None):
     from mcq.models.family import linear_layers
     from mcq.models.loading import meta_skeleton, model_spec
     from mcq.quantize.recipe import plan_quantization
 
     _, config, _ = model_spec(path)
-    return plan_quantization(_recipe(engine), linear_layers(meta_skeleton(config)))
+    return plan_quantization(_recipe(engine, loss_tokens), linear_layers(meta_skeleton(config)))
 
 
 def child_block(spec: dict) -> None:
@@ -283,12 +292,13 @@ def child_block(spec: dict) -> None:
                   [tuple((kind, index) for kind, index in row) for row in described["origins"]])
     block = dict(named_blocks(shell_model(config)))[name]
     CheckpointReader(path).materialize(block, name, torch.float32, "cpu")
-    plan = _plan(path, spec["engine"])
+    plan = _plan(path, spec["engine"], spec.get("loss_tokens"))
     checked = calls[: min(4, len(calls))]
     with torch.no_grad():
         reference = [block(*a, **k) for a, k in checked]
     quantizer = LlmCompressorBlockQuantizer(plan, family_for(config.model_type), scale_dtype=torch.bfloat16)
     log(f"{name} {spec['engine']}: {len(calls)} calls")
+    stages = _timed_awq_stages() if spec["engine"] == "mcq" else {}
     resettable = reset_peak_rss()
     started = time.perf_counter()
     outputs = quantizer.quantize(name, block, calls)
@@ -301,13 +311,49 @@ def child_block(spec: dict) -> None:
     block.apply(enable_quantization)
     with torch.no_grad():
         error = [float(((block(*a, **k) - r) ** 2).mean() / (r ** 2).mean()) for (a, k), r in zip(checked, reference)]
+    stage_seconds = {}
+    for clock, seconds in stages.items():
+        split = {stage: round(value, 2) for stage, value in seconds.items()}
+        if split:   # the grid's rounding is what candidate_losses spends outside the parent's forwards
+            split["grid_rounding"] = round(split.pop("candidate_losses") - split["grid_forward"], 2)
+        stage_seconds[clock] = split
     _write_result(spec, {
-        "search_s": round(search, 2), "block_s": round(total, 2),
+        "search_s": round(search, 2), "block_s": round(total, 2), "stages_s": stage_seconds.get("wall", {}),
+        "stages_cpu_s": stage_seconds.get("cpu", {}),
         "peak_rss_during_block_mib": round(peak / 2**20, 1) if resettable else None,
         "output_relative_mse": sum(error) / len(error),
         "pairs": [{"smooth": r.smooth, "parent": r.parent, "tokens": r.tokens, "ratio": r.ratio, "duo": r.duo}
                   for r in quantizer.awq_results.get(name, [])],
         "skipped_pairs": quantizer.skipped_pairs, "versions": _versions()})
+
+
+def _timed_awq_stages() -> dict[str, dict[str, float]]:
+    """Seconds spent in each stage of mcq's AWQ search from now on in this process (its functions wrapped with
+    timers), by the wall clock and in process CPU time (which other jobs on a shared machine bend less):
+    `collect` (the statistics forward), `pair_scales`, `grid_reference` (each parent's float output),
+    `candidate_losses` (the grid: rounding the candidates and `grid_forward`, the parent's forwards that score
+    them) and `clip_weight`."""
+    from mcq.quantize import awq
+
+    seconds: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
+
+    def timed(owner, attribute: str, stage: str) -> None:
+        function = getattr(owner, attribute)
+
+        def wrapper(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                for clock, now, started in (("wall", time.perf_counter(), wall), ("cpu", time.process_time(), cpu)):
+                    seconds[clock][stage] = seconds[clock].get(stage, 0.0) + now - started
+        setattr(owner, attribute, wrapper)
+
+    for attribute in ("collect", "pair_scales", "candidate_losses", "clip_weight"):
+        timed(awq, attribute, attribute)
+    timed(awq.ParentSample, "__init__", "grid_reference")
+    timed(awq.ParentSample, "loss", "grid_forward")
+    return seconds
 
 
 def child_budget(spec: dict) -> None:

@@ -22,9 +22,10 @@ of its (up to 20) candidates; here:
   sequences, so it gets whole rows, picked round-robin over the calibration samples' kinds (document, chart, scene,
   video, ...) and within a kind over samples: one row of every kind, then more until the budget is filled.
   docs/design.md gives the measurement behind the default budget.
-- Each candidate's `Q(W·s)/s` is computed once per Linear, for as many candidates at once as a memory budget allows
-  (one batched min/max, qparams and fake-quantize through compressed-tensors' own functions, so the rounding scored
-  here is the rounding the checkpoint gets).
+- Each candidate's `Q(W·s)/s` is computed once per Linear, into a buffer the Linear keeps for the whole grid, by
+  `fake_quantize_`: compressed-tensors' qparams, then its quantize-dequantize op for op, in place (so the rounding
+  scored here is, bit for bit, the rounding the checkpoint gets; a fresh tensor per step would cost more than the
+  arithmetic: a real-width MLP weight is 200 MB, and the page faults of a new one take ten times an in-place pass).
 - The two scale forms (`duo_scaling: both`) share the activation powers, the token sample and the reference; at
   r = 1 they are the same candidate (mean|x|, up to a constant the normalization removes), evaluated once.
 
@@ -43,12 +44,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-# The candidates' rounded weights held at once (float32 bytes, all balance layers of a pair): a tiny model's 19
-# candidates fit in one batch, a real-width vision q/k/v takes 4 at a time and a real-width MLP one. Rounding
-# holds about three temporaries of that size on top.
-QDQ_CHUNK_BYTES = 64 << 20
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -273,21 +268,31 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None,
     return torch.stack(rows)
 
 
-def fake_quantized(weight: torch.Tensor, scales: torch.Tensor, args) -> torch.Tensor:
-    """`Q(W · s) / s` for each row of `scales` (`[G, in]`): `[G, out, in]`, with min/max ranges per group or per
-    output channel and compressed-tensors' qparams and rounding (`args`: the layer's QuantizationArgs)."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
+def fake_quantize_(grouped: torch.Tensor, low: torch.Tensor, high: torch.Tensor, args) -> torch.Tensor:
+    """Round `grouped` (`[..., group]`, float32) in place to the integer grid of the ranges [low, high] (`[...]`, one
+    per group) and back; returns it. The qparams are compressed-tensors' (`calculate_qparams`: scales rounded to
+    `args.scale_dtype`, integer zero points), and the steps are its `fake_quantize`'s for integer types in the same
+    order — x / scale + zero point, clamp to the integer range, round, − zero point, × scale — so the result is the
+    same bit for bit, without the five temporaries of the weight's size that `fake_quantize` allocates."""
+    from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
-    scaled = weight.unsqueeze(0) * scales[:, None, :]
-    if args.group_size:
-        grouped = scaled.unflatten(-1, (-1, args.group_size))
-        low, high = grouped.amin(-1), grouped.amax(-1)
-    else:
-        low, high = scaled.amin(-1, keepdim=True), scaled.amax(-1, keepdim=True)
+    if args.type != "int":
+        raise ValueError(f"mcq's AWQ rounds to integers only, not {args.type}")
     scale, zero_point = calculate_qparams(low, high, args)
-    quantized = fake_quantize(scaled, scale, zero_point, args)
-    return quantized.div_(scales[:, None, :])
+    q_min, q_max = calculate_range(args, grouped.device)
+    scale, zero = scale.unsqueeze(-1), zero_point.unsqueeze(-1).to(grouped.dtype)
+    return grouped.div_(scale).add_(zero).clamp_(float(q_min), float(q_max)).round_().sub_(zero).mul_(scale)
+
+
+def fake_quantized(weight: torch.Tensor, scales: torch.Tensor, args, out: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """`Q(W · s) / s` for each row of `scales` (`[G, in]`): `[G, out, in]` (in `out` when given, float32), with
+    min/max ranges per group or per output channel and compressed-tensors' qparams and rounding (`args`: the
+    layer's QuantizationArgs)."""
+    scaled = torch.mul(weight.unsqueeze(0), scales[:, None, :], out=out)
+    grouped = scaled.unflatten(-1, (-1, args.group_size or weight.shape[1]))
+    fake_quantize_(grouped, grouped.amin(-1), grouped.amax(-1), args)
+    return scaled.div_(scales[:, None, :])
 
 
 @dataclass
@@ -402,21 +407,18 @@ def pair_scales(block: nn.Module, pair: Pair, x_mean: torch.Tensor, candidates: 
 @torch.no_grad()
 def candidate_losses(block: nn.Module, pair: Pair, parent: ParentSample, scales: torch.Tensor,
                      quant_args: dict[str, Any]) -> list[float]:
-    """The parent's loss with the balance layers at `Q(W·s)/s`, for each row of `scales`; the weights are restored."""
+    """The parent's loss with the balance layers at `Q(W·s)/s`, for each row of `scales`; the weights are restored.
+    Each balance layer gets one buffer, which every candidate's rounded weights overwrite."""
     layers = [block.get_submodule(name) for name in pair.balance]
     originals = [layer.weight.data for layer in layers]
-    per_candidate = sum(w.numel() * w.element_size() for w in originals)
-    chunk = max(1, min(scales.shape[0], QDQ_CHUNK_BYTES // max(per_candidate, 1)))
+    buffers = [torch.empty((1, *w.shape), dtype=torch.promote_types(w.dtype, scales.dtype), device=w.device)
+               for w in originals]
     losses: list[float] = []
     try:
-        for start in range(0, scales.shape[0], chunk):
-            rows = scales[start: start + chunk]
-            quantized = [fake_quantized(w, rows, quant_args[name]) for w, name in zip(originals, pair.balance)]
-            for g in range(rows.shape[0]):
-                for layer, weights in zip(layers, quantized):
-                    layer.weight.data = weights[g]
-                losses.append(parent.loss())
-            del quantized
+        for g in range(scales.shape[0]):
+            for layer, weight, buffer, name in zip(layers, originals, buffers, pair.balance):
+                layer.weight.data = fake_quantized(weight, scales[g: g + 1], quant_args[name], out=buffer)[0]
+            losses.append(parent.loss())
     finally:
         for layer, weight in zip(layers, originals):
             layer.weight.data = weight
@@ -522,37 +524,35 @@ def clip_weight(weight: torch.Tensor, inputs: torch.Tensor, args) -> tuple[float
     wider than the token sample (per-channel ranges: one group of a whole row) is scored on the tokens instead,
     `|X·Δ|²`, out × in × tokens. The weights are clamped to the chosen [lo, hi] (lo ≤ 0 ≤ hi, as compressed-tensors' qparams include zero): their
     min/max is then exactly that range, so the observer that packs them rounds as it was scored here."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
-
     group = args.group_size or weight.shape[1]
     grouped = weight.float().unflatten(-1, (-1, group))                      # [out, G, group]
+    # Group-major, the layout of one batched product per group (`bmm` over G); every candidate's rounding error is
+    # written into one buffer of this shape, and its product with the Gram matrix into another.
+    by_group = grouped.transpose(0, 1).contiguous()                          # [G, out, group]
     columns = inputs.float().unflatten(-1, (-1, group))                      # [n, G, group]
+    delta, product = torch.empty_like(by_group), None
     if group <= columns.shape[0]:
         gram = torch.einsum("ngi,ngj->gij", columns, columns)
+        product = torch.empty_like(by_group)
 
-        def score(delta: torch.Tensor) -> torch.Tensor:                      # [A, out, G, group] → [A, out, G]
-            return (torch.einsum("aogi,gij->aogj", delta, gram) * delta).sum(-1)
+        def score() -> torch.Tensor:                                          # → [G, out]
+            return torch.bmm(delta, gram, out=product).mul_(delta).sum(-1)
     else:
-        def score(delta: torch.Tensor) -> torch.Tensor:
-            return torch.einsum("aogi,ngi->aogn", delta, columns).square().sum(-1)
-    low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)  # [out, G]
+        def score() -> torch.Tensor:
+            return torch.einsum("goi,ngi->gon", delta, columns).square().sum(-1)
+    low, high = by_group.amin(-1).clamp(max=0), by_group.amax(-1).clamp(min=0)  # [G, out]
     factors = torch.tensor(CLIP_SHRINKS, dtype=torch.float32, device=weight.device)
-    chunk = max(1, QDQ_CHUNK_BYTES // max(weight.numel() * 4, 1))
     errors = []
-    for start in range(0, len(factors), chunk):
-        kept = factors[start: start + chunk].view(-1, 1, 1)
-        lo, hi = low * kept, high * kept                                      # [A, out, G]
-        clamped = torch.minimum(torch.maximum(grouped, lo[..., None]), hi[..., None])
-        scale, zero_point = calculate_qparams(lo, hi, args)
-        delta = fake_quantize(clamped.flatten(-2), scale, zero_point, args).unflatten(-1, (-1, group))
-        delta -= grouped
-        errors.append(score(delta))
-        del clamped, delta
-    errors = torch.cat(errors)                                                # [A, out, G]
+    for kept in factors:
+        lo, hi = low * kept, high * kept
+        torch.minimum(torch.maximum(by_group, lo[..., None], out=delta), hi[..., None], out=delta)
+        fake_quantize_(delta, lo, hi, args).sub_(by_group)
+        errors.append(score())
+    del delta, product   # two weight-sized buffers, gone before the final clamp takes its own
+    errors = torch.stack(errors).transpose(1, 2).contiguous()                 # [A, out, G]
     best = errors.argmin(0)                      # the first least error: on a tie, the widest range
     kept = factors[best]
-    lo, hi = low * kept, high * kept
+    lo, hi = low.t() * kept, high.t() * kept
     weight.copy_(torch.minimum(torch.maximum(grouped, lo[..., None]), hi[..., None]).flatten(-2).to(weight.dtype))
     return float(errors[0].sum()), float(errors.gather(0, best[None]).sum()), float(kept.mean())
 

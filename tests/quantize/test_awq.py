@@ -38,7 +38,8 @@ def test_a_candidates_rounding_is_llmcompressors_bit_for_bit(scheme):
     weight = torch.randn(64, 256, generator=generator)
     scales = torch.rand(3, 256, generator=generator) + 0.5
     args = quantization_args(scheme, observer="minmax", scale_dtype=torch.bfloat16)
-    ours = awq.fake_quantized(weight, scales, args)
+    # into a buffer, as the grid search rounds every candidate: whatever it held before is overwritten
+    ours = awq.fake_quantized(weight, scales, args, out=torch.full((3, 64, 256), float("nan")))
     for g in range(3):
         observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
         qparams = observer(weight * scales[g]).get_qparams()
@@ -194,6 +195,46 @@ def test_the_clip_search_lowers_a_layers_output_error_and_packs_as_it_scored(sch
     assert best == pytest.approx(group_error(clipped), rel=1e-4)
     assert 0.5 < kept < 1 and best < 0.9 * initial
     assert output_error(clipped) < 0.9 * output_error(weight)
+
+
+@pytest.mark.parametrize("scheme,tokens", [(LayerScheme(4, 128, False), 512), (LayerScheme(4, 32, True), 512),
+                                           (LayerScheme(4, None, False), 128)])
+def test_the_clip_search_scores_each_range_as_compressed_tensors_rounds_it(scheme, tokens):
+    """Every candidate range rounded by compressed-tensors' own `fake_quantize` and scored group by group on
+    fresh tensors: the search, which rounds and scores in place, chooses the same ranges to the bit and reports the
+    same errors."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 256, generator=generator)
+    weight = weight * (1 + 4 * (torch.rand(96, 256, generator=generator) < 0.02))
+    inputs = torch.randn(tokens, 256, generator=generator) * (torch.rand(256, generator=generator) * 3)
+    args = quantization_args(scheme, observer="minmax", scale_dtype=torch.bfloat16)
+    group = scheme.group_size or 256
+    grouped = weight.unflatten(-1, (-1, group))
+    columns = inputs.unflatten(-1, (-1, group))
+    low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
+    errors, candidates = [], []
+    for kept in torch.tensor(awq.CLIP_SHRINKS):
+        lo, hi = low * kept, high * kept
+        clamped = torch.minimum(torch.maximum(grouped, lo[..., None]), hi[..., None])
+        scale, zero_point = calculate_qparams(lo, hi, args)
+        delta = fake_quantize(clamped.flatten(-2), scale, zero_point, args).unflatten(-1, (-1, group)) - grouped
+        if group <= tokens:
+            gram = torch.einsum("ngi,ngj->gij", columns, columns)
+            errors.append((torch.einsum("ogi,gij->ogj", delta, gram) * delta).sum(-1))
+        else:
+            errors.append(torch.einsum("ogi,ngi->ogn", delta, columns).square().sum(-1))
+        candidates.append(clamped)
+    errors = torch.stack(errors)
+    best = errors.argmin(0)
+    expected = torch.stack(candidates).gather(0, best[None, ..., None].expand(1, *grouped.shape))[0].flatten(-2)
+    clipped = weight.clone()
+    initial, chosen, _ = awq.clip_weight(clipped, inputs, args)
+    assert torch.equal(clipped, expected)
+    assert (initial, chosen) == (float(errors[0].sum()), float(errors.gather(0, best[None]).sum()))
+    assert 0 < int((best > 0).sum()) < best.numel()   # ranges were clipped, not all of them
 
 
 def test_clipping_follows_the_scales_on_every_awq_linear_but_queries_and_keys(quantized_block):
