@@ -183,7 +183,8 @@ class Runtime:
     load: str                    # how to load an output there (Markdown, PATH = the output)
     other: Holds = field(default=_dense("a module the runtime rules do not know"))   # Linears of no known kind
     notes: str = ""              # conditions the planner cannot check (hardware, versions)
-    checked_by: str = ""         # the test that loads mcq's outputs in this runtime ("" = none yet)
+    # Family → the test that loads mcq's outputs of that family in this runtime (absent: none yet).
+    checked_by: Mapping[str, str] = field(default_factory=dict)
     # The model families (mcq.models.families.FAMILIES) it has a model for, and why not the others; () = all.
     families: tuple[str, ...] = ()
     families_why: str = ""
@@ -218,14 +219,15 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
               "on AVX-512 CPUs, and zentorch 2.13's int4 GEMM needs AVX512_BF16 (measured on an AVX2 EPYC: NaN "
               "or garbage with bf16 inputs, refused with float32). Weight-only int8 has no CPU kernel at all (int8 "
               "on vLLM's CPU path is W8A8).",
-        checked_by="tests/validate/test_vllm.py"),
+        checked_by=MappingProxyType({"minicpmv": "tests/validate/test_vllm.py"})),
     Runtime(
         "mcq", "transformers 5 with `import mcq` (mcq's own loader, validator and exporters)",
         (COMPRESSED_TENSORS, BITSANDBYTES), MappingProxyType({kind.name: DEQUANTIZED for kind in KINDS}),
         fused=False, official_layout=False, other=DEQUANTIZED,
         load="`import mcq` then `AutoModel.from_pretrained(PATH, quantization_config=CompressedTensorsConfig("
              "dequantize=True))` (bitsandbytes: `AutoModel.from_pretrained(PATH)`)",
-        checked_by="tests/quantize/test_quantize.py"),
+        checked_by=MappingProxyType({"minicpmv": "tests/quantize/test_quantize.py",
+                                     "minicpmv4_6": "tests/quantize/test_quantize_minicpmv4_6.py"})),
     Runtime(
         "remote-code", "the official remote code on transformers 4.51 with compressed-tensors 0.9 "
         "(trust_remote_code=True, as the official model cards run it)",

@@ -247,7 +247,8 @@ def _write_card(staging: Path, checkpoint, recipe: Recipe, result: QuantizeResul
     for name, fit in result.runtimes.items():
         runtime = RUNTIMES[name]
         loads = "yes" if fit in ("target", "loads") else fit
-        checked = f" Checked by mcq's `{runtime.checked_by}`." if runtime.checked_by else ""
+        test = runtime.checked_by.get(checkpoint.family.name)
+        checked = f" Checked by mcq's `{test}`." if test else ""
         runtime_rows.append(f"| `{name}`: {runtime.description} | {'yes' if fit == 'target' else 'no'} | {loads} | "
                             f"{runtime.load}.{checked} {runtime.notes} |".replace("  |", " |"))
     runtimes = ("Built for: " + ", ".join(f"`{t}`" for t in result.targets) + " (the recipe's `target:`; "

@@ -124,6 +124,9 @@ def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_den
     assert manifest["extra"]["runtimes"]["vllm-gpu"] == "target"
     # 4.6 is native in transformers: there is no official remote code to load it in.
     assert manifest["extra"]["runtimes"]["remote-code"].startswith("no: the official remote code exists for")
+    # The card names a runtime's test only where that test loads this family's outputs (vLLM's covers 2.6-4.5).
+    card = (out / "README.md").read_text()
+    assert "tests/validate/test_vllm.py" not in card and "tests/quantize/test_quantize_minicpmv4_6.py" in card
 
 
 def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
