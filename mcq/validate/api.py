@@ -241,8 +241,9 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
                 raise McqError(f"the reference {reference} failed to run: {error}")
             size, components = _sizes(target, params)
             runtime = target.runner.runtime(target.format)
-            if plans[index].load:      # run otherwise than a user of the runtime would by default: say how
-                runtime += f" ({plans[index].how})"
+            # Run otherwise than a user of the runtime would by default (planned, or found while loading): say how.
+            hows = (plans[index].how if plans[index].load else "", (result or {}).get("how", ""))
+            runtime += "".join(f" ({how})" for how in hows if how)
             row = {"name": target.name, "path": target.path, "format": target.format,
                    "runtime": runtime, "status": "ok" if result is not None else "failed",
                    "error": error, "recipe": _recipe_of(target.path) if role == "variant" else None,

@@ -254,7 +254,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     scores = _score(runner, items, indices, artifacts / REFERENCE_FILE, measured["generated"], measured["visions"],
                     keep)
     return {"memory": measured["memory"], "spread": measured["spread"], "scores": scores,
-            "skipped_samples": dict(skipped),
+            "skipped_samples": dict(skipped), "how": runner.how,
             "vision_file": str(keep) if keep is not None and keep.exists() else None}
 
 

@@ -23,7 +23,11 @@ from mcq.validate.runners.vllm_runner import PYTHON_VARIABLE, VllmRunner, probe
 
 SETUP = "bash .ci/vllm-venv, then export MCQ_VLLM_PYTHON=<the python it prints>"
 EVAL_SAMPLES = 8     # the held-out subset with a document, a scene, several images, a table, a chart, a video, text
-KERNEL_MESSAGE = "no int4 weight-only (W4A16) kernel for this CPU"
+#: what the runtime column adds when mcq's plugin dequantizes int4 layers (vLLM's CPU build on a CPU without AVX-512)
+DEQUANTIZED = "int4 dequantized by mcq at load"
+#: Served where vLLM's CPU build has no int4 GEMM (AVX2): one output per layout and version, for CI's time (whole
+#: model calibrated, whole model uncalibrated, LLM only); with vLLM's own kernel, every output is served.
+DEQUANTIZED_SERVED = {"2.6": ("awq-w4g128",), "4.0": ("rtn-w4g128",), "4.5": ("gptq-w4g128", "awq-llm-only")}
 VERSIONS = ("2.6", "4.0", "4.5")
 CPU_TARGET = "vllm-cpu"
 #: calibration samples for AWQ and GPTQ here, instead of the recipes' 64: what vLLM loads (which modules are
@@ -169,6 +173,60 @@ print(json.dumps([type(config).__module__, type(processor).__module__, MiniCPMV.
                                                "installed here: pip install 'minicpm-quant[quantize]'"]
 
 
+_DEQUANTIZE = """
+import json, torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+from vllm.scalar_type import scalar_types
+from mcq.vllm_plugin import _dequantized_kernel
+
+kernel_class = _dequantized_kernel(CPUWNA16LinearKernel)
+generator = torch.Generator().manual_seed(0)
+errors = {}
+for zero_points in (False, True):
+    for group in (128, -1):
+        out_features, in_features = 64, 256
+        groups = 1 if group == -1 else in_features // group
+        values = torch.randint(-8, 8, (out_features, in_features), generator=generator, dtype=torch.int8)
+        zero = (torch.randint(-8, 8, (out_features, groups), generator=generator, dtype=torch.int8)
+                if zero_points else None)
+        scales = torch.rand(out_features, groups, generator=generator, dtype=torch.float32) + 0.01
+        expected = (values.view(out_features, groups, -1) - (0 if zero is None else zero.unsqueeze(-1))).float()
+        expected = (expected * scales.unsqueeze(-1)).view(out_features, in_features)
+        layer = torch.nn.Module()   # as vLLM's compressed-tensors scheme loads it
+        layer.weight_packed = torch.nn.Parameter(pack_to_int32(values, 4, packed_dim=1), requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(scales, requires_grad=False)
+        if zero_points:
+            layer.weight_zero_point = torch.nn.Parameter(pack_to_int32(zero, 4, packed_dim=0), requires_grad=False)
+        config = MPLinearLayerConfig((in_features, out_features), (in_features, out_features),
+                                     scalar_types.uint4 if zero_points else scalar_types.uint4b8, torch.float32,
+                                     group, zero_points)
+        kernel = kernel_class(config, "weight_packed", "weight_scale", "weight_zero_point")
+        kernel.process_weights_after_loading(layer)
+        x = torch.randn(3, in_features, generator=generator)
+        got = kernel.apply_weights(layer, x)
+        key = f"{'asym' if zero_points else 'sym'} g{group}"
+        errors[key] = [(layer.weight_dequantized - expected).abs().max().item(),
+                       (got - x @ expected.T).abs().max().item(),
+                       sorted(name for name, _ in layer.named_parameters())]
+print("RESULT " + json.dumps(errors))
+"""
+
+
+@pytest.mark.slow
+def test_plugin_dequantizes_compressed_tensors_int4_exactly(vllm_python):
+    """The kernel behind `MCQ_VLLM_CPU_INT4=dequantize`, in vLLM's environment: weights packed by compressed-tensors
+    (values along the input, zero points along the output, offset by 8), symmetric and asymmetric, grouped and per
+    channel, come back as exactly (value - zero point) x scale, and only the dequantized weight stays."""
+    done = subprocess.run([vllm_python, "-c", _DEQUANTIZE], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert set(errors) == {"sym g128", "sym g-1", "asym g128", "asym g-1"}
+    for key, (weight_error, output_error, parameters) in errors.items():
+        assert weight_error == 0.0 and output_error < 1e-4 and parameters == ["weight_dequantized"], key
+
+
 def _compressed_tensors_recipes():
     from mcq.quantize.recipe import builtin_recipe_names, load_recipe
 
@@ -276,9 +334,9 @@ def test_vllm_cpu_loads_every_built_in_recipe_output(vllm_python, recipe_outputs
 
 
 @pytest.fixture(scope="session")
-def int4_served(vllm_python) -> bool:
-    """Whether vLLM's CPU build runs int4 weight-only layers on this CPU (it ships the GEMM in its AVX-512 kernel
-    library only: on an AVX2 CPU they load, and the runner refuses them before the first forward)."""
+def int4_native(vllm_python) -> bool:
+    """Whether vLLM's CPU build has its own int4 weight-only GEMM on this CPU (it ships it in its AVX-512 kernel
+    library only: on an AVX2 CPU the runner serves int4 layers through mcq's plugin, dequantized at load)."""
     code = ("import torch; from vllm.platforms import current_platform; current_platform.import_kernels(); "
             "print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))")
     done = subprocess.run([vllm_python, "-c", code], capture_output=True, text=True)
@@ -321,41 +379,43 @@ def _check_bf16(row: dict, runtime: str) -> None:
     assert list(row["skipped_samples"].values()) == [1] and "video" in next(iter(row["skipped_samples"]))
 
 
-def _check_served(own: dict, served: dict, runtime: str) -> None:
+def _check_served(own: dict, served: dict, runtime: str, native: bool) -> None:
     """The recipe's output in vLLM: loaded and served, its KL per kind of sample within 1.5x (+1e-4) of mcq's
-    (transformers) on the same samples."""
+    (transformers) on the same samples; the runtime column says whether vLLM's int4 kernel or mcq's dequantized
+    layers ran it."""
     assert own["status"] == "ok", own["error"]
     assert served["status"] == "ok", served["error"]
-    assert served["runtime"].startswith(runtime)
+    assert served["runtime"].startswith(runtime) and (DEQUANTIZED in served["runtime"]) != native, served["runtime"]
     assert set(served["kl_by_kind"]) <= set(own["kl_by_kind"]) and "video" not in served["kl_by_kind"]
     for kind, kl in served["kl_by_kind"].items():
         assert kl <= 1.5 * own["kl_by_kind"][kind] + 1e-4, (served["name"], kind, kl, own["kl_by_kind"][kind])
 
 
+def _served(outputs: dict[str, tuple[Path, bool]], version: str, native: bool) -> dict[str, Path]:
+    """The int4 outputs (planned for vLLM's CPU build) served here: every one with vLLM's own int4 kernel, else
+    `DEQUANTIZED_SERVED`."""
+    return {name: path for name, (path, on_cpu) in outputs.items()
+            if on_cpu and (native or name in DEQUANTIZED_SERVED[version])}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["2.6", "4.5"])
-def test_vllm_serves_bf16_and_every_built_in_recipe(version, vllm_python, recipe_outputs, int4_served, tmp_path):
-    """bf16 served by vLLM reproduces the transformers reference (KL < 1e-4: the runner's own test); every recipe's
-    output served by vLLM is within 1.5x (+1e-4) of mcq's KL where vLLM's CPU build runs int4. Where it does not
-    (AVX2 CPUs), `gptq-w4g128` (4.5) is served to check that the runner refuses it in one line, and
-    `test_vllm_cpu_loads_every_built_in_recipe_output` is what shows every output loads. 4.5 runs through the CLI,
-    and `mcq report` shows the vLLM rows."""
+def test_vllm_serves_bf16_and_every_built_in_recipe(version, vllm_python, recipe_outputs, int4_native, tmp_path):
+    """bf16 served by vLLM reproduces the transformers reference (KL < 1e-4: the runner's own test); each recipe's
+    output served by vLLM is within 1.5x (+1e-4) of mcq's KL: every output with vLLM's int4 kernel (AVX-512 CPUs),
+    else one per layout through mcq's dequantizing kernel (`test_vllm_cpu_loads_every_built_in_recipe_output`
+    shows that every output loads with vLLM's own). 4.5 runs through the CLI, and `mcq report` shows the vLLM
+    rows."""
     runtime = _runtime(vllm_python)
-    served = {name: path for name, (path, on_cpu) in recipe_outputs[version].items() if on_cpu}
+    served = _served(recipe_outputs[version], version, int4_native)
+    assert served
     variants = [(f"tiny:{version}", "vllm")]
-    if int4_served:
-        variants += [(path, runtime_name) for path in served.values() for runtime_name in ("transformers", "vllm")]
-    elif version == "4.5":
-        variants += [(served["gptq-w4g128"], "vllm")]
+    variants += [(path, runtime_name) for path in served.values() for runtime_name in ("transformers", "vllm")]
     results = _validate(f"tiny:{version}", variants, cli_json=tmp_path / "results.json" if version == "4.5" else None)
     rows = {row["name"]: row for row in results["variants"]}
     _check_bf16(rows[f"tiny:{version} (vllm)"], runtime)
     for name in served:
-        if int4_served:
-            _check_served(rows[f"{name} (transformers)"], rows[f"{name} (vllm)"], runtime)
-        elif f"{name} (vllm)" in rows:
-            assert rows[f"{name} (vllm)"]["status"] == "failed"
-            assert KERNEL_MESSAGE in rows[f"{name} (vllm)"]["error"]
+        _check_served(rows[f"{name} (transformers)"], rows[f"{name} (vllm)"], runtime, int4_native)
     if version != "4.5":
         return
     metrics = rows["tiny:4.5 (vllm)"]["metrics"]
@@ -371,21 +431,22 @@ def test_vllm_serves_bf16_and_every_built_in_recipe(version, vllm_python, recipe
 
 
 @pytest.mark.slow
-def test_vllm_serves_4_0_against_its_own_bf16(vllm_python, int4_served, request):
+def test_vllm_serves_4_0_against_its_own_bf16(vllm_python, int4_native, tmp_path):
     """vLLM 0.32's MiniCPMV4_0 does not multiply the text embeddings by `scale_emb` (the official code and mcq do;
     tiny 4.0 has 12, the real checkpoint its own): its bf16 differs from the official model in the LLM, by itself.
     So 4.0 is scored against vLLM's own bf16 (`--reference-runtime vllm`): mcq's transformers bf16 shows the
     difference from that side (large KL in the LLM, none from the vision path: the vision tower and resampler
-    agree), and each recipe's output served by vLLM is held to 1.5x (+1e-4) of mcq's KL against mcq's reference,
-    the quantization's own error in each runtime."""
+    agree). The two models differ in how much the same int4 weights move them too (rtn-w4g128, text samples:
+    KL 0.0036 in vLLM against 0.00007 in mcq), so the recipes' outputs are served from a copy of tiny 4.0 with
+    `scale_emb` 1, where vLLM and mcq compute the same function, each held to 1.5x (+1e-4) of mcq's KL there."""
+    import shutil
+
+    from mcq.models.tiny import resolve_tiny
+    from mcq.quantize.api import quantize
+
     runtime = _runtime(vllm_python)
-    variants = [("tiny:4.0", "transformers"), ("tiny:4.0", "vllm")]
-    if int4_served:
-        outputs = request.getfixturevalue("recipe_outputs")["4.0"]
-        served = {name: path for name, (path, on_cpu) in outputs.items() if on_cpu}
-        variants += [(path, "vllm") for path in served.values()]
-    results = _validate("tiny:4.0", variants, reference_runtime="vllm")
-    reference, official, again, *recipes = results["variants"]   # the reference's row first, then the variants'
+    results = _validate("tiny:4.0", [("tiny:4.0", "transformers"), ("tiny:4.0", "vllm")], reference_runtime="vllm")
+    reference, official, again = results["variants"]   # the reference's row first, then the variants'
     assert reference["runtime"].startswith(runtime) and reference["metrics"]["kl_mean"] < 1e-6
     assert again["status"] == "ok", again["error"]
     assert again["metrics"]["kl_mean"] < 1e-6 and again["metrics"]["gen_exact_match"] == 1.0
@@ -395,8 +456,23 @@ def test_vllm_serves_4_0_against_its_own_bf16(vllm_python, int4_served, request)
     assert official["metrics"]["vision_cosine"] > 0.9999
     # The video sample: the vLLM reference serves none, so no variant is scored on it.
     assert list(official["skipped_samples"].values()) == [1]
-    if int4_served:
-        own = {row["name"]: row for row in _validate("tiny:4.0", [(path, "transformers")
-                                                                  for path in served.values()])["variants"]}
-        for row in recipes:
-            _check_served(own[row["name"].replace("(vllm)", "(transformers)")], row, runtime)
+
+    plain = tmp_path / "tiny-4.0-scale-emb-1"
+    shutil.copytree(resolve_tiny("tiny:4.0"), plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "scale_emb": 1.0}, indent=2))
+    recipes = {recipe.name: recipe for recipe in _compressed_tensors_recipes()}
+    served = {}
+    for name in (recipes if int4_native else DEQUANTIZED_SERVED["4.0"]):
+        if name == "rtn-w8":
+            continue   # no CPU kernel: refused for vllm-cpu (recipe_outputs)
+        options = {"num_samples": CALIBRATION_SAMPLES} if recipes[name].method in ("awq", "gptq") else {}
+        quantize(plain, tmp_path / name, recipe=name, target=[CPU_TARGET], progress=False, **options)
+        served[name] = tmp_path / name
+    variants = [(plain, "vllm")] + [(path, runtime_name) for path in served.values()
+                                    for runtime_name in ("transformers", "vllm")]
+    rows = {row["name"]: row for row in _validate(str(plain), variants)["variants"]}
+    bf16 = rows[f"{plain.name} (vllm)"]
+    assert bf16["status"] == "ok" and bf16["metrics"]["kl_mean"] < 1e-4, bf16
+    for name in served:
+        _check_served(rows[f"{name} (transformers)"], rows[f"{name} (vllm)"], runtime, int4_native)

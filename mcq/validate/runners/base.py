@@ -42,6 +42,9 @@ class Runner(ABC):
     #: requests would): it is then constructed with the evaluation's `max_slice_nums`, so its slicing is the
     #: reference's
     preprocesses_images: bool = False
+    #: what the loaded runner does otherwise than its runtime's default, found while loading (shown with the
+    #: runtime, like a memory plan's `how`)
+    how: str = ""
 
     @classmethod
     @abstractmethod

