@@ -312,7 +312,7 @@ def child_build(spec: dict) -> None:
     stream = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"]
     calibration, tokens = {}, {}
     for method in spec["methods"]:
-        encoded, described = calibration_samples(path, version, None, spec["num_samples"], spec["max_slice_nums"],
+        encoded, described = calibration_samples(path, None, spec["num_samples"], spec["max_slice_nums"],
                                                  spec["seed"])
         lengths = [int(sample["input_ids"].shape[1]) for sample in encoded]
         slices = sum(len(p) for sample in encoded for p in sample.get("pixel_values") or [])

@@ -52,6 +52,7 @@ class Pair:
     smooth: str
     balance: tuple[str, ...]
     parent: str
+    offset: float = 0.0   # what the smooth layer adds to its weight before scaling (`Family.norm_offset`)
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,15 @@ def _output_width(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
-def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]],
-                  methods: dict[str, str]) -> tuple[list[Pair], list[SkippedPair]]:
+def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]], methods: dict[str, str],
+                  norm_offset: Callable[[nn.Module], float] = lambda module: 0.0
+                  ) -> tuple[list[Pair], list[SkippedPair]]:
     """The pairs of `pairs` that can smooth this block, and the ones that cannot, with the reason.
 
     `methods` maps the block's quantized Linears to their method. A pair concerns AWQ when one of its balance layers
     is an AWQ layer; it is applied only if every balance layer is, the smooth layer exists, and the widths agree
     (under grouped-query attention `v_proj` has fewer outputs than `o_proj` has inputs, so no per-channel scale
-    passes between them)."""
+    passes between them). `norm_offset`: the family's (`Family.norm_offset`), for the smooth layers."""
     modules = dict(block.named_modules())
     usable, skipped = [], []
     for smooth, balance in pairs:
@@ -137,7 +139,7 @@ def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]]
         if reason:
             skipped.append(SkippedPair(smooth, tuple(balance), reason))
         else:
-            usable.append(Pair(smooth, tuple(balance), lowest_common_ancestor(balance)))
+            usable.append(Pair(smooth, tuple(balance), lowest_common_ancestor(balance), norm_offset(modules[smooth])))
     return usable, skipped
 
 
@@ -559,12 +561,15 @@ def clip_weight(weight: torch.Tensor, inputs: torch.Tensor, args) -> tuple[float
 
 @torch.no_grad()
 def apply_scales(block: nn.Module, pair: Pair, scales: torch.Tensor) -> None:
-    """Fold the scales in: balance weights × s on their input channels, the smooth layer's outputs ÷ s."""
+    """Fold the scales in: balance weights × s on their input channels, the smooth layer's outputs ÷ s (for a norm
+    that scales by offset + weight, the weight becomes (offset + weight) / s − offset)."""
     for name in pair.balance:
         layer = block.get_submodule(name)
         layer.weight.data = layer.weight.data * scales.view(1, -1).to(layer.weight.dtype)
     smooth = block.get_submodule(pair.smooth)
-    if smooth.weight.dim() == 1:
+    if pair.offset:
+        smooth.weight.data = (smooth.weight.data + pair.offset) / scales.to(smooth.weight.dtype) - pair.offset
+    elif smooth.weight.dim() == 1:
         smooth.weight.data = smooth.weight.data / scales.to(smooth.weight.dtype)
     else:
         smooth.weight.data = smooth.weight.data / scales.view(-1, 1).to(smooth.weight.dtype)
