@@ -39,7 +39,11 @@ class PaddableMlp:
 # An activation-smoothing pair inside a block, for AWQ-style scaling: (smooth layer, balance layers), names relative
 # to the block. The smooth layer's output channels are divided by s and the balance layers' input channels
 # multiplied by s, which leaves the block's function unchanged only where nothing nonlinear sits between them.
-SmoothingPair = tuple[str, tuple[str, ...]]
+# A third element, PER_HEAD, says the smooth layer is a norm applied head by head with one weight per channel of a
+# head, shared by every head, and the balance layers take all heads' channels (head-major): the scales are then one
+# per channel of a head, the same for every head.
+SmoothingPair = tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], str]
+PER_HEAD = "per_head"
 
 
 class CalibrationEncoder(Protocol):

@@ -212,11 +212,12 @@ class LlmCompressorBlockQuantizer:
         if self.engine == "mcq" and (pairs or ("awq" in by_method and self.args["weight_clip"])):
             outputs = self._search(block_name, block, pairs, by_method["awq"], calls)
         llmc_pairs = pairs if self.engine == "llm-compressor" else []
-        if offset := next((p for p in llmc_pairs if p.offset), None):
+        if unusual := next((p for p in llmc_pairs if p.offset or p.heads > 1), None):
             # Its AWQModifier divides a norm's stored weight by the scales, which for x̂ · (1 + weight) is not the
-            # smoothing the balance layers were scaled for.
-            raise McqError(f"engine llm-compressor cannot smooth {offset.smooth} in {block_name}: the norm scales by "
-                           f"{offset.offset:g} + weight; use engine mcq")
+            # smoothing the balance layers were scaled for, and takes one scale per balance input channel.
+            how = f"scales by {unusual.offset:g} + weight" if unusual.offset else "is shared by every head"
+            raise McqError(f"engine llm-compressor cannot smooth {unusual.smooth} in {block_name}: the norm {how}; "
+                           "use engine mcq")
         modifiers = self._modifiers(by_method, llmc_pairs)
         # The session needs the calibration forward only for what collects statistics in it: GPTQ's Hessians,
         # llm-compressor's AWQ, the imatrix observer's E[x²]; mcq's AWQ has smoothed the block already.

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
 from ..families import family_components
-from ..familyspec import Calibration, CaptureStage, Family, PaddableMlp
+from ..familyspec import PER_HEAD, Calibration, CaptureStage, Family, PaddableMlp
 from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
 from .facts import RELEASE
 from .tiny import write_tiny
@@ -44,10 +44,11 @@ _LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensor
 # linear_1 -> linear_2 (GELU between). What sits between them and is still exact: the vit_merger's window reordering
 # after layer_norm1 (it permutes tokens, not channels), its pre_norm over a flattened 2x2 window (4x hidden wide,
 # which is linear_1's input), the merger's reshape after pre_norm (same width), the full-attention output gate
-# (sigmoid(gate) * attention, per channel). The LLM's norms scale by 1 + weight (`norm_offset`). Left out:
-# linear_attn.norm -> linear_attn.out_proj, because the gated RMSNorm's weight has one entry per value-head channel
-# (linear_value_head_dim), shared by every value head, while out_proj takes all heads' channels: no per-input-channel
-# scale of out_proj folds into it. The release has merger_times 1: the merger has one MLP, mlp.0.
+# (sigmoid(gate) * attention, per channel), the linear attention's gated RMSNorm before out_proj (x̂ · weight ·
+# silu(z), per channel). The LLM's norms scale by 1 + weight (`norm_offset`). The gated norm runs head by head with
+# one weight per value-head channel, shared by every value head, while out_proj takes all heads' channels: a
+# per-head pair (PER_HEAD), one scale per head channel. The release has merger_times 1: the merger has one MLP,
+# mlp.0.
 _SMOOTHING_PAIRS = {
     "vision": (
         ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -67,6 +68,7 @@ _SMOOTHING_PAIRS = {
         ("input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
                              "linear_attn.in_proj_a")),
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("linear_attn.norm", ("linear_attn.out_proj",), PER_HEAD),
         ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped (and reported) under GQA: the widths differ
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
