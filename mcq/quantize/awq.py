@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcq.models.familyspec import PER_HEAD
+from mcq.models.familyspec import PER_HEAD, SmoothingPair
 
 @dataclass(frozen=True)
 class Pair:
@@ -113,7 +113,7 @@ def _output_width(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
-def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]], methods: dict[str, str],
+def resolve_pairs(block: nn.Module, pairs: Sequence[SmoothingPair], methods: dict[str, str],
                   norm_offset: Callable[[nn.Module], float] = lambda module: 0.0
                   ) -> tuple[list[Pair], list[SkippedPair]]:
     """The pairs of `pairs` that can smooth this block, and the ones that cannot, with the reason.
@@ -125,8 +125,8 @@ def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]]
     `norm_offset`: the family's (`Family.norm_offset`), for the smooth layers."""
     modules = dict(block.named_modules())
     usable, skipped = [], []
-    for smooth, balance, *how in pairs:
-        per_head = how == [PER_HEAD]
+    for smooth, balance, *form in pairs:
+        per_head = form == [PER_HEAD]
         if not any(methods.get(name) == "awq" for name in balance):
             continue
         reason = None

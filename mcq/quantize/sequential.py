@@ -71,7 +71,7 @@ class _Recorder(nn.Module):
 class _Replay(nn.Module):
     """Stands in for a finished block: returns its recorded outputs in call order."""
 
-    def __init__(self, outputs: list[torch.Tensor]):
+    def __init__(self, outputs: list[Any]):
         super().__init__()
         self.outputs, self.position = outputs, 0
 
@@ -141,9 +141,9 @@ class SequentialDriver:
         """One forward over all samples that records the calls of every block of stage `current`: the blocks of
         earlier stages pass their input on, except the previous stage's last, which replays its outputs `replayed`
         (so the model's code between the stages computes this stage's inputs from them); later blocks stop the
-        forward. Within the stage every block but the last passes its input on (its recorded first
-        argument is then not its real input: the driver gives it its predecessor's outputs); the last stops the
-        forward too, unless the stage runs once per vision call (then the next stage's first block stops it)."""
+        forward. Within the stage every block but the last passes its input on (its recorded first argument is
+        then not its real input: the driver gives it its predecessor's outputs); the last stops the forward too,
+        unless the stage runs once per vision call (then the next stage's first block stops it)."""
         stage = stages[current]
         recorders: dict[str, _Recorder] = {}
         replacements: dict[str, nn.Module] = {}
@@ -195,8 +195,8 @@ class SequentialDriver:
     def _stages(self) -> list[_Stage]:
         specs = {spec.first_block: spec for spec in self.family.calibration.stages}
         stages: list[_Stage] = []
-        for name, block in named_blocks(self.model):
-            if name in specs or not stages:
+        for name, block in named_blocks(self.model):   # the first block starts the first stage
+            if name in specs:
                 stages.append(_Stage(specs[name], []))
             stages[-1].blocks.append((name, block))
         return stages

@@ -290,3 +290,47 @@ def test_awq_on_46_is_deterministic(outliers46, tmp_path):
     shards = [sorted(out.glob("*.safetensors")) for out in outs]
     assert [p.name for p in shards[0]] == [p.name for p in shards[1]] and shards[0]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*shards))
+
+
+def test_every_46_smoothing_pair_leaves_its_block_unchanged(outliers46):
+    """Scaling a pair (norms that scale by 1 + weight, the per-head gated norm included) is exact: each block of
+    every kind gives the same outputs on its real inputs with random scales folded into all its pairs."""
+    from mcq.models.family import component_of, family_for
+    from mcq.quantize.awq import apply_scales, resolve_pairs
+
+    family = family_for("minicpmv4_6")
+    model = AutoModelForImageTextToText.from_pretrained(outliers46, dtype=torch.float32).eval()
+    sample = next(s for s in load_samples(None, num_samples=12, seed=0) if s.kind == "chart")
+    data = CalibrationEncoder(outliers46)(sample, max_slice_nums=2)
+    blocks = dict(family.blocks(model))
+    calls, handles = {}, []
+
+    def first_call(name):
+        def hook(module, args, kwargs):
+            calls.setdefault(name, (args, kwargs))   # returns None: the block runs on its own inputs
+        return hook
+
+    for name, block in blocks.items():
+        handles.append(block.register_forward_pre_hook(first_call(name), with_kwargs=True))
+    with torch.no_grad(), per_size_runs(model):
+        forward(model, data)
+    for handle in handles:
+        handle.remove()
+    assert set(calls) == set(blocks)
+    generator = torch.Generator().manual_seed(0)
+    smoothed = 0
+    for name, block in blocks.items():
+        args, kwargs = calls[name]
+        methods = {n: "awq" for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        pairs, _ = resolve_pairs(block, family.smoothing_pairs[component_of(name + ".")], methods, family.norm_offset)
+        with torch.no_grad():
+            before = block(*args, **kwargs)
+            for pair in pairs:
+                width = block.get_submodule(pair.smooth).weight.shape[0]
+                apply_scales(block, pair, torch.rand(width, generator=generator) * 3 + 0.25)
+            after = block(*args, **kwargs)
+        smoothed += len(pairs)
+        for a, b in zip(before if isinstance(before, list) else [before], after if isinstance(after, list) else [after]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # vision 3 x 3, vit_merger 3, merger 1, 3 linear-attention layers x 4, the full-attention layer 3 (v -> o: GQA)
+    assert smoothed == 9 + 3 + 1 + 12 + 3

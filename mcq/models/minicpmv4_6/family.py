@@ -44,11 +44,10 @@ _LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensor
 # linear_1 -> linear_2 (GELU between). What sits between them and is still exact: the vit_merger's window reordering
 # after layer_norm1 (it permutes tokens, not channels), its pre_norm over a flattened 2x2 window (4x hidden wide,
 # which is linear_1's input), the merger's reshape after pre_norm (same width), the full-attention output gate
-# (sigmoid(gate) * attention, per channel), the linear attention's gated RMSNorm before out_proj (x̂ · weight ·
-# silu(z), per channel). The LLM's norms scale by 1 + weight (`norm_offset`). The gated norm runs head by head with
-# one weight per value-head channel, shared by every value head, while out_proj takes all heads' channels: a
-# per-head pair (PER_HEAD), one scale per head channel. The release has merger_times 1: the merger has one MLP,
-# mlp.0.
+# (sigmoid(gate) * attention, per channel), the gate of the linear attention's RMSNorm (x̂ · weight · silu(z), per
+# channel). That norm runs head by head with one weight per value-head channel, shared by every value head, while
+# out_proj takes all heads' channels: a per-head pair (PER_HEAD). The LLM's other norms scale by 1 + weight
+# (`norm_offset`). The release has merger_times 1: the merger has one MLP, mlp.0.
 _SMOOTHING_PAIRS = {
     "vision": (
         ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
