@@ -244,26 +244,26 @@ def test_the_driver_feeds_each_block_what_transformers_forward_feeds_it(outliers
 CALIBRATION_SAMPLES = 12
 
 
-def _heldout_kl(source: Path, out: Path) -> float:
-    encoder = CalibrationEncoder(source)
-    inputs = [encoder(s, 2) for s in load_samples(None, split="heldout", seed=0) if not s.is_video]
-    reference = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
-    quantized = AutoModelForImageTextToText.from_pretrained(
-        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-    with torch.no_grad(), per_size_runs(reference), per_size_runs(quantized):
-        kls = [_kl(forward(reference, data).logits, forward(quantized, data).logits)[0] for data in inputs]
-    return torch.cat(kls).mean().item()
+def _logits(path: Path, inputs: list[dict], **load) -> list[torch.Tensor]:
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **load).eval()
+    with torch.no_grad(), per_size_runs(model):
+        return [forward(model, data).logits for data in inputs]
 
 
 @pytest.fixture(scope="module")
 def heldout_kl46(outliers46, tmp_path_factory):
     """Method → (held-out mean KL, quantize result) of the default recipe on tiny:4.6-outliers, for vllm-gpu."""
+    encoder = CalibrationEncoder(outliers46)
+    inputs = [encoder(s, 2) for s in load_samples(None, split="heldout", seed=0) if not s.is_video]
+    reference = _logits(outliers46, inputs)
     work = tmp_path_factory.mktemp("calibrated46")
     found = {}
     for method in ("rtn", "gptq", "awq"):
         samples = {} if method == "rtn" else {"num_samples": CALIBRATION_SAMPLES}
         result = quantize(outliers46, work / method, method=method, target="vllm-gpu", progress=False, **samples)
-        found[method] = (_heldout_kl(outliers46, work / method), result)
+        quantized = _logits(work / method, inputs, quantization_config=CompressedTensorsConfig(dequantize=True))
+        kls = [_kl(ref, out)[0] for ref, out in zip(reference, quantized)]
+        found[method] = (torch.cat(kls).mean().item(), result)
     return found
 
 
@@ -286,7 +286,7 @@ def test_calibrated_46_halves_rtn_kl_on_the_outlier_model(method, heldout_kl46):
 def test_awq_on_46_is_deterministic(outliers46, tmp_path):
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
-        quantize(outliers46, out, method="awq", target="vllm-gpu", num_samples=4, seed=3, progress=False)
+        quantize(outliers46, out, method="awq", target="vllm-gpu", num_samples=3, seed=3, progress=False)
     shards = [sorted(out.glob("*.safetensors")) for out in outs]
     assert [p.name for p in shards[0]] == [p.name for p in shards[1]] and shards[0]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*shards))
@@ -334,3 +334,16 @@ def test_every_46_smoothing_pair_leaves_its_block_unchanged(outliers46):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # vision 3 x 3, vit_merger 3, merger 1, 3 linear-attention layers x 4, the full-attention layer 3 (v -> o: GQA)
     assert smoothed == 9 + 3 + 1 + 12 + 3
+
+
+def test_llm_compressors_awq_is_refused_where_it_would_smooth_wrongly(tmp_path, capsys):
+    """Its AWQModifier divides a norm's weight by the scales: wrong for Qwen3.5's x̂ · (1 + weight) norms."""
+    recipe = tmp_path / "awq-llmc.yaml"
+    recipe.write_text("name: awq-llmc\nmethod: awq\nmethod_args: {engine: llm-compressor}\ntarget: vllm-gpu\n"
+                      "rules:\n  - component: llm\n    bits: 4\n    group_size: 128\n    symmetric: false\n")
+    assert main(["quantize", "--model", "tiny:4.6", "--recipe", str(recipe), "--num-samples", "2",
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("engine llm-compressor cannot smooth input_layernorm in model.language_model.layers.0: "
+                            "the norm scales by 1 + weight; use engine mcq"), err
+    assert not (tmp_path / "q").exists()
