@@ -50,7 +50,7 @@ class CalibrationEncoder(Protocol):
     """Turns calibration samples (`mcq.calibration.Sample`: a conversation, its answer included) into the inputs of
     one forward of the family's model (`Calibration.forward` runs it)."""
 
-    video: bool     # whether video samples can be encoded (the others are calibrated on)
+    video: bool     # whether video samples can be encoded (calibration leaves them out where not)
 
     def __call__(self, sample: Any, max_slice_nums: int | None) -> dict[str, Any]: ...
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
 from mcq.calibration import load_samples
 from mcq.cli import main
 from mcq.errors import McqError
+from mcq.models.family import family_for
 from mcq.models.minicpmv4_6.calibration import CalibrationEncoder, forward, per_size_runs
 from mcq.models.tiny import resolve_tiny
 from mcq.models.weights import CheckpointReader, shell_model
@@ -218,9 +219,12 @@ def test_the_driver_feeds_each_block_what_transformers_forward_feeds_it(outliers
             forward(reference, data)
     handle.remove()
     model = shell_model(reference.config)
+    blocks = list(family_for("minicpmv4_6").blocks(model))
     seen, outputs = [], {}
 
     def run_block(name, block, calls):
+        # One block holds weights at a time (memory flat with depth).
+        assert all(p.is_meta for other, module in blocks if other != name for p in module.parameters())
         seen.append((name, len(calls)))
         with torch.no_grad():
             outputs[name] = [block(*args, **kwargs) for args, kwargs in calls]
@@ -233,6 +237,7 @@ def test_the_driver_feeds_each_block_what_transformers_forward_feeds_it(outliers
         "model.vision_tower.encoder.layers.2", "model.merger", *(f"model.language_model.layers.{i}" for i in range(4))]
     images = sum("pixel_values" in data for data in samples)
     assert dict(seen)["model.merger"] == images and dict(seen)["model.language_model.layers.3"] == len(samples)
+    assert all(p.is_meta for _, module in blocks for p in module.parameters())
     got = outputs["model.language_model.layers.3"]
     assert len(got) == len(expected)
     for mine, theirs in zip(got, expected):
@@ -295,7 +300,7 @@ def test_awq_on_46_is_deterministic(outliers46, tmp_path):
 def test_every_46_smoothing_pair_leaves_its_block_unchanged(outliers46):
     """Scaling a pair (norms that scale by 1 + weight, the per-head gated norm included) is exact: each block of
     every kind gives the same outputs on its real inputs with random scales folded into all its pairs."""
-    from mcq.models.family import component_of, family_for
+    from mcq.models.family import component_of
     from mcq.quantize.awq import apply_scales, resolve_pairs
 
     family = family_for("minicpmv4_6")
