@@ -238,9 +238,9 @@ def child_capture(spec: dict) -> None:
     checkpoint = root / "checkpoint"
     make_tiny(checkpoint, TinySpec(version="4.5", seed=spec["seed"], real_widths=True, llm_layers=1,
                                    vision_layers=1), force=True)
-    path, config, minicpmv = model_spec(checkpoint)
+    path, config, _ = model_spec(checkpoint)
     recipe = resolve_recipe("awq", None)
-    samples, described = calibration_samples(path, minicpmv, None, spec["num_samples"],
+    samples, described = calibration_samples(path, None, spec["num_samples"],
                                              recipe.calibration.max_slice_nums, spec["seed"])
     recorded = {}
 
@@ -369,9 +369,9 @@ def child_budget(spec: dict) -> None:
     from mcq.quantize.llmc import quantization_args
     from mcq.quantize.sequential import BlockHandler, SequentialDriver
 
-    path, config, minicpmv = model_spec(resolve_tiny(spec["model"]))
+    path, config, _ = model_spec(resolve_tiny(spec["model"]))
     plan = _plan(path, "mcq")
-    samples, described = calibration_samples(path, minicpmv, None, spec["num_samples"], 2, 0)
+    samples, described = calibration_samples(path, None, spec["num_samples"], 2, 0)
     recorded = {}
     SequentialDriver(shell_model(config), CheckpointReader(path), samples, torch.float32, "cpu").run(
         BlockHandler(lambda name, block, calls: recorded.__setitem__(name, calls), lambda name, block: None))

@@ -312,7 +312,7 @@ def child_build(spec: dict) -> None:
     stream = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"]
     calibration, tokens = {}, {}
     for method in spec["methods"]:
-        encoded, described = calibration_samples(path, version, None, spec["num_samples"], spec["max_slice_nums"],
+        encoded, described = calibration_samples(path, None, spec["num_samples"], spec["max_slice_nums"],
                                                  spec["seed"])
         lengths = [int(sample["input_ids"].shape[1]) for sample in encoded]
         slices = sum(len(p) for sample in encoded for p in sample.get("pixel_values") or [])
@@ -383,11 +383,12 @@ def child_mcq(spec: dict) -> None:
 
     def capture(self, *a, **k):
         started = time.perf_counter()
-        original_capture(self, *a, **k)
+        recorded = original_capture(self, *a, **k)
         seconds = time.perf_counter() - started
         captures.append(seconds)
         if blocks and "seconds" not in blocks[-1]:   # ran after the previous block, for the next one
             blocks[-1]["_later_capture"] = blocks[-1].get("_later_capture", 0.0) + seconds
+        return recorded
 
     def timed(store: str, original):
         def wrapper(self, name, *a, **k):

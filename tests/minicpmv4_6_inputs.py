@@ -1,8 +1,9 @@
 """Inputs for MiniCPM-V 4.6 in tests: an image and a question laid out as its processor lays them out.
 
 transformers builds `MiniCPMV4_6Processor` only with torchvision (for its video processor), which mcq does not
-need; its image processor (PIL backend) and tokenizer load without it, so the tests expand the placeholder
-themselves: `<image_id>0</image_id><image>`, one image token per 16 patches (two 2x2 merges), `</image>`."""
+need; its image processor (PIL backend) and tokenizer load without it, and mcq expands the placeholder as the
+processor does (`mcq.models.minicpmv4_6.calibration.expand_images`): `<image_id>0</image_id><image>`, one image
+token per 16 patches (two 2x2 merges), `</image>`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 # transformers' top-level AutoImageProcessor is a placeholder without torchvision; this one picks the PIL backend.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+from mcq.models.minicpmv4_6.calibration import expand_images
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
@@ -22,9 +25,7 @@ def image_inputs(path, image: Image.Image) -> dict[str, torch.Tensor]:
     """One unsliced image and a question, as model inputs."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     pixels = AutoImageProcessor.from_pretrained(path)(image, slice_mode=False, return_tensors="pt")
-    count = int(pixels["target_sizes"].prod()) // 16
-    text = (f"<|im_start|>user\n{tokenizer.image_id_start_token}0{tokenizer.image_id_end_token}"
-            f"{tokenizer.image_start_token}{tokenizer.image_token * count}{tokenizer.image_end_token}\n"
-            "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
+    text = expand_images(f"<|im_start|>user\n{tokenizer.image_token}\nWhat is in the picture?<|im_end|>\n"
+                         "<|im_start|>assistant\n", tokenizer, pixels, divisor=16)
     return {**tokenizer(text, return_tensors="pt"), "pixel_values": pixels["pixel_values"],
             "target_sizes": pixels["target_sizes"]}

@@ -136,7 +136,7 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
 
     outcomes: dict[str, VariantOutcome] = {}
     keys: dict[str, str] = {}
-    calibration = _LazyCalibration(path, spec, chosen, calib, seed, calib_key)
+    calibration = _LazyCalibration(path, chosen, calib, seed, calib_key)
     for position, variant in enumerate(variants, 1):
         target = out / "variants" / variant.name
         outcome = VariantOutcome(variant.name, variant.format, str(target), status="not applicable")
@@ -218,10 +218,10 @@ class _LazyCalibration:
     """The build's calibration set, encoded (or read from the cache) on first use only: a run whose variants are
     all reused never touches it."""
 
-    def __init__(self, model_dir: Path, spec, plan: Plan, calib: str | None, seed: int, key: str):
+    def __init__(self, model_dir: Path, plan: Plan, calib: str | None, seed: int, key: str):
         from .calibration import CalibrationSettings
 
-        self.model_dir, self.spec, self.key = model_dir, spec, key
+        self.model_dir, self.key = model_dir, key
         self.settings = CalibrationSettings(calib, plan.calibration["num_samples"],
                                             plan.calibration["max_slice_nums"], seed)
         self._set = None
@@ -232,7 +232,7 @@ class _LazyCalibration:
 
             from .calibration import calibration_set
 
-            self._set = calibration_set(self.model_dir, self.spec, self.settings, self.key,
+            self._set = calibration_set(self.model_dir, self.settings, self.key,
                                         cache_dir() / "calibration")
         return self._set
 

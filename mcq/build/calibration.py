@@ -53,7 +53,7 @@ class CalibrationSet:
         return self.directory / f"imatrix-{code_key}.safetensors"
 
 
-def calibration_set(model_dir: Path, spec, settings: CalibrationSettings, key: str, root: Path) -> CalibrationSet:
+def calibration_set(model_dir: Path, settings: CalibrationSettings, key: str, root: Path) -> CalibrationSet:
     """The encoded set for `key` from the cache under `root`, encoding and storing it on a miss."""
     directory = root / key
     if (directory / STRUCTURE_FILE).is_file():
@@ -61,7 +61,7 @@ def calibration_set(model_dir: Path, spec, settings: CalibrationSettings, key: s
         return CalibrationSet(samples, description, directory, reused=True)
     from mcq.calibration import calibration_samples
 
-    samples, description = calibration_samples(model_dir, spec, settings.data, settings.num_samples,
+    samples, description = calibration_samples(model_dir, settings.data, settings.num_samples,
                                                settings.max_slice_nums, settings.seed)
     with _staged_entry(directory) as staging:
         save_encoded(staging, samples, description)

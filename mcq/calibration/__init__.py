@@ -2,9 +2,9 @@
 
 `load_samples(source, split)` gives the conversations that calibration runs through the model (teacher-forced,
 answer included) and that evaluation scores: the built-in synthetic set (`synthetic.py`) or the user's data
-(`user_data.py`). `encode_sample` turns one into the batch `MiniCPMV.forward(data)` takes; `describe` summarises a
-set for model cards; `calibration_samples` does both for a checkpoint (what quantization and the GGUF importance
-matrix calibrate on).
+(`user_data.py`). `encode_sample` turns one into the batch `MiniCPMV.forward(data)` takes, with the answer tokens
+marked for evaluation; `describe` summarises a set for model cards; `calibration_samples` encodes a set for a
+checkpoint of any family with its family's encoder (what quantization and the GGUF importance matrix calibrate on).
 
 Held-out user data: a fixed 1/8 of the samples (at least one when there are two or more), chosen by a hash of
 each sample's name and not by the seed, so that a calibration run and an evaluation run with different seeds still
@@ -114,19 +114,19 @@ def describe(samples: Sequence[Sample]) -> dict[str, Any]:
     }
 
 
-def calibration_samples(path: Path, spec, calib: str | None, count: int, slices: int,
+def calibration_samples(path: Path, calib: str | None, count: int, slices: int,
                         seed: int) -> tuple[list[dict], dict[str, Any]]:
-    """`count` calibration samples of `calib` (None: the built-in set) encoded by the processor of the checkpoint in
-    `path` (MiniCPM-V `spec`), and their description for manifests."""
-    from mcq.models.loading import load_processor
+    """`count` calibration samples of `calib` (None: the built-in set) encoded for the checkpoint in `path` by its
+    family's encoder (`Family.calibration`), and their description for manifests. Video samples are left out where
+    the encoder has no video path."""
+    from mcq.models.loading import open_checkpoint
 
     samples = load_samples(calib, split="calibration", num_samples=count, seed=seed)
     if not samples:
         raise McqError(f"calibration data {calib or 'builtin'} gave no samples")
-    if not spec.temporal:  # video clips need the 3D resampler (4.5); older versions calibrate on the rest
+    encoder = open_checkpoint(path).family.calibration.open_encoder(path)
+    if not encoder.video:
         samples = [s for s in samples if not s.is_video]
-    processor = load_processor(path)
     # The kind rides along (the model ignores it): AWQ's scale search samples tokens across kinds.
-    encoded = [dict(encode_sample(processor, spec, sample, max_slice_nums=slices), kind=sample.kind)
-               for sample in samples]
+    encoded = [dict(encoder(sample, slices), kind=sample.kind) for sample in samples]
     return encoded, {"source": calib or "builtin", "seed": seed, "max_slice_nums": slices, **describe(samples)}

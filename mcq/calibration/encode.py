@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mcq.errors import McqError
-from mcq.models.minicpmv.chat import render_conversation
+from mcq.models.minicpmv.chat import conversation_inputs, render_conversation
 from mcq.models.minicpmv.versions import VersionSpec
 
 from .samples import Sample
@@ -25,24 +25,15 @@ def encode_sample(processor, spec: VersionSpec, sample: Sample, max_slice_nums: 
     assistant answer (its closing tokens included), which is what held-out evaluation scores. A prompt-only sample
     ends with the generation prompt and has no answer tokens.
 
-    Video samples are encoded like `mcq chat --video`: one slice per frame, no image ids, and on 4.5 the frames'
-    temporal ids; 2.6 and 4.0 have no temporal path and see the frames as a sequence of images, as their official
-    video recipe does. `max_length` cuts the sequence from the end (the answer first); cutting into an image is an
-    error.
+    Video samples are encoded as `conversation_inputs` says. `max_length` cuts the sequence from the end (the
+    answer first); cutting into an image is an error.
     """
     if spec.version != processor.version:
         raise McqError(f"the processor is for MiniCPM-V {processor.version} but the model is {spec.version}")
     if sample.has_answer and not isinstance(sample.messages[-1]["content"], str) \
             and any(not isinstance(item, str) for item in sample.messages[-1]["content"]):
         raise McqError(f"{sample.name}: the final assistant answer holds images; answers are text")
-    text, images = render_conversation(processor.tokenizer, spec, sample.messages,
-                                       add_generation_prompt=not sample.has_answer)
-    if sample.is_video:
-        options = {"max_slice_nums": 1, "use_image_id": False,
-                   "temporal_ids": [[list(group) for group in sample.temporal_ids]] if spec.temporal else None}
-    else:
-        options = {"max_slice_nums": max_slice_nums}
-    inputs = processor(text, [images], **options)
+    inputs, text = conversation_inputs(processor, spec, sample, max_slice_nums)
     length = inputs["input_ids"].shape[1]
     answer_tokens = _answer_token_count(processor, spec, sample, text) if sample.has_answer else 0
     answer_mask = torch.zeros((1, length), dtype=torch.bool)

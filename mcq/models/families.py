@@ -16,7 +16,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {"minicpmv": ("2.6", "4.0", "4.5"), "mini
 RELEASES: tuple[str, ...] = tuple(version for versions in FAMILIES.values() for version in versions)
 
 # The releases every command and format of the default build plan supports: what `mcq build`, the CI matrix and
-# `mcq make-tiny`'s default offer. 4.6 has a tiny model, `inspect` and RTN so far (issue 17).
+# `mcq make-tiny`'s default offer. 4.6 has a tiny model, `inspect`, RTN, GPTQ and AWQ so far (issue 17).
 BUILD_RELEASES: tuple[str, ...] = FAMILIES["minicpmv"]
 
 

@@ -8,9 +8,10 @@ in their folder; nothing outside `mcq/models/` branches on which it is."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -38,7 +39,50 @@ class PaddableMlp:
 # An activation-smoothing pair inside a block, for AWQ-style scaling: (smooth layer, balance layers), names relative
 # to the block. The smooth layer's output channels are divided by s and the balance layers' input channels
 # multiplied by s, which leaves the block's function unchanged only where nothing nonlinear sits between them.
-SmoothingPair = tuple[str, tuple[str, ...]]
+# A third element, PER_HEAD, says the smooth layer is a norm applied head by head with one weight per channel of a
+# head, shared by every head, and the balance layers take all heads' channels (head-major): the scales are then one
+# per channel of a head, the same for every head.
+SmoothingPair = tuple[str, tuple[str, ...]] | tuple[str, tuple[str, ...], str]
+PER_HEAD = "per_head"
+
+
+class CalibrationEncoder(Protocol):
+    """Turns calibration samples (`mcq.calibration.Sample`: a conversation, its answer included) into the inputs of
+    one forward of the family's model (`Calibration.forward` runs it)."""
+
+    video: bool     # whether video samples can be encoded (calibration leaves them out where not)
+
+    def __call__(self, sample: Any, max_slice_nums: int | None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class CaptureStage:
+    """A run of blocks (from `first_block` to the next stage's first) each of which takes the previous one's output
+    as its first argument, untouched by the model's code between them; the block-by-block driver captures a stage's
+    inputs with one forward over the calibration samples. Between stages the model's own code (a norm, a merge of
+    vision features into the text embeddings) turns one stage's outputs into the next one's inputs.
+
+    `per_vision_call`: the model runs the stage once per vision-tower call (per slice, per run of equal-size
+    images), not once per sample. `batches`: calls of equal shapes concatenate along dim 0 (every tensor argument is
+    batch-first, nothing else differs between them)."""
+
+    first_block: str
+    per_vision_call: bool = False
+    batches: bool = False
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the block-by-block driver (`mcq.quantize.sequential`) captures block inputs through this family's own
+    forward, and how calibration samples become that forward's inputs."""
+
+    stages: tuple[CaptureStage, ...]        # in data-flow order; the first starts at the first block
+    # The model's own forward on one encoded sample (no cache: one teacher-forced pass).
+    forward: Callable[[nn.Module, dict[str, Any]], Any]
+    # What the model is set to while the driver captures (how the vision tower is called: see each family).
+    capturing: Callable[[nn.Module], AbstractContextManager[None]]
+    # The checkpoint's encoder of calibration samples (`CalibrationEncoder`), from its directory.
+    open_encoder: Callable[[Path], CalibrationEncoder]
 
 
 @dataclass(frozen=True)
@@ -63,8 +107,13 @@ class Family:
     # sequence (attention). AWQ's scale search measures its loss on a sample of tokens; a parent that is or holds
     # one of these must run on whole sequences, every other module (Linears, MLPs) maps each token on its own.
     token_mixing: Mapping[str, tuple[str, ...]]
-    # Whether the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ).
+    # What a norm adds to its weight before scaling (1 for a norm that computes x̂ · (1 + weight), as Qwen3.5's
+    # RMSNorm does; 0 for x̂ · weight): smoothing such a norm by s divides offset + weight by s.
+    norm_offset: Callable[[nn.Module], float]
+    # Whether the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ), and
+    # how (`Calibration`).
     calibrates: bool
+    calibration: Calibration
     # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
     load_code: str
     # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its

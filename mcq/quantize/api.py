@@ -170,11 +170,9 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     described: dict[str, Any] = {}
     if chosen.method in CALIBRATED_METHODS:
         from mcq.calibration import calibration_samples
-        from mcq.models.minicpmv.versions import version_spec
 
-        # Only families that calibrate get here (the resampler family, whose releases have a VersionSpec).
         samples, described = calibration or calibration_samples(
-            path, version_spec(config.version), calib, num_samples or chosen.calibration.num_samples,
+            path, calib, num_samples or chosen.calibration.num_samples,
             max_slice_nums or chosen.calibration.max_slice_nums, seed)
     data_free: list[str] = []
     skipped: list[dict[str, Any]] = []

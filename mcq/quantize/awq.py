@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcq.models.familyspec import PER_HEAD, SmoothingPair
+
 @dataclass(frozen=True)
 class Pair:
     """A smoothing pair resolved in one block (names relative to the block)."""
@@ -52,6 +54,12 @@ class Pair:
     smooth: str
     balance: tuple[str, ...]
     parent: str
+    offset: float = 0.0   # what the smooth layer adds to its weight before scaling (`Family.norm_offset`)
+    heads: int = 1        # a per-head pair (`PER_HEAD`): the balance layers take this many copies of its channels
+
+    def balance_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """Scales of the smooth layer's channels (`[..., channels]`) → of the balance layers' inputs."""
+        return scales.repeat(*([1] * (scales.dim() - 1)), self.heads) if self.heads > 1 else scales
 
 
 @dataclass(frozen=True)
@@ -105,17 +113,20 @@ def _output_width(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
-def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]],
-                  methods: dict[str, str]) -> tuple[list[Pair], list[SkippedPair]]:
+def resolve_pairs(block: nn.Module, pairs: Sequence[SmoothingPair], methods: dict[str, str],
+                  norm_offset: Callable[[nn.Module], float] = lambda module: 0.0
+                  ) -> tuple[list[Pair], list[SkippedPair]]:
     """The pairs of `pairs` that can smooth this block, and the ones that cannot, with the reason.
 
     `methods` maps the block's quantized Linears to their method. A pair concerns AWQ when one of its balance layers
     is an AWQ layer; it is applied only if every balance layer is, the smooth layer exists, and the widths agree
     (under grouped-query attention `v_proj` has fewer outputs than `o_proj` has inputs, so no per-channel scale
-    passes between them)."""
+    passes between them), or for a per-head pair (`PER_HEAD`) the balance layers take whole heads of them.
+    `norm_offset`: the family's (`Family.norm_offset`), for the smooth layers."""
     modules = dict(block.named_modules())
     usable, skipped = [], []
-    for smooth, balance in pairs:
+    for smooth, balance, *form in pairs:
+        per_head = form == [PER_HEAD]
         if not any(methods.get(name) == "awq" for name in balance):
             continue
         reason = None
@@ -128,7 +139,10 @@ def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]]
                     reason = f"{name} is {how}; every balance layer of a pair must be AWQ-quantized"
                     break
                 width, fan_in = _output_width(modules[smooth]), modules[name].in_features
-                if width != fan_in:
+                if per_head and fan_in % width:
+                    reason = f"{smooth} has {width} channels per head but {name} takes {fan_in} inputs"
+                    break
+                if width != fan_in and not per_head:
                     reason = f"{smooth} has {width} output channels but {name} takes {fan_in} inputs"
                     if smooth.endswith("v_proj") and fan_in % width == 0:
                         reason += (f" (grouped-query attention: each value head serves {fan_in // width} query "
@@ -137,7 +151,9 @@ def resolve_pairs(block: nn.Module, pairs: Sequence[tuple[str, tuple[str, ...]]]
         if reason:
             skipped.append(SkippedPair(smooth, tuple(balance), reason))
         else:
-            usable.append(Pair(smooth, tuple(balance), lowest_common_ancestor(balance)))
+            heads = modules[balance[0]].in_features // _output_width(modules[smooth]) if per_head else 1
+            usable.append(Pair(smooth, tuple(balance), lowest_common_ancestor(balance), norm_offset(modules[smooth]),
+                               heads))
     return usable, skipped
 
 
@@ -396,11 +412,15 @@ class ParentSample:
 
 def pair_scales(block: nn.Module, pair: Pair, x_mean: torch.Tensor, candidates: Sequence[tuple[float, bool]],
                 quant_args: dict[str, Any]) -> torch.Tensor:
-    """The candidates' scales for `pair` (`[len(candidates), channels]`)."""
+    """The candidates' scales for `pair` (`[len(candidates), channels]`, channels of the smooth layer: for a per-head
+    pair the activation and weight means of a head channel are averaged over the heads)."""
     weights = [block.get_submodule(name).weight.data for name in pair.balance]
     w_mean = None
     if any(duo for _, duo in candidates):
         w_mean = normalized_weight_means(weights, [quant_args[name].group_size for name in pair.balance])
+    if pair.heads > 1:
+        x_mean = x_mean.view(pair.heads, -1).mean(0)
+        w_mean = w_mean.view(pair.heads, -1).mean(0) if w_mean is not None else None
     return candidate_scales(x_mean.to(weights[0].device), w_mean, candidates)
 
 
@@ -458,13 +478,13 @@ def search_block(block: nn.Module, pairs: Sequence[Pair], calls: Sequence[Call],
                                        f"{pair.parent or 'the block'} is not finite on the calibration data"))
             continue
         scales = pair_scales(block, pair, statistics.x_means[pair.smooth], candidates, quant_args)
-        losses = candidate_losses(block, pair, parent, scales, quant_args)
+        losses = candidate_losses(block, pair, parent, pair.balance_scales(scales), quant_args)
         best = best_candidate(losses)
         if best is None:
             raise RuntimeError(f"AWQ: no finite loss for {pair.smooth} (non-finite values in "
                                f"{pair.parent or 'the block'})")
         apply_scales(block, pair, scales[best])
-        folded.update(dict.fromkeys(pair.balance, scales[best]))
+        folded.update(dict.fromkeys(pair.balance, pair.balance_scales(scales[best])))
         ratio, duo = candidates[best]
         results.append(PairResult(pair.smooth, pair.parent, parent.tokens, ratio, duo, losses[0], losses[best],
                                   [(r, d, loss) for (r, d), loss in zip(candidates, losses)]))
@@ -559,12 +579,15 @@ def clip_weight(weight: torch.Tensor, inputs: torch.Tensor, args) -> tuple[float
 
 @torch.no_grad()
 def apply_scales(block: nn.Module, pair: Pair, scales: torch.Tensor) -> None:
-    """Fold the scales in: balance weights × s on their input channels, the smooth layer's outputs ÷ s."""
+    """Fold the scales in: balance weights × s on their input channels, the smooth layer's outputs ÷ s (for a norm
+    that scales by offset + weight, the weight becomes (offset + weight) / s − offset)."""
     for name in pair.balance:
         layer = block.get_submodule(name)
-        layer.weight.data = layer.weight.data * scales.view(1, -1).to(layer.weight.dtype)
+        layer.weight.data = layer.weight.data * pair.balance_scales(scales).view(1, -1).to(layer.weight.dtype)
     smooth = block.get_submodule(pair.smooth)
-    if smooth.weight.dim() == 1:
+    if pair.offset:
+        smooth.weight.data = (smooth.weight.data + pair.offset) / scales.to(smooth.weight.dtype) - pair.offset
+    elif smooth.weight.dim() == 1:
         smooth.weight.data = smooth.weight.data / scales.to(smooth.weight.dtype)
     else:
         smooth.weight.data = smooth.weight.data / scales.view(-1, 1).to(smooth.weight.dtype)

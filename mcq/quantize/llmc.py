@@ -22,6 +22,7 @@ import logging
 import torch
 from torch import nn
 
+from mcq.errors import McqError
 from mcq.models.family import component_of, pad_intermediate
 from mcq.models.familyspec import Family
 
@@ -204,12 +205,19 @@ class LlmCompressorBlockQuantizer:
         pairs: list[Pair] = []
         outputs = None
         if "awq" in by_method:
-            pairs, skipped = resolve_pairs(block, self.family.smoothing_pairs.get(component, ()), methods)
+            pairs, skipped = resolve_pairs(block, self.family.smoothing_pairs.get(component, ()), methods,
+                                           self.family.norm_offset)
             self.skipped_pairs += [s.to_dict(block_name) for s in skipped]
         # A block whose AWQ layers have no pair (the vision MLP's fc2 on its own) still gets clipped ranges.
         if self.engine == "mcq" and (pairs or ("awq" in by_method and self.args["weight_clip"])):
             outputs = self._search(block_name, block, pairs, by_method["awq"], calls)
         llmc_pairs = pairs if self.engine == "llm-compressor" else []
+        if unusual := next((p for p in llmc_pairs if p.offset or p.heads > 1), None):
+            # Its AWQModifier divides a norm's stored weight by the scales, which for x̂ · (1 + weight) is not the
+            # smoothing the balance layers were scaled for, and takes one scale per balance input channel.
+            how = f"scales by {unusual.offset:g} + weight" if unusual.offset else "is shared by every head"
+            raise McqError(f"engine llm-compressor cannot smooth {unusual.smooth} in {block_name}: the norm {how}; "
+                           "use engine mcq")
         modifiers = self._modifiers(by_method, llmc_pairs)
         # The session needs the calibration forward only for what collects statistics in it: GPTQ's Hessians,
         # llm-compressor's AWQ, the imatrix observer's E[x²]; mcq's AWQ has smoothed the block already.

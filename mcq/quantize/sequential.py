@@ -1,21 +1,26 @@
-"""The calibration driver: real forward passes through vision tower → resampler → LLM, one block at a time.
+"""The calibration driver: real forward passes through the model (vision tower → resampler or mergers → LLM), one
+block at a time.
 
-Each block (a SigLIP encoder layer, the resampler, an LLM decoder layer) is materialized from the checkpoint, fed
-the inputs its predecessor produced for every calibration sample, quantized, run again to produce the inputs of the
-next block (unless the quantizer hands back outputs it already computed), handed to the writer and released. What
-the next block sees is the quantizer's choice (it leaves the block's forward as later blocks should see it): GPTQ
-blocks propagate their quantized outputs, AWQ blocks their smoothed, unquantized ones — llm-compressor's sequential
-pipeline bit for bit in both cases (tests/quantize/test_llmc_parity.py). Nothing but the current block and the
-cached activations is in memory, so peak memory does not grow with depth.
+Each block (a SigLIP encoder layer, the resampler, 4.6's vit_merger and merger, an LLM decoder layer) is
+materialized from the checkpoint, fed the inputs its predecessor produced for every calibration sample, quantized,
+run again to produce the inputs of the next block (unless the quantizer hands back outputs it already computed),
+handed to the writer and released. What the next block sees is the quantizer's choice (it leaves the block's forward
+as later blocks should see it): GPTQ blocks propagate their quantized outputs, AWQ blocks their smoothed,
+unquantized ones — llm-compressor's sequential pipeline bit for bit in both cases (tests/quantize/test_llmc_parity.py).
+Nothing but the current block and the cached activations is in memory, so peak memory does not grow with depth.
 
-Inputs of a block are captured by running the model's own forward (`MiniCPMV.forward(data)`, the vision path
-included) with the block swapped for a recorder, and blocks already done swapped for replays of their recorded
-outputs. So slicing, packing, `image_bound` merging, rotary tables and attention masks come from the model code
-itself, never from a copy of it here.
+Inputs of a block are captured by running the model's own forward (`Family.calibration.forward`, the vision path
+included) with blocks swapped for recorders, and the last block already done swapped for a replay of its outputs.
+The family splits its blocks into stages (`CaptureStage`): within a stage each block's first argument is the
+previous block's output, and one forward per stage records every block's call (its other arguments: masks, rotary
+tables, window indices, which may differ per block, as between 4.6's linear- and full-attention layers, or before
+and after its vit_merger). So slicing, packing, merging vision features into the text, rotary tables and attention
+masks come from the model code itself, never from a copy of it here.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 from mcq.models.family import family_for
-from mcq.models.minicpmv import MiniCPMV
+from mcq.models.familyspec import CaptureStage
 from mcq.models.weights import CheckpointReader, named_blocks, release
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -66,7 +71,7 @@ class _Recorder(nn.Module):
 class _Replay(nn.Module):
     """Stands in for a finished block: returns its recorded outputs in call order."""
 
-    def __init__(self, outputs: list[torch.Tensor]):
+    def __init__(self, outputs: list[Any]):
         super().__init__()
         self.outputs, self.position = outputs, 0
 
@@ -77,27 +82,16 @@ class _Replay(nn.Module):
 
 
 @contextmanager
-def _swapped(parent: nn.Module, attribute: str, replacement: nn.Module) -> Iterator[None]:
+def _swapped(model: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    """The module `name` of `model` (a ModuleList entry too: `layers.3`) is `replacement` for the duration."""
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
     original = getattr(parent, attribute)
     setattr(parent, attribute, replacement)
     try:
         yield
     finally:
         setattr(parent, attribute, original)
-
-
-@contextmanager
-def _replaying(module: nn.Module, outputs: list[torch.Tensor] | None) -> Iterator[None]:
-    """`module` hands back `outputs` in call order instead of computing them (its attributes stay as they are,
-    for the code around it that reads them); with None, it computes as usual."""
-    if outputs is None:
-        yield
-        return
-    module.forward = _Replay(outputs).forward
-    try:
-        yield
-    finally:
-        del module.forward
 
 
 def _output_tensor(output: Any) -> torch.Tensor:
@@ -115,13 +109,10 @@ class BlockHandler:
 
 
 class SequentialDriver:
-    def __init__(self, model: MiniCPMV, reader: CheckpointReader, samples: Sequence[dict[str, Any]],
+    def __init__(self, model: nn.Module, reader: CheckpointReader, samples: Sequence[dict[str, Any]],
                  dtype: torch.dtype, device: torch.device | str):
         self.model, self.reader, self.samples = model, reader, list(samples)
-        # One slice per vision-tower call while capturing: slices of a batch are padded to the longest, and padded
-        # patches would enter the calibration statistics (AWQ's activation means, GPTQ's Hessians) as if they were
-        # image content. `_batch_equal_shapes` then regroups slices of equal length, which need no padding.
-        model.config.vision_batch_size = 1
+        self.family = family_for(model.config.model_type)
         self.dtype, self.device = dtype, torch.device(device)
         self._sample = -1   # the sample the forward in progress runs
 
@@ -133,7 +124,7 @@ class SequentialDriver:
         for self._sample, data in enumerate(self.samples):
             try:
                 with torch.no_grad():
-                    self.model(data, use_cache=False)
+                    self.family.calibration.forward(self.model, data)
             except _Stop:
                 pass
 
@@ -146,34 +137,37 @@ class SequentialDriver:
             return value
         return {key: move(value) for key, value in data.items()}
 
-    def _capture(self, vision_layers: nn.Module, resampler: nn.Module, llm_layers: nn.Module,
-                 embedded: list[torch.Tensor] | None = None) -> None:
-        """One forward over all samples with the encoder layers, the resampler and the decoder layers swapped, and
-        the patch embeddings replayed from `embedded` when given."""
-        with _swapped(self.model.vpm.encoder, "layers", vision_layers), \
-                _replaying(self.model.vpm.embeddings, embedded), \
-                _swapped(self.model, "resampler", resampler), \
-                _swapped(self.model.llm.model, "layers", llm_layers):
+    def _capture(self, stages: list[_Stage], current: int, replayed: list[Any]) -> dict[str, Calls]:
+        """One forward over all samples that records the calls of every block of stage `current`: the blocks of
+        earlier stages pass their input on, except the previous stage's last, which replays its outputs `replayed`
+        (so the model's code between the stages computes this stage's inputs from them); later blocks stop the
+        forward. Within the stage every block but the last passes its input on (its recorded first argument is
+        then not its real input: the driver gives it its predecessor's outputs); the last stops the forward too,
+        unless the stage runs once per vision call (then the next stage's first block stops it)."""
+        stage = stages[current]
+        recorders: dict[str, _Recorder] = {}
+        replacements: dict[str, nn.Module] = {}
+        for index, other in enumerate(stages):
+            for position, (name, _) in enumerate(other.blocks):
+                last = position == len(other.blocks) - 1
+                if index < current:
+                    replay = index == current - 1 and last
+                    replacements[name] = _Replay(replayed) if replay else _Recorder([], stop=False)
+                elif index == current:
+                    recorders[name] = _Recorder([], stop=last and not stage.spec.per_vision_call, origin=self._origin)
+                    replacements[name] = recorders[name]
+                else:
+                    replacements[name] = _Recorder([], stop=True)
+        with contextlib.ExitStack() as stack:
+            for name, replacement in replacements.items():
+                stack.enter_context(_swapped(self.model, name, replacement))
             self._forward_all()
-
-    def _capture_vision_layer_inputs(self) -> Calls:
-        recorder = _Recorder([], stop=False, origin=self._origin)
-        stop = _Recorder([], stop=True)  # text-only samples never reach the resampler; stop them at the LLM
-        self._capture(nn.ModuleList([recorder]), stop, nn.ModuleList([stop]))
-        return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
-
-    # The later passes run the vision tower's forward again (its packing and masks feed what follows) but replay
-    # its patch embeddings, `embedded`: the first layer's recorded inputs, one per slice in call order.
-    def _capture_resampler_inputs(self, vision_outputs: list[torch.Tensor], embedded: list[torch.Tensor]) -> Calls:
-        recorder = _Recorder([], stop=True, origin=self._origin)
-        self._capture(nn.ModuleList([_Replay(vision_outputs)]), recorder, nn.ModuleList([_Recorder([], stop=True)]),
-                      embedded)
-        return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
-
-    def _capture_llm_layer_inputs(self, resampler_outputs: list[torch.Tensor], embedded: list[torch.Tensor]) -> Calls:
-        recorder = _Recorder([], stop=True, origin=self._origin)
-        self._capture(nn.ModuleList(), _Replay(resampler_outputs), nn.ModuleList([recorder]), embedded)
-        return Calls(recorder.calls, [(origin,) for origin in recorder.origins])
+        first = stage.blocks[0][0]
+        # The first argument a later block of the stage recorded is the stage's input passed on: dropped here, so
+        # that the stage's inputs are not held while its blocks run.
+        return {name: Calls([(args if name == first else (None, *args[1:]), kwargs) for args, kwargs in recorder.calls],
+                            [(origin,) for origin in recorder.origins])
+                for name, recorder in recorders.items()}
 
     # -- the walk ----------------------------------------------------------------------------------------------------
     def _materialize_shell(self) -> None:
@@ -183,7 +177,7 @@ class SequentialDriver:
         rows; the 151,748 x 4096 table of an 8B model would be 2.5 GB in float32 for the whole run); their output
         is cast to the compute dtype, which is exactly the lookup in a cast table."""
         blocks = {name for name, _ in named_blocks(self.model)}
-        head = family_for(self.model.config.model_type).lm_head
+        head = self.family.lm_head
         for name, module in self.model.named_modules():
             if name in blocks or name == head or any(name.startswith(b + ".") for b in blocks):
                 continue
@@ -198,68 +192,99 @@ class SequentialDriver:
             if table:
                 module.register_forward_hook(lambda _module, _args, output: output.to(self.dtype))
 
+    def _stages(self) -> list[_Stage]:
+        specs = {spec.first_block: spec for spec in self.family.calibration.stages}
+        stages: list[_Stage] = []
+        for name, block in named_blocks(self.model):   # the first block starts the first stage
+            if name in specs:
+                stages.append(_Stage(specs[name], []))
+            stages[-1].blocks.append((name, block))
+        return stages
+
     def run(self, handler: BlockHandler, progress: Callable[[str], None] | None = None) -> None:
         self.samples = [self._on_device(s) for s in self.samples]
         self._materialize_shell()
         calibrating = bool(self.samples)
-        slices = self._capture_vision_layer_inputs() if calibrating else Calls()
-        calls, placement = _batch_equal_shapes(slices)
-        embedded = [args[0] for args, _ in slices]
-        del slices
-        outputs: list[torch.Tensor] = []
-        stage = "vision"
-        for name, block in named_blocks(self.model):
-            if name == "resampler":
-                per_slice = [outputs[batch][row: row + 1] for batch, row in placement]
-                calls = self._capture_resampler_inputs(per_slice, embedded) if calibrating else Calls()
-            elif name.startswith("llm.") and stage != "llm":
-                calls = self._capture_llm_layer_inputs(outputs, embedded) if calibrating else Calls()
-                stage, embedded = "llm", []
-            if progress:
-                progress(name)
-            self.reader.materialize(block, name, self.dtype, self.device)
-            known = handler.quantize(name, block, calls)
-            if known is not None:
-                outputs = known
-            else:
-                with torch.no_grad():
-                    outputs = [_output_tensor(block(*args, **kwargs)) for args, kwargs in calls]
-            handler.emit(name, block)
-            release(block)
-            # The shards are memory-mapped, and every page a block was read from stays resident (and counts in the
-            # process's RSS) while its mapping is open: kept open, the whole checkpoint would end up in memory by
-            # the last block. Closing the handles unmaps them; the next block reopens what it needs.
-            self.reader.close()
-            if name.startswith("vpm.") or name.startswith("llm."):
-                calls = Calls([((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, calls)],
-                              calls.origins)
+        stages = self._stages()
+        replayed: list[Any] = []   # the outputs of the previous stage's last block, one per call of the forward
+        with self.family.calibration.capturing(self.model):
+            for current, stage in enumerate(stages):
+                recorded = self._capture(stages, current, replayed) if calibrating else {}
+                replayed = []   # the capture was the last forward to replay them
+                first = recorded.get(stage.blocks[0][0], Calls())
+                groups = _equal_shape_groups(first) if stage.spec.batches else [[i] for i in range(len(first))]
+                del first
+                outputs: list[Any] = []
+                for position, (name, block) in enumerate(stage.blocks):
+                    own = recorded.pop(name, Calls())
+                    if stage.spec.batches:
+                        own = _batched(own, groups)
+                    calls = own if position == 0 else Calls(
+                        [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, own)], own.origins)
+                    del own
+                    if progress:
+                        progress(name)
+                    outputs = self._block(handler, name, block, calls)
+                    del calls
+                # The next stage's capture replays them one per call of the forward: unbatched.
+                replayed = [None] * sum(len(members) for members in groups)
+                for batch, members in enumerate(groups):
+                    for row, index in enumerate(members):
+                        replayed[index] = outputs[batch][row: row + 1] if stage.spec.batches else outputs[batch]
+                del outputs
+
+    def _block(self, handler: BlockHandler, name: str, block: nn.Module, calls: Calls) -> list[Any]:
+        """Materialize, quantize and emit one block; returns its outputs on `calls` as the next block sees them."""
+        self.reader.materialize(block, name, self.dtype, self.device)
+        outputs = handler.quantize(name, block, calls)
+        if outputs is None:
+            with torch.no_grad():
+                outputs = [_output_tensor(block(*args, **kwargs)) for args, kwargs in calls]
+        handler.emit(name, block)
+        release(block)
+        # The shards are memory-mapped, and every page a block was read from stays resident (and counts in the
+        # process's RSS) while its mapping is open: kept open, the whole checkpoint would end up in memory by the
+        # last block. Closing the handles unmaps them; the next block reopens what it needs.
+        self.reader.close()
+        return outputs
 
 
-def _batch_equal_shapes(calls: Calls) -> tuple[Calls, list[tuple[int, int]]]:
-    """Concatenate single-slice vision calls of equal length into batches (no padding needed between equals).
+@dataclass
+class _Stage:
+    spec: CaptureStage
+    blocks: list[tuple[str, nn.Module]]
+
+
+def _equal_shape_groups(calls: Calls) -> list[list[int]]:
+    """The calls (indices) that concatenate into one batch: single-slice vision calls of equal length (no padding
+    needed between equals).
 
     Per-slice calls keep padding out of the statistics but make every calibration forward tiny, and
     llm-compressor's per-batch overhead (AWQ runs each parent module once per batch and grid point) then dominates.
     Slices of a resolution share a length, so a few batches cover them all. Every tensor argument is batch-first
     (hidden states, attention masks), so calls whose tensors agree in shape past dim 0 and whose other arguments
-    are equal concatenate along dim 0. Returns the batched calls and, per original call, (batch index, row).
+    are equal concatenate along dim 0 (`_batched`).
     """
     def signature(value):
         return ("tensor", tuple(value.shape[1:])) if isinstance(value, torch.Tensor) else ("value", repr(value))
-
-    def join(values):
-        return torch.cat(values) if isinstance(values[0], torch.Tensor) else values[0]
 
     groups: dict[tuple, list[int]] = {}
     for index, (args, kwargs) in enumerate(calls):
         key = (tuple(signature(a) for a in args), tuple((k, signature(v)) for k, v in sorted(kwargs.items())))
         groups.setdefault(key, []).append(index)
-    batched, placement = Calls(), [(0, 0)] * len(calls)
-    for batch, members in enumerate(groups.values()):
+    return list(groups.values())
+
+
+def _batched(calls: Calls, groups: list[list[int]]) -> Calls:
+    """`calls` concatenated along dim 0 by `groups` (`_equal_shape_groups` of the stage's first block, whose
+    grouping every block of the stage shares: their other arguments are the first block's)."""
+    def join(values):
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else values[0]
+
+    batched = Calls()
+    for members in groups:
         args = tuple(join([calls[i][0][position] for i in members]) for position in range(len(calls[members[0]][0])))
         kwargs = {k: join([calls[i][1][k] for i in members]) for k in calls[members[0]][1]}
         batched.append((args, kwargs))
         batched.origins.append(tuple(origin for i in members for origin in calls.origins[i]))
-        for row, index in enumerate(members):
-            placement[index] = (batch, row)
-    return batched, placement
+    return batched

@@ -302,7 +302,7 @@ def test_embedding_tables_stay_in_their_stored_dtype(tiny45):
     """The driver looks rows up in the stored bf16 tables (an 8B model's would be 2.5 GB in float32 for the whole
     run) and hands the first LLM block exactly the float32 inputs the float32 model computes at every text position.
     At image positions the features come through the vision tower, which the driver runs on slices of equal length
-    batched together (`_batch_equal_shapes`) and the model one slice at a time: whether a batched matmul rounds each
+    batched together (`_equal_shape_groups`) and the model one slice at a time: whether a batched matmul rounds each
     row as the single-row one does depends on the machine's BLAS kernels (equal on one CI machine, 6e-7 apart on
     another), so there they agree to float32 rounding."""
     from mcq.models.weights import CheckpointReader, shell_model

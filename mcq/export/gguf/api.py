@@ -237,7 +237,7 @@ def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quan
         return None, None
     from mcq.calibration import calibration_samples
 
-    samples, described = calibration_samples(weights.path, weights.spec, calib, num_samples or IMATRIX_SAMPLES,
+    samples, described = calibration_samples(weights.path, calib, num_samples or IMATRIX_SAMPLES,
                                              IMATRIX_SLICES, seed)
     matrix = _calibration_imatrix(weights, tensors, samples, progress)
     return matrix, {"source": "calibration", "entries": len(matrix), "calibration": described}

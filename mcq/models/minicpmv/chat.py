@@ -80,6 +80,38 @@ def render_conversation(tokenizer, spec: VersionSpec, turns: Sequence[dict[str, 
     return text, images
 
 
+def conversation_inputs(processor, spec: VersionSpec, sample, max_slice_nums: int | None = None
+                        ) -> tuple[dict[str, Any], str]:
+    """The processor output for a calibration or evaluation `sample` (`mcq.calibration.Sample`: its turns, answer
+    included, rendered teacher-forced; a prompt-only one ends with the generation prompt), and the rendered text.
+
+    Video samples are encoded like `mcq chat --video`: one slice per frame, no image ids, and on 4.5 the frames'
+    temporal ids; 2.6 and 4.0 have no temporal path and see the frames as a sequence of images, as their official
+    video recipe does."""
+    text, images = render_conversation(processor.tokenizer, spec, sample.messages,
+                                       add_generation_prompt=not sample.has_answer)
+    if sample.is_video:
+        options = {"max_slice_nums": 1, "use_image_id": False,
+                   "temporal_ids": [[list(group) for group in sample.temporal_ids]] if spec.temporal else None}
+    else:
+        options = {"max_slice_nums": max_slice_nums}
+    return processor(text, [images], **options), text
+
+
+class CalibrationEncoder:
+    """The resampler family's `mcq.models.familyspec.CalibrationEncoder`: mcq's processor of the checkpoint."""
+
+    def __init__(self, path):
+        from .processing import MiniCPMVProcessor
+
+        self.processor = MiniCPMVProcessor.from_pretrained(path)
+        self.spec = self.processor.spec
+        self.video = self.spec.temporal   # video clips need the 3D resampler (4.5); 2.6 and 4.0 calibrate on the rest
+
+    def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
+        return conversation_inputs(self.processor, self.spec, sample, max_slice_nums)[0]
+
+
 def check_processor_matches(config, image_processor) -> None:
     """The official chat() asserts these agree; a mismatch would misplace every vision feature."""
     pairs = {

@@ -4,11 +4,14 @@ order (`mcq.models.familyspec.Family`). Per-release differences are in `versions
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
 from ..families import family_components
-from ..familyspec import Family, PaddableMlp
+from ..familyspec import Calibration, CaptureStage, Family, PaddableMlp
+from .chat import CalibrationEncoder
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
 from .tiny import write_tiny
@@ -22,6 +25,29 @@ def _blocks(model: MiniCPMV) -> Iterator[tuple[str, nn.Module]]:
     yield "resampler", model.resampler
     for i, layer in enumerate(model.llm.model.layers):
         yield f"llm.model.layers.{i}", layer
+
+
+def _forward(model: MiniCPMV, data: dict[str, Any]) -> Any:
+    return model(data, use_cache=False)
+
+
+@contextmanager
+def _one_slice_per_vision_call(model: MiniCPMV) -> Iterator[None]:
+    """One slice per vision-tower call while capturing: slices of a batch are padded to the longest, and padded
+    patches would enter the calibration statistics (AWQ's activation means, GPTQ's Hessians) as if they were image
+    content. The driver then regroups slices of equal length, which need no padding (`CaptureStage.batches`)."""
+    chunk = model.config.vision_batch_size
+    model.config.vision_batch_size = 1
+    try:
+        yield
+    finally:
+        model.config.vision_batch_size = chunk
+
+
+_CALIBRATION = Calibration(
+    stages=(CaptureStage("vpm.encoder.layers.0", per_vision_call=True, batches=True), CaptureStage("resampler"),
+            CaptureStage("llm.model.layers.0")),
+    forward=_forward, capturing=_one_slice_per_vision_call, open_encoder=CalibrationEncoder)
 
 
 def _describe(config: dict) -> tuple[str, str]:
@@ -65,4 +91,5 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                                                   ("intermediate_size",))},
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
-                calibrates=True, load_code=_LOAD, write_tiny=write_tiny)
+                norm_offset=lambda norm: 0.0, calibrates=True, calibration=_CALIBRATION, load_code=_LOAD,
+                write_tiny=write_tiny)

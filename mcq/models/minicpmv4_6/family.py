@@ -10,7 +10,8 @@ from torch import nn
 from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
 from ..families import family_components
-from ..familyspec import Family, PaddableMlp
+from ..familyspec import PER_HEAD, Calibration, CaptureStage, Family, PaddableMlp
+from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
 from .facts import RELEASE
 from .tiny import write_tiny
 
@@ -39,17 +40,62 @@ _LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensor
          "model = AutoModelForImageTextToText.from_pretrained(\n"
          "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
 
+# Inside each block, only pairs with nothing nonlinear between smooth and balance layers: no fc1 -> fc2 nor
+# linear_1 -> linear_2 (GELU between). What sits between them and is still exact: the vit_merger's window reordering
+# after layer_norm1 (it permutes tokens, not channels), its pre_norm over a flattened 2x2 window (4x hidden wide,
+# which is linear_1's input), the merger's reshape after pre_norm (same width), the full-attention output gate
+# (sigmoid(gate) * attention, per channel), the gate of the linear attention's RMSNorm (x̂ · weight · silu(z), per
+# channel). That norm runs head by head with one weight per value-head channel, shared by every value head, while
+# out_proj takes all heads' channels: a per-head pair (PER_HEAD). The LLM's other norms scale by 1 + weight
+# (`norm_offset`). The release has merger_times 1: the merger has one MLP, mlp.0.
+_SMOOTHING_PAIRS = {
+    "vision": (
+        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("layer_norm2", ("mlp.fc1",)),
+    ),
+    "vit_merger": (
+        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("pre_norm", ("linear_1",)),
+    ),
+    "merger": (
+        ("mlp.0.pre_norm", ("mlp.0.linear_1",)),
+    ),
+    # Each layer has one token mixer: the pairs of the other kind concern no Linear of it and are passed over.
+    "llm": (
+        ("input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                             "linear_attn.in_proj_a")),
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("linear_attn.norm", ("linear_attn.out_proj",), PER_HEAD),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),   # skipped (and reported) under GQA: the widths differ
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+}
+
+# Stages: the vision layers and the vit_merger chain (the vit_merger takes layer insert_layer_id's output; what
+# changes after it, the token count and target_sizes // 2, reaches the later layers through their own recorded
+# arguments), called once per run of equal-size images (`per_size_runs`); the merger (after the tower's
+# post_layernorm); the LLM layers (after the features are merged into the text embeddings), linear- and
+# full-attention alike, each with its own attention mask. Packed images carry no padding (attention runs per
+# image through cu_seqlens), so no call needs splitting to keep padded rows out of the statistics.
+_CALIBRATION = Calibration(
+    stages=(CaptureStage("model.vision_tower.encoder.layers.0", per_vision_call=True), CaptureStage("model.merger"),
+            CaptureStage("model.language_model.layers.0")),
+    forward=forward, capturing=per_size_runs, open_encoder=CalibrationEncoder)
+
 # Only the LLM's MLP is paddable: the encoder's fc1 -> fc2 is exact to pad like SigLIP's, but its width,
 # vision_config.intermediate_size, also sizes the vit_merger's MLP (4x it), so padding the encoder MLPs through
 # config.json would change the vit_merger's shapes too. Without it, fallback_group goes per channel on the encoder's
 # fc2 where no group a target runs divides its width, and `pad` is refused.
-# calibrates=False: the block-by-block driver captures block inputs through the resampler family's forward only;
-# 4.6's vision path (the vit_merger's windows and the shrinking target_sizes) is not wired into it yet, so there are
-# no smoothing pairs or token-mixing modules to declare for AWQ either.
 FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=MiniCPMV4_6ForConditionalGeneration,
                 components=tuple(family_components("minicpmv4_6")), blocks=_blocks,
                 embedding="model.language_model.embed_tokens.weight", lm_head="lm_head", describe=_describe,
                 paddable_mlps={"llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
                                                   ("text_config", "intermediate_size"))},
-                smoothing_pairs={}, token_mixing={},
-                calibrates=False, load_code=_LOAD, write_tiny=write_tiny)
+                smoothing_pairs=_SMOOTHING_PAIRS,
+                token_mixing={"vision": ("self_attn",), "vit_merger": ("self_attn",), "merger": (),
+                              "llm": ("self_attn", "linear_attn")},
+                norm_offset=norm_offset, calibrates=True, calibration=_CALIBRATION, load_code=_LOAD,
+                write_tiny=write_tiny)

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoTokenizer, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
-from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 from transformers.utils import logging as hf_logging
 
 from mcq.errors import McqError
 
 from ..tiny import add_outliers
 from ..tiny_tokenizer import write_tiny_qwen_tokenizer
+from .calibration import norm_offset
 from .facts import PROCESSOR_TOKENS, RELEASE
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def write_tiny(staging: Path, spec: TinySpec) -> None:
     torch.manual_seed(spec.seed)
     model = MiniCPMV4_6ForConditionalGeneration(config)
     if spec.outliers:
-        add_outliers(model, spec.seed, OUTLIER_NORMS, offset=lambda norm: float(isinstance(norm, Qwen3_5RMSNorm)))
+        add_outliers(model, spec.seed, OUTLIER_NORMS, offset=norm_offset)
     model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     # save_pretrained draws a progress bar per shard: noise in the output of the command that asked for tiny:4.6.

@@ -1,0 +1,128 @@
+"""MiniCPM-V 4.6 calibration: samples → inputs of transformers' own forward, and how the block-by-block driver runs
+that forward (`mcq.models.familyspec.Calibration`).
+
+Encoding: transformers builds `MiniCPMV4_6Processor` only with torchvision (for its video processor), which mcq does
+not depend on; its image processor (PIL backend) and the tokenizer load without it. So the conversation is rendered
+by the tokenizer's chat template with one `tokenizer.image_token` per image, as the processor takes it, and each is
+expanded here into the placeholder the processor writes (`expand_images`). Video samples are left out: the video
+processor is the part that needs torchvision.
+
+Capture: transformers 5.17's vision tower runs every image packed into one sequence, and its `vit_merger` reshapes
+that sequence as if all images had the first one's size (`get_vision_merged_shape`): a sliced image (its overview
+and slices differ in size) or two images of different sizes fail there or are merged across image borders. While
+the driver captures, the tower is called once per run of consecutive images of equal size, and the runs' outputs
+are concatenated in order: every image is computed exactly as on its own (attention, windows and position tables
+are per image), and the merger, which walks `target_sizes` image by image, gets the sequence it expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer
+# transformers' top-level AutoImageProcessor is a placeholder without torchvision; this one picks the PIL backend.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+from mcq.errors import McqError
+
+# What `MiniCPMV4_6ForConditionalGeneration.forward` reads from an encoded sample.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "target_sizes")
+
+
+def norm_offset(norm: nn.Module) -> float:
+    """1 for Qwen3.5's RMSNorm, which scales by 1 + weight (`Family.norm_offset`); 0 for the vision LayerNorms."""
+    return float(isinstance(norm, Qwen3_5RMSNorm))
+
+
+def expand_images(text: str, tokenizer, processed: dict[str, Any], divisor: int, use_image_id: bool = True) -> str:
+    """`text` with its i-th `tokenizer.image_token` replaced by the placeholder `MiniCPMV4_6Processor` writes for
+    image i of `processed` (the image processor's output): `<image_id>i</image_id>` (with `use_image_id`), the
+    overview's `<image>` + one image token per `divisor` patches + `</image>`, then the slices' rows, newline-joined,
+    each `<slice>` + tokens + `</slice>` once per column."""
+    pieces = text.split(tokenizer.image_token)
+    grids, counts = processed["grids"], processed["num_patches_per_image"]
+    if len(pieces) - 1 != len(counts):
+        raise McqError(f"{len(pieces) - 1} image placeholders in the text for {len(counts)} images")
+    tokens = (processed["target_sizes"].prod(-1) // divisor).tolist()
+    expanded, first = [pieces[0]], 0
+    for index, (count, (rows, columns)) in enumerate(zip(counts, grids)):
+        own = tokens[first: first + count]
+        first += count
+        placeholder = f"{tokenizer.image_start_token}{tokenizer.image_token * own[0]}{tokenizer.image_end_token}"
+        if rows > 0 and columns > 0:
+            one = f"{tokenizer.slice_start_token}{tokenizer.image_token * own[1]}{tokenizer.slice_end_token}"
+            placeholder += "\n".join(one * columns for _ in range(rows))
+        prefix = f"{tokenizer.image_id_start_token}{index}{tokenizer.image_id_end_token}" if use_image_id else ""
+        expanded += [prefix + placeholder, pieces[index + 1]]
+    return "".join(expanded)
+
+
+class CalibrationEncoder:
+    """4.6's `mcq.models.familyspec.CalibrationEncoder` (see the module doc)."""
+
+    video = False   # transformers' 4.6 video processor needs torchvision
+
+    def __init__(self, path: Path):
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.images = AutoImageProcessor.from_pretrained(path)
+        self.divisor = 4 if self.images.downsample_mode == "4x" else 16
+
+    def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
+        """The model inputs of `sample` (`mcq.calibration.Sample`): its turns teacher-forced (a prompt-only one ends
+        with the generation prompt), images sliced into at most `max_slice_nums` (None: the processor's default)."""
+        turns, images = [], []
+        for turn in sample.messages:
+            content = [turn["content"]] if isinstance(turn["content"], str) else turn["content"]
+            parts = []
+            for item in content:
+                if isinstance(item, Image.Image):
+                    images.append(item)
+                    parts.append(self.tokenizer.image_token)
+                else:
+                    parts.append(item)
+            turns.append({"role": turn["role"], "content": "\n".join(parts)})
+        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=not sample.has_answer)
+        inputs: dict[str, Any] = {}
+        if images:
+            options = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
+            processed = self.images(images, return_tensors="pt", **options)
+            text = expand_images(text, self.tokenizer, processed, self.divisor, self.images.use_image_id)
+            inputs = {"pixel_values": processed["pixel_values"], "target_sizes": processed["target_sizes"]}
+        return {**self.tokenizer(text, return_tensors="pt"), **inputs}
+
+
+def forward(model: nn.Module, data: dict[str, Any]) -> Any:
+    return model(**{key: value for key, value in data.items() if key in MODEL_INPUTS}, use_cache=False)
+
+
+@contextmanager
+def per_size_runs(model: nn.Module) -> Iterator[None]:
+    """The vision tower called once per run of consecutive equal-size images (see the module doc)."""
+    tower = model.model.vision_tower
+    whole = tower.forward
+    patch = tower.config.patch_size
+
+    def run_by_run(pixel_values, target_sizes, **kwargs):
+        outputs, image, column = [], 0, 0
+        for (height, width), run in groupby(target_sizes.tolist(), key=tuple):
+            count = len(list(run))
+            columns = height * width * patch * count   # NaViT packing: each patch is `patch` columns wide
+            outputs.append(whole(pixel_values[..., column: column + columns], target_sizes[image: image + count],
+                                 **kwargs).last_hidden_state)
+            image, column = image + count, column + columns
+        return BaseModelOutputWithPooling(last_hidden_state=torch.cat(outputs, dim=1))
+
+    tower.forward = run_by_run
+    try:
+        yield
+    finally:
+        del tower.forward
