@@ -47,6 +47,7 @@ from torch import nn
 
 from mcq.models.familyspec import PER_HEAD, SmoothingPair
 
+
 @dataclass(frozen=True)
 class Pair:
     """A smoothing pair resolved in one block (names relative to the block)."""
