@@ -110,9 +110,7 @@ class Family:
     # What a norm adds to its weight before scaling (1 for a norm that computes x̂ · (1 + weight), as Qwen3.5's
     # RMSNorm does; 0 for x̂ · weight): smoothing such a norm by s divides offset + weight by s.
     norm_offset: Callable[[nn.Module], float]
-    # Whether the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ), and
-    # how (`Calibration`).
-    calibrates: bool
+    # How the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ).
     calibration: Calibration
     # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
     load_code: str

@@ -154,9 +154,6 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     path, config = checkpoint.path, checkpoint.config
     if getattr(config, "quantization_config", None):
         raise McqError(f"{path} is already quantized; quantize the original bf16 checkpoint")
-    if chosen.method in CALIBRATED_METHODS and not checkpoint.family.calibrates:
-        raise McqError(f"{chosen.method} calibrates through the model's blocks, which mcq does not do for MiniCPM-V "
-                       f"{checkpoint.release} yet; rtn quantizes it data-free")
     for name in chosen.targets:
         if why := RUNTIMES[name].lacks(checkpoint.family.name):
             raise McqError(f"target {name} cannot load MiniCPM-V {checkpoint.release}: {why}")

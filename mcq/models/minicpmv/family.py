@@ -91,5 +91,5 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                                                   ("intermediate_size",))},
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
-                norm_offset=lambda norm: 0.0, calibrates=True, calibration=_CALIBRATION, load_code=_LOAD,
+                norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, load_code=_LOAD,
                 write_tiny=write_tiny)

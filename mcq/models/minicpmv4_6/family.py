@@ -97,5 +97,5 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "vit_merger": ("self_attn",), "merger": (),
                               "llm": ("self_attn", "linear_attn")},
-                norm_offset=norm_offset, calibrates=True, calibration=_CALIBRATION, load_code=_LOAD,
+                norm_offset=norm_offset, calibration=_CALIBRATION, load_code=_LOAD,
                 write_tiny=write_tiny)
