@@ -23,11 +23,16 @@ class PaddableMlp:
     so zero rows appended to the producers and zero columns to the consumer leave the block's function exactly
     unchanged. That is what `non_divisible: pad` relies on to give the consumer an input width its group size
     divides. Names are relative to the block; `width_key` is where config.json keeps the width (the path a
-    quantized output with padded MLPs rewrites)."""
+    quantized output with padded MLPs rewrites).
+
+    `derived_from`: the component whose MLP width the model computes this one's from, as a multiple of it (4.6's
+    vit_merger MLP is vision_config.intermediate_size x the window's 2 x 2 wide): such an MLP has no `width_key`,
+    never grows on its own, and grows with that component's MLP, keeping the ratio of their widths."""
 
     consumer: str
     producers: tuple[str, ...]
-    width_key: tuple[str, ...]
+    width_key: tuple[str, ...] | None
+    derived_from: str | None = None
 
     def role(self, name: str) -> str | None:
         """"consumer" or "producer" for a Linear (full name) of this MLP, None for any other."""

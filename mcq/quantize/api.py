@@ -102,6 +102,8 @@ def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samp
         driver.run(BlockHandler(quantizer.quantize, emit), progress=lambda name: bar.set_postfix_str(name))
     stored_config = json.loads((path / "config.json").read_text())
     for component, width in quantizer.padded_widths.items():
+        if checkpoint.family.paddable_mlps[component].derived_from:
+            continue   # the model computes its width from its source MLP's, written here too
         *parents, key = checkpoint.family.paddable_mlps[component].width_key
         section = stored_config
         for parent in parents:

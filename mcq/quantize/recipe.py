@@ -723,26 +723,57 @@ class _Planner:
 
     def _padded_widths(self, first: list[LayerPlan | None]) -> dict[str, int]:
         """Per component with a layer that asked for padding: the smallest width every quantized member fits (the
-        down projection's group and the targets' width multiples all divide it)."""
+        down projection's group and the targets' width multiples all divide it), and the same for the MLPs derived
+        from it (`PaddableMlp.derived_from`), at their ratio of that width."""
+        mlps = {info.component: info.mlp for info in self.linears if info.mlp_role}
+        derived = {component: mlp.derived_from for component, mlp in mlps.items() if mlp.derived_from}
         widths = {}
-        for component in dict.fromkeys(info.component for info in self.linears if info.mlp_role):
-            members = [(layer, self._role(layer.name)) for layer in first
-                       if layer is not None and layer.component == component]
-            members = [(layer, role) for layer, role in members if role]
-            if not any(layer.pad_to for layer, _ in members):
+        for component in mlps:
+            members = self._mlp_members(first, component)
+            if component in derived or not any(layer.pad_to for layer, _ in members):
                 continue
-            modulus = 1
-            for layer, role in members:
-                if layer.scheme is None:
-                    continue   # a dense member grows with zeros and has no constraint
-                if role == "consumer" and layer.scheme.group_size:
-                    modulus = math.lcm(modulus, layer.scheme.group_size)
-                for runtime in self.runtimes:
-                    holds = runtime.holds_for(layer.name)
-                    modulus = math.lcm(modulus, holds.multiple_in if role == "consumer" else holds.multiple_out)
-            width = next(layer.in_features if role == "consumer" else layer.out_features for layer, role in members)
+            width = self._mlp_width(component)
+            followers = {}
+            for follower in (name for name, source in derived.items() if source == component):
+                ratio, rest = divmod(self._mlp_width(follower), width)
+                if rest:
+                    raise McqError(f"the {follower} MLP ({self._mlp_width(follower)} wide) cannot grow with the "
+                                   f"{component} MLP ({width}): its width is not a multiple of it")
+                followers[follower] = ratio
+            # A constraint m on a follower's width r * W holds when W is a multiple of m / gcd(m, r).
+            modulus = self._width_modulus(members, 1)
+            for follower, ratio in followers.items():
+                modulus = math.lcm(modulus, self._width_modulus(self._mlp_members(first, follower), ratio))
             widths[component] = -(-width // modulus) * modulus
+            for follower, ratio in followers.items():
+                widths[follower] = ratio * widths[component]
+                for layer, _ in self._mlp_members(first, follower):
+                    self.pad_cause[layer.name] = f"{ratio} x the {component} MLP's width, which grows"
         return widths
+
+    def _mlp_width(self, component: str) -> int:
+        """The intermediate width of `component`'s paddable MLP, as the model has it."""
+        return next(info.in_features if info.mlp_role == "consumer" else info.out_features
+                    for info in self.linears if info.component == component and info.mlp_role)
+
+    def _mlp_members(self, first: list[LayerPlan | None], component: str) -> list[tuple[LayerPlan, str]]:
+        """The planned layers of `component`'s paddable MLP, with their roles."""
+        return [(layer, role) for layer in first
+                if layer is not None and layer.component == component and (role := self._role(layer.name))]
+
+    def _width_modulus(self, members: list[tuple[LayerPlan, str]], ratio: int) -> int:
+        """What the width W of the source MLP must be a multiple of for these members, whose width is ratio x W."""
+        modulus = 1
+        for layer, role in members:
+            if layer.scheme is None:
+                continue   # a dense member grows with zeros and has no constraint
+            needed = [layer.scheme.group_size] if role == "consumer" and layer.scheme.group_size else []
+            for runtime in self.runtimes:
+                holds = runtime.holds_for(layer.name)
+                needed.append(holds.multiple_in if role == "consumer" else holds.multiple_out)
+            for multiple in needed:
+                modulus = math.lcm(modulus, multiple // math.gcd(multiple, ratio))
+        return modulus
 
     # -- one layer ---------------------------------------------------------------------------------------------
     def _layer(self, info: LinearInfo) -> LayerPlan | None:
@@ -752,8 +783,11 @@ class _Planner:
         kind = kind_of(info.name)
 
         def kept(reason: str, *, fallback: bool = False, rule: int | None = None) -> LayerPlan:
+            grown = self._grown(info)
+            if grown:   # dense, but its MLP grows (the width comes from another layer's plan)
+                reason, fallback = f"{reason}, {self._pad_text(info, info.mlp_role, None, grown)}", True
             return LayerPlan(info.name, info.component, info.in_features, info.out_features, None, reason, fallback,
-                             rule, self._grown(info), kind.name if kind else "", info.mlp_role)
+                             rule, grown, kind.name if kind else "", info.mlp_role)
 
         if is_lm_head(info.name) and not recipe.quantize_lm_head:
             return kept("ignored (lm_head)")
@@ -810,7 +844,8 @@ class _Planner:
                 size = smaller[-1]
                 why = f"{in_w} = {size} × {in_w // size}" if in_w % group else problem
                 return quantized(size, f"group {group} → {size}: {why}")
-        grows = role == "consumer" or (role == "producer" and runs(group) and not shaped)
+        grows = (role == "consumer" or (role == "producer" and runs(group) and not shaped)) \
+            and not info.mlp.derived_from
         if policy in ("fallback_group", "pad") and grows and width is None:
             # Grow the MLP (exact): the largest group the targets run, and their width multiples, fit after it.
             pad_group = _largest_group_run(group, holds) if role == "consumer" else group

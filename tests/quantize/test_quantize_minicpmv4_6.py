@@ -135,19 +135,39 @@ def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_den
     assert "tests/validate/test_vllm.py" not in card and "tests/quantize/test_quantize_minicpmv4_6.py" in card
 
 
-def test_pad_of_the_46_vision_mlp_is_refused(tiny46, tmp_path):
-    # vision_config.intermediate_size also sizes the vit_merger: 4.6's family declares only the LLM's MLP paddable.
-    with pytest.raises(McqError, match=r"'pad' .*encoder\.layers\.0\.mlp\.fc2 \(in_features 464.*pad grows only an "
-                                       r"MLP's intermediate width \(mlp\.down_proj\)"):
-        quantize(tiny46, tmp_path / "pad", recipe=_recipe(tmp_path, "pad"), progress=False)
-    assert not (tmp_path / "pad").exists()
+def test_pad_grows_the_46_vision_mlp_and_the_vit_merger_mlp_with_it_exactly(tiny46, tmp_path):
+    """vision_config.intermediate_size sizes the encoder MLPs and (x4) the vit_merger's: padding it grows both."""
+    from mcq.models.family import pad_intermediate
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny46, dtype=torch.float32).eval()
+    inputs = image_inputs(tiny46, random_image(150, 100, seed=0))
+    with torch.no_grad():
+        before = model(**inputs).logits
+        mlps = family_for("minicpmv4_6").paddable_mlps
+        tower = model.model.vision_tower
+        for layer in tower.encoder.layers:
+            pad_intermediate(layer, mlps["vision"], 512)
+        pad_intermediate(tower.vit_merger, mlps["vit_merger"], 4 * 512)
+        assert (tower.vit_merger.linear_1.out_features, tower.vit_merger.linear_2.in_features) == (2048, 2048)
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-5)
+
+    out = tmp_path / "pad"
+    result = quantize(tiny46, out, recipe=_recipe(tmp_path, "pad"), progress=False)
+    assert json.loads((out / "config.json").read_text())["vision_config"]["intermediate_size"] == 512
+    stored = stored_tensors(out)
+    assert list(stored["model.vision_tower.encoder.layers.0.mlp.fc2.weight_scale"].shape) == [128, 4]   # 512 / 128
+    merger_in = stored["model.vision_tower.vit_merger.linear_1.weight"]   # dense (no rule): zero rows appended
+    assert list(merger_in.shape) == [2048, 512] and not merger_in[1856:].any()
+    reason = next(d["reason"] for d in result.changes if "vit_merger.linear_1" in d["layers"])
+    assert reason == ("no rule matches, outputs zero-padded 1856 → 2048 with the MLP (exact): 4 x the vision MLP's "
+                      "width, which grows")
+    quantized = AutoModelForImageTextToText.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    with torch.no_grad():
+        assert 1e-5 < _kl(before, quantized(**inputs).logits).mean().item() < 1e-2
 
 
 @pytest.mark.parametrize("argv,message", [
-    # The default GPTQ recipe also targets vllm-cpu, whose kernel needs the encoder MLP's widths in multiples of 32:
-    # 4.6's vision MLP cannot be padded (see its family), so --target vllm-gpu (or mcq) is what runs on 4.6.
-    (["--method", "gptq"], "recipe gptq-w4g128: non_divisible is 'fallback_group' and the group size does not "
-                           "divide the input width of 3 Linear(s): model.vision_tower.encoder.layers.0.mlp.fc2"),
     (["--method", "rtn", "--target", "remote-code"], "target remote-code cannot load MiniCPM-V 4.6: the official "
                                                      "remote code exists for MiniCPM-V 2.6 / 4.0 / 4.5 only"),
 ])
@@ -257,7 +277,8 @@ def _logits(path: Path, inputs: list[dict], **load) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def heldout_kl46(outliers46, tmp_path_factory):
-    """Method → (held-out mean KL, quantize result) of the default recipe on tiny:4.6-outliers, for vllm-gpu."""
+    """Method → (held-out mean KL, quantize result) of the default recipe, for its default targets (vLLM), on
+    tiny:4.6-outliers."""
     encoder = CalibrationEncoder(outliers46)
     inputs = [encoder(s, 2) for s in load_samples(None, split="heldout", seed=0) if not s.is_video]
     reference = _logits(outliers46, inputs)
@@ -265,7 +286,7 @@ def heldout_kl46(outliers46, tmp_path_factory):
     found = {}
     for method in ("rtn", "gptq", "awq"):
         samples = {} if method == "rtn" else {"num_samples": CALIBRATION_SAMPLES}
-        result = quantize(outliers46, work / method, method=method, target="vllm-gpu", progress=False, **samples)
+        result = quantize(outliers46, work / method, method=method, progress=False, **samples)
         quantized = _logits(work / method, inputs, quantization_config=CompressedTensorsConfig(dequantize=True))
         kls = [_kl(ref, out)[0] for ref, out in zip(reference, quantized)]
         found[method] = (torch.cat(kls).mean().item(), result)

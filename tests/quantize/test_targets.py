@@ -338,9 +338,11 @@ def test_the_default_recipe_on_46_keeps_what_vllm_builds_as_plain_linears_dense(
                  layer + "in_proj_qkv", layer + "in_proj_z", layer + "in_proj_b", layer + "in_proj_a",
                  layer + "out_proj", "model.language_model.layers.3.self_attn.q_proj"):
         assert plan.layer(name).scheme == LayerScheme(4, 128, False), name
-    # No group Marlin runs divides 464, and 4.6's encoder MLP cannot be padded: per channel.
+    # No group Marlin runs divides 464: the encoder MLP grows to 512 (exact), and the vit_merger's MLP, 4x its width
+    # in the model, with it (dense).
     fc2 = plan.layer("model.vision_tower.encoder.layers.0.mlp.fc2")
-    assert fc2.scheme == LayerScheme(4, None, False) and fc2.pad_to is None
+    assert fc2.scheme == LayerScheme(4, 128, False) and fc2.pad_to == 512
+    assert plan.padded_widths() == {"vision": 512, "vit_merger": 2048}
 
 
 @pytest.mark.parametrize("member,fused", [("in_proj_z", "in_proj_qkvz"), ("in_proj_a", "in_proj_ba")])
@@ -356,11 +358,11 @@ def test_a_linear_attention_group_planned_two_ways_is_refused_for_vllm(member, f
 
 def test_vllm_cpu_holds_in_proj_ba_by_its_fused_width():
     """CPUWNA16 sees in_proj_b + in_proj_a as one layer: its width (two per value head) must be a multiple of 32.
-    tiny:4.6 has 8 value heads (16 fused); the release has 16 (32 fused)."""
+    tiny:4.6 has 16 value heads as the release does (32 fused); 8 would give 16."""
     recipe = parse_recipe({"name": "t", "method": "rtn", "target": "vllm-cpu",
                            "rules": [{"component": "llm", "bits": 4}]}, "t")
     with pytest.raises(McqError, match=r"vllm-cpu needs output widths that are multiples of 16, not 8 .*"
                                        r"linear_attn\.in_proj_b, .*linear_attn\.in_proj_a \(rule 1"):
-        plan_quantization(recipe, _linears_46())
-    plan = plan_quantization(recipe, _linears_46(linear_num_value_heads=16))
+        plan_quantization(recipe, _linears_46(linear_num_value_heads=8))
+    plan = plan_quantization(recipe, _linears_46())
     assert plan.layer("model.language_model.layers.0.linear_attn.in_proj_b").scheme == LayerScheme(4, 128, True)

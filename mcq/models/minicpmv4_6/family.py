@@ -85,14 +85,16 @@ _CALIBRATION = Calibration(
             CaptureStage("model.language_model.layers.0")),
     forward=forward, capturing=per_size_runs, open_encoder=CalibrationEncoder)
 
-# Only the LLM's MLP is paddable: the encoder's fc1 -> fc2 is exact to pad like SigLIP's, but its width,
-# vision_config.intermediate_size, also sizes the vit_merger's MLP (4x it), so padding the encoder MLPs through
-# config.json would change the vit_merger's shapes too. Without it, fallback_group goes per channel on the encoder's
-# fc2 where no group a target runs divides its width, and `pad` is refused.
+# Paddable MLPs: the encoder's fc1 -> fc2 (GELU between, like 2.6-4.5's SigLIP) and the LLM's. The encoder's width,
+# vision_config.intermediate_size, also sizes the vit_merger's MLP (transformers' `window_intermediate_size`, vLLM's
+# `inter_4x`: 4x it), so that MLP (linear_1 -> GELU -> linear_2, as exact to pad) grows with the encoder's. The
+# merger's MLP is sized by hidden widths: never padded.
 FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=MiniCPMV4_6ForConditionalGeneration,
                 components=tuple(family_components("minicpmv4_6")), blocks=_blocks,
                 embedding="model.language_model.embed_tokens.weight", lm_head="lm_head", describe=_describe,
-                paddable_mlps={"llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                paddable_mlps={"vision": PaddableMlp("mlp.fc2", ("mlp.fc1",), ("vision_config", "intermediate_size")),
+                               "vit_merger": PaddableMlp("linear_2", ("linear_1",), None, derived_from="vision"),
+                               "llm": PaddableMlp("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
                                                   ("text_config", "intermediate_size"))},
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "vit_merger": ("self_attn",), "merger": (),

@@ -49,10 +49,13 @@ _TOKENIZER_CONFIG = {"tokenizer_class": "Qwen2Tokenizer", "auto_map": None, "ext
 def tiny_config(tokenizer, llm_layers: int, vision_layers: int) -> MiniCPMV4_6Config:
     ids = {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
+    # 16 value heads, as the release has: vLLM fuses in_proj_b and in_proj_a (one row per value head each) into one
+    # Linear, which vLLM's CPU int4 kernel holds only 32 rows wide. Two value heads per key head, to exercise the
+    # repeat of key heads (the release has one).
     text = {"model_type": "qwen3_5_text", "vocab_size": len(tokenizer), "hidden_size": 256, "intermediate_size": 768,
             "num_hidden_layers": llm_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-            "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 4,
-            "linear_num_value_heads": 8, "tie_word_embeddings": True, **ids}
+            "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 8,
+            "linear_num_value_heads": 16, "tie_word_embeddings": True, **ids}
     # 464 = 16 x 29: like 4304 = 16 x 269, no group size of 32 or more divides it.
     vision = {"hidden_size": 128, "intermediate_size": 464, "num_hidden_layers": vision_layers,
               "num_attention_heads": 2, "image_size": 980, "patch_size": 14}
