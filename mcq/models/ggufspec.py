@@ -32,6 +32,9 @@ class GgufTensor:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     # llama.cpp keeps it float32 in every file type (convolution kernels, some position tables).
     float32: bool = False
+    # Which parameter input column each stored column is, where the transform reorders a matrix's inputs: the
+    # importance matrix (one value per input column) follows it. None: the parameter's order.
+    input_order: tuple[int, ...] | None = None
     # A tensor computed rather than read (source ""): its float32 values.
     compute: Callable[[], np.ndarray] | None = None
 

@@ -2,7 +2,8 @@
 
 No model folder is edited and no remote code runs: tensors are read from the safetensors shards (or from an
 `mcq quantize` output with `--from`), renamed and transformed as llama.cpp expects (each family's gguf.py under
-mcq/models), and streamed to disk. K-quants go through libllama with an importance matrix from mcq's multimodal calibration.
+mcq/models), and streamed to disk. K-quants go through libllama with an importance matrix from mcq's multimodal
+calibration.
 """
 
 from __future__ import annotations
@@ -241,11 +242,14 @@ def _calibration_imatrix(weights, tensors: list[GgufTensor], samples: list[dict]
     names = {t.source: t.name for t in tensors if t.quantizable and t.source}
     bar = _progress_bar(len(list(_blocks(weights))), progress, desc="Importance matrix", unit="block")
     try:
-        return compute_imatrix(weights.path, weights.config, samples, names,
-                               progress=(lambda _n: bar.update(1)) if bar is not None else None)
+        matrix = compute_imatrix(weights.path, weights.config, samples, names,
+                                 progress=(lambda _n: bar.update(1)) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
+    # Per input column of the stored matrix: where the layout reorders a matrix's inputs, its entry follows.
+    orders = {t.name: list(t.input_order) for t in tensors if t.input_order}
+    return {name: values[orders[name]] if name in orders else values for name, values in matrix.items()}
 
 
 def write_calibration_imatrix(model: str | Path, out_file: Path, samples: list[dict], described: dict[str, Any],
@@ -296,6 +300,6 @@ def _write_card(staging: Path, weights, result: GgufExportResult, quant: str, mm
             ("Weights", f"from `{Path(result.weights_from).name}`"
                         + (" (an mcq quantize output: its calibrated weights, dequantized, then encoded)"
                            if weights.quantized_from else "")),
-            ("Model", f"MiniCPM-V {result.version} ({weights.checkpoint.llm_name} LLM), exported by mcq. llama.cpp does "
-                      "not run the 3D resampler's video grouping: video frames are separate images there."),
+            ("Model", f"MiniCPM-V {result.version} ({weights.checkpoint.llm_name} LLM), exported by mcq. "
+                      "llama.cpp does not group video frames in time: they are separate images there."),
         ])

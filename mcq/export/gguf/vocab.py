@@ -102,7 +102,8 @@ def read_vocab(path: Path, load_tokenizer: Callable[[Path], Any], vocab_size: in
     special = special_token_ids(path, vocab_size)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if byte_level:
-        return GgufVocab(model="gpt2", pre=_byte_level_pre(spec.get("pre_tokenizer")), tokens=tokens, types=types, merges=merges, special=special,
+        return GgufVocab(model="gpt2", pre=_byte_level_pre(spec.get("pre_tokenizer")), tokens=tokens, types=types,
+                         merges=merges, special=special,
                          add_bos=bool(getattr(tokenizer, "add_bos_token", False)), chat_template=template)
     # SentencePiece-style (MiniCPM4): llama.cpp merges the adjacent pair whose merged token scores highest, so a
     # token's score is minus the rank of the merge that makes it; the BPE merge order is then reproduced.

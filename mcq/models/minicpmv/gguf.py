@@ -5,8 +5,8 @@ The LLM file is an ordinary text model of llama.cpp's architecture for the versi
 `qwen3` for 4.5, `qwen2` for 2.6, `minicpm` for 4.0); its tensor names come from gguf-py's own name tables. The
 mmproj file (`general.architecture = clip`, projector `resampler`) holds the SigLIP tower and the resampler under
 the names clip.cpp looks up; gguf-py's mmproj table gets several of those wrong (`pos_embd_k`, a bare
-`resampler.proj`, no `post_layernorm`), so they are spelled out here. Sources: shared/research/gguf_minicpmv.md §2-3, checked against
-llama.cpp's loader (clip.cpp `load_tensors`, src/models/*.cpp).
+`resampler.proj`, no `post_layernorm`), so they are spelled out here. Sources: shared/research/gguf_minicpmv.md
+§2-3, checked against llama.cpp's loader (clip.cpp `load_tensors`, src/models/*.cpp).
 """
 
 from __future__ import annotations

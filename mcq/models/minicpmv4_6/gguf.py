@@ -130,10 +130,10 @@ def llm_tensors(config, params: list[str]) -> list[GgufTensor]:
         "linear_attn.dt_bias": ((value_heads,), tiled(1)),
         "linear_attn.conv1d.weight": (conv_kernel, lambda w: tiled(value_width, qk)(w.squeeze(1))),
         "linear_attn.norm.weight": ((value_width,), None),
-        "linear_attn.out_proj.weight": ((hidden, value_heads * value_width),
-                                        lambda w: tiled_value_heads(w, 1, key_heads, value_width)
-                                        if regrouped else w),
     }
+    # out_proj's inputs are value-head channels: its columns are reordered (and its importance matrix with them).
+    value_channels = value_heads * value_width
+    out_order = tuple(tiled_value_heads(torch.arange(value_channels), 0, key_heads, value_width).tolist())
     full = {
         # q_proj holds each head's query and its output gate
         "self_attn.q_proj.weight": ((2 * heads * head_dim, hidden), None),
@@ -164,11 +164,20 @@ def llm_tensors(config, params: list[str]) -> list[GgufTensor]:
         return GgufTensor(name, param, shape, quantizable=matrix, transform=transform,
                           float32=param.endswith("conv1d.weight"))
 
+    def out_proj(layer: str) -> GgufTensor:
+        reordered = {"transform": lambda w: w[:, list(out_order)], "input_order": out_order} if regrouped else {}
+        return GgufTensor(names.get_name(f"model.layers.{layer}.linear_attn.out_proj.weight",
+                                         try_suffixes=(".weight",)),
+                          f"{LLM}layers.{layer}.linear_attn.out_proj.weight", (hidden, value_channels), True,
+                          **reordered)
+
     tensors = [entry(f"{LLM}embed_tokens.weight", (text.vocab_size, hidden), None)]
     for i, kind in enumerate(text.layer_types):
         mixer = linear if kind == "linear_attention" else full
         tensors += [entry(f"{LLM}layers.{i}.{name}", shape, transform)
                     for name, (shape, transform) in (mixer | common).items()]
+        if kind == "linear_attention":
+            tensors.append(out_proj(str(i)))
     tensors.append(entry(f"{LLM}norm.weight", (hidden,), plus_one))
     if not text.tie_word_embeddings:
         tensors.append(GgufTensor("output.weight", "lm_head.weight", (text.vocab_size, hidden), True))
