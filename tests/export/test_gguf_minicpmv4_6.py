@@ -56,35 +56,63 @@ def test_files_hold_what_llama_cpp_reads(f16_export):
     assert stored_types(result.mmproj.path)["v.position_embd.weight"] == "F32"
 
 
-def test_f16_logits_with_an_image_agree_with_transformers(f16_export, torch_model):
-    """Teacher-forced logits of a question about an image: the LLM file fed transformers' image features at the
-    image positions (mean KL over every position), and the mmproj's own features of the same 448 x 448 image
-    (one slice, which libmtmd takes unchanged) against transformers'."""
-    out, _ = f16_export
-    path = resolve_tiny("tiny:4.6")
+def _image_question_kl(model, export_dir) -> tuple[float, float]:
+    """Teacher-forced logits of a question about a 448 x 448 image (one slice, which libmtmd takes unchanged): mean
+    KL over every position of the LLM file fed `model`'s image features at the image positions, and the cosine of
+    the mmproj's own features of the same image to `model`'s."""
     image = random_image(448, 448, seed=0)
-    inputs = image_inputs(path, image)
+    inputs = image_inputs(resolve_tiny("tiny:4.6"), image)
     with torch.no_grad():
-        reference = torch_model(**inputs).logits[0]
-        features = torch_model.get_image_features(inputs["pixel_values"], inputs["target_sizes"]).pooler_output
-    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.reshape(
-        -1, features.shape[-1])
-    ids = inputs["input_ids"][0]
-    positions = (ids == torch_model.config.image_token_id).nonzero().flatten()
+        reference = model(**inputs).logits[0]
+        features = torch.cat(list(model.get_image_features(inputs["pixel_values"],
+                                                           inputs["target_sizes"]).pooler_output))
+    positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
     start, end = int(positions[0]), int(positions[-1]) + 1
     assert end - start == len(positions) == features.shape[0]
-    runner = GgufRunner(out, torch.device("cpu"), "auto")
+    runner = GgufRunner(export_dir, torch.device("cpu"), "auto")
     try:
         logits = runner.logits({"input_ids": inputs["input_ids"], "image_bound": [torch.tensor([[start, end]])]},
                                vision=features.unsqueeze(0))
-        kl = _kl(reference, logits.float()).mean().item()
         ours = torch.from_numpy(runner.encode_image(np.asarray(image.convert("RGB"))))
     finally:
         runner.close()
-    assert kl < 1e-4, kl
     assert ours.shape == features.shape
     cosine = torch.nn.functional.cosine_similarity(ours.flatten(), features.flatten(), dim=0).item()
-    assert cosine > 0.999, cosine
+    return _kl(reference, logits.float()).mean().item(), cosine
+
+
+def test_f16_logits_with_an_image_agree_with_transformers(f16_export, torch_model):
+    out, _ = f16_export
+    kl, cosine = _image_question_kl(torch_model, out)
+    assert kl < 1e-4 and cosine > 0.999, (kl, cosine)
+
+
+# transformers' notice that the stored quantization config wins over the dequantize flag passed with it
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_from_a_quantized_output_exports_its_weights(tmp_path):
+    """`--from` an `mcq quantize` output: its dequantized weights, so the F16 GGUF computes what that output
+    computes in transformers."""
+    from transformers import CompressedTensorsConfig, MiniCPMV4_6ForConditionalGeneration
+
+    from mcq.quantize.api import quantize
+
+    quantized = tmp_path / "rtn"
+    quantize("tiny:4.6", quantized, method="rtn", target="vllm-gpu", progress=False)
+    export_gguf("tiny:4.6", tmp_path / "gguf", quant="F16", from_dir=quantized, progress=False)
+    model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
+        quantized, quantization_config=CompressedTensorsConfig(dequantize=True)).float().eval()
+    kl, cosine = _image_question_kl(model, tmp_path / "gguf")
+    assert kl < 1e-4 and cosine > 0.999, (kl, cosine)
+
+
+def test_q4_k_m_with_the_multimodal_imatrix(tmp_path, torch_model):
+    """A K-quant through libllama with the importance matrix from 4.6's own calibration (vision tower, vit_merger,
+    merger and both kinds of LLM layers), out_proj's entry reordered with its columns."""
+    result = export_gguf("tiny:4.6", tmp_path / "q4", quant="Q4_K_M", num_samples=2, progress=False)
+    assert result.imatrix["source"] == "calibration"
+    assert result.imatrix["entries"] > 40 and stored_types(result.llm.path)["blk.0.attn_qkv.weight"] != "F16"
+    kl, _ = _image_question_kl(torch_model, tmp_path / "q4")
+    assert kl < 0.05, kl
 
 
 def test_llama_cpp_tokenizes_like_the_checkpoint(f16_export):
