@@ -89,9 +89,9 @@ def test_f16_logits_with_an_image_agree_with_transformers(f16_export, torch_mode
 
 # transformers' notice that the stored quantization config wins over the dequantize flag passed with it
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-def test_from_a_quantized_output_exports_its_weights(tmp_path):
+def test_from_a_quantized_output_exports_its_weights(tmp_path, capsys):
     """`--from` an `mcq quantize` output: its dequantized weights, so the F16 GGUF computes what that output
-    computes in transformers."""
+    computes in transformers; one line when `--model` is another model."""
     from transformers import CompressedTensorsConfig, MiniCPMV4_6ForConditionalGeneration
 
     from mcq.quantize.api import quantize
@@ -103,6 +103,10 @@ def test_from_a_quantized_output_exports_its_weights(tmp_path):
         quantized, quantization_config=CompressedTensorsConfig(dequantize=True)).float().eval()
     kl, cosine = _image_question_kl(model, tmp_path / "gguf")
     assert kl < 1e-4 and cosine > 0.999, (kl, cosine)
+    code = main(["export", "--format", "gguf", "--model", "tiny:4.5", "--from", str(quantized),
+                 "--out", str(tmp_path / "mismatch")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mcq:")]
+    assert code == 2 and len(errors) == 1 and "not a quantized copy" in errors[0]
 
 
 def test_q4_k_m_with_the_multimodal_imatrix(tmp_path, torch_model):

@@ -119,6 +119,9 @@ def llm_tensors(config, params: list[str]) -> list[GgufTensor]:
     def plus_one(weight: torch.Tensor) -> torch.Tensor:
         return weight + 1
 
+    # out_proj's inputs are value-head channels: its columns are reordered, and its importance matrix with them.
+    out_order = tuple(tiled_value_heads(torch.arange(value_heads * value_width), 0, key_heads, value_width).tolist())
+    input_orders = {"linear_attn.out_proj.weight": out_order} if regrouped else {}
     # The stored conv kernel is [channels, 1, kernel] (depthwise); its v channels are value heads too.
     conv_kernel = (qkv, text.linear_conv_kernel_dim)
     linear = {
@@ -130,10 +133,9 @@ def llm_tensors(config, params: list[str]) -> list[GgufTensor]:
         "linear_attn.dt_bias": ((value_heads,), tiled(1)),
         "linear_attn.conv1d.weight": (conv_kernel, lambda w: tiled(value_width, qk)(w.squeeze(1))),
         "linear_attn.norm.weight": ((value_width,), None),
+        "linear_attn.out_proj.weight": ((hidden, value_heads * value_width),
+                                        (lambda w: w[:, list(out_order)]) if regrouped else None),
     }
-    # out_proj's inputs are value-head channels: its columns are reordered (and its importance matrix with them).
-    value_channels = value_heads * value_width
-    out_order = tuple(tiled_value_heads(torch.arange(value_channels), 0, key_heads, value_width).tolist())
     full = {
         # q_proj holds each head's query and its output gate
         "self_attn.q_proj.weight": ((2 * heads * head_dim, hidden), None),
@@ -153,31 +155,22 @@ def llm_tensors(config, params: list[str]) -> list[GgufTensor]:
     # gguf-py's names for the text model's parameters as llama.cpp's converter spells them
     spelled = {"linear_attn.dt_bias": "linear_attn.dt_proj.bias"}
 
-    def entry(param: str, shape: tuple[int, ...], transform) -> GgufTensor:
+    def entry(param: str, shape: tuple[int, ...], transform, input_order=None) -> GgufTensor:
         hf = "model." + param.removeprefix(LLM)
         for ours, theirs in spelled.items():
             hf = hf.replace(ours, theirs)
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise McqError(f"gguf-py has no {ARCH} name for {param}")
-        matrix = len(shape) == 2 and not param.endswith("conv1d.weight")
-        return GgufTensor(name, param, shape, quantizable=matrix, transform=transform,
-                          float32=param.endswith("conv1d.weight"))
-
-    def out_proj(layer: str) -> GgufTensor:
-        reordered = {"transform": lambda w: w[:, list(out_order)], "input_order": out_order} if regrouped else {}
-        return GgufTensor(names.get_name(f"model.layers.{layer}.linear_attn.out_proj.weight",
-                                         try_suffixes=(".weight",)),
-                          f"{LLM}layers.{layer}.linear_attn.out_proj.weight", (hidden, value_channels), True,
-                          **reordered)
+        conv = param.endswith("conv1d.weight")
+        return GgufTensor(name, param, shape, quantizable=len(shape) == 2 and not conv, transform=transform,
+                          float32=conv, input_order=input_order)
 
     tensors = [entry(f"{LLM}embed_tokens.weight", (text.vocab_size, hidden), None)]
     for i, kind in enumerate(text.layer_types):
         mixer = linear if kind == "linear_attention" else full
-        tensors += [entry(f"{LLM}layers.{i}.{name}", shape, transform)
+        tensors += [entry(f"{LLM}layers.{i}.{name}", shape, transform, input_orders.get(name))
                     for name, (shape, transform) in (mixer | common).items()]
-        if kind == "linear_attention":
-            tensors.append(out_proj(str(i)))
     tensors.append(entry(f"{LLM}norm.weight", (hidden,), plus_one))
     if not text.tie_word_embeddings:
         tensors.append(GgufTensor("output.weight", "lm_head.weight", (text.vocab_size, hidden), True))
