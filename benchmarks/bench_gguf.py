@@ -1,11 +1,23 @@
 """Time and peak memory of `mcq export --format gguf` beside llama.cpp's own MiniCPM-V conversion, and whether the two
 F16 outputs hold the same tensors.
 
-    python benchmarks/bench_gguf.py [--llm-layers 2] [--vision-layers 2] [--repeats 1] [--threads N]
-                                    [--llama-src DIR] [--cache-dir DIR] [--contention TEXT] [--out results.json]
-                                    [--workdir DIR] [--keep] [--tiny-widths]
+    python benchmarks/bench_gguf.py [--version 4.5|4.6] [--llm-layers N] [--vision-layers M] [--repeats 1]
+                                    [--threads N] [--llama-src DIR] [--cache-dir DIR] [--contention TEXT]
+                                    [--out results.json] [--workdir DIR] [--keep] [--tiny-widths]
 
 JSON goes to stdout (and to --out), progress to stderr.
+
+MiniCPM-V 4.6 (`--version 4.6`): `mcq make-tiny CKPT --version 4.6` (its tiny widths: make-tiny has no
+--real-widths for 4.6 yet; layers default to make-tiny's 4 LLM + 3 vision), and llama.cpp's path is the one
+docs/multimodal/minicpmv4.6.md gives, `convert_hf_to_gguf.py` twice on the checkpoint itself (no copy, no legacy
+scripts: MiniCPMV4_6ForConditionalGeneration is native in transformers and in the converter):
+    1. `convert_hf_to_gguf.py CKPT --outtype f16 --outfile OUT/llm-f16.gguf [--no-mtp]`;
+    2. `convert_hf_to_gguf.py CKPT --outtype f16 --mmproj --outfile OUT/mmproj-f16.gguf`.
+Workarounds 4, 5 and 6 below apply to both; and one more:
+7. `--no-mtp` for the LLM when config.json's text_config has no `mtp_num_hidden_layers`: the converter's Qwen3.5
+   class extends the layer count by the multi-token-prediction layers it finds and asserts it found some, which a
+   checkpoint without them (the tiny one: transformers' class has no MTP head) fails; `--no-mtp` converts the same
+   tensors without that step. (The --mmproj run refuses the flag and does not need it.) mcq writes no MTP layers.
 
 What is built (in a temp dir, removed at the end unless --keep / --workdir): `mcq make-tiny CKPT --version 4.5
 --real-widths --llm-layers N --vision-layers M --force`, a MiniCPM-V 4.5 checkpoint in the official on-disk layout
@@ -253,6 +265,43 @@ def run_llamacpp(checkpoint: Path, llama: Path, work: Path, label: str, pythonpa
     }
 
 
+def run_llamacpp_native(checkpoint: Path, llama: Path, work: Path, label: str, pythonpath: str | None,
+                        threads_env: dict) -> dict:
+    """MiniCPM-V 4.6: llama.cpp's converter on the checkpoint itself, once for the LLM, once for the mmproj."""
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = dict(threads_env)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p)
+    text_config = json.loads((checkpoint / "config.json").read_text()).get("text_config", {})
+    no_mtp = [] if text_config.get("mtp_num_hidden_layers") else ["--no-mtp"]   # workaround 7
+    converter = llama / "convert_hf_to_gguf.py"
+    steps = {
+        "convert_llm": run_measured(f"{label}-convert-llm", _child(
+            "convert", converter, str(checkpoint), "--outtype", "f16", "--outfile", str(out / "llm-f16.gguf"),
+            *no_mtp), work, env),
+        "convert_mmproj": run_measured(f"{label}-convert-mmproj", _child(
+            "convert", converter, str(checkpoint), "--outtype", "f16", "--mmproj",
+            "--outfile", str(out / "mmproj-f16.gguf")), work, env),
+    }
+    convert_log = (work / "logs" / f"{label}-convert-llm.log").read_text(errors="replace")
+    return {
+        "wall_seconds": round(sum(s["wall_seconds"] for s in steps.values()), 2),
+        "peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()),
+        "user_cpu_seconds": round(sum(s["user_cpu_seconds"] for s in steps.values()), 1),
+        "system_cpu_seconds": round(sum(s["system_cpu_seconds"] for s in steps.values()), 1),
+        "steps": steps,
+        "no_mtp_flag_used": bool(no_mtp),
+        "pre_tokenizer_override_used": "[bench-workaround] tokenizer.ggml.pre" in convert_log,
+        "files": {"llm": str(out / "llm-f16.gguf"), "mmproj": str(out / "mmproj-f16.gguf")},
+    }
+
+
+# llama.cpp's conversion per release: the legacy scripts (4.5) or its converter alone (4.6).
+LLAMACPP_PATHS = {"4.5": run_llamacpp, "4.6": run_llamacpp_native}
+
+
 def run_mcq(checkpoint: Path, work: Path, label: str, threads_env: dict) -> dict:
     out = work / "out"
     result = run_measured(label, [sys.executable, "-m", "mcq.cli", "export", "--format", "gguf", "--model",
@@ -467,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         child_main(argv[1], Path(argv[2]), argv[3:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--llm-layers", type=int, default=2)
-    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--version", choices=sorted(LLAMACPP_PATHS), default="4.5")
+    parser.add_argument("--llm-layers", type=int, help="default: 2 (4.6: make-tiny's 4, both layer kinds)")
+    parser.add_argument("--vision-layers", type=int, help="default: 2 (4.6: make-tiny's 3, around the vit_merger)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path (alternating which goes first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="OMP/MKL threads in every run (default: the libraries')")
@@ -483,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-widths", action="store_true", help="tiny widths instead of the real ones "
                                                                    "(a quick smoke test of this script)")
     args = parser.parse_args(argv)
+    if args.version == "4.6" and not args.tiny_widths:
+        parser.error("--version 4.6 needs --tiny-widths: make-tiny has no --real-widths for 4.6 yet")
+    if args.version == "4.5":
+        args.llm_layers, args.vision_layers = args.llm_layers or 2, args.vision_layers or 2
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     llama_root = llama_source(args.llama_src, args.cache_dir)
@@ -493,14 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     threads_env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     log(f"working in {workdir}")
-    checkpoint = workdir / "minicpmv45"
+    checkpoint = workdir / f"minicpmv{args.version.replace('.', '')}"
     load_start = os.getloadavg()
     mcq_source = _mcq_source()
     runs: dict[str, list[dict]] = {"mcq": [], "llamacpp": []}
     try:
-        command = [sys.executable, "-m", "mcq.cli", "make-tiny", str(checkpoint), "--version", "4.5",
-                   "--llm-layers", str(args.llm_layers), "--vision-layers", str(args.vision_layers),
-                   "--seed", str(args.seed), "--force"] + ([] if args.tiny_widths else ["--real-widths"])
+        layers = [option for flag, value in (("--llm-layers", args.llm_layers),
+                                             ("--vision-layers", args.vision_layers)) if value
+                  for option in (flag, str(value))]
+        command = [sys.executable, "-m", "mcq.cli", "make-tiny", str(checkpoint), "--version", args.version,
+                   *layers, "--seed", str(args.seed), "--force"] + ([] if args.tiny_widths else ["--real-widths"])
         build = run_measured("make-tiny", command, workdir, threads_env)
         for repeat in range(args.repeats):
             order = ("mcq", "llamacpp") if repeat % 2 == 0 else ("llamacpp", "mcq")
@@ -509,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                 if path == "mcq":
                     result = run_mcq(checkpoint, work, f"mcq-{repeat}", threads_env)
                 else:
-                    result = run_llamacpp(checkpoint, llama, work, f"llamacpp-{repeat}", pythonpath, threads_env)
+                    result = LLAMACPP_PATHS[args.version](checkpoint, llama, work, f"llamacpp-{repeat}", pythonpath,
+                                                          threads_env)
                 result["order"] = order.index(path)
                 runs[path].append(result)
         driver_rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -535,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                           for kind, c in comparison.items()}
     report = {
         "settings": {
-            "llm_layers": args.llm_layers, "vision_layers": args.vision_layers, "repeats": args.repeats,
+            "version": args.version, "llm_layers": args.llm_layers or "make-tiny's default",
+            "vision_layers": args.vision_layers or "make-tiny's default", "repeats": args.repeats,
             "seed": args.seed, "threads": args.threads or "library defaults",
             "widths": "tiny" if args.tiny_widths else "real (4.5: LLM 4096/12288, vision 1152/4304)",
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -544,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             "contention": {"note": args.contention, "load_average_at_start": [round(x, 2) for x in load_start],
                            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
             "peak_rss": "os.wait4 ru_maxrss of each step's own child process (exact kernel high-water mark); "
-                        "llama.cpp path: the largest of its three steps",
+                        "llama.cpp path: the largest of its steps",
             "driver_peak_rss_mib": driver_rss,
         },
         "build": build,

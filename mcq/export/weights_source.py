@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mcq.errors import McqError
-from mcq.models.loading import check_layout, meta_skeleton, model_spec, stored_tensors
+from mcq.models.loading import check_layout, meta_skeleton, open_checkpoint, resampler_spec, stored_tensors
 from mcq.models.weights import CheckpointReader
 
 # Suffixes of the tensors compressed-tensors stores for one quantized Linear (`<module>.<suffix>`).
@@ -45,21 +45,32 @@ class ExportWeights:
 
     `model` names the checkpoint; `from_dir`, when given, is an `mcq quantize` output of it, and every tensor comes
     from there instead. The config is the one the tensors belong to (the output's: `non_divisible: pad` may have
-    widened the MLPs), after checking both describe the same model."""
+    widened the MLPs), after checking both describe the same model.
 
-    def __init__(self, model: str | Path, from_dir: str | Path | None = None):
-        path, config, spec = model_spec(model)
-        self.model_path = path
+    `every_family`: an exporter that reads the family's facts (`checkpoint.family`) serves every family; the others
+    write mcq's own resampler-family graphs, read `spec`, and refuse another family here, before any work."""
+
+    def __init__(self, model: str | Path, from_dir: str | Path | None = None, every_family: bool = False):
+        checkpoint = open_checkpoint(model)
+        self.model_path = checkpoint.path
         if from_dir is not None:
-            source, source_config, source_spec = model_spec(from_dir)
-            _check_same_model(path, config, source, source_config)
-            path, config, spec = source, source_config, source_spec
-        self.path, self.config, self.spec = path, config, spec
-        skeleton = meta_skeleton(config)
-        check_layout(path, skeleton, stored_tensors(path))
-        self.reader = CheckpointReader(path)
-        self._schemes = _quantized_modules(config, self.reader.stored_names)
+            source = open_checkpoint(from_dir)
+            _check_same_model(checkpoint.path, checkpoint.config, source.path, source.config)
+            checkpoint = source
+        self.checkpoint = checkpoint
+        self.path, self.config = checkpoint.path, checkpoint.config
+        if not every_family:
+            resampler_spec(checkpoint)
+        skeleton = meta_skeleton(self.config)
+        check_layout(self.path, skeleton, stored_tensors(self.path))
+        self.reader = CheckpointReader(self.path)
+        self._schemes = _quantized_modules(self.config, self.reader.stored_names)
         self._param_names = list(skeleton.state_dict())
+
+    @property
+    def spec(self):
+        """The resampler release's `VersionSpec` (a McqError for another family)."""
+        return resampler_spec(self.checkpoint)
 
     def check_output(self, out: Path, force: bool) -> None:
         """`out` may replace neither source: the checkpoint nor the quantize output the tensors come from."""
@@ -125,9 +136,14 @@ def _check_same_model(model: Path, config, source: Path, source_config) -> None:
     if not getattr(source_config, "quantization_config", None):
         raise McqError(f"--from {source} is not an `mcq quantize` output (its config.json has no "
                        "quantization_config); pass it as --model instead")
-    fields = ("version", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "query_num")
+    fields = ("model_type", "version", "query_num")
     differ = [f"{f} {getattr(config, f, None)} vs {getattr(source_config, f, None)}" for f in fields
               if getattr(config, f, None) != getattr(source_config, f, None)]
+    # The LLM's fields sit at the top level (resampler family) or under text_config (4.6).
+    text, source_text = (getattr(c, "text_config", None) or c for c in (config, source_config))
+    differ += [f"{f} {getattr(text, f, None)} vs {getattr(source_text, f, None)}"
+               for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if getattr(text, f, None) != getattr(source_text, f, None)]
     vision, source_vision = config.vision_config, source_config.vision_config
     differ += [f"vision {f} {getattr(vision, f)} vs {getattr(source_vision, f)}"
                for f in ("hidden_size", "num_hidden_layers", "patch_size")

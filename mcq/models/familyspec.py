@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from .ggufspec import GgufLayout
+
 
 @dataclass(frozen=True)
 class PaddableMlp:
@@ -122,3 +124,5 @@ class Family:
     # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its
     # folder's tiny.py); a McqError for an option the family has no tiny model for.
     write_tiny: Callable[[Path, Any], None]
+    # Its two llama.cpp files (`mcq export --format gguf`): architecture, metadata and tensors (its gguf.py).
+    gguf: GgufLayout

@@ -289,10 +289,15 @@ def model_spec(model: str | Path) -> tuple[Path, MiniCPMVConfig, VersionSpec]:
     """Path, config and version of a resampler-family checkpoint, without loading weights (the commands that run
     mcq's own `MiniCPMV`; `open_checkpoint` serves every family)."""
     checkpoint = open_checkpoint(model)
+    return checkpoint.path, checkpoint.config, resampler_spec(checkpoint)
+
+
+def resampler_spec(checkpoint: Checkpoint) -> VersionSpec:
+    """The release's `VersionSpec`, for a command that runs mcq's own `MiniCPMV`; one line for another family."""
     if checkpoint.family.model_class is not MiniCPMV:
         raise McqError(f"{checkpoint.path} is MiniCPM-V {checkpoint.release}, which this command does not support yet "
                        f"(it runs {SUPPORTED_MODEL_TYPES['minicpmv']})")
-    return checkpoint.path, checkpoint.config, version_spec(checkpoint.config.version)
+    return version_spec(checkpoint.config.version)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ NOT_FOLLOWED = {
     "validation": {(f"mcq.validate.runners.{runner}", target): "a runtime lives with its exporter, keyed with the "
                    "variant it wrote" for runner, target in [
                        ("coreml_runner", "mcq.export.coreml.api"), ("coreml_runner", "mcq.export.coreml.runtime"),
-                       ("gguf_runner", "mcq.export.gguf.layout"), ("gguf_runner", "mcq.export.gguf.writer"),
+                       ("gguf_runner", "mcq.export.gguf.writer"),
                        ("onnx_runner", "mcq.export.onnx"), ("onnx_runner", "mcq.export.onnx.builder"),
                        ("onnx_runner", "mcq.export.onnx.runtime")]},
 }

@@ -301,11 +301,11 @@ def test_a_failed_export_leaves_no_partial_gguf(tmp_path, monkeypatch):
     real = api._tensor_values
     calls = {"n": 0}
 
-    def failing(weights, config, tensor):
+    def failing(weights, tensor):
         calls["n"] += 1
         if calls["n"] == 40:   # in the middle of the mmproj file
             raise McqError("disk full (simulated)")
-        return real(weights, config, tensor)
+        return real(weights, tensor)
 
     monkeypatch.setattr(api, "_tensor_values", failing)
     with pytest.raises(McqError, match="simulated"):
@@ -322,23 +322,22 @@ def test_runner_refuses_video_samples():
 def test_official_4_5_layout_maps_every_stored_tensor(reference_dir):
     """On the official MiniCPM-V 4.5 config and weight shapes: every stored tensor becomes exactly one GGUF tensor
     of the shape llama.cpp expects (LLM 399 tensors, mmproj 455 with the computed position table)."""
-    from mcq.export.gguf import layout
     from mcq.models.minicpmv import checkpoint_names
     from mcq.models.minicpmv.configuration import MiniCPMVConfig
-    from mcq.models.minicpmv.versions import VERSIONS
+    from mcq.models.minicpmv.gguf import LAYOUT
 
-    config, spec = MiniCPMVConfig.from_pretrained(reference_dir), VERSIONS["4.5"]
+    config = MiniCPMVConfig.from_pretrained(reference_dir)
     stored = json.loads((reference_dir / "parameter_shapes.json").read_text())["shapes"]
     params = {param: tuple(shape) for name, entry in stored.items()
               for param, shape in checkpoint_names.param_shapes(name, entry).items()}
-    llm = layout.llm_tensors(config, spec)
-    mmproj = layout.mmproj_tensors(config, spec, config.vision_config.num_hidden_layers)
+    llm = LAYOUT.llm_tensors(config, list(params))
+    mmproj = LAYOUT.mmproj_tensors(config, list(params))
     assert (len(llm), len(mmproj)) == (36 * 11 + 3, 27 * 16 + 3 + 2 + 18)
     sourced = {t.source: t.shape for t in llm + mmproj if t.source}
     assert sourced == params
-    metadata = layout.mmproj_metadata(config, spec, 27)
+    metadata = LAYOUT.mmproj_metadata(config, list(params), reference_dir)
     assert metadata["clip.vision.image_size"] == ("u32", 448) and metadata["clip.minicpmv_version"] == ("i32", 6)
-    assert layout.llm_metadata(config, spec)["qwen3.rope.freq_base"] == ("f32", 1000000.0)
+    assert LAYOUT.llm_metadata(config)["qwen3.rope.freq_base"] == ("f32", 1000000.0)
 
 
 def test_mcq_validate_scores_a_gguf_export_in_llama_cpp(tmp_path, capsys):

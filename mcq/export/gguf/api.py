@@ -1,8 +1,9 @@
 """`mcq export --format gguf`: the LLM file and the mmproj file llama.cpp / Ollama load, from the checkpoint itself.
 
 No model folder is edited and no remote code runs: tensors are read from the safetensors shards (or from an
-`mcq quantize` output with `--from`), renamed and transformed as llama.cpp expects (layout.py), and streamed to
-disk. K-quants go through libllama with an importance matrix from mcq's multimodal calibration.
+`mcq quantize` output with `--from`), renamed and transformed as llama.cpp expects (each family's gguf.py under
+mcq/models), and streamed to disk. K-quants go through libllama with an importance matrix from mcq's multimodal
+calibration.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from mcq.errors import McqError
-from mcq.models.minicpmv.versions import embedding_scale
+from mcq.models.ggufspec import GgufTensor
 
 from ..rows import row_ranges
-from . import layout
 from .imatrix import write_imatrix_file
+from .vocab import read_vocab
 from .writer import PYTHON_TYPES, check_type, place, require_llama_cpp, stored_types, write_gguf
 
 IMATRIX_SAMPLES = 64     # the AWQ/GPTQ recipes' calibration size
@@ -72,7 +73,7 @@ def export_gguf(model: str | Path, out: str | Path, *, quant: str = "F16", mmpro
 
     started = time.perf_counter()
     quant, mmproj_quant = check_type(quant, "--quant"), check_type(mmproj_quant, "--mmproj-quant")
-    weights = ExportWeights(model, from_dir)
+    weights = ExportWeights(model, from_dir, every_family=True)
     try:
         return _export(weights, model, Path(out), quant, mmproj_quant, imatrix, from_dir, calib, num_samples, seed,
                        force, progress, started)
@@ -84,16 +85,16 @@ def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: s
             num_samples, seed: int, force: bool, progress: bool, started: float) -> GgufExportResult:
     from mcq.outputs import staged_output, write_manifest
 
-    config, spec = weights.config, weights.spec
-    version = spec.version
-    layout.check_exportable(config, spec)
+    config, layout, version = weights.config, weights.checkpoint.family.gguf, weights.checkpoint.release
+    layout.check(config)
     weights.check_output(out, force)
     # Files are named after the checkpoint folder (a tiny model after its spec, not its cache folder).
     name = str(model).replace(":", "-") if str(model).startswith("tiny:") else weights.model_path.name
-    vision_layers = _vision_layers(weights)
-    llm_tensors = layout.llm_tensors(config, spec)
-    mmproj_tensors = layout.mmproj_tensors(config, spec, vision_layers)
-    vocab = _vocab(weights, config, version)
+    params = weights.names()
+    llm_tensors = layout.llm_tensors(config, params)
+    mmproj_tensors = layout.mmproj_tensors(config, params)
+    vocab = read_vocab(weights.path, lambda path: layout.tokenizer(path, config),
+                       config.get_text_config().vocab_size)
     needs_libllama = quant not in PYTHON_TYPES or mmproj_quant not in PYTHON_TYPES
     if needs_libllama:
         require_llama_cpp()
@@ -104,15 +105,15 @@ def _export(weights, model, out: Path, quant: str, mmproj_quant: str, imatrix: s
         with staged_output(out, force) as staging:
             llm_file = staging / f"{name}-{quant}.gguf"
             mmproj_file = staging / f"mmproj-{name}-{mmproj_quant}.gguf"
-            llm = _write_file(llm_file, spec.gguf_arch, quant,
-                              {**_general(name, quant), **layout.llm_metadata(config, spec),
-                               **vocab.metadata()}, llm_tensors, weights, config, matrix, bar)
+            llm = _write_file(llm_file, layout.llm_arch(config), quant,
+                              {**_general(name, quant), **layout.llm_metadata(config), **vocab.metadata()},
+                              llm_tensors, weights, matrix, bar)
             mmproj = _write_file(mmproj_file, "clip", mmproj_quant,
                                  {**_general(f"mmproj-{name}", mmproj_quant),
                                   "general.type": ("str", "mmproj"),
-                                  "general.description": ("str", f"MiniCPM-V {version} vision tower and resampler"),
-                                  **layout.mmproj_metadata(config, spec, vision_layers)},
-                                 mmproj_tensors, weights, config, matrix, bar)
+                                  "general.description": ("str", f"MiniCPM-V {version} {layout.mmproj_description}"),
+                                  **layout.mmproj_metadata(config, params, weights.path)},
+                                 mmproj_tensors, weights, matrix, bar)
             if matrix_info and matrix_info["source"] == "calibration":
                 # Kept beside the files: `--imatrix OUT/imatrix.safetensors` reuses it for another type.
                 write_imatrix_file(staging / IMATRIX_FILE, matrix,
@@ -140,12 +141,6 @@ def _general(name: str, type_name: str) -> dict[str, tuple[str, object]]:
             "general.quantization_version": ("u32", 2)}
 
 
-def _vocab(weights, config, version):
-    from .vocab import read_vocab
-
-    return read_vocab(weights.path, version, config.vocab_size)
-
-
 def _progress_bar(total: int, enabled: bool, desc: str = "Writing GGUF tensors", unit: str = "tensor"):
     if not enabled:
         return None
@@ -154,27 +149,24 @@ def _progress_bar(total: int, enabled: bool, desc: str = "Writing GGUF tensors",
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
-def _tensor_values(weights, config, tensor: layout.GgufTensor) -> Iterator[np.ndarray]:
+def _tensor_values(weights, tensor: GgufTensor) -> Iterator[np.ndarray]:
     """A tensor's values as blocks of rows, read from the mapped checkpoint and cast to float32 a block at a time
-    (the embedding table and lm_head are 2.5 GB each in float32 at the real vocabulary)."""
-    if not tensor.source:
-        yield layout.sincos_table(config.hidden_size, config.vision_config.image_size // config.patch_size)
+    (the embedding table and lm_head are 2.5 GB each in float32 at the real vocabulary). A transformed tensor (a
+    layer's projection or norm, never one of the large tables) is transformed whole."""
+    if tensor.compute is not None:
+        yield tensor.compute()
         return
     values = weights.tensor(tensor.source)
-    if tensor.transform in ("permute_q", "permute_k"):
-        # a permutation of whole heads' rows: a q/k projection at a time (not one of the large tables)
-        heads = config.num_attention_heads if tensor.transform == "permute_q" else config.num_key_value_heads
-        yield layout.permute_for_rope(values.float(), heads).numpy()
+    if tensor.transform is not None:
+        yield tensor.transform(values.float()).numpy()
         return
-    scale = embedding_scale(config) if tensor.transform == "scale_emb" else 1.0
     row_bytes = 4 * (values.numel() // max(values.shape[0], 1))
     for start, stop in row_ranges(values.shape[0], row_bytes):
-        block = values[start:stop].float()
-        yield (block / scale if scale != 1.0 else block).numpy()
+        yield values[start:stop].float().numpy()
 
 
-def _write_file(path: Path, arch: str, type_name: str, metadata: dict, tensors: list[layout.GgufTensor],
-                weights, config, matrix: dict[str, np.ndarray] | None, bar) -> GgufFile:
+def _write_file(path: Path, arch: str, type_name: str, metadata: dict, tensors: list[GgufTensor],
+                weights, matrix: dict[str, np.ndarray] | None, bar) -> GgufFile:
     from .writer import llama_quantize
 
     # A type gguf-py cannot encode is written as F16 first, then re-quantized by libllama.
@@ -183,7 +175,7 @@ def _write_file(path: Path, arch: str, type_name: str, metadata: dict, tensors: 
     target = path if written_type == type_name else path.with_suffix(".f16.gguf")
     if target != path:
         metadata = {**metadata, **_general(metadata["general.name"][1], "F16")}
-    write_gguf(target, arch, metadata, tensors, placements, lambda t: _tensor_values(weights, config, t),
+    write_gguf(target, arch, metadata, tensors, placements, lambda t: _tensor_values(weights, t),
                progress=(lambda _name: bar.update(1)) if bar is not None else None)
     fallbacks = {name: f"{p.ggml_type} ({p.fallback})" for name, p in placements.items() if p.fallback}
     if target != path:
@@ -195,7 +187,7 @@ def _write_file(path: Path, arch: str, type_name: str, metadata: dict, tensors: 
                     fallbacks=fallbacks)
 
 
-def _libllama_fallbacks(path: Path, tensors: list[layout.GgufTensor], type_name: str) -> dict[str, str]:
+def _libllama_fallbacks(path: Path, tensors: list[GgufTensor], type_name: str) -> dict[str, str]:
     """Matrices whose row length no block of the file's base type divides, with the type llama.cpp stored them in
     instead (its `tensor_type_fallback`)."""
     import gguf
@@ -210,7 +202,7 @@ def _libllama_fallbacks(path: Path, tensors: list[layout.GgufTensor], type_name:
             for t in tensors if t.quantizable and t.shape[-1] % block}
 
 
-def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quant: str, mmproj_quant: str,
+def _imatrix(choice: str | None, weights, tensors: list[GgufTensor], quant: str, mmproj_quant: str,
              calib: str | None, num_samples: int | None, seed: int,
              progress: bool) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]:
     from .imatrix import read_imatrix_file
@@ -243,18 +235,21 @@ def _imatrix(choice: str | None, weights, tensors: list[layout.GgufTensor], quan
     return matrix, {"source": "calibration", "entries": len(matrix), "calibration": described}
 
 
-def _calibration_imatrix(weights, tensors: list[layout.GgufTensor], samples: list[dict],
+def _calibration_imatrix(weights, tensors: list[GgufTensor], samples: list[dict],
                          progress: bool) -> dict[str, np.ndarray]:
     from .imatrix import compute_imatrix
 
     names = {t.source: t.name for t in tensors if t.quantizable and t.source}
     bar = _progress_bar(len(list(_blocks(weights))), progress, desc="Importance matrix", unit="block")
     try:
-        return compute_imatrix(weights.path, weights.config, samples, names,
-                               progress=(lambda _n: bar.update(1)) if bar is not None else None)
+        matrix = compute_imatrix(weights.path, weights.config, samples, names,
+                                 progress=(lambda _n: bar.update(1)) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
+    # Per input column of the stored matrix: where the layout reorders a matrix's inputs, its entry follows.
+    orders = {t.name: list(t.input_order) for t in tensors if t.input_order}
+    return {name: values[orders[name]] if name in orders else values for name, values in matrix.items()}
 
 
 def write_calibration_imatrix(model: str | Path, out_file: Path, samples: list[dict], described: dict[str, Any],
@@ -263,21 +258,15 @@ def write_calibration_imatrix(model: str | Path, out_file: Path, samples: list[d
     what `imatrix="auto"` computes, done once for several exports (`mcq build`)."""
     from mcq.export.weights_source import ExportWeights
 
-    weights = ExportWeights(model)
+    weights = ExportWeights(model, every_family=True)
     try:
-        vision_layers = _vision_layers(weights)
-        tensors = (layout.llm_tensors(weights.config, weights.spec)
-                   + layout.mmproj_tensors(weights.config, weights.spec, vision_layers))
+        layout, params = weights.checkpoint.family.gguf, weights.names()
+        tensors = layout.llm_tensors(weights.config, params) + layout.mmproj_tensors(weights.config, params)
         matrix = _calibration_imatrix(weights, tensors, samples, progress)
     finally:
         weights.close()
     write_imatrix_file(out_file, matrix, {"calibration": json.dumps(described, sort_keys=True)})
     return out_file
-
-
-def _vision_layers(weights) -> int:
-    # The layers the model runs (drop_vision_last_layer leaves one of the config's out).
-    return len({n.split(".")[3] for n in weights.names() if n.startswith("vpm.encoder.layers.")})
 
 
 def _blocks(weights):
@@ -311,6 +300,6 @@ def _write_card(staging: Path, weights, result: GgufExportResult, quant: str, mm
             ("Weights", f"from `{Path(result.weights_from).name}`"
                         + (" (an mcq quantize output: its calibrated weights, dequantized, then encoded)"
                            if weights.quantized_from else "")),
-            ("Model", f"MiniCPM-V {result.version} ({weights.spec.llm_name} LLM), exported by mcq. llama.cpp does "
-                      "not run the 3D resampler's video grouping: video frames are separate images there."),
+            ("Model", f"MiniCPM-V {result.version} ({weights.checkpoint.llm_name} LLM), exported by mcq. "
+                      "llama.cpp does not group video frames in time: they are separate images there."),
         ])

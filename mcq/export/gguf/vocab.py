@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mcq.errors import McqError
 
@@ -60,13 +62,12 @@ class GgufVocab:
         return keys
 
 
-def read_vocab(path: Path, version: str, vocab_size: int) -> GgufVocab:
-    from mcq.models.minicpmv.tokenization import load_tokenizer
-
+def read_vocab(path: Path, load_tokenizer: Callable[[Path], Any], vocab_size: int) -> GgufVocab:
+    """`load_tokenizer`: the family's loader (no remote code)."""
     file = path / "tokenizer.json"
     if not file.is_file():
         raise McqError(f"{path} has no tokenizer.json; the GGUF tokenizer metadata (tokens, merges) is read from it")
-    tokenizer = load_tokenizer(path, version)
+    tokenizer = load_tokenizer(path)
     spec = json.loads(file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
@@ -101,7 +102,8 @@ def read_vocab(path: Path, version: str, vocab_size: int) -> GgufVocab:
     special = special_token_ids(path, vocab_size)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if byte_level:
-        return GgufVocab(model="gpt2", pre="qwen2", tokens=tokens, types=types, merges=merges, special=special,
+        return GgufVocab(model="gpt2", pre=_byte_level_pre(spec.get("pre_tokenizer")), tokens=tokens, types=types,
+                         merges=merges, special=special,
                          add_bos=bool(getattr(tokenizer, "add_bos_token", False)), chat_template=template)
     # SentencePiece-style (MiniCPM4): llama.cpp merges the adjacent pair whose merged token scores highest, so a
     # token's score is minus the rank of the merge that makes it; the BPE merge order is then reproduced.
@@ -131,6 +133,23 @@ def special_token_ids(path: Path, vocab_size: int) -> dict[str, int]:
             "eot": gguf.Keys.Tokenizer.EOT_ID, "eom": gguf.Keys.Tokenizer.EOM_ID}
     found = gguf.SpecialVocab(path, load_merges=False, n_vocab=vocab_size).special_token_ids
     return {keys[kind]: int(token_id) for kind, token_id in found.items() if kind in keys}
+
+
+# llama.cpp's pre-tokenizers of the Qwen tokenizers, by the split regex of tokenizer.json (its converter finds
+# them by hashing a sample tokenization instead): Qwen3.5's letters include combining marks (\\p{M}).
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_BY_SPLIT = {_QWEN2_SPLIT: "qwen2", _QWEN35_SPLIT: "qwen35"}
+
+
+def _byte_level_pre(pre_tokenizer: dict | None) -> str:
+    """tokenizer.ggml.pre of a byte-level BPE tokenizer: the Qwen pre-tokenizer its split regex is; qwen2 (what the
+    Qwen-based resampler releases have) for one mcq does not recognize."""
+    steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
+    patterns = [(step.get("pattern") or {}).get("Regex") for step in steps if step.get("type") == "Split"]
+    return next((_PRE_BY_SPLIT[p] for p in patterns if p in _PRE_BY_SPLIT), "qwen2")
 
 
 def _metaspace(pre_tokenizer: dict | None) -> dict | None:

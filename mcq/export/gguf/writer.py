@@ -19,7 +19,7 @@ import numpy as np
 
 from mcq.errors import McqError
 
-from .layout import GgufTensor, row_divides
+from mcq.models.ggufspec import GgufTensor
 
 # Encoded here (gguf-py); everything else llama.cpp knows goes through libllama.
 PYTHON_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -53,14 +53,21 @@ class Placement:
     fallback: str | None = None
 
 
+def row_divides(shape: tuple[int, ...], block: int) -> bool:
+    """GGUF blocks run along a row (the last numpy dimension, ggml's ne[0])."""
+    return shape[-1] % block == 0
+
+
 def place(tensor: GgufTensor, file_type_name: str) -> Placement:
-    """The type of one tensor in a file of `file_type_name` (a Python type): vectors and tables that are not a
-    `.weight` (the resampler's queries) stay F32 as llama.cpp's converters keep them, except the computed position
-    table (F16); matrices
-    llama.cpp never quantizes (patch and position embeddings) are F16; a matrix
-    whose rows no block of the type divides falls back to F16, as llama-quantize does."""
+    """The type of one tensor in a file of `file_type_name` (a Python type): vectors, tables that are not a
+    `.weight` (the resampler's queries) and what the layout marks float32 stay F32 as llama.cpp's converters keep
+    them, except the computed position table (F16); other matrices llama.cpp never quantizes (patch and position
+    embeddings) are F16; a matrix whose rows no block of the type divides falls back to F16, as llama-quantize
+    does."""
     import gguf
 
+    if tensor.float32:
+        return Placement("F32")
     if file_type_name != "F32" and not tensor.source and len(tensor.shape) == 2:
         # The resampler's position table: clip.cpp requires it but recomputes it at run time, so F32 (as the
         # legacy converter writes it) would spend 4900 x 4096 x 4 bytes (80 MB at 4.5 size) on values never read.
@@ -82,7 +89,7 @@ def _add_metadata(writer, metadata: dict[str, tuple[str, object]]) -> None:
     import gguf
 
     arrays = {"strs": gguf.GGUFValueType.STRING, "i32s": gguf.GGUFValueType.INT32,
-              "f32s": gguf.GGUFValueType.FLOAT32}
+              "f32s": gguf.GGUFValueType.FLOAT32, "bools": gguf.GGUFValueType.BOOL}
     scalars = {"str": writer.add_string, "u32": writer.add_uint32, "i32": writer.add_int32,
                "f32": writer.add_float32, "bool": writer.add_bool}
     for key, (kind, value) in metadata.items():

@@ -13,6 +13,7 @@ from ..families import family_components
 from ..familyspec import PER_HEAD, Calibration, CaptureStage, Family, PaddableMlp
 from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
 from .facts import RELEASE
+from .gguf import LAYOUT as GGUF_LAYOUT
 from .tiny import write_tiny
 
 
@@ -100,4 +101,4 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                 token_mixing={"vision": ("self_attn",), "vit_merger": ("self_attn",), "merger": (),
                               "llm": ("self_attn", "linear_attn")},
                 norm_offset=norm_offset, calibration=_CALIBRATION, load_code=_LOAD,
-                write_tiny=write_tiny)
+                write_tiny=write_tiny, gguf=GGUF_LAYOUT)

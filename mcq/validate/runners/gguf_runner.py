@@ -126,6 +126,11 @@ class GgufRunner(Runner):
         self.ctx = llama_cpp.llama_init_from_model(self.model, context_params)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        # An M-RoPE LLM (MiniCPM-V 4.6's qwen35) takes 4 positions per embedding (section-major: all tokens' first,
+        # then their second, ...); the reference's positions are 1-D, i.e. the same in every section.
+        rope = llama_cpp.llama_model_rope_type(self.model)
+        multi_section = rope in (llama_cpp.LLAMA_ROPE_TYPE_MROPE, llama_cpp.LLAMA_ROPE_TYPE_IMROPE)
+        self.positions_per_embd = 4 if multi_section else 1
         mtmd_params = mtmd_cpp.mtmd_context_params_default()
         mtmd_params.use_gpu, mtmd_params.print_timings, mtmd_params.n_threads = gpu, False, threads
         self.vision_ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.model, mtmd_params)
@@ -133,7 +138,10 @@ class GgufRunner(Runner):
             raise McqError(f"llama.cpp (libmtmd) could not load {mmproj_path}")
         self.marker = mtmd_cpp.mtmd_default_marker()
         vision_meta = _metadata(mmproj_path)
-        self.query_num = int(vision_meta["clip.minicpmv_query_num"])
+        # The resampler's tokens per slice (libmtmd adds slices of its own to a wide one); None for a projector
+        # without one (MiniCPM-V 4.6), whose image's tokens are all of its chunk's.
+        query_num = vision_meta.get("clip.minicpmv_query_num")
+        self.query_num = int(query_num) if query_num is not None else None
         # The normalization the processor applied (and libmtmd applies again to the bytes it is given).
         self.image_mean = np.asarray(vision_meta["clip.vision.image_mean"], dtype=np.float32)
         self.image_std = np.asarray(vision_meta["clip.vision.image_std"], dtype=np.float32)
@@ -231,12 +239,15 @@ class GgufRunner(Runner):
             count = len(values)
             if position + count > CONTEXT:
                 raise McqError(f"the sample needs {position + count} positions, more than the runner's {CONTEXT}")
-            batch = lib.llama_batch_init(count, self.n_embd if kind == "embd" else 0, 1)
+            sections = self.positions_per_embd if kind == "embd" else 1
+            # llama_batch_init sizes pos (and embd) by its token count: room for every section's positions.
+            batch = lib.llama_batch_init(count * sections, self.n_embd if kind == "embd" else 0, 1)
             try:
                 for i in range(count):
                     if kind == "tokens":
                         batch.token[i] = values[i]
-                    batch.pos[i] = position + i
+                    for section in range(sections):
+                        batch.pos[section * count + i] = position + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
                     batch.logits[i] = all_logits or i == count - 1

@@ -1,22 +1,27 @@
-"""What llama.cpp expects of the two GGUF files of a MiniCPM-V, per version: metadata keys and tensor names.
+"""The resampler releases' GGUF layout (`mcq.models.ggufspec.GgufLayout`): what llama.cpp expects of their two
+files, per version: metadata keys and tensor names.
 
 The LLM file is an ordinary text model of llama.cpp's architecture for the version's LLM (`VersionSpec.gguf_arch`:
 `qwen3` for 4.5, `qwen2` for 2.6, `minicpm` for 4.0); its tensor names come from gguf-py's own name tables. The
 mmproj file (`general.architecture = clip`, projector `resampler`) holds the SigLIP tower and the resampler under
 the names clip.cpp looks up; gguf-py's mmproj table gets several of those wrong (`pos_embd_k`, a bare
-`resampler.proj`, no `post_layernorm`), so they are spelled out here. Sources: shared/research/gguf_minicpmv.md §2-3, checked against
-llama.cpp's loader (clip.cpp `load_tensors`, src/models/*.cpp).
+`resampler.proj`, no `post_layernorm`), so they are spelled out here. Sources: shared/research/gguf_minicpmv.md
+§2-3, checked against llama.cpp's loader (clip.cpp `load_tensors`, src/models/*.cpp).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mcq.errors import McqError
-from mcq.models.minicpmv.versions import VersionSpec, embedding_scale
+
+from ..ggufspec import GgufLayout, GgufTensor, Metadata
+from .versions import embedding_scale, version_spec
 
 
 @dataclass(frozen=True)
@@ -34,19 +39,9 @@ LLAMA_CPP_ARCHS = {"qwen2": LlamaCppArch(), "qwen3": LlamaCppArch(),
                    "minicpm": LlamaCppArch(interleaved_rope=True, scales_embeddings=True)}
 
 
-@dataclass(frozen=True)
-class GgufTensor:
-    """One tensor of a GGUF file: where its data comes from and how it is stored."""
-
-    name: str            # GGUF name
-    source: str          # model parameter it is made of (mcq naming), or "" for a computed tensor
-    shape: tuple[int, ...]
-    quantizable: bool    # a matrix llama.cpp would quantize (2-D weight, not an embedding table for positions)
-    transform: str = ""  # "", "permute_q", "permute_k" (minicpm rope layout), "scale_emb" (resampler.proj / scale)
-
-
-def check_exportable(config, spec: VersionSpec) -> None:
+def check_exportable(config) -> None:
     """Refuse configs whose LLM llama.cpp would run differently from the model (one line, before any work)."""
+    spec = version_spec(config.version)
     if spec.gguf_arch not in LLAMA_CPP_ARCHS:
         raise McqError(f"MiniCPM-V {spec.version}: mcq's GGUF export has no rules for llama.cpp's {spec.gguf_arch}")
     if getattr(config, "rope_scaling", None):
@@ -57,9 +52,13 @@ def check_exportable(config, spec: VersionSpec) -> None:
 
 # -- the LLM file ------------------------------------------------------------------------------------------------
 
-def llm_metadata(config, spec: VersionSpec) -> dict[str, tuple[str, object]]:
-    """`{key: (gguf value kind, value)}` of the LLM's architecture keys (the tokenizer is written separately)."""
-    arch = spec.gguf_arch
+def llm_arch(config) -> str:
+    return version_spec(config.version).gguf_arch
+
+
+def llm_metadata(config) -> Metadata:
+    """The LLM's architecture keys (the tokenizer is written separately)."""
+    arch = llm_arch(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     keys: dict[str, tuple[str, object]] = {
         f"{arch}.context_length": ("u32", config.max_position_embeddings),
@@ -85,9 +84,10 @@ def llm_metadata(config, spec: VersionSpec) -> dict[str, tuple[str, object]]:
     return keys
 
 
-def llm_tensors(config, spec: VersionSpec) -> list[GgufTensor]:
+def llm_tensors(config, params: list[str]) -> list[GgufTensor]:
     import gguf
 
+    spec = version_spec(config.version)
     arch = spec.gguf_arch
     arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
@@ -110,9 +110,10 @@ def llm_tensors(config, spec: VersionSpec) -> list[GgufTensor]:
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise McqError(f"gguf-py has no {arch} name for {hf}")
-        transform = ""
+        transform = None
         if LLAMA_CPP_ARCHS[arch].interleaved_rope and hf.endswith(("q_proj.weight", "k_proj.weight")):
-            transform = "permute_q" if hf.endswith("q_proj.weight") else "permute_k"
+            heads = config.num_attention_heads if hf.endswith("q_proj.weight") else config.num_key_value_heads
+            transform = partial(permute_for_rope, heads=heads)
         return GgufTensor(name, f"llm.{hf}", shape, quantizable=len(shape) == 2, transform=transform)
 
     tensors = [entry("model.embed_tokens.weight", shapes["embed_tokens.weight"])]
@@ -131,9 +132,13 @@ def permute_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 # -- the mmproj file ---------------------------------------------------------------------------------------------
 
-def mmproj_metadata(config, spec: VersionSpec, vision_layers: int) -> dict[str, tuple[str, object]]:
-    """`vision_layers`: the encoder layers the model runs (the config's count, less one when
-    `drop_vision_last_layer` is set)."""
+def vision_layers(params: list[str]) -> int:
+    """The encoder layers the model runs (drop_vision_last_layer leaves one of the config's out)."""
+    return len({n.split(".")[3] for n in params if n.startswith("vpm.encoder.layers.")})
+
+
+def mmproj_metadata(config, params: list[str], path: Path) -> Metadata:
+    spec = version_spec(config.version)
     vision = config.vision_config
     return {
         "clip.has_text_encoder": ("bool", False),
@@ -151,7 +156,7 @@ def mmproj_metadata(config, spec: VersionSpec, vision_layers: int) -> dict[str, 
         "clip.vision.projection_dim": ("u32", config.hidden_size),
         "clip.vision.attention.head_count": ("u32", vision.num_attention_heads),
         "clip.vision.attention.layer_norm_epsilon": ("f32", float(vision.layer_norm_eps)),
-        "clip.vision.block_count": ("u32", vision_layers),
+        "clip.vision.block_count": ("u32", vision_layers(params)),
         "clip.vision.image_mean": ("f32s", [0.5, 0.5, 0.5]),
         "clip.vision.image_std": ("f32s", [0.5, 0.5, 0.5]),
         # gelu_pytorch_tanh; without the key clip.cpp would use gelu_quick.
@@ -159,7 +164,8 @@ def mmproj_metadata(config, spec: VersionSpec, vision_layers: int) -> dict[str, 
     }
 
 
-def mmproj_tensors(config, spec: VersionSpec, vision_layers: int) -> list[GgufTensor]:
+def mmproj_tensors(config, params: list[str]) -> list[GgufTensor]:
+    spec = version_spec(config.version)
     vision = config.vision_config
     width, ff, patch, embed = vision.hidden_size, vision.intermediate_size, vision.patch_size, config.hidden_size
     grid = vision.image_size // patch
@@ -171,7 +177,7 @@ def mmproj_tensors(config, spec: VersionSpec, vision_layers: int) -> list[GgufTe
     layer = {"attn_q": ("self_attn.q_proj", width, width), "attn_k": ("self_attn.k_proj", width, width),
              "attn_v": ("self_attn.v_proj", width, width), "attn_out": ("self_attn.out_proj", width, width),
              "ffn_up": ("mlp.fc1", ff, width), "ffn_down": ("mlp.fc2", width, ff)}
-    for i in range(vision_layers):
+    for i in range(vision_layers(params)):
         prefix = f"vpm.encoder.layers.{i}"
         for gguf_name, (module, rows, cols) in layer.items():
             tensors.append(GgufTensor(f"v.blk.{i}.{gguf_name}.weight", f"{prefix}.{module}.weight", (rows, cols), True))
@@ -200,11 +206,13 @@ def mmproj_tensors(config, spec: VersionSpec, vision_layers: int) -> list[GgufTe
     # mcq holds `proj` as a Linear (weight = official proj transposed), which is what clip.cpp's `proj.weight` is.
     # llama.cpp multiplies every input embedding by `minicpm.embedding_scale`, image ones included, where the
     # official 4.0 scales only text embeddings: the projection is divided by it to cancel that.
+    scale = embedding_scale(config) if LLAMA_CPP_ARCHS[spec.gguf_arch].scales_embeddings else 1.0
     tensors.append(GgufTensor("resampler.proj.weight", "resampler.proj.weight", (embed, embed), True,
-                              transform="scale_emb" if LLAMA_CPP_ARCHS[spec.gguf_arch].scales_embeddings else ""))
+                              transform=(lambda weight: weight / scale) if scale != 1.0 else None))
 
     # Required by the loader, recomputed by the graph at run time; written as the official 2D sin-cos table.
-    tensors.append(GgufTensor("resampler.pos_embed_k", "", (grid * grid, embed), False))
+    tensors.append(GgufTensor("resampler.pos_embed_k", "", (grid * grid, embed), False,
+                              compute=partial(sincos_table, embed, grid)))
     return tensors
 
 
@@ -222,6 +230,12 @@ def sincos_table(embed: int, grid: int) -> np.ndarray:
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
 
 
-def row_divides(shape: tuple[int, ...], block: int) -> bool:
-    """GGUF blocks run along a row (the last numpy dimension, ggml's ne[0])."""
-    return shape[-1] % block == 0
+def _tokenizer(path: Path, config):
+    from .tokenization import load_tokenizer
+
+    return load_tokenizer(path, config.version)
+
+
+LAYOUT = GgufLayout(check=check_exportable, llm_arch=llm_arch, llm_metadata=llm_metadata, llm_tensors=llm_tensors,
+                    mmproj_metadata=mmproj_metadata, mmproj_tensors=mmproj_tensors,
+                    mmproj_description="vision tower and resampler", tokenizer=_tokenizer)
