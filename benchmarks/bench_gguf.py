@@ -253,16 +253,21 @@ def run_llamacpp(checkpoint: Path, llama: Path, work: Path, label: str, pythonpa
     }
     convert_log = (work / "logs" / f"{label}-convert-hf.log").read_text(errors="replace")
     return {
-        "wall_seconds": round(sum(s["wall_seconds"] for s in steps.values()), 2),
-        "peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()),
-        "user_cpu_seconds": round(sum(s["user_cpu_seconds"] for s in steps.values()), 1),
-        "system_cpu_seconds": round(sum(s["system_cpu_seconds"] for s in steps.values()), 1),
-        "steps": steps,
+        **_path_totals(steps),
         "copy_seconds_untimed": round(copy_seconds, 1),
         "copy_edits": edits,
         "pre_tokenizer_override_used": "[bench-workaround] tokenizer.ggml.pre" in convert_log,
         "files": {"llm": str(out / "llm-f16.gguf"), "mmproj": str(out / "mmproj-model-f16.gguf")},
     }
+
+
+def _path_totals(steps: dict[str, dict]) -> dict:
+    """A path's time and peak over its steps (run one after the other: times add up, the peak is the largest)."""
+    return {"wall_seconds": round(sum(s["wall_seconds"] for s in steps.values()), 2),
+            "peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()),
+            "user_cpu_seconds": round(sum(s["user_cpu_seconds"] for s in steps.values()), 1),
+            "system_cpu_seconds": round(sum(s["system_cpu_seconds"] for s in steps.values()), 1),
+            "steps": steps}
 
 
 def run_llamacpp_native(checkpoint: Path, llama: Path, work: Path, label: str, pythonpath: str | None,
@@ -287,11 +292,7 @@ def run_llamacpp_native(checkpoint: Path, llama: Path, work: Path, label: str, p
     }
     convert_log = (work / "logs" / f"{label}-convert-llm.log").read_text(errors="replace")
     return {
-        "wall_seconds": round(sum(s["wall_seconds"] for s in steps.values()), 2),
-        "peak_rss_mib": max(s["peak_rss_mib"] for s in steps.values()),
-        "user_cpu_seconds": round(sum(s["user_cpu_seconds"] for s in steps.values()), 1),
-        "system_cpu_seconds": round(sum(s["system_cpu_seconds"] for s in steps.values()), 1),
-        "steps": steps,
+        **_path_totals(steps),
         "no_mtp_flag_used": bool(no_mtp),
         "pre_tokenizer_override_used": "[bench-workaround] tokenizer.ggml.pre" in convert_log,
         "files": {"llm": str(out / "llm-f16.gguf"), "mmproj": str(out / "mmproj-f16.gguf")},
