@@ -102,18 +102,16 @@ def test_plugin_image_processor_is_mcqs(tiny45):
     processor, with the slicing vLLM's `mm_processor_kwargs` set."""
     import torch
 
-    from mcq.models.loading import load_processor, model_spec
     from mcq.models.minicpmv.configuration import MiniCPMVConfig
     from mcq.models.minicpmv.image_processing import MiniCPMVImageProcessor
-    from mcq.validate.evalset import encode_items, eval_samples
+    from mcq.validate.evalset import encode_items, eval_samples, open_encoder
     from mcq.vllm_plugin import _image_processor_class
 
     adapter = _image_processor_class().from_pretrained(tiny45, max_slice_nums=2, tokenizer=object(),
                                                        revision="main", trust_remote_code=False)
     ours = MiniCPMVImageProcessor.from_pretrained(tiny45)
     assert adapter.max_slice_nums == 2 and adapter.image_feature_size == ours.image_feature_size
-    _, _, spec = model_spec(tiny45)
-    items = encode_items(load_processor(tiny45), spec, eval_samples(None, EVAL_SAMPLES, 0), 2)
+    items = encode_items(open_encoder(tiny45), eval_samples(None, EVAL_SAMPLES, 0), 2)
     images = [image for item in items for image in item.scored.get("images", [[]])[0]]
     videos = [item for item in items if item.scored.get("video")]
     assert len(images) >= 4 and len(videos) == 1 and not videos[0].scored.get("images")
@@ -134,12 +132,10 @@ def test_plugin_image_processor_is_mcqs(tiny45):
 def test_a_worker_in_another_environment_must_encode_the_reference_tokens(tiny45):
     import torch
 
-    from mcq.models.loading import load_processor, model_spec
-    from mcq.validate.evalset import encode_items, eval_samples
+    from mcq.validate.evalset import encode_items, eval_samples, open_encoder
     from mcq.validate.worker import _check_same_tokens
 
-    _, _, spec = model_spec(tiny45)
-    (item,) = encode_items(load_processor(tiny45), spec, eval_samples(None, 1, 0), 2)
+    (item,) = encode_items(open_encoder(tiny45), eval_samples(None, 1, 0), 2)
     ids = item.scored["input_ids"][0]
     _check_same_tokens(ids.clone(), item, 0)
     with pytest.raises(McqError, match="encodes to other tokens in this runtime's environment"):

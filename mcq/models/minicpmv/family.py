@@ -14,6 +14,7 @@ from ..familyspec import Calibration, CaptureStage, Family, PaddableMlp
 from .chat import CalibrationEncoder
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
+from .serving import ServedMiniCPMV
 from .tiny import write_tiny
 from .versions import version_spec
 
@@ -91,5 +92,5 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                                                   ("intermediate_size",))},
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
-                norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, load_code=_LOAD,
+                norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, serve=ServedMiniCPMV, load_code=_LOAD,
                 write_tiny=write_tiny)

@@ -13,6 +13,7 @@ from ..families import family_components
 from ..familyspec import PER_HEAD, Calibration, CaptureStage, Family, PaddableMlp
 from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
 from .facts import RELEASE
+from .serving import ServedMiniCPMV4_6
 from .tiny import write_tiny
 
 
@@ -97,5 +98,5 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "vit_merger": ("self_attn",), "merger": (),
                               "llm": ("self_attn", "linear_attn")},
-                norm_offset=norm_offset, calibration=_CALIBRATION, load_code=_LOAD,
+                norm_offset=norm_offset, calibration=_CALIBRATION, serve=ServedMiniCPMV4_6, load_code=_LOAD,
                 write_tiny=write_tiny)
