@@ -119,6 +119,27 @@ class ServedModel(Protocol):
         """(cache, logits `[1, vocab]`) of one decode step of `token` (`[1, 1]` ids) after `cache`."""
 
 
+class VllmInputs(Protocol):
+    """How vLLM's model of the family takes an encoded sample's images (`mcq.validate`'s vLLM runner): the prompt
+    marker its multimodal processor expands into an image's placeholder, the inputs of its vision path, and
+    features computed elsewhere as image embeddings. Tensors are the family's `ServedModel` layouts."""
+
+    tokenizer: Any
+    terminators: list[int]   # token ids that end an answer
+    marker: str              # the prompt text vLLM expands into one image's placeholder
+    # The dtype vLLM's CPU build serves the family in, whatever is asked (None: the one asked).
+    cpu_dtype: str | None
+
+    def vision_inputs(self, data: dict[str, Any], dtype: Any) -> dict[str, Any]:
+        """The argument of vLLM's `get_vision_hidden_states` for an encoded sample's images."""
+
+    def vision_blocks(self, states: Any) -> Any:
+        """vLLM's `get_vision_hidden_states` output → the family's vision blocks `[G, tokens, hidden]`."""
+
+    def image_embeds(self, data: dict[str, Any], slices: list[int], vision: Any) -> dict[str, Any]:
+        """vLLM's image-embeddings input for `vision` blocks (another model's), `slices[i]` of them for image i."""
+
+
 @dataclass(frozen=True)
 class Family:
     name: str                                       # config.json model_type, and the package under mcq/models
@@ -148,6 +169,8 @@ class Family:
     calibration: Calibration
     # A model loaded from the checkpoint in PATH, as the validator runs it (`ServedModel`): (model, PATH, device).
     serve: Callable[[nn.Module, Path, Any], ServedModel]
+    # How vLLM's model takes the family's samples (`VllmInputs`), for the checkpoint in PATH.
+    vllm_inputs: Callable[[Path], VllmInputs]
     # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
     load_code: str
     # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its
