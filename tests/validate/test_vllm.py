@@ -474,22 +474,6 @@ def test_vllm_serves_4_0_against_its_own_bf16(vllm_python, int4_native, tmp_path
         _check_served(rows[f"{name} (transformers)"], rows[f"{name} (vllm)"], runtime, int4_native)
 
 
-#: an int4 recipe vLLM's CPU build holds on 4.6: the LLM only (its vision MLP width, 464 like the release's 4304, is
-#: no multiple of 32), symmetric; the tiny model's in_proj_b / in_proj_a (4 outputs, one per value head) stay dense
-RTN_LLM_46 = """
-name: rtn-llm-w4g128-sym
-method: rtn
-target: vllm-cpu
-ignore: ["re:.*linear_attn.in_proj_[ab]$"]
-rules:
-  - component: llm
-    bits: 4
-    group_size: 128
-    symmetric: true
-    non_divisible: error
-"""
-
-
 def _tiny46_for_vllm_cpu(out: Path) -> Path:
     """tiny:4.6 with the release's linear-attention head dim (128): vllm-cpu 0.32's Gated DeltaNet kernel refuses
     tiny:4.6's 32 ("Unexpected head dim size")."""
@@ -517,25 +501,17 @@ def _tiny46_for_vllm_cpu(out: Path) -> Path:
 @pytest.mark.slow
 def test_vllm_serves_4_6(vllm_python, tmp_path):
     """MiniCPM-V 4.6 in vLLM (mcq's plugin stands in for torchvision, which vLLM's 4.6 imports and processes with):
-    vLLM's bf16 (its CPU build's only dtype for the Gated DeltaNet layers) reproduces mcq's transformers reference
-    (measured: KL 4e-6), and an int4 output it serves is within 1.5x (+1e-4) of its KL in transformers. The video
-    sample is left out: transformers' 4.6 video processor needs torchvision."""
-    from mcq.quantize.api import quantize
-
+    vLLM's bf16 (its CPU build's only dtype for the Gated DeltaNet layers) builds the reference's prompts and
+    reproduces mcq's float32 transformers reference (measured: KL 4.4e-6, vision cosine 0.99998). The video sample
+    is left out: transformers' 4.6 video processor needs torchvision. int4 is not here: vllm-cpu 0.32 fails to load
+    a compressed-tensors 4.6 (LLM int4: "'MergedColumnParallelLinear' object has no attribute 'data'")."""
     runtime = _runtime(vllm_python)
     reference = _tiny46_for_vllm_cpu(tmp_path / "tiny46")
-    (tmp_path / "recipe.yaml").write_text(RTN_LLM_46)
-    int4 = tmp_path / "rtn-llm"
-    quantize(reference, int4, recipe=str(tmp_path / "recipe.yaml"), progress=False)
-    results = _validate(str(reference), [(reference, "vllm"), (int4, "transformers"), (int4, "vllm")])
-    rows = {row["name"]: row for row in results["variants"]}
-    bf16 = rows["tiny46 (vllm)"]
+    results = _validate(str(reference), [(reference, "vllm")])
+    bf16 = {row["name"]: row for row in results["variants"]}["tiny46 (vllm)"]
     assert bf16["status"] == "ok", bf16["error"]
     assert bf16["runtime"].startswith(runtime) and "bfloat16" in bf16["runtime"]
     assert bf16["metrics"]["kl_mean"] < 1e-4 and bf16["metrics"]["top1_agreement"] > 0.99
     assert bf16["metrics"]["vision_cosine"] > 0.999 and bf16["kl_vision_path"] < 1e-4
+    assert bf16["metrics"]["gen_exact_match"] == 1.0
     assert list(bf16["skipped_samples"].values()) == [1] and "video" in next(iter(bf16["skipped_samples"]))
-    own, served = rows["rtn-llm (transformers)"], rows["rtn-llm (vllm)"]
-    assert own["status"] == "ok" and served["status"] == "ok", (own["error"], served["error"])
-    assert served["metrics"]["kl_mean"] <= 1.5 * own["metrics"]["kl_mean"] + 1e-4, (served, own)
-    assert own["metrics"]["kl_mean"] > 0
