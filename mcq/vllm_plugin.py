@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,72 @@ def register() -> None:
     """Register mcq's MiniCPM-V config and image processor with transformers and vLLM (every vLLM process)."""
     register_transformers()
     _register_vllm_processing()
+    _minicpmv4_6_without_torchvision()
     _cpu_torch_stream_capture()
     _cpu_int4_fallback()
+
+
+# transformers' modules that import torchvision unconditionally → their PIL twins, which define the same names.
+_PIL_TWINS = {"transformers.models.qwen2_vl.image_processing_qwen2_vl":
+              "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"}
+
+
+def _minicpmv4_6_without_torchvision() -> None:
+    """vLLM's MiniCPM-V 4.6 needs torchvision twice, and the vLLM environment has none (PyPI's builds are CUDA
+    builds, which fail beside vLLM's CPU torch):
+
+    - its LLM, vLLM's Qwen3.5, imports vLLM's Qwen3-VL module, which imports `smart_resize` from transformers'
+      torchvision-backed Qwen2-VL image processing module: without it no 4.6 model is even inspected. The PIL
+      twin of that module (transformers' own, the same names) stands in for it;
+    - its processing info takes the image processor from transformers' `MiniCPMV4_6Processor`, which cannot be
+      built without its video processor (torchvision). Only images are served then (videos need that processor):
+      the info gets transformers' PIL image processor of the checkpoint directly, the one the processor holds.
+    """
+    import importlib
+    import sys
+    from importlib.util import find_spec
+
+    if find_spec("torchvision") is not None or find_spec("vllm") is None:
+        return
+    for module, twin in _PIL_TWINS.items():
+        if module not in sys.modules:
+            sys.modules[module] = importlib.import_module(twin)
+    try:
+        from vllm.model_executor.models import minicpmv4_6
+    except ImportError:   # a vLLM without MiniCPM-V 4.6
+        return
+
+    from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
+
+    class ImagesOnlyProcessor:
+        """What vLLM's 4.6 processing reads of transformers' processor when it serves images: its image processor
+        and the keyword arguments it takes."""
+
+        valid_processor_kwargs = MiniCPMV4_6Processor.valid_processor_kwargs
+
+        def __init__(self, image_processor):
+            self.image_processor = image_processor
+
+    class ProcessingInfo(minicpmv4_6.MiniCPMV4_6ProcessingInfo):
+        def get_supported_mm_limits(self):
+            return {"image": None}
+
+        def get_hf_processor(self, **kwargs: object):
+            return ImagesOnlyProcessor(self.get_image_processor())
+
+        def get_image_processor(self, **kwargs: object):
+            return _pil_image_processor(self.ctx.model_config.model)
+
+    _replace_processing_info(minicpmv4_6.MiniCPMV4_6ForConditionalGeneration, ProcessingInfo)
+
+
+@lru_cache(maxsize=None)
+def _pil_image_processor(path: str):
+    # transformers' top-level AutoImageProcessor is a placeholder without torchvision; this one picks the PIL backend.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    # Tensors, as transformers' processor asks of it (vLLM's 4.6 processing splits them).
+    return AutoImageProcessor.from_pretrained(path, return_tensors="pt")
 
 
 def _cpu_torch_stream_capture() -> None:
@@ -153,7 +217,6 @@ def _register_vllm_processing() -> None:
     """vLLM's MiniCPM-V model keeps its processor; only where it looks up the image processor class changes."""
     try:
         from vllm.model_executor.models import minicpmv
-        from vllm.multimodal import MULTIMODAL_REGISTRY
     except ImportError:   # not inside vLLM (e.g. transformers only): nothing to patch
         return
     model = minicpmv.MiniCPMV
@@ -162,20 +225,28 @@ def _register_vllm_processing() -> None:
         logger.warning("mcq: this vLLM's MiniCPM-V model has no processor registration mcq knows; MiniCPM-V "
                        "checkpoints will need trust_remote_code")
         return
-    if getattr(factories.info, "_mcq", False):
-        return   # registered already in this process
 
     class ProcessingInfo(factories.info):
-        _mcq = True
-
         @cached_property
         def _image_processor_cls(self):
             if self.ctx.model_config.trust_remote_code:
                 return super()._image_processor_cls   # the user asked for the checkpoint's own code
             return _image_processor_class()
 
+    _replace_processing_info(model, ProcessingInfo)
+
+
+def _replace_processing_info(model: type, info: type) -> None:
+    """Register `info` (a subclass of the model's processing info) for vLLM's `model`, keeping its processor and
+    dummy inputs; once per process."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    factories = model.__dict__["_processor_factory"]
+    if getattr(factories.info, "_mcq", False):
+        return   # registered already in this process
+    info._mcq = True
     del model._processor_factory   # re-registering a class that has one logs a warning
-    MULTIMODAL_REGISTRY.register_processor(factories.processor, info=ProcessingInfo,
+    MULTIMODAL_REGISTRY.register_processor(factories.processor, info=info,
                                            dummy_inputs=factories.dummy_inputs)(model)
 
 

@@ -48,7 +48,9 @@ def test_only_the_commands_run_the_quantize_job():
 
 
 # Called by a library, not by mcq: PreTrainedModel's and nn.Module's interface, coremltools' add_fp16_cast pass.
-FRAMEWORK_HOOKS = {"get_output_embeddings", "set_output_embeddings", "extra_repr", "fp16_overflow"}
+FRAMEWORK_HOOKS = {"get_output_embeddings", "set_output_embeddings", "extra_repr", "fp16_overflow",
+                   # vLLM's processing info calls these (mcq.vllm_plugin overrides them for 4.6)
+                   "get_hf_processor", "get_supported_mm_limits"}
 
 
 def test_nothing_defined_is_unused():

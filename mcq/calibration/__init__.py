@@ -21,13 +21,13 @@ from typing import Any
 
 from mcq.errors import McqError
 
-from .encode import encode_sample
+from .encode import encode_sample, encode_scored
 from .samples import KINDS, SPLITS, Sample
 from .synthetic import builtin_samples
 from .user_data import load_user_samples, read_user_data
 
 __all__ = ["KINDS", "SPLITS", "Sample", "builtin_samples", "calibration_samples", "describe", "encode_sample",
-           "heldout_indices", "load_samples", "load_user_samples", "read_user_data", "select_subset"]
+           "encode_scored", "heldout_indices", "load_samples", "load_user_samples", "read_user_data", "select_subset"]
 
 HELDOUT_FRACTION = 8  # one sample in eight
 

@@ -54,12 +54,19 @@ PER_HEAD = "per_head"
 
 
 class CalibrationEncoder(Protocol):
-    """Turns calibration samples (`mcq.calibration.Sample`: a conversation, its answer included) into the inputs of
-    one forward of the family's model (`Calibration.forward` runs it)."""
+    """Turns calibration and evaluation samples (`mcq.calibration.Sample`: a conversation, its answer included) into
+    the inputs of one forward of the family's model (`Calibration.forward` runs it)."""
 
-    video: bool     # whether video samples can be encoded (calibration leaves them out where not)
+    video: bool     # whether calibration runs video samples (it leaves them out where not)
+    # Why video samples cannot be encoded at all, None when they can (evaluation reports them as not scored).
+    no_video: str | None
+    tokenizer: Any
 
     def __call__(self, sample: Any, max_slice_nums: int | None) -> dict[str, Any]: ...
+
+    def render(self, turns: Any, add_generation_prompt: bool) -> str:
+        """The chat-template text of `turns` with one unexpanded image marker per image (an added token, so the
+        tokens around it do not depend on its expansion): what evaluation finds the answer's tokens by."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,54 @@ class Calibration:
     open_encoder: Callable[[Path], CalibrationEncoder]
 
 
+class ServedModel(Protocol):
+    """A loaded model of the family as the validator runs it in transformers (`mcq.validate`'s transformers
+    runner), on the inputs of the family's `CalibrationEncoder`. Tensors come back on the model's device."""
+
+    tokenizer: Any
+    terminators: set[int]   # token ids that end an answer
+
+    def inputs(self, data: dict[str, Any], vision: Any = None) -> dict[str, Any]:
+        """The model's inputs of an encoded sample, on its device; `vision` (this family's `vision` output, maybe
+        another model's) replaces the features of the sample's images."""
+
+    def vision(self, inputs: dict[str, Any]) -> Any:
+        """The vision path's output blocks `[G, tokens, hidden]`: what the LLM gets for each image (slice)."""
+
+    def logits(self, inputs: dict[str, Any]) -> Any:
+        """Teacher-forced logits `[length, vocab]`."""
+
+    def generate(self, inputs: dict[str, Any], max_new_tokens: int) -> list[int]:
+        """Greedy continuation (the new tokens only; the caller cuts at a terminator)."""
+
+    def prefill(self, inputs: dict[str, Any]) -> tuple[Any, Any]:
+        """(cache, last position's logits `[1, vocab]`) of a prefill over the prompt."""
+
+    def step(self, token: Any, cache: Any) -> tuple[Any, Any]:
+        """(cache, logits `[1, vocab]`) of one decode step of `token` (`[1, 1]` ids) after `cache`."""
+
+
+class VllmInputs(Protocol):
+    """How vLLM's model of the family takes an encoded sample's images (`mcq.validate`'s vLLM runner): the prompt
+    marker its multimodal processor expands into an image's placeholder, the inputs of its vision path, and
+    features computed elsewhere as image embeddings. Tensors are the family's `ServedModel` layouts."""
+
+    tokenizer: Any
+    terminators: list[int]   # token ids that end an answer
+    marker: str              # the prompt text vLLM expands into one image's placeholder
+    # The dtype vLLM's CPU build serves the family in, whatever is asked (None: the one asked).
+    cpu_dtype: str | None
+
+    def vision_inputs(self, data: dict[str, Any], dtype: Any) -> dict[str, Any]:
+        """The argument of vLLM's `get_vision_hidden_states` for an encoded sample's images."""
+
+    def vision_blocks(self, states: Any) -> Any:
+        """vLLM's `get_vision_hidden_states` output → the family's vision blocks `[G, tokens, hidden]`."""
+
+    def image_embeds(self, data: dict[str, Any], slices: list[int], vision: Any) -> dict[str, Any]:
+        """vLLM's image-embeddings input for `vision` blocks (another model's), `slices[i]` of them for image i."""
+
+
 @dataclass(frozen=True)
 class Family:
     name: str                                       # config.json model_type, and the package under mcq/models
@@ -119,6 +174,10 @@ class Family:
     norm_offset: Callable[[nn.Module], float]
     # How the block-by-block driver captures calibration inputs through this family's forward (AWQ, GPTQ).
     calibration: Calibration
+    # A model loaded from the checkpoint in PATH, as the validator runs it (`ServedModel`): (model, PATH, device).
+    serve: Callable[[nn.Module, Path, Any], ServedModel]
+    # How vLLM's model takes the family's samples (`VllmInputs`), for the checkpoint in PATH.
+    vllm_inputs: Callable[[Path], VllmInputs]
     # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
     load_code: str
     # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its

@@ -225,13 +225,15 @@ def check_layout(path: Path, skeleton: MiniCPMV, stored: dict[str, dict[str, Any
         raise McqError(f"{path} does not match the MiniCPM-V {release} layout its config.json describes: {detail}")
 
 
-def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
-               quantization_config: Any = None) -> MiniCPMV:
-    """Load a MiniCPM-V checkpoint (official layout) as `MiniCPMV`, after checking every stored tensor.
+def load_model(model: str | Path | Checkpoint, dtype: str = "auto", device: str = "cpu",
+               quantization_config: Any = None) -> torch.nn.Module:
+    """Load a MiniCPM-V checkpoint (official layout) as its family's model class (`MiniCPMV`, transformers'
+    `MiniCPMV4_6ForConditionalGeneration`), after checking every stored tensor.
 
     `quantization_config` (a transformers quantization config, e.g. `BitsAndBytesConfig`) quantizes while loading.
     """
-    path, config, _ = model_spec(model)
+    checkpoint = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    path, config = checkpoint.path, checkpoint.config
     check_layout(path, meta_skeleton(config), stored_tensors(path))
     check_weights_finite(path)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
@@ -261,7 +263,7 @@ def load_model(model: str | Path, dtype: str = "auto", device: str = "cpu",
             # Passing loading attributes (dequantize) for a stored quantization config is what transformers
             # documents; its warning that the stored config wins says nothing the caller can act on.
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            loaded = MiniCPMV.from_pretrained(path, dtype=torch_dtype, **placement)
+            loaded = checkpoint.family.model_class.from_pretrained(path, dtype=torch_dtype, **placement)
     except (RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise McqError(f"cannot load {path}: {first_line}") from None

@@ -27,7 +27,7 @@ from mcq.models.family import component_or_other
 from mcq.models.loading import check_device, check_safetensors, resolve_model_path, weight_files
 from mcq.outputs import MANIFEST_NAME, tool_versions
 
-from .evalset import describe_items, encode_items, eval_samples
+from .evalset import describe_items, encode_items, eval_samples, open_encoder
 from .results import FORMAT, METRICS
 from .runners import runtime_runner
 
@@ -187,8 +187,6 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
     environment, see `mcq.validate.runners.vllm_runner`). `reference_runtime` serves the reference the same way:
     "vllm" scores every variant against vLLM's own bf16 (what a quantized variant changes in vLLM, apart from where
     vLLM computes otherwise than the official code); every variant is then scored on the samples vLLM serves."""
-    from mcq.models.loading import load_processor, model_spec
-
     check_device(device)
     if dtype == "auto":
         # float32 on CPU: exact arithmetic on bf16 weights (and faster there than emulated bf16 matmuls); bf16 on
@@ -210,9 +208,8 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
                       t.python) for i, t in enumerate(targets)]
     for target in targets:
         _check_same_model(ref, target)
-    _, _, spec = model_spec(reference)
     samples = eval_samples(eval_data, num_samples, seed)
-    items = encode_items(load_processor(reference), spec, samples, max_slice_nums)
+    items = encode_items(open_encoder(reference), samples, max_slice_nums)
     params = _component_params(ref.path)
     plans = memory_plans([ref, *targets], device, dtype, items, max_new_tokens)
 
@@ -294,7 +291,8 @@ def memory_plans(targets: list[Target], device: str, dtype: str, items, max_new_
     from .probes import available_memory
 
     available = available_memory()
-    tokens = max((item.scored["input_ids"].shape[1] for item in items), default=0) + max_new_tokens
+    tokens = max((item.scored["input_ids"].shape[1] for item in items if item.scored is not None),
+                 default=0) + max_new_tokens
     plans = []
     for target in targets:
         plan = target.runner.memory_plan(target.path, device, dtype, available, tokens)

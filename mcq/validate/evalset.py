@@ -1,8 +1,10 @@
-"""The evaluation set: held-out conversations encoded once, by the reference's processor, for every runner.
+"""The evaluation set: held-out conversations encoded once, by the reference's family's encoder (its processor),
+for every runner.
 
 Every variant is scored on exactly the reference's token sequence (teacher forcing compares next-token
 distributions position by position, so the tokens must be the same ones); a runner whose runtime tokenizes by
-itself checks that it reproduces these ids.
+itself checks that it reproduces these ids. A sample the family's encoder cannot encode (4.6's video, without
+torchvision) is kept with the reason and scored by no runner.
 """
 
 from __future__ import annotations
@@ -12,19 +14,29 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mcq.calibration import Sample, encode_sample, load_samples, load_user_samples, select_subset
+from mcq.calibration import Sample, encode_scored, load_samples, load_user_samples, select_subset
 from mcq.errors import McqError
 
 
 @dataclass
 class EvalItem:
     sample: Sample
-    scored: dict[str, Any]          # the whole conversation, teacher-forced; `answer_mask` marks the answer tokens
+    scored: dict[str, Any] | None   # the whole conversation, teacher-forced; `answer_mask` marks the answer tokens
     prompt: dict[str, Any] | None   # the conversation before its final answer, with the generation prompt
+    unencoded: str | None = None    # why the sample could not be encoded (then `scored` is None)
 
     @property
     def has_vision(self) -> bool:
-        return any(len(p) for p in self.scored.get("pixel_values") or [])
+        pixels = None if self.scored is None else self.scored.get("pixel_values")
+        return pixels is not None and any(len(p) for p in pixels)   # a list per batch row, or 4.6's packed tensor
+
+
+def open_encoder(reference: str | Path):
+    """The encoder of the reference's family (`mcq.models.familyspec.CalibrationEncoder`) for its checkpoint."""
+    from mcq.models.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(reference)
+    return checkpoint.family.calibration.open_encoder(checkpoint.path)
 
 
 def eval_samples(source: str | Path | None, num_samples: int | None, seed: int) -> list[Sample]:
@@ -38,15 +50,19 @@ def eval_samples(source: str | Path | None, num_samples: int | None, seed: int) 
     return [samples[i] for i in chosen]
 
 
-def encode_items(processor, spec, samples: list[Sample], max_slice_nums: int | None) -> list[EvalItem]:
+def encode_items(encoder, samples: list[Sample], max_slice_nums: int | None) -> list[EvalItem]:
+    """`samples` encoded by `encoder` (`open_encoder`)."""
     items = []
     for sample in samples:
+        if sample.is_video and encoder.no_video:
+            items.append(EvalItem(sample, None, None, encoder.no_video))
+            continue
         prompt = None
         if sample.has_answer:
             # The same conversation without its final answer: what the model answers from in `generate`.
-            prompt = _with_media(encode_sample(processor, spec, replace(sample, messages=sample.messages[:-1]),
-                                               max_slice_nums=max_slice_nums), sample)
-        scored = _with_media(encode_sample(processor, spec, sample, max_slice_nums=max_slice_nums), sample)
+            prompt = _with_media(encode_scored(encoder, replace(sample, messages=sample.messages[:-1]),
+                                               max_slice_nums), sample)
+        scored = _with_media(encode_scored(encoder, sample, max_slice_nums), sample)
         items.append(EvalItem(sample, scored, prompt))
     return items
 
@@ -64,7 +80,7 @@ def describe_items(items: list[EvalItem], source: str | Path | None) -> dict[str
         "source": "builtin:heldout" if source is None or str(source) == "builtin" else str(source),
         "samples": len(items),
         "kinds": dict(sorted(Counter(item.sample.kind for item in items).items())),
-        "answer_tokens": int(sum(int(item.scored["answer_mask"].sum()) for item in items)),
+        "answer_tokens": int(sum(int(item.scored["answer_mask"].sum()) for item in items if item.scored is not None)),
         "images": sum(len(item.sample.images) for item in items if not item.sample.is_video),
         "video_frames": sum(len(item.sample.images) for item in items if item.sample.is_video),
     }

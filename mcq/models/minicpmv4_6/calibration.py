@@ -66,21 +66,30 @@ def expand_images(text: str, tokenizer, processed: dict[str, Any], divisor: int,
     return "".join(expanded)
 
 
+def merged_tokens_divisor(downsample_mode: str | None) -> int:
+    """Patches per image token: the merger's 2x2 merge, and with the vit_merger ("16x", the default) its 2x2 too."""
+    return 4 if downsample_mode == "4x" else 16
+
+
 class CalibrationEncoder:
     """4.6's `mcq.models.familyspec.CalibrationEncoder` (see the module doc)."""
 
     video = False   # transformers' 4.6 video processor needs torchvision
+    no_video = "video (MiniCPM-V 4.6's video processor in transformers needs torchvision, which mcq does not use)"
 
     def __init__(self, path: Path):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.images = AutoImageProcessor.from_pretrained(path)
-        self.divisor = 4 if self.images.downsample_mode == "4x" else 16
+        self.divisor = merged_tokens_divisor(self.images.downsample_mode)
 
-    def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
-        """The model inputs of `sample` (`mcq.calibration.Sample`): its turns teacher-forced (a prompt-only one ends
-        with the generation prompt), images sliced into at most `max_slice_nums` (None: the processor's default)."""
-        turns, images = [], []
-        for turn in sample.messages:
+    def render(self, turns, add_generation_prompt: bool) -> str:
+        """The chat-template text of `turns` with one `tokenizer.image_token` per image (`expand_images` expands
+        them)."""
+        return self._render(turns, add_generation_prompt)[0]
+
+    def _render(self, turns, add_generation_prompt: bool) -> tuple[str, list[Image.Image]]:
+        rendered, images = [], []
+        for turn in turns:
             content = [turn["content"]] if isinstance(turn["content"], str) else turn["content"]
             parts = []
             for item in content:
@@ -89,8 +98,16 @@ class CalibrationEncoder:
                     parts.append(self.tokenizer.image_token)
                 else:
                     parts.append(item)
-            turns.append({"role": turn["role"], "content": "\n".join(parts)})
-        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=not sample.has_answer)
+            rendered.append({"role": turn["role"], "content": "\n".join(parts)})
+        text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return text, images
+
+    def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
+        """The model inputs of `sample` (`mcq.calibration.Sample`): its turns teacher-forced (a prompt-only one ends
+        with the generation prompt), images sliced into at most `max_slice_nums` (None: the processor's default)."""
+        if sample.is_video:
+            raise McqError(f"{sample.name}: {self.no_video}")
+        text, images = self._render(sample.messages, add_generation_prompt=not sample.has_answer)
         inputs: dict[str, Any] = {}
         if images:
             options = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}

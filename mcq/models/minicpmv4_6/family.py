@@ -14,7 +14,9 @@ from ..familyspec import PER_HEAD, Calibration, CaptureStage, Family, PaddableMl
 from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
 from .facts import RELEASE
 from .gguf import LAYOUT as GGUF_LAYOUT
+from .serving import ServedMiniCPMV4_6
 from .tiny import write_tiny
+from .vllm_inputs import MiniCPMV4_6VllmInputs
 
 
 def _blocks(model: MiniCPMV4_6ForConditionalGeneration) -> Iterator[tuple[str, nn.Module]]:
@@ -100,5 +102,6 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                 smoothing_pairs=_SMOOTHING_PAIRS,
                 token_mixing={"vision": ("self_attn",), "vit_merger": ("self_attn",), "merger": (),
                               "llm": ("self_attn", "linear_attn")},
-                norm_offset=norm_offset, calibration=_CALIBRATION, load_code=_LOAD,
+                norm_offset=norm_offset, calibration=_CALIBRATION, serve=ServedMiniCPMV4_6,
+                vllm_inputs=MiniCPMV4_6VllmInputs, load_code=_LOAD,
                 write_tiny=write_tiny, gguf=GGUF_LAYOUT)

@@ -132,11 +132,17 @@ def grouped_video(data: dict[str, Any]) -> bool:
 
 
 def config_identity(config) -> dict[str, Any]:
-    """What `Runner.describe` returns, read from a MiniCPM-V config (runners whose files carry one)."""
-    from mcq.models.minicpmv.versions import version_spec
+    """What `Runner.describe` returns, read from a MiniCPM-V config of any family (runners whose files carry one):
+    the release, the LLM's and the vision tower's widths and depths, and the resampler's query count where the
+    family has one."""
+    from mcq.models.family import family_for
 
-    return {"version": version_spec(config.version).version, "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-            "vision_hidden_size": config.vision_config.hidden_size,
-            "vision_layers": config.vision_config.num_hidden_layers, "query_num": config.query_num}
+    release, _ = family_for(config.model_type).describe(config.to_dict())
+    text = config.get_text_config()
+    identity = {"version": release, "hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers,
+                "vocab_size": text.vocab_size, "vision_hidden_size": config.vision_config.hidden_size,
+                "vision_layers": config.vision_config.num_hidden_layers}
+    if hasattr(config, "query_num"):
+        identity["query_num"] = config.query_num
+    return identity
 

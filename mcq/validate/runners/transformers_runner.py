@@ -1,5 +1,6 @@
-"""Checkpoints that transformers serves with mcq's native MiniCPM-V: the bf16 reference, compressed-tensors and
-bitsandbytes variants (the formats `mcq quantize` writes).
+"""Checkpoints that transformers serves: the bf16 reference, compressed-tensors and bitsandbytes variants (the
+formats `mcq quantize` writes), as their family's model class (mcq's native MiniCPM-V, transformers' 4.6), run
+through the family's `ServedModel` (`mcq.models.familyspec`).
 
 Loading goes through `mcq.models.loading.load_model`, which is what `mcq chat` runs: compressed-tensors weights
 are dequantized once at load on CPU (transformers has no CPU kernel for packed int4), bitsandbytes weights stay
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mcq.models.loading import (load_model, load_processor, model_spec, read_config, resolve_model_path,
+from mcq.models.loading import (load_model, open_checkpoint, read_config, resolve_model_path,
                                 safetensors_component_bytes)
 
 from ..probes import Stopwatch
@@ -35,21 +36,10 @@ _RUNTIME_BYTES = 1 << 30     # torch, transformers and the tokenizer imported, b
 _QUANT_FORMATS = {"compressed-tensors": "compressed-tensors", "bitsandbytes": "bitsandbytes"}
 
 
-# What MiniCPMV.forward/generate read from a processor output (image_sizes and answer_mask are not model inputs).
-_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "tgt_sizes", "image_bound", "temporal_ids")
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, list):
-        return [_move(v, device) for v in value]
-    return value
-
-
 def _working_bytes(config, tokens: int, width: int) -> int:
     """Memory besides the weights for inputs of up to `tokens` tokens: the logits (float32, kept, log-softmaxed
     and compared: three copies), the KV cache, a layer's activations, the runtime itself."""
+    config = config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     logits = 3 * tokens * config.vocab_size * 4
     cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * width
@@ -88,7 +78,7 @@ class TransformersRunner(Runner):
 
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
-        return config_identity(model_spec(path)[1])
+        return config_identity(open_checkpoint(path).config)
 
     @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
@@ -100,7 +90,7 @@ class TransformersRunner(Runner):
         from mcq.models.loading import meta_skeleton
 
         format_name = cls.detect(path)
-        _, config, _ = model_spec(path)
+        config = open_checkpoint(path).config
         skeleton = meta_skeleton(config)
         width = _WIDTH[dtype]
         params = sum(p.numel() for p in skeleton.parameters())
@@ -126,69 +116,52 @@ class TransformersRunner(Runner):
     def __init__(self, path: str | Path, device: torch.device, dtype: str, weights: str = "resident"):
         """`weights`: "resident" (loaded whole, as `mcq chat` does) or "mapped" (`mcq.models.mapped`, CPU)."""
         self.device = torch.device(device)
-        self.tokenizer = load_processor(path).tokenizer
+        checkpoint = open_checkpoint(path)
         if weights == "mapped":
             from mcq.models.loading import DTYPES, check_layout, meta_skeleton, stored_tensors
             from mcq.models.mapped import load_mapped
 
-            model_path, config, _ = model_spec(path)
-            check_layout(model_path, meta_skeleton(config), stored_tensors(model_path))
-            self.model = load_mapped(model_path, config, DTYPES[dtype])
+            check_layout(checkpoint.path, meta_skeleton(checkpoint.config), stored_tensors(checkpoint.path))
+            model = load_mapped(checkpoint.path, checkpoint.config, DTYPES[dtype])
         else:
-            self.model = load_model(path, dtype=dtype, device=str(self.device))
-        self.terminators = set(self.model.terminator_ids(self.tokenizer))
-
-    def _inputs(self, data: dict[str, Any]) -> dict[str, Any]:
-        return {key: _move(value, self.device) for key, value in data.items() if key in _MODEL_INPUTS}
+            model = load_model(checkpoint, dtype=dtype, device=str(self.device))
+        self.model = checkpoint.family.serve(model, checkpoint.path, self.device)
 
     @torch.inference_mode()
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
-        (states,) = self.model._vision_states_per_sample(self._inputs(data))   # a batch of one sample
-        return states.float().cpu()
+        return self.model.vision(self.model.inputs(data)).float().cpu()
 
     @torch.inference_mode()
     def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(self._with_vision(data, vision), use_cache=False).logits[0].float().cpu()
+        return self.model.logits(self.model.inputs(data, vision)).float().cpu()
 
     @torch.inference_mode()
     def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
-        output = self.model.generate(**self._with_vision(data, vision), tokenizer=self.tokenizer,
-                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     repetition_penalty=1.0)
-        tokens = output[0].tolist()
+        tokens = self.model.generate(self.model.inputs(data, vision), max_new_tokens)
         for end, token in enumerate(tokens):
-            if token in self.terminators:
+            if token in self.model.terminators:
                 return tokens[: end + 1]
         return tokens
 
     @torch.inference_mode()
     def time_vision(self, data: dict[str, Any]) -> float:
-        inputs = self._inputs(data)
+        inputs = self.model.inputs(data)
         with Stopwatch(self.device) as watch:
-            self.model._vision_states_per_sample(inputs)
+            self.model.vision(inputs)
         return watch.seconds
-
-    def _with_vision(self, data: dict[str, Any], vision: torch.Tensor | None) -> dict[str, Any]:
-        inputs = self._inputs(data)
-        if vision is not None:
-            inputs["vision_hidden_states"] = [vision.to(self.device, self.model.dtype)]
-        return inputs
 
     @torch.inference_mode()
     def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
-        inputs = self._with_vision(data, vision)
+        inputs = self.model.inputs(data, vision)
         with Stopwatch(self.device) as watch:
-            self.model(inputs, use_cache=True)
+            self.model.prefill(inputs)
         return watch.seconds
 
     @torch.inference_mode()
     def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
-        output = self.model(self._with_vision(data, vision), use_cache=True)
-        cache, logits = output.past_key_values, output.logits[:, -1]
+        cache, logits = self.model.prefill(self.model.inputs(data, vision))
         with Stopwatch(self.device) as watch:
             for _ in range(tokens):
                 # Greedy, terminators included: the step costs the same whatever the token is.
-                step = self.model.llm(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache,
-                                      use_cache=True)
-                cache, logits = step.past_key_values, step.logits[:, -1]
+                cache, logits = self.model.step(logits.argmax(-1, keepdim=True), cache)
         return watch.seconds

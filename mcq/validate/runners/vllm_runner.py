@@ -11,10 +11,13 @@ environment's Python, named by `MCQ_VLLM_PYTHON` (or the current Python when it 
 the worker process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the worker's peak RSS is the engine's, and one engine
 serves every evaluation sample.
 
+What differs between families (the marker vLLM expands, its vision path's inputs and outputs, image embeddings,
+the dtype its CPU build serves in: 4.6 in bf16 only) is the family's `VllmInputs` (`Family.vllm_inputs`).
+
 Scored on the reference's inputs like every runner:
 
 - the prompt vLLM gets is the reference's token ids with each image's placeholder folded back to the
-  `(<image>./</image>)` marker, plus the sample's images: vLLM's multimodal processor expands the markers and
+  family's marker (`(<image>./</image>)`, 4.6: `<|image_pad|>`), plus the sample's images: vLLM's multimodal processor expands the markers and
   preprocesses the images with mcq's image processor (the plugin's), so its pixels and placeholders are the
   reference's; every prompt vLLM built is checked token for token against the reference's;
 - teacher-forced distributions come from `prompt_logprobs` (the distribution at every prompt position) and the
@@ -160,15 +163,18 @@ class VllmRunner(Runner):
         return None
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str, max_slice_nums: int | None = None):
-        from mcq.models.loading import load_processor, model_spec
+        from mcq.models.loading import open_checkpoint
 
-        checkpoint, config, _ = model_spec(path)
+        opened = open_checkpoint(path)
+        checkpoint, config, text_config = opened.path, opened.config, opened.config.get_text_config()
+        # The family's prompts, vision inputs and embeddings as vLLM's model of it takes them.
+        self.family = opened.family.vllm_inputs(checkpoint)
         # The engine in this process: its memory is this process's, and apply_model reaches the model directly.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if torch.device(device).type == "cpu":
             # KV cache for one sequence of MAX_MODEL_LEN tokens (vLLM's CPU default is a fixed 4 GiB).
-            per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * _head_dim(config) * 4
+            per_token = 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * _head_dim(text_config) * 4
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(per_token * MAX_MODEL_LEN / 2**30))))
         # vLLM loads mcq's plugin itself (entry point `vllm.general_plugins`), as it does for a user's `vllm serve`:
         # every run here goes through that path, with trust_remote_code off.
@@ -188,15 +194,18 @@ class VllmRunner(Runner):
                 os.environ[VLLM_CPU_INT4_VARIABLE] = "dequantize"
                 self.how = "int4 dequantized by mcq at load: no int4 kernel for this CPU"
         self.device = torch.device(device)
-        self.tokenizer = load_processor(checkpoint).tokenizer
-        from mcq.models.minicpmv.processing import IMAGE_MARKER
+        if self.device.type == "cpu" and self.family.cpu_dtype not in (None, dtype):
+            served_in = f"{self.family.cpu_dtype}: vLLM's CPU build serves this model in it only"
+            self.how = f"{self.how}; {served_in}" if self.how else served_in
+            dtype = self.family.cpu_dtype
         from mcq.models.minicpmv.tokenization import special_token_ids
-        from mcq.models.minicpmv.versions import version_spec
 
+        self.tokenizer = self.family.tokenizer
+        # The placeholder tokens (<image>, <slice>, <image_id>...) have the same names in every family.
         self.tokens = special_token_ids(self.tokenizer)
-        self.terminators = self.tokens.terminator_ids(version_spec(config.version).terminators)
-        self.marker = self.tokenizer.encode(IMAGE_MARKER, add_special_tokens=False)
-        self.vocab_size = config.vocab_size
+        self.terminators = self.family.terminators
+        self.marker = self.tokenizer.encode(self.family.marker, add_special_tokens=False)
+        self.vocab_size = text_config.vocab_size
         self.logprobs = min(self.vocab_size, MAX_LOGPROBS)
         self._own: dict[int, tuple[weakref.ref, tuple]] = {}
         try:
@@ -254,19 +263,17 @@ class VllmRunner(Runner):
         if vision is None or self._is_own(vision, data):
             media = images
         else:
-            media = self._embeddings(data, spans, vision)
+            media = self._embeddings(data, ids, spans, vision)
         return {"prompt_token_ids": prompt, "multi_modal_data": {"image": media}}, ids
 
-    def _embeddings(self, data: dict[str, Any], spans: list[tuple[int, int]], vision: torch.Tensor) -> dict:
-        """`vision` blocks grouped per image (an image owns the feature runs inside its placeholder)."""
-        bounds = data["image_bound"][0].tolist()
-        offset = int((~data["attention_mask"][0].bool()).sum())
-        counts = [sum(start <= b - offset < end for b, _ in bounds) for start, end in spans]
+    def _embeddings(self, data: dict[str, Any], ids: list[int], spans: list[tuple[int, int]],
+                    vision: torch.Tensor) -> dict:
+        """`vision` blocks grouped per image: an image owns a block per `<image>` and `<slice>` in its placeholder."""
+        starts = {self.tokens.im_start_id, self.tokens.slice_start_id}
+        counts = [sum(token in starts for token in ids[start:end]) for start, end in spans]
         if sum(counts) != len(vision):
             raise McqError(f"{len(vision)} vision blocks for {sum(counts)} image slices")
-        blocks = torch.split(vision.to(self.dtype), counts)
-        return {"image_embeds": [block.flatten(0, 1) for block in blocks],
-                "image_sizes": torch.tensor([list(size) for size in data["image_sizes"][0]])}
+        return self.family.image_embeds(data, counts, vision.to(self.dtype))
 
     def _is_own(self, vision: torch.Tensor, data: dict[str, Any]) -> bool:
         """Whether `vision` is this runner's own output for these pixels: then the sample goes through vLLM's
@@ -297,12 +304,11 @@ class VllmRunner(Runner):
         reason = self.unserved(data)
         if reason:
             raise McqError(f"vLLM cannot serve this sample: {reason}")
-        inputs = {"pixel_values": [p.to(self.dtype) for p in data["pixel_values"][0]],
-                  "tgt_sizes": data["tgt_sizes"][0], "temporal_ids": None}
+        inputs = self.family.vision_inputs(data, self.dtype)
 
         def encode(model):
             with torch.inference_mode():
-                return model.get_vision_hidden_states(inputs).float().cpu()
+                return self.family.vision_blocks(model.get_vision_hidden_states(inputs)).float().cpu()
 
         (states,) = self.llm.apply_model(encode)
         self._own[id(states)] = (weakref.ref(states), _pixels_key(data))
