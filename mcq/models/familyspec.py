@@ -178,8 +178,9 @@ class Family:
     serve: Callable[[nn.Module, Path, Any], ServedModel]
     # How vLLM's model takes the family's samples (`VllmInputs`), for the checkpoint in PATH.
     vllm_inputs: Callable[[Path], VllmInputs]
-    # The Python that loads a compressed-tensors output of this family (model cards; PATH = the output).
-    load_code: str
+    # Output format ("compressed-tensors", "bitsandbytes") → the Python that loads such an output of this family
+    # (model cards; PATH = the output).
+    load_code: Mapping[str, str]
     # Writes the tiny checkpoint an `mcq.models.tiny.TinySpec` asks for into an empty staging directory (its
     # folder's tiny.py); a McqError for an option the family has no tiny model for.
     write_tiny: Callable[[Path, Any], None]

@@ -268,6 +268,11 @@ def load_model(model: str | Path | Checkpoint, dtype: str = "auto", device: str 
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise McqError(f"cannot load {path}: {first_line}") from None
     if getattr(loaded, "is_loaded_in_4bit", False) or getattr(loaded, "is_loaded_in_8bit", False):
+        if getattr(loaded, "is_loaded_in_4bit", False):
+            # Families loaded by transformers' own classes (4.6) do not get what MiniCPMV.from_pretrained does.
+            from .bnb_runtime import disable_unsupported_cpu_repacking
+
+            disable_unsupported_cpu_repacking(loaded)
         if torch_dtype != "auto":
             # transformers leaves the tensors it rebuilt through checkpoint conversions (the resampler's q/k/v and
             # proj) in the stored dtype when a quantizer is active, and bitsandbytes models refuse `.to(dtype)`:

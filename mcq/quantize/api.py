@@ -156,9 +156,12 @@ def quantize(model: str | Path, out: str | Path, *, method: str | None = None, r
     path, config = checkpoint.path, checkpoint.config
     if getattr(config, "quantization_config", None):
         raise McqError(f"{path} is already quantized; quantize the original bf16 checkpoint")
-    for name in chosen.targets:
-        if why := RUNTIMES[name].lacks(checkpoint.family.name):
-            raise McqError(f"target {name} cannot load MiniCPM-V {checkpoint.release}: {why}")
+    lacking = {name: why for name in chosen.targets if (why := RUNTIMES[name].lacks(checkpoint.family.name))}
+    if lacking and (target is not None or len(lacking) == len(chosen.targets)):
+        name, why = next(iter(lacking.items()))
+        raise McqError(f"target {name} cannot load MiniCPM-V {checkpoint.release}: {why}")
+    if lacking:   # the recipe's own targets name runtimes of other families too: plan for those of this one
+        chosen = chosen.with_targets([name for name in chosen.targets if name not in lacking])
     skeleton = meta_skeleton(config)
     check_layout(path, skeleton, stored_tensors(path))
     plan = plan_quantization(chosen, linear_layers(skeleton))
@@ -234,11 +237,7 @@ def _write_card(staging: Path, checkpoint, recipe: Recipe, result: QuantizeResul
     from mcq.outputs import format_component_bytes, write_model_card
 
     source = checkpoint.path
-    if recipe.method == "bnb":
-        load = ("```python\nimport mcq  # registers MiniCPM-V with transformers (no remote code)\n"
-                "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(PATH, device_map=\"cpu\")\n```")
-    else:
-        load = f"```python\n{checkpoint.family.load_code}\n```"
+    load = f"```python\n{checkpoint.family.load_code[recipe.format]}\n```"
     runtime_rows = ["| runtime | built for it | its rules hold this output | how to load |",
                     "| --- | --- | --- | --- |"]
     for name, fit in result.runtimes.items():

@@ -39,9 +39,11 @@ def skip_matches(entry: str, module_name: str) -> bool:
     return bool(re.match(f"{entry}\\.", module_name) or re.match(entry, module_name) or module_name.endswith(entry))
 
 
-def bnb_skip_modules(skip_modules: list[str], linear_names: list[str], renamed_linears: list[str]) -> list[str]:
+def bnb_skip_modules(skip_modules: list[str], linear_names: list[str], renamed_linears: list[str],
+                     lm_head: str = "llm.lm_head") -> list[str]:
     """The skip list written to config.json: the caller's entries (each checked to match some Linear), plus
-    `llm.lm_head` and the Linears stored under another name, unless an entry already covers them."""
+    `lm_head` (the family's output head) and the Linears stored under another name, unless an entry already covers
+    them."""
     for entry in skip_modules:
         if not isinstance(entry, str) or not entry:
             raise McqError(f"bnb skip_modules: {entry!r} is not a module name or pattern")
@@ -54,7 +56,7 @@ def bnb_skip_modules(skip_modules: list[str], linear_names: list[str], renamed_l
     skip = list(dict.fromkeys(skip_modules))
     # transformers adds the output embeddings to the skip list only when the caller gives none; with a list, an
     # unlisted lm_head is quantized. A 4-bit LM head costs much more quality than the bytes it saves, so it is kept.
-    required = ["llm.lm_head"]
+    required = [lm_head]
     # Linears whose official tensor is packed or transposed (resampler q/k/v → `in_proj_weight`, `proj` → `x @ W`)
     # are rebuilt by transformers' checkpoint conversion on save and load; that conversion chunks/transposes plain
     # tensors and cannot carry bnb's packed blocks and their quant state, so these must stay unquantized.
@@ -78,8 +80,8 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
     import torch
     from torch import nn
 
-    from mcq.models.family import component_of, family_for
-    from mcq.models.loading import load_model, meta_skeleton, model_spec, safetensors_component_bytes
+    from mcq.models.family import component_of
+    from mcq.models.loading import load_model, meta_skeleton, open_checkpoint, safetensors_component_bytes
     from mcq.models.minicpmv.checkpoint_names import RENAMES
 
     _check_arguments(bits, quant_type, compute_dtype, int8_threshold, device)
@@ -87,7 +89,8 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
     bnb = _import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
-    path, config, spec = model_spec(source)
+    checkpoint = open_checkpoint(source)
+    path, config = checkpoint.path, checkpoint.config
     stored_quantization = getattr(config, "quantization_config", None)
     if stored_quantization is not None:
         method = (stored_quantization.get("quant_method", "unknown") if isinstance(stored_quantization, dict)
@@ -98,7 +101,8 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
     # transformers converts exactly nn.Linear (not subclasses); the skeleton has no bnb modules, so type() is exact.
     linear_names = [name for name, module in skeleton.named_modules() if type(module) is nn.Linear]
     renamed = sorted({param.rsplit(".", 1)[0] for rename in RENAMES for param in rename.params})
-    skip = bnb_skip_modules(list(skip_modules), linear_names, [name for name in renamed if name in linear_names])
+    skip = bnb_skip_modules(list(skip_modules), linear_names, [name for name in renamed if name in linear_names],
+                            checkpoint.family.lm_head)
 
     if bits == 4:
         quantization_config = BitsAndBytesConfig(
@@ -110,7 +114,7 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
                                                  llm_int8_skip_modules=skip)
         quantized_type = bnb.nn.Linear8bitLt
     # dtype "auto": the Linears that stay unquantized (and norms, embeddings) keep the checkpoint's dtype.
-    model = load_model(path, dtype="auto", device=device, quantization_config=quantization_config)
+    model = load_model(checkpoint, dtype="auto", device=device, quantization_config=quantization_config)
 
     converted: Counter[str] = Counter()
     kept = []
@@ -133,13 +137,13 @@ def quantize_bnb(source: Path, staging_dir: Path, *, bits: int, quant_type: str 
 
     return {
         "method": "bitsandbytes",
-        "version": spec.version,
+        "version": checkpoint.release,
         "bits": bits,
         "format": quant_type if bits == 4 else "int8",
         "settings": ({"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
                      if bits == 4 else {"int8_threshold": float(int8_threshold)}),
         "skip_modules": skip,
-        "converted": {component: converted.get(component, 0) for component in family_for(config.model_type).components},
+        "converted": {component: converted.get(component, 0) for component in checkpoint.family.components},
         "kept": sorted(kept),
         "bytes_before": safetensors_component_bytes(path),
         "bytes_after": safetensors_component_bytes(staging_dir),

@@ -135,6 +135,28 @@ def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_den
     assert "tests/validate/test_vllm.py" not in card and "tests/quantize/test_quantize_minicpmv4_6.py" in card
 
 
+def test_bnb_nf4_on_46_loads_in_transformers_own_class(tiny46, tmp_path, capsys):
+    """The bnb default on 4.6: its recipe also targets the official remote code, which has no 4.6, so it is planned
+    for mcq's (transformers') loader alone; the output loads with transformers' class, as its card says."""
+    out = tmp_path / "nf4"
+    assert main(["quantize", "--method", "bnb-nf4", "--model", "tiny:4.6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "for mcq" in printed and "not in remote-code-bnb: the official remote code exists for" in printed
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and "lm_head" in config["llm_int8_skip_modules"]
+    card = (out / "README.md").read_text()
+    assert ("```python\nfrom transformers import AutoModelForImageTextToText\n"
+            "model = AutoModelForImageTextToText.from_pretrained(PATH, device_map=\"cpu\")\n") in card
+    reference = AutoModelForImageTextToText.from_pretrained(tiny46, dtype=torch.float32).eval()
+    quantized = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu").eval()
+    assert quantized.model.language_model.layers[0].mlp.down_proj.__class__.__name__ == "Linear4bit"
+    inputs = image_inputs(tiny46, random_image(150, 100, seed=0))
+    with torch.no_grad():
+        kl = _kl(reference(**inputs).logits, quantized(**inputs).logits.float())
+    # nf4 (blocks of 64) of a random tiny model: small, and nonzero (the weights did change).
+    assert 1e-5 < kl.mean().item() < 2e-2
+
+
 def test_pad_grows_the_46_vision_mlp_and_the_vit_merger_mlp_with_it_exactly(tiny46, tmp_path):
     """vision_config.intermediate_size sizes the encoder MLPs and (x4) the vit_merger's: padding it grows both."""
     from mcq.models.family import pad_intermediate

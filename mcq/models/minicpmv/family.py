@@ -60,10 +60,12 @@ def _describe(config: dict) -> tuple[str, str]:
 
 # Without dequantize=True transformers keeps the packed weights for kernels the CPU does not have, and the first
 # forward fails (transformers 5.17, compressed-tensors 0.19).
-_LOAD = ("import mcq  # registers MiniCPM-V with transformers (no remote code)\n"
-         "from transformers import AutoModel, CompressedTensorsConfig\n"
-         "model = AutoModel.from_pretrained(\n"
-         "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
+_REGISTER = "import mcq  # registers MiniCPM-V with transformers (no remote code)\n"
+_LOAD = {"compressed-tensors": (_REGISTER + "from transformers import AutoModel, CompressedTensorsConfig\n"
+                                "model = AutoModel.from_pretrained(\n"
+                                "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))"),
+         "bitsandbytes": (_REGISTER + "from transformers import AutoModel\n"
+                          "model = AutoModel.from_pretrained(PATH, device_map=\"cpu\")")}
 
 # Inside each block, only pairs with nothing nonlinear between smooth and balance layers: so no fc1 → fc2 (GELU
 # between), and in the resampler no ln_kv → k/v (the 2D position term is added to the keys after ln_kv).

@@ -39,9 +39,14 @@ def _describe(config: dict) -> tuple[str, str]:
 
 # Native in transformers: no `import mcq`. dequantize=True as for the resampler family (no CPU kernels for packed
 # int4 in transformers 5.17 / compressed-tensors 0.19).
-_LOAD = ("from transformers import AutoModelForImageTextToText, CompressedTensorsConfig\n"
-         "model = AutoModelForImageTextToText.from_pretrained(\n"
-         "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))")
+_LOAD = {"compressed-tensors": ("from transformers import AutoModelForImageTextToText, CompressedTensorsConfig\n"
+                                "model = AutoModelForImageTextToText.from_pretrained(\n"
+                                "    PATH, quantization_config=CompressedTensorsConfig(dequantize=True))"),
+         "bitsandbytes": ("from transformers import AutoModelForImageTextToText\n"
+                          "model = AutoModelForImageTextToText.from_pretrained(PATH, device_map=\"cpu\")\n"
+                          "# On a CPU with AVX512-BF16, bitsandbytes' fused 4-bit kernel needs output widths in multiples "
+                          "of 32\n# (the vision MLP's 4304 is not): keep those layers on its generic kernel with\n"
+                          "# mcq.models.bnb_runtime.disable_unsupported_cpu_repacking(model)")}
 
 # Inside each block, only pairs with nothing nonlinear between smooth and balance layers: no fc1 -> fc2 nor
 # linear_1 -> linear_2 (GELU between). What sits between them and is still exact: the vit_merger's window reordering

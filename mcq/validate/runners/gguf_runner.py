@@ -51,6 +51,13 @@ def _metadata(path: Path) -> dict[str, Any]:
             if not name.startswith("tokenizer.ggml.") or name.endswith("_id")}
 
 
+def _token_count(path: Path) -> int:
+    """The vocabulary's size where the file has no `{arch}.vocab_size` (qwen35): llama.cpp's, its token list's."""
+    import gguf
+
+    return len(gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].data)
+
+
 class GgufRunner(Runner):
     name = "llama.cpp"
     formats = ("gguf",)
@@ -71,11 +78,14 @@ class GgufRunner(Runner):
         meta, vision = _metadata(llm), _metadata(mmproj)
         arch = meta["general.architecture"]
         versions = {spec.gguf_projector_version: version for version, spec in VERSIONS.items()}
-        return {"version": versions.get(vision.get("clip.minicpmv_version")),
-                "hidden_size": meta[f"{arch}.embedding_length"], "num_hidden_layers": meta[f"{arch}.block_count"],
-                "vocab_size": meta[f"{arch}.vocab_size"],
-                "vision_hidden_size": vision["clip.vision.embedding_length"],
-                "vision_layers": vision["clip.vision.block_count"], "query_num": vision["clip.minicpmv_query_num"]}
+        identity = {"version": versions.get(vision.get("clip.minicpmv_version")),
+                    "hidden_size": meta[f"{arch}.embedding_length"], "num_hidden_layers": meta[f"{arch}.block_count"],
+                    "vocab_size": meta.get(f"{arch}.vocab_size") or _token_count(llm),
+                    "vision_hidden_size": vision["clip.vision.embedding_length"],
+                    "vision_layers": vision["clip.vision.block_count"],
+                    "query_num": vision.get("clip.minicpmv_query_num")}
+        # What the files do not say (a projector without a MiniCPM-V version or a resampler: 4.6) is not compared.
+        return {key: value for key, value in identity.items() if value is not None}
 
     @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
@@ -99,7 +109,7 @@ class GgufRunner(Runner):
         head_dim = meta.get(f"{arch}.attention.key_length") or meta[f"{arch}.embedding_length"] // meta[
             f"{arch}.attention.head_count"]
         cache = 2 * layers * heads * head_dim * CONTEXT * 2
-        logits = CONTEXT * meta[f"{arch}.vocab_size"] * 4
+        logits = CONTEXT * (meta.get(f"{arch}.vocab_size") or _token_count(llm)) * 4
         return MemoryPlan(mmproj.stat().st_size + cache + 2 * logits + (1 << 30), "LLM file mapped")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
@@ -196,6 +206,8 @@ class GgufRunner(Runner):
     def unserved(cls, data: dict[str, Any]) -> str | None:
         if grouped_video(data):
             return "video (llama.cpp has no 3D resampler to group frames by temporal id)"
+        if "pixel_values" in data and "tgt_sizes" not in data:
+            return "images without resampler slices (MiniCPM-V 4.6): this runner does not feed them to libmtmd yet"
         return None
 
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
