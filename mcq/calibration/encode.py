@@ -34,12 +34,9 @@ def encode_sample(processor, spec: VersionSpec, sample: Sample, max_slice_nums: 
         raise McqError(f"the processor is for MiniCPM-V {processor.version} but the model is {spec.version}")
     _check_text_answer(sample)
     inputs, text = conversation_inputs(processor, spec, sample, max_slice_nums)
-    if sample.has_answer:
-        prompt_text, _ = render_conversation(processor.tokenizer, spec, sample.messages[:-1],
-                                             add_generation_prompt=True)
-        _mark_answer(inputs, processor.tokenizer, text, prompt_text)
-    else:
-        _mark_answer(inputs, processor.tokenizer, text, text)
+    prompt_text = (render_conversation(processor.tokenizer, spec, sample.messages[:-1], add_generation_prompt=True)[0]
+                   if sample.has_answer else text)
+    _mark_answer(inputs, processor.tokenizer, text, prompt_text)
     if max_length is not None and inputs["input_ids"].shape[1] > max_length:
         _truncate(inputs, max_length, sample)
     return inputs

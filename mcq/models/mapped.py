@@ -79,12 +79,18 @@ class MappedEmbedding(nn.Module):
 def load_mapped(path: Path, config, dtype: torch.dtype):
     """The MiniCPMV of checkpoint `path` (checked by the caller) with its Linears and tables mapped, computing in
     `dtype` on CPU."""
+    from .loading import meta_skeleton
     from .weights import CheckpointReader, shell_model
 
     model = shell_model(config)
     reader = CheckpointReader(path)
     stored = set(reader.stored_names)
     schemes = _compressed_schemes(model, config, stored)
+    # A tied parameter (4.6's lm_head is its embedding table) is stored once, under the name met first in the
+    # tied skeleton (the shell model leaves it untied).
+    first_of: dict[int, str] = {}
+    stored_as = {param_name: first_of.setdefault(id(param), param_name)
+                 for param_name, param in meta_skeleton(config).named_parameters(remove_duplicate=False)}
     for name, module in list(model.named_modules()):
         own = [n for n, _ in module.named_parameters(recurse=False)]
         if not own and name not in schemes:
@@ -96,8 +102,8 @@ def load_mapped(path: Path, config, dtype: torch.dtype):
                 replacement = MappedLinear(None, bias, dtype, shape=(module.out_features, module.in_features),
                                            dequantize=_dequantizer(reader, name, schemes[name], stored, dtype))
             else:
-                weight = reader.read_params([f"{prefix}weight"])[f"{prefix}weight"]
-                replacement = MappedLinear(weight, bias, dtype)
+                source = stored_as[f"{prefix}weight"]
+                replacement = MappedLinear(reader.read_params([source])[source], bias, dtype)
             _set(model, name, replacement)
         elif isinstance(module, nn.Embedding):
             table = reader.read_params([f"{prefix}weight"])[f"{prefix}weight"]

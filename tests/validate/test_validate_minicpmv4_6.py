@@ -80,6 +80,15 @@ def test_runner_computes_what_transformers_forward_computes(items, variants):
     assert teacher_forced.argmax(-1).tolist() == answer
 
 
+def test_mapped_weights_compute_what_loaded_weights_compute(items):
+    """The validator's low-memory path (`mcq.models.mapped`) on 4.6: its tied lm_head is read from the embedding
+    table it is stored as."""
+    item = next(i for i in items if i.scored is not None and i.has_vision)
+    resident = TransformersRunner(REFERENCE, torch.device("cpu"), "float32").logits(item.scored)
+    mapped = TransformersRunner(REFERENCE, torch.device("cpu"), "float32", weights="mapped").logits(item.scored)
+    torch.testing.assert_close(mapped, resident, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def validated(variants):
     from mcq.validate.api import validate
