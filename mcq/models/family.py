@@ -14,6 +14,7 @@ from torch import nn
 
 from .families import FAMILIES, component_prefixes
 from .familyspec import Family, PaddableMlp
+from .ggufspec import GgufLayout
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -23,6 +24,16 @@ def family_for(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} is no family mcq supports ({', '.join(FAMILIES)})")
     return import_module(f"{__package__}.{model_type}.family").FAMILY
+
+
+def gguf_layout_for(projector: str) -> GgufLayout:
+    """The GGUF layout of the family whose mmproj files have `clip.projector_type` `projector` (what a GGUF export
+    says of its family); ValueError for a projector no family writes."""
+    layouts = [family_for(name).gguf for name in FAMILIES]
+    layout = next((layout for layout in layouts if layout.projector == projector), None)
+    if layout is None:
+        raise ValueError(f"projector {projector!r} is no family's ({', '.join(l.projector for l in layouts)})")
+    return layout
 
 
 def component_of(name: str) -> str:

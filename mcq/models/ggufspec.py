@@ -55,3 +55,11 @@ class GgufLayout:
     mmproj_description: str                                           # general.description of the mmproj file
     # (checkpoint directory, config) → its tokenizer, loaded without remote code (the vocabulary's source)
     tokenizer: Callable[[Path, Any], Any]
+    # clip.projector_type of the mmproj file: what names the family of a GGUF export
+    # (`mcq.models.family.gguf_layout_for`)
+    projector: str
+    # An encoded sample (the family's `CalibrationEncoder` output) → its image blocks (each overview or slice the
+    # vision tower takes on its own) in the order of its `image_bound`, as NaViT-patched pixels `[3, patch, rows *
+    # columns * patch]`, normalized, and (rows, columns) in patches: what the GGUF runner gives libmtmd one by one.
+    image_blocks: Callable[[dict[str, Any]], list[tuple[torch.Tensor, tuple[int, int]]]]
+

@@ -15,7 +15,7 @@ from mcq.calibration import load_samples
 from mcq.cli import main
 from mcq.errors import McqError
 from mcq.models.family import family_for
-from mcq.models.minicpmv4_6.calibration import CalibrationEncoder, forward, per_size_runs
+from mcq.models.minicpmv4_6.calibration import CalibrationEncoder, forward, image_blocks, per_size_runs
 from mcq.models.tiny import resolve_tiny
 from mcq.models.weights import CheckpointReader, shell_model
 from mcq.quantize.api import quantize
@@ -223,6 +223,17 @@ def test_the_encoder_lays_out_every_slice_and_image_as_the_processor(outliers46)
         assert ids.count(tokenizer.convert_tokens_to_ids(tokenizer.slice_start_token)) == \
             overviews_and_slices - len(sample.images)
         assert data["pixel_values"].shape[-1] == int(data["target_sizes"].prod(-1).sum()) * 14   # packed patches
+        # image_bound: each block's run of image tokens right after its <image> or <slice>, in the blocks' order,
+        # which is the order image_blocks splits the packed pixels in.
+        openers = {tokenizer.convert_tokens_to_ids(token)
+                   for token in (tokenizer.image_start_token, tokenizer.slice_start_token)}
+        bounds = data["image_bound"][0].tolist()
+        assert [end - start for start, end in bounds] == (data["target_sizes"].prod(-1) // 16).tolist()
+        assert all(set(ids[start:end]) == {tokenizer.image_token_id} and ids[start - 1] in openers
+                   for start, end in bounds)
+        blocks = image_blocks(data)
+        assert [size for _, size in blocks] == [tuple(size) for size in data["target_sizes"].tolist()]
+        assert torch.equal(torch.cat([pixels for pixels, _ in blocks], dim=-1), data["pixel_values"][0])
         slices += overviews_and_slices - len(sample.images)
     assert slices > 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class LlamaCppArch:
 
 LLAMA_CPP_ARCHS = {"qwen2": LlamaCppArch(), "qwen3": LlamaCppArch(),
                    "minicpm": LlamaCppArch(interleaved_rope=True, scales_embeddings=True)}
+PROJECTOR = "resampler"
 
 
 def check_exportable(config) -> None:
@@ -144,7 +146,7 @@ def mmproj_metadata(config, params: list[str], path: Path) -> Metadata:
         "clip.has_text_encoder": ("bool", False),
         "clip.has_vision_encoder": ("bool", True),
         "clip.has_minicpmv_projector": ("bool", True),
-        "clip.projector_type": ("str", "resampler"),
+        "clip.projector_type": ("str", PROJECTOR),
         "clip.minicpmv_version": ("i32", spec.gguf_projector_version),
         "clip.minicpmv_query_num": ("u32", config.query_num),
         # The slice resolution (448), not the tower's position grid size (980 = 70 patches).
@@ -230,6 +232,13 @@ def sincos_table(embed: int, grid: int) -> np.ndarray:
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
 
 
+def image_blocks(data: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """The processor's slices of an encoded sample (`GgufLayout.image_blocks`): it lists them, one `[3, patch,
+    rows * columns * patch]` tensor each, with their sizes in `tgt_sizes`."""
+    return [(pixels, (int(rows), int(columns))) for pixels, (rows, columns) in zip(data["pixel_values"][0],
+                                                                                  data["tgt_sizes"][0].tolist())]
+
+
 def _tokenizer(path: Path, config):
     from .tokenization import load_tokenizer
 
@@ -238,4 +247,5 @@ def _tokenizer(path: Path, config):
 
 LAYOUT = GgufLayout(check=check_exportable, llm_arch=llm_arch, llm_metadata=llm_metadata, llm_tensors=llm_tensors,
                     mmproj_metadata=mmproj_metadata, mmproj_tensors=mmproj_tensors,
-                    mmproj_description="vision tower and resampler", tokenizer=_tokenizer)
+                    mmproj_description="vision tower and resampler", tokenizer=_tokenizer,
+                    projector=PROJECTOR, image_blocks=image_blocks)

@@ -108,13 +108,38 @@ class CalibrationEncoder:
         if sample.is_video:
             raise McqError(f"{sample.name}: {self.no_video}")
         text, images = self._render(sample.messages, add_generation_prompt=not sample.has_answer)
-        inputs: dict[str, Any] = {}
-        if images:
-            options = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
-            processed = self.images(images, return_tensors="pt", **options)
-            text = expand_images(text, self.tokenizer, processed, self.divisor, self.images.use_image_id)
-            inputs = {"pixel_values": processed["pixel_values"], "target_sizes": processed["target_sizes"]}
-        return {**self.tokenizer(text, return_tensors="pt"), **inputs}
+        if not images:
+            return dict(self.tokenizer(text, return_tensors="pt"))
+        options = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
+        processed = self.images(images, return_tensors="pt", **options)
+        text = expand_images(text, self.tokenizer, processed, self.divisor, self.images.use_image_id)
+        encoded = self.tokenizer(text, return_tensors="pt")
+        counts = (processed["target_sizes"].prod(-1) // self.divisor).tolist()
+        return {**encoded, "pixel_values": processed["pixel_values"], "target_sizes": processed["target_sizes"],
+                "image_bound": [image_bound(encoded["input_ids"][0], self.tokenizer.image_token_id, counts)]}
+
+
+def image_bound(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> torch.Tensor:
+    """`[blocks, 2]`: the [start, end) of each image block's (overview's or slice's) tokens in `input_ids`, the
+    `image_bound` the resampler family's processor records. The model itself does not read it (it scatters the
+    features into every image token in order); runtimes that place each block's embeddings themselves do (the GGUF
+    runner). `counts` are the blocks' token counts, in order; each block's tokens are one run, and the text holds
+    no other image token (`expand_images` refuses an image token written in the text)."""
+    positions = (input_ids == image_token_id).nonzero().flatten().tolist()
+    bounds, first = [], 0
+    for count in counts:
+        bounds.append([positions[first], positions[first + count - 1] + 1])
+        first += count
+    return torch.tensor(bounds, dtype=torch.long)
+
+
+def image_blocks(data: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """An encoded sample's image blocks in `image_bound` order, each as NaViT-patched pixels `[3, patch, rows *
+    columns * patch]` and its (rows, columns) in patches: the processor packs them side by side along the last
+    axis (`mcq.models.ggufspec.GgufLayout.image_blocks`)."""
+    packed, sizes = data["pixel_values"][0], data["target_sizes"].tolist()
+    widths = [rows * columns * packed.shape[1] for rows, columns in sizes]
+    return [(pixels, (rows, columns)) for pixels, (rows, columns) in zip(packed.split(widths, dim=-1), sizes)]
 
 
 def forward(model: nn.Module, data: dict[str, Any]) -> Any:

@@ -27,6 +27,7 @@ import torch
 from mcq.errors import McqError
 
 from ..ggufspec import GgufLayout, GgufTensor, Metadata
+from .calibration import image_blocks
 
 ARCH = "qwen35"
 PROJECTOR = "minicpmv4_6"
@@ -266,4 +267,5 @@ def _tokenizer(path: Path, _config):
 
 LAYOUT = GgufLayout(check=check_exportable, llm_arch=llm_arch, llm_metadata=llm_metadata, llm_tensors=llm_tensors,
                     mmproj_metadata=mmproj_metadata, mmproj_tensors=mmproj_tensors,
-                    mmproj_description="vision tower, vit_merger and merger", tokenizer=_tokenizer)
+                    mmproj_description="vision tower, vit_merger and merger", tokenizer=_tokenizer,
+                    projector=PROJECTOR, image_blocks=image_blocks)

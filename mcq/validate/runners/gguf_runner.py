@@ -1,27 +1,39 @@
 """GGUF exports (`mcq export --format gguf`) served by llama.cpp through llama-cpp-python: libllama for the LLM,
-libmtmd (clip.cpp) for the vision tower and resampler.
+libmtmd (clip.cpp) for the vision path (tower and resampler, or 4.6's vit_merger and merger).
 
-Scored on the reference's inputs like every runner: the LLM is fed the reference's token ids, with image
-positions filled by embeddings (`llama_batch` with `embd`), and each image slice goes through libmtmd as the
-exact pixels the reference's processor produced. libmtmd resizes any image to its own slice layout first; a
-448x448 slice passes unchanged, other slice shapes are resized by llama.cpp to 448x448, which is what llama.cpp
-does to an image of that shape (its slicing differs from the official processor's, see docs/design.md), so the
-vision scores of a GGUF variant include that preprocessing. llama.cpp has no 3D resampler: video samples (frames
-packed by temporal id) are not served.
+Scored on the reference's inputs like every runner: the LLM is fed the reference's token ids, with each image
+block's positions (`image_bound`) filled by embeddings (`llama_batch` with `embd`), and each image block (an
+overview or slice of the reference's processor, `GgufLayout.image_blocks` of the export's family) goes through
+libmtmd as the exact pixels the processor produced. libmtmd has no entry point for preprocessed pixels: it lays
+out any image it is given in its own way first, and the block's embeddings are its first image chunk (the
+overview; a block larger than the slice size is one libmtmd slices again, and those slices are not the block's).
+A block libmtmd takes at its own size is encoded unchanged: a 448x448 slice of the resampler family's, and nearly
+every block of the 4.6 processor (an area of about 448², sides multiples of 56; 63 of the 64 in the built-in
+held-out set), whose token count is its size's. The rare 4.6 block libmtmd would lay out at another size is
+stretched to one libmtmd lays out at the block's (`_libmtmd_size`). Other resampler slices are resized by llama.cpp
+to 448x448, as llama.cpp does to an image of that shape (its 64 tokens are the slice's whatever its size), so the
+vision scores of a GGUF variant include that preprocessing. The embeddings go in at the positions libmtmd gives
+its image chunk when llama.cpp serves it (`mtmd_helper_image_get_decoder_pos`, four per token for an M-RoPE LLM
+such as 4.6's qwen35). llama.cpp has no 3D resampler: video samples (frames packed by temporal id) are not served.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 from mcq.errors import McqError
 from mcq.export.gguf.writer import quiet_llama_cpp, require_llama_cpp
+from mcq.models.family import gguf_layout_for
 from mcq.models.minicpmv.versions import VERSIONS
 
 from ..probes import Stopwatch
@@ -136,22 +148,20 @@ class GgufRunner(Runner):
         self.ctx = llama_cpp.llama_init_from_model(self.model, context_params)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        # An M-RoPE LLM (MiniCPM-V 4.6's qwen35) takes 4 positions per embedding (section-major: all tokens' first,
-        # then their second, ...); the reference's positions are 1-D, i.e. the same in every section.
-        rope = llama_cpp.llama_model_rope_type(self.model)
-        multi_section = rope in (llama_cpp.LLAMA_ROPE_TYPE_MROPE, llama_cpp.LLAMA_ROPE_TYPE_IMROPE)
-        self.positions_per_embd = 4 if multi_section else 1
         mtmd_params = mtmd_cpp.mtmd_context_params_default()
         mtmd_params.use_gpu, mtmd_params.print_timings, mtmd_params.n_threads = gpu, False, threads
         self.vision_ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.model, mtmd_params)
         if not self.vision_ctx:
             raise McqError(f"llama.cpp (libmtmd) could not load {mmproj_path}")
         self.marker = mtmd_cpp.mtmd_default_marker()
+        # An M-RoPE LLM (MiniCPM-V 4.6's qwen35) takes 4 positions per embedding, section-major (all tokens' first,
+        # then their second, ...); libmtmd tells from the LLM's rope type, as its decode helper does.
+        self.mrope = mtmd_cpp.mtmd_decode_use_mrope(self.vision_ctx)
         vision_meta = _metadata(mmproj_path)
-        # The resampler's tokens per slice (libmtmd adds slices of its own to a wide one); None for a projector
-        # without one (MiniCPM-V 4.6), whose image's tokens are all of its chunk's.
-        query_num = vision_meta.get("clip.minicpmv_query_num")
-        self.query_num = int(query_num) if query_num is not None else None
+        try:
+            self.image_blocks = gguf_layout_for(vision_meta["clip.projector_type"]).image_blocks
+        except ValueError as err:
+            raise McqError(f"{mmproj_path}: {err}") from None
         # The normalization the processor applied (and libmtmd applies again to the bytes it is given).
         self.image_mean = np.asarray(vision_meta["clip.vision.image_mean"], dtype=np.float32)
         self.image_std = np.asarray(vision_meta["clip.vision.image_std"], dtype=np.float32)
@@ -164,21 +174,24 @@ class GgufRunner(Runner):
         self.terminators |= {i for i, token in enumerate(vocab) if token in ("<|im_end|>", "<|endoftext|>", "</s>")}
 
     # -- vision ------------------------------------------------------------------------------------------------
-    def _slice_pixels(self, pixel_values: torch.Tensor, size: torch.Tensor) -> np.ndarray:
-        """A processor slice (`[3, p, N*p]`, normalized) back to the RGB bytes it came from."""
-        rows, cols = (int(v) for v in size)
-        channels, patch, _ = pixel_values.shape
-        blocks = pixel_values.float().numpy().reshape(channels, patch, rows, cols, patch).transpose(0, 2, 1, 3, 4)
-        image = blocks.reshape(channels, rows * patch, cols * patch).transpose(1, 2, 0)
+    def _block_rgb(self, pixels: torch.Tensor, rows: int, columns: int) -> np.ndarray:
+        """A processor block (`[3, p, rows*columns*p]`, NaViT-patched, normalized) back to the RGB bytes it came
+        from, `[rows*p, columns*p, 3]`."""
+        channels, patch, _ = pixels.shape
+        blocks = pixels.float().numpy().reshape(channels, patch, rows, columns, patch).transpose(0, 2, 1, 3, 4)
+        image = blocks.reshape(channels, rows * patch, columns * patch).transpose(1, 2, 0)
         return np.ascontiguousarray(np.clip(np.rint((image * self.image_std + self.image_mean) * 255), 0, 255)
                                     .astype(np.uint8))
 
-    def encode_image(self, rgb: np.ndarray) -> np.ndarray:
-        """libmtmd's embeddings of one RGB image `[H, W, 3]` uint8: `[tokens, n_embd]` per image chunk, joined."""
+    @contextmanager
+    def _image_chunk(self, width: int, height: int, rgb: np.ndarray | None = None) -> Iterator[Any]:
+        """libmtmd's first image chunk of a `width` x `height` image (the overview, however libmtmd slices it):
+        of the RGB bytes `rgb` `[height, width, 3]`, or without them a placeholder, which has the chunk's layout
+        (token count, positions) and nothing to encode."""
         mtmd = self.mtmd
-        height, width, _ = rgb.shape
-        data = np.ascontiguousarray(rgb)
-        bitmap = mtmd.mtmd_bitmap_init(width, height, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        data = None if rgb is None else np.ascontiguousarray(rgb)
+        pointer = None if data is None else data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        bitmap = mtmd.mtmd_bitmap_init(width, height, pointer)
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             text = mtmd.mtmd_input_text()
@@ -186,80 +199,120 @@ class GgufRunner(Runner):
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
             if mtmd.mtmd_tokenize(self.vision_ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
                 raise McqError("libmtmd could not tokenize an image")
-            outputs = []
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    continue
-                if mtmd.mtmd_encode_chunk(self.vision_ctx, chunk) != 0:
-                    raise McqError("libmtmd failed to encode an image")
-                tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                pointer = mtmd.mtmd_get_output_embd(self.vision_ctx)
-                outputs.append(np.ctypeslib.as_array(pointer, shape=(tokens * self.n_embd,))
-                               .reshape(tokens, self.n_embd).copy())
+            yield next(chunk for chunk in (mtmd.mtmd_input_chunks_get(chunks, i)
+                                           for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+                       if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
             mtmd.mtmd_bitmap_free(bitmap)
-        return np.concatenate(outputs)
+
+    def encode_image(self, rgb: np.ndarray) -> np.ndarray:
+        """libmtmd's embeddings of one RGB image `[H, W, 3]` uint8 (its first image chunk): `[tokens, n_embd]`."""
+        height, width, _ = rgb.shape
+        with self._image_chunk(width, height, rgb) as chunk:
+            if self.mtmd.mtmd_encode_chunk(self.vision_ctx, chunk) != 0:
+                raise McqError("libmtmd failed to encode an image")
+            tokens = self.mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            pointer = self.mtmd.mtmd_get_output_embd(self.vision_ctx)
+            return np.ctypeslib.as_array(pointer, shape=(tokens * self.n_embd,)).reshape(tokens, self.n_embd).copy()
+
+    def _image_positions(self, width: int, height: int, start: int) -> tuple[np.ndarray, int]:
+        """Where llama.cpp's decode helper puts the embeddings of a `width` x `height` image chunk that begins at
+        position `start` (`mtmd_helper_decode_image_chunk`): `[sections, tokens]` positions, and how far the
+        chunk moves the next position (`mtmd_input_chunk_get_n_pos`). With M-RoPE the helper writes libmtmd's
+        (t, x, y, z) of each token to sections 0, 2, 1, 3 (mtmd-helper's `set_position_mrope_2d`). libmtmd gives
+        a 2-D grid only to the images of Qwen-VL-style projectors; the chunks of llava-uhd tiling (both MiniCPM-V
+        families) are 1-D, the text position start + i in every section, which is what transformers' 4.6 gives
+        its image tokens too."""
+        with self._image_chunk(width, height) as chunk:
+            image = self.mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+            count = self.mtmd.mtmd_image_tokens_get_n_tokens(image)
+            decoder = (self.mtmd.mtmd_decoder_pos * count)()
+            self.mtmd.mtmd_helper_image_get_decoder_pos(image, start, decoder)
+            advance = self.mtmd.mtmd_input_chunk_get_n_pos(chunk)
+        by_token = np.array([(p.t, p.y, p.x, p.z) for p in decoder], dtype=np.int32).reshape(count, 4)
+        return np.ascontiguousarray(by_token.T if self.mrope else by_token.T[:1]), advance
+
+    def _libmtmd_size(self, width: int, height: int, tokens: int) -> tuple[int, int]:
+        """The size to give libmtmd a `width` x `height` processor block in, whose placeholder holds `tokens`: its
+        own when libmtmd lays it out in that many tokens, else the nearest width that libmtmd lays out in that many.
+        libmtmd sizes an image of area over 448² from its aspect ratio alone, and the processor's rounding to whole
+        merged patches can move a block's ratio across one of libmtmd's steps: the 784x280 overview of a 960x320
+        image is an image libmtmd lays out at 728x280 (65 tokens, not 70), while 798x280 gives 784x280 again."""
+        for step in range(width):
+            for candidate in dict.fromkeys((width + step, width - step)):
+                with self._image_chunk(candidate, height) as chunk:
+                    if self.mtmd.mtmd_input_chunk_get_n_tokens(chunk) == tokens:
+                        return candidate, height
+        raise McqError(f"libmtmd lays out no image {height} pixels high like the reference's {width}x{height} image "
+                       f"block ({tokens} tokens)")
 
     @classmethod
     def unserved(cls, data: dict[str, Any]) -> str | None:
         if grouped_video(data):
             return "video (llama.cpp has no 3D resampler to group frames by temporal id)"
-        if "pixel_values" in data and "tgt_sizes" not in data:
-            return "images without resampler slices (MiniCPM-V 4.6): this runner does not feed them to libmtmd yet"
         return None
 
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
+        """libmtmd's embeddings of each image block, zero-padded to the longest (4.6's blocks differ in size), as the
+        reference's vision output is."""
         reason = self.unserved(data)
         if reason:
             raise McqError(f"GGUF cannot serve this sample: {reason}")
-        blocks = []
-        for pixels, size in zip(data["pixel_values"][0], data["tgt_sizes"][0]):
-            # A slice wider or taller than 448 is one libmtmd slices again: its overview (first block) is the
-            # whole slice, resized by llama.cpp.
-            embedding = self.encode_image(self._slice_pixels(pixels, size))[: self.query_num]
-            blocks.append(torch.from_numpy(embedding) * self.embedding_scale)
-        return torch.stack(blocks)
+        embeddings = []
+        for (pixels, (rows, columns)), (start, end) in zip(self.image_blocks(data), data["image_bound"][0].tolist()):
+            rgb = self._block_rgb(pixels, rows, columns)
+            size = self._libmtmd_size(rgb.shape[1], rgb.shape[0], end - start)
+            if size != (rgb.shape[1], rgb.shape[0]):
+                # libmtmd resizes it back to the block's size (bicubic both ways, as the processor resizes).
+                rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
+            embeddings.append(torch.from_numpy(self.encode_image(rgb)) * self.embedding_scale)
+        return pad_sequence(embeddings, batch_first=True)
 
     # -- the LLM -----------------------------------------------------------------------------------------------
-    def _pieces(self, data: dict[str, Any], vision: torch.Tensor | None) -> list[tuple[str, Any]]:
-        """The sequence as runs of token ids and of embeddings (image positions)."""
+    def _pieces(self, data: dict[str, Any], vision: torch.Tensor | None) -> tuple[list[tuple[str, Any, Any]], int]:
+        """The sequence as runs of token ids and of embeddings (image blocks), each with its positions
+        (`[sections, count]`), and the position after the last."""
         ids = data["input_ids"][0].tolist()
         bounds = data.get("image_bound")
         bounds = bounds[0].tolist() if bounds is not None and len(bounds[0]) else []
         if bounds and vision is None:
             vision = self.vision(data)
-        pieces, position = [], 0
-        for index, (start, end) in enumerate(bounds):
-            if start > position:
-                pieces.append(("tokens", ids[position:start]))
-            embedding = (vision[index].float() / self.embedding_scale).numpy()
-            pieces.append(("embd", np.ascontiguousarray(embedding[: end - start], dtype=np.float32)))
-            position = end
-        if position < len(ids):
-            pieces.append(("tokens", ids[position:]))
-        return pieces
+        pieces, index, position = [], 0, 0
+        for (start, end), (pixels, (rows, columns)), block in zip(bounds, self.image_blocks(data) if bounds else [],
+                                                                  vision if bounds else []):
+            if start > index:
+                pieces.append(("tokens", ids[index:start], np.arange(position, position + start - index)[None]))
+                position += start - index
+            patch = pixels.shape[1]
+            size = self._libmtmd_size(columns * patch, rows * patch, end - start)
+            positions, advance = self._image_positions(*size, position)
+            embedding = (block[: end - start].float() / self.embedding_scale).numpy()
+            pieces.append(("embd", np.ascontiguousarray(embedding, dtype=np.float32), positions))
+            index, position = end, position + advance
+        if index < len(ids):
+            pieces.append(("tokens", ids[index:], np.arange(position, position + len(ids) - index)[None]))
+            position += len(ids) - index
+        return pieces, position
 
-    def _decode(self, pieces: list[tuple[str, Any]], start: int = 0, clear: bool = True,
-                all_logits: bool = True) -> np.ndarray:
+    def _decode(self, pieces: list[tuple[str, Any, Any]], clear: bool = True, all_logits: bool = True) -> np.ndarray:
         lib = self.lib
         if clear:
             lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
-        outputs, position = [], start
-        for kind, values in pieces:
+        outputs = []
+        for kind, values, positions in pieces:
             count = len(values)
-            if position + count > CONTEXT:
-                raise McqError(f"the sample needs {position + count} positions, more than the runner's {CONTEXT}")
-            sections = self.positions_per_embd if kind == "embd" else 1
+            if int(positions.max()) >= CONTEXT:
+                raise McqError(f"the sample needs {int(positions.max()) + 1} positions, more than the runner's "
+                               f"{CONTEXT}")
             # llama_batch_init sizes pos (and embd) by its token count: room for every section's positions.
-            batch = lib.llama_batch_init(count * sections, self.n_embd if kind == "embd" else 0, 1)
+            batch = lib.llama_batch_init(positions.size, self.n_embd if kind == "embd" else 0, 1)
             try:
+                for i, position in enumerate(positions.flatten().tolist()):
+                    batch.pos[i] = position
                 for i in range(count):
                     if kind == "tokens":
                         batch.token[i] = values[i]
-                    for section in range(sections):
-                        batch.pos[section * count + i] = position + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
                     batch.logits[i] = all_logits or i == count - 1
@@ -273,40 +326,40 @@ class GgufRunner(Runner):
                 outputs.append(logits.reshape(rows, self.n_vocab).copy())
             finally:
                 lib.llama_batch_free(batch)
-            position += count
         return np.concatenate(outputs)
 
+    def _token(self, token: int, position: int) -> np.ndarray:
+        """The logits after one more token at `position` (decoding on the cache)."""
+        return self._decode([("tokens", [token], np.array([[position]]))], clear=False)[-1]
+
     def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.from_numpy(self._decode(self._pieces(data, vision)))
+        return torch.from_numpy(self._decode(self._pieces(data, vision)[0]))
 
     def generate(self, data: dict[str, Any], max_new_tokens: int, vision: torch.Tensor | None = None) -> list[int]:
-        pieces = self._pieces(data, vision)
+        pieces, position = self._pieces(data, vision)
         logits = self._decode(pieces, all_logits=False)[-1]
-        position = sum(len(values) for _, values in pieces)
         tokens = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = int(np.argmax(logits))
             tokens.append(token)
             if token in self.terminators:
                 break
-            logits = self._decode([("tokens", [token])], start=position, clear=False)[-1]
-            position += 1
+            logits = self._token(token, position + step)
         return tokens
 
     # -- timings -----------------------------------------------------------------------------------------------
     def time_prefill(self, data: dict[str, Any], vision: torch.Tensor | None) -> float:
-        pieces = self._pieces(data, vision)
+        pieces, _ = self._pieces(data, vision)
         with Stopwatch(torch.device("cpu")) as watch:
             self._decode(pieces, all_logits=False)
         return watch.seconds
 
     def time_decode(self, data: dict[str, Any], tokens: int, vision: torch.Tensor | None) -> float:
-        pieces = self._pieces(data, vision)
+        pieces, position = self._pieces(data, vision)
         logits = self._decode(pieces, all_logits=False)[-1]
-        position = sum(len(values) for _, values in pieces)
         with Stopwatch(torch.device("cpu")) as watch:
             for step in range(tokens):
-                logits = self._decode([("tokens", [int(np.argmax(logits))])], start=position + step, clear=False)[-1]
+                logits = self._token(int(np.argmax(logits)), position + step)
         return watch.seconds
 
     def close(self) -> None:
@@ -319,3 +372,4 @@ def _tokens(path: Path) -> list[str]:
     import gguf
 
     return gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
+
