@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
 from minicpmv4_6_inputs import images_processor, random_image  # tests/minicpmv4_6_inputs.py
 
 from mcq.cli import main
+from mcq.models.bnb_runtime import disable_unsupported_cpu_repacking
 from mcq.models.familyspec import ChatRequest
 from mcq.models.minicpmv4_6.calibration import CalibrationEncoder
 from mcq.models.minicpmv4_6.chat import chat_inputs
@@ -106,16 +107,25 @@ def test_chat_answers_as_transformers_generate_and_follows_the_images(loud46, tm
     assert _chat(capsys, loud46, _saved([first, second], tmp_path / "b"), "--stream").rstrip("\n") == two
 
 
-def test_a_quantized_46_output_answers_as_transformers_loads_it(loud46, tmp_path, capsys):
-    """An `mcq quantize --method rtn` output, loaded as its model card says (compressed-tensors dequantized)."""
-    out = tmp_path / "rtn"
-    assert main(["quantize", "--method", "rtn", "--model", str(loud46), "--out", str(out)]) == 0
+def _as_the_card_loads(out, method):
+    """The output loaded as its model card says (`Family.load_code`)."""
+    if method == "rtn":
+        return AutoModelForImageTextToText.from_pretrained(
+            out, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu").eval()
+    disable_unsupported_cpu_repacking(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["rtn", "bnb-nf4"])
+def test_a_quantized_46_output_answers_as_transformers_loads_it(method, loud46, tmp_path, capsys):
+    """An `mcq quantize` output (compressed-tensors, dequantized; bitsandbytes on its CPU kernels)."""
+    out = tmp_path / method
+    assert main(["quantize", "--method", method, "--model", str(loud46), "--out", str(out)]) == 0
     capsys.readouterr()
     image = random_image(150, 100, seed=0)
-    answer = json.loads(_chat(capsys, out, _saved([image], tmp_path), "--json"))["answer"]
-    quantized = AutoModelForImageTextToText.from_pretrained(
-        out, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-    assert answer == _generated(quantized, out, [image])
+    answer = json.loads(_chat(capsys, out, _saved([image], tmp_path / "images"), "--json"))["answer"]
+    assert answer == _generated(_as_the_card_loads(out, method), out, [image])
 
 
 @pytest.mark.parametrize("option", [["--video", "clip.mp4"], ["--frames", "frames"], ["--fps", "2"],
