@@ -209,6 +209,11 @@ class Family:
     write_tiny: Callable[[Path, Any], None]
     # Its two llama.cpp files (`mcq export --format gguf`): architecture, metadata and tensors (its gguf.py).
     gguf: GgufLayout
+    # Whether a compressed-tensors `quantization_config` must name every module plainly (no `re:` patterns over
+    # layers): vLLM's model of the family names its modules otherwise than the checkpoint and translates
+    # `quantization_config` to its names with its checkpoint-name mapper, which maps plain names only; a pattern
+    # stays as written, matches none of vLLM's modules, and the packed weights then meet unquantized layers.
+    plain_quantization_names: bool
     # `mcq chat`: the answer of a checkpoint of the family (`mcq.models.loading.Checkpoint`) to a `ChatRequest`, its
     # text, or with `stream` an iterator of its pieces; a McqError for an option the family does not take.
     chat: Callable[[Any, ChatRequest], str | Iterator[str]]

@@ -98,4 +98,6 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
                 norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, serve=ServedMiniCPMV,
                 vllm_inputs=MiniCPMVVllmInputs, load_code=_LOAD,
-                write_tiny=write_tiny, gguf=GGUF_LAYOUT, chat=chat)
+                write_tiny=write_tiny, gguf=GGUF_LAYOUT, chat=chat,
+                # vLLM's MiniCPM-V models keep the checkpoint's module names: patterns over layers match there.
+                plain_quantization_names=False)
