@@ -32,42 +32,23 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    import torch
-
-    from mcq.models.loading import load_model, load_processor
-    from mcq.models.minicpmv.video import frames_from_dir, frames_from_video, open_image, temporal_ids
+    from mcq.export.onnx.runtime import chat_on_onnxruntime, is_onnx_export
+    from mcq.models.familyspec import ChatRequest
+    from mcq.models.loading import open_checkpoint
+    from mcq.models.minicpmv.video import open_image
 
     if args.video and args.frames:
         raise McqError("pass --video or --frames, not both")
-    images = [open_image(p) for p in args.image]
-    video_kwargs = {}
-    if args.video or args.frames:
-        frames, stamps = frames_from_video(args.video, args.fps) if args.video else frames_from_dir(args.frames,
-                                                                                                  args.fps)
-        images += frames
-        video_kwargs = {"temporal_ids": temporal_ids(stamps, args.packing), "use_image_id": False,
-                        "max_slice_nums": 1}
-    from mcq.export.onnx.runtime import is_onnx_export
-
-    runtime_kwargs = {}
+    request = ChatRequest(model=args.model, question=args.question, images=tuple(open_image(p) for p in args.image),
+                          video=args.video, frames=args.frames, fps=args.fps, packing=args.packing,
+                          max_new_tokens=args.max_new_tokens, max_slice_nums=args.max_slice_nums,
+                          sampling=args.sampling, thinking=args.thinking, stream=args.stream, seed=args.seed,
+                          dtype=args.dtype)
     if is_onnx_export(args.model):   # an `mcq export --format onnx` output: run it on onnxruntime
-        from mcq.export.onnx import OnnxMiniCPMV
-
-        model = OnnxMiniCPMV(args.model)
-        processor, runtime_kwargs = model.processor, {"seed": args.seed}
+        answer = chat_on_onnxruntime(args.model, request)
     else:
-        processor = load_processor(args.model)  # first: a missing tokenizer should not wait for the weights
-        model = load_model(args.model, dtype=args.dtype)
-    if video_kwargs and not model.spec.temporal:
-        raise McqError(f"video input needs MiniCPM-V 4.5; {args.model} is {model.spec.version}")
-    torch.manual_seed(args.seed)
-    # Greedy by default so that the CLI answer is reproducible; --sampling gives the release's sampling settings.
-    decoding = {} if args.sampling else {"num_beams": 1, "repetition_penalty": 1.0}
-    if args.max_slice_nums:
-        video_kwargs["max_slice_nums"] = args.max_slice_nums
-    answer = model.chat(msgs=[{"role": "user", "content": [*images, args.question]}], processor=processor,
-                        max_new_tokens=args.max_new_tokens, sampling=args.sampling, stream=args.stream,
-                        enable_thinking=args.thinking, **video_kwargs, **decoding, **runtime_kwargs)
+        checkpoint = open_checkpoint(args.model)
+        answer = checkpoint.family.chat(checkpoint, request)
     if args.stream:
         for piece in answer:
             print(piece, end="", flush=True)
@@ -239,12 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     chat.add_argument("--video", metavar="PATH", help="a video file (needs PyAV), 4.5 only")
     chat.add_argument("--frames", metavar="DIR", help="a folder of video frames in name order, 4.5 only")
-    chat.add_argument("--fps", type=float, default=1.0, help="frames per second of --frames, sampling rate of --video")
-    chat.add_argument("--packing", type=int, default=3, help="video frames per 64-token block (1-6)")
+    chat.add_argument("--fps", type=float, help="frames per second of --frames, sampling rate of --video (default 1)")
+    chat.add_argument("--packing", type=int, help="video frames per 64-token block (1-6, default 3)")
     chat.add_argument("--max-new-tokens", type=_positive, default=64)
     chat.add_argument("--max-slice-nums", type=_positive)
     chat.add_argument("--sampling", action="store_true", help="the release's sampling settings instead of greedy")
-    chat.add_argument("--thinking", action="store_true", help="enable_thinking (4.5)")
+    chat.add_argument("--thinking", action="store_true",
+                      help="enable_thinking (4.5, and 4.6 where its chat template has the switch)")
     chat.add_argument("--stream", action="store_true")
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

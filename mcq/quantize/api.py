@@ -113,7 +113,8 @@ def _compressed_tensors_variant(checkpoint, plan: QuantPlan, staging: Path, samp
     stored_config["quantization_config"] = quantization_config(
         plan, scale_dtype=source_dtype,
         observer=args.get("weight_observer", "minmax") if plan.recipe.method != "gptq" else "minmax",
-        actorder=args.get("actorder") if plan.recipe.method == "gptq" else None)
+        actorder=args.get("actorder") if plan.recipe.method == "gptq" else None,
+        plain_names=checkpoint.family.plain_quantization_names)
     writer.finish(stored_config, path)
     return quantizer.data_free_blocks, quantizer.skipped_pairs, quantizer.search_report()
 

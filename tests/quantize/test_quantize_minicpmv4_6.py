@@ -84,8 +84,13 @@ def test_rtn46_layout(tiny46, rtn46):
     assert kept and all(torch.equal(stored[n], source[n]) for n in kept)
     assert "lm_head.weight" not in stored   # still tied to the embedding table
     # 464 inputs: group 128 falls back to 16, as the recipe says.
-    fc2 = [g for g in qc["config_groups"].values() if any("mlp\\.fc2" in t for t in g["targets"])]
+    fc2 = [g for g in qc["config_groups"].values() if any(t.endswith("mlp.fc2") for t in g["targets"])]
     assert [g["weights"]["group_size"] for g in fc2] == [16]
+    # Every module by its name, no pattern: vLLM maps 4.6's names to its own modules, plain names only.
+    named = [t for g in qc["config_groups"].values() for t in g["targets"]] + qc["ignore"]
+    assert not [t for t in named if t.startswith("re:")]
+    packed = {n.removesuffix(".weight_packed") for n in stored if n.endswith(".weight_packed")}
+    assert {t for g in qc["config_groups"].values() for t in g["targets"]} == packed
 
 
 def test_rtn46_reloads_in_transformers_close_to_bf16(tiny46, rtn46):

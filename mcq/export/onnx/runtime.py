@@ -47,6 +47,18 @@ def is_onnx_export(path: str | Path) -> bool:
     return True
 
 
+def chat_on_onnxruntime(path: str | Path, request) -> str | Iterator[str]:
+    """`mcq chat` on an ONNX export (`request`: a `mcq.models.familyspec.ChatRequest`): the resampler family's chat,
+    which is what the export holds, with `OnnxMiniCPMV` in place of the torch model."""
+    from mcq.models.minicpmv.chat import chat_with
+
+    def load() -> tuple[OnnxMiniCPMV, Any, dict[str, Any]]:
+        model = OnnxMiniCPMV(path)
+        return model, model.processor, {"seed": request.seed}
+
+    return chat_with(request, load)
+
+
 def graph_files(root: Path) -> dict[str, str]:
     """Graph → file name, from config.json's `transformers.js_config.dtype` (what transformers.js reads too)."""
     try:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from PIL import Image
 
 from mcq.errors import McqError
 
+from ..familyspec import ChatRequest
 from .processing import IMAGE_MARKER
 from .versions import VersionSpec
+from .video import frames_from_dir, frames_from_video, temporal_ids
+
+# `mcq chat`'s video defaults: one frame a second, 3 frames per 64-token block (the official 4.5 recipe).
+CHAT_FPS, CHAT_PACKING = 1.0, 3
 
 
 def build_chat_inputs(model, processor, *, image, msgs, system_prompt, max_inp_length, max_slice_nums, use_image_id,
@@ -143,3 +148,44 @@ def generation_settings(spec: VersionSpec, sampling: bool, enable_thinking: bool
         settings["min_new_tokens"] = min_new_tokens
     settings.update({key: overrides[key] for key in settings.keys() & overrides.keys()})
     return settings
+
+
+def chat(checkpoint, request: ChatRequest) -> str | Iterator[str]:
+    """The family's `Family.chat`: the official `chat()` of mcq's `MiniCPMV` on the checkpoint
+    (`mcq.models.loading.Checkpoint`)."""
+
+    def load() -> tuple[Any, Any, dict[str, Any]]:
+        from ..loading import load_model, load_processor
+
+        processor = load_processor(checkpoint.path)  # first: a missing tokenizer should not wait for the weights
+        return load_model(checkpoint, dtype=request.dtype), processor, {}
+
+    return chat_with(request, load)
+
+
+def chat_with(request: ChatRequest, load: Callable[[], tuple[Any, Any, dict[str, Any]]]) -> str | Iterator[str]:
+    """`request` through the official `chat()` of the model `load()` returns with its processor and the keyword
+    arguments its runtime adds to `chat()` (mcq's `MiniCPMV`, or an ONNX export on onnxruntime). The video is read
+    before the model loads, so a bad one is reported at once."""
+    import torch
+
+    images = list(request.images)
+    video_kwargs: dict[str, Any] = {}
+    if request.video or request.frames:
+        fps = CHAT_FPS if request.fps is None else request.fps
+        frames, stamps = frames_from_video(request.video, fps) if request.video else frames_from_dir(request.frames,
+                                                                                                   fps)
+        images += frames
+        packing = CHAT_PACKING if request.packing is None else request.packing
+        video_kwargs = {"temporal_ids": temporal_ids(stamps, packing), "use_image_id": False, "max_slice_nums": 1}
+    model, processor, runtime_kwargs = load()
+    if video_kwargs and not model.spec.temporal:
+        raise McqError(f"video input needs MiniCPM-V 4.5; {request.model} is {model.spec.version}")
+    torch.manual_seed(request.seed)
+    # Greedy by default so that the CLI answer is reproducible; --sampling gives the release's sampling settings.
+    decoding = {} if request.sampling else {"num_beams": 1, "repetition_penalty": 1.0}
+    if request.max_slice_nums:
+        video_kwargs["max_slice_nums"] = request.max_slice_nums
+    return model.chat(msgs=[{"role": "user", "content": [*images, request.question]}], processor=processor,
+                      max_new_tokens=request.max_new_tokens, sampling=request.sampling, stream=request.stream,
+                      enable_thinking=request.thinking, **video_kwargs, **decoding, **runtime_kwargs)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..families import family_components
 from ..familyspec import Calibration, CaptureStage, Family, PaddableMlp
-from .chat import CalibrationEncoder
+from .chat import CalibrationEncoder, chat
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
 from .gguf import LAYOUT as GGUF_LAYOUT
@@ -98,4 +98,6 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                 token_mixing={"vision": ("self_attn",), "resampler": ("attn",), "llm": ("self_attn",)},
                 norm_offset=lambda norm: 0.0, calibration=_CALIBRATION, serve=ServedMiniCPMV,
                 vllm_inputs=MiniCPMVVllmInputs, load_code=_LOAD,
-                write_tiny=write_tiny, gguf=GGUF_LAYOUT)
+                write_tiny=write_tiny, gguf=GGUF_LAYOUT, chat=chat,
+                # vLLM's MiniCPM-V models keep the checkpoint's module names: patterns over layers match there.
+                plain_quantization_names=False)

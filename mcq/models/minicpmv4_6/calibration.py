@@ -78,8 +78,8 @@ class CalibrationEncoder:
     no_video = "video (MiniCPM-V 4.6's video processor in transformers needs torchvision, which mcq does not use)"
 
     def __init__(self, path: Path):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.images = AutoImageProcessor.from_pretrained(path)
+        self.tokenizer = _loaded("tokenizer", AutoTokenizer, path)
+        self.images = _loaded("image processor", AutoImageProcessor, path)
         self.divisor = merged_tokens_divisor(self.images.downsample_mode)
 
     def render(self, turns, add_generation_prompt: bool) -> str:
@@ -87,7 +87,7 @@ class CalibrationEncoder:
         them)."""
         return self._render(turns, add_generation_prompt)[0]
 
-    def _render(self, turns, add_generation_prompt: bool) -> tuple[str, list[Image.Image]]:
+    def _render(self, turns, add_generation_prompt: bool, **template: Any) -> tuple[str, list[Image.Image]]:
         rendered, images = [], []
         for turn in turns:
             content = [turn["content"]] if isinstance(turn["content"], str) else turn["content"]
@@ -99,7 +99,8 @@ class CalibrationEncoder:
                 else:
                     parts.append(item)
             rendered.append({"role": turn["role"], "content": "\n".join(parts)})
-        text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **template)
         return text, images
 
     def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
@@ -107,7 +108,14 @@ class CalibrationEncoder:
         with the generation prompt), images sliced into at most `max_slice_nums` (None: the processor's default)."""
         if sample.is_video:
             raise McqError(f"{sample.name}: {self.no_video}")
-        text, images = self._render(sample.messages, add_generation_prompt=not sample.has_answer)
+        return self.encode(sample.messages, not sample.has_answer, max_slice_nums)
+
+    def encode(self, turns, add_generation_prompt: bool, max_slice_nums: int | None, **template: Any
+               ) -> dict[str, Any]:
+        """The model inputs of a conversation (turns whose content is a string or a list of strings and PIL
+        images), and where each image block's tokens are (`image_bound`); `template`: the chat template's variables
+        (enable_thinking)."""
+        text, images = self._render(turns, add_generation_prompt, **template)
         if not images:
             return dict(self.tokenizer(text, return_tensors="pt"))
         options = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
@@ -140,6 +148,16 @@ def image_blocks(data: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[int, in
     packed, sizes = data["pixel_values"][0], data["target_sizes"].tolist()
     widths = [rows * columns * packed.shape[1] for rows, columns in sizes]
     return [(pixels, (rows, columns)) for pixels, (rows, columns) in zip(packed.split(widths, dim=-1), sizes)]
+
+
+def _loaded(what: str, auto_class, path: Path):
+    """`auto_class.from_pretrained(path)`; a missing or unreadable file is one line (transformers' message, whose
+    lines it joins), not a traceback."""
+    try:
+        return auto_class.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise McqError(f"cannot load the {what} of {path}: {' '.join(str(err).split()) or type(err).__name__}") \
+            from None
 
 
 def forward(model: nn.Module, data: dict[str, Any]) -> Any:

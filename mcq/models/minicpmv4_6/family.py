@@ -12,6 +12,7 @@ from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 from ..families import family_components
 from ..familyspec import PER_HEAD, Calibration, CaptureStage, Family, PaddableMlp
 from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
+from .chat import chat
 from .facts import RELEASE
 from .gguf import LAYOUT as GGUF_LAYOUT
 from .serving import ServedMiniCPMV4_6
@@ -109,4 +110,8 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                               "llm": ("self_attn", "linear_attn")},
                 norm_offset=norm_offset, calibration=_CALIBRATION, serve=ServedMiniCPMV4_6,
                 vllm_inputs=MiniCPMV4_6VllmInputs, load_code=_LOAD,
-                write_tiny=write_tiny, gguf=GGUF_LAYOUT)
+                write_tiny=write_tiny, gguf=GGUF_LAYOUT, chat=chat,
+                # vLLM's 4.6 renames its modules (model.language_model. → language_model.model.,
+                # model.vision_tower. → vpm., the vit_merger at the top): quantization_config names every module,
+                # and vLLM maps those names to its own.
+                plain_quantization_names=True)

@@ -6,10 +6,11 @@ checkpoint byte for byte under its official name. A stored tensor that packs sev
 `in_proj_weight`) is copied whole when none of its parts is quantized, and otherwise split into the parts that are
 not, which only a plan for mcq's own loader does (`target: mcq`): for every other target the planner keeps those
 modules dense, and the writer refuses to write a non-official name for them. `quantization_config` in config.json
-names every quantized module per scheme (compact regexes when a scheme covers all layers of a kind) and lists in
-`ignore` the unquantized Linears that are modules in the official layout, the names vLLM and the official code
-resolve. vLLM fuses q/k/v and gate/up and gives a fused module its first member's scheme (and refuses one that is
-ignored unevenly); plans for such a target hold one scheme per fused group (`mcq.models.runtimes`), so each group
+names every quantized module per scheme (compact regexes when a scheme covers all layers of a kind, or every name
+where the family says vLLM maps only plain names: `Family.plain_quantization_names`) and lists in `ignore` the
+unquantized Linears that are modules in the official layout, the names vLLM and the official code resolve. vLLM
+fuses q/k/v and gate/up and gives a fused module its first member's scheme (and refuses one that is ignored
+unevenly); plans for such a target hold one scheme per fused group (`mcq.models.runtimes`), so each group
 lands whole in one config group or whole in `ignore`.
 """
 
@@ -105,8 +106,12 @@ class ShardedWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _compact_targets(names: list[str], all_linears: list[str]) -> list[str]:
-    """Exact names, or one `re:` pattern per kind of layer when every layer of that kind is listed."""
+def _compact_targets(names: list[str], all_linears: list[str], plain: bool) -> list[str]:
+    """Exact names, or (unless `plain`) one `re:` pattern per kind of layer when every layer of that kind is
+    listed."""
+    if plain:
+        return list(names)
+
     def kind(name: str) -> str:
         return re.sub(r"\.\d+\.", ".*.", name)
 
@@ -125,8 +130,8 @@ def _compact_targets(names: list[str], all_linears: list[str]) -> list[str]:
     return targets
 
 
-def quantization_config(plan: QuantPlan, *, scale_dtype: torch.dtype, observer: str,
-                        actorder: str | None) -> dict[str, Any]:
+def quantization_config(plan: QuantPlan, *, scale_dtype: torch.dtype, observer: str, actorder: str | None,
+                        plain_names: bool) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     from ..llmc import quantization_args
@@ -135,11 +140,11 @@ def quantization_config(plan: QuantPlan, *, scale_dtype: torch.dtype, observer: 
     groups = {}
     for i, (scheme, members) in enumerate(plan.schemes().items()):
         groups[f"group_{i}"] = QuantizationScheme(
-            targets=_compact_targets(members, names),
+            targets=_compact_targets(members, names, plain_names),
             weights=quantization_args(scheme, observer=observer, actorder=actorder, scale_dtype=scale_dtype))
     kept = [layer.name for layer in plan.kept() if checkpoint_names.official_module(layer.name)]
     config = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
-                                ignore=_compact_targets(kept, names))
+                                ignore=_compact_targets(kept, names, plain_names))
     return config.to_dict()
 
 

