@@ -67,7 +67,8 @@ def chat_inputs(encoder: CalibrationEncoder, request: ChatRequest) -> dict[str, 
                        f"{RELEASE} ships thinking as a checkpoint of its own, MiniCPM-V-4.6-Thinking)")
     turn = {"role": "user", "content": [*request.images, request.question]}
     encoded = encoder.encode([turn], True, request.max_slice_nums, **template)
-    return {key: value for key, value in encoded.items() if key in MODEL_INPUTS}   # not image_bound: generate refuses it
+    # The model's inputs only: generate refuses keyword arguments the model does not take (image_bound).
+    return {key: value for key, value in encoded.items() if key in MODEL_INPUTS}
 
 
 def _refuse_video(request: ChatRequest) -> None:
