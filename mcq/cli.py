@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mcq import __version__
 from mcq.errors import McqError
-from mcq.models.families import BUILD_RELEASES, RELEASES
+from mcq.models.families import COMPLETE_RELEASES, RELEASES
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write a tiny MiniCPM-V checkpoint in the official layout")
     tiny.add_argument("out", help="output directory")
     tiny.add_argument("--version", dest="version", choices=list(RELEASES),
-                      default=BUILD_RELEASES[-1])   # the newest that every command supports
+                      default=COMPLETE_RELEASES[-1])   # the newest that every format supports
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--outliers", action="store_true", help="give norm channels 20-50x gains (activation outliers)")
     tiny.add_argument("--real-widths", action="store_true", help="true 4.5 widths with few layers (benchmarks)")
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--emit-github", action="store_true", help="print the strategy.matrix JSON of a workflow job")
     action.add_argument("--run", action="store_true", help="run every job here: build, gate, one report per version")
     matrix.add_argument("--plan", metavar="PLAN.yaml", help="default: the built-in plan")
-    matrix.add_argument("--versions", nargs="+", choices=list(BUILD_RELEASES), default=list(BUILD_RELEASES))
+    matrix.add_argument("--versions", nargs="+", choices=list(RELEASES), default=list(RELEASES))
     matrix.add_argument("--only", nargs="+", metavar="FORMAT", help="run only these formats' jobs (--run)")
     matrix.add_argument("--out", metavar="DIR", help="where --run builds (DIR/<version>), gates (DIR/results) and "
                                                     "reports (DIR/report-<version>)")

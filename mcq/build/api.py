@@ -97,7 +97,8 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
           validate: bool = True, force: bool = False, progress: bool = True) -> BuildResult:
     """Build every variant of `plan` (the built-in default when None) selected by `only` into `out`."""
     from mcq.extras import require_method
-    from mcq.models.loading import check_device, model_spec
+    from mcq.models.families import FORMATS, formats_of
+    from mcq.models.loading import check_device, open_checkpoint
     from mcq.models.tiny import cache_dir
     from mcq.outputs import tool_versions
     from mcq.quantize.api import resolve_recipe
@@ -107,8 +108,9 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
     started = time.perf_counter()
     chosen = plan if isinstance(plan, Plan) else load_plan(plan)
     check_device(device)
-    path, config, spec = model_spec(model)
-    if getattr(config, "quantization_config", None):
+    checkpoint = open_checkpoint(model)
+    path, release = checkpoint.path, checkpoint.release
+    if getattr(checkpoint.config, "quantization_config", None):
         raise McqError(f"{path} is already quantized; build from the original bf16 checkpoint")
     if validate and eval_data is not None:
         from mcq.validate.evalset import eval_samples
@@ -119,12 +121,16 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
 
         read_user_data(calib)     # checked, not loaded: bad calibration data fails before any build
     variants = chosen.select(only)
+    for name in only:      # asked for by name: a format the release lacks is an error, not a variant passed over
+        fmt = name if name in FORMATS else chosen.variant(name).format
+        if fmt not in formats_of(release):
+            raise McqError(f"--only {name}: mcq writes no {fmt} for MiniCPM-V {release} yet")
     for variant in variants:
         if variant.step == "quantize":
             require_method(resolve_recipe(variant.options.get("method"), variant.options.get("recipe")).method)
     out = Path(out)
     state = _open_state(out, path, force)
-    applicable = [v for v in variants if spec.version in v.versions]
+    applicable = [v for v in variants if release in v.versions]
     index = DigestIndex(cache_dir())
     digests = model_digests(index, path)
     versions = tool_versions()
@@ -142,7 +148,9 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
         outcome = VariantOutcome(variant.name, variant.format, str(target), status="not applicable")
         outcomes[variant.name] = outcome
         if variant not in applicable:
-            outcome.error = f"not built for MiniCPM-V {spec.version} (plan: versions {', '.join(variant.versions)})"
+            outcome.error = (f"not built for MiniCPM-V {release} (plan: versions {', '.join(variant.versions)})"
+                             if variant.format in formats_of(release)
+                             else f"mcq writes no {variant.format} for MiniCPM-V {release} yet")
             continue
         # What the variant's bytes depend on (its gates and version list do not change them).
         keys[variant.name] = key_of({"model": digests, "step": {variant.step: variant.options}, "seed": seed,
@@ -180,7 +188,7 @@ def build(model: str | Path, out: str | Path, *, plan: str | Path | Plan | None 
         state["calibration"] = calibration.record()
     state.update(plan=chosen.to_dict(), model={"spec": str(model), "digests": digests}, versions=versions)
     _write_state(out, state)
-    result = BuildResult(out=str(out), plan=chosen.name, model=str(model), version=spec.version,
+    result = BuildResult(out=str(out), plan=chosen.name, model=str(model), version=release,
                          calibration=calibration.record(), variants=list(outcomes.values()),
                          report=str(out / "report" / "report.html") if report else None,
                          seconds=round(time.perf_counter() - started, 1))

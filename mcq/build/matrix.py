@@ -23,20 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
-from mcq.models.families import BUILD_RELEASES
+from mcq.models.families import FORMATS, RELEASES
 
-from .plan import FORMATS, Plan
+from .plan import Plan
 
 BUILD_DIR = "build"
 
 
-def matrix_entries(plan: Plan, versions: tuple[str, ...] | list[str] = BUILD_RELEASES) -> list[dict[str, str]]:
+def matrix_entries(plan: Plan, versions: tuple[str, ...] | list[str] = RELEASES) -> list[dict[str, str]]:
     options = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in plan.validate.items()
                        if key != "fail_if" and value is not None)
     entries = []
     for version in versions:
-        if version not in BUILD_RELEASES:
-            raise McqError(f"--versions {version}: choose among {', '.join(BUILD_RELEASES)}")
+        if version not in RELEASES:
+            raise McqError(f"--versions {version}: choose among {', '.join(RELEASES)}")
         for fmt in FORMATS:
             groups: dict[tuple[str, ...], list[str]] = {}
             for variant in plan.variants:
@@ -53,7 +53,7 @@ def matrix_entries(plan: Plan, versions: tuple[str, ...] | list[str] = BUILD_REL
     return entries
 
 
-def github_matrix(plan: Plan, versions=BUILD_RELEASES) -> str:
+def github_matrix(plan: Plan, versions=RELEASES) -> str:
     """The `strategy.matrix` value for a GitHub Actions job, as JSON (valid YAML too)."""
     return json.dumps({"include": matrix_entries(plan, versions)}, indent=2)
 
@@ -80,7 +80,7 @@ class MatrixRun:
         return "\n".join(lines)
 
 
-def run_matrix(plan_source: str | Path | None, out: str | Path, versions=BUILD_RELEASES, formats=(),
+def run_matrix(plan_source: str | Path | None, out: str | Path, versions=RELEASES, formats=(),
                force: bool = False, progress: bool = True) -> MatrixRun:
     """Run every matrix entry here, as the CI jobs do: for each version a build folder `OUT/<version>` (shared by
     its entries, so a variant two formats export from is built once), the gate, then one report per version."""

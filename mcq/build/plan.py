@@ -17,10 +17,12 @@ Schema (every key is checked; an unknown key, a wrong type or a bad value is an 
       onnx-int4:
         export: {format: onnx, precision: int4, from: awq}   # mcq export; `from` names an earlier variant
         fail_if: ["kl_mean>0.1"]          # replaces validate.fail_if for this variant
-        versions: ["2.6", "4.5"]          # MiniCPM-V versions it applies to (default: all)
+        versions: ["2.6", "4.5"]          # MiniCPM-V versions it applies to (default: all that have its format)
 
 A variant's format (what `--only` and the CI matrix select by) is `compressed-tensors` or `bitsandbytes` for a
-quantize step, and the export's format otherwise.
+quantize step, and the export's format otherwise. A release mcq writes no such format for (4.6 has no ONNX nor
+Core ML yet: `mcq.models.families.FAMILY_FORMATS`) is left out of a variant's default versions, and naming it is an
+error.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from mcq.errors import McqError
-from mcq.models.families import BUILD_RELEASES
+from mcq.models.families import FORMATS, RELEASES, formats_of
 
-FORMATS = ("compressed-tensors", "bitsandbytes", "gguf", "onnx", "coreml")
 # The options each export format takes in a plan, as `mcq export` names them (minus the leading dashes).
 EXPORT_OPTIONS = {"gguf": ("quant", "mmproj_quant", "imatrix", "from"), "onnx": ("precision", "block_size", "from"),
                   "coreml": ("target", "vision", "llm", "from")}
@@ -52,12 +53,7 @@ class Variant:
 
     @property
     def format(self) -> str:
-        if self.step == "export":
-            return self.options["format"]
-        method = self.options.get("method") or ""
-        if method.startswith("bnb") or (self.options.get("recipe") and _recipe_method(self.options["recipe"]) == "bnb"):
-            return "bitsandbytes"
-        return "compressed-tensors"
+        return _format_of(self.step, self.options)
 
     @property
     def source(self) -> str | None:
@@ -169,9 +165,13 @@ def _variant(name: str, spec: Any, earlier: list[str], default_gates: tuple[str,
         if source is not None and source not in earlier:
             raise McqError(f"{where}.export.from: {source!r} is not a variant listed before {name}")
         _check_export(fmt, options, f"{where}.export")
-    versions = spec.get("versions", list(BUILD_RELEASES))
-    if not isinstance(versions, list) or not versions or any(str(v) not in BUILD_RELEASES for v in versions):
-        raise McqError(f"{where}.versions: a list of MiniCPM-V versions among {', '.join(BUILD_RELEASES)}")
+    fmt = _format_of(step, options)
+    versions = spec.get("versions", [release for release in RELEASES if fmt in formats_of(release)])
+    if not isinstance(versions, list) or not versions or any(str(v) not in RELEASES for v in versions):
+        raise McqError(f"{where}.versions: a list of MiniCPM-V versions among {', '.join(RELEASES)}")
+    lacking = [str(v) for v in versions if fmt not in formats_of(str(v))]
+    if lacking:
+        raise McqError(f"{where}.versions: mcq writes no {fmt} for MiniCPM-V {lacking[0]} yet")
     gates = _thresholds(spec["fail_if"], f"{where}.fail_if") if "fail_if" in spec else default_gates
     return Variant(name=name, step=step, options=options, fail_if=tuple(gates),
                    versions=tuple(str(v) for v in versions))
@@ -227,6 +227,15 @@ def _thresholds(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise McqError(f"{where}: a list of expressions like 'kl_mean>0.05'")
     return tuple(parse_threshold(item).expression for item in value)
+
+
+def _format_of(step: str, options: dict[str, Any]) -> str:
+    if step == "export":
+        return options["format"]
+    method = options.get("method") or ""
+    if method.startswith("bnb") or (options.get("recipe") and _recipe_method(options["recipe"]) == "bnb"):
+        return "bitsandbytes"
+    return "compressed-tensors"
 
 
 def _recipe_method(recipe: str) -> str:

@@ -15,14 +15,27 @@ FAMILIES: dict[str, tuple[str, ...]] = {"minicpmv": ("2.6", "4.0", "4.5"), "mini
 
 RELEASES: tuple[str, ...] = tuple(version for versions in FAMILIES.values() for version in versions)
 
-# The releases every command and format of the default build plan supports: what `mcq build`, the CI matrix and
-# `mcq make-tiny`'s default offer. 4.6 has a tiny model, `inspect`, RTN, GPTQ and AWQ so far (issue 17).
-BUILD_RELEASES: tuple[str, ...] = FAMILIES["minicpmv"]
+# The formats mcq writes: `mcq quantize`'s two (by method) and `mcq export --format`'s three.
+FORMATS: tuple[str, ...] = ("compressed-tensors", "bitsandbytes", "gguf", "onnx", "coreml")
+
+# family → the formats mcq writes for it: what a build plan builds, and the CI matrix has a job for, per release.
+# 4.6 has no ONNX nor Core ML export yet (issue 17); its export commands refuse it in one line.
+FAMILY_FORMATS: dict[str, tuple[str, ...]] = {"minicpmv": FORMATS,
+                                              "minicpmv4_6": ("compressed-tensors", "bitsandbytes", "gguf")}
 
 
 def family_of(release: str) -> str | None:
     """The family package that holds `release` (normalized, "4.5"), None for one mcq does not support."""
     return next((family for family, releases in FAMILIES.items() if release in releases), None)
+
+
+def formats_of(release: str) -> tuple[str, ...]:
+    """The formats mcq writes for `release` (a supported one)."""
+    return FAMILY_FORMATS[family_of(release)]
+
+
+# The releases mcq writes every format for: `mcq make-tiny`'s default is the newest.
+COMPLETE_RELEASES: tuple[str, ...] = tuple(r for r in RELEASES if formats_of(r) == FORMATS)
 
 
 @cache

@@ -10,7 +10,6 @@ import yaml
 from mcq.build.matrix import matrix_entries
 from mcq.build.plan import FORMATS, load_plan
 from mcq.errors import McqError
-from mcq.models.families import BUILD_RELEASES
 
 WORKFLOW = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "ci.yml"
 
@@ -25,7 +24,9 @@ def test_default_plan_covers_every_format_and_exports_from_awq():
     plan = load_plan()
     assert {v.format for v in plan.variants} == set(FORMATS)
     assert plan.variant("onnx-int4").source == "awq" and plan.variant("coreml").source == "awq"
-    assert plan.variant("coreml").versions == BUILD_RELEASES      # 4.0's MiniCPM4 decoder included
+    assert plan.variant("coreml").versions == ("2.6", "4.0", "4.5")     # 4.0's MiniCPM4 decoder included
+    # 4.6 by default where mcq writes its format for it
+    assert {v.format for v in plan.variants if "4.6" in v.versions} == {"compressed-tensors", "bitsandbytes", "gguf"}
     assert all(v.fail_if for v in plan.variants)
 
 
@@ -55,6 +56,8 @@ def test_select_by_format_adds_what_a_variant_exports_from(tmp_path):
      "variants.b.export: --block-size does not apply with --from"),
     ("variants: {a: {quantize: {method: rtn}, fail_if: ['kl>1']}}", "unknown metric 'kl'"),
     ("variants: {a: {quantize: {method: rtn}, versions: ['5.0']}}", "versions: a list of MiniCPM-V versions"),
+    ("variants: {a: {export: {format: onnx}, versions: ['4.5', '4.6']}}",
+     "variants.a.versions: mcq writes no onnx for MiniCPM-V 4.6 yet"),
     ("calibration: {num_samples: 0}\nvariants: {a: {quantize: {method: rtn}}}", "calibration.num_samples: must be"),
     ("variants: {}", "name at least one variant"),
     ("variants: {'../x': {quantize: {method: rtn}}}", "a variant name is a folder name"),
@@ -102,6 +105,9 @@ def test_workflow_matrix_is_the_one_mcq_matrix_emits():
     variants = jobs["variants"]
     assert variants["strategy"]["matrix"]["include"] == matrix_entries(load_plan())
     assert variants["needs"] == "tests" and jobs["report"]["needs"] == "variants"
+    merge = next(step["run"] for step in jobs["report"]["steps"] if step.get("name") == "Merge")
+    versions = dict.fromkeys(entry["version"] for entry in matrix_entries(load_plan()))
+    assert f"for version in {' '.join(versions)}; do" in merge     # one report per version the matrix builds
     steps = "\n".join(step.get("run", "") for step in variants["steps"])
     # The job builds the entry's format and gates the entry's variants with the entry's gates and settings.
     assert '--only "${{ matrix.format }}"' in steps and "--out build " in steps
