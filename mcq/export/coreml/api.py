@@ -3,7 +3,9 @@
 Layout:
 
     OUT/
-      MiniCPMV-vision.mlpackage   one slice (≤ 1088 patches) + host inputs → image_features [1, 64, hidden]
+      MiniCPMV-vision.mlpackage   one slice (≤ 1088 patches) + host inputs → image_features [1, 64, hidden]; where
+                                  the resampler packs video frames (4.5): the tower alone → vision_features, and
+      MiniCPMV-resampler.mlpackage  1-6 frames' vision_features + key terms → image_features [1, 64, hidden]
       MiniCPMV-embed.mlpackage    input_ids → inputs_embeds (a quantized gather)          }
       MiniCPMV-llm-00.mlpackage   decoder layers of chunk 0: hidden states + rotary terms  }
       MiniCPMV-llm-01.mlpackage   + mask → hidden states, their KV cache in two iOS18      } unless --llm none
@@ -32,9 +34,10 @@ from typing import Any
 from mcq.errors import McqError
 from mcq.models.minicpmv.versions import embedding_scale
 
-from .convert import MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_compression
+from .convert import MAX_GROUP_FRAMES, MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_compression
 
 VISION_PACKAGE = "MiniCPMV-vision.mlpackage"
+RESAMPLER_PACKAGE = "MiniCPMV-resampler.mlpackage"
 EMBED_PACKAGE = "MiniCPMV-embed.mlpackage"
 HEAD_PACKAGE = "MiniCPMV-head.mlpackage"
 SIDECAR = "minicpmv-coreml.json"
@@ -74,6 +77,8 @@ class CoremlExportResult:
     llm_fallbacks: dict[str, str] = field(default_factory=dict)
     # With --from and an --llm other than int4-block32: how every LLM Linear was re-rounded instead.
     llm_requantized: str | None = None
+    # Where the resampler packs video frames (4.5): its own package, `vision` then being the tower alone.
+    resampler: CoremlPackage | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,9 +86,10 @@ class CoremlExportResult:
     def summary(self) -> str:
         lines = [f"{self.out}: MiniCPM-V {self.version} → Core ML ({self.target}) in {self.seconds:.1f} s "
                  f"(weights from {self.weights_from})"]
-        for role, package in (("vision", self.vision), ("embed", self.embed), *(("llm", p) for p in self.llm or ())):
+        for role, package in (("vision", self.vision), ("resampler", self.resampler), ("embed", self.embed),
+                              *(("llm", p) for p in self.llm or ())):
             if package is not None:
-                line = f"  {role:<7}{Path(package.path).name}  {package.compression}  {package.bytes / 2**20:.2f} MiB"
+                line = f"  {role:<10}{Path(package.path).name}  {package.compression}  {package.bytes / 2**20:.2f} MiB"
                 if package.physical_min_bytes:
                     line += (f"  ({package.bytes / package.physical_min_bytes:.3f}x the physical minimum; "
                              f"weights {package.weights_bytes / package.physical_min_bytes:.3f}x)")
@@ -131,7 +137,8 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
     """Convert and save one package at a time (each released before the next is traced)."""
     from mcq.outputs import staged_output, write_manifest
 
-    from .convert import convert_embeddings, convert_head, convert_llm, convert_vision, decoder_chunks
+    from .convert import (convert_embeddings, convert_group_resampler, convert_head, convert_llm, convert_vision,
+                          convert_vision_tower, decoder_chunks)
 
     fallbacks: dict[str, str] = {}
     with staged_output(out, force) as staging:
@@ -142,8 +149,16 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
             # The sidecar needs each program's I/O and states only: its operations go with the model.
             programs[name] = replace(program, operations=[])
 
-        _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
-        save(VISION_PACKAGE, convert_vision(weights, target, vision), vision)
+        if weights.spec.temporal:
+            # The tower runs per frame (static shapes, as for an image slice); the resampler once per temporal group
+            # over the packed keys of its frames, as the torch model's 3D resampler does.
+            _say(progress, f"converting the vision tower ({vision}, {target})")
+            save(VISION_PACKAGE, convert_vision_tower(weights, target, vision), vision)
+            _say(progress, f"converting the resampler of 1 to {MAX_GROUP_FRAMES} frames ({vision}, {target})")
+            save(RESAMPLER_PACKAGE, convert_group_resampler(weights, target, vision), vision)
+        else:
+            _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
+            save(VISION_PACKAGE, convert_vision(weights, target, vision), vision)
         if llm != "none":
             compression = "none" if llm == "fp16" else llm
             _say(progress, f"converting the token embeddings ({llm})")
@@ -164,6 +179,7 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
         llm_packages = [packages[decoder_package(i)] for i in range(len(chunks))]
         result = CoremlExportResult(
             out=str(out), version=weights.spec.version, target=target, vision=packages[VISION_PACKAGE],
+            resampler=packages.get(RESAMPLER_PACKAGE),
             llm=llm_packages + [packages[HEAD_PACKAGE]] if chunks else None, embed=packages.get(EMBED_PACKAGE),
             llm_fallbacks=dict(sorted(fallbacks.items())), llm_requantized=_requantized(from_dir, llm),
             weights_from=str(from_dir) if from_dir else str(weights.model_path), seconds=0.0)
@@ -264,6 +280,17 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
     preprocessor, tokens = support["preprocessor"], support["tokens"]
     vision = config.vision_config
     vision_program = programs[VISION_PACKAGE]
+    key_positions = ("2D sin-cos table [h*w, hidden] (first half: column, second half: row; omega_i = "
+                     "10000^(-i/(hidden/4))), zero on padding")
+    host = {
+        "pixel_values": "the slice's normalized pixels [3, P, P*h*w] in patch-row layout, zero-padded to "
+                        "P*max_patches columns",
+        "position_ids": "navit bucketing: for i < h, w: bucket(i/h) * patches_per_side + bucket(j/w), "
+                        "bucket(x) = number of k/patches_per_side (k = 1..patches_per_side-1) <= x, in "
+                        "float32; 0 on padding",
+        "patch_mask": "1 on the h*w real patches, 0 on padding",
+        "key_positions": key_positions,
+    }
     return {
         "format": SIDECAR_FORMAT,
         "version": version,
@@ -279,17 +306,10 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
             "patches_per_side": vision.image_size // vision.patch_size,
             "hidden_size": config.hidden_size,
             "query_num": config.query_num,
-            "host": {
-                "pixel_values": "the slice's normalized pixels [3, P, P*h*w] in patch-row layout, zero-padded to "
-                                "P*max_patches columns",
-                "position_ids": "navit bucketing: for i < h, w: bucket(i/h) * patches_per_side + bucket(j/w), "
-                                "bucket(x) = number of k/patches_per_side (k = 1..patches_per_side-1) <= x, in "
-                                "float32; 0 on padding",
-                "patch_mask": "1 on the h*w real patches, 0 on padding",
-                "key_positions": "2D sin-cos table [h*w, hidden] (first half: column, second half: row; "
-                                 "omega_i = 10000^(-i/(hidden/4))), zero on padding",
-            },
+            "host": {name: text for name, text in host.items() if name in vision_program.inputs},
         },
+        "resampler": _resampler_sidecar(programs[RESAMPLER_PACKAGE], key_positions)
+        if RESAMPLER_PACKAGE in programs else None,
         "preprocessing": {key: preprocessor[key] for key in (
             "norm_mean", "norm_std", "scale_resolution", "max_slice_nums", "slice_mode", "use_image_id",
             "image_feature_size", "patch_size") if key in preprocessor},
@@ -302,6 +322,24 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
         },
         "embedding_scale": embedding_scale(config),
         "llm": _llm_sidecar(weights, programs, chunks) if chunks else None,
+    }
+
+
+def _resampler_sidecar(program, key_positions: str) -> dict[str, Any]:
+    return {
+        "package": RESAMPLER_PACKAGE,
+        "inputs": {name: {"dtype": dtype.lower(), "shape": shape} for name, (dtype, shape) in program.inputs.items()},
+        "outputs": list(program.outputs),
+        "frames": list(range(1, MAX_GROUP_FRAMES + 1)),
+        "host": {
+            "calls": "one call per resampler item: the F frames of a temporal group (a video), or one image slice "
+                     "(F = 1); F is one of `frames`, the first dimension of every input",
+            "vision_features": "the vision package's vision_features of the F frames, in order, stacked",
+            "patch_mask": "each frame's patch_mask (as the vision package's), stacked",
+            "key_positions": f"per frame: {key_positions}, plus for a video frame the temporal term of its id t "
+                             "(timestamp / 0.1 s): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i/(hidden/2)), "
+                             "i < hidden/2 (an image slice: none); stacked",
+        },
     }
 
 
@@ -342,8 +380,23 @@ def _llm_sidecar(weights, programs: dict, chunks: list[range]) -> dict[str, Any]
 def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
     from mcq.outputs import write_model_card
 
-    llm_rows = "".join(f"| `{Path(p.path).name}` | {p.compression} | {p.bytes:,} |\n"
-                       for p in (result.embed, *(result.llm or ())) if p is not None)
+    package_rows = "".join(f"| `{Path(p.path).name}` | {p.compression} | {p.bytes:,} |\n"
+                           for p in (result.vision, result.resampler, result.embed, *(result.llm or ()))
+                           if p is not None)
+    config = weights.config
+    if result.resampler is None:
+        vision_text = (f"One slice of up to {MAX_PATCHES} patches per call, vision tower and resampler together, "
+                       "fp16 compute. Inputs computed on the host: `pixel_values`, `position_ids`, `patch_mask`, "
+                       f"`key_positions` (see the JSON sidecar). Output `image_features` [1, {config.query_num}, "
+                       f"{config.hidden_size}] replaces the image placeholder tokens of the slice.")
+    else:
+        vision_text = (f"`{VISION_PACKAGE}`: the vision tower, one slice or video frame of up to {MAX_PATCHES} "
+                       "patches per call (`pixel_values`, `position_ids`, `patch_mask`) → `vision_features`. "
+                       f"`{RESAMPLER_PACKAGE}`: the resampler, one call per image slice or per temporal group of 1 "
+                       f"to {MAX_GROUP_FRAMES} video frames (their `vision_features`, `patch_mask` and "
+                       "`key_positions`, the 2D and temporal sin-cos terms) → `image_features` "
+                       f"[1, {config.query_num}, {config.hidden_size}], which replaces the placeholder tokens of "
+                       "the slice or group. fp16 compute; see the JSON sidecar for the host inputs.")
     write_model_card(
         staging, title=f"{weights.model_path.name} — Core ML ({result.target})", base_model=weights.model_path.name,
         variant={"library": None, "method": "coreml", "format": result.vision.compression,
@@ -351,14 +404,9 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
         source=weights.model_path,
         sections=[
             ("Files", f"| file | compression | size |\n| --- | --- | ---: |\n"
-                      f"| `{VISION_PACKAGE}` | {result.vision.compression} | {result.vision.bytes:,} |\n"
-                      f"{llm_rows}"
+                      f"{package_rows}"
                       f"| `{SIDECAR}` | preprocessing constants, token ids, package I/O | |"),
-            ("Vision package", f"One slice of up to {MAX_PATCHES} patches per call, vision tower and resampler "
-                               "together, fp16 compute. Inputs computed on the host: `pixel_values`, "
-                               "`position_ids`, `patch_mask`, `key_positions` (see the JSON sidecar). Output "
-                               f"`image_features` [1, {weights.config.query_num}, {weights.config.hidden_size}] "
-                               "replaces the image placeholder tokens of the slice."),
+            ("Vision packages" if result.resampler else "Vision package", vision_text),
             ("LLM packages", f"The decoder in {len(result.llm) - 1} package(s) of consecutive layers, called in "
                              "order, each with the KV cache of its layers in two iOS18 states (`key_cache`, "
                              "`value_cache`), then the head package (final norm, LM head) for the logits; each call "
@@ -366,11 +414,12 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
                              "without copies of the cache. See the JSON sidecar for the host inputs."
                              if result.llm else "not exported (`--llm none`)"),
             ("Weights", f"from `{Path(result.weights_from).name}`"),
-            ("Model", f"MiniCPM-V {result.version}, exported by mcq. Video frames go through the package one at "
-                      "a time as images (the 3D resampler's temporal grouping is not in this package)."),
+            ("Model", f"MiniCPM-V {result.version}, exported by mcq."
+                      + (" Video frames are grouped by temporal id, as the 3D resampler does." if result.resampler
+                         else "")),
         ])
 
 
-__all__ = ["EMBED_PACKAGE", "HEAD_PACKAGE", "LLM_COMPRESSIONS", "SIDECAR", "TARGETS", "VISION_COMPRESSIONS",
-           "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options", "decoder_package",
+__all__ = ["EMBED_PACKAGE", "HEAD_PACKAGE", "LLM_COMPRESSIONS", "RESAMPLER_PACKAGE", "SIDECAR", "TARGETS",
+           "VISION_COMPRESSIONS", "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options", "decoder_package",
            "export_coreml"]

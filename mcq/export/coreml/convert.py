@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mcq.errors import McqError
+from mcq.models.minicpmv.video import MAX_PACKING
 
 TARGETS = ("iOS17", "iOS18")
 VISION_COMPRESSIONS = ("fp16", "int8", "palettize4", "palettize6")
@@ -26,6 +27,8 @@ VISION_COMPRESSIONS = ("fp16", "int8", "palettize4", "palettize6")
 # each side to whole patches, so slices of 1024+ patches are common (a 37 x 28 slice: 1036); 1088 holds every slice
 # of an image up to 1:20 aspect. Thinner images' slices are refused by `host.vision_inputs`.
 MAX_PATCHES = 1088
+# Frames the group resampler takes at most: the largest temporal group of a video (1 is an image slice).
+MAX_GROUP_FRAMES = MAX_PACKING
 # Weights smaller than this stay fp16 (norms, biases, tiny tables): compressing them saves nothing measurable.
 WEIGHT_THRESHOLD = 2048
 PALETTE_GROUP = 16          # output channels sharing one palette (iOS18 per_grouped_channel)
@@ -162,6 +165,58 @@ def convert_vision(weights, target: str, compression: str, max_patches: int = MA
     model = _convert(ct, module, example, inputs, [ct.TensorType("image_features", dtype=np.float16)], target)
     model.short_description = (f"MiniCPM-V {weights.spec.version} vision tower + resampler: one slice of up to "
                                f"{max_patches} patches → [1, {config.query_num}, {hidden}]")
+    return compress_vision(ct, model, compression, target)
+
+
+def convert_vision_tower(weights, target: str, compression: str, max_patches: int = MAX_PATCHES):
+    """The vision tower alone (one slice or frame → `vision_features`), for releases whose resampler packs video
+    frames (`GroupResampler`)."""
+    from .graphs import VisionTower
+
+    check_vision_compression(compression, target)
+    ct = import_coremltools()
+    vision = weights.config.vision_config
+    patch = vision.patch_size
+    module = VisionTower(weights, max_patches)
+    example = (torch.zeros(1, 3, patch, patch * max_patches), torch.zeros(1, max_patches, dtype=torch.int32),
+               torch.ones(1, max_patches))
+    inputs = [ct.TensorType("pixel_values", shape=example[0].shape, dtype=np.float16),
+              ct.TensorType("position_ids", shape=example[1].shape, dtype=np.int32),
+              ct.TensorType("patch_mask", shape=example[2].shape, dtype=np.float16)]
+    model = _convert(ct, module, example, inputs, [ct.TensorType("vision_features", dtype=np.float16)], target)
+    model.short_description = (f"MiniCPM-V {weights.spec.version} vision tower: one slice or video frame of up to "
+                               f"{max_patches} patches → [1, {max_patches}, {vision.hidden_size}]")
+    return compress_vision(ct, model, compression, target)
+
+
+def convert_group_resampler(weights, target: str, compression: str, max_patches: int = MAX_PATCHES):
+    """The resampler over the frames of one temporal group (or one image slice) → `image_features`."""
+    from .graphs import GroupResampler
+
+    check_vision_compression(compression, target)
+    ct = import_coremltools()
+    config = weights.config
+    width, hidden = config.vision_config.hidden_size, config.hidden_size
+    frames = range(1, MAX_GROUP_FRAMES + 1)
+    module = GroupResampler(weights, max_patches)
+    example = (torch.zeros(2, max_patches, width), torch.zeros(2, max_patches, hidden), torch.ones(2, max_patches))
+    # Enumerated frame counts on iOS18: Core ML compiles each shape ahead, and the Neural Engine runs enumerated
+    # shapes, not open ranges. Below iOS18 Core ML takes enumerated shapes on one input only, so iOS17 gets a
+    # bounded range of the same counts on the three inputs.
+    if target == "iOS18":
+        def shape(*rest: int):
+            return ct.EnumeratedShapes(shapes=[(count, *rest) for count in frames], default=(1, *rest))
+    else:
+        count = ct.RangeDim(lower_bound=frames[0], upper_bound=frames[-1], default=1, symbol="frames")
+
+        def shape(*rest: int):
+            return (count, *rest)
+    inputs = [ct.TensorType("vision_features", shape=shape(max_patches, width), dtype=np.float16),
+              ct.TensorType("key_positions", shape=shape(max_patches, hidden), dtype=np.float16),
+              ct.TensorType("patch_mask", shape=shape(max_patches), dtype=np.float16)]
+    model = _convert(ct, module, example, inputs, [ct.TensorType("image_features", dtype=np.float16)], target)
+    model.short_description = (f"MiniCPM-V {weights.spec.version} resampler: the tower outputs of 1 to {frames[-1]} "
+                               f"frames of a temporal group (1: an image slice) → [1, {config.query_num}, {hidden}]")
     return compress_vision(ct, model, compression, target)
 
 

@@ -79,52 +79,96 @@ class VisionSlice(nn.Module):
     Inputs (host-computed, see `host.vision_inputs`): `pixel_values` [1, 3, P, P*L] in MiniCPM's row-of-patches
     layout, zero past the slice's patches; `position_ids` [1, L] int32 (0 on padding); `patch_mask` [1, L] (1 on
     real patches); `key_positions` [1, L, hidden], the resampler's 2D sin-cos term of the slice's h x w grid.
+
+    `tower` / `resampler` False leave that half out (its weights unread): `VisionTower` and `GroupResampler`, the
+    two programs of a release whose resampler packs video frames, are the halves of this one under the same
+    parameter names (so the converted weights keep their names).
     """
 
-    def __init__(self, weights, max_patches: int):
+    def __init__(self, weights, max_patches: int, tower: bool = True, resampler: bool = True):
         super().__init__()
         config = weights.config
         vision = config.vision_config
-        self.max_patches, self.patch = max_patches, vision.patch_size
+        self.max_patches, self.patch, self.vision_width = max_patches, vision.patch_size, vision.hidden_size
         names = weights.names()
-        layers = len({n.split(".")[3] for n in names if n.startswith("vpm.encoder.layers.")})
-        conv = weights.tensor("vpm.embeddings.patch_embedding.weight").float()
-        # The stride-P conv over the row of patches is one Linear on each flattened (channel, row, col) patch.
-        self.patch_embedding = nn.Linear(conv[0].numel(), conv.shape[0])
-        self.patch_embedding.weight.data.copy_(conv.reshape(conv.shape[0], -1))
-        self.patch_embedding.bias.data.copy_(weights.tensor("vpm.embeddings.patch_embedding.bias").float())
-        self.position_embedding = nn.Embedding.from_pretrained(
-            weights.tensor("vpm.embeddings.position_embedding.weight").float())
-        eps = vision.layer_norm_eps
-        self.layers = nn.ModuleList(_VisionLayer(weights, f"vpm.encoder.layers.{i}", eps,
-                                                 vision.num_attention_heads) for i in range(layers))
-        self.post_layernorm = _layer_norm(weights, "vpm.post_layernorm", eps)
-        hidden = config.hidden_size
-        self.hidden, self.resampler_heads = hidden, hidden // 128     # as MiniCPMV builds its Resampler
-        self.kv_proj = (_linear(weights, "resampler.kv_proj", False) if "resampler.kv_proj.weight" in names
-                        else nn.Identity())
-        self.ln_kv = _layer_norm(weights, "resampler.ln_kv", 1e-6)
-        self.ln_q = _layer_norm(weights, "resampler.ln_q", 1e-6)
-        self.query = nn.Parameter(weights.tensor("resampler.query").float(), requires_grad=False)
-        self.q_proj = _linear(weights, "resampler.attn.q_proj", True)
-        self.k_proj = _linear(weights, "resampler.attn.k_proj", True)
-        self.v_proj = _linear(weights, "resampler.attn.v_proj", True)
-        self.out_proj = _linear(weights, "resampler.attn.out_proj", True)
-        self.ln_post = _layer_norm(weights, "resampler.ln_post", 1e-6)
-        self.proj = _linear(weights, "resampler.proj", False)
+        if tower:
+            layers = len({n.split(".")[3] for n in names if n.startswith("vpm.encoder.layers.")})
+            conv = weights.tensor("vpm.embeddings.patch_embedding.weight").float()
+            # The stride-P conv over the row of patches is one Linear on each flattened (channel, row, col) patch.
+            self.patch_embedding = nn.Linear(conv[0].numel(), conv.shape[0])
+            self.patch_embedding.weight.data.copy_(conv.reshape(conv.shape[0], -1))
+            self.patch_embedding.bias.data.copy_(weights.tensor("vpm.embeddings.patch_embedding.bias").float())
+            self.position_embedding = nn.Embedding.from_pretrained(
+                weights.tensor("vpm.embeddings.position_embedding.weight").float())
+            eps = vision.layer_norm_eps
+            self.layers = nn.ModuleList(_VisionLayer(weights, f"vpm.encoder.layers.{i}", eps,
+                                                     vision.num_attention_heads) for i in range(layers))
+            self.post_layernorm = _layer_norm(weights, "vpm.post_layernorm", eps)
+        if resampler:
+            hidden = config.hidden_size
+            self.hidden, self.resampler_heads = hidden, hidden // 128     # as MiniCPMV builds its Resampler
+            self.kv_proj = (_linear(weights, "resampler.kv_proj", False) if "resampler.kv_proj.weight" in names
+                            else nn.Identity())
+            self.ln_kv = _layer_norm(weights, "resampler.ln_kv", 1e-6)
+            self.ln_q = _layer_norm(weights, "resampler.ln_q", 1e-6)
+            self.query = nn.Parameter(weights.tensor("resampler.query").float(), requires_grad=False)
+            self.q_proj = _linear(weights, "resampler.attn.q_proj", True)
+            self.k_proj = _linear(weights, "resampler.attn.k_proj", True)
+            self.v_proj = _linear(weights, "resampler.attn.v_proj", True)
+            self.out_proj = _linear(weights, "resampler.attn.out_proj", True)
+            self.ln_post = _layer_norm(weights, "resampler.ln_post", 1e-6)
+            self.proj = _linear(weights, "resampler.proj", False)
 
-    def forward(self, pixel_values, position_ids, patch_mask, key_positions) -> torch.Tensor:
+    def encode(self, pixel_values, position_ids, patch_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower: `[1, L, vision hidden]` after the post norm, and the additive key mask `[1, 1, 1, L]`."""
         patches = pixel_values.reshape(3, self.patch, self.max_patches, self.patch).permute(2, 0, 1, 3)
         hidden = self.patch_embedding(patches.reshape(1, self.max_patches, -1))
         hidden = hidden + self.position_embedding(position_ids)
         additive_mask = ((1.0 - patch_mask) * MASKED_SCORE).reshape(1, 1, 1, self.max_patches)
         for layer in self.layers:
             hidden = layer(hidden, additive_mask)
-        features = self.ln_kv(self.kv_proj(self.post_layernorm(hidden)))
+        return self.post_layernorm(hidden), additive_mask
+
+    def resample(self, features, key_positions, additive_mask) -> torch.Tensor:
+        """The resampler: 64 queries over the keys of `features` `[1, K, vision hidden]` → `[1, query_num, hidden]`."""
+        features = self.ln_kv(self.kv_proj(features))
         query = self.ln_q(self.query).unsqueeze(0)
         out = _attend(self.q_proj(query), self.k_proj(features + key_positions), self.v_proj(features),
                       additive_mask, self.resampler_heads, self.hidden)
         return self.proj(self.ln_post(self.out_proj(out)))
+
+    def forward(self, pixel_values, position_ids, patch_mask, key_positions) -> torch.Tensor:
+        features, additive_mask = self.encode(pixel_values, position_ids, patch_mask)
+        return self.resample(features, key_positions, additive_mask)
+
+
+class VisionTower(VisionSlice):
+    """One slice (or video frame) → `vision_features` `[1, L, vision hidden]`, the tower's output after the post
+    norm (rows past the slice's patches are don't-cares: the resampler masks them). Inputs as `VisionSlice`'s
+    but `key_positions`."""
+
+    def __init__(self, weights, max_patches: int):
+        super().__init__(weights, max_patches, resampler=False)
+
+    def forward(self, pixel_values, position_ids, patch_mask) -> torch.Tensor:
+        return self.encode(pixel_values, position_ids, patch_mask)[0]
+
+
+class GroupResampler(VisionSlice):
+    """The resampler over F frames at once → `[1, query_num, hidden]`, as the torch Resampler packs a temporal group:
+    the keys of all its frames, frame-major, in one sequence the 64 queries attend over.
+
+    Inputs: `vision_features` [F, L, vision hidden] (the frames' `VisionTower` outputs), `key_positions`
+    [F, L, hidden] (each frame's 2D sin-cos term plus its temporal term, host-computed) and `patch_mask` [F, L].
+    F = 1 is an image slice (temporal term zero)."""
+
+    def __init__(self, weights, max_patches: int):
+        super().__init__(weights, max_patches, tower=False)
+
+    def forward(self, vision_features, key_positions, patch_mask) -> torch.Tensor:
+        additive_mask = ((1.0 - patch_mask) * MASKED_SCORE).reshape(1, 1, 1, -1)
+        features = vision_features.reshape(1, -1, self.vision_width)
+        return self.resample(features, key_positions.reshape(1, -1, self.hidden), additive_mask)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """What the app computes on the host before calling the vision package (and what the sidecar JSON describes).
 
 The navit position ids use the official float32 bucketing (`navit_position_ids`), and the resampler's key term is
-the 2D sin-cos table of the slice's h x w grid; both depend only on (h, w), so an app can cache them per slice size.
+the 2D sin-cos table of the slice's h x w grid (`resampler.key_term`: for a 4.5 video frame plus the temporal
+term of its id); both depend only on (h, w) (and the id), so an app can cache them.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import numpy as np
 import torch
 
 from mcq.errors import McqError
-from mcq.models.minicpmv.resampler import sincos_2d
+from mcq.models.minicpmv.resampler import key_term
 from mcq.models.minicpmv.vision import navit_position_ids
 
 
 def vision_inputs(pixel_slice, height: int, width: int, *, patch: int, patches_per_side: int, hidden: int,
-                  max_patches: int) -> dict[str, np.ndarray]:
-    """Inputs of `MiniCPMV-vision` for one slice `[3, patch, patch * h * w]` of h x w patches (processor output)."""
+                  max_patches: int, temporal_id: int = -1) -> dict[str, np.ndarray]:
+    """Inputs for one slice `[3, patch, patch * h * w]` of h x w patches (processor output): of `MiniCPMV-vision`,
+    and where the export has a group resampler, `pixel_values`, `position_ids` and `patch_mask` are the tower's
+    and `patch_mask` and `key_positions` the frame's rows of the resampler's. `temporal_id`: the frame's id in a
+    video (-1: an image slice, no temporal term)."""
     count = height * width
     if count > max_patches:
         raise McqError(f"a slice of {height}x{width} = {count} patches exceeds the package's {max_patches}")
@@ -30,7 +34,7 @@ def vision_inputs(pixel_slice, height: int, width: int, *, patch: int, patches_p
     mask = np.zeros((1, max_patches), dtype=np.float32)
     mask[0, :count] = 1.0
     key_positions = np.zeros((1, max_patches, hidden), dtype=np.float32)
-    key_positions[0, :count] = sincos_2d(hidden, height, width).numpy()
+    key_positions[0, :count] = key_term(hidden, height, width, temporal_id)
     return {"pixel_values": padded, "position_ids": position_ids, "patch_mask": mask,
             "key_positions": key_positions}
 

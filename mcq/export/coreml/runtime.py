@@ -1,7 +1,8 @@
 """Run an `mcq export --format coreml` output from Python: Core ML itself on macOS, mcq's numpy interpreter elsewhere.
 
-`CoremlMiniCPMV` does on the host what the Swift app of docs/coreml.md does: one vision call per slice, the text
-embedded by the embed package with each slice's features written over its placeholder rows, then, in chunks of at
+`CoremlMiniCPMV` does on the host what the Swift app of docs/coreml.md does: one vision call per slice (where the
+export has a group resampler, 4.5: one tower call per slice or frame, then one resampler call per image slice or
+temporal group of frames), the text embedded by the embed package with each slice's features written over its placeholder rows, then, in chunks of at
 most `max_tokens_per_call` tokens, the decoder packages in order (each on the stateful KV cache of its layers) and
 the head package, with the rotary terms and the causal mask of `host`. Inputs are cast to the dtypes the packages
 declare, so both backends see what an app passes.
@@ -22,7 +23,7 @@ from .api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
 from .host import causal_mask, rotary_inputs, vision_inputs
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
-# MIL const names of the vision package that belong to the SigLIP tower (coremltools names a weight after its
+# MIL const names of the vision packages that belong to the SigLIP tower (coremltools names a weight after its
 # torch parameter path in `graphs.VisionSlice`); every other weight there is the resampler's.
 _TOWER_PREFIXES = ("patch_embedding_", "position_embedding_", "layers_", "post_layernorm_")
 
@@ -59,17 +60,25 @@ def native_available() -> bool:
 
 
 def component_bytes(path: str | Path) -> dict[str, int]:
-    """Bytes of stored weights per model component: the vision package split into tower and resampler, the embed
+    """Bytes of stored weights per model component: the vision packages split into tower and resampler, the embed
     and LLM packages together as the LLM. Read from the programs' declared blobs; no weight is read."""
     from .interpreter import load_program
 
     root = Path(path)
+    sidecar = read_sidecar(root)
     sizes = {"vision": 0, "resampler": 0, "llm": 0}
-    for name, stored in load_program(root / VISION_PACKAGE).stored():
-        sizes["vision" if name.startswith(_TOWER_PREFIXES) else "resampler"] += stored.nbytes
-    for package in llm_packages(read_sidecar(root)):
+    for package in vision_packages(sidecar):
+        for name, stored in load_program(root / package).stored():
+            sizes["vision" if name.startswith(_TOWER_PREFIXES) else "resampler"] += stored.nbytes
+    for package in llm_packages(sidecar):
         sizes["llm"] += sum(stored.nbytes for _, stored in load_program(root / package).stored())
     return sizes
+
+
+def vision_packages(sidecar: dict[str, Any] | None) -> list[str]:
+    """The vision packages of an export: the vision package, and the group resampler's where it has one (4.5)."""
+    resampler = (sidecar or {}).get("resampler")
+    return [VISION_PACKAGE, *([resampler["package"]] if resampler else [])]
 
 
 def llm_packages(sidecar: dict[str, Any] | None) -> list[str]:
@@ -129,6 +138,10 @@ class CoremlMiniCPMV:
         self.sidecar, self.llm_info = sidecar, sidecar["llm"]
         self.vision_info = sidecar["vision"]
         self.vision_package = _Package(root / VISION_PACKAGE, self.native)
+        # Exports made before the group resampler have no "resampler" entry: their vision package is one slice.
+        self.resampler_info = sidecar.get("resampler")
+        self.resampler_package = (_Package(root / self.resampler_info["package"], self.native)
+                                  if self.resampler_info else None)
         self.embed_package, self.decoder_packages, self.head_package = None, [], None
         if self.llm_info is not None:
             self.embed_package = _Package(root / self.llm_info["embed_package"], self.native)
@@ -138,15 +151,45 @@ class CoremlMiniCPMV:
         self.terminators = set(sidecar["tokens"]["terminators"])
 
     # -- vision -------------------------------------------------------------------------------------------------
-    def encode_slices(self, slices: Sequence, tgt_sizes) -> np.ndarray:
-        """Slices (each `[3, patch, patch * h * w]`, `tgt_sizes` rows (h, w)) → `[n, queries, hidden]` float32."""
+    def encode_slices(self, slices: Sequence, tgt_sizes, temporal_ids: Sequence[Sequence[int]] | None = None
+                      ) -> np.ndarray:
+        """Slices (each `[3, patch, patch * h * w]`, `tgt_sizes` rows (h, w)) → `[G, queries, hidden]` float32: one
+        block per slice, or per temporal group where `temporal_ids` (4.5 video, as the processor returns them: one
+        list of frame ids per resampler item, covering consecutive slices; `[-1]` an image slice) group them."""
         info = self.vision_info
-        outputs = []
-        for pixels, (height, width) in zip(slices, np.asarray(tgt_sizes).reshape(-1, 2).tolist()):
-            inputs = vision_inputs(pixels, height, width, patch=info["patch_size"],
-                                   patches_per_side=info["patches_per_side"], hidden=info["hidden_size"],
-                                   max_patches=info["max_patches"])
-            outputs.append(self.vision_package(inputs)["image_features"][0].astype(np.float32))
+        sizes = np.asarray(tgt_sizes).reshape(-1, 2).tolist()
+        groups = [[-1]] * len(sizes) if temporal_ids is None else [list(group) for group in temporal_ids]
+        if sum(len(group) for group in groups) != len(sizes):
+            raise McqError(f"temporal ids name {sum(len(g) for g in groups)} slices but there are {len(sizes)}")
+        for group in groups:
+            if self.resampler_info is None and (len(group) > 1 or group[0] >= 0):
+                raise McqError(f"video frames grouped by temporal id ({group}) need a group resampler package, which "
+                               f"this export lacks (MiniCPM-V {self.sidecar['version']} has no 3D resampler, or the "
+                               "export predates it: export it again)")
+            if self.resampler_info is not None and len(group) not in self.resampler_info["frames"]:
+                raise McqError(f"a temporal group of {len(group)} frames: the resampler package takes "
+                               f"{', '.join(map(str, self.resampler_info['frames']))}")
+
+        def inputs_of(index: int, temporal_id: int) -> dict[str, np.ndarray]:
+            height, width = sizes[index]
+            return vision_inputs(slices[index], height, width, patch=info["patch_size"],
+                                 patches_per_side=info["patches_per_side"], hidden=info["hidden_size"],
+                                 max_patches=info["max_patches"], temporal_id=temporal_id)
+
+        outputs, start = [], 0
+        for group in groups:
+            frame_inputs = [inputs_of(start + offset, temporal_id) for offset, temporal_id in enumerate(group)]
+            start += len(group)
+            if self.resampler_package is None:
+                features = self.vision_package(frame_inputs[0])["image_features"]
+            else:
+                tower = [self.vision_package({name: inputs[name] for name in self.vision_package.program.inputs})
+                         ["vision_features"] for inputs in frame_inputs]
+                features = self.resampler_package({
+                    "vision_features": np.concatenate(tower),
+                    "key_positions": np.concatenate([inputs["key_positions"] for inputs in frame_inputs]),
+                    "patch_mask": np.concatenate([inputs["patch_mask"] for inputs in frame_inputs])})["image_features"]
+            outputs.append(features[0].astype(np.float32))
         return np.stack(outputs)
 
     # -- the LLM ------------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def vision_inputs(slices: Sequence, tgt_sizes: np.ndarray, groups: Sequence[Sequ
     """
     import torch
 
-    from mcq.models.minicpmv.resampler import sincos_2d, sincos_temporal
+    from mcq.models.minicpmv.resampler import key_term
     from mcq.models.minicpmv.vision import navit_position_ids
 
     sizes = np.asarray(tgt_sizes, dtype=np.int64).reshape(-1, 2)
@@ -101,17 +101,16 @@ def vision_inputs(slices: Sequence, tgt_sizes: np.ndarray, groups: Sequence[Sequ
     real = np.arange(longest)[None, :] < counts[:, None]
     # navit_position_ids is the torch model's own function (float32 bucketize semantics), not a re-derivation.
     position_ids = navit_position_ids(torch.from_numpy(sizes), patches_per_side, longest).numpy() * real
+    flat = [-1] * n if groups is None else [t for group in groups for t in group]
+    if len(flat) != n:
+        raise McqError(f"temporal ids name {len(flat)} slices but there are {n}")
     key_positions = np.zeros((n, longest, embed_dim), dtype=np.float32)
-    for i, (h, w) in enumerate(sizes.tolist()):
-        key_positions[i, : h * w] = sincos_2d(embed_dim, h, w).numpy()
+    for i, ((h, w), temporal_id) in enumerate(zip(sizes.tolist(), flat)):
+        key_positions[i, : h * w] = key_term(embed_dim, h, w, temporal_id)
     if groups is None:
         packing = np.arange(n * longest, dtype=np.int64).reshape(n, longest)
         padding = ~real
     else:
-        flat = [t for group in groups for t in group]
-        if len(flat) != n:
-            raise McqError(f"temporal ids name {len(flat)} slices but there are {n}")
-        key_positions += sincos_temporal(embed_dim, flat).numpy()[:, None, :]
         width = max(len(group) for group in groups) * longest
         packing = np.zeros((len(groups), width), dtype=np.int64)
         padding = np.ones((len(groups), width), dtype=bool)

@@ -43,6 +43,13 @@ def sincos_temporal(dim: int, temporal_ids: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(table)
 
 
+def key_term(dim: int, height: int, width: int, temporal_id: int = -1) -> np.ndarray:
+    """`[height * width, dim]` float32: what the resampler adds to the keys of a slice of h x w patches, the 2D
+    sin-cos of its grid plus, for a video frame (4.5), the temporal term of its id. Exporters whose graphs take the
+    key term as an input (ONNX, Core ML) have their hosts compute it here."""
+    return (sincos_2d(dim, height, width) + sincos_temporal(dim, [temporal_id])).numpy()
+
+
 class ResamplerAttention(nn.Module):
     """Multi-head cross attention, batch first, with its projections as Linears (so quantizers and hooks see them).
 

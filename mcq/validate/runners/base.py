@@ -126,7 +126,7 @@ class Runner(ABC):
 
 def grouped_video(data: dict[str, Any]) -> bool:
     """Whether an encoded sample is 4.5 video: frames grouped by temporal id, which only the 3D resampler does
-    (runtimes without it, llama.cpp and the Core ML package, leave such samples out)."""
+    (runtimes without it, llama.cpp and vLLM, leave such samples out)."""
     groups = (data.get("temporal_ids") or [[]])[0] or []
     return any(frame >= 0 for group in groups for frame in group)
 

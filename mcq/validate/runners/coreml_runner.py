@@ -4,8 +4,8 @@ saved packages, which rounds to fp16 after every op as the device does. So on Li
 packages' own (their weights, their fp16 program) while the memory and latency are the interpreter's, not a
 device's; the runtime column says which.
 
-The vision package takes one slice at a time and has no 3D resampler: 4.5 video samples (frames grouped by
-temporal id) are not served. Validation scores the LLM, so an export without its LLM package (`--llm none`) is
+4.5 video samples are served: the export's group resampler package packs the frames of each temporal group as the
+torch model's 3D resampler does. Validation scores the LLM, so an export without its LLM package (`--llm none`) is
 refused when it is described, before any run.
 """
 
@@ -21,7 +21,7 @@ from mcq.errors import McqError
 from mcq.export.coreml.api import LLM_COMPRESSIONS
 
 from ..probes import Stopwatch
-from .base import MemoryPlan, Runner, config_identity, grouped_video
+from .base import MemoryPlan, Runner, config_identity
 
 
 class CoremlRunner(Runner):
@@ -71,12 +71,6 @@ class CoremlRunner(Runner):
         return component_bytes(path)
 
     @classmethod
-    def unserved(cls, data: dict[str, Any]) -> str | None:
-        if grouped_video(data):
-            return "video (the Core ML vision package has no 3D resampler to group frames by temporal id)"
-        return None
-
-    @classmethod
     def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
         """The packages run one after the other and each call reads its package's weights (the interpreter keeps
         only small constants): the largest package decompressed to fp16 and computed in float32, the caches of every
@@ -103,10 +97,8 @@ class CoremlRunner(Runner):
             raise McqError(f"{path} has no LLM package (exported with --llm none)")
 
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
-        reason = self.unserved(data)
-        if reason:
-            raise McqError(f"Core ML cannot serve this sample: {reason}")
-        return torch.from_numpy(self.model.encode_slices(data["pixel_values"][0], data["tgt_sizes"][0]))
+        temporal_ids = (data.get("temporal_ids") or [None])[0]
+        return torch.from_numpy(self.model.encode_slices(data["pixel_values"][0], data["tgt_sizes"][0], temporal_ids))
 
     def _embeds(self, data: dict[str, Any], vision: torch.Tensor | None):
         bounds = data.get("image_bound")
