@@ -15,7 +15,7 @@ import torch
 
 from mcq.errors import McqError
 from mcq.export.coreml import api
-from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette
+from mcq.export.coreml.convert import MAX_GROUP_FRAMES, MAX_PATCHES, kmeans_palette
 from mcq.export.coreml.host import vision_inputs
 from mcq.export.coreml.interpreter import (Interpreter, Operation, Program, check_supported, load_program,
                                            materialized)
@@ -25,8 +25,14 @@ MODEL = "tiny:4.5"
 # = 1036, of a 4:3 image), and one that fills the package.
 SLICES = ((20, 30), (37, 28), (34, 32))
 SPEC_VERSION = {"iOS17": 8, "iOS18": 9}      # Core ML specification version each deployment target writes
-VISION_INPUTS = {"pixel_values": ("FLOAT16", [1, 3, 14, 14 * MAX_PATCHES]), "position_ids": ("INT32", [1, MAX_PATCHES]),
-                 "patch_mask": ("FLOAT16", [1, MAX_PATCHES]), "key_positions": ("FLOAT16", [1, MAX_PATCHES, 256])}
+# tiny:4.5's resampler packs video frames: its vision package is the tower (vision width 128), the resampler package
+# takes 1 to MAX_GROUP_FRAMES frames (None: the flexible frame count).
+TOWER_INPUTS = {"pixel_values": ("FLOAT16", [1, 3, 14, 14 * MAX_PATCHES]), "position_ids": ("INT32", [1, MAX_PATCHES]),
+                "patch_mask": ("FLOAT16", [1, MAX_PATCHES])}
+RESAMPLER_INPUTS = {"vision_features": ("FLOAT16", [None, MAX_PATCHES, 128]),
+                    "key_positions": ("FLOAT16", [None, MAX_PATCHES, 256]),
+                    "patch_mask": ("FLOAT16", [None, MAX_PATCHES])}
+SLICE_INPUTS = ("pixel_values", "position_ids", "patch_mask", "key_positions")     # `graphs.VisionSlice`'s
 COMPRESSED_OP = {"int8": {"iOS17": "constexpr_affine_dequantize", "iOS18": "constexpr_blockwise_shift_scale"},
                  "palettize4": {"iOS17": "constexpr_lut_to_dense", "iOS18": "constexpr_lut_to_dense"},
                  "palettize6": {"iOS18": "constexpr_lut_to_dense"}}
@@ -88,8 +94,15 @@ def exports(tmp_path_factory):
     return export
 
 
-def _interpreted(package: Path, inputs: dict) -> np.ndarray:
-    return Interpreter(load_program(package)).predict(inputs)["image_features"].astype(np.float32)
+def _interpreted(out: Path, inputs: dict) -> np.ndarray:
+    """`image_features` of one slice (host inputs of `vision_inputs`) through an export's vision packages: the vision
+    package, or where the export has a group resampler, the tower and then the resampler with one frame."""
+    vision = Interpreter(load_program(out / api.VISION_PACKAGE)).predict(inputs)
+    if not (out / api.RESAMPLER_PACKAGE).is_dir():
+        return vision["image_features"].astype(np.float32)
+    resampler = Interpreter(load_program(out / api.RESAMPLER_PACKAGE))
+    return resampler.predict({"vision_features": vision["vision_features"], "key_positions": inputs["key_positions"],
+                              "patch_mask": inputs["patch_mask"]})["image_features"].astype(np.float32)
 
 
 def test_vision_fp16_package_structure(exports):
@@ -99,15 +112,41 @@ def test_vision_fp16_package_structure(exports):
     spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
     assert spec.specificationVersion == SPEC_VERSION["iOS17"]
     program = load_program(package)
-    assert program.inputs == VISION_INPUTS
-    assert program.outputs == ["image_features"]
+    assert program.inputs == TOWER_INPUTS
+    assert program.outputs == ["vision_features"]
     output = spec.description.output[0].type.multiArrayType
-    assert list(output.shape) == [1, 64, 256] and output.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    assert list(output.shape) == [1, MAX_PATCHES, 128]
+    assert output.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
     ops = program.op_types()
     assert not any(op.startswith("constexpr_") for op in ops)     # fp16: nothing compressed
     assert {"linear", "layer_norm", "softmax", "gather"} <= ops
+    resampler = load_program(out / api.RESAMPLER_PACKAGE)
+    assert resampler.inputs == RESAMPLER_INPUTS and resampler.outputs == ["image_features"]
+    # The tower's weights in its package only, the resampler's in its own: each stored once.
+    tower_prefixes, resampler_prefixes = ("layers_", "patch_embedding"), ("kv_proj", "q_proj", "proj_weight")
+    tower_names, resampler_names = [n for n, _ in program.stored()], [n for n, _ in resampler.stored()]
+    assert any(n.startswith(tower_prefixes) for n in tower_names)
+    assert not any(n.startswith(resampler_prefixes) for n in tower_names)
+    assert any(n.startswith(resampler_prefixes) for n in resampler_names)
+    assert not any(n.startswith(tower_prefixes) for n in resampler_names)
+    frames = list(range(1, MAX_GROUP_FRAMES + 1))
+    # The frame count: a bounded range on iOS17 (one enumerated input at most below iOS18), enumerated on iOS18.
+    for target in ("iOS17", "iOS18"):
+        spec = ct.models.MLModel(str(exports("fp16" if target == "iOS17" else "int8", target)
+                                     / api.RESAMPLER_PACKAGE), skip_model_load=True).get_spec()
+        for feature in spec.description.input:
+            array = feature.type.multiArrayType
+            if target == "iOS17":
+                bounds = array.shapeRange.sizeRanges[0]
+                assert (bounds.lowerBound, bounds.upperBound) == (1, MAX_GROUP_FRAMES), feature.name
+            else:
+                assert [list(shape.shape)[0] for shape in array.enumeratedShapes.shapes] == frames, feature.name
+        output = spec.description.output[0].type.multiArrayType
+        assert list(output.shape) == [1, 64, 256]
     sidecar = json.loads((out / api.SIDECAR).read_text())
     assert sidecar["vision"]["max_patches"] == MAX_PATCHES and sidecar["vision"]["query_num"] == 64
+    assert set(sidecar["vision"]["host"]) == set(TOWER_INPUTS) and sidecar["vision"]["outputs"] == ["vision_features"]
+    assert sidecar["resampler"]["package"] == api.RESAMPLER_PACKAGE and sidecar["resampler"]["frames"] == frames
     assert sidecar["tokens"]["image_placeholder"] != sidecar["tokens"]["im_start"]
     manifest = json.loads((out / "mcq-manifest.json").read_text())
     assert manifest["kind"] == "coreml" and manifest["settings"]["vision"] == "fp16"
@@ -115,26 +154,71 @@ def test_vision_fp16_package_structure(exports):
 
 
 def test_vision_fp16_package_agrees_with_torch(exports, reference):
-    package = exports("fp16", "iOS17") / api.VISION_PACKAGE
+    out = exports("fp16", "iOS17")
     for inputs, expected in reference:
-        got = _interpreted(package, inputs)
+        got = _interpreted(out, inputs)
         assert got.shape == expected.shape == (1, 64, 256)
         assert cosine(got, expected) > 0.999
     if sys.platform == "darwin":    # the same check through Core ML itself (the macOS CI job)
-        model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
-        program = load_program(package)
+        tower = ct.models.MLModel(str(out / api.VISION_PACKAGE), compute_units=ct.ComputeUnit.CPU_ONLY)
+        resampler = ct.models.MLModel(str(out / api.RESAMPLER_PACKAGE), compute_units=ct.ComputeUnit.CPU_ONLY)
+        program = load_program(out / api.VISION_PACKAGE)
         for inputs, expected in reference:
-            assert cosine(model.predict(as_declared(inputs, program))["image_features"], expected) > 0.999
+            features = tower.predict(as_declared({k: inputs[k] for k in TOWER_INPUTS}, program))["vision_features"]
+            got = resampler.predict({"vision_features": features, "patch_mask": inputs["patch_mask"].astype(np.float16),
+                                     "key_positions": inputs["key_positions"].astype(np.float16)})["image_features"]
+            assert cosine(got, expected) > 0.999
 
 
 def test_padding_is_masked(exports, reference):
     """Changing the pixels of padded patches must not change the output (the port without a mask fails this)."""
-    package = exports("fp16", "iOS17") / api.VISION_PACKAGE
+    out = exports("fp16", "iOS17")
     inputs, _ = reference[0]
     noisy = dict(inputs)
     noisy["pixel_values"] = inputs["pixel_values"].copy()
     noisy["pixel_values"][..., 14 * 600:] = 3.0
-    np.testing.assert_array_equal(_interpreted(package, inputs), _interpreted(package, noisy))
+    np.testing.assert_array_equal(_interpreted(out, inputs), _interpreted(out, noisy))
+
+
+@pytest.fixture(scope="module")
+def video():
+    """A 4.5 video: 7 frames at 1 fps in temporal groups of 3, 3 and 1 (the second group's frames 37 x 28 patches, so
+    a group's packed keys have padding between frames), processed as `chat()` does; the torch model's blocks, and
+    what it gives with the temporal term dropped (every id -1) and without the grouping (one block per frame)."""
+    from onnx_helpers import chat_inputs, image
+
+    from mcq.models.loading import load_model, load_processor
+
+    model, processor = load_model(MODEL, dtype="float32"), load_processor(MODEL)
+    frames = [image(448, 448, s) for s in range(3)] + [image(560, 420, s) for s in range(3, 6)] + [image(448, 448, 9)]
+    inputs = chat_inputs(model, processor, [{"role": "user", "content": frames + ["What happens?"]}],
+                         use_image_id=False, max_slice_nums=1, temporal_ids=[[0, 10, 20], [30, 40, 50], [90]])
+    slices, sizes, groups = inputs["pixel_values"][0], inputs["tgt_sizes"][0], inputs["temporal_ids"][0]
+    with torch.no_grad():
+        expected = model.get_vision_embedding(slices, sizes, groups).numpy()
+        no_temporal = model.get_vision_embedding(slices, sizes, [[-1] * len(g) for g in groups]).numpy()
+        ungrouped = model.get_vision_embedding(slices, sizes).numpy()
+    return (slices, sizes, groups), expected, {"no temporal term": no_temporal, "ungrouped": ungrouped}
+
+
+def test_video_groups_agree_with_torch(exports, video):
+    """Each temporal group through the tower frame by frame and the resampler once over its packed frames gives the
+    torch 3D resampler's block: measured on the fp16 packages, max |diff| 2.7e-3 (max |x| 3.2), cosine 0.9999998.
+    Dropping the temporal term moves torch's blocks by 0.062 (20x that), and without the grouping there is a block
+    per frame, so either loss fails here."""
+    from mcq.export.coreml.runtime import CoremlMiniCPMV
+
+    (slices, sizes, groups), expected, broken = video
+    out = exports("fp16", "iOS17")
+    for native in (False, True) if sys.platform == "darwin" else (False,):
+        got = CoremlMiniCPMV(out, native=native).encode_slices(slices, sizes, groups)
+        assert got.shape == expected.shape == (3, 64, 256)
+        error = np.abs(got - expected).max()
+        assert error < 1e-2 and cosine(got, expected) > 0.99999
+    for other in broken.values():
+        assert other.shape != expected.shape or np.abs(other - expected).max() > 10 * error
+    with pytest.raises(McqError, match="takes 1, 2, 3, 4, 5, 6"):
+        CoremlMiniCPMV(out, native=False).encode_slices([slices[0]] * 7, [sizes[0].tolist()] * 7, [list(range(7))])
 
 
 @pytest.mark.parametrize(("vision", "target"), [("int8", "iOS17"), ("int8", "iOS18"), ("palettize4", "iOS17"),
@@ -144,11 +228,10 @@ def test_vision_compression(exports, reference, weights, vision, target):
     torch wrapper with those weights (so the interpreter and the conversion are checked apart from the rounding)."""
     from mcq.export.coreml.graphs import VisionSlice
 
-    package = exports(vision, target) / api.VISION_PACKAGE
-    program = load_program(package)
-    assert COMPRESSED_OP[vision][target] in program.op_types()
-    interpreter = Interpreter(program)
-    decompressed = interpreter.weights()
+    out = exports(vision, target)
+    programs = [load_program(out / package) for package in (api.VISION_PACKAGE, api.RESAMPLER_PACKAGE)]
+    assert all(COMPRESSED_OP[vision][target] in program.op_types() for program in programs)
+    decompressed = {name: value for program in programs for name, value in Interpreter(program).weights().items()}
     module = VisionSlice(weights, MAX_PATCHES).eval()
     compressed_names = 0
     for name, parameter in module.state_dict().items():
@@ -174,9 +257,9 @@ def test_vision_compression(exports, reference, weights, vision, target):
         parameter.copy_(torch.from_numpy(stored))
     assert compressed_names >= 10     # every Linear of the tower and the resampler
     for inputs, expected in reference:
-        got = interpreter.predict(inputs)["image_features"].astype(np.float32)
+        got = _interpreted(out, inputs)
         with torch.no_grad():
-            wrapped = module(*(torch.from_numpy(inputs[k]) for k in VISION_INPUTS)).numpy()
+            wrapped = module(*(torch.from_numpy(inputs[k]) for k in SLICE_INPUTS)).numpy()
         assert cosine(got, wrapped) > 0.999
         assert cosine(got, expected) > {"int8": 0.999, "palettize6": 0.99, "palettize4": 0.95}[vision]
 
@@ -775,6 +858,7 @@ def test_other_versions_packages_agree_with_torch(tmp_path, version):
     import mcq  # noqa: F401
     from mcq.export.coreml.convert import rope_theta
     from mcq.export.coreml.host import causal_mask, rotary_inputs
+    from mcq.export.coreml.runtime import CoremlMiniCPMV
     from mcq.models.loading import model_spec
 
     path, config, _ = model_spec(f"tiny:{version}")
@@ -789,7 +873,10 @@ def test_other_versions_packages_agree_with_torch(tmp_path, version):
         expected_logits = model.llm(inputs_embeds=embeds).logits.numpy()
     inputs = vision_inputs(pixels, 10, 12, patch=14, patches_per_side=config.vision_config.image_size // 14,
                            hidden=config.hidden_size, max_patches=MAX_PATCHES)
-    assert cosine(_interpreted(out / api.VISION_PACKAGE, inputs), expected_features) > 0.999
+    assert not (out / api.RESAMPLER_PACKAGE).exists()    # no 3D resampler: the one-slice vision package
+    assert cosine(_interpreted(out, inputs), expected_features) > 0.999
+    with pytest.raises(McqError, match="need a group resampler package"):
+        CoremlMiniCPMV(out, native=False).encode_slices([pixels] * 2, [[10, 12]] * 2, [[0, 1]])
     packaged_embeds = Interpreter(load_program(out / api.EMBED_PACKAGE)).predict(
         {"input_ids": ids.numpy().astype(np.int32)})["inputs_embeds"].astype(np.float32)
     np.testing.assert_allclose(packaged_embeds, embeds.numpy(), rtol=1e-2, atol=1e-2 * np.abs(embeds.numpy()).max())

@@ -8,7 +8,9 @@ import math
 import shutil
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mcq.errors import McqError
 from mcq.export.coreml import api
@@ -26,6 +28,24 @@ def exports(tmp_path_factory):
     api.export_coreml(MODEL, root / "fp16", vision="fp16", llm="fp16", progress=False)
     api.export_coreml(MODEL, root / "int4", vision="int8", llm="int4-block32", progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    """User eval data: an image, and a video of 5 frames at 1 fps packed 3 a block (4.5's temporal groups (0, 10, 20)
+    and (30, 40): a group of 3 frames and one of 2)."""
+    root = tmp_path_factory.mktemp("coreml-eval")
+    rng = np.random.default_rng(0)
+    (root / "clip").mkdir()
+    for name in ["picture.png", *(f"clip/{i:02d}.png" for i in range(5))]:
+        Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(root / name)
+    records = [{"image": "picture.png", "messages": [{"role": "user", "content": "<image>\nWhat is shown?"},
+                                                     {"role": "assistant", "content": "Coloured noise."}]},
+               {"frames": "clip", "fps": 1, "packing": 3, "messages": [
+                   {"role": "user", "content": "What happens in <video>?"},
+                   {"role": "assistant", "content": "The noise changes every second."}]}]
+    (root / "eval.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return root / "eval.jsonl"
 
 
 def test_detect_describe_and_sizes(exports):
@@ -65,21 +85,18 @@ def test_sidecar_without_model_identity_is_refused(exports, tmp_path):
         CoremlRunner.describe(out)
 
 
-def test_video_samples_are_not_served():
-    assert CoremlRunner.unserved({"temporal_ids": [[[-1], [-1]]]}) is None
-    assert "3D resampler" in CoremlRunner.unserved({"temporal_ids": [[[0, 1], [2, 3]]]})
-
-
-def test_validate_scores_the_packages(exports):
-    """Two eval samples, one slice per image, through every validate stage (reference, variants, vision path).
+def test_validate_scores_the_packages(exports, eval_data):
+    """An image and a 4.5 video (frames packed by temporal id through the group resampler package), one slice per
+    image or frame, through every validate stage (reference, variants, vision path); none is left out.
 
     The fp16 packages differ from torch only by fp16 rounding: their KL was measured at ~1e-7 (tiny:4.5), so 1e-4
     is a bound with a thousandfold margin that a wrong rotary term, mask or cache position (KL ≥ 0.1) still fails.
     int4 blocks of tiny random weights lose far more (measured 2.6e-3): at least 100x fp16's, below 0.05."""
     from mcq.validate.api import validate
 
-    results = validate(MODEL, [exports / "fp16", exports / "int4"], num_samples=2, max_slice_nums=1,
+    results = validate(MODEL, [exports / "fp16", exports / "int4"], eval_data=eval_data, max_slice_nums=1,
                        max_new_tokens=8, latency_runs=1, warmup_runs=0, decode_tokens=2, progress=False)
+    assert (results["eval"]["images"], results["eval"]["video_frames"]) == (1, 5)
     _, fp16, int4 = results["variants"]
     for row in (fp16, int4):
         assert row["status"] == "ok", row["error"]

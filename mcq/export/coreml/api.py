@@ -421,5 +421,5 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
 
 
 __all__ = ["EMBED_PACKAGE", "HEAD_PACKAGE", "LLM_COMPRESSIONS", "RESAMPLER_PACKAGE", "SIDECAR", "TARGETS",
-           "VISION_COMPRESSIONS", "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options", "decoder_package",
-           "export_coreml"]
+           "VISION_COMPRESSIONS", "VISION_PACKAGE", "CoremlExportResult", "CoremlPackage", "check_options",
+           "decoder_package", "export_coreml"]

@@ -130,7 +130,7 @@ class VisionSlice(nn.Module):
         return self.post_layernorm(hidden), additive_mask
 
     def resample(self, features, key_positions, additive_mask) -> torch.Tensor:
-        """The resampler: 64 queries over the keys of `features` `[1, K, vision hidden]` → `[1, query_num, hidden]`."""
+        """The resampler: 64 queries over the keys of `features` [1, K, vision hidden] → [1, query_num, hidden]."""
         features = self.ln_kv(self.kv_proj(features))
         query = self.ln_q(self.query).unsqueeze(0)
         out = _attend(self.q_proj(query), self.k_proj(features + key_positions), self.v_proj(features),

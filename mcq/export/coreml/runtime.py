@@ -2,10 +2,10 @@
 
 `CoremlMiniCPMV` does on the host what the Swift app of docs/coreml.md does: one vision call per slice (where the
 export has a group resampler, 4.5: one tower call per slice or frame, then one resampler call per image slice or
-temporal group of frames), the text embedded by the embed package with each slice's features written over its placeholder rows, then, in chunks of at
-most `max_tokens_per_call` tokens, the decoder packages in order (each on the stateful KV cache of its layers) and
-the head package, with the rotary terms and the causal mask of `host`. Inputs are cast to the dtypes the packages
-declare, so both backends see what an app passes.
+temporal group of frames), the text embedded by the embed package with each block of features written over its
+placeholder rows, then, in chunks of at most `max_tokens_per_call` tokens, the decoder packages in order (each on
+the stateful KV cache of its layers) and the head package, with the rotary terms and the causal mask of `host`.
+Inputs are cast to the dtypes the packages declare, so both backends see what an app passes.
 """
 
 from __future__ import annotations
