@@ -15,7 +15,7 @@ import torch
 
 from mcq.errors import McqError
 from mcq.export.coreml import api
-from mcq.export.coreml.convert import MAX_GROUP_FRAMES, MAX_PATCHES, kmeans_palette
+from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette
 from mcq.export.coreml.host import vision_inputs
 from mcq.export.coreml.interpreter import (Interpreter, Operation, Program, check_supported, load_program,
                                            materialized)
@@ -26,7 +26,7 @@ MODEL = "tiny:4.5"
 SLICES = ((20, 30), (37, 28), (34, 32))
 SPEC_VERSION = {"iOS17": 8, "iOS18": 9}      # Core ML specification version each deployment target writes
 # tiny:4.5's resampler packs video frames: its vision package is the tower (vision width 128), the resampler package
-# takes 1 to MAX_GROUP_FRAMES frames (None: the flexible frame count).
+# takes 1 to 6 frames (None: the flexible frame count).
 TOWER_INPUTS = {"pixel_values": ("FLOAT16", [1, 3, 14, 14 * MAX_PATCHES]), "position_ids": ("INT32", [1, MAX_PATCHES]),
                 "patch_mask": ("FLOAT16", [1, MAX_PATCHES])}
 RESAMPLER_INPUTS = {"vision_features": ("FLOAT16", [None, MAX_PATCHES, 128]),
@@ -129,7 +129,7 @@ def test_vision_fp16_package_structure(exports):
     assert not any(n.startswith(resampler_prefixes) for n in tower_names)
     assert any(n.startswith(resampler_prefixes) for n in resampler_names)
     assert not any(n.startswith(tower_prefixes) for n in resampler_names)
-    frames = list(range(1, MAX_GROUP_FRAMES + 1))
+    frames = list(range(1, 7))       # 4.5's temporal groups hold 1 to 6 frames
     # The frame count: a bounded range on iOS17 (one enumerated input at most below iOS18), enumerated on iOS18.
     for target in ("iOS17", "iOS18"):
         spec = ct.models.MLModel(str(exports("fp16" if target == "iOS17" else "int8", target)
@@ -138,7 +138,7 @@ def test_vision_fp16_package_structure(exports):
             array = feature.type.multiArrayType
             if target == "iOS17":
                 bounds = array.shapeRange.sizeRanges[0]
-                assert (bounds.lowerBound, bounds.upperBound) == (1, MAX_GROUP_FRAMES), feature.name
+                assert (bounds.lowerBound, bounds.upperBound) == (1, 6), feature.name
             else:
                 assert [list(shape.shape)[0] for shape in array.enumeratedShapes.shapes] == frames, feature.name
         output = spec.description.output[0].type.multiArrayType

@@ -34,7 +34,7 @@ from typing import Any
 from mcq.errors import McqError
 from mcq.models.minicpmv.versions import embedding_scale
 
-from .convert import MAX_GROUP_FRAMES, MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_compression
+from .convert import GROUP_FRAMES, MAX_PATCHES, TARGETS, VISION_COMPRESSIONS, check_vision_compression
 
 VISION_PACKAGE = "MiniCPMV-vision.mlpackage"
 RESAMPLER_PACKAGE = "MiniCPMV-resampler.mlpackage"
@@ -154,7 +154,7 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
             # over the packed keys of its frames, as the torch model's 3D resampler does.
             _say(progress, f"converting the vision tower ({vision}, {target})")
             save(VISION_PACKAGE, convert_vision_tower(weights, target, vision), vision)
-            _say(progress, f"converting the resampler of 1 to {MAX_GROUP_FRAMES} frames ({vision}, {target})")
+            _say(progress, f"converting the resampler of 1 to {GROUP_FRAMES[-1]} frames ({vision}, {target})")
             save(RESAMPLER_PACKAGE, convert_group_resampler(weights, target, vision), vision)
         else:
             _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
@@ -330,7 +330,7 @@ def _resampler_sidecar(program, key_positions: str) -> dict[str, Any]:
         "package": RESAMPLER_PACKAGE,
         "inputs": {name: {"dtype": dtype.lower(), "shape": shape} for name, (dtype, shape) in program.inputs.items()},
         "outputs": list(program.outputs),
-        "frames": list(range(1, MAX_GROUP_FRAMES + 1)),
+        "frames": list(GROUP_FRAMES),
         "host": {
             "calls": "one call per resampler item: the F frames of a temporal group (a video), or one image slice "
                      "(F = 1); F is one of `frames`, the first dimension of every input",
@@ -393,7 +393,7 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
         vision_text = (f"`{VISION_PACKAGE}`: the vision tower, one slice or video frame of up to {MAX_PATCHES} "
                        "patches per call (`pixel_values`, `position_ids`, `patch_mask`) → `vision_features`. "
                        f"`{RESAMPLER_PACKAGE}`: the resampler, one call per image slice or per temporal group of 1 "
-                       f"to {MAX_GROUP_FRAMES} video frames (their `vision_features`, `patch_mask` and "
+                       f"to {GROUP_FRAMES[-1]} video frames (their `vision_features`, `patch_mask` and "
                        "`key_positions`, the 2D and temporal sin-cos terms) → `image_features` "
                        f"[1, {config.query_num}, {config.hidden_size}], which replaces the placeholder tokens of "
                        "the slice or group. fp16 compute; see the JSON sidecar for the host inputs.")

@@ -27,8 +27,8 @@ VISION_COMPRESSIONS = ("fp16", "int8", "palettize4", "palettize6")
 # each side to whole patches, so slices of 1024+ patches are common (a 37 x 28 slice: 1036); 1088 holds every slice
 # of an image up to 1:20 aspect. Thinner images' slices are refused by `host.vision_inputs`.
 MAX_PATCHES = 1088
-# Frames the group resampler takes at most: the largest temporal group of a video (1 is an image slice).
-MAX_GROUP_FRAMES = MAX_PACKING
+# Frame counts the group resampler package takes: 1 (an image slice) to the largest temporal group of a video.
+GROUP_FRAMES = tuple(range(1, MAX_PACKING + 1))
 # Weights smaller than this stay fp16 (norms, biases, tiny tables): compressing them saves nothing measurable.
 WEIGHT_THRESHOLD = 2048
 PALETTE_GROUP = 16          # output channels sharing one palette (iOS18 per_grouped_channel)
@@ -197,7 +197,7 @@ def convert_group_resampler(weights, target: str, compression: str, max_patches:
     ct = import_coremltools()
     config = weights.config
     width, hidden = config.vision_config.hidden_size, config.hidden_size
-    frames = range(1, MAX_GROUP_FRAMES + 1)
+    frames = GROUP_FRAMES
     module = GroupResampler(weights, max_patches)
     example = (torch.zeros(2, max_patches, width), torch.zeros(2, max_patches, hidden), torch.ones(2, max_patches))
     # Enumerated frame counts on iOS18: Core ML compiles each shape ahead, and the Neural Engine runs enumerated
