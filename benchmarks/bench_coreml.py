@@ -9,11 +9,12 @@ The model is `mcq make-tiny --real-widths` (LLM hidden 4096 / intermediate 12288
 1152 / 4304, resampler 4096; random bf16 weights, small vocabulary) with --llm-layers / --vision-layers layers, in a
 temp dir removed at the end unless --keep. Each row is one `mcq.export.coreml.export_coreml` call (the code behind
 `mcq export --format coreml`), timed whole (`export_s`: read weights, trace, convert, compress, save, manifest):
-- vision rows: `--llm none --vision V` for each V, with the vision package's bytes;
+- vision rows: `--llm none --vision V` for each V, with the vision packages' bytes (4.5: the tower's and the
+  resampler's);
 - LLM rows: `--vision fp16 --llm L` for each L, with the LLM and embedding packages' bytes and, for int4-block32,
   the ratio to the physical minimum (4 bits per weight + an fp16 scale per 32, other weights fp16) of the whole
   package and of its weight file alone (the program description is a fixed ~40 KB per layer).
-`--check` adds the vision package's cosine to the torch model through mcq's numpy Core ML interpreter (one
+`--check` adds the vision packages' cosine to the torch model through mcq's numpy Core ML interpreter (one
 448 x 448 slice).
 
 Core ML runs only on Apple hardware: no speed is measured here.
@@ -36,24 +37,19 @@ VISION = ("fp16", "int8", "palettize4", "palettize6")
 LLM = ("int4-block32", "palettize4", "int8", "fp16")
 
 
-def vision_cosine(model_dir: Path, package: Path) -> float:
+def vision_cosine(model_dir: Path, export: Path) -> float:
     import numpy as np
     import torch
     from transformers import AutoModel
 
     import mcq  # noqa: F401
-    from mcq.export.coreml.convert import MAX_PATCHES
-    from mcq.export.coreml.host import vision_inputs
-    from mcq.export.coreml.interpreter import Interpreter, load_program
+    from mcq.export.coreml.runtime import CoremlMiniCPMV
 
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    config = model.config
     pixels = torch.randn(3, 14, 14 * 32 * 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model.get_vision_embedding([pixels], torch.tensor([[32, 32]])).numpy().ravel()
-    inputs = vision_inputs(pixels, 32, 32, patch=14, patches_per_side=config.vision_config.image_size // 14,
-                           hidden=config.hidden_size, max_patches=MAX_PATCHES)
-    got = Interpreter(load_program(package)).predict(inputs)["image_features"].astype(np.float64).ravel()
+    got = CoremlMiniCPMV(export, native=False).encode_slices([pixels], [[32, 32]]).astype(np.float64).ravel()
     return round(float(got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected))), 6)
 
 
@@ -87,9 +83,9 @@ def main() -> int:
             result = export_coreml(model_dir, out, target="iOS18", progress=False, **options)
             row = {"package": kind, "compression": choice, "export_s": round(time.perf_counter() - started, 2)}
             if kind == "vision":
-                row["vision_bytes"] = result.vision.bytes
+                row["vision_bytes"] = result.vision.bytes + (result.resampler.bytes if result.resampler else 0)
                 if args.check:
-                    row["vision_cosine_vs_torch"] = vision_cosine(model_dir, Path(result.vision.path))
+                    row["vision_cosine_vs_torch"] = vision_cosine(model_dir, out)
             else:
                 # the decoder packages and the head together
                 llm_bytes = sum(p.bytes for p in result.llm)

@@ -495,8 +495,8 @@ def test_llm_package_structure(llm_exports, weights):
     out = llm_exports("int4-block32")
     config = weights.config
     decoder, head = out / api.decoder_package(0), out / api.HEAD_PACKAGE
-    assert sorted(p.name for p in out.glob("*.mlpackage")) == [api.EMBED_PACKAGE, head.name, decoder.name,
-                                                               api.VISION_PACKAGE]   # tiny: one decoder chunk
+    assert sorted(p.name for p in out.glob("*.mlpackage")) == [   # tiny: one decoder chunk
+        api.EMBED_PACKAGE, head.name, decoder.name, api.RESAMPLER_PACKAGE, api.VISION_PACKAGE]
     for package in (decoder, head):
         assert ct.models.MLModel(str(package), skip_model_load=True).get_spec().specificationVersion == \
             SPEC_VERSION["iOS18"]
