@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,12 @@ from .quantize import (
     check_options,
     export_recipe,
     float_plans,
+    graph_dtype,
     plan_from_mcq,
     plan_onnxruntime,
 )
 from .runtime import DTYPE_SUFFIXES, GRAPHS
+from .traced import write_traced_graph
 
 # The files a runtime needs beside the graphs; an export without them could not preprocess or tokenize.
 REQUIRED_SUPPORT_FILES = ("preprocessor_config.json", "tokenizer_config.json")
@@ -59,12 +62,13 @@ class OnnxExportResult:
     linears: dict[str, dict[str, int]]       # component → {"mcq": n, "onnxruntime": n, "float": n}
     fallbacks: list[str]
     seconds: float
+    traced: bool                             # graphs traced from the family's torch programs (no `mcq chat` yet)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "model": self.model, "from": self.from_dir, "precision": self.precision,
                 "block_size": self.block_size, "files": self.files, "dtypes": self.dtypes,
                 "external_data": self.external_data, "linears": self.linears, "fallbacks": self.fallbacks,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "traced": self.traced}
 
     def summary(self) -> str:
         lines = [f"wrote {self.out} (ONNX {self.precision}" + (f" from {self.from_dir}" if self.from_dir else "")
@@ -78,7 +82,10 @@ class OnnxExportResult:
                                                               ("float", "float")) if counts.get(k)]
             lines.append(f"  {component} Linears: {', '.join(parts)}")
         lines += [f"  fallback: {text}" for text in self.fallbacks]
-        lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
+        if self.traced:
+            lines.append(f"  score it: mcq validate --model MODEL --variant {self.out}")
+        else:
+            lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
         return "\n".join(lines)
 
 
@@ -95,7 +102,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
     outlier model it moves AWQ int4's mean KL from 0.002484 to 0.002488 (benchmarks/README.md).
     """
     from mcq.models.family import linear_layers
-    from mcq.models.loading import load_processor, resolve_model_path
+    from mcq.models.loading import load_processor, open_checkpoint, resolve_model_path
     from mcq.models.weights import shell_model
     from mcq.outputs import check_output, staged_output, write_manifest
 
@@ -118,10 +125,18 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         if not (source / name).is_file():
             raise McqError(f"{source} has no {name}: an ONNX export ships the processor and tokenizer configs a "
                            "runtime needs to prepare inputs")
-    load_processor(source)   # the processor configs must also be valid, before any slow work
+    family = open_checkpoint(source).family
+    # The processor configs must also be valid, before any slow work.
+    if family.programs is None:
+        load_processor(source)
+    else:
+        family.calibration.open_encoder(source)
     started = time.perf_counter()
-    weights = ExportWeights(model, from_dir)
+    weights = ExportWeights(model, from_dir, every_family=True)
     try:
+        programs = family.programs
+        if programs is None:
+            weights.spec   # the resampler family's graphs are written for the releases it knows (else a McqError)
         shell = shell_model(weights.config)
         linears = linear_layers(shell)
         bits = PRECISION_BITS.get(precision)
@@ -129,24 +144,28 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
             plans = plan_from_mcq(weights, linears, precision)
             recipe = None
         elif bits is not None:
-            plans = plan_onnxruntime(linears, bits, block_size, symmetric, algorithm)
-            recipe = export_recipe(bits, block_size, symmetric).to_dict()
+            plans = plan_onnxruntime(linears, bits, block_size, symmetric, family.name, algorithm)
+            recipe = export_recipe(bits, block_size, symmetric, family.name).to_dict()
         else:
             plans, recipe = float_plans(linears, f"{precision} export"), None
         writer = WeightWriter(weights, precision, plans, accuracy_level, symmetric)
-        names = weights.names()
-        builds = {
-            "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
-            "embed_tokens": lambda b: build_embed_tokens(b, writer, embedding_scale(weights.config),
-                                                         weights.config.hidden_size),
-            "decoder_model_merged": lambda b: build_decoder(b, writer, DecoderShape(shell, names)),
-        }
+        if programs is None:
+            names = weights.names()
+            builds = {
+                "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
+                "embed_tokens": lambda b: build_embed_tokens(b, writer, embedding_scale(weights.config),
+                                                             weights.config.hidden_size),
+                "decoder_model_merged": lambda b: build_decoder(b, writer, DecoderShape(shell, names)),
+            }
+            write = partial(_write_graph, builds=builds)
+        else:
+            write = partial(write_traced_graph, programs=programs.build(weights), writer=writer)
         with staged_output(out, force) as staging:
             onnx_dir = staging / "onnx"
             onnx_dir.mkdir()
             dtypes, external = {}, []
             for graph in GRAPHS:
-                dtype, is_external = _write_graph(graph, builds[graph], onnx_dir, precision)
+                dtype, is_external = write(graph, onnx_dir=onnx_dir, precision=precision)
                 dtypes[graph] = dtype
                 if is_external:
                     external.append(f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx")
@@ -170,7 +189,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         out=out, model=str(model), from_dir=None if from_dir is None else str(from_dir), precision=precision,
         block_size=block_size if recipe else None, files=files, dtypes=dtypes, external_data=external,
         linears=_count_linears(plans), fallbacks=[f"{p.name}: {p.reason}" for p in plans.values() if p.fallback],
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, traced=family.programs is not None)
 
 
 def _identity(directory: Path) -> dict[str, Any]:
@@ -181,26 +200,19 @@ def _identity(directory: Path) -> dict[str, Any]:
     return {"name": Path(directory).name, "files": {p.name: file_sha256(p) for p in files}}
 
 
-def _write_graph(graph: str, build, onnx_dir: Path, precision: str) -> tuple[str, bool]:
+def _write_graph(graph: str, builds, onnx_dir: Path, precision: str) -> tuple[str, bool]:
     """Build one graph (its weights streamed to disk as they are made, quantized ones included) and save it;
     returns (dtype, external)."""
     base = f"{graph}{DTYPE_SUFFIXES['fp32']}.onnx"
     store = TensorStore(onnx_dir / f"{base}_data")
     builder = GraphBuilder(graph, store)
-    build(builder)
+    builds[graph](builder)
     model = builder.model(f"MiniCPM-V {graph}, written by mcq")
-    dtype = _graph_dtype(model, precision)
+    dtype = graph_dtype(model, precision)
     path = onnx_dir / f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx"
     if path.name != base:
         store = _rename_store(model, store, onnx_dir / f"{path.name}_data")
     return dtype, save_graph(model, path, store)
-
-
-def _graph_dtype(model: onnx.ModelProto, precision: str) -> str:
-    bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    if bits:
-        return "q4" if 4 in bits else "int8"
-    return "fp16" if precision == "fp16" else "fp32"
 
 
 def _rename_store(model: onnx.ModelProto, store: TensorStore, new_path: Path) -> TensorStore:
