@@ -116,6 +116,9 @@ def test_the_export_names_its_state_and_weights(fp32):
     config = json.loads((root / "config.json").read_text())
     assert config["transformers.js_config"]["dtype"] == dict.fromkeys(
         ("vision_encoder", "embed_tokens", "decoder_model_merged"), "fp32")
+    state = config["mcq_decoder_state"]
+    assert state[0] == {"input": "past_conv.0", "output": "present_conv.0", "shape": [None, 1024, 3]}
+    assert state[-1] == {"input": "past_key_values.3.value", "output": "present.3.value", "shape": [None, 2, None, 64]}
     decoder = onnx.load(str(root / "onnx" / "decoder_model_merged.onnx"))
     inputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
               for value in decoder.graph.input}
@@ -165,3 +168,25 @@ def test_int4_from_an_mcq_quantize_output_computes_its_dequantized_model(tmp_pat
     kl = torch.cat([_kl(torch.from_numpy(onnx_model.forward(data)[0]), _reference_logits(dequantized, data))
                     for data in samples])
     assert kl.mean().item() < 1e-5
+
+
+def test_fp16_storage_keeps_what_the_traced_decoder_computes(fp32, samples):
+    """fp16 stores the large weights in float16 behind a Cast (the tiny checkpoint's bf16 weights fit float16)."""
+    import onnxruntime as ort
+
+    from mcq.export.onnx.traced import FP16_MIN_ELEMENTS, store_float16
+
+    model = OnnxProgramModel(fp32)
+    decoder = onnx.load(str(fp32 / "onnx" / "decoder_model_merged.onnx"))
+    store_float16(decoder)
+    kinds = {t.name: (t.data_type, int(np.prod(t.dims))) for t in decoder.graph.initializer}
+    assert kinds["model.language_model.layers.0.linear_attn.in_proj_qkv.weight_fp16"][0] == onnx.TensorProto.FLOAT16
+    assert not [name for name, (kind, size) in kinds.items()
+                if kind == onnx.TensorProto.FLOAT and size >= FP16_MIN_ELEMENTS]
+    session = ort.InferenceSession(decoder.SerializeToString())
+    embeds = model.merged_embeddings(samples[0])
+    length = embeds.shape[1]
+    inputs = {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), dtype=np.int64),
+              "position_ids": np.arange(length)[None], **model.empty_cache(1)}
+    expected = model.sessions["decoder_model_merged"].run(["logits"], inputs)[0]
+    assert np.abs(session.run(["logits"], inputs)[0] - expected).max() < 1e-3

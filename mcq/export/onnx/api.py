@@ -11,6 +11,10 @@ Layout (onnx-community / transformers.js):
       preprocessor_config.json, tokenizer files, generation_config.json, ...   (copied from the model)
       README.md, mcq-manifest.json
 
+A family with torch programs (`Family.programs`: 4.6) has its graphs traced from them (`traced.py`): the vision
+encoder takes one image, and the decoder's past and present include every state its layers keep (config.json's
+`mcq_decoder_state`).
+
 Suffixes follow transformers.js (`_fp16`, `_int8`, `_q4`; none for fp32). The output is staged and renamed into
 place, so a failure leaves nothing behind.
 """
@@ -169,13 +173,14 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
                 dtypes[graph] = dtype
                 if is_external:
                     external.append(f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx")
-            _write_configs(staging, source, weights, dtypes, external)
+            state = None if programs is None else programs.state(weights.config)
+            _write_configs(staging, source, weights, dtypes, external, state)
             settings = {"precision": precision, "block_size": block_size if recipe else None,
                         "symmetric": symmetric if recipe else None,
                         "accuracy_level": accuracy_level if precision in PRECISION_BITS else None,
                         "algorithm": algorithm if recipe else None,
                         "from": None if from_dir is None else Path(from_dir).name}
-            _write_card(staging, source, weights, precision, dtypes, plans, from_dir)
+            _write_card(staging, source, weights, precision, dtypes, plans, from_dir, traced=programs is not None)
             write_manifest(staging, kind="onnx", source=source, recipe=recipe, settings=settings,
                            extra={"from": None if from_dir is None else _identity(weights.path),
                                   "from_quantization": weights.quantized_from,
@@ -227,7 +232,8 @@ def _rename_store(model: onnx.ModelProto, store: TensorStore, new_path: Path) ->
     return store
 
 
-def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str], external: list[str]) -> None:
+def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str], external: list[str],
+                   state) -> None:
     from mcq.outputs import copy_support_files
 
     copy_support_files(source, staging)
@@ -238,6 +244,10 @@ def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str],
     config["transformers.js_config"] = {"dtype": dtypes}
     if external:
         config["transformers.js_config"]["use_external_data_format"] = dict.fromkeys(external, 1)
+    if state is not None:
+        # A traced decoder's state tensors (`Programs.state`), for hosts that do not read mcq's code: each input,
+        # the output that feeds it on the next call, and its shape (null: batch, or a KV cache's past length).
+        config["mcq_decoder_state"] = [{"input": s.name, "output": s.output, "shape": list(s.shape)} for s in state]
     (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -250,7 +260,7 @@ def _count_linears(plans) -> dict[str, dict[str, int]]:
 
 
 def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: dict[str, str], plans,
-                from_dir) -> None:
+                from_dir, traced: bool) -> None:
     from mcq.outputs import write_model_card
 
     counts = _count_linears(plans)
@@ -266,16 +276,27 @@ def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: di
         origin = ("Weights are stored in float16 and computed in float32." if precision == "fp16" else
                   "Weights are float32.") + (f" They are the dequantized weights of `{Path(from_dir).name}`."
                                              if from_dir else "")
+    if traced:
+        layout = ("Inputs and outputs follow the onnx-community / transformers.js layout, with the decoder's whole "
+                  "state as inputs and outputs (`past_conv.{i}` / `past_recurrent.{i}` of the linear-attention "
+                  "layers beside the full-attention layers' KV cache); the vision encoder takes one image and "
+                  "host-computed index tables (the family's `Programs.vision_inputs`). See docs/formats/onnx.md.")
+        usage = ("```python\nfrom mcq.export.onnx.program_runtime import OnnxProgramModel\n"
+                 "model = OnnxProgramModel(\".\")   # runs the three graphs with their state\n```\n\n"
+                 "```bash\nmcq validate --reference BASE_MODEL --variant .\n```")
+    else:
+        layout = ("Inputs and outputs follow the onnx-community / transformers.js layout; the vision encoder also "
+                  "takes host-computed position ids, the resampler's key positions, padding masks and the temporal "
+                  "packing index (`mcq.export.onnx.runtime.vision_inputs`).")
+        usage = ("```bash\nmcq chat --model ./onnx --image photo.jpg \"What is in the image?\"\n```\n\n"
+                 "```python\nfrom mcq.export.onnx import OnnxMiniCPMV\nmodel = OnnxMiniCPMV(\"./onnx\")\n"
+                 "print(model.chat(msgs=[{\"role\": \"user\", \"content\": [image, \"Describe it.\"]}], "
+                 "sampling=False, num_beams=1))\n```")
     sections = [
-        ("Files", f"{files}\n\nInputs and outputs follow the onnx-community / transformers.js layout; the vision "
-                  "encoder also takes host-computed position ids, the resampler's key positions, padding masks "
-                  "and the temporal packing index (`mcq.export.onnx.runtime.vision_inputs`)."),
+        ("Files", f"{files}\n\n{layout}"),
         ("Weights", f"Precision {precision}. {origin} Embeddings, norms and the Linears a recipe keeps (lm_head) "
                     "stay float.\n\n" + "\n".join(rows)),
-        ("Usage", "```bash\nmcq chat --model ./onnx --image photo.jpg \"What is in the image?\"\n```\n\n"
-                  "```python\nfrom mcq.export.onnx import OnnxMiniCPMV\nmodel = OnnxMiniCPMV(\"./onnx\")\n"
-                  "print(model.chat(msgs=[{\"role\": \"user\", \"content\": [image, \"Describe it.\"]}], "
-                  "sampling=False, num_beams=1))\n```"),
+        ("Usage", usage),
     ]
     write_model_card(staging, title=f"{source.name} ONNX ({precision})", base_model=source.name,
                      variant={"library": None, "method": "onnx", "format": precision,

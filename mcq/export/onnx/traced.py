@@ -66,7 +66,8 @@ def _name_initializers(model: onnx.ModelProto, module) -> None:
                if hasattr(parameter, "mcq_source")}
     renames = {tensor.name: sources[tensor.name] for tensor in model.graph.initializer if tensor.name in sources}
     taken = {tensor.name for tensor in model.graph.initializer} - set(renames)
-    # Tied weights are one parameter under two sources at most once each: a clash would be a bug in the program.
+    # The exporter's own initializers (folded constants) are named `val_12` and the like; one that bore a checkpoint
+    # tensor's name would be shadowed by the rename.
     clashes = set(renames.values()) & taken
     if clashes:
         raise McqError(f"initializer names {sorted(clashes)[:3]} are taken twice in the traced graph")

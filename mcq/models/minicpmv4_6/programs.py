@@ -197,8 +197,13 @@ def vision_indices(height: int, width: int, config) -> dict[str, torch.Tensor]:
     sizes = torch.tensor([[height, width]])
     window = vision.window_kernel_size[0]
     position_ids = get_vision_nearest_position_ids(sizes, vision.image_size // vision.patch_size)
-    window_index, _ = get_vision_window_index(F.pad(sizes, (1, 0), value=1), spatial_merge_size=1,
-                                              window_size=window, patch_size=1)
+    window_index, bounds = get_vision_window_index(F.pad(sizes, (1, 0), value=1), spatial_merge_size=1,
+                                                   window_size=window, patch_size=1)
+    # The graph attends within consecutive runs of window² tokens; transformers' windows are those when both sides
+    # are even, which the processor's sizes (multiples of 4, for the two merges) always are.
+    if height % (2 * window) or width % (2 * window) or bool((bounds.diff() != window * window).any()):
+        raise McqError(f"an image of {height} x {width} patches: MiniCPM-V 4.6's processor gives sides that are "
+                       f"multiples of {2 * window}")
     return {"position_ids": position_ids.long(), "window_index": window_index.long(),
             "window_inverse": torch.argsort(window_index).long(),
             "merge_order": _block_order(height, width, window), "merger_order": _block_order(
