@@ -87,7 +87,7 @@ class OnnxExportResult:
             lines.append(f"  {component} Linears: {', '.join(parts)}")
         lines += [f"  fallback: {text}" for text in self.fallbacks]
         if self.traced:
-            lines.append(f"  score it: mcq validate --model MODEL --variant {self.out}")
+            lines.append(f"  score it: mcq validate --reference MODEL --variant {self.out}")
         else:
             lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
         return "\n".join(lines)

@@ -38,11 +38,13 @@ def trace_graph(program) -> onnx.ModelProto:
     """The ONNX model of one `TracedProgram`, initializers and axes named (see the module doc)."""
     import torch
 
-    # The exporter reports its steps on stdout and logs the torchvision ops it skips; neither concerns mcq's users,
-    # and an error still raises.
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    # The exporter reports its steps on stdout, logs the torchvision ops it skips and (through onnx_ir, once
+    # something has configured logging: onnxruntime's quantizer does) each initializer its optimizer merges; none of
+    # it concerns mcq's users, and an error still raises.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
@@ -53,7 +55,8 @@ def trace_graph(program) -> onnx.ModelProto:
             raise McqError(f"torch.onnx.export failed on {type(program.module).__name__}: "
                            f"{str(err).strip().splitlines()[0]}") from None
         finally:
-            registration.setLevel(level)
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
     model = exported.model_proto
     _name_initializers(model, program.module)
     _name_axes(model, program.axes)
