@@ -190,3 +190,16 @@ def test_fp16_storage_keeps_what_the_traced_decoder_computes(fp32, samples):
               "position_ids": np.arange(length)[None], **model.empty_cache(1)}
     expected = model.sessions["decoder_model_merged"].run(["logits"], inputs)[0]
     assert np.abs(session.run(["logits"], inputs)[0] - expected).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_validate_scores_an_export_against_the_bf16_checkpoint(fp32):
+    from mcq.validate.api import validate
+
+    results = validate(REFERENCE, [str(fp32)], num_samples=3, latency_runs=1, max_new_tokens=4, decode_tokens=2,
+                       progress=False)
+    row = next(row for row in results["variants"] if row["path"] == str(fp32))
+    assert row["status"] == "ok", row["error"]
+    assert row["format"] == "onnx-fp32" and row["runtime"].startswith("onnxruntime ")
+    metrics = row["metrics"]
+    assert metrics["kl_mean"] < 1e-5 and metrics["vision_cosine"] > 0.9999 and metrics["gen_exact_match"] == 1.0
