@@ -37,7 +37,7 @@ MODEL_CARD_NAME = "README.md"
 # package metadata so that writing a manifest never imports (and initialises) torch, onnxruntime or coremltools.
 REQUIRED_TOOLS = ("torch", "transformers", "safetensors", "tokenizers")
 OPTIONAL_TOOLS = ("llmcompressor", "compressed-tensors", "bitsandbytes", "accelerate", "gguf", "onnx", "onnxruntime",
-                  "coremltools")
+                  "onnxscript", "coremltools")
 
 _HASH_CHUNK = 1 << 20  # weights are many GB: hash them in 1 MiB reads, never whole
 

@@ -19,9 +19,9 @@ RELEASES: tuple[str, ...] = tuple(version for versions in FAMILIES.values() for 
 FORMATS: tuple[str, ...] = ("compressed-tensors", "bitsandbytes", "gguf", "onnx", "coreml")
 
 # family → the formats mcq writes for it: what a build plan builds, and the CI matrix has a job for, per release.
-# 4.6 has no ONNX nor Core ML export yet (issue 17); its export commands refuse it in one line.
+# 4.6 has no Core ML export yet (issue 17); `mcq export --format coreml` refuses it in one line.
 FAMILY_FORMATS: dict[str, tuple[str, ...]] = {"minicpmv": FORMATS,
-                                              "minicpmv4_6": ("compressed-tensors", "bitsandbytes", "gguf")}
+                                              "minicpmv4_6": ("compressed-tensors", "bitsandbytes", "gguf", "onnx")}
 
 
 def family_of(release: str) -> str | None:

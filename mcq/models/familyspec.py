@@ -171,6 +171,48 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class TracedProgram:
+    """One graph of an export traced from a torch program (`torch.onnx.export`): the module, example inputs to trace
+    it with (no dynamic axis of size 0 or 1: torch.export would fix such an axis to that size), the graph's input
+    and output names in the module's order, `dynamic_shapes` as `torch.export` takes them, and the name each dynamic
+    axis gets in the graph (`{input or output name: {axis: name}}`)."""
+
+    module: nn.Module
+    example: tuple[Any, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_shapes: tuple[Any, ...]
+    axes: Mapping[str, Mapping[int, str]]
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One state tensor the decoder program takes and returns: its input and output names, and its shape with None
+    for a dynamic axis (axis 0 is the batch; a KV cache's axis 2 grows by the new positions)."""
+
+    name: str
+    output: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Programs:
+    """A family's runtime-neutral torch programs (vision image → LLM tokens, token embeddings, decoder step with
+    explicit state), which exporters trace instead of writing graphs of their own, and what a host running them
+    computes: the vision program's inputs of an image (its data-dependent index tables) and the decoder's state."""
+
+    # ExportWeights → {graph name: TracedProgram}, the graphs of the ONNX layout (vision_encoder, embed_tokens,
+    # decoder_model_merged).
+    build: Callable[[Any], Mapping[str, TracedProgram]]
+    # (config, an encoded sample's pixel_values, its target_sizes) → per image, the vision program's inputs by name.
+    vision_inputs: Callable[[Any, Any, Any], list[Mapping[str, Any]]]
+    # (config, target_sizes) → per image, how many LLM tokens the vision program gives it.
+    image_tokens: Callable[[Any, Any], list[int]]
+    # config → the decoder's state tensors, in its input order.
+    state: Callable[[Any], list[StateTensor]]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str                                       # config.json model_type, and the package under mcq/models
     config_class: type                              # a transformers config class
@@ -217,3 +259,6 @@ class Family:
     # `mcq chat`: the answer of a checkpoint of the family (`mcq.models.loading.Checkpoint`) to a `ChatRequest`, its
     # text, or with `stream` an iterator of its pieces; a McqError for an option the family does not take.
     chat: Callable[[Any, ChatRequest], str | Iterator[str]]
+    # Its runtime-neutral torch programs (`Programs`), which `mcq export --format onnx` traces; None: the exporters
+    # write the family's graphs op by op (the resampler family: `mcq.export.onnx.graphs`, `mcq.export.coreml`).
+    programs: Programs | None

@@ -60,23 +60,24 @@ def test_build_makes_every_variant_and_one_report(first_build):
 
 
 def test_a_46_build_makes_its_formats_and_names_what_it_lacks(tmp_path, capsys):
-    """The same plan on 4.6: its RTN and GGUF variants built (the GGUF one with the calibration's importance matrix)
-    and gated in their runtimes; the ONNX variant, a format mcq does not write for 4.6, is passed over with why —
-    and asked for by name, it is an error."""
+    """The same plan on 4.6, plus a Core ML variant: RTN, ONNX int4 from its levels and GGUF (with the calibration's
+    importance matrix) built and gated in their runtimes; Core ML, a format mcq does not write for 4.6, passed over
+    with why — and asked for by name, an error."""
     plan = tmp_path / "plan.yaml"
-    plan.write_text(PLAN)
+    plan.write_text(PLAN + "  coreml:\n    export: {format: coreml, from: rtn}\n")
     result = build("tiny:4.6", tmp_path / "out", plan=plan, progress=False)
     assert result.version == "4.6" and result.failed == []
     assert [(v.name, v.status, v.validation) for v in result.variants] == [
-        ("rtn", "built", "validated"), ("onnx-int4", "not applicable", "none"),
-        ("gguf-q4_k_m", "built", "validated")]
-    assert result.variants[1].error == "mcq writes no onnx for MiniCPM-V 4.6 yet"
+        ("rtn", "built", "validated"), ("onnx-int4", "built", "validated"), ("gguf-q4_k_m", "built", "validated"),
+        ("coreml", "not applicable", "none")]
+    assert result.variants[3].error == "mcq writes no coreml for MiniCPM-V 4.6 yet"
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["format"] for row in results["variants"][1:]] == ["compressed-tensors", "onnx-int4", "gguf"]
     for row in results["variants"][1:]:
         assert row["status"] == "ok" and 0 < row["metrics"]["kl_mean"] < 0.5
     assert main(["build", "--model", "tiny:4.6", "--out", str(tmp_path / "o2"), "--plan", str(plan),
-                 "--only", "onnx"]) == 2
-    assert capsys.readouterr().err.strip().endswith("--only onnx: mcq writes no onnx for MiniCPM-V 4.6 yet")
+                 "--only", "coreml"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--only coreml: mcq writes no coreml for MiniCPM-V 4.6 yet")
 
 
 def test_gguf_from_the_cached_calibration_equals_a_direct_export(first_build, tmp_path):

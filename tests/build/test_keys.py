@@ -27,7 +27,8 @@ NOT_FOLLOWED = {
                        ("coreml_runner", "mcq.export.coreml.api"), ("coreml_runner", "mcq.export.coreml.runtime"),
                        ("gguf_runner", "mcq.export.gguf.writer"),
                        ("onnx_runner", "mcq.export.onnx"), ("onnx_runner", "mcq.export.onnx.builder"),
-                       ("onnx_runner", "mcq.export.onnx.runtime")]},
+                       ("onnx_runner", "mcq.export.onnx.runtime"),
+                       ("onnx_runner", "mcq.export.onnx.program_runtime")]},
 }
 # Modules that cannot change what a step makes: the package root (the version is keyed on its own) and the
 # exception class.

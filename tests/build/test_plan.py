@@ -26,7 +26,7 @@ def test_default_plan_covers_every_format_and_exports_from_awq():
     assert plan.variant("onnx-int4").source == "awq" and plan.variant("coreml").source == "awq"
     assert plan.variant("coreml").versions == ("2.6", "4.0", "4.5")     # 4.0's MiniCPM4 decoder included
     # 4.6 by default where mcq writes its format for it
-    assert {v.format for v in plan.variants if "4.6" in v.versions} == {"compressed-tensors", "bitsandbytes", "gguf"}
+    assert {v.format for v in plan.variants if "4.6" in v.versions} == set(FORMATS) - {"coreml"}
     assert all(v.fail_if for v in plan.variants)
 
 
@@ -56,8 +56,8 @@ def test_select_by_format_adds_what_a_variant_exports_from(tmp_path):
      "variants.b.export: --block-size does not apply with --from"),
     ("variants: {a: {quantize: {method: rtn}, fail_if: ['kl>1']}}", "unknown metric 'kl'"),
     ("variants: {a: {quantize: {method: rtn}, versions: ['5.0']}}", "versions: a list of MiniCPM-V versions"),
-    ("variants: {a: {export: {format: onnx}, versions: ['4.5', '4.6']}}",
-     "variants.a.versions: mcq writes no onnx for MiniCPM-V 4.6 yet"),
+    ("variants: {a: {export: {format: coreml}, versions: ['4.5', '4.6']}}",
+     "variants.a.versions: mcq writes no coreml for MiniCPM-V 4.6 yet"),
     ("calibration: {num_samples: 0}\nvariants: {a: {quantize: {method: rtn}}}", "calibration.num_samples: must be"),
     ("variants: {}", "name at least one variant"),
     ("variants: {'../x': {quantize: {method: rtn}}}", "a variant name is a folder name"),

@@ -153,7 +153,7 @@ def test_a_46_checkpoint_missing_a_tensor_is_one_line(tiny46, tmp_path, capsys):
 def test_commands_of_the_resampler_family_refuse_46_in_one_line(tiny46, tmp_path, capsys):
     with pytest.raises(McqError, match="MiniCPM-V 4.6, which this command does not support yet"):
         model_spec(tiny46)
-    assert main(["export", "--format", "onnx", "--model", "tiny:4.6", "--out", str(tmp_path / "onnx")]) == 2
+    assert main(["export", "--format", "coreml", "--model", "tiny:4.6", "--out", str(tmp_path / "coreml")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

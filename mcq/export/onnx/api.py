@@ -11,6 +11,10 @@ Layout (onnx-community / transformers.js):
       preprocessor_config.json, tokenizer files, generation_config.json, ...   (copied from the model)
       README.md, mcq-manifest.json
 
+A family with torch programs (`Family.programs`: 4.6) has its graphs traced from them (`traced.py`): the vision
+encoder takes one image, and the decoder's past and present include every state its layers keep (config.json's
+`mcq_decoder_state`).
+
 Suffixes follow transformers.js (`_fp16`, `_int8`, `_q4`; none for fp32). The output is staged and renamed into
 place, so a failure leaves nothing behind.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +42,12 @@ from .quantize import (
     check_options,
     export_recipe,
     float_plans,
+    graph_dtype,
     plan_from_mcq,
     plan_onnxruntime,
 )
 from .runtime import DTYPE_SUFFIXES, GRAPHS
+from .traced import write_traced_graph
 
 # The files a runtime needs beside the graphs; an export without them could not preprocess or tokenize.
 REQUIRED_SUPPORT_FILES = ("preprocessor_config.json", "tokenizer_config.json")
@@ -59,12 +66,13 @@ class OnnxExportResult:
     linears: dict[str, dict[str, int]]       # component → {"mcq": n, "onnxruntime": n, "float": n}
     fallbacks: list[str]
     seconds: float
+    traced: bool                             # graphs traced from the family's torch programs (no `mcq chat` yet)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "model": self.model, "from": self.from_dir, "precision": self.precision,
                 "block_size": self.block_size, "files": self.files, "dtypes": self.dtypes,
                 "external_data": self.external_data, "linears": self.linears, "fallbacks": self.fallbacks,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "traced": self.traced}
 
     def summary(self) -> str:
         lines = [f"wrote {self.out} (ONNX {self.precision}" + (f" from {self.from_dir}" if self.from_dir else "")
@@ -78,7 +86,10 @@ class OnnxExportResult:
                                                               ("float", "float")) if counts.get(k)]
             lines.append(f"  {component} Linears: {', '.join(parts)}")
         lines += [f"  fallback: {text}" for text in self.fallbacks]
-        lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
+        if self.traced:
+            lines.append(f"  score it: mcq validate --reference MODEL --variant {self.out}")
+        else:
+            lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
         return "\n".join(lines)
 
 
@@ -95,7 +106,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
     outlier model it moves AWQ int4's mean KL from 0.002484 to 0.002488 (benchmarks/README.md).
     """
     from mcq.models.family import linear_layers
-    from mcq.models.loading import load_processor, resolve_model_path
+    from mcq.models.loading import load_processor, open_checkpoint, resolve_model_path
     from mcq.models.weights import shell_model
     from mcq.outputs import check_output, staged_output, write_manifest
 
@@ -118,10 +129,18 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         if not (source / name).is_file():
             raise McqError(f"{source} has no {name}: an ONNX export ships the processor and tokenizer configs a "
                            "runtime needs to prepare inputs")
-    load_processor(source)   # the processor configs must also be valid, before any slow work
+    family = open_checkpoint(source).family
+    # The processor configs must also be valid, before any slow work.
+    if family.programs is None:
+        load_processor(source)
+    else:
+        family.calibration.open_encoder(source)
     started = time.perf_counter()
-    weights = ExportWeights(model, from_dir)
+    weights = ExportWeights(model, from_dir, every_family=True)
     try:
+        programs = family.programs
+        if programs is None:
+            weights.spec   # the resampler family's graphs are written for the releases it knows (else a McqError)
         shell = shell_model(weights.config)
         linears = linear_layers(shell)
         bits = PRECISION_BITS.get(precision)
@@ -129,34 +148,39 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
             plans = plan_from_mcq(weights, linears, precision)
             recipe = None
         elif bits is not None:
-            plans = plan_onnxruntime(linears, bits, block_size, symmetric, algorithm)
-            recipe = export_recipe(bits, block_size, symmetric).to_dict()
+            plans = plan_onnxruntime(linears, bits, block_size, symmetric, family.name, algorithm)
+            recipe = export_recipe(bits, block_size, symmetric, family.name).to_dict()
         else:
             plans, recipe = float_plans(linears, f"{precision} export"), None
         writer = WeightWriter(weights, precision, plans, accuracy_level, symmetric)
-        names = weights.names()
-        builds = {
-            "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
-            "embed_tokens": lambda b: build_embed_tokens(b, writer, embedding_scale(weights.config),
-                                                         weights.config.hidden_size),
-            "decoder_model_merged": lambda b: build_decoder(b, writer, DecoderShape(shell, names)),
-        }
+        if programs is None:
+            names = weights.names()
+            builds = {
+                "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
+                "embed_tokens": lambda b: build_embed_tokens(b, writer, embedding_scale(weights.config),
+                                                             weights.config.hidden_size),
+                "decoder_model_merged": lambda b: build_decoder(b, writer, DecoderShape(shell, names)),
+            }
+            write = partial(_write_graph, builds=builds)
+        else:
+            write = partial(write_traced_graph, programs=programs.build(weights), writer=writer)
         with staged_output(out, force) as staging:
             onnx_dir = staging / "onnx"
             onnx_dir.mkdir()
             dtypes, external = {}, []
             for graph in GRAPHS:
-                dtype, is_external = _write_graph(graph, builds[graph], onnx_dir, precision)
+                dtype, is_external = write(graph, onnx_dir=onnx_dir, precision=precision)
                 dtypes[graph] = dtype
                 if is_external:
                     external.append(f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx")
-            _write_configs(staging, source, weights, dtypes, external)
+            state = None if programs is None else programs.state(weights.config)
+            _write_configs(staging, source, weights, dtypes, external, state)
             settings = {"precision": precision, "block_size": block_size if recipe else None,
                         "symmetric": symmetric if recipe else None,
                         "accuracy_level": accuracy_level if precision in PRECISION_BITS else None,
                         "algorithm": algorithm if recipe else None,
                         "from": None if from_dir is None else Path(from_dir).name}
-            _write_card(staging, source, weights, precision, dtypes, plans, from_dir)
+            _write_card(staging, source, weights, precision, dtypes, plans, from_dir, traced=programs is not None)
             write_manifest(staging, kind="onnx", source=source, recipe=recipe, settings=settings,
                            extra={"from": None if from_dir is None else _identity(weights.path),
                                   "from_quantization": weights.quantized_from,
@@ -170,7 +194,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         out=out, model=str(model), from_dir=None if from_dir is None else str(from_dir), precision=precision,
         block_size=block_size if recipe else None, files=files, dtypes=dtypes, external_data=external,
         linears=_count_linears(plans), fallbacks=[f"{p.name}: {p.reason}" for p in plans.values() if p.fallback],
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, traced=family.programs is not None)
 
 
 def _identity(directory: Path) -> dict[str, Any]:
@@ -181,26 +205,19 @@ def _identity(directory: Path) -> dict[str, Any]:
     return {"name": Path(directory).name, "files": {p.name: file_sha256(p) for p in files}}
 
 
-def _write_graph(graph: str, build, onnx_dir: Path, precision: str) -> tuple[str, bool]:
+def _write_graph(graph: str, builds, onnx_dir: Path, precision: str) -> tuple[str, bool]:
     """Build one graph (its weights streamed to disk as they are made, quantized ones included) and save it;
     returns (dtype, external)."""
     base = f"{graph}{DTYPE_SUFFIXES['fp32']}.onnx"
     store = TensorStore(onnx_dir / f"{base}_data")
     builder = GraphBuilder(graph, store)
-    build(builder)
+    builds[graph](builder)
     model = builder.model(f"MiniCPM-V {graph}, written by mcq")
-    dtype = _graph_dtype(model, precision)
+    dtype = graph_dtype(model, precision)
     path = onnx_dir / f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx"
     if path.name != base:
         store = _rename_store(model, store, onnx_dir / f"{path.name}_data")
     return dtype, save_graph(model, path, store)
-
-
-def _graph_dtype(model: onnx.ModelProto, precision: str) -> str:
-    bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    if bits:
-        return "q4" if 4 in bits else "int8"
-    return "fp16" if precision == "fp16" else "fp32"
 
 
 def _rename_store(model: onnx.ModelProto, store: TensorStore, new_path: Path) -> TensorStore:
@@ -215,7 +232,8 @@ def _rename_store(model: onnx.ModelProto, store: TensorStore, new_path: Path) ->
     return store
 
 
-def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str], external: list[str]) -> None:
+def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str], external: list[str],
+                   state) -> None:
     from mcq.outputs import copy_support_files
 
     copy_support_files(source, staging)
@@ -226,6 +244,10 @@ def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str],
     config["transformers.js_config"] = {"dtype": dtypes}
     if external:
         config["transformers.js_config"]["use_external_data_format"] = dict.fromkeys(external, 1)
+    if state is not None:
+        # A traced decoder's state tensors (`Programs.state`), for hosts that do not read mcq's code: each input,
+        # the output that feeds it on the next call, and its shape (null: batch, or a KV cache's past length).
+        config["mcq_decoder_state"] = [{"input": s.name, "output": s.output, "shape": list(s.shape)} for s in state]
     (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -238,7 +260,7 @@ def _count_linears(plans) -> dict[str, dict[str, int]]:
 
 
 def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: dict[str, str], plans,
-                from_dir) -> None:
+                from_dir, traced: bool) -> None:
     from mcq.outputs import write_model_card
 
     counts = _count_linears(plans)
@@ -254,16 +276,27 @@ def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: di
         origin = ("Weights are stored in float16 and computed in float32." if precision == "fp16" else
                   "Weights are float32.") + (f" They are the dequantized weights of `{Path(from_dir).name}`."
                                              if from_dir else "")
+    if traced:
+        layout = ("Inputs and outputs follow the onnx-community / transformers.js layout, with the decoder's whole "
+                  "state as inputs and outputs (`past_conv.{i}` / `past_recurrent.{i}` of the linear-attention "
+                  "layers beside the full-attention layers' KV cache); the vision encoder takes one image and "
+                  "host-computed index tables (the family's `Programs.vision_inputs`). See docs/formats/onnx.md.")
+        usage = ("```python\nfrom mcq.export.onnx.program_runtime import OnnxProgramModel\n"
+                 "model = OnnxProgramModel(\".\")   # runs the three graphs with their state\n```\n\n"
+                 "```bash\nmcq validate --reference BASE_MODEL --variant .\n```")
+    else:
+        layout = ("Inputs and outputs follow the onnx-community / transformers.js layout; the vision encoder also "
+                  "takes host-computed position ids, the resampler's key positions, padding masks and the temporal "
+                  "packing index (`mcq.export.onnx.runtime.vision_inputs`).")
+        usage = ("```bash\nmcq chat --model ./onnx --image photo.jpg \"What is in the image?\"\n```\n\n"
+                 "```python\nfrom mcq.export.onnx import OnnxMiniCPMV\nmodel = OnnxMiniCPMV(\"./onnx\")\n"
+                 "print(model.chat(msgs=[{\"role\": \"user\", \"content\": [image, \"Describe it.\"]}], "
+                 "sampling=False, num_beams=1))\n```")
     sections = [
-        ("Files", f"{files}\n\nInputs and outputs follow the onnx-community / transformers.js layout; the vision "
-                  "encoder also takes host-computed position ids, the resampler's key positions, padding masks "
-                  "and the temporal packing index (`mcq.export.onnx.runtime.vision_inputs`)."),
+        ("Files", f"{files}\n\n{layout}"),
         ("Weights", f"Precision {precision}. {origin} Embeddings, norms and the Linears a recipe keeps (lm_head) "
                     "stay float.\n\n" + "\n".join(rows)),
-        ("Usage", "```bash\nmcq chat --model ./onnx --image photo.jpg \"What is in the image?\"\n```\n\n"
-                  "```python\nfrom mcq.export.onnx import OnnxMiniCPMV\nmodel = OnnxMiniCPMV(\"./onnx\")\n"
-                  "print(model.chat(msgs=[{\"role\": \"user\", \"content\": [image, \"Describe it.\"]}], "
-                  "sampling=False, num_beams=1))\n```"),
+        ("Usage", usage),
     ]
     write_model_card(staging, title=f"{source.name} ONNX ({precision})", base_model=source.name,
                      variant={"library": None, "method": "onnx", "format": precision,

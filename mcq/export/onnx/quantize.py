@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, replace
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from mcq.errors import McqError
@@ -99,15 +101,29 @@ def matmul_nbits_block(group_size: int | None, in_features: int) -> int | None:
     return min(group_size, max(BLOCK_SIZES))
 
 
+def graph_dtype(model: onnx.ModelProto, precision: str) -> str:
+    """A written graph's transformers.js dtype: q4 / int8 by its MatMulNBits, else the export's float precision."""
+    bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    if bits:
+        return "q4" if 4 in bits else "int8"
+    return "fp16" if precision == "fp16" else "fp32"
+
+
 # -- plans -----------------------------------------------------------------------------------------------------
 
-def export_recipe(bits: int, block_size: int, symmetric: bool):
-    """The recipe an onnxruntime-quantized export follows: every Linear of the three components at `block_size`,
-    lm_head kept, widths the block does not divide at the largest dividing power of two (`fallback_group`)."""
+def export_recipe(bits: int, block_size: int, symmetric: bool, family: str):
+    """The recipe an onnxruntime-quantized export follows: every Linear of the family's components at
+    `block_size`, lm_head kept, widths the block does not divide at the largest dividing power of two
+    (`fallback_group`). One rule per component prefix (the LLM's first, then the others in data-flow order), a
+    prefix inside another's left to that one."""
+    from mcq.models.families import family_components
     from mcq.quantize.recipe import parse_recipe
 
-    rules = [{"match": rf"^{prefix}\.", "bits": bits, "group_size": block_size, "symmetric": symmetric,
-              "non_divisible": "fallback_group"} for prefix in ("llm", "vpm", "resampler")]
+    components = family_components(family)
+    ordered = [*components["llm"], *(p for c, prefixes in components.items() if c != "llm" for p in prefixes)]
+    prefixes = [p for p in ordered if p.endswith(".") and not any(p != q and p.startswith(q) for q in ordered)]
+    rules = [{"match": "^" + re.escape(prefix), "bits": bits, "group_size": block_size, "symmetric": symmetric,
+              "non_divisible": "fallback_group"} for prefix in prefixes]
     name = f"onnx-w{bits}b{block_size}"
     # target mcq: no serving runtime's rules; MatMulNBits' own constraints are applied in plan_onnxruntime.
     return parse_recipe({"name": name, "method": "rtn", "rules": rules, "target": "mcq",
@@ -119,11 +135,11 @@ def float_plans(linears, reason: str) -> dict[str, LinearPlan]:
                                   reason) for info in linears}
 
 
-def plan_onnxruntime(linears, bits: int, block_size: int, symmetric: bool,
+def plan_onnxruntime(linears, bits: int, block_size: int, symmetric: bool, family: str,
                      algorithm: str = "default") -> dict[str, LinearPlan]:
     from mcq.quantize.recipe import plan_quantization
 
-    plan = plan_quantization(export_recipe(bits, block_size, symmetric), linears)
+    plan = plan_quantization(export_recipe(bits, block_size, symmetric, family), linears)
     plans = {}
     for layer in plan.layers:
         source, block, reason, method, fallback = None, None, layer.reason, None, layer.fallback
@@ -258,13 +274,18 @@ class WeightWriter:
     def large_weight(self, b: GraphBuilder, name: str) -> str:
         return self._float(b, name, self._float_rows(name))
 
+    def nbits_tensors(self, module: str):
+        """(packed, scales, zero points or None, (N, K)) of a Linear its plan quantizes (source mcq or
+        onnxruntime)."""
+        plan = self.plans[module]
+        source = self._stored_tensors if plan.source == "mcq" else self._onnxruntime_tensors
+        return source(module, plan)
+
     def linear(self, b: GraphBuilder, x: str, module: str) -> str:
         plan = self.plans[module]
         with b.scope(module):
-            if plan.source == "mcq":
-                out = self._matmul_nbits(b, x, module, plan, *self._stored_tensors(module, plan))
-            elif plan.source == "onnxruntime":
-                out = self._matmul_nbits(b, x, module, plan, *self._onnxruntime_tensors(module, plan))
+            if plan.source is not None:
+                out = self._matmul_nbits(b, x, module, plan, *self.nbits_tensors(module))
             else:
                 # MatMul takes B as [in, out]: the transposed weight.
                 out = b.op("MatMul", x, self._float(b, f"{module}.weight.T",

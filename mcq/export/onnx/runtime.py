@@ -50,7 +50,14 @@ def is_onnx_export(path: str | Path) -> bool:
 def chat_on_onnxruntime(path: str | Path, request) -> str | Iterator[str]:
     """`mcq chat` on an ONNX export (`request`: a `mcq.models.familyspec.ChatRequest`): the resampler family's chat,
     which is what the export holds, with `OnnxMiniCPMV` in place of the torch model."""
+    from mcq.models.family import family_for
     from mcq.models.minicpmv.chat import chat_with
+
+    root, _ = find_export(path)
+    model_type = json.loads((root / "config.json").read_text())["model_type"]
+    if family_for(model_type).programs is not None:
+        raise McqError(f"mcq chat runs ONNX exports of the resampler family; {path} holds graphs traced from the "
+                       f"{model_type} family's programs, which `mcq validate --variant` scores")
 
     def load() -> tuple[OnnxMiniCPMV, Any, dict[str, Any]]:
         model = OnnxMiniCPMV(path)
@@ -65,7 +72,9 @@ def graph_files(root: Path) -> dict[str, str]:
         config = json.loads((root / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise McqError(f"cannot read {root / 'config.json'}: {err}") from None
-    if not isinstance(config, dict) or config.get("model_type") != "minicpmv":
+    from mcq.models.families import FAMILIES
+
+    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
         # Another model's transformers.js export has the same layout: say what it is, not what field it lacks.
         found = config.get("model_type") if isinstance(config, dict) else None
         raise McqError(f"{root / 'config.json'}: model_type {found!r}, not an ONNX export of MiniCPM-V")

@@ -100,4 +100,4 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                 vllm_inputs=MiniCPMVVllmInputs, load_code=_LOAD,
                 write_tiny=write_tiny, gguf=GGUF_LAYOUT, chat=chat,
                 # vLLM's MiniCPM-V models keep the checkpoint's module names: patterns over layers match there.
-                plain_quantization_names=False)
+                plain_quantization_names=False, programs=None)

@@ -1,7 +1,8 @@
-"""ONNX exports (`mcq export --format onnx`) on onnxruntime, through `mcq.export.onnx.OnnxMiniCPMV`: what a user
-of the export runs, so accuracy, memory and speed are onnxruntime's (CPU execution provider; CUDA when asked for
-and installed). The precision is the export's (its files say it), so the `dtype` the validator asks for is not
-used; float32 is what every export computes in on CPU.
+"""ONNX exports (`mcq export --format onnx`) on onnxruntime, through `mcq.export.onnx.OnnxMiniCPMV` (the resampler
+family's hand-written graphs) or `mcq.export.onnx.program_runtime.OnnxProgramModel` (graphs traced from a family's
+torch programs): what a user of the export runs, so accuracy, memory and speed are onnxruntime's (CPU execution
+provider; CUDA when asked for and installed). The precision is the export's (its files say it), so the `dtype` the
+validator asks for is not used; float32 is what every export computes in on CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ _FORMATS = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8", "q4":
 
 def _numpy(vision: torch.Tensor | None):
     return None if vision is None else [vision.float().numpy()]
+
+
+def _config(path: str | Path):
+    """The config of the model an export holds, in its family's config class."""
+    from mcq.export.onnx.runtime import find_export
+    from mcq.models.family import family_for
+
+    root, _ = find_export(path)
+    model_type = json.loads((root / "config.json").read_text())["model_type"]
+    return family_for(model_type).config_class.from_pretrained(str(root))
 
 
 class OnnxRunner(Runner):
@@ -49,11 +60,7 @@ class OnnxRunner(Runner):
 
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
-        from mcq.export.onnx.runtime import find_export
-        from mcq.models.minicpmv.configuration import MiniCPMVConfig
-
-        root, _ = find_export(path)
-        return config_identity(MiniCPMVConfig.from_pretrained(str(root)))
+        return config_identity(_config(path))
 
     @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
@@ -83,10 +90,10 @@ class OnnxRunner(Runner):
         """onnxruntime holds every graph with its weights (read from the .onnx file, or from the external data
         file), plus the logits and the KV cache of the sequence."""
         from mcq.export.onnx.runtime import find_export
-        from mcq.models.minicpmv.configuration import MiniCPMVConfig
 
-        root, onnx_dir = find_export(path)
-        config = MiniCPMVConfig.from_pretrained(str(root))
+        _, onnx_dir = find_export(path)
+        # Every layer's KV cache counted (a bound for an LLM whose linear-attention layers keep a fixed state).
+        config = _config(path).get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
         stored = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.is_file())
@@ -96,6 +103,8 @@ class OnnxRunner(Runner):
         import onnxruntime as ort
 
         from mcq.export.onnx import OnnxMiniCPMV
+        from mcq.export.onnx.program_runtime import OnnxProgramModel
+        from mcq.models.family import family_for
 
         self.device = torch.device(device)
         providers = ["CPUExecutionProvider"]
@@ -107,7 +116,10 @@ class OnnxRunner(Runner):
         elif self.device.type != "cpu":
             raise McqError(f"the ONNX runner runs on cpu or cuda, not {device}")
         # As many intra-op threads as torch uses here, so latencies compare like for like with torch runners.
-        self.model = OnnxMiniCPMV(path, providers=providers, threads=torch.get_num_threads())
+        # An export traced from the family's programs runs on their host code; the resampler family's on its own.
+        traced = family_for(_config(path).model_type).programs is not None
+        self.model = (OnnxProgramModel if traced else OnnxMiniCPMV)(path, providers=providers,
+                                                                      threads=torch.get_num_threads())
 
     @staticmethod
     def _batch(data: dict[str, Any]) -> dict[str, Any]:

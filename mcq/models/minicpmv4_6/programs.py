@@ -1,0 +1,487 @@
+"""MiniCPM-V 4.6 as runtime-neutral torch programs: plain modules built tensor by tensor from an `ExportWeights`,
+with every piece of state an explicit input and output, for exporters that trace them (`torch.onnx.export`).
+
+- `VisionSlice`: one image (an overview or a slice of `h x w` patches, L = h * w) → its L / 16 LLM tokens: SigLIP
+  embeddings, the encoder layers with the window-attention `vit_merger` after layer `insert_layer_id`, the
+  post-layernorm and the downsampling `merger`. What transformers computes from `target_sizes` with data-dependent
+  code (nearest-neighbour position ids, the vit_merger's window order, the 2 x 2 merge orders) comes in as index
+  inputs, computed on the host by `vision_indices` with transformers' own functions.
+- `EmbedTokens`: input_ids → inputs_embeds.
+- `DecoderStep`: the Qwen3.5 hybrid LLM on `inputs_embeds` with explicit state, one program for prefill (zero /
+  empty state) and decode. Per full-attention layer i: `past_key_values.{i}.key` / `.value`
+  `[batch, kv_heads, past, head_dim]` → `present.{i}.key` / `.value` (past + new positions). Per linear-attention
+  (Gated DeltaNet) layer i: `past_conv.{i}` `[batch, conv_dim, kernel - 1]`, the causal conv1d's last kernel - 1
+  inputs (q, k and v projections before the conv) → `present_conv.{i}`, and `past_recurrent.{i}`
+  `[batch, value_heads, key_head_dim, value_head_dim]`, the delta rule's state → `present_recurrent.{i}`; both are
+  zeros before the first token. The recurrence runs as torch's `scan` over the new positions (an ONNX `Scan`), so
+  one program takes a prefill of any length and a one-token decode alike.
+
+The math is transformers 5.17's (`modeling_minicpmv4_6`, `modeling_qwen3_5`), in float32: the recurrent form of the
+gated delta rule (`torch_recurrent_gated_delta_rule`, which its chunked prefill computes in another order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcq.errors import McqError
+
+from ..familyspec import Programs, StateTensor, TracedProgram
+from .calibration import merged_tokens_divisor
+
+LLM = "model.language_model"
+TOWER = "model.vision_tower"
+
+
+class _Linear(nn.Module):
+    """x @ weight^T (+ bias) with the weight stored transposed, `[in, out]`: traced, it is one MatMul on an
+    initializer named after the checkpoint's weight, which a MatMulNBits quantizer then finds as it is."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, source: str):
+        super().__init__()
+        self.weight_t = _named(weight.t().contiguous(), f"{source}.weight")
+        self.bias = None if bias is None else _named(bias, f"{source}.bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight_t)
+        return out if self.bias is None else out + self.bias
+
+
+def _named(tensor: torch.Tensor, source: str) -> nn.Parameter:
+    """A frozen float32 parameter that remembers the checkpoint tensor it holds (`mcq_source`): exporters name the
+    graph's initializer after it."""
+    parameter = nn.Parameter(tensor.float(), requires_grad=False)
+    parameter.mcq_source = source
+    return parameter
+
+
+def _parameter(weights, name: str) -> nn.Parameter:
+    return _named(weights.tensor(name), name)
+
+
+def _linear(weights, prefix: str, bias: bool) -> _Linear:
+    return _Linear(weights.tensor(f"{prefix}.weight"), weights.tensor(f"{prefix}.bias") if bias else None, prefix)
+
+
+class _LayerNorm(nn.Module):
+    def __init__(self, weights, prefix: str, eps: float):
+        super().__init__()
+        self.weight, self.bias = _parameter(weights, f"{prefix}.weight"), _parameter(weights, f"{prefix}.bias")
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, additive_mask=None) -> torch.Tensor:
+    """softmax(q k^T * scale (+ mask)) v over the last two axes (eager attention, float32 softmax)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+# -- vision ---------------------------------------------------------------------------------------------------------
+
+class _VisionAttention(nn.Module):
+    """SigLIP attention over groups of tokens: `[groups, tokens, width]` → same; each group attends within itself."""
+
+    def __init__(self, weights, prefix: str, heads: int, width: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            _linear(weights, f"{prefix}.{name}", True) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups, width = x.shape[0], x.shape[-1]
+
+        def split(t):
+            return t.reshape(groups, -1, self.heads, self.head_dim).transpose(1, 2)
+
+        out = _attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), self.head_dim ** -0.5)
+        return self.out_proj(out.transpose(1, 2).reshape(groups, -1, width))
+
+
+class _VisionLayer(nn.Module):
+    def __init__(self, weights, prefix: str, vision):
+        super().__init__()
+        eps = vision.layer_norm_eps
+        self.layer_norm1 = _LayerNorm(weights, f"{prefix}.layer_norm1", eps)
+        self.self_attn = _VisionAttention(weights, f"{prefix}.self_attn", vision.num_attention_heads,
+                                          vision.hidden_size)
+        self.layer_norm2 = _LayerNorm(weights, f"{prefix}.layer_norm2", eps)
+        self.fc1 = _linear(weights, f"{prefix}.mlp.fc1", True)
+        self.fc2 = _linear(weights, f"{prefix}.mlp.fc2", True)
+        self.approximate = "tanh" if vision.hidden_act == "gelu_pytorch_tanh" else "none"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.layer_norm1(hidden))
+        return hidden + self.fc2(F.gelu(self.fc1(self.layer_norm2(hidden)), approximate=self.approximate))
+
+
+class _WindowMerger(nn.Module):
+    """The vit_merger: attention inside each 2 x 2 window, then each window's 4 tokens → 1 (MLP + their mean)."""
+
+    def __init__(self, weights, prefix: str, vision):
+        super().__init__()
+        eps = vision.layer_norm_eps
+        self.layer_norm1 = _LayerNorm(weights, f"{prefix}.layer_norm1", eps)
+        self.self_attn = _VisionAttention(weights, f"{prefix}.self_attn", vision.num_attention_heads,
+                                          vision.hidden_size)
+        self.pre_norm = _LayerNorm(weights, f"{prefix}.pre_norm", eps)
+        self.linear_1 = _linear(weights, f"{prefix}.linear_1", True)
+        self.linear_2 = _linear(weights, f"{prefix}.linear_2", True)
+        self.window = vision.window_kernel_size[0] * vision.window_kernel_size[1]
+
+    def forward(self, hidden, window_index, window_inverse, merge_order) -> torch.Tensor:
+        width = hidden.shape[-1]
+        windows = self.layer_norm1(hidden)[window_index].reshape(-1, self.window, width)
+        hidden = hidden + self.self_attn(windows).reshape(-1, width)[window_inverse]
+        grouped = hidden[merge_order].reshape(-1, self.window, width)
+        merged = self.linear_2(F.gelu(self.linear_1(self.pre_norm(grouped.reshape(-1, self.window * width))),
+                                      approximate="tanh"))
+        return merged + grouped.mean(dim=1)
+
+
+class VisionSlice(nn.Module):
+    """One image → `[L / 16, llm_hidden]` (see the module doc). Inputs: `pixel_values` `[1, 3, P, P * L]` (the
+    processor's row of patches), and the host's `vision_indices`: `position_ids` `[L]`, `window_index` and
+    `window_inverse` `[L]` (the vit_merger's window order and its inverse), `merge_order` `[L]` (each 2 x 2 block's
+    tokens consecutive, for the vit_merger's merge) and `merger_order` `[L / 4]` (the same on the merged grid)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        config = weights.config
+        vision = config.vision_config
+        if config.downsample_mode == "4x" or config.merger_times != 1 or vision.insert_layer_id < 0:
+            raise McqError("the ONNX export of MiniCPM-V 4.6 follows the release's vision path (downsample_mode 16x, "
+                           "merger_times 1, a vit_merger); this checkpoint differs")
+        self.patch = vision.patch_size
+        conv = f"{TOWER}.embeddings.patch_embedding"
+        weight = weights.tensor(f"{conv}.weight")
+        # The stride-P conv over the row of patches is one Linear on each flattened (channel, row, col) patch.
+        self.patch_embedding = _Linear(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"), conv)
+        self.position_embedding = _parameter(weights, f"{TOWER}.embeddings.position_embedding.weight")
+        self.layers = nn.ModuleList(_VisionLayer(weights, f"{TOWER}.encoder.layers.{i}", vision)
+                                    for i in range(vision.num_hidden_layers))
+        self.insert_layer_id = vision.insert_layer_id
+        self.vit_merger = _WindowMerger(weights, f"{TOWER}.vit_merger", vision)
+        self.post_layernorm = _LayerNorm(weights, f"{TOWER}.post_layernorm", vision.layer_norm_eps)
+        self.merge = config.merge_kernel_size[0] * config.merge_kernel_size[1]
+        self.pre_norm = _LayerNorm(weights, "model.merger.mlp.0.pre_norm", 1e-6)
+        self.linear_1 = _linear(weights, "model.merger.mlp.0.linear_1", True)
+        self.linear_2 = _linear(weights, "model.merger.mlp.0.linear_2", True)
+
+    def forward(self, pixel_values, position_ids, window_index, window_inverse, merge_order, merger_order):
+        channels = pixel_values.shape[1]
+        patches = pixel_values.reshape(channels, self.patch, -1, self.patch).permute(2, 0, 1, 3)
+        hidden = self.patch_embedding(patches.reshape(1, -1, channels * self.patch * self.patch))
+        hidden = hidden + self.position_embedding[position_ids]
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden)
+            if index == self.insert_layer_id:
+                hidden = self.vit_merger(hidden[0], window_index, window_inverse, merge_order)[None]
+        hidden = self.post_layernorm(hidden[0])
+        width = hidden.shape[-1]
+        merged = self.pre_norm(hidden[merger_order].reshape(-1, self.merge * width))
+        return self.linear_2(F.gelu(self.linear_1(merged)))
+
+
+def vision_indices(height: int, width: int, config) -> dict[str, torch.Tensor]:
+    """`VisionSlice`'s index inputs for an image of `height x width` patches, from transformers' own functions."""
+    from transformers.vision_utils import get_vision_nearest_position_ids, get_vision_window_index
+
+    vision = config.vision_config
+    sizes = torch.tensor([[height, width]])
+    window = vision.window_kernel_size[0]
+    position_ids = get_vision_nearest_position_ids(sizes, vision.image_size // vision.patch_size)
+    window_index, bounds = get_vision_window_index(F.pad(sizes, (1, 0), value=1), spatial_merge_size=1,
+                                                   window_size=window, patch_size=1)
+    # The graph attends within consecutive runs of window² tokens; transformers' windows are those when both sides
+    # are even, which the processor's sizes (multiples of 4, for the two merges) always are.
+    if height % (2 * window) or width % (2 * window) or bool((bounds.diff() != window * window).any()):
+        raise McqError(f"an image of {height} x {width} patches: MiniCPM-V 4.6's processor gives sides that are "
+                       f"multiples of {2 * window}")
+    return {"position_ids": position_ids.long(), "window_index": window_index.long(),
+            "window_inverse": torch.argsort(window_index).long(),
+            "merge_order": _block_order(height, width, window), "merger_order": _block_order(
+                height // window, width // window, config.merge_kernel_size[0])}
+
+
+def _block_order(height: int, width: int, block: int) -> torch.Tensor:
+    """The order that makes each `block x block` tile of a row-major `height x width` grid consecutive (tiles
+    row-major, tokens row-major within a tile): the view/permute both of 4.6's merges apply."""
+    grid = torch.arange(height * width).view(height // block, block, width // block, block)
+    return grid.permute(0, 2, 1, 3).reshape(-1)
+
+
+# -- text -----------------------------------------------------------------------------------------------------------
+
+class EmbedTokens(nn.Module):
+    def __init__(self, weights):
+        super().__init__()
+        self.table = _parameter(weights, f"{LLM}.embed_tokens.weight")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.table[input_ids]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3.5's RMSNorm: scales by 1 + weight."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the first cos.shape[-1] channels (partial rotary), the rest passed through."""
+    rotary = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    half = rotary // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class _FullAttention(nn.Module):
+    def __init__(self, weights, prefix: str, text):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+        self.eps = text.rms_norm_eps
+        bias = text.attention_bias
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            _linear(weights, f"{prefix}.{name}", bias) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm = _parameter(weights, f"{prefix}.q_norm.weight")
+        self.k_norm = _parameter(weights, f"{prefix}.k_norm.weight")
+
+    def forward(self, x, cos, sin, additive_mask, past_key, past_value):
+        batch, length = x.shape[0], x.shape[1]
+        query, gate = torch.chunk(self.q_proj(x).view(batch, length, -1, self.head_dim * 2), 2, dim=-1)
+        gate = gate.reshape(batch, length, -1)
+        query = _rms_norm(query, self.q_norm, self.eps).transpose(1, 2)
+        key = _rms_norm(self.k_proj(x).view(batch, length, -1, self.head_dim), self.k_norm, self.eps).transpose(1, 2)
+        value = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        key = torch.cat([past_key, key], dim=2)
+        value = torch.cat([past_value, value], dim=2)
+        groups = self.heads // self.kv_heads
+        out = _attend(query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
+                      self.head_dim ** -0.5, additive_mask)
+        out = out.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate)
+        return self.o_proj(out), key, value
+
+
+def _delta_rule_step(state, step):
+    """One token of the gated delta rule (transformers' `torch_recurrent_gated_delta_rule` loop body)."""
+    query, key, value, decay, beta = step
+    state = state * decay.exp()[..., None, None]
+    memory = (state * key[..., None]).sum(dim=-2)
+    delta = (value - memory) * beta[..., None]
+    state = state + key[..., None] * delta[..., None, :]
+    return state, (state * query[..., None]).sum(dim=-2)
+
+
+class _LinearAttention(nn.Module):
+    """Gated DeltaNet with its conv and recurrent state in and out."""
+
+    def __init__(self, weights, prefix: str, text):
+        super().__init__()
+        self.k_heads, self.v_heads = text.linear_num_key_heads, text.linear_num_value_heads
+        self.k_dim, self.v_dim = text.linear_key_head_dim, text.linear_value_head_dim
+        self.eps = text.rms_norm_eps
+        self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a, self.out_proj = (
+            _linear(weights, f"{prefix}.{name}", False)
+            for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"))
+        self.conv = _parameter(weights, f"{prefix}.conv1d.weight")   # [conv_dim, 1, kernel]
+        self.dt_bias = _parameter(weights, f"{prefix}.dt_bias")
+        self.A_log = _parameter(weights, f"{prefix}.A_log")
+        self.norm = _parameter(weights, f"{prefix}.norm.weight")
+
+    def forward(self, x, mask, past_conv, past_recurrent):
+        batch, length = x.shape[0], x.shape[1]
+        x = x * mask[:, :, None]                    # padding positions add nothing (apply_mask_to_padding_states)
+        mixed = torch.cat([past_conv, self.in_proj_qkv(x).transpose(1, 2)], dim=-1)
+        present_conv = mixed[:, :, -(self.conv.shape[-1] - 1):]
+        mixed = F.silu(F.conv1d(mixed, self.conv, groups=mixed.shape[1])).transpose(1, 2)
+        keys = self.k_heads * self.k_dim
+        query, key, value = torch.split(mixed, [keys, keys, self.v_heads * self.v_dim], dim=-1)
+        query = query.reshape(batch, length, self.k_heads, self.k_dim)
+        key = key.reshape(batch, length, self.k_heads, self.k_dim)
+        value = value.reshape(batch, length, self.v_heads, self.v_dim)
+        if self.v_heads != self.k_heads:
+            # Each query/key head serves v_heads // k_heads consecutive value heads.
+            query = query.repeat_interleave(self.v_heads // self.k_heads, dim=2)
+            key = key.repeat_interleave(self.v_heads // self.k_heads, dim=2)
+        query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6) * self.k_dim ** -0.5
+        key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
+        beta = torch.sigmoid(self.in_proj_b(x))
+        decay = -self.A_log.exp() * F.softplus(self.in_proj_a(x) + self.dt_bias)
+        steps = tuple(t.transpose(0, 1) for t in (query, key, value, decay, beta))   # time first
+        present_recurrent, out = _scan(_delta_rule_step, past_recurrent, steps)
+        out = out.transpose(0, 1)                                                   # [batch, length, heads, dim]
+        z = self.in_proj_z(x).reshape(batch, length, self.v_heads, self.v_dim)
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm * F.silu(z)
+        return self.out_proj(out.reshape(batch, length, -1)), present_conv, present_recurrent
+
+
+def _scan(step, init, xs):
+    from torch._higher_order_ops.scan import scan
+
+    return scan(step, init, xs)
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, weights, prefix: str, text, kind: str):
+        super().__init__()
+        self.kind, self.eps = kind, text.rms_norm_eps
+        self.input_layernorm = _parameter(weights, f"{prefix}.input_layernorm.weight")
+        self.post_attention_layernorm = _parameter(weights, f"{prefix}.post_attention_layernorm.weight")
+        self.mixer = (_FullAttention(weights, f"{prefix}.self_attn", text) if kind == "full_attention"
+                      else _LinearAttention(weights, f"{prefix}.linear_attn", text))
+        self.gate_proj, self.up_proj, self.down_proj = (
+            _linear(weights, f"{prefix}.mlp.{name}", False) for name in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(self, hidden, cos, sin, additive_mask, mask, state):
+        x = _rms_norm(hidden, self.input_layernorm, self.eps)
+        if self.kind == "full_attention":
+            out, *state = self.mixer(x, cos, sin, additive_mask, *state)
+        else:
+            out, *state = self.mixer(x, mask, *state)
+        hidden = hidden + out
+        x = _rms_norm(hidden, self.post_attention_layernorm, self.eps)
+        return hidden + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), state
+
+
+def decoder_state(config) -> list[StateTensor]:
+    """`DecoderStep`'s state inputs in order (see the module doc); the batch is axis 0, a KV cache's past axis 2."""
+    text = config.text_config
+    states = []
+    conv_dim = 2 * text.linear_num_key_heads * text.linear_key_head_dim + \
+        text.linear_num_value_heads * text.linear_value_head_dim
+    for i, kind in enumerate(text.layer_types):
+        if kind == "full_attention":
+            shape = (None, text.num_key_value_heads, None, text.head_dim)
+            states += [StateTensor(f"past_key_values.{i}.key", f"present.{i}.key", shape),
+                       StateTensor(f"past_key_values.{i}.value", f"present.{i}.value", shape)]
+        elif kind == "linear_attention":
+            states += [StateTensor(f"past_conv.{i}", f"present_conv.{i}",
+                                  (None, conv_dim, text.linear_conv_kernel_dim - 1)),
+                       StateTensor(f"past_recurrent.{i}", f"present_recurrent.{i}",
+                                  (None, text.linear_num_value_heads, text.linear_key_head_dim,
+                                   text.linear_value_head_dim))]
+        else:
+            raise McqError(f"LLM layer {i} is of kind {kind!r}, which the ONNX export of MiniCPM-V 4.6 does not know")
+    return states
+
+
+class DecoderStep(nn.Module):
+    """The LLM with explicit state (module doc): (inputs_embeds `[B, S, hidden]`, attention_mask `[B, past + S]`,
+    position_ids `[B, S]`, *state in `decoder_state` order) → (logits `[B, S, vocab]`, *state out, same order)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+        text = weights.config.text_config
+        self.layers = nn.ModuleList(_DecoderLayer(weights, f"{LLM}.layers.{i}", text, kind)
+                                    for i, kind in enumerate(text.layer_types))
+        self.norm = _parameter(weights, f"{LLM}.norm.weight")
+        self.eps = text.rms_norm_eps
+        self.lm_head = _linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
+                               False)
+        rotary = Qwen3_5TextRotaryEmbedding(text)
+        self.register_buffer("inv_freq", rotary.inv_freq.float(), persistent=False)
+        self.rotary_scale = float(rotary.attention_scaling)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *state):
+        length = inputs_embeds.shape[1]
+        total = attention_mask.shape[1]
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]                  # [B, 1, S, rotary]
+        cos, sin = angles.cos() * self.rotary_scale, angles.sin() * self.rotary_scale
+        # Causal over the whole sequence (past + new), and no attention to padding.
+        query_at = torch.arange(length, device=inputs_embeds.device) + (total - length)
+        allowed = (torch.arange(total, device=inputs_embeds.device)[None, :] <= query_at[:, None])[None] & \
+            (attention_mask[:, None, :] > 0)
+        additive_mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+        mask = attention_mask[:, -length:].to(inputs_embeds.dtype)
+        hidden, out_state, cursor = inputs_embeds, [], 0
+        for layer in self.layers:
+            hidden, layer_state = layer(hidden, cos, sin, additive_mask, mask, state[cursor:cursor + 2])
+            out_state += layer_state
+            cursor += 2
+        logits = self.lm_head(_rms_norm(hidden, self.norm, self.eps))
+        return (logits, *out_state)
+
+
+# -- the programs as the ONNX layout traces them ---------------------------------------------------------------------
+
+def _vision_program(weights) -> TracedProgram:
+    config = weights.config
+    patch = config.vision_config.patch_size
+    height, width = 8, 4     # an example image; every size whose sides are multiples of 4 takes the same program
+    example = {"pixel_values": torch.zeros(1, 3, patch, patch * height * width),
+               **vision_indices(height, width, config)}
+    names = tuple(example)
+    axes = {"pixel_values": {3: "patch_columns"}, "position_ids": {0: "patches"}, "window_index": {0: "patches"},
+            "window_inverse": {0: "patches"}, "merge_order": {0: "patches"}, "merger_order": {0: "merged_patches"},
+            "image_features": {0: "image_tokens"}}
+    return TracedProgram(VisionSlice(weights).eval(), tuple(example.values()), names, ("image_features",),
+                         tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes)
+
+
+def _embed_program(weights) -> TracedProgram:
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}
+    dynamic = torch.export.Dim.DYNAMIC
+    return TracedProgram(EmbedTokens(weights).eval(), (torch.zeros(2, 3, dtype=torch.long),), ("input_ids",),
+                         ("inputs_embeds",), ({0: dynamic, 1: dynamic},), axes)
+
+
+def _decoder_program(weights) -> TracedProgram:
+    config = weights.config
+    states = decoder_state(config)
+    batch, length, past = 2, 3, 2
+    dynamic = torch.export.Dim.DYNAMIC
+    sequence = {0: "batch_size", 1: "sequence_length"}
+    axes = {"inputs_embeds": sequence, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": sequence, "logits": sequence}
+    for state in states:
+        grows = state.shape[2] is None
+        axes[state.name] = {0: "batch_size", **({2: "past_sequence_length"} if grows else {})}
+        axes[state.output] = {0: "batch_size", **({2: "total_sequence_length"} if grows else {})}
+    example = (torch.zeros(batch, length, config.text_config.hidden_size),
+               torch.ones(batch, past + length, dtype=torch.long),
+               torch.arange(past, past + length).repeat(batch, 1),
+               *(torch.zeros([batch if axis == 0 else (past if size is None else size)
+                              for axis, size in enumerate(state.shape)]) for state in states))
+    # The module takes the state as *args: torch.export wants its dynamic shapes as one tuple in that place.
+    state_shapes = tuple({axis: dynamic for axis in axes[state.name]} for state in states)
+    return TracedProgram(DecoderStep(weights).eval(), example,
+                         ("inputs_embeds", "attention_mask", "position_ids", *(s.name for s in states)),
+                         ("logits", *(s.output for s in states)),
+                         ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, state_shapes),
+                         axes)
+
+
+def build_programs(weights) -> dict[str, TracedProgram]:
+    return {"vision_encoder": _vision_program(weights), "embed_tokens": _embed_program(weights),
+            "decoder_model_merged": _decoder_program(weights)}
+
+
+def vision_inputs(config, pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per image of an encoded sample (`pixel_values` `[1, 3, P, P * patches]`: every image's row of patches, one
+    after the other, `target_sizes` `[images, 2]`), `VisionSlice`'s inputs: its pixels and the host's index tables."""
+    patch = config.vision_config.patch_size
+    inputs, start = [], 0
+    for height, width in target_sizes.tolist():
+        end = start + patch * height * width
+        inputs.append({"pixel_values": pixel_values[..., start:end], **vision_indices(height, width, config)})
+        start = end
+    return inputs
+
+
+def image_tokens(config, target_sizes: torch.Tensor) -> list[int]:
+    return (target_sizes.prod(-1) // merged_tokens_divisor(config.downsample_mode)).tolist()
+
+
+PROGRAMS = Programs(build=build_programs, vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state)

@@ -1,0 +1,205 @@
+"""`mcq export --format onnx` of MiniCPM-V 4.6: graphs traced from the family's torch programs
+(`mcq.models.minicpmv4_6.programs`), run on onnxruntime (`OnnxProgramModel`) against transformers' own model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from mcq.cli import main
+from mcq.export.onnx import export_onnx
+from mcq.export.onnx.program_runtime import OnnxProgramModel
+from mcq.models.loading import resolve_model_path
+from mcq.models.minicpmv4_6.serving import ServedMiniCPMV4_6
+from mcq.validate.evalset import encode_items, eval_samples, open_encoder
+
+REFERENCE = "tiny:4.6"
+# Steps decoded one token at a time through the state outputs, after a prefill of the rest of the sample.
+DECODE_STEPS = 4
+
+
+# Tracing the three programs takes most of a minute on two cores: one export per precision for the whole module.
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> Path:
+    return export_onnx(REFERENCE, tmp_path_factory.mktemp("onnx46") / "fp32").out
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory) -> Path:
+    return export_onnx(REFERENCE, tmp_path_factory.mktemp("onnx46") / "int4", precision="int4").out
+
+
+@pytest.fixture(scope="module")
+def served() -> ServedMiniCPMV4_6:
+    path = resolve_model_path(REFERENCE)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return ServedMiniCPMV4_6(model, path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[dict]:
+    """Two encoded evaluation samples: text only, and a sliced image (its overview and slices of another size)."""
+    items = encode_items(open_encoder(REFERENCE), eval_samples(None, 8, 0), 2)
+    data = [item.scored for item in items if item.scored is not None]
+    text_only = next(d for d in data if "pixel_values" not in d)
+    sliced = next(d for d in data if "pixel_values" in d and len(set(map(tuple, d["target_sizes"].tolist()))) > 1)
+    return [text_only, sliced]
+
+
+@pytest.fixture(scope="module")
+def reference(served, samples) -> list[torch.Tensor]:
+    """transformers' logits of each sample (its chunked delta-rule fallback takes seconds a sample: computed once)."""
+    return [_reference_logits(served, data) for data in samples]
+
+
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ logits) per position."""
+    return torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
+
+
+def _reference_logits(served: ServedMiniCPMV4_6, data: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return served.logits(served.inputs(data))
+
+
+def test_fp32_matches_transformers_on_text_and_image_samples(fp32, served, samples, reference):
+    model = OnnxProgramModel(fp32)
+    kls = []
+    for data, logits in zip(samples, reference):
+        kls.append(_kl(torch.from_numpy(model.forward(data)[0]), logits))
+        if "pixel_values" in data:
+            (blocks,) = model.vision_per_sample(data)
+            with torch.no_grad():
+                expected = served.vision(served.inputs(data))
+            assert np.abs(blocks - expected.numpy()).max() < 1e-4
+    assert torch.cat(kls).mean().item() < 1e-5
+
+
+def _decode(model: OnnxProgramModel, data: dict, steps: int, broken: str | None = None) -> np.ndarray:
+    """Logits of the sample's last `steps` tokens, each fed alone after a prefill of the others through the
+    state outputs; `broken`: the prefix of state inputs reset to zeros before every step (a dropped state)."""
+    embeds = model.merged_embeddings(data)
+    prompt = embeds.shape[1] - steps
+    logits, state = model.decoder(embeds[:, :prompt], np.ones((1, prompt)), np.arange(prompt)[None],
+                                  model.empty_cache(1))
+    rows = [logits[0, -1]]
+    for position in range(prompt, prompt + steps - 1):
+        if broken:
+            state = {name: np.zeros_like(value) if name.startswith(broken) else value for name, value in state.items()}
+        logits, state = model.decoder(embeds[:, position:position + 1], np.ones((1, position + 1)),
+                                      np.array([[position]]), state)
+        rows.append(logits[0, -1])
+    return np.stack(rows)
+
+
+def test_decoding_through_the_state_outputs_matches_the_full_forward(fp32, samples, reference):
+    """The state contract: KV caches, conv and recurrent states carried from call to call give the logits of one
+    forward over the whole sequence; dropping either linear-attention state between steps does not."""
+    model = OnnxProgramModel(fp32)
+    names = [state.name for state in model.state]
+    assert {name.split(".")[0] for name in names} == {"past_key_values", "past_conv", "past_recurrent"}
+    expected = reference[1][-DECODE_STEPS - 1:-1].numpy()
+    assert np.abs(_decode(model, samples[1], DECODE_STEPS) - expected).max() < 1e-4
+    for dropped in ("past_conv.", "past_recurrent."):
+        assert np.abs(_decode(model, samples[1], DECODE_STEPS, broken=dropped) - expected).max() > 1e-2, dropped
+
+
+def test_the_export_names_its_state_and_weights(fp32):
+    root = fp32
+    config = json.loads((root / "config.json").read_text())
+    assert config["transformers.js_config"]["dtype"] == dict.fromkeys(
+        ("vision_encoder", "embed_tokens", "decoder_model_merged"), "fp32")
+    state = config["mcq_decoder_state"]
+    assert state[0] == {"input": "past_conv.0", "output": "present_conv.0", "shape": [None, 1024, 3]}
+    assert state[-1] == {"input": "past_key_values.3.value", "output": "present.3.value", "shape": [None, 2, None, 64]}
+    decoder = onnx.load(str(root / "onnx" / "decoder_model_merged.onnx"))
+    inputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+              for value in decoder.graph.input}
+    assert inputs["past_key_values.3.key"] == ["batch_size", 2, "past_sequence_length", 64]
+    assert inputs["past_conv.0"] == ["batch_size", 1024, 3] and inputs["past_recurrent.0"] == ["batch_size", 16, 32, 32]
+    assert "Scan" in {node.op_type for node in decoder.graph.node}
+    names = {tensor.name for tensor in decoder.graph.initializer}
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in names
+
+
+@pytest.mark.slow
+def test_int4_writes_matmulnbits_and_stays_close(int4, samples, reference):
+    root = int4
+    decoder = onnx.load(str(root / "onnx" / "decoder_model_merged_q4.onnx"))
+    ops = [node.op_type for node in decoder.graph.node]
+    # Every LLM Linear but the (tied) head, whose weight is the embedding table's.
+    assert ops.count("MatMulNBits") == 31 and ops.count("MatMul") >= 1
+    model = OnnxProgramModel(root)
+    kl = torch.cat([_kl(torch.from_numpy(model.forward(data)[0]), logits)
+                    for data, logits in zip(samples, reference)]).mean().item()
+    assert 1e-5 < kl < 0.05
+
+
+def test_chat_refuses_a_traced_export_in_one_line(fp32, capsys):
+    assert main(["chat", "--model", str(fp32), "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mcq validate --variant" in err
+
+
+@pytest.mark.slow
+def test_int4_from_an_mcq_quantize_output_computes_its_dequantized_model(tmp_path, samples):
+    """--from writes the output's own levels: with float activations (accuracy_level 0) the export computes what
+    transformers computes with those levels dequantized."""
+    from transformers import CompressedTensorsConfig
+
+    from mcq.quantize.api import quantize
+
+    quantized = quantize(REFERENCE, tmp_path / "rtn", method="rtn", progress=False).out
+    root = export_onnx(REFERENCE, tmp_path / "onnx", precision="int4", from_dir=quantized, accuracy_level=0).out
+    result = json.loads((root / "mcq-manifest.json").read_text())
+    sources = {plan["source"] for plan in result["extra"]["linears"]}
+    assert sources == {"mcq", None}
+    model = AutoModelForImageTextToText.from_pretrained(
+        quantized, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    dequantized = ServedMiniCPMV4_6(model, quantized, "cpu")
+    onnx_model = OnnxProgramModel(root)
+    kl = torch.cat([_kl(torch.from_numpy(onnx_model.forward(data)[0]), _reference_logits(dequantized, data))
+                    for data in samples])
+    assert kl.mean().item() < 1e-5
+
+
+def test_fp16_storage_keeps_what_the_traced_decoder_computes(fp32, samples):
+    """fp16 stores the large weights in float16 behind a Cast (the tiny checkpoint's bf16 weights fit float16)."""
+    import onnxruntime as ort
+
+    from mcq.export.onnx.traced import FP16_MIN_ELEMENTS, store_float16
+
+    model = OnnxProgramModel(fp32)
+    decoder = onnx.load(str(fp32 / "onnx" / "decoder_model_merged.onnx"))
+    store_float16(decoder)
+    kinds = {t.name: (t.data_type, int(np.prod(t.dims))) for t in decoder.graph.initializer}
+    assert kinds["model.language_model.layers.0.linear_attn.in_proj_qkv.weight_fp16"][0] == onnx.TensorProto.FLOAT16
+    assert not [name for name, (kind, size) in kinds.items()
+                if kind == onnx.TensorProto.FLOAT and size >= FP16_MIN_ELEMENTS]
+    session = ort.InferenceSession(decoder.SerializeToString())
+    embeds = model.merged_embeddings(samples[0])
+    length = embeds.shape[1]
+    inputs = {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), dtype=np.int64),
+              "position_ids": np.arange(length)[None], **model.empty_cache(1)}
+    expected = model.sessions["decoder_model_merged"].run(["logits"], inputs)[0]
+    assert np.abs(session.run(["logits"], inputs)[0] - expected).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_validate_scores_an_export_against_the_bf16_checkpoint(fp32):
+    from mcq.validate.api import validate
+
+    results = validate(REFERENCE, [str(fp32)], num_samples=3, latency_runs=1, max_new_tokens=4, decode_tokens=2,
+                       progress=False)
+    row = next(row for row in results["variants"] if row["path"] == str(fp32))
+    assert row["status"] == "ok", row["error"]
+    assert row["format"] == "onnx-fp32" and row["runtime"].startswith("onnxruntime ")
+    metrics = row["metrics"]
+    assert metrics["kl_mean"] < 1e-5 and metrics["vision_cosine"] > 0.9999 and metrics["gen_exact_match"] == 1.0
