@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -177,6 +179,30 @@ def test_chat_answers_about_a_video_as_generate_on_its_inputs_and_follows_the_fr
     assert answer == expected
     other = _chat(capsys, loud46, [], "--frames", str(_frames_folder(tmp_path / "other", (20, 21, 22)))).rstrip("\n")
     assert other != answer and _chat(capsys, loud46, []).rstrip("\n") != answer
+
+
+def test_a_video_file_is_sampled_a_frame_a_second_or_at_fps(tiny46, tmp_path):
+    """`--video`: one frame a second, as the video processor samples main frames (3 for 3 s), `--fps` another rate,
+    the video processor's max_num_frames at most."""
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for index in range(12):   # 3 s at 4 fps
+            pixels = np.asarray(random_image(160, 120, seed=index))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    encoder = CalibrationEncoder(tiny46)
+
+    def frames(**options) -> int:
+        request = ChatRequest(model="tiny:4.6", question=QUESTION, images=(), video=str(clip), **options)
+        return len(chat_inputs(encoder, request)["target_sizes_videos"])   # 160x120: one block per frame
+
+    assert frames() == 3 and frames(fps=2.0) == 6
+    encoder.videos.settings["max_num_frames"] = 4
+    assert frames(fps=2.0) == 4
 
 
 @pytest.mark.parametrize("option,message", [(["--packing", "2"], "packs no frames by temporal id"),

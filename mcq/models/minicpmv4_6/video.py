@@ -1,7 +1,7 @@
 """MiniCPM-V 4.6 video: frames → the inputs `MiniCPMV4_6Processor` gives a video, computed with torch alone.
 
 transformers' `MiniCPMV4_6VideoProcessor` runs on torchvision, which mcq does not depend on; what it does to frames
-it is given (`do_sample_frames=False`, one sub-frame a second: `stack_frames` 1) is reproduced here:
+it is given (`do_sample_frames=False`, no sub-second frames stacked: `stack_frames` 1) is reproduced here:
 
 - every frame is laid out as an image of the video's size: the image processor's slice grid and sizes
   (`get_sliced_grid`, `find_best_resize`, `get_refine_size`: the video processor's copies compute the same), an
@@ -15,10 +15,10 @@ it is given (`do_sample_frames=False`, one sub-frame a second: `stack_frames` 1)
   columns) per unit.
 
 The model runs a video's units through the same vision tower and merger as images and scatters the features into
-the video tokens. The placeholder (`calibration.expand_videos`) is the processor's: `<image_id>i</image_id>` once per video
-(i counts the videos of the text), then per frame `<image>` + one video token per `divisor` patches + `</image>`
-and the slices' rows as for an image, frames back to back. 4.6 has no temporal ids: frame times do not reach the
-model, only the frames' order.
+the video tokens. The placeholder (`calibration.expand_videos`) is the processor's: `<image_id>i</image_id>` once
+per video (i counts the videos of the text), then per frame `<image>` + one video token per `divisor` patches +
+`</image>` and the slices' rows as for an image, frames back to back. 4.6 has no temporal ids: frame times do not
+reach the model, only the frames' order.
 """
 
 from __future__ import annotations
