@@ -11,6 +11,7 @@ frame a second), at most the video processor's `max_num_frames` (the first ones:
 over a longer video instead); `--frames` is a folder of frames, the video as it is. The frames are encoded as the
 video processor encodes frames it is given (`video.VideoEncoder`). 4.6 has no temporal ids, so `--fps` with
 `--frames` (which only times them) and `--packing` are refused.
+
 The model is loaded as every mcq command loads it (`load_model`: checked shards; a compressed-tensors output
 dequantized, a bitsandbytes one on its CPU kernels). `generate` runs with the vision tower called once per run of
 equal-size images (`per_size_runs`): transformers 5.17's tower fails on a sliced image (overview and slices differ in
@@ -90,7 +91,7 @@ def _frames(request: ChatRequest, max_frames: int) -> list:
     """The frames of `request`'s video file or frame folder (see the module doc)."""
     if request.video:
         return frames_from_video(request.video, CHAT_FPS if request.fps is None else request.fps, max_frames)[0]
-    return frames_from_dir(request.frames, CHAT_FPS)[0]
+    return frames_from_dir(request.frames, CHAT_FPS)[0]   # the times it gives the frames go unused
 
 
 def _refuse_temporal_options(request: ChatRequest) -> None:
