@@ -48,3 +48,23 @@ def images_processor(path) -> MiniCPMV4_6Processor:
                  "image_id_end_token"):
         setattr(processor, name, getattr(tokenizer, name))
     return processor
+
+
+# Videos checked against transformers' own processor (tests/data/minicpmv4_6_video/make_reference.py): the images
+# before the video as (width, height, seed), the frames' size, how many, and the processor's options. 640x480 is
+# sliced (overview + 2 slices a frame), 150x100 upscaled, max_slice_nums 1 leaves 640x480 whole.
+VIDEO_CASES = {
+    "sliced": {"images": [], "video": (640, 480), "frames": 2},
+    "upscaled": {"images": [], "video": (150, 100), "frames": 3},
+    "one-slice": {"images": [], "video": (640, 480), "frames": 2, "options": {"max_slice_nums": 1}},
+    "image-and-video": {"images": [(200, 120, 7)], "video": (300, 200), "frames": 2},
+}
+VIDEO_QUESTION = "What happens in this video?"
+
+
+def video_case(name: str) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The images and the video frames of `VIDEO_CASES[name]`: noise, each frame its own."""
+    case = VIDEO_CASES[name]
+    width, height = case["video"]
+    return ([random_image(w, h, seed=seed) for w, h, seed in case["images"]],
+            [random_image(width, height, seed=100 + index) for index in range(case["frames"])])

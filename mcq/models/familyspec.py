@@ -59,8 +59,6 @@ class CalibrationEncoder(Protocol):
     the inputs of one forward of the family's model (`Calibration.forward` runs it)."""
 
     video: bool     # whether calibration runs video samples (it leaves them out where not)
-    # Why video samples cannot be encoded at all, None when they can (evaluation reports them as not scored).
-    no_video: str | None
     tokenizer: Any
 
     def __call__(self, sample: Any, max_slice_nums: int | None) -> dict[str, Any]: ...

@@ -3,8 +3,7 @@ for every runner.
 
 Every variant is scored on exactly the reference's token sequence (teacher forcing compares next-token
 distributions position by position, so the tokens must be the same ones); a runner whose runtime tokenizes by
-itself checks that it reproduces these ids. A sample the family's encoder cannot encode (4.6's video, without
-torchvision) is kept with the reason and scored by no runner.
+itself checks that it reproduces these ids.
 """
 
 from __future__ import annotations
@@ -21,14 +20,13 @@ from mcq.errors import McqError
 @dataclass
 class EvalItem:
     sample: Sample
-    scored: dict[str, Any] | None   # the whole conversation, teacher-forced; `answer_mask` marks the answer tokens
+    scored: dict[str, Any]          # the whole conversation, teacher-forced; `answer_mask` marks the answer tokens
     prompt: dict[str, Any] | None   # the conversation before its final answer, with the generation prompt
-    unencoded: str | None = None    # why the sample could not be encoded (then `scored` is None)
 
     @property
     def has_vision(self) -> bool:
-        pixels = None if self.scored is None else self.scored.get("pixel_values")
-        return pixels is not None and any(len(p) for p in pixels)   # a list per batch row, or 4.6's packed tensor
+        # A list per batch row (the resampler family's), or 4.6's packed tensor of images or of video frames.
+        return any(len(p) for key in ("pixel_values", "pixel_values_videos") for p in self.scored.get(key, ()))
 
 
 def open_encoder(reference: str | Path):
@@ -54,9 +52,6 @@ def encode_items(encoder, samples: list[Sample], max_slice_nums: int | None) -> 
     """`samples` encoded by `encoder` (`open_encoder`)."""
     items = []
     for sample in samples:
-        if sample.is_video and encoder.no_video:
-            items.append(EvalItem(sample, None, None, encoder.no_video))
-            continue
         prompt = None
         if sample.has_answer:
             # The same conversation without its final answer: what the model answers from in `generate`.
@@ -80,7 +75,7 @@ def describe_items(items: list[EvalItem], source: str | Path | None) -> dict[str
         "source": "builtin:heldout" if source is None or str(source) == "builtin" else str(source),
         "samples": len(items),
         "kinds": dict(sorted(Counter(item.sample.kind for item in items).items())),
-        "answer_tokens": int(sum(int(item.scored["answer_mask"].sum()) for item in items if item.scored is not None)),
+        "answer_tokens": int(sum(int(item.scored["answer_mask"].sum()) for item in items)),
         "images": sum(len(item.sample.images) for item in items if not item.sample.is_video),
         "video_frames": sum(len(item.sample.images) for item in items if item.sample.is_video),
     }

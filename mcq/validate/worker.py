@@ -221,10 +221,7 @@ def _vision_path(job: dict[str, Any], items: list[EvalItem]) -> dict[str, Any]:
 
 
 def _unserved(job: dict[str, Any], item: EvalItem) -> str | None:
-    """Why this run's runtime, or the reference's, does not serve the item (None when both do), or why the item
-    could not be encoded."""
-    if item.unencoded:
-        return item.unencoded
+    """Why this run's runtime, or the reference's, does not serve the item (None when both do)."""
     reason = _runner_class(job).unserved(item.scored)
     if reason is None and job.get("reference_runner"):
         reason = RUNTIMES[job["reference_runner"]].unserved(item.scored)

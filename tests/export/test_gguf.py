@@ -312,10 +312,12 @@ def test_a_failed_export_leaves_no_partial_gguf(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_runner_refuses_video_samples():
-    items = encode_items(open_encoder("tiny:4.5"), eval_samples(None, None, 0), 2)
-    video = next(item for item in items if item.sample.is_video)
-    assert "3D resampler" in GgufRunner.unserved(video.scored)
+@pytest.mark.parametrize("reference,reason", [("tiny:4.5", "3D resampler"), ("tiny:4.6", "not fed to libmtmd")])
+def test_runner_refuses_video_samples(reference, reason):
+    samples = eval_samples(None, None, 0)
+    video = next(sample for sample in samples if sample.is_video)
+    items = encode_items(open_encoder(reference), [video, next(s for s in samples if s.kind == "scene")], 2)
+    assert reason in GgufRunner.unserved(items[0].scored) and GgufRunner.unserved(items[1].scored) is None
 
 
 def test_official_4_5_layout_maps_every_stored_tensor(reference_dir):

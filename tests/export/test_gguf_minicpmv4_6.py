@@ -162,7 +162,8 @@ IMAGE_KINDS = {"document", "table", "chart", "scene", "multi_image"}
 
 def test_mcq_validate_scores_image_samples_in_llama_cpp(f16_export):
     """`mcq validate` of the F16 files in llama.cpp scores 4.6's image samples (each processor block through libmtmd,
-    at libmtmd's positions) as well as its text samples; only video is left out (the reference cannot encode it).
+    at libmtmd's positions) as well as its text samples; only video is left out (its frames go in at video tokens,
+    which the runner does not feed to libmtmd).
     Measured (float32 reference against the F16 files): KL 8e-8 to 1.5e-7 per kind, text and image alike, vision
     cosine 1.0000."""
     from mcq.validate.api import validate

@@ -75,7 +75,8 @@ def test_the_processor_files_load_with_transformers_classes(tiny46):
     files, and the processor class the files name. The processor itself needs torchvision (transformers builds its
     video processor only with it, and refuses None), which mcq's CPU environment cannot hold: PyPI's torchvision
     wheels fail to load beside torch 2.13.0+cpu (`operator torchvision::nms does not exist`). mcq's 4.6 commands
-    (chat, calibration, validate) use these two and leave video, the part that needs torchvision, out."""
+    (chat, calibration, validate) use these two, and encode video with mcq's torch-only copy of the video processor
+    (`mcq.models.minicpmv4_6.video`, checked against the real one in test_minicpmv4_6_chat.py)."""
     from transformers import MiniCPMV4_6Processor
     from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 

@@ -1,28 +1,34 @@
-"""`mcq chat` on MiniCPM-V 4.6: the prompt is what transformers' `MiniCPMV4_6Processor` builds, the answer is what
-transformers' own model generates from it (bf16 and a quantized output), and what 4.6 does not take is refused in
-one line."""
+"""`mcq chat` on MiniCPM-V 4.6: the prompt is what transformers' `MiniCPMV4_6Processor` builds (for a video, what it
+built in tests/data/minicpmv4_6_video/reference.json), the answer is what transformers' own model generates from it
+(bf16 and a quantized output), and what 4.6 does not take is refused in one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
 
-from minicpmv4_6_inputs import images_processor, random_image  # tests/minicpmv4_6_inputs.py
+from minicpmv4_6_inputs import VIDEO_CASES, VIDEO_QUESTION, images_processor, random_image, video_case
 
 from mcq.cli import main
 from mcq.models.bnb_runtime import disable_unsupported_cpu_repacking
 from mcq.models.familyspec import ChatRequest
 from mcq.models.minicpmv4_6.calibration import CalibrationEncoder
 from mcq.models.minicpmv4_6.chat import chat_inputs
+from mcq.models.minicpmv4_6.video import Video
 from mcq.models.tiny import resolve_tiny
 
 QUESTION = "What differs between them?"
 NEW_TOKENS = 6
+VIDEO_REFERENCE = Path(__file__).parents[1] / "data" / "minicpmv4_6_video" / "reference.json"
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +134,85 @@ def test_a_quantized_46_output_answers_as_transformers_loads_it(method, loud46, 
     assert answer == _generated(_as_the_card_loads(out, method), out, [image])
 
 
-@pytest.mark.parametrize("option", [["--video", "clip.mp4"], ["--frames", "frames"], ["--fps", "2"],
-                                   ["--packing", "2"]])
-def test_video_options_are_refused_for_46_in_one_line(option, capsys):
+@pytest.mark.parametrize("name", sorted(VIDEO_CASES))
+def test_video_inputs_are_what_transformers_video_processor_builds(tiny46, name):
+    """Token for token, and pixel for pixel (a SHA-256 of the float32 bytes), what `MiniCPMV4_6Processor` with its
+    torchvision video processor gave for the same frames (tests/data/minicpmv4_6_video/make_reference.py): sliced
+    frames, upscaled frames, max_slice_nums, an image and a video in one prompt."""
+    reference = json.loads(VIDEO_REFERENCE.read_text())["cases"][name]
+    images, frames = video_case(name)
+    turn = {"role": "user", "content": [*images, Video(tuple(frames)), VIDEO_QUESTION]}
+    ours = CalibrationEncoder(tiny46).encode([turn], True, VIDEO_CASES[name].get("options", {}).get("max_slice_nums"))
+    assert ours["input_ids"][0].tolist() == reference["input_ids"]
+    assert ours["attention_mask"][0].tolist() == reference["attention_mask"]
+    assert ours["target_sizes_videos"].tolist() == reference["target_sizes_videos"]
+    for key in ("pixel_values_videos", "pixel_values"):
+        assert (key in ours) == (key in reference)
+        if key in ours:
+            pixels = ours[key].to(torch.float32).contiguous()
+            found = {"shape": list(pixels.shape), "sum": float(pixels.double().sum()),
+                     "sha256": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
+            assert found == reference[key], key
+
+
+def _frames_folder(folder, seeds) -> Path:
+    folder.mkdir()
+    for index, seed in enumerate(seeds):
+        random_image(150, 100, seed=seed).save(folder / f"{index:02d}.png")
+    return folder
+
+
+def test_chat_answers_about_a_video_as_generate_on_its_inputs_and_follows_the_frames(loud46, tmp_path, capsys):
+    """`--frames`: the answer is transformers' greedy `generate` on the video inputs (checked against the processor
+    above), and another video, or none, gives another answer."""
+    model = AutoModelForImageTextToText.from_pretrained(loud46, dtype="auto").eval()
+    folder = _frames_folder(tmp_path / "clip", (10, 11, 12))
+    request = ChatRequest(model=str(loud46), question=QUESTION, images=(), frames=str(folder))
+    inputs = chat_inputs(CalibrationEncoder(loud46), request)
+    assert len(inputs["target_sizes_videos"]) == 3    # one unsliced block per frame
+    inputs = {key: value.to(model.dtype) if key == "pixel_values_videos" else value for key, value in inputs.items()}
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = images_processor(loud46).tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
+                                                         skip_special_tokens=True)
+    answer = _chat(capsys, loud46, [], "--frames", str(folder)).rstrip("\n")
+    assert answer == expected
+    other = _chat(capsys, loud46, [], "--frames", str(_frames_folder(tmp_path / "other", (20, 21, 22)))).rstrip("\n")
+    assert other != answer and _chat(capsys, loud46, []).rstrip("\n") != answer
+
+
+def test_a_video_file_is_sampled_a_frame_a_second_or_at_fps(tiny46, tmp_path):
+    """`--video`: one frame a second, as the video processor samples main frames (3 for 3 s), `--fps` another rate,
+    the video processor's max_num_frames at most."""
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for index in range(12):   # 3 s at 4 fps
+            pixels = np.asarray(random_image(160, 120, seed=index))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    encoder = CalibrationEncoder(tiny46)
+
+    def frames(**options) -> int:
+        request = ChatRequest(model="tiny:4.6", question=QUESTION, images=(), video=str(clip), **options)
+        return len(chat_inputs(encoder, request)["target_sizes_videos"])   # 160x120: one block per frame
+
+    assert frames() == 3 and frames(fps=2.0) == 6
+    encoder.videos.settings["max_num_frames"] = 4
+    assert frames(fps=2.0) == 4
+
+
+@pytest.mark.parametrize("option,message", [(["--packing", "2"], "packs no frames by temporal id"),
+                                            (["--fps", "2"], "only sets how often --video is sampled"),
+                                            (["--frames", "clip", "--fps", "2"], "--frames are taken as they are")])
+def test_temporal_video_options_are_refused_for_46_in_one_line(option, message, capsys):
+    """4.6 has no temporal ids: what only times frames or packs them by time is refused, not ignored."""
     assert main(["chat", "--model", "tiny:4.6", *option, "what happens?"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"mcq: error: {option[0]}:") and "torchvision" in err
+    assert len(err.splitlines()) == 1 and message in err, err
 
 
 def test_thinking_is_the_chat_template_s_switch(tiny46, reference_dir, tmp_path, capsys):

@@ -17,7 +17,6 @@ from mcq.validate.runners.transformers_runner import TransformersRunner
 REFERENCE = "tiny:4.6-outliers"
 EVAL_SAMPLES = 8        # the held-out subset with a document, a scene, several images, a table, a chart, a video, text
 CALIBRATION_SAMPLES = 4
-VIDEO_REASON = "video (MiniCPM-V 4.6's video processor in transformers needs torchvision, which mcq does not use)"
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +35,12 @@ def variants(tmp_path_factory) -> dict[str, Path]:
     return {method: root / method for method in ("rtn", "gptq", "awq")}
 
 
-def test_eval_set_encodes_the_answer_tokens_and_leaves_video_out(items):
+def test_eval_set_encodes_the_answer_tokens_video_included(items):
     tokenizer = open_encoder(REFERENCE).tokenizer
-    assert [item.sample.kind for item in items if item.unencoded] == ["video"]
-    assert {item.unencoded for item in items if item.unencoded} == {VIDEO_REASON}
-    for item in (item for item in items if not item.unencoded):
+    video = next(item for item in items if item.sample.kind == "video")
+    assert video.has_vision and "pixel_values" not in video.scored
+    assert len(video.scored["target_sizes_videos"]) >= len(video.sample.images)   # every frame, sliced or not
+    for item in items:
         answer = item.sample.messages[-1]["content"]
         marked = item.scored["input_ids"][0][item.scored["answer_mask"][0]]
         assert tokenizer.decode(marked) == f"{answer}<|im_end|>\n"
@@ -52,12 +52,13 @@ def test_eval_set_encodes_the_answer_tokens_and_leaves_video_out(items):
 
 def test_runner_computes_what_transformers_forward_computes(items, variants):
     """The runner's logits are the model's own forward (the tower called per run of equal-size images) on a sliced
-    image and on several images, for the reference and a dequantized GPTQ variant; a sample's vision output fed
-    back gives the same logits (the vision-path score's input); the greedy answer is the argmax of the model's own
-    teacher-forced logits."""
-    chosen = [next(i for i in items if i.has_vision and len(i.scored["target_sizes"]) > 1
+    image, on several images and on a video, for the reference and a dequantized GPTQ variant; a sample's vision
+    output fed back gives the same logits (the vision-path score's input); the greedy answer is the argmax of the
+    model's own teacher-forced logits."""
+    chosen = [next(i for i in items if len(i.scored.get("target_sizes", ())) > 1
                    and len(set(map(tuple, i.scored["target_sizes"].tolist()))) > 1),
-              next(i for i in items if i.sample.kind == "multi_image")]
+              next(i for i in items if i.sample.kind == "multi_image"),
+              next(i for i in items if i.sample.kind == "video")]
     from mcq.models.loading import resolve_model_path
 
     for path, load in ((resolve_model_path(REFERENCE), {}),
@@ -70,7 +71,9 @@ def test_runner_computes_what_transformers_forward_computes(items, variants):
             got = runner.logits(item.scored)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             vision = runner.vision(item.scored)
-            assert vision.shape[0] == len(item.scored["target_sizes"])   # one block per image (slice)
+            # One block per image (overview or slice) or video frame (overview or slice).
+            assert vision.shape[0] == sum(len(item.scored.get(key, ())) for key in ("target_sizes",
+                                                                                     "target_sizes_videos"))
             assert torch.equal(runner.logits(item.scored, vision=vision), got)
     answer = runner.generate(chosen[0].prompt, 6)
     from mcq.validate.worker import _continued
@@ -83,7 +86,7 @@ def test_runner_computes_what_transformers_forward_computes(items, variants):
 def test_mapped_weights_compute_what_loaded_weights_compute(items):
     """The validator's low-memory path (`mcq.models.mapped`) on 4.6: its tied lm_head is read from the embedding
     table it is stored as."""
-    item = next(i for i in items if i.scored is not None and i.has_vision)
+    item = next(i for i in items if i.has_vision)
     resident = TransformersRunner(REFERENCE, torch.device("cpu"), "float32").logits(item.scored)
     mapped = TransformersRunner(REFERENCE, torch.device("cpu"), "float32", weights="mapped").logits(item.scored)
     torch.testing.assert_close(mapped, resident, atol=1e-5, rtol=1e-5)
@@ -105,13 +108,13 @@ def test_validate_scores_46_variants_in_transformers(validated, items):
     assert reference["status"] == "ok", reference["error"]
     assert reference["metrics"]["kl_mean"] == 0.0 and reference["metrics"]["gen_exact_match"] == 1.0
     assert reference["metrics"]["vision_cosine"] == pytest.approx(1.0)
-    assert results["eval"]["answer_tokens"] == sum(int(i.scored["answer_mask"].sum()) for i in items if i.scored)
+    assert results["eval"]["answer_tokens"] == sum(int(i.scored["answer_mask"].sum()) for i in items)
     kl = {}
     for method in ("rtn", "gptq", "awq"):
         row = rows[method]
         assert row["status"] == "ok", row["error"]
         assert row["runtime"].startswith("transformers ") and "dequantized at load" in row["runtime"]
-        assert row["skipped_samples"] == {VIDEO_REASON: 1}
+        assert row["skipped_samples"] == {}   # the video sample is scored too
         metrics = row["metrics"]
         kl[method] = metrics["kl_mean"]
         assert 0 < metrics["kl_mean"] < 0.05 and 0 < metrics["top1_agreement"] <= 1   # tiny random logits: flat
@@ -125,8 +128,7 @@ def test_validate_scores_46_variants_in_transformers(validated, items):
     # Calibration on the outlier model: GPTQ and AWQ below RTN.
     assert max(kl["gptq"], kl["awq"]) < kl["rtn"], kl
     # The validator's KL is the KL of transformers' own forward against the reference's on the answer tokens.
-    scored = [item for item in items if item.scored is not None]
-    assert kl["rtn"] == pytest.approx(_direct_kl(rows["rtn"]["path"], scored), rel=1e-3)
+    assert kl["rtn"] == pytest.approx(_direct_kl(rows["rtn"]["path"], items), rel=1e-3)
 
 
 def _direct_kl(variant: str, items) -> float:

@@ -113,7 +113,6 @@ class CalibrationEncoder:
         self.tokenizer = self.processor.tokenizer
         self.spec = self.processor.spec
         self.video = self.spec.temporal   # video clips need the 3D resampler (4.5); 2.6 and 4.0 calibrate on the rest
-        self.no_video = None              # every release encodes them (2.6 and 4.0 as a sequence of images)
 
     def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
         return conversation_inputs(self.processor, self.spec, sample, max_slice_nums)[0]

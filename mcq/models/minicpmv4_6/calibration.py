@@ -3,9 +3,11 @@ that forward (`mcq.models.familyspec.Calibration`).
 
 Encoding: transformers builds `MiniCPMV4_6Processor` only with torchvision (for its video processor), which mcq does
 not depend on; its image processor (PIL backend) and the tokenizer load without it. So the conversation is rendered
-by the tokenizer's chat template with one `tokenizer.image_token` per image, as the processor takes it, and each is
-expanded here into the placeholder the processor writes (`expand_images`). Video samples are left out: the video
-processor is the part that needs torchvision.
+by the tokenizer's chat template with one `tokenizer.image_token` per image and one `tokenizer.video_token` per
+video, as the processor takes them, and each is expanded here into the placeholder the processor writes
+(`expand_images`, `expand_videos`). A video's pixels are what the video processor computes, reproduced with torch
+alone (`video.VideoEncoder`); a video sample's frames (its images) are one video, its temporal ids unused (4.6 has
+none).
 
 Capture: transformers 5.17's vision tower runs every image packed into one sequence, and its `vit_merger` reshapes
 that sequence as if all images had the first one's size (`get_vision_merged_shape`): a sliced image (its overview
@@ -34,8 +36,11 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 
 from mcq.errors import McqError
 
+from .video import Video, VideoEncoder
+
 # What `MiniCPMV4_6ForConditionalGeneration.forward` reads from an encoded sample.
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "target_sizes")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "target_sizes", "pixel_values_videos",
+                "target_sizes_videos")
 
 
 def norm_offset(norm: nn.Module) -> float:
@@ -45,9 +50,8 @@ def norm_offset(norm: nn.Module) -> float:
 
 def expand_images(text: str, tokenizer, processed: dict[str, Any], divisor: int, use_image_id: bool = True) -> str:
     """`text` with its i-th `tokenizer.image_token` replaced by the placeholder `MiniCPMV4_6Processor` writes for
-    image i of `processed` (the image processor's output): `<image_id>i</image_id>` (with `use_image_id`), the
-    overview's `<image>` + one image token per `divisor` patches + `</image>`, then the slices' rows, newline-joined,
-    each `<slice>` + tokens + `</slice>` once per column."""
+    image i of `processed` (the image processor's output): `<image_id>i</image_id>` (with `use_image_id`), then the
+    image's `block_placeholder`."""
     pieces = text.split(tokenizer.image_token)
     grids, counts = processed["grids"], processed["num_patches_per_image"]
     if len(pieces) - 1 != len(counts):
@@ -55,15 +59,47 @@ def expand_images(text: str, tokenizer, processed: dict[str, Any], divisor: int,
     tokens = (processed["target_sizes"].prod(-1) // divisor).tolist()
     expanded, first = [pieces[0]], 0
     for index, (count, (rows, columns)) in enumerate(zip(counts, grids)):
-        own = tokens[first: first + count]
+        placeholder = block_placeholder(tokenizer, tokenizer.image_token, tokens[first: first + count], rows, columns)
         first += count
-        placeholder = f"{tokenizer.image_start_token}{tokenizer.image_token * own[0]}{tokenizer.image_end_token}"
-        if rows > 0 and columns > 0:
-            one = f"{tokenizer.slice_start_token}{tokenizer.image_token * own[1]}{tokenizer.slice_end_token}"
-            placeholder += "\n".join(one * columns for _ in range(rows))
-        prefix = f"{tokenizer.image_id_start_token}{index}{tokenizer.image_id_end_token}" if use_image_id else ""
-        expanded += [prefix + placeholder, pieces[index + 1]]
+        expanded += [_image_id(tokenizer, index, use_image_id) + placeholder, pieces[index + 1]]
     return "".join(expanded)
+
+
+def expand_videos(text: str, tokenizer, processed: dict[str, Any], divisor: int, use_image_id: bool) -> str:
+    """`text` with its i-th `tokenizer.video_token` replaced by the placeholder `MiniCPMV4_6Processor` writes for
+    video i of `processed` (`VideoEncoder`'s output): `<image_id>i</image_id>` once (with `use_image_id`; i counts
+    the videos), then each frame's `block_placeholder` in video tokens, frame after frame."""
+    pieces = text.split(tokenizer.video_token)
+    counts = processed["num_frames_per_video"]
+    if len(pieces) - 1 != len(counts):
+        raise McqError(f"{len(pieces) - 1} video placeholders in the text for {len(counts)} videos")
+    tokens = (processed["target_sizes_videos"].prod(-1) // divisor).tolist()
+    grids = iter(processed["grids"])
+    expanded, first = [pieces[0]], 0
+    for index, count in enumerate(counts):
+        placeholder = _image_id(tokenizer, index, use_image_id)
+        for rows, columns in (next(grids) for _ in range(count)):
+            units = 1 + rows * columns
+            placeholder += block_placeholder(tokenizer, tokenizer.video_token, tokens[first: first + units], rows,
+                                             columns)
+            first += units
+        expanded += [placeholder, pieces[index + 1]]
+    return "".join(expanded)
+
+
+def block_placeholder(tokenizer, token: str, tokens: list[int], rows: int, columns: int) -> str:
+    """An image's (or a video frame's) placeholder: the overview's `<image>` + `tokens[0]` `token`s + `</image>`,
+    then when sliced (`rows` x `columns`) the slices' rows, newline-joined, each `<slice>` + `tokens[1]` `token`s
+    + `</slice>` once per column."""
+    placeholder = f"{tokenizer.image_start_token}{token * tokens[0]}{tokenizer.image_end_token}"
+    if rows > 0 and columns > 0:
+        one = f"{tokenizer.slice_start_token}{token * tokens[1]}{tokenizer.slice_end_token}"
+        placeholder += "\n".join(one * columns for _ in range(rows))
+    return placeholder
+
+
+def _image_id(tokenizer, index: int, use_image_id: bool) -> str:
+    return f"{tokenizer.image_id_start_token}{index}{tokenizer.image_id_end_token}" if use_image_id else ""
 
 
 def merged_tokens_divisor(downsample_mode: str | None) -> int:
@@ -74,21 +110,23 @@ def merged_tokens_divisor(downsample_mode: str | None) -> int:
 class CalibrationEncoder:
     """4.6's `mcq.models.familyspec.CalibrationEncoder` (see the module doc)."""
 
-    video = False   # transformers' 4.6 video processor needs torchvision
-    no_video = "video (MiniCPM-V 4.6's video processor in transformers needs torchvision, which mcq does not use)"
+    video = True
 
     def __init__(self, path: Path):
         self.tokenizer = _loaded("tokenizer", AutoTokenizer, path)
         self.images = _loaded("image processor", AutoImageProcessor, path)
         self.divisor = merged_tokens_divisor(self.images.downsample_mode)
+        self.videos = VideoEncoder(path, self.images)
+        self.video_divisor = merged_tokens_divisor(self.videos.settings["downsample_mode"])
 
     def render(self, turns, add_generation_prompt: bool) -> str:
-        """The chat-template text of `turns` with one `tokenizer.image_token` per image (`expand_images` expands
-        them)."""
+        """The chat-template text of `turns` with one `tokenizer.image_token` per image and one
+        `tokenizer.video_token` per video (`expand_images` and `expand_videos` expand them)."""
         return self._render(turns, add_generation_prompt)[0]
 
-    def _render(self, turns, add_generation_prompt: bool, **template: Any) -> tuple[str, list[Image.Image]]:
-        rendered, images = [], []
+    def _render(self, turns, add_generation_prompt: bool, **template: Any
+                ) -> tuple[str, list[Image.Image], list[Video]]:
+        rendered, images, videos = [], [], []
         for turn in turns:
             content = [turn["content"]] if isinstance(turn["content"], str) else turn["content"]
             parts = []
@@ -96,35 +134,58 @@ class CalibrationEncoder:
                 if isinstance(item, Image.Image):
                     images.append(item)
                     parts.append(self.tokenizer.image_token)
+                elif isinstance(item, Video):
+                    videos.append(item)
+                    parts.append(self.tokenizer.video_token)
                 else:
                     parts.append(item)
             rendered.append({"role": turn["role"], "content": "\n".join(parts)})
         text = self.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   **template)
-        return text, images
+        return text, images, videos
 
     def __call__(self, sample, max_slice_nums: int | None) -> dict[str, Any]:
         """The model inputs of `sample` (`mcq.calibration.Sample`): its turns teacher-forced (a prompt-only one ends
-        with the generation prompt), images sliced into at most `max_slice_nums` (None: the processor's default)."""
-        if sample.is_video:
-            raise McqError(f"{sample.name}: {self.no_video}")
-        return self.encode(sample.messages, not sample.has_answer, max_slice_nums)
+        with the generation prompt), images and video frames sliced into at most `max_slice_nums` (None: the
+        processors' defaults). A video sample's frames are one video, where its first frame is."""
+        turns = [_as_video(turn) for turn in sample.messages] if sample.is_video else sample.messages
+        return self.encode(turns, not sample.has_answer, max_slice_nums)
 
     def encode(self, turns, add_generation_prompt: bool, max_slice_nums: int | None, **template: Any
                ) -> dict[str, Any]:
-        """The model inputs of a conversation (turns whose content is a string or a list of strings and PIL
-        images), and where each image block's tokens are (`image_bound`); `template`: the chat template's variables
-        (enable_thinking)."""
-        text, images = self._render(turns, add_generation_prompt, **template)
-        if not images:
-            return dict(self.tokenizer(text, return_tensors="pt"))
+        """The model inputs of a conversation (turns whose content is a string or a list of strings, PIL images
+        and `Video`s), and where each image block's tokens are (`image_bound`); `template`: the chat template's
+        variables (enable_thinking)."""
+        text, images, videos = self._render(turns, add_generation_prompt, **template)
         options = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
-        processed = self.images(images, return_tensors="pt", **options)
-        text = expand_images(text, self.tokenizer, processed, self.divisor, self.images.use_image_id)
-        encoded = self.tokenizer(text, return_tensors="pt")
-        counts = (processed["target_sizes"].prod(-1) // self.divisor).tolist()
-        return {**encoded, "pixel_values": processed["pixel_values"], "target_sizes": processed["target_sizes"],
-                "image_bound": [image_bound(encoded["input_ids"][0], self.tokenizer.image_token_id, counts)]}
+        pixels = {}
+        if images:
+            processed = self.images(images, return_tensors="pt", **options)
+            text = expand_images(text, self.tokenizer, processed, self.divisor, self.images.use_image_id)
+            pixels.update(pixel_values=processed["pixel_values"], target_sizes=processed["target_sizes"])
+        if videos:
+            processed = self.videos(videos, max_slice_nums)
+            # The processor takes use_image_id from the image processor for videos too.
+            text = expand_videos(text, self.tokenizer, processed, self.video_divisor, self.images.use_image_id)
+            pixels.update(pixel_values_videos=processed["pixel_values_videos"],
+                          target_sizes_videos=processed["target_sizes_videos"])
+        encoded = {**self.tokenizer(text, return_tensors="pt"), **pixels}
+        if images:
+            counts = (pixels["target_sizes"].prod(-1) // self.divisor).tolist()
+            encoded["image_bound"] = [image_bound(encoded["input_ids"][0], self.tokenizer.image_token_id, counts)]
+        return encoded
+
+
+def _as_video(turn: dict[str, Any]) -> dict[str, Any]:
+    """A video sample's turn with its frames as one `Video`, where the first frame is."""
+    if isinstance(turn["content"], str):
+        return turn
+    frames = tuple(item for item in turn["content"] if isinstance(item, Image.Image))
+    content = [item for item in turn["content"] if not isinstance(item, Image.Image)]
+    if frames:
+        content.insert(next(i for i, item in enumerate(turn["content"]) if isinstance(item, Image.Image)),
+                       Video(frames))
+    return {**turn, "content": content}
 
 
 def image_bound(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> torch.Tensor:

@@ -1,9 +1,17 @@
 """`mcq chat` for MiniCPM-V 4.6 (`Family.chat`): transformers' own model and its `generate`, on the prompt its
 processor builds.
 
-The prompt is the checkpoint's chat template over the question, with one `tokenizer.image_token` per image expanded
-into the placeholder `MiniCPMV4_6Processor` writes: the family's `CalibrationEncoder`, since that processor cannot be
-built without torchvision (see calibration.py), so chat, calibration and validation encode a conversation alike.
+The prompt is the checkpoint's chat template over the question, with one `tokenizer.image_token` per image (and one
+`tokenizer.video_token` for a video) expanded into the placeholder `MiniCPMV4_6Processor` writes: the family's
+`CalibrationEncoder`, since that processor cannot be built without torchvision (see calibration.py), so chat,
+calibration and validation encode a conversation alike.
+
+Video: `--video` is decoded with PyAV at `--fps` frames a second (1 by default: the video processor samples one main
+frame a second), at most the video processor's `max_num_frames` (the first ones: the processor spreads its frames
+over a longer video instead); `--frames` is a folder of frames, the video as it is. The frames are encoded as the
+video processor encodes frames it is given (`video.VideoEncoder`). 4.6 has no temporal ids, so `--fps` with
+`--frames` (which only times them) and `--packing` are refused.
+
 The model is loaded as every mcq command loads it (`load_model`: checked shards; a compressed-tensors output
 dequantized, a bitsandbytes one on its CPU kernels). `generate` runs with the vision tower called once per run of
 equal-size images (`per_size_runs`): transformers 5.17's tower fails on a sliced image (overview and slices differ in
@@ -27,8 +35,13 @@ from transformers import TextIteratorStreamer
 from mcq.errors import McqError
 
 from ..familyspec import ChatRequest
+from ..minicpmv.video import frames_from_dir, frames_from_video
 from .calibration import MODEL_INPUTS, CalibrationEncoder, per_size_runs
 from .facts import RELEASE
+from .video import Video
+
+# `--video`'s sampling rate: the video processor's one main frame a second.
+CHAT_FPS = 1.0
 
 # Greedy: one beam, the argmax at every step, whatever sampling settings generation_config.json holds (None clears
 # them, so transformers does not warn that they go unused).
@@ -40,12 +53,13 @@ def chat(checkpoint, request: ChatRequest) -> str | Iterator[str]:
     """The answer of the 4.6 checkpoint (`mcq.models.loading.Checkpoint`) to `request` (see the module doc)."""
     from ..loading import load_model
 
-    _refuse_video(request)
-    encoder = CalibrationEncoder(checkpoint.path)   # first: a bad tokenizer or image processor should not wait
+    _refuse_temporal_options(request)
+    encoder = CalibrationEncoder(checkpoint.path)   # first: a bad tokenizer, processor or video should not wait
     inputs = chat_inputs(encoder, request)
     model = load_model(checkpoint, dtype=request.dtype)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)   # as transformers' 4.6 documentation does
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)   # as transformers' 4.6 documentation casts pixel values
     torch.manual_seed(request.seed)
     settings = {"do_sample": True} if request.sampling else _GREEDY
     arguments = {**inputs, "max_new_tokens": request.max_new_tokens, **settings}
@@ -57,28 +71,37 @@ def chat(checkpoint, request: ChatRequest) -> str | Iterator[str]:
 
 
 def chat_inputs(encoder: CalibrationEncoder, request: ChatRequest) -> dict[str, Any]:
-    """The model inputs of `request`'s question about its images: one user turn, the images first (as the official
-    examples put them), then the generation prompt."""
+    """The model inputs of `request`'s question about its images and video: one user turn, the images and the
+    video first (as the official examples put them), then the generation prompt."""
     template = {}
     if _has_thinking_switch(encoder.tokenizer.chat_template):
         template["enable_thinking"] = request.thinking
     elif request.thinking:
         raise McqError(f"--thinking: the chat template of {request.model} has no enable_thinking switch (MiniCPM-V "
                        f"{RELEASE} ships thinking as a checkpoint of its own, MiniCPM-V-4.6-Thinking)")
-    turn = {"role": "user", "content": [*request.images, request.question]}
+    video = [Video(tuple(_frames(request, encoder.videos.settings["max_num_frames"])))] \
+        if request.video or request.frames else []
+    turn = {"role": "user", "content": [*request.images, *video, request.question]}
     encoded = encoder.encode([turn], True, request.max_slice_nums, **template)
     # The model's inputs only: generate refuses keyword arguments the model does not take (image_bound).
     return {key: value for key, value in encoded.items() if key in MODEL_INPUTS}
 
 
-def _refuse_video(request: ChatRequest) -> None:
-    """Video options are refused, not ignored: transformers' 4.6 video processor needs torchvision."""
-    given = [option for option, value in (("--video", request.video), ("--frames", request.frames),
-                                          ("--fps", request.fps), ("--packing", request.packing)) if value is not None]
-    if given:
-        raise McqError(f"{given[0]}: mcq chat takes no video for MiniCPM-V {RELEASE} ({request.model}): transformers' "
-                       f"{RELEASE} video processor needs torchvision, which mcq does not use (PyPI's torchvision "
-                       "fails to load beside torch 2.13's CPU build)")
+def _frames(request: ChatRequest, max_frames: int) -> list:
+    """The frames of `request`'s video file or frame folder (see the module doc)."""
+    if request.video:
+        return frames_from_video(request.video, CHAT_FPS if request.fps is None else request.fps, max_frames)[0]
+    return frames_from_dir(request.frames, CHAT_FPS)[0]   # the times it gives the frames go unused
+
+
+def _refuse_temporal_options(request: ChatRequest) -> None:
+    """Options about frame times are refused, not ignored: 4.6 sees a video's frames in order, not their times."""
+    if request.packing is not None:
+        raise McqError(f"--packing: MiniCPM-V {RELEASE} ({request.model}) packs no frames by temporal id: every frame "
+                       "is an image block of its own")
+    if request.fps is not None and not request.video:
+        raise McqError(f"--fps: MiniCPM-V {RELEASE} ({request.model}) has no temporal ids, so --fps only sets how "
+                       "often --video is sampled" + ("; --frames are taken as they are" if request.frames else ""))
 
 
 def _has_thinking_switch(template: str | None) -> bool:

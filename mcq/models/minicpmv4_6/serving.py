@@ -3,11 +3,13 @@ its `CalibrationEncoder`.
 
 The vision features are computed by the model's own `get_image_features` with the tower called once per run of
 equal-size images (`per_size_runs`: transformers 5.17 merges windows as if every image had the first one's size),
-and merged into the text embeddings at the image tokens as the model's forward does; the LLM then runs on those
+and merged into the text embeddings at the image tokens as the model's forward does; a video's frames likewise
+(the model's `get_video_features` is `get_image_features` on them), at the video tokens. The LLM then runs on those
 embeddings. So the model's forward never runs the tower on mixed sizes, and another model's vision output (the
-validator's vision-path score) goes in the same way. The vision output is one block per image (overview or slice):
-the merger's output tokens, zero-padded to the longest image of the sample (a zero row adds nothing to a block's
-cosine); the padding is dropped again by the token count each image's size gives."""
+validator's vision-path score) goes in the same way. The vision output is one block per image (overview or slice),
+then one per video frame's overview or slice: the merger's output tokens, zero-padded to the longest of the sample
+(a zero row adds nothing to a block's cosine); the padding is dropped again by the token count each block's size
+gives."""
 
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer
 
 from .calibration import MODEL_INPUTS, merged_tokens_divisor, per_size_runs
+
+# The vision inputs of each kind (pixels, their blocks' sizes) and the token their features replace, in the order
+# of the vision output's blocks.
+_VISUALS = (("pixel_values", "target_sizes", "image_token_id"),
+            ("pixel_values_videos", "target_sizes_videos", "video_token_id"))
 
 
 class ServedMiniCPMV4_6:
@@ -37,19 +44,25 @@ class ServedMiniCPMV4_6:
         return inputs
 
     def vision(self, inputs: dict[str, Any]) -> torch.Tensor:
+        blocks = []
         with per_size_runs(self.model):
-            features = self.model.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"])
-        return pad_sequence(features.pooler_output, batch_first=True)
+            for pixels, sizes, _ in _VISUALS:
+                if pixels in inputs:
+                    blocks += self.model.model.get_image_features(inputs[pixels], inputs[sizes]).pooler_output
+        return pad_sequence(blocks, batch_first=True)
 
     def _embeddings(self, inputs: dict[str, Any]) -> torch.Tensor:
         embeddings = self.model.get_input_embeddings()(inputs["input_ids"])
-        if "pixel_values" not in inputs:
+        present = [visual for visual in _VISUALS if visual[0] in inputs]
+        if not present:
             return embeddings
-        blocks = inputs["vision"] if "vision" in inputs else self.vision(inputs)
-        counts = (inputs["target_sizes"].prod(-1) // self.divisor).tolist()
-        features = torch.cat([block[:count] for block, count in zip(blocks, counts)]).to(embeddings.dtype)
-        image_tokens = (inputs["input_ids"] == self.model.config.image_token_id)[..., None]
-        return embeddings.masked_scatter(image_tokens, features)
+        blocks = iter(inputs["vision"] if "vision" in inputs else self.vision(inputs))
+        for _, sizes, token in present:
+            counts = (inputs[sizes].prod(-1) // self.divisor).tolist()
+            features = torch.cat([next(blocks)[:count] for count in counts]).to(embeddings.dtype)
+            positions = (inputs["input_ids"] == getattr(self.model.config, token))[..., None]
+            embeddings = embeddings.masked_scatter(positions, features)
+        return embeddings
 
     def logits(self, inputs: dict[str, Any]) -> torch.Tensor:
         return self.model(inputs_embeds=self._embeddings(inputs), attention_mask=inputs["attention_mask"],

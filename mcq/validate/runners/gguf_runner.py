@@ -14,7 +14,8 @@ stretched to one libmtmd lays out at the block's (`_libmtmd_size`). Other resamp
 to 448x448, as llama.cpp does to an image of that shape (its 64 tokens are the slice's whatever its size), so the
 vision scores of a GGUF variant include that preprocessing. The embeddings go in at the positions libmtmd gives
 its image chunk when llama.cpp serves it (`mtmd_helper_image_get_decoder_pos`, four per token for an M-RoPE LLM
-such as 4.6's qwen35). llama.cpp has no 3D resampler: video samples (frames packed by temporal id) are not served.
+such as 4.6's qwen35). llama.cpp has no 3D resampler: video samples (frames packed by temporal id) are not served,
+nor 4.6's (frames at video tokens).
 """
 
 from __future__ import annotations
@@ -251,6 +252,9 @@ class GgufRunner(Runner):
     def unserved(cls, data: dict[str, Any]) -> str | None:
         if grouped_video(data):
             return "video (llama.cpp has no 3D resampler to group frames by temporal id)"
+        if "pixel_values_videos" in data:
+            # The frames' features go in at video tokens, which no `image_bound` records.
+            return "video (MiniCPM-V 4.6's video frames are not fed to libmtmd)"
         return None
 
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
