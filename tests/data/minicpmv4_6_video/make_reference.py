@@ -1,5 +1,5 @@
 """Writes reference.json: what transformers' own `MiniCPMV4_6Processor` (with its torchvision video processor) gives
-for the videos of tests/models/test_minicpmv4_6_video.py, which checks mcq's torch-only video encoding against it.
+for the videos of tests/models/test_minicpmv4_6_chat.py, which checks mcq's torch-only video encoding against it.
 
 mcq's environment has no torchvision (PyPI's torchvision 0.28.0, the one built for torch 2.13.0, is a CUDA build
 whose `_C` extension does not load beside torch's CPU build). The reference is made in a throwaway venv that sees
@@ -13,7 +13,8 @@ operators emptied (the video processor uses none of them: its resize is torch's 
     PYTHONPATH=.:tests /tmp/tvvenv/bin/python tests/data/minicpmv4_6_video/make_reference.py
 
 Pixels are kept as a SHA-256 of their float32 bytes (with shape and sum, to tell how a mismatch differs): the
-reference frames are noise and the pixels megabytes.
+reference frames are noise and the pixels megabytes. The bytes do not depend on torch's CPU kernel dispatch: mcq's
+encoding gives these hashes under ATEN_CPU_CAPABILITY=default, avx2 and avx512 alike (checked with torch 2.13.0).
 """
 
 import hashlib
