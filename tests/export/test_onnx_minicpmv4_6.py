@@ -203,3 +203,14 @@ def test_validate_scores_an_export_against_the_bf16_checkpoint(fp32):
     assert row["format"] == "onnx-fp32" and row["runtime"].startswith("onnxruntime ")
     metrics = row["metrics"]
     assert metrics["kl_mean"] < 1e-5 and metrics["vision_cosine"] > 0.9999 and metrics["gen_exact_match"] == 1.0
+
+
+def test_validation_leaves_46_video_out_saying_why():
+    """A 4.6 video sample is left out of ONNX validation, not scored without its frames; images are served."""
+    from mcq.validate.runners.onnx_runner import OnnxRunner
+
+    video, image = (next(s for s in eval_samples(None, 8, 0) if s.is_video is wanted) for wanted in (True, False))
+    encoded = {item.sample.is_video: item.scored for item in encode_items(open_encoder(REFERENCE), [video, image], 1)}
+    assert OnnxRunner.unserved(encoded[True]) == ("video (MiniCPM-V 4.6's video frames are not fed to its ONNX "
+                                                  "export's vision graph yet)")
+    assert OnnxRunner.unserved(encoded[False]) is None
