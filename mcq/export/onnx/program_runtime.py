@@ -19,23 +19,18 @@ from torch.nn.utils.rnn import pad_sequence
 
 from mcq.errors import McqError
 
-from .runtime import find_export, graph_files
+from .runtime import open_sessions
 
 
 class OnnxProgramModel:
     """A traced ONNX export on onnxruntime: vision blocks, embeddings, the decoder with its state, generation."""
 
     def __init__(self, path: str | Path, providers=("CPUExecutionProvider",), threads: int | None = None):
-        import onnxruntime as ort
         from transformers import AutoTokenizer, GenerationConfig
 
         from mcq.models.family import family_for
 
-        self.root, self.onnx_dir = find_export(path)
-        files = graph_files(self.root)
-        missing = [name for name in files.values() if not (self.onnx_dir / name).is_file()]
-        if missing:
-            raise McqError(f"{self.onnx_dir} lacks {', '.join(missing)}")
+        self.root, self.onnx_dir, self.sessions = open_sessions(path, providers, threads)
         model_type = json.loads((self.root / "config.json").read_text())["model_type"]
         family = family_for(model_type)
         if family.programs is None:
@@ -46,15 +41,6 @@ class OnnxProgramModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.root)
         ends = GenerationConfig.from_pretrained(self.root).eos_token_id
         self.terminators = set(ends if isinstance(ends, list) else [ends])
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.sessions = {graph: ort.InferenceSession(str(self.onnx_dir / file), options,
-                                                         providers=list(providers))
-                             for graph, file in files.items()}
-        except Exception as err:   # onnxruntime raises its own exception types for broken files
-            raise McqError(f"onnxruntime cannot load {self.onnx_dir}: {str(err).splitlines()[0]}") from None
         self.state = self.programs.state(self.config)
 
     # The methods `mcq.validate`'s ONNX runner calls, as `OnnxMiniCPMV` has them; a batch is one encoded sample,

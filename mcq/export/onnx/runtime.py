@@ -141,37 +141,43 @@ def _numpy(value) -> np.ndarray:
 
 # -- the model -----------------------------------------------------------------------------------------------------
 
+def open_sessions(path: str | Path, providers: Sequence[str], threads: int | None):
+    """An export's root, its graph folder, and an onnxruntime session per graph; a missing graph or one onnxruntime
+    cannot load is one line."""
+    import onnxruntime as ort
+
+    root, onnx_dir = find_export(path)
+    files = graph_files(root)
+    missing = [name for name in files.values() if not (onnx_dir / name).is_file()]
+    if missing:
+        raise McqError(f"{onnx_dir} lacks {', '.join(missing)}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        sessions = {graph: ort.InferenceSession(str(onnx_dir / file), options, providers=list(providers))
+                    for graph, file in files.items()}
+    except Exception as err:   # onnxruntime raises its own exception types for broken files
+        raise McqError(f"onnxruntime cannot load {onnx_dir}: {str(err).splitlines()[0]}") from None
+    return root, onnx_dir, sessions
+
+
 class OnnxMiniCPMV:
     """MiniCPM-V on onnxruntime: `vision`, `embed`, `decoder`, `generate`, `chat` (the official chat API)."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None):
-        import onnxruntime as ort
-
         from mcq.models.minicpmv.configuration import MiniCPMVConfig
         from mcq.models.minicpmv.processing import MiniCPMVProcessor
         from mcq.models.minicpmv.tokenization import special_token_ids
         from mcq.models.minicpmv.versions import version_spec
 
-        self.root, self.onnx_dir = find_export(path)
-        self.files = graph_files(self.root)
-        missing = [name for name in self.files.values() if not (self.onnx_dir / name).is_file()]
-        if missing:
-            raise McqError(f"{self.onnx_dir} lacks {', '.join(missing)}")
+        self.root, self.onnx_dir, self.sessions = open_sessions(path, providers, threads)
         self.config = MiniCPMVConfig.from_pretrained(str(self.root))
         self.spec = version_spec(self.config.version)
         self.processor = MiniCPMVProcessor.from_pretrained(self.root)
         self.tokenizer = self.processor.tokenizer
         self.terminators = special_token_ids(self.tokenizer).terminator_ids(self.spec.terminators)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.sessions = {graph: ort.InferenceSession(str(self.onnx_dir / file), options,
-                                                         providers=list(providers))
-                             for graph, file in self.files.items()}
-        except Exception as err:   # onnxruntime raises its own exception types for broken files
-            raise McqError(f"onnxruntime cannot load {self.onnx_dir}: {str(err).splitlines()[0]}") from None
         decoder_inputs = {i.name: i for i in self.sessions["decoder_model_merged"].get_inputs()}
         self.cache_names = [name for name in decoder_inputs if name.startswith("past_key_values.")]
         key = decoder_inputs["past_key_values.0.key"].shape     # [batch, kv_heads, past, head_dim]
