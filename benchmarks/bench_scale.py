@@ -80,7 +80,7 @@ variants:
 
 STAGES = (
     Stage("quantize-rtn", ("quantize", "--model", "{model}", "--method", "rtn", "--out", "{work}/rtn"), "rtn",
-          ("gguf-q4_k_m-from", "onnx-int4-from", "onnx-fp16-from", "coreml-int4-from", "validate")),
+          ("gguf-q4_k_m-from", "onnx-int4-from", "onnx-fp16-from", "coreml-int4-from", "validate", "validate-rtn")),
     Stage("quantize-rtn-w8", ("quantize", "--model", "{model}", "--recipe", "rtn-w8", "--out", "{work}/rtn8"),
           "rtn8", ("onnx-int8-from",)),
     Stage("quantize-gptq", ("quantize", "--model", "{model}", "--method", "gptq", "--num-samples", "{samples}",
@@ -123,6 +123,8 @@ STAGES = (
     Stage("validate", ("validate", "--reference", "{model}", "--variant", "{work}/rtn", "{work}/gguf-q4_k_m",
                        "{work}/onnx-int4-from", "{work}/coreml-int4", "--num-samples", "{eval}", "--latency-runs",
                        "1", "--max-new-tokens", "4", "--json", "{work}/validate.json")),
+    Stage("validate-rtn", ("validate", "--reference", "{model}", "--variant", "{work}/rtn", "--num-samples", "{eval}",
+                           "--latency-runs", "1", "--max-new-tokens", "4", "--json", "{work}/validate-rtn.json")),
     Stage("validate-gguf", ("validate", "--reference", "{model}", "--variant", "{work}/gguf-q4_k_m", "--num-samples",
                             "{eval}", "--latency-runs", "1", "--max-new-tokens", "4", "--json",
                             "{work}/validate-gguf.json")),
@@ -134,7 +136,7 @@ STAGES = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # GPTQ / AWQ take minutes per real-width layer on 2 cores and were measured flat (bench_quantize.py): opt in.
 DEFAULT_STAGES = tuple(name for name in STAGE_NAMES if name not in ("quantize-gptq", "quantize-awq", "validate-gguf",
-                                                                           "validate-onnx-int4"))
+                                                                           "validate-onnx-int4", "validate-rtn"))
 
 
 # -- cgroup v1 memory cap ------------------------------------------------------------------------------------------
