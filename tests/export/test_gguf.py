@@ -94,9 +94,27 @@ def test_f16_export_agrees_with_torch(f16_export):
         assert cosine > 0.999
         # Greedy multimodal answers, token for token, each runtime with its own vision path.
         for data in [square] + [item.prompt for item in items if item.prompt is not None and item.has_vision][:2]:
-            assert variant.generate(data, 12) == reference.generate(data, 12)
+            _same_answer_up_to_near_ties(reference, variant, data, 12)
     finally:
         variant.close()
+
+
+def _same_answer_up_to_near_ties(reference, variant, data, tokens: int) -> None:
+    """Greedy answers equal, or parting where the reference's two candidates are a near tie: F16 weights on
+    llama.cpp's CPU kernels (their own accumulation order per instruction set) against float32 torch move logits by
+    about 1e-3, which can swap a tiny random model's nearly equal top two. A real fault moves them far more."""
+    ours, theirs = variant.generate(data, tokens), reference.generate(data, tokens)
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if step is None:
+        assert ours == theirs
+        return
+    prefix = torch.tensor([theirs[:step]], dtype=data["input_ids"].dtype)
+    extended = {**data, "input_ids": torch.cat([data["input_ids"], prefix], 1),
+                "attention_mask": torch.cat([data["attention_mask"], torch.ones_like(prefix)], 1)}
+    logits = reference.logits(extended)[-1]
+    gap = (logits[theirs[step]] - logits[ours[step]]).item()
+    print(f"answers part at token {step}: reference logit gap {gap:.2e}")
+    assert 0 <= gap < 1e-2, (step, gap)
 
 
 def test_llama_cpp_tokenizes_like_the_checkpoint(f16_export):

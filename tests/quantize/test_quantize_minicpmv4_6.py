@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
 from mcq.calibration import load_samples
 from mcq.cli import main
 from mcq.errors import McqError
+from mcq.models.bnb_runtime import disable_unsupported_cpu_repacking
 from mcq.models.family import family_for
 from mcq.models.minicpmv4_6.calibration import CalibrationEncoder, forward, image_blocks, per_size_runs
 from mcq.models.tiny import resolve_tiny
@@ -135,9 +136,12 @@ def test_the_default_rtn_output_is_for_vllm_with_what_vllm_builds_plain_left_den
     assert manifest["extra"]["runtimes"]["vllm-gpu"] == "target"
     # 4.6 is native in transformers: there is no official remote code to load it in.
     assert manifest["extra"]["runtimes"]["remote-code"].startswith("no: the official remote code exists for")
-    # The card names a runtime's test only where that test loads this family's outputs (vLLM's covers 2.6-4.5).
+    # The card names a runtime's test only where that test loads this family's outputs: vLLM's CPU test serves 4.6
+    # (test_vllm_serves_4_6); nothing here loads them in vLLM on a GPU.
     card = (out / "README.md").read_text()
-    assert "tests/validate/test_vllm.py" not in card and "tests/quantize/test_quantize_minicpmv4_6.py" in card
+    rows = {line.split("`")[1]: line for line in card.splitlines() if line.startswith("| `")}
+    assert "tests/validate/test_vllm.py" in rows["vllm-cpu"] and "tests/" not in rows["vllm-gpu"]
+    assert "tests/quantize/test_quantize_minicpmv4_6.py" in rows["mcq"]
 
 
 def test_bnb_nf4_on_46_loads_in_transformers_own_class(tiny46, tmp_path, capsys):
@@ -154,6 +158,9 @@ def test_bnb_nf4_on_46_loads_in_transformers_own_class(tiny46, tmp_path, capsys)
             "model = AutoModelForImageTextToText.from_pretrained(PATH, device_map=\"cpu\")\n") in card
     reference = AutoModelForImageTextToText.from_pretrained(tiny46, dtype=torch.float32).eval()
     quantized = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu").eval()
+    # As the card says: on a CPU with AVX512-BF16 the fused kernel cannot take the vision MLP's widths (464 here).
+    assert "mcq.models.bnb_runtime.disable_unsupported_cpu_repacking(model)" in card
+    disable_unsupported_cpu_repacking(quantized)
     assert quantized.model.language_model.layers[0].mlp.down_proj.__class__.__name__ == "Linear4bit"
     inputs = image_inputs(tiny46, random_image(150, 100, seed=0))
     with torch.no_grad():
