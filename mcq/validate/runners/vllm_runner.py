@@ -198,6 +198,11 @@ class VllmRunner(Runner):
             if dequantized:   # read by mcq's plugin when the engine loads it
                 os.environ[VLLM_CPU_DEQUANTIZE_VARIABLE] = "dequantize"
                 self.how = "; ".join(f"int{b} dequantized by mcq at load: {kernelless[b]}" for b in dequantized)
+            if 4 in bits - set(dequantized) and dtype == "float32":
+                # CPUWNA16's GEMM (cpu_gemm_wna16) computes in bf16 or fp16 only: float32 fails at the first forward.
+                served_in = "bfloat16: vLLM's CPU int4 kernel computes in it"
+                self.how = f"{self.how}; {served_in}" if self.how else served_in
+                dtype = "bfloat16"
         self.device = torch.device(device)
         if self.device.type == "cpu" and self.family.cpu_dtype not in (None, dtype):
             served_in = f"{self.family.cpu_dtype}: vLLM's CPU build serves this model in it only"
