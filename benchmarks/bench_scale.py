@@ -213,7 +213,8 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage], results: dict)
         log(f"{layers}L: reusing {model}")
     else:
         results["make-tiny"] = run_stage(f"{layers}L-make-tiny", mcq(
-            "make-tiny", str(model), "--real-widths", *(["--real-vocab"] if args.real_vocab else []),
+            "make-tiny", str(model), "--version", "4.5", "--real-widths",
+            *(["--real-vocab"] if args.real_vocab else []),
             "--llm-layers", str(layers), "--vision-layers", str(args.vision_layers), "--force"),
             work / "logs" / "make-tiny.log", args.cap, args.code)
         args.checkpoint()

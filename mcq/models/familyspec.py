@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -181,6 +181,9 @@ class TracedProgram:
     outputs: tuple[str, ...]
     dynamic_shapes: tuple[Any, ...]
     axes: Mapping[str, Mapping[int, str]]
+    # Dynamic axis name → (least, most) it takes, for exporters that bound flexible shapes (Core ML); absent: the
+    # axis is unbounded there too.
+    bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -199,15 +202,22 @@ class Programs:
     explicit state), which exporters trace instead of writing graphs of their own, and what a host running them
     computes: the vision program's inputs of an image (its data-dependent index tables) and the decoder's state."""
 
-    # ExportWeights → {graph name: TracedProgram}, the graphs of the ONNX layout (vision_encoder, embed_tokens,
-    # decoder_model_merged).
-    build: Callable[[Any], Mapping[str, TracedProgram]]
+    # (ExportWeights, graph name) → its TracedProgram, for the graphs of the ONNX layout (vision_encoder,
+    # embed_tokens, decoder_model_merged), each built when asked for (its weights read then, in float32).
+    build: Callable[[Any, str], TracedProgram]
     # (config, an encoded sample's pixel_values, its target_sizes) → per image, the vision program's inputs by name.
     vision_inputs: Callable[[Any, Any, Any], list[Mapping[str, Any]]]
     # (config, target_sizes) → per image, how many LLM tokens the vision program gives it.
     image_tokens: Callable[[Any, Any], list[int]]
     # config → the decoder's state tensors, in its input order.
     state: Callable[[Any], list[StateTensor]]
+    # For exporters whose programs keep their state inside (Core ML): (ExportWeights, a range of decoder layers,
+    # positions cached) → those layers for one new position per call, each state a buffer named in the module's
+    # `state_names`; and ExportWeights → the final norm and LM head (hidden states → logits).
+    stateful_decoder: Callable[[Any, range, int], nn.Module]
+    head: Callable[[Any], nn.Module]
+    # The checkpoint name prefix of decoder layer i is f"{decoder_layers}{i}." (exporters size packages by it).
+    decoder_layers: str
 
 
 @dataclass(frozen=True)

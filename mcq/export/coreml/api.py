@@ -120,10 +120,12 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
 
     started = time.perf_counter()
     check_options(target, vision, llm)
-    weights = ExportWeights(model, from_dir)
+    weights = ExportWeights(model, from_dir, every_family=True)
     try:
+        if weights.checkpoint.family.programs is None:
+            weights.spec   # the resampler family's packages are written for the releases it knows (else a McqError)
         if llm != "none":
-            check_rope(weights.config)
+            check_rope(weights.config.get_text_config())
         weights.check_output(Path(out), force)
         # Read before any conversion (minutes at 8B), so a checkpoint without its processor files fails at once.
         support = support_files(weights)
@@ -139,17 +141,52 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
 
     from .convert import (convert_embeddings, convert_group_resampler, convert_head, convert_llm, convert_vision,
                           convert_vision_tower, decoder_chunks)
+    from .traced import (convert_program_decoder, convert_program_embeddings, convert_program_head,
+                         convert_program_vision, program_decoder_chunks)
+
+    # A family with torch programs (4.6) has its packages traced from them, the resampler family's are written for
+    # Core ML (`graphs.py`); both give the same LLM packages' inputs and outputs.
+    traced = weights.checkpoint.family.programs
+    if traced is not None:
+        def embed_package(compression):
+            return convert_program_embeddings(weights, traced, target, compression)
+
+        def decoder_package_of(compression, layers):
+            return convert_program_decoder(weights, traced, target, compression, layers)
+
+        def head_package(compression):
+            return convert_program_head(weights, traced, target, compression)
+
+        def chunks_of():
+            return program_decoder_chunks(weights, traced)
+    else:
+        def embed_package(compression):
+            return convert_embeddings(weights, target, compression)
+
+        def decoder_package_of(compression, layers):
+            return convert_llm(weights, target, compression, layers)
+
+        def head_package(compression):
+            return convert_head(weights, target, compression)
+
+        def chunks_of():
+            return decoder_chunks(weights)
 
     fallbacks: dict[str, str] = {}
     with staged_output(out, force) as staging:
-        packages, programs, chunks = {}, {}, []
+        packages, programs, chunks, vision_components = {}, {}, [], None
 
         def save(name: str, model, compression: str) -> None:
             packages[name], program = _save(model, staging / name, out / name, compression)
             # The sidecar needs each program's I/O and states only: its operations go with the model.
             programs[name] = replace(program, operations=[])
 
-        if weights.spec.temporal:
+        if traced is not None:
+            _say(progress, f"converting the vision program, one image per call ({vision}, {target})")
+            model, vision_components = convert_program_vision(weights, traced, target, vision)
+            save(VISION_PACKAGE, model, vision)
+            del model
+        elif weights.spec.temporal:
             # The tower runs per frame (static shapes, as for an image slice); the resampler once per temporal group
             # over the packed keys of its frames, as the torch model's 3D resampler does.
             _say(progress, f"converting the vision tower ({vision}, {target})")
@@ -162,29 +199,30 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
         if llm != "none":
             compression = "none" if llm == "fp16" else llm
             _say(progress, f"converting the token embeddings ({llm})")
-            save(EMBED_PACKAGE, convert_embeddings(weights, target, compression), llm)
-            chunks = decoder_chunks(weights)
+            save(EMBED_PACKAGE, embed_package(compression), llm)
+            chunks = chunks_of()
             for index, layers in enumerate(chunks):
                 _say(progress, f"converting LLM decoder layers {layers.start}-{layers.stop - 1} of "
-                               f"{weights.config.num_hidden_layers} with their stateful KV cache ({llm})")
-                model, missed = convert_llm(weights, target, compression, layers)
+                               f"{weights.config.get_text_config().num_hidden_layers} with their states ({llm})")
+                model, missed = decoder_package_of(compression, layers)
                 save(decoder_package(index), model, llm)
                 fallbacks.update(missed)
                 del model
             _say(progress, f"converting the LLM head ({llm})")
-            model, missed = convert_head(weights, target, compression)
+            model, missed = head_package(compression)
             save(HEAD_PACKAGE, model, llm)
             fallbacks.update(missed)
             del model
         llm_packages = [packages[decoder_package(i)] for i in range(len(chunks))]
         result = CoremlExportResult(
-            out=str(out), version=weights.spec.version, target=target, vision=packages[VISION_PACKAGE],
+            out=str(out), version=weights.checkpoint.release, target=target, vision=packages[VISION_PACKAGE],
             resampler=packages.get(RESAMPLER_PACKAGE),
             llm=llm_packages + [packages[HEAD_PACKAGE]] if chunks else None, embed=packages.get(EMBED_PACKAGE),
             llm_fallbacks=dict(sorted(fallbacks.items())), llm_requantized=_requantized(from_dir, llm),
             weights_from=str(from_dir) if from_dir else str(weights.model_path), seconds=0.0)
         (staging / SIDECAR).write_text(
-            json.dumps(sidecar(weights, programs, support, {"vision": vision, "llm": llm}, chunks), indent=2,
+            json.dumps(sidecar(weights, programs, support, {"vision": vision, "llm": llm}, chunks, vision_components),
+                       indent=2,
                        sort_keys=True) + "\n", encoding="utf-8")
         _write_card(staging, weights, result)
         settings = {"format": "coreml", "target": target, "vision": vision, "llm": llm,
@@ -268,14 +306,35 @@ def support_files(weights) -> dict[str, Any]:
                            "identity)") from None
         except (OSError, json.JSONDecodeError) as err:
             raise McqError(f"{path} is not readable JSON ({err})") from None
+    if weights.checkpoint.family.programs is not None:
+        return {"config": files["config.json"], "preprocessor": files["preprocessor_config.json"],
+                "tokens": _program_tokens(weights)}
     tokens = special_token_ids(load_tokenizer(weights.path, weights.spec.version))
     return {"config": files["config.json"], "preprocessor": files["preprocessor_config.json"], "tokens": tokens}
 
 
+def _program_tokens(weights) -> dict[str, Any]:
+    """A traced family's token ids the host needs: its image and video slots (config.json) and the ends of an
+    answer (generation_config.json)."""
+    from transformers import GenerationConfig
+
+    try:
+        ends = GenerationConfig.from_pretrained(weights.path).eos_token_id
+    except OSError:
+        raise McqError(f"{weights.path / 'generation_config.json'} is missing: the Core ML sidecar needs its "
+                       "eos_token_id (where an answer ends)") from None
+    config = weights.config
+    return {"image": config.image_token_id, "video": getattr(config, "video_token_id", None),
+            "terminators": ends if isinstance(ends, list) else [ends]}
+
+
 def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[str, str],
-            chunks: list[range]) -> dict[str, Any]:
+            chunks: list[range], vision_components: dict[str, str] | None = None) -> dict[str, Any]:
     """What a Swift app needs beside the packages: preprocessing constants, token ids, package I/O; and for
-    tools (`mcq validate`), the compression choices and the checkpoint's config.json."""
+    tools (`mcq validate`), the compression choices and the checkpoint's config.json (and for a traced vision
+    package, the model component of each weight-name prefix)."""
+    if weights.checkpoint.family.programs is not None:
+        return _program_sidecar(weights, programs, support, compression, chunks, vision_components)
     config, version = weights.config, weights.spec.version
     preprocessor, tokens = support["preprocessor"], support["tokens"]
     vision = config.vision_config
@@ -325,6 +384,36 @@ def sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[
     }
 
 
+def _io(program) -> dict[str, Any]:
+    return {"inputs": {name: {"dtype": dtype.lower(), "shape": dims} for name, (dtype, dims) in program.inputs.items()},
+            "outputs": list(program.outputs)}
+
+
+def _program_sidecar(weights, programs: dict, support: dict[str, Any], compression: dict[str, str],
+                     chunks: list[range], vision_components: dict[str, str]) -> dict[str, Any]:
+    """The sidecar of packages traced from a family's programs: the vision package takes one image (its index
+    tables computed on the host as the family's `vision_inputs` does, from transformers' functions), and its
+    tokens replace the text's image-token slots."""
+    family = weights.checkpoint.family
+    return {
+        "format": SIDECAR_FORMAT,
+        "version": weights.checkpoint.release,
+        "family": family.name,
+        "compression": compression,
+        "model_config": support["config"],
+        "vision": {"package": VISION_PACKAGE, **_io(programs[VISION_PACKAGE]),
+                   "host": f"one call per image (an overview or a slice); the index inputs are what "
+                           f"mcq.models.{family.name}.programs.vision_inputs computes for its size in patches; "
+                           "image_features replace the image's image-token slots, in order",
+                   "components": vision_components},
+        "resampler": None,
+        "preprocessing": support["preprocessor"],
+        "tokens": support["tokens"],
+        "embedding_scale": 1.0,
+        "llm": _llm_sidecar(weights, programs, chunks) if chunks else None,
+    }
+
+
 def _resampler_sidecar(program, key_positions: str) -> dict[str, Any]:
     return {
         "package": RESAMPLER_PACKAGE,
@@ -346,31 +435,32 @@ def _resampler_sidecar(program, key_positions: str) -> dict[str, Any]:
 def _llm_sidecar(weights, programs: dict, chunks: list[range]) -> dict[str, Any]:
     from .convert import LLM_CONTEXT, LLM_MAX_CHUNK, rope_theta
     from .graphs import MASKED_SCORE, DecoderShape
+    from .traced import PROGRAM_TOKENS_PER_CALL
 
-    shape = DecoderShape(weights.config, LLM_CONTEXT)
-
-    def io(program) -> dict[str, Any]:
-        return {"inputs": {name: {"dtype": dtype.lower(), "shape": dims} for name, (dtype, dims)
-                           in program.inputs.items()},
-                "outputs": list(program.outputs)}
-
+    text = weights.config.get_text_config()
+    shape = DecoderShape(text, LLM_CONTEXT)
+    partial = (getattr(text, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    traced = weights.checkpoint.family.programs is not None
     decoder = [{"package": decoder_package(i), "layers": [layers.start, layers.stop],
                 "states": {name: {"dtype": dtype.lower(), "shape": dims}
                            for name, (dtype, dims) in programs[decoder_package(i)].states.items()}}
                for i, layers in enumerate(chunks)]
     return {
         "embed_package": EMBED_PACKAGE, "decoder": decoder, "head_package": HEAD_PACKAGE,
-        "embed": io(programs[EMBED_PACKAGE]), "decoder_io": io(programs[decoder_package(0)]),
-        "head": io(programs[HEAD_PACKAGE]),
-        "context": LLM_CONTEXT, "max_tokens_per_call": LLM_MAX_CHUNK,
+        "embed": _io(programs[EMBED_PACKAGE]), "decoder_io": _io(programs[decoder_package(0)]),
+        "head": _io(programs[HEAD_PACKAGE]),
+        "context": LLM_CONTEXT, "max_tokens_per_call": PROGRAM_TOKENS_PER_CALL if traced else LLM_MAX_CHUNK,
         "layers": shape.layers, "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
-        "rope_theta": rope_theta(weights.config), "masked_score": MASKED_SCORE,
+        "rotary_dim": int(shape.head_dim * partial), "rope_theta": rope_theta(text), "masked_score": MASKED_SCORE,
         "host": {
-            "decoder": "call the decoder packages in order, each on its own state (key_cache / value_cache of its "
-                       "layers): the first takes the embeddings as hidden_states, each next one the previous "
-                       "one's output_hidden_states; the head package turns the last one's into logits",
-            "position_cos/position_sin": "[1, 1, S, head_dim]: cos/sin(p * theta^(-2i/head_dim)) for the S new "
-                                         "positions p, i < head_dim/2, the halves repeated; computed in float32",
+            "decoder": "call the decoder packages in order, each on its own states (those its entry names: the KV "
+                       "cache of its layers, and the conv and recurrent states of linear-attention layers): the "
+                       "first takes the embeddings as hidden_states, each next one the previous one's "
+                       "output_hidden_states; the head package turns the last one's into logits. Each call adds "
+                       "S <= max_tokens_per_call positions",
+            "position_cos/position_sin": "[1, 1, S, rotary_dim]: cos/sin(p * theta^(-2i/rotary_dim)) for the S "
+                                         "new positions p, i < rotary_dim/2, the halves repeated; computed in "
+                                         "float32",
             "causal_mask": "[1, 1, S, past + S]: 0 where key position <= query position, masked_score elsewhere; "
                            "its last dimension tells the package where the S new entries go in the cache",
         },
@@ -384,7 +474,13 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
                            for p in (result.vision, result.resampler, result.embed, *(result.llm or ()))
                            if p is not None)
     config = weights.config
-    if result.resampler is None:
+    traced = weights.checkpoint.family.programs is not None
+    if traced:
+        vision_text = ("One image (an overview or a slice) per call, its number of patches flexible, fp16 compute: "
+                       "the vision tower with its window-attention merger and the downsampling merger. Inputs: "
+                       "`pixel_values` and the index tables the host computes for the image's size (see the JSON "
+                       "sidecar). Output `image_features` [tokens, hidden] replaces the image's image-token slots.")
+    elif result.resampler is None:
         vision_text = (f"One slice of up to {MAX_PATCHES} patches per call, vision tower and resampler together, "
                        "fp16 compute. Inputs computed on the host: `pixel_values`, `position_ids`, `patch_mask`, "
                        f"`key_positions` (see the JSON sidecar). Output `image_features` [1, {config.query_num}, "
@@ -407,12 +503,16 @@ def _write_card(staging: Path, weights, result: CoremlExportResult) -> None:
                       f"{package_rows}"
                       f"| `{SIDECAR}` | preprocessing constants, token ids, package I/O | |"),
             ("Vision packages" if result.resampler else "Vision package", vision_text),
-            ("LLM packages", f"The decoder in {len(result.llm) - 1} package(s) of consecutive layers, called in "
-                             "order, each with the KV cache of its layers in two iOS18 states (`key_cache`, "
-                             "`value_cache`), then the head package (final norm, LM head) for the logits; each call "
-                             "adds up to 512 tokens (prefill in chunks, then one at a time). Grouped-query attention "
-                             "without copies of the cache. See the JSON sidecar for the host inputs."
-                             if result.llm else "not exported (`--llm none`)"),
+            ("LLM packages", (f"The decoder in {len(result.llm) - 1} package(s) of consecutive layers, called in "
+                              "order, each with its layers' state in iOS18 states (`key_cache`, `value_cache` of "
+                              "full-attention layers"
+                              + (", `conv_state`, `recurrent_state` of the Gated DeltaNet layers" if traced else "")
+                              + "), then the head package (final norm, LM head) for the logits; "
+                              + ("each call adds one position (the DeltaNet recurrence is a loop a traced package "
+                                 "cannot hold on a dynamic length: a prefill is one call per token). " if traced else
+                                 "each call adds up to 512 tokens (prefill in chunks, then one at a time). ")
+                              + "Grouped-query attention without copies of the cache. See the JSON sidecar for the "
+                              "host inputs.") if result.llm else "not exported (`--llm none`)"),
             ("Weights", f"from `{Path(result.weights_from).name}`"),
             ("Model", f"MiniCPM-V {result.version}, exported by mcq."
                       + (" Video frames are grouped by temporal id, as the 3D resampler does." if result.resampler

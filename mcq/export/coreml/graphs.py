@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcq.models.minicpmv.versions import embedding_scale
+from mcq.models.traceable import rms_normalize
 
 # Added to attention scores of padded keys. Representable in fp16 (the real minimum would overflow to -inf when
 # a score is added to it), and exp(-1e4) is 0 in any precision, so a padded key gets no weight.
@@ -172,11 +173,7 @@ class GroupResampler(VisionSlice):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm safe in fp16: LLM hidden states reach thousands, and squaring them would overflow fp16 (65504).
-    Dividing by the row's max |x| first gives the same result (eps rescaled to match) with squares ≤ 1."""
-    peak = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-4)
-    y = x / peak
-    return y * torch.rsqrt((y * y).mean(dim=-1, keepdim=True) + eps / (peak * peak)) * weight
+    return rms_normalize(x, eps) * weight
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:

@@ -436,6 +436,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "gelu": _gelu,
     "silu": _silu,
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-_fp(x))),
+    "softplus": lambda x: np.logaddexp(0.0, _fp(x)),
     "tanh": lambda x: np.tanh(_fp(x)),
     "exp": lambda x: np.exp(_fp(x)),
     "sqrt": lambda x: np.sqrt(_fp(x)),

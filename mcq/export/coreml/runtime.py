@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from mcq.errors import McqError
 
@@ -60,16 +61,27 @@ def native_available() -> bool:
 
 
 def component_bytes(path: str | Path) -> dict[str, int]:
-    """Bytes of stored weights per model component: the vision packages split into tower and resampler, the embed
-    and LLM packages together as the LLM. Read from the programs' declared blobs; no weight is read."""
+    """Bytes of stored weights per model component: the vision packages' by the sidecar's components (the resampler
+    family's: tower and resampler), the embed and LLM packages together as the LLM. Read from the programs'
+    declared blobs; no weight is read."""
     from .interpreter import load_program
 
     root = Path(path)
     sidecar = read_sidecar(root)
-    sizes = {"vision": 0, "resampler": 0, "llm": 0}
+    # A traced vision package names each weight's component (longest prefix); the resampler family's has two.
+    prefixes = sorted((sidecar["vision"].get("components") or {}).items(), key=lambda item: -len(item[0]))
+
+    def component(name: str) -> str:
+        if not prefixes:
+            return "vision" if name.startswith(_TOWER_PREFIXES) else "resampler"
+        return next((part for prefix, part in prefixes if name.startswith(prefix)), "other")
+
+    sizes = dict.fromkeys({part for _, part in prefixes} or ("vision", "resampler"), 0)
+    sizes["llm"] = 0
     for package in vision_packages(sidecar):
         for name, stored in load_program(root / package).stored():
-            sizes["vision" if name.startswith(_TOWER_PREFIXES) else "resampler"] += stored.nbytes
+            part = component(name)
+            sizes[part] = sizes.get(part, 0) + stored.nbytes
     for package in llm_packages(sidecar):
         sizes["llm"] += sum(stored.nbytes for _, stored in load_program(root / package).stored())
     return sizes
@@ -192,6 +204,20 @@ class CoremlMiniCPMV:
             outputs.append(features[0].astype(np.float32))
         return np.stack(outputs)
 
+    # -- an encoded sample (`mcq.validate`'s calibration encoder) -------------------------------------------------
+    def sample_vision(self, data: dict[str, Any]) -> np.ndarray:
+        """The vision blocks of a batch of one encoded sample: `[slices or groups, queries, hidden]`."""
+        temporal_ids = (data.get("temporal_ids") or [None])[0]
+        return self.encode_slices(data["pixel_values"][0], data["tgt_sizes"][0], temporal_ids)
+
+    def sample_embeddings(self, data: dict[str, Any], vision: np.ndarray | None) -> np.ndarray:
+        """The sample's LLM input embeddings, vision blocks (`sample_vision`'s, or another model's) merged."""
+        bounds = data.get("image_bound")
+        bounds = bounds[0].tolist() if bounds is not None and len(bounds[0]) else []
+        if bounds and vision is None:
+            vision = self.sample_vision(data)
+        return self.merged_embeddings(data["input_ids"][0].tolist(), bounds, vision)
+
     # -- the LLM ------------------------------------------------------------------------------------------------
     def _require_llm(self) -> None:
         if self.llm_info is None:
@@ -231,7 +257,8 @@ class CoremlMiniCPMV:
                            f"{info['context']}")
         logits = []
         for start, end in self._chunks(len(embeds)):
-            cos, sin = rotary_inputs(np.arange(past + start, past + end), info["head_dim"], info["rope_theta"])
+            cos, sin = rotary_inputs(np.arange(past + start, past + end), info.get("rotary_dim", info["head_dim"]),
+                                     info["rope_theta"])
             mask = causal_mask(past + start, end - start, info["masked_score"])
             hidden = embeds[None, start:end]
             for package in self.decoder_packages:
@@ -259,3 +286,53 @@ class CoremlMiniCPMV:
             logits = self.decode(self.embed([token]), position)[-1]
             position += 1
         return tokens
+
+
+class CoremlProgramModel(CoremlMiniCPMV):
+    """An export traced from a family's programs (`traced.py`, MiniCPM-V 4.6): its vision package takes one image
+    with the index tables the family's host code computes (`Programs.vision_inputs`), and the image tokens replace
+    the text's image-token slots; the LLM packages run as the resampler family's."""
+
+    def __init__(self, path: str | Path, native: bool | None = None):
+        from mcq.models.family import family_for
+
+        super().__init__(path, native)
+        family = family_for(self.sidecar["model_config"]["model_type"])
+        self.programs = family.programs
+        self.config = family.config_class(**self.sidecar["model_config"])
+
+    def sample_vision(self, data: dict[str, Any]) -> np.ndarray:
+        """The sample's images, each through the vision package: `[images, tokens, hidden]`, zero-padded to the
+        longest."""
+        blocks = [self.vision_package({name: np.asarray(value) for name, value in inputs.items()})["image_features"]
+                  for inputs in self.programs.vision_inputs(self.config, torch.as_tensor(data["pixel_values"]).float(),
+                                                            data["target_sizes"])]
+        padded = np.zeros((len(blocks), max(len(b) for b in blocks), blocks[0].shape[-1]), dtype=np.float32)
+        for index, block in enumerate(blocks):
+            padded[index, :len(block)] = block
+        return padded
+
+    def sample_embeddings(self, data: dict[str, Any], vision: np.ndarray | None) -> np.ndarray:
+        ids = np.asarray(data["input_ids"][0], dtype=np.int64)
+        embeds = self.embed(ids)
+        if "pixel_values" not in data:
+            return embeds
+        blocks = self.sample_vision(data) if vision is None else vision
+        counts = self.programs.image_tokens(self.config, data["target_sizes"])
+        features = np.concatenate([block[:count] for block, count in zip(blocks, counts)])
+        slots = ids == self.sidecar["tokens"]["image"]
+        if int(slots.sum()) != len(features):
+            raise McqError(f"{int(slots.sum())} image tokens in the text but {len(features)} vision features")
+        embeds[slots] = features
+        return embeds
+
+
+def open_coreml(path: str | Path, native: bool | None = None) -> CoremlMiniCPMV:
+    """The model of a Core ML export, whichever way its packages were made."""
+    from mcq.models.family import family_for
+
+    sidecar = read_sidecar(path)
+    if sidecar is None:
+        raise McqError(f"{path} is not an `mcq export --format coreml` output (no {SIDECAR})")
+    traced = family_for(sidecar["model_config"]["model_type"]).programs is not None
+    return (CoremlProgramModel if traced else CoremlMiniCPMV)(path, native)

@@ -163,7 +163,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
             }
             write = partial(_write_graph, builds=builds)
         else:
-            write = partial(write_traced_graph, programs=programs.build(weights), writer=writer)
+            write = partial(write_traced_graph, build=partial(programs.build, weights), writer=writer)
         with staged_output(out, force) as staging:
             onnx_dir = staging / "onnx"
             onnx_dir.mkdir()

@@ -167,10 +167,10 @@ def save_traced(model: onnx.ModelProto, path: Path) -> bool:
     return external
 
 
-def write_traced_graph(graph: str, onnx_dir: Path, precision: str, programs, writer) -> tuple[str, bool]:
-    """Trace one graph of the layout, quantize or halve its weights as `precision` asks, and save it; returns
-    (dtype, external)."""
-    model = trace_graph(programs[graph])
+def write_traced_graph(graph: str, onnx_dir: Path, precision: str, build, writer) -> tuple[str, bool]:
+    """Build (`build(graph)`) and trace one graph of the layout, quantize or halve its weights as `precision` asks,
+    and save it; returns (dtype, external)."""
+    model = trace_graph(build(graph))
     quantize_matmuls(model, writer)
     if precision == "fp16":
         store_float16(model)

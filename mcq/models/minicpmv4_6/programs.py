@@ -29,24 +29,11 @@ from torch import nn
 from mcq.errors import McqError
 
 from ..familyspec import Programs, StateTensor, TracedProgram
+from ..traceable import TransposedLinear, rms_normalize
 from .calibration import merged_tokens_divisor
 
 LLM = "model.language_model"
 TOWER = "model.vision_tower"
-
-
-class _Linear(nn.Module):
-    """x @ weight^T (+ bias) with the weight stored transposed, `[in, out]`: traced, it is one MatMul on an
-    initializer named after the checkpoint's weight, which a MatMulNBits quantizer then finds as it is."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, source: str):
-        super().__init__()
-        self.weight_t = _named(weight.t().contiguous(), f"{source}.weight")
-        self.bias = None if bias is None else _named(bias, f"{source}.bias")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.matmul(x, self.weight_t)
-        return out if self.bias is None else out + self.bias
 
 
 def _named(tensor: torch.Tensor, source: str) -> nn.Parameter:
@@ -61,8 +48,13 @@ def _parameter(weights, name: str) -> nn.Parameter:
     return _named(weights.tensor(name), name)
 
 
-def _linear(weights, prefix: str, bias: bool) -> _Linear:
-    return _Linear(weights.tensor(f"{prefix}.weight"), weights.tensor(f"{prefix}.bias") if bias else None, prefix)
+def _linear(weights, prefix: str, bias: bool) -> TransposedLinear:
+    return _transposed(weights.tensor(f"{prefix}.weight"), weights.tensor(f"{prefix}.bias") if bias else None, prefix)
+
+
+def _transposed(weight: torch.Tensor, bias: torch.Tensor | None, source: str) -> TransposedLinear:
+    return TransposedLinear(_named(weight.t().contiguous(), f"{source}.weight"),
+                            None if bias is None else _named(bias, f"{source}.bias"))
 
 
 class _LayerNorm(nn.Module):
@@ -86,22 +78,25 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, add
 # -- vision ---------------------------------------------------------------------------------------------------------
 
 class _VisionAttention(nn.Module):
-    """SigLIP attention over groups of tokens: `[groups, tokens, width]` → same; each group attends within itself."""
+    """SigLIP attention over groups of tokens: `[groups, tokens, width]` → same; each group attends within itself.
+    `group`: the tokens per group, or None for one group of them all (the tower's layers: `[1, L, width]`).
 
-    def __init__(self, weights, prefix: str, heads: int, width: int):
+    Shapes come from python ints (the config's and `group`), never from a traced tensor's `shape`: torch.jit.trace
+    turns those into `int` ops that the Core ML converter cannot take on a dynamic axis."""
+
+    def __init__(self, weights, prefix: str, heads: int, width: int, group: int | None = None):
         super().__init__()
-        self.heads, self.head_dim = heads, width // heads
+        self.heads, self.head_dim, self.width = heads, width // heads, width
+        self.groups, self.tokens = (1, -1) if group is None else (-1, group)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
             _linear(weights, f"{prefix}.{name}", True) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups, width = x.shape[0], x.shape[-1]
-
         def split(t):
-            return t.reshape(groups, -1, self.heads, self.head_dim).transpose(1, 2)
+            return t.reshape(self.groups, self.tokens, self.heads, self.head_dim).transpose(1, 2)
 
         out = _attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), self.head_dim ** -0.5)
-        return self.out_proj(out.transpose(1, 2).reshape(groups, -1, width))
+        return self.out_proj(out.transpose(1, 2).reshape(self.groups, self.tokens, self.width))
 
 
 class _VisionLayer(nn.Module):
@@ -128,15 +123,16 @@ class _WindowMerger(nn.Module):
         super().__init__()
         eps = vision.layer_norm_eps
         self.layer_norm1 = _LayerNorm(weights, f"{prefix}.layer_norm1", eps)
+        self.window = vision.window_kernel_size[0] * vision.window_kernel_size[1]
         self.self_attn = _VisionAttention(weights, f"{prefix}.self_attn", vision.num_attention_heads,
-                                          vision.hidden_size)
+                                          vision.hidden_size, self.window)
         self.pre_norm = _LayerNorm(weights, f"{prefix}.pre_norm", eps)
         self.linear_1 = _linear(weights, f"{prefix}.linear_1", True)
         self.linear_2 = _linear(weights, f"{prefix}.linear_2", True)
-        self.window = vision.window_kernel_size[0] * vision.window_kernel_size[1]
+        self.width = vision.hidden_size
 
     def forward(self, hidden, window_index, window_inverse, merge_order) -> torch.Tensor:
-        width = hidden.shape[-1]
+        width = self.width
         windows = self.layer_norm1(hidden)[window_index].reshape(-1, self.window, width)
         hidden = hidden + self.self_attn(windows).reshape(-1, width)[window_inverse]
         grouped = hidden[merge_order].reshape(-1, self.window, width)
@@ -158,11 +154,11 @@ class VisionSlice(nn.Module):
         if config.downsample_mode == "4x" or config.merger_times != 1 or vision.insert_layer_id < 0:
             raise McqError("the ONNX export of MiniCPM-V 4.6 follows the release's vision path (downsample_mode 16x, "
                            "merger_times 1, a vit_merger); this checkpoint differs")
-        self.patch = vision.patch_size
+        self.patch, self.width, self.channels = vision.patch_size, vision.hidden_size, vision.num_channels
         conv = f"{TOWER}.embeddings.patch_embedding"
         weight = weights.tensor(f"{conv}.weight")
         # The stride-P conv over the row of patches is one Linear on each flattened (channel, row, col) patch.
-        self.patch_embedding = _Linear(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"), conv)
+        self.patch_embedding = _transposed(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"), conv)
         self.position_embedding = _parameter(weights, f"{TOWER}.embeddings.position_embedding.weight")
         self.layers = nn.ModuleList(_VisionLayer(weights, f"{TOWER}.encoder.layers.{i}", vision)
                                     for i in range(vision.num_hidden_layers))
@@ -175,7 +171,7 @@ class VisionSlice(nn.Module):
         self.linear_2 = _linear(weights, "model.merger.mlp.0.linear_2", True)
 
     def forward(self, pixel_values, position_ids, window_index, window_inverse, merge_order, merger_order):
-        channels = pixel_values.shape[1]
+        channels = self.channels
         patches = pixel_values.reshape(channels, self.patch, -1, self.patch).permute(2, 0, 1, 3)
         hidden = self.patch_embedding(patches.reshape(1, -1, channels * self.patch * self.patch))
         hidden = hidden + self.position_embedding[position_ids]
@@ -184,8 +180,7 @@ class VisionSlice(nn.Module):
             if index == self.insert_layer_id:
                 hidden = self.vit_merger(hidden[0], window_index, window_inverse, merge_order)[None]
         hidden = self.post_layernorm(hidden[0])
-        width = hidden.shape[-1]
-        merged = self.pre_norm(hidden[merger_order].reshape(-1, self.merge * width))
+        merged = self.pre_norm(hidden[merger_order].reshape(-1, self.merge * self.width))
         return self.linear_2(F.gelu(self.linear_1(merged)))
 
 
@@ -228,46 +223,67 @@ class EmbedTokens(nn.Module):
         return self.table[input_ids]
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3.5's RMSNorm: scales by 1 + weight."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight)
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 1.0) -> torch.Tensor:
+    """Qwen3.5's RMSNorm: scales by 1 + weight (`offset` 0: by weight); fp16-safe for Core ML (`rms_normalize`)."""
+    return rms_normalize(x, eps) * (offset + weight)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on the first cos.shape[-1] channels (partial rotary), the rest passed through."""
-    rotary = cos.shape[-1]
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: int) -> torch.Tensor:
+    """Rotary embedding on the first `rotary` channels (cos and sin's width: partial rotary), the rest passed
+    through."""
     x_rot, x_pass = x[..., :rotary], x[..., rotary:]
     half = rotary // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
+def rotary_dim(text) -> int:
+    """The channels of each head that rotary embedding turns (Qwen3.5: a quarter), as transformers computes it."""
+    return int(text.head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0))
+
+
 class _FullAttention(nn.Module):
+    """Gated full attention. `project` gives the new positions' query, key, value and output gate; `attend` the
+    output over the keys and values of every visible position (the cache's and the new ones): the ONNX step
+    concatenates them (`forward`), the Core ML chunk writes the new ones into its state first."""
+
     def __init__(self, weights, prefix: str, text):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = text.num_attention_heads, text.num_key_value_heads, text.head_dim
-        self.eps = text.rms_norm_eps
+        self.eps, self.rotary = text.rms_norm_eps, rotary_dim(text)
         bias = text.attention_bias
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             _linear(weights, f"{prefix}.{name}", bias) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
         self.q_norm = _parameter(weights, f"{prefix}.q_norm.weight")
         self.k_norm = _parameter(weights, f"{prefix}.k_norm.weight")
 
-    def forward(self, x, cos, sin, additive_mask, past_key, past_value):
-        batch, length = x.shape[0], x.shape[1]
-        query, gate = torch.chunk(self.q_proj(x).view(batch, length, -1, self.head_dim * 2), 2, dim=-1)
-        gate = gate.reshape(batch, length, -1)
+    def project(self, x, cos, sin):
+        """x `[B, S, hidden]` → query `[B, heads, S, head_dim]`, key and value `[B, kv_heads, S, head_dim]`, gate
+        `[B, S, heads * head_dim]`."""
+        query, gate = torch.chunk(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim * 2)), 2, dim=-1)
+        gate = gate.flatten(2)
         query = _rms_norm(query, self.q_norm, self.eps).transpose(1, 2)
-        key = _rms_norm(self.k_proj(x).view(batch, length, -1, self.head_dim), self.k_norm, self.eps).transpose(1, 2)
-        value = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        key = _rms_norm(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)), self.k_norm, self.eps)
+        key = key.transpose(1, 2)
+        value = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        return _rotate(query, cos, sin, self.rotary), _rotate(key, cos, sin, self.rotary), value, gate
+
+    def attend(self, query, key, value, additive_mask, gate):
+        """Grouped-query attention without copies of the keys and values: the query heads of one key/value head are
+        stacked as rows, `[B, kv_heads, groups * S, head_dim]`, each block against its own keys."""
+        groups = self.heads // self.kv_heads
+        # flatten / unflatten rather than reshapes to sizes read from a shape, which a traced Core ML program
+        # cannot take (see `_VisionAttention`).
+        stacked = query.unflatten(1, (self.kv_heads, groups)).flatten(2, 3)
+        out = _attend(stacked, key, value, self.head_dim ** -0.5, additive_mask.repeat(1, 1, groups, 1))
+        out = out.unflatten(2, (groups, -1)).flatten(1, 2).transpose(1, 2)
+        return self.o_proj(out.flatten(2) * torch.sigmoid(gate))
+
+    def forward(self, x, cos, sin, additive_mask, past_key, past_value):
+        query, key, value, gate = self.project(x, cos, sin)
         key = torch.cat([past_key, key], dim=2)
         value = torch.cat([past_value, value], dim=2)
-        groups = self.heads // self.kv_heads
-        out = _attend(query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
-                      self.head_dim ** -0.5, additive_mask)
-        out = out.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate)
-        return self.o_proj(out), key, value
+        return self.attend(query, key, value, additive_mask, gate), key, value
 
 
 def _delta_rule_step(state, step):
@@ -281,46 +297,74 @@ def _delta_rule_step(state, step):
 
 
 class _LinearAttention(nn.Module):
-    """Gated DeltaNet with its conv and recurrent state in and out."""
+    """Gated DeltaNet with its conv and recurrent state in and out: over any number of new positions (`forward`, the
+    recurrence as a scan), or over exactly one (`step`: the conv as one weighted sum and one delta-rule update, plain
+    ops for exporters without loops: Core ML)."""
 
     def __init__(self, weights, prefix: str, text):
         super().__init__()
         self.k_heads, self.v_heads = text.linear_num_key_heads, text.linear_num_value_heads
         self.k_dim, self.v_dim = text.linear_key_head_dim, text.linear_value_head_dim
         self.eps = text.rms_norm_eps
-        self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a, self.out_proj = (
+        self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.out_proj = (
             _linear(weights, f"{prefix}.{name}", False)
-            for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"))
+            for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj"))
+        # dt_bias is in_proj_a's bias in all but name, and held as one: the Core ML converter fuses a Linear with the
+        # add after it, renaming its weight, which `--from`'s stored levels are matched by.
+        weight_t = weights.tensor(f"{prefix}.in_proj_a.weight").t().contiguous()
+        self.in_proj_a = TransposedLinear(_named(weight_t, f"{prefix}.in_proj_a.weight"),
+                                          _parameter(weights, f"{prefix}.dt_bias"))
         self.conv = _parameter(weights, f"{prefix}.conv1d.weight")   # [conv_dim, 1, kernel]
-        self.dt_bias = _parameter(weights, f"{prefix}.dt_bias")
         self.A_log = _parameter(weights, f"{prefix}.A_log")
         self.norm = _parameter(weights, f"{prefix}.norm.weight")
 
-    def forward(self, x, mask, past_conv, past_recurrent):
-        batch, length = x.shape[0], x.shape[1]
-        x = x * mask[:, :, None]                    # padding positions add nothing (apply_mask_to_padding_states)
-        mixed = torch.cat([past_conv, self.in_proj_qkv(x).transpose(1, 2)], dim=-1)
-        present_conv = mixed[:, :, -(self.conv.shape[-1] - 1):]
-        mixed = F.silu(F.conv1d(mixed, self.conv, groups=mixed.shape[1])).transpose(1, 2)
+    def _heads(self, mixed):
+        """The conv's output `[B, S, conv_dim]` → per-head normalized query, key `[B, S, v_heads, k_dim]` and value
+        `[B, S, v_heads, v_dim]`."""
         keys = self.k_heads * self.k_dim
         query, key, value = torch.split(mixed, [keys, keys, self.v_heads * self.v_dim], dim=-1)
-        query = query.reshape(batch, length, self.k_heads, self.k_dim)
-        key = key.reshape(batch, length, self.k_heads, self.k_dim)
-        value = value.reshape(batch, length, self.v_heads, self.v_dim)
+        query = query.unflatten(-1, (self.k_heads, self.k_dim))
+        key = key.unflatten(-1, (self.k_heads, self.k_dim))
+        value = value.unflatten(-1, (self.v_heads, self.v_dim))
         if self.v_heads != self.k_heads:
             # Each query/key head serves v_heads // k_heads consecutive value heads.
             query = query.repeat_interleave(self.v_heads // self.k_heads, dim=2)
             key = key.repeat_interleave(self.v_heads // self.k_heads, dim=2)
         query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6) * self.k_dim ** -0.5
         key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
-        beta = torch.sigmoid(self.in_proj_b(x))
-        decay = -self.A_log.exp() * F.softplus(self.in_proj_a(x) + self.dt_bias)
+        return query, key, value
+
+    def _gates(self, x):
+        """The delta rule's write strength beta and log decay (<= 0), `[B, S, v_heads]` each."""
+        return torch.sigmoid(self.in_proj_b(x)), -self.A_log.exp() * F.softplus(self.in_proj_a(x))
+
+    def _output(self, out, x):
+        """The recurrence's output `[B, S, v_heads, v_dim]` through the gated RMSNorm and out_proj."""
+        z = self.in_proj_z(x).unflatten(-1, (self.v_heads, self.v_dim))
+        out = _rms_norm(out, self.norm, self.eps, offset=0.0) * F.silu(z)
+        return self.out_proj(out.flatten(2))
+
+    def forward(self, x, mask, past_conv, past_recurrent):
+        x = x * mask[:, :, None]                    # padding positions add nothing (apply_mask_to_padding_states)
+        mixed = torch.cat([past_conv, self.in_proj_qkv(x).transpose(1, 2)], dim=-1)
+        present_conv = mixed[:, :, -(self.conv.shape[-1] - 1):]
+        mixed = F.silu(F.conv1d(mixed, self.conv, groups=mixed.shape[1])).transpose(1, 2)
+        query, key, value = self._heads(mixed)
+        beta, decay = self._gates(x)
         steps = tuple(t.transpose(0, 1) for t in (query, key, value, decay, beta))   # time first
         present_recurrent, out = _scan(_delta_rule_step, past_recurrent, steps)
-        out = out.transpose(0, 1)                                                   # [batch, length, heads, dim]
-        z = self.in_proj_z(x).reshape(batch, length, self.v_heads, self.v_dim)
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm * F.silu(z)
-        return self.out_proj(out.reshape(batch, length, -1)), present_conv, present_recurrent
+        return self._output(out.transpose(0, 1), x), present_conv, present_recurrent
+
+    def step(self, x, past_conv, past_recurrent):
+        """One new position (x `[B, 1, hidden]`) → (output, conv state, recurrent state), as `forward` gives them."""
+        mixed = torch.cat([past_conv, self.in_proj_qkv(x).transpose(1, 2)], dim=-1)     # [B, conv_dim, kernel]
+        present_conv = mixed[:, :, 1:]
+        mixed = F.silu((mixed * self.conv[:, 0]).sum(-1))[:, None]                       # [B, 1, conv_dim]
+        query, key, value = self._heads(mixed)
+        beta, decay = self._gates(x)
+        present_recurrent, out = _delta_rule_step(
+            past_recurrent, (query[:, 0], key[:, 0], value[:, 0], decay[:, 0], beta[:, 0]))
+        return self._output(out[:, None], x), present_conv, present_recurrent
 
 
 def _scan(step, init, xs):
@@ -340,15 +384,18 @@ class _DecoderLayer(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = (
             _linear(weights, f"{prefix}.mlp.{name}", False) for name in ("gate_proj", "up_proj", "down_proj"))
 
+    def feed_forward(self, hidden):
+        """The MLP half of the layer, residual included."""
+        x = _rms_norm(hidden, self.post_attention_layernorm, self.eps)
+        return hidden + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
     def forward(self, hidden, cos, sin, additive_mask, mask, state):
         x = _rms_norm(hidden, self.input_layernorm, self.eps)
         if self.kind == "full_attention":
             out, *state = self.mixer(x, cos, sin, additive_mask, *state)
         else:
             out, *state = self.mixer(x, mask, *state)
-        hidden = hidden + out
-        x = _rms_norm(hidden, self.post_attention_layernorm, self.eps)
-        return hidden + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), state
+        return self.feed_forward(hidden + out), state
 
 
 def decoder_state(config) -> list[StateTensor]:
@@ -413,6 +460,85 @@ class DecoderStep(nn.Module):
         return (logits, *out_state)
 
 
+class StatefulDecoder(nn.Module):
+    """Decoder layers `layers` (a range of the LLM's) for one new position per call, their state in buffers updated
+    in place (what Core ML keeps as the package's states, fp16): `key_cache` / `value_cache`
+    `[full-attention layers, 1, kv_heads, context, head_dim]`, `conv_state` `[linear-attention layers, 1, conv_dim,
+    kernel - 1]`, `recurrent_state` `[linear-attention layers, 1, v_heads, k_dim, v_dim]`, each present only where
+    the range has a layer of its kind (`state_names`).
+
+    One position per call because the delta rule over several positions is a loop (`forward`'s scan), which a
+    traced Core ML program cannot hold on a dynamic length: a prefill is one call per token.
+
+    Inputs: `hidden_states` `[1, 1, hidden]`, `position_cos` / `position_sin` `[1, 1, 1, rotary]` (the position's
+    rotary terms, host-computed in float32), `causal_mask` `[1, 1, 1, E]` with E the positions cached after the call
+    (0 where the query may attend); the call writes position E - 1 of the KV cache and returns the hidden states
+    after the range's last layer.
+    """
+
+    def __init__(self, weights, layers: range, context: int):
+        super().__init__()
+        text = weights.config.text_config
+        self.layers = nn.ModuleList(_DecoderLayer(weights, f"{LLM}.layers.{i}", text, text.layer_types[i])
+                                    for i in layers)
+        self.eps, self.rotary = text.rms_norm_eps, rotary_dim(text)
+        self.kv_heads, self.head_dim = text.num_key_value_heads, text.head_dim
+        shapes = {state.name: state.shape for state in decoder_state(weights.config)}
+        full = [i for i in layers if text.layer_types[i] == "full_attention"]
+        linear = [i for i in layers if text.layer_types[i] == "linear_attention"]
+        # Each layer's index into the state buffer of its kind.
+        self.slots = [full.index(i) if i in full else linear.index(i) for i in layers]
+        self.state_names = []
+        if full:
+            cache = (len(full), 1, self.kv_heads, context, self.head_dim)
+            self._state("key_cache", cache)
+            self._state("value_cache", cache)
+        if linear:
+            self._state("conv_state", (len(linear), 1, *shapes[f"past_conv.{linear[0]}"][1:]))
+            self._state("recurrent_state", (len(linear), 1, *shapes[f"past_recurrent.{linear[0]}"][1:]))
+
+    def _state(self, name: str, shape: tuple[int, ...]) -> None:
+        self.register_buffer(name, torch.zeros(shape, dtype=torch.float16))
+        self.state_names.append(name)
+
+    def forward(self, hidden_states, position_cos, position_sin, causal_mask) -> torch.Tensor:
+        end = causal_mask.shape[-1]
+        past = end - 1
+        hidden = hidden_states
+        for layer, slot in zip(self.layers, self.slots):
+            x = _rms_norm(hidden, layer.input_layernorm, self.eps)
+            mixer = layer.mixer
+            if layer.kind == "full_attention":
+                query, key, value, gate = mixer.project(x, position_cos, position_sin)
+                # Updates of the slice's full rank: a lower-rank one is traced as a reshape to the example's length.
+                self.key_cache[slot:slot + 1, :, :, past:end, :] = key.to(self.key_cache.dtype)[None]
+                self.value_cache[slot:slot + 1, :, :, past:end, :] = value.to(self.value_cache.dtype)[None]
+                keys = self.key_cache[slot:slot + 1, :, :, :end, :].reshape(1, self.kv_heads, -1, self.head_dim)
+                values = self.value_cache[slot:slot + 1, :, :, :end, :].reshape(1, self.kv_heads, -1, self.head_dim)
+                out = mixer.attend(query, keys.to(query.dtype), values.to(query.dtype), causal_mask, gate)
+            else:
+                conv, recurrent = self.conv_state[slot], self.recurrent_state[slot]
+                out, conv, recurrent = mixer.step(x, conv.to(x.dtype), recurrent.to(x.dtype))
+                self.conv_state[slot:slot + 1] = conv.to(self.conv_state.dtype)[None]
+                self.recurrent_state[slot:slot + 1] = recurrent.to(self.recurrent_state.dtype)[None]
+            hidden = layer.feed_forward(hidden + out)
+        return hidden
+
+
+class DecoderHead(nn.Module):
+    """The final norm and the LM head: hidden states `[1, S, hidden]` → logits `[1, S, vocab]`."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.norm = _parameter(weights, f"{LLM}.norm.weight")
+        self.eps = weights.config.text_config.rms_norm_eps
+        self.lm_head = _linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
+                               False)
+
+    def forward(self, hidden_states) -> torch.Tensor:
+        return self.lm_head(_rms_norm(hidden_states, self.norm, self.eps))
+
+
 # -- the programs as the ONNX layout traces them ---------------------------------------------------------------------
 
 def _vision_program(weights) -> TracedProgram:
@@ -425,8 +551,13 @@ def _vision_program(weights) -> TracedProgram:
     axes = {"pixel_values": {3: "patch_columns"}, "position_ids": {0: "patches"}, "window_index": {0: "patches"},
             "window_inverse": {0: "patches"}, "merge_order": {0: "patches"}, "merger_order": {0: "merged_patches"},
             "image_features": {0: "image_tokens"}}
+    # An image's patches: the processor's slices and overview stay near 448 x 448 pixels (32 x 32 patches of 14),
+    # long sides to 4x that; the vision config's image_size bounds the position table.
+    side = config.vision_config.image_size // patch
+    bounds = {"patches": (16, side * side), "patch_columns": (16 * patch, side * side * patch),
+              "merged_patches": (4, side * side // 4), "image_tokens": (1, side * side // 16)}
     return TracedProgram(VisionSlice(weights).eval(), tuple(example.values()), names, ("image_features",),
-                         tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes)
+                         tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes, bounds)
 
 
 def _embed_program(weights) -> TracedProgram:
@@ -463,9 +594,11 @@ def _decoder_program(weights) -> TracedProgram:
                          axes)
 
 
-def build_programs(weights) -> dict[str, TracedProgram]:
-    return {"vision_encoder": _vision_program(weights), "embed_tokens": _embed_program(weights),
-            "decoder_model_merged": _decoder_program(weights)}
+_GRAPHS = {"vision_encoder": _vision_program, "embed_tokens": _embed_program, "decoder_model_merged": _decoder_program}
+
+
+def build_program(weights, graph: str) -> TracedProgram:
+    return _GRAPHS[graph](weights)
 
 
 def vision_inputs(config, pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -484,4 +617,5 @@ def image_tokens(config, target_sizes: torch.Tensor) -> list[int]:
     return (target_sizes.prod(-1) // merged_tokens_divisor(config.downsample_mode)).tolist()
 
 
-PROGRAMS = Programs(build=build_programs, vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state)
+PROGRAMS = Programs(build=build_program, vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state,
+                    stateful_decoder=StatefulDecoder, head=DecoderHead, decoder_layers=f"{LLM}.layers.")

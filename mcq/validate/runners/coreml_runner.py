@@ -54,7 +54,7 @@ class CoremlRunner(Runner):
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
         from mcq.export.coreml.runtime import read_sidecar
-        from mcq.models.minicpmv.configuration import MiniCPMVConfig
+        from mcq.models.family import family_for
 
         sidecar = read_sidecar(path)
         if sidecar is None or "model_config" not in sidecar:
@@ -62,7 +62,16 @@ class CoremlRunner(Runner):
         if sidecar["llm"] is None:
             raise McqError(f"{path} has no LLM package (exported with --llm none); mcq validate scores the LLM's "
                            "logits and answers, so export with --llm int4-block32, palettize4, int8 or fp16")
-        return config_identity(MiniCPMVConfig(**sidecar["model_config"]))
+        config = sidecar["model_config"]
+        return config_identity(family_for(config["model_type"]).config_class(**config))
+
+    @classmethod
+    def unserved(cls, data: dict[str, Any]) -> str | None:
+        # 4.6's frames (features at video tokens): `CoremlProgramModel` merges image features only. The resampler
+        # family's video (frames grouped by temporal id) is served by its group resampler package.
+        if "pixel_values_videos" in data:
+            return "video (MiniCPM-V 4.6's video frames are not fed to its Core ML export's vision package yet)"
+        return None
 
     @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
@@ -82,31 +91,27 @@ class CoremlRunner(Runner):
             return MemoryPlan(None)
         packages = [p for p in Path(path).glob("*.mlpackage")]
         largest = max(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in packages)
-        cache = sum(2 * 2 * int(np.prod(chunk["states"]["key_cache"]["shape"])) for chunk in sidecar["llm"]["decoder"])
-        vocab = sidecar["model_config"]["vocab_size"]
+        cache = sum(2 * int(np.prod(state["shape"])) for chunk in sidecar["llm"]["decoder"]
+                    for state in chunk["states"].values())
+        config = sidecar["model_config"]
+        vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
         return MemoryPlan(6 * largest + cache + 3 * tokens * vocab * 4 + (1 << 30), "numpy MIL interpreter")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
-        from mcq.export.coreml.runtime import CoremlMiniCPMV
+        from mcq.export.coreml.runtime import open_coreml
 
         if torch.device(device).type != "cpu":
             raise McqError(f"the Core ML runner takes --device cpu (Core ML picks its own compute units), not {device}")
         # The precision is the packages' (fp16 compute, their weights): the dtype asked for does not apply.
-        self.model = CoremlMiniCPMV(path)
+        self.model = open_coreml(path)
         if self.model.llm_info is None:
             raise McqError(f"{path} has no LLM package (exported with --llm none)")
 
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
-        temporal_ids = (data.get("temporal_ids") or [None])[0]
-        return torch.from_numpy(self.model.encode_slices(data["pixel_values"][0], data["tgt_sizes"][0], temporal_ids))
+        return torch.from_numpy(self.model.sample_vision(data))
 
     def _embeds(self, data: dict[str, Any], vision: torch.Tensor | None):
-        bounds = data.get("image_bound")
-        bounds = bounds[0].tolist() if bounds is not None and len(bounds[0]) else []
-        if bounds and vision is None:
-            vision = self.vision(data)
-        return self.model.merged_embeddings(data["input_ids"][0].tolist(), bounds,
-                                            None if vision is None else vision.float().numpy())
+        return self.model.sample_embeddings(data, None if vision is None else vision.float().numpy())
 
     def logits(self, data: dict[str, Any], vision: torch.Tensor | None = None) -> torch.Tensor:
         return torch.from_numpy(self.model.forward(self._embeds(data, vision)))
