@@ -7,8 +7,8 @@ F16 outputs hold the same tensors.
 
 JSON goes to stdout (and to --out), progress to stderr.
 
-MiniCPM-V 4.6 (`--version 4.6`): `mcq make-tiny CKPT --version 4.6` (its tiny widths: make-tiny has no
---real-widths for 4.6 yet; layers default to make-tiny's 4 LLM + 3 vision), and llama.cpp's path is the one
+MiniCPM-V 4.6 (`--version 4.6`): `mcq make-tiny CKPT --version 4.6 --real-widths` (the release's widths: vision
+1152 / 4304, LLM 1024 / 3584; layers default to make-tiny's 4 LLM + 3 vision), and llama.cpp's path is the one
 docs/multimodal/minicpmv4.6.md gives, `convert_hf_to_gguf.py` twice on the checkpoint itself (no copy, no legacy
 scripts: MiniCPMV4_6ForConditionalGeneration is native in transformers and in the converter):
     1. `convert_hf_to_gguf.py CKPT --outtype f16 --outfile OUT/llm-f16.gguf [--no-mtp]`;
@@ -301,6 +301,7 @@ def run_llamacpp_native(checkpoint: Path, llama: Path, work: Path, label: str, p
 
 # llama.cpp's conversion per release: the legacy scripts (4.5) or its converter alone (4.6).
 LLAMACPP_PATHS = {"4.5": run_llamacpp, "4.6": run_llamacpp_native}
+REAL_WIDTHS = {"4.5": "LLM 4096/12288, vision 1152/4304", "4.6": "LLM 1024/3584, vision 1152/4304"}
 
 
 def run_mcq(checkpoint: Path, work: Path, label: str, threads_env: dict) -> dict:
@@ -534,8 +535,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-widths", action="store_true", help="tiny widths instead of the real ones "
                                                                    "(a quick smoke test of this script)")
     args = parser.parse_args(argv)
-    if args.version == "4.6" and not args.tiny_widths:
-        parser.error("--version 4.6 needs --tiny-widths: make-tiny has no --real-widths for 4.6 yet")
     if args.version == "4.5":
         args.llm_layers, args.vision_layers = args.llm_layers or 2, args.vision_layers or 2
 
@@ -596,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             "version": args.version, "llm_layers": args.llm_layers or "make-tiny's default",
             "vision_layers": args.vision_layers or "make-tiny's default", "repeats": args.repeats,
             "seed": args.seed, "threads": args.threads or "library defaults",
-            "widths": "tiny" if args.tiny_widths else "real (4.5: LLM 4096/12288, vision 1152/4304)",
+            "widths": "tiny" if args.tiny_widths else f"real ({REAL_WIDTHS[args.version]})",
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "versions": {**_versions(pythonpath), **extra, "llama-cpp-python sdist": LLAMA_CPP_PYTHON},
             "llama_cpp_scripts": str(llama), "mcq_source": mcq_source,

@@ -200,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                       default=COMPLETE_RELEASES[-1])   # the newest that every format supports
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--outliers", action="store_true", help="give norm channels 20-50x gains (activation outliers)")
-    tiny.add_argument("--real-widths", action="store_true", help="true 4.5 widths with few layers (benchmarks)")
+    tiny.add_argument("--real-widths", action="store_true",
+                      help="the release's true widths with few layers (benchmarks)")
     tiny.add_argument("--real-vocab", action="store_true",
-                      help="the official 4.5 vocabulary's 151,748 embedding and lm_head rows (benchmarks)")
+                      help="the release's vocabulary size in the embedding and lm_head rows (4.5: 151,748; 4.6: "
+                           "248,094; benchmarks)")
     tiny.add_argument("--llm-layers", type=_positive, help="default: 2 (4.6: 4, both layer kinds)")
     tiny.add_argument("--vision-layers", type=_positive, help="default: 2 (4.6: 3, around the vit_merger)")
     tiny.add_argument("--force", action="store_true", help="replace an existing output directory")

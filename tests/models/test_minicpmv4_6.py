@@ -3,6 +3,7 @@ classes; the family's facts (components, blocks) and `mcq inspect` on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -21,7 +22,7 @@ from mcq.errors import McqError
 from mcq.models.family import component_or_other
 from mcq.models.loading import model_spec, open_checkpoint
 from mcq.models.minicpmv4_6.facts import PROCESSOR_TOKENS
-from mcq.models.minicpmv4_6.tiny import OUTLIER_NORMS
+from mcq.models.minicpmv4_6.tiny import OUTLIER_NORMS, REAL_TEXT, REAL_VISION, REAL_VOCAB_SIZE
 from mcq.models.tiny import TinySpec, make_tiny, resolve_tiny
 from mcq.models.weights import named_blocks, shell_model
 
@@ -97,10 +98,78 @@ def test_make_tiny46_is_deterministic_and_seeded(tmp_path):
 
 
 def test_make_tiny46_refuses_what_it_cannot_build(tmp_path):
-    with pytest.raises(McqError, match="--real-widths is not available"):
-        make_tiny(tmp_path / "o", TinySpec(version="4.6", real_widths=True))
-    with pytest.raises(McqError, match="more than 1 vision layers"):
-        make_tiny(tmp_path / "v", TinySpec(version="4.6", vision_layers=1))
+    for real_widths in (False, True):
+        with pytest.raises(McqError, match="more than 1 vision layers"):
+            make_tiny(tmp_path / "v", TinySpec(version="4.6", vision_layers=1, real_widths=real_widths))
+
+
+@pytest.fixture(scope="module")
+def real46(tmp_path_factory):
+    """`make-tiny --version 4.6 --real-widths`: the release's widths at tiny:4.6's layer counts (533 MB)."""
+    out = tmp_path_factory.mktemp("real46") / "model"
+    assert main(["make-tiny", str(out), "--version", "4.6", "--real-widths", "--json"]) == 0
+    return out
+
+
+def test_real_widths_46_loads_in_transformers_at_the_release_widths(real46):
+    """The release's widths (sourced in tiny.py) at tiny:4.6's layer counts (4 LLM layers, 3 linear-attention + 1
+    full; 3 vision layers around the vit_merger), read by transformers' own class with nothing missing or left over,
+    in tiny:4.6's layout; a forward on text runs."""
+    model, info = MiniCPMV4_6ForConditionalGeneration.from_pretrained(real46, output_loading_info=True)
+    assert not any(info.values()), info
+    text, vision = model.config.text_config, model.config.vision_config
+    assert {key: getattr(text, key) for key in REAL_TEXT} == REAL_TEXT
+    assert {key: getattr(vision, key) for key in REAL_VISION} == REAL_VISION
+    assert model.model.vision_tower.encoder.layers[0].mlp.fc1.out_features == 4304
+    assert text.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert (vision.num_hidden_layers, model.config.insert_layer_id) == (3, 1)
+    tokenizer = AutoTokenizer.from_pretrained(real46)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert text.vocab_size == len(tokenizer)
+    with safe_open(real46 / "model.safetensors", "pt") as ours, \
+            safe_open(resolve_tiny("tiny:4.6") / "model.safetensors", "pt") as tinys:
+        assert set(ours.keys()) == set(tinys.keys())
+        assert {ours.get_slice(name).get_dtype() for name in ours.keys()} == {"BF16"}
+    inputs = tokenizer("A short text to read.", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_rtn_quantizes_the_real_width_46(real46, tmp_path):
+    """`mcq quantize --method rtn` at the release's widths (about 20 s here): SigLIP's 4304-wide MLP, which no group
+    size divides, padded to 4352; the vit_merger's and merger's MLPs kept dense, as vLLM builds them."""
+    out = tmp_path / "rtn"
+    assert main(["quantize", "--model", str(real46), "--method", "rtn", "--out", str(out), "--json"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["intermediate_size"] == 4352
+    assert {"model.vision_tower.vit_merger.linear_1", "model.merger.mlp.0.linear_1"} \
+        <= set(config["quantization_config"]["ignore"])
+
+
+def test_the_unit_by_unit_writer_writes_what_save_pretrained_writes(tmp_path, monkeypatch):
+    """The writer real widths use (here at tiny widths, with the release's vocabulary and outliers): the files
+    save_pretrained writes but for the weights' values (same configs, tensor names, shapes, bf16), deterministic,
+    each unit from a seed of its own (a layer is the same at any depth), the outlier gains on the 1 + weight scale."""
+    from mcq.models.minicpmv4_6 import tiny
+
+    spec = TinySpec(version="4.6", real_vocab=True, outliers=True)
+    whole = make_tiny(tmp_path / "whole", spec)
+    monkeypatch.setattr(tiny, "_per_unit", lambda spec: True)
+    two, again = make_tiny(tmp_path / "two", spec), make_tiny(tmp_path / "again", spec)
+    deeper = make_tiny(tmp_path / "deeper", dataclasses.replace(spec, llm_layers=5))
+    assert _digests(two) == _digests(again)
+    assert {name for name, digest in _digests(two).items() if digest != _digests(whole)[name]} == {"model.safetensors"}
+    ours, theirs, deeper = stored_tensors(two), stored_tensors(whole), stored_tensors(deeper)
+    assert {n: (t.dtype, t.shape) for n, t in ours.items()} == {n: (t.dtype, t.shape) for n, t in theirs.items()}
+    assert ours["model.language_model.embed_tokens.weight"].shape[0] == REAL_VOCAB_SIZE
+    for name in ("model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+                 "model.language_model.embed_tokens.weight", "model.vision_tower.vit_merger.linear_1.weight"):
+        assert torch.equal(ours[name], deeper[name]), name
+    layer = "model.language_model.layers.{}.mlp.up_proj.weight"
+    assert not torch.equal(ours[layer.format(1)], ours[layer.format(2)])
+    scale = 1 + ours["model.language_model.layers.1.input_layernorm.weight"].float()
+    assert scale.max() > 19 and (scale == 1).sum() == scale.numel() - 2
 
 
 def test_blocks_follow_the_data_flow_through_the_vit_merger(tiny46):

@@ -20,7 +20,6 @@ block.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,8 +181,9 @@ def _model_tensors(config: MiniCPMVConfig, spec: TinySpec):
 def _block_tensors(shell: MiniCPMV, spec: TinySpec):
     """Real widths: each block initialized when its first tensor is written, released with its last one."""
     from . import checkpoint_names
+    from ..tiny_blocks import init_units
 
-    units = _init_units(shell)
+    units = init_units(shell)
     pending: dict[str, torch.Tensor] = {}
 
     def tensor(stored: str) -> torch.Tensor:
@@ -195,46 +195,17 @@ def _block_tensors(shell: MiniCPMV, spec: TinySpec):
     return tensor
 
 
-def _init_units(shell: MiniCPMV) -> list[tuple[str, nn.Module]]:
-    """What real widths initialize at once: each block (`named_blocks`), and each largest module holding no block
-    (an embedding table, a norm, the vision embeddings), so every module keeps its parent's own init."""
-    from ..weights import named_blocks
-
-    blocks = dict(named_blocks(shell))
-    units = []
-
-    def visit(name: str, module: nn.Module) -> None:
-        holds_block = any(b.startswith(name + ".") for b in blocks) if name else True
-        if name in blocks or not holds_block:
-            if any(True for _ in module.parameters()):
-                units.append((name, module))
-            return
-        for child, sub in module.named_children():
-            visit(f"{name}.{child}" if name else child, sub)
-
-    visit("", shell)
-    return units
-
-
 @torch.no_grad()
 def _init_unit(shell: MiniCPMV, name: str, module: nn.Module, spec: TinySpec) -> dict[str, torch.Tensor]:
-    """One unit's stored tensors (bf16), initialized as transformers initializes the whole model (children first,
-    each by the init of the model that owns it) from a seed of its own, then released from the shell."""
+    """One unit's stored tensors (bf16), initialized by the init of the model that owns it, then released from the
+    shell."""
     from . import checkpoint_names
+    from ..tiny_blocks import init_unit
 
-    module.to_empty(device="cpu")
     owner = shell.llm if name.startswith("llm.") else shell
-    digest = hashlib.sha256(f"{spec.seed}/{name}".encode()).digest()
-    torch.manual_seed(int.from_bytes(digest[:8], "little"))
-
-    def init(sub: nn.Module) -> None:
-        for child in sub.children():
-            init(child)
-        owner._init_weights(sub)
-
-    init(module)
+    outlier_seed = init_unit(module, name, spec.seed, owner._init_weights)
     if spec.outliers:
-        add_outliers(module, int.from_bytes(digest[8:12], "little"), OUTLIER_NORMS)
+        add_outliers(module, outlier_seed, OUTLIER_NORMS)
     stored = checkpoint_names.to_stored({f"{name}.{n}": p.to(torch.bfloat16) for n, p in module.named_parameters()})
     module.to("meta")
     return stored
