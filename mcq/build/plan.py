@@ -20,8 +20,8 @@ Schema (every key is checked; an unknown key, a wrong type or a bad value is an 
         versions: ["2.6", "4.5"]          # MiniCPM-V versions it applies to (default: all that have its format)
 
 A variant's format (what `--only` and the CI matrix select by) is `compressed-tensors` or `bitsandbytes` for a
-quantize step, and the export's format otherwise. A release mcq writes no such format for (4.6 has no Core ML
-yet: `mcq.models.families.FAMILY_FORMATS`) is left out of a variant's default versions, and naming it is an error.
+quantize step, and the export's format otherwise. A release mcq writes no such format for
+(`mcq.models.families.FAMILY_FORMATS`) is left out of a variant's default versions, and naming it is an error.
 """
 
 from __future__ import annotations

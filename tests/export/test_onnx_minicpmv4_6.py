@@ -15,7 +15,6 @@ from transformers import AutoModelForImageTextToText
 from mcq.cli import main
 from mcq.export.onnx import export_onnx
 from mcq.export.onnx.program_runtime import OnnxProgramModel
-from mcq.models.loading import resolve_model_path
 from mcq.models.minicpmv4_6.serving import ServedMiniCPMV4_6
 from mcq.validate.evalset import encode_items, eval_samples, open_encoder
 
@@ -36,20 +35,13 @@ def int4(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served() -> ServedMiniCPMV4_6:
-    path = resolve_model_path(REFERENCE)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    return ServedMiniCPMV4_6(model, path, "cpu")
+def served(served_46) -> ServedMiniCPMV4_6:
+    return served_46
 
 
 @pytest.fixture(scope="module")
-def samples() -> list[dict]:
-    """Two encoded evaluation samples: text only, and a sliced image (its overview and slices of another size)."""
-    items = encode_items(open_encoder(REFERENCE), eval_samples(None, 8, 0), 2)
-    data = [item.scored for item in items if item.scored is not None]
-    text_only = next(d for d in data if "pixel_values" not in d and "pixel_values_videos" not in d)
-    sliced = next(d for d in data if "pixel_values" in d and len(set(map(tuple, d["target_sizes"].tolist()))) > 1)
-    return [text_only, sliced]
+def samples(samples_46) -> list[dict]:
+    return samples_46
 
 
 @pytest.fixture(scope="module")

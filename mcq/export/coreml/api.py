@@ -14,6 +14,10 @@ Layout:
       minicpmv-coreml.json        preprocessing constants, token ids and the packages' I/O, for the Swift app
       README.md, mcq-manifest.json
 
+MiniCPM-V 4.6 (a family with torch programs) has its packages traced from them (`traced.py`): one vision package
+for one image of any size (no resampler package), decoder chunks that also hold the Gated DeltaNet states and take
+one position per call; the sidecar says which (`family`).
+
 The LLM is converted a chunk of layers at a time (`convert.decoder_chunks`: ≤ 1 GiB of fp16 weights each), each
 chunk saved before the next is traced, as Apple's own conversions of large models split them into packages, so
 the export's memory does not grow with depth. Every package is checked before the output is moved into place: its
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import numpy as np
 from dataclasses import asdict, dataclass, field, replace
@@ -148,29 +153,15 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
     # Core ML (`graphs.py`); both give the same LLM packages' inputs and outputs.
     traced = weights.checkpoint.family.programs
     if traced is not None:
-        def embed_package(compression):
-            return convert_program_embeddings(weights, traced, target, compression)
-
-        def decoder_package_of(compression, layers):
-            return convert_program_decoder(weights, traced, target, compression, layers)
-
-        def head_package(compression):
-            return convert_program_head(weights, traced, target, compression)
-
-        def chunks_of():
-            return program_decoder_chunks(weights, traced)
+        embed_package = partial(convert_program_embeddings, weights, traced, target)
+        decoder_package_of = partial(convert_program_decoder, weights, traced, target)
+        head_package = partial(convert_program_head, weights, traced, target)
+        chunks_of = partial(program_decoder_chunks, weights, traced)
     else:
-        def embed_package(compression):
-            return convert_embeddings(weights, target, compression)
-
-        def decoder_package_of(compression, layers):
-            return convert_llm(weights, target, compression, layers)
-
-        def head_package(compression):
-            return convert_head(weights, target, compression)
-
-        def chunks_of():
-            return decoder_chunks(weights)
+        embed_package = partial(convert_embeddings, weights, target)
+        decoder_package_of = partial(convert_llm, weights, target)
+        head_package = partial(convert_head, weights, target)
+        chunks_of = partial(decoder_chunks, weights)
 
     fallbacks: dict[str, str] = {}
     with staged_output(out, force) as staging:

@@ -1,5 +1,7 @@
 """MiniCPM-V 4.6 as runtime-neutral torch programs: plain modules built tensor by tensor from an `ExportWeights`,
-with every piece of state an explicit input and output, for exporters that trace them (`torch.onnx.export`).
+for the exporters that trace them: ONNX (`torch.onnx.export`, every piece of state an explicit input and output)
+and Core ML (`torch.jit.trace`: the same layers, the decoder's state in buffers, `StatefulDecoder`). Sizes come
+from the config, never from a traced tensor's shape (Core ML's converter rejects those on dynamic axes).
 
 - `VisionSlice`: one image (an overview or a slice of `h x w` patches, L = h * w) → its L / 16 LLM tokens: SigLIP
   embeddings, the encoder layers with the window-attention `vit_merger` after layer `insert_layer_id`, the

@@ -1,0 +1,29 @@
+"""Fixtures shared by the 4.6 export tests: transformers' own model of tiny:4.6 and two encoded samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from mcq.models.loading import resolve_model_path
+from mcq.models.minicpmv4_6.serving import ServedMiniCPMV4_6
+from mcq.validate.evalset import encode_items, eval_samples, open_encoder
+
+
+@pytest.fixture(scope="module")
+def served_46() -> ServedMiniCPMV4_6:
+    path = resolve_model_path("tiny:4.6")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return ServedMiniCPMV4_6(model, path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def samples_46() -> list[dict]:
+    """Two encoded evaluation samples of tiny:4.6: text only, and a sliced image (its overview and slices of another
+    size)."""
+    items = encode_items(open_encoder("tiny:4.6"), eval_samples(None, 8, 0), 2)
+    data = [item.scored for item in items if item.scored is not None]
+    text_only = next(d for d in data if "pixel_values" not in d and "pixel_values_videos" not in d)
+    sliced = next(d for d in data if "pixel_values" in d and len(set(map(tuple, d["target_sizes"].tolist()))) > 1)
+    return [text_only, sliced]
