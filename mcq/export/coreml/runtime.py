@@ -20,6 +20,7 @@ import torch
 
 from mcq.errors import McqError
 
+from ..program_host import padded_blocks, write_image_features
 from .api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
 from .host import causal_mask, rotary_inputs, vision_inputs
 
@@ -307,10 +308,7 @@ class CoremlProgramModel(CoremlMiniCPMV):
         blocks = [self.vision_package({name: np.asarray(value) for name, value in inputs.items()})["image_features"]
                   for inputs in self.programs.vision_inputs(self.config, torch.as_tensor(data["pixel_values"]).float(),
                                                             data["target_sizes"])]
-        padded = np.zeros((len(blocks), max(len(b) for b in blocks), blocks[0].shape[-1]), dtype=np.float32)
-        for index, block in enumerate(blocks):
-            padded[index, :len(block)] = block
-        return padded
+        return padded_blocks(blocks)
 
     def sample_embeddings(self, data: dict[str, Any], vision: np.ndarray | None) -> np.ndarray:
         ids = np.asarray(data["input_ids"][0], dtype=np.int64)
@@ -318,13 +316,8 @@ class CoremlProgramModel(CoremlMiniCPMV):
         if "pixel_values" not in data:
             return embeds
         blocks = self.sample_vision(data) if vision is None else vision
-        counts = self.programs.image_tokens(self.config, data["target_sizes"])
-        features = np.concatenate([block[:count] for block, count in zip(blocks, counts)])
-        slots = ids == self.sidecar["tokens"]["image"]
-        if int(slots.sum()) != len(features):
-            raise McqError(f"{int(slots.sum())} image tokens in the text but {len(features)} vision features")
-        embeds[slots] = features
-        return embeds
+        return write_image_features(embeds, ids, blocks, self.programs.image_tokens(self.config, data["target_sizes"]),
+                                    self.sidecar["tokens"]["image"])
 
 
 def open_coreml(path: str | Path, native: bool | None = None) -> CoremlMiniCPMV:

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from mcq.errors import McqError
 
+from ..program_host import padded_blocks, write_image_features
 from .runtime import open_sessions
 
 
@@ -53,7 +52,7 @@ class OnnxProgramModel:
         blocks = [session.run(["image_features"], {name: np.asarray(value) for name, value in inputs.items()})[0]
                   for inputs in self.programs.vision_inputs(self.config, data["pixel_values"].float(),
                                                             data["target_sizes"])]
-        return [pad_sequence([torch.from_numpy(block) for block in blocks], batch_first=True).numpy()]
+        return [padded_blocks(blocks)]
 
     # -- text ---------------------------------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -67,13 +66,8 @@ class OnnxProgramModel:
         if "pixel_values" not in data:
             return embeds
         (blocks,) = self.vision_per_sample(data) if vision is None else vision
-        counts = self.programs.image_tokens(self.config, data["target_sizes"])
-        features = np.concatenate([block[:count] for block, count in zip(blocks, counts)])
-        slots = ids == self.config.image_token_id
-        if int(slots.sum()) != len(features):
-            raise McqError(f"{int(slots.sum())} image tokens in the text but {len(features)} vision features")
-        embeds[slots] = features
-        return embeds
+        return write_image_features(embeds, ids, blocks, self.programs.image_tokens(self.config, data["target_sizes"]),
+                                    self.config.image_token_id)
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The state before the first token: zeros, and KV caches with no past."""

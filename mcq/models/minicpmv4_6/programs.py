@@ -154,8 +154,8 @@ class VisionSlice(nn.Module):
         config = weights.config
         vision = config.vision_config
         if config.downsample_mode == "4x" or config.merger_times != 1 or vision.insert_layer_id < 0:
-            raise McqError("the ONNX export of MiniCPM-V 4.6 follows the release's vision path (downsample_mode 16x, "
-                           "merger_times 1, a vit_merger); this checkpoint differs")
+            raise McqError("the ONNX and Core ML exports of MiniCPM-V 4.6 follow the release's vision path "
+                           "(downsample_mode 16x, merger_times 1, a vit_merger); this checkpoint differs")
         self.patch, self.width, self.channels = vision.patch_size, vision.hidden_size, vision.num_channels
         conv = f"{TOWER}.embeddings.patch_embedding"
         weight = weights.tensor(f"{conv}.weight")
@@ -418,7 +418,8 @@ def decoder_state(config) -> list[StateTensor]:
                                   (None, text.linear_num_value_heads, text.linear_key_head_dim,
                                    text.linear_value_head_dim))]
         else:
-            raise McqError(f"LLM layer {i} is of kind {kind!r}, which the ONNX export of MiniCPM-V 4.6 does not know")
+            raise McqError(f"LLM layer {i} is of kind {kind!r}, which the ONNX and Core ML exports of MiniCPM-V 4.6 "
+                           "do not know")
     return states
 
 
