@@ -107,7 +107,8 @@ class TransformersRunner(Runner):
         if available is None or resident <= available * RESIDENT_SHARE:
             return MemoryPlan(resident, f"{dtype}, weights resident")
         largest = max(m.weight.numel() for m in linears if isinstance(m, torch.nn.Linear))
-        # a compressed Linear is dequantized whole for its call; a plain one is cast a block of rows at a time
+        # a compressed Linear with no blockwise path (activation-ordered) is dequantized whole for its call;
+        # the others are cast or dequantized a block of rows at a time
         in_flight = largest * width * 2 if format_name == "compressed-tensors" else 0
         mapped = (params - large) * width + in_flight + working
         return MemoryPlan(mapped, f"{dtype} compute, weights mapped from the checkpoint", {"weights": "mapped"},
