@@ -33,6 +33,17 @@ from torch.nn import functional as F
 ROW_BLOCK = 256
 
 
+_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """A block of ROW_BLOCK weight rows, one per width and dtype for the process."""
+    key = (in_features, dtype)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(ROW_BLOCK, in_features, dtype=dtype)
+    return _SCRATCH[key]
+
+
 class MappedLinear(nn.Module):
     """`nn.Linear` over a weight kept in its stored form (mapped), computing in `dtype` a block of output rows at a
     time. `rows(start, stop, out)` writes rows start:stop of the weight, in `dtype`, into `out` and returns it; the
@@ -59,7 +70,7 @@ class MappedLinear(nn.Module):
         x = x.to(self.compute_dtype)
         if self._rows is None:                     # a packing with no blockwise path: dequantized whole per call
             return F.linear(x, self._full(), self.bias)
-        scratch = torch.empty(min(ROW_BLOCK, self.out_features), self.in_features, dtype=self.compute_dtype)
+        scratch = _scratch(self.in_features, self.compute_dtype)
         bias, blocks = self.bias, []
         for start in range(0, self.out_features, ROW_BLOCK):
             stop = min(start + ROW_BLOCK, self.out_features)
@@ -191,12 +202,13 @@ def _packed_linear(reader, module: str, scheme, stored: set[str], bias: torch.Te
 
     def rows(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         stored_rows = levels[start:stop]
-        if bits == 8:
-            out.copy_(stored_rows)
-        else:                                  # two levels per byte, the first in the low nibble
-            pairs = out.view(stop - start, in_features // 2, 2)
-            pairs[..., 0].copy_(stored_rows & 15)
-            pairs[..., 1].copy_(stored_rows >> 4)
+        if bits == 4:
+            # Two levels per byte, the first in the low nibble: a byte low + 16 high widened to int16 and added
+            # 15 x (its high nibble x 16) is low + 256 high, whose two little-endian bytes are the levels in
+            # order. Contiguous int16 ops: writing the nibbles to every other float instead took 1.6x the time.
+            wide = stored_rows.to(torch.int16)
+            stored_rows = wide.add_(wide & 0xF0, alpha=15).view(torch.uint8)
+        out.copy_(stored_rows.view(stop - start, in_features))
         groups = out.view(stop - start, -1, group)
         groups.sub_(offset[start:stop, :, None]).mul_(scale[start:stop, :, None].to(dtype))
         return out

@@ -144,15 +144,16 @@ def _sizes(target: Target, params: dict[str, int]) -> tuple[int, dict[str, dict[
     return sum(per_component.values()), components
 
 
-def _run_worker(job: dict[str, Any], workdir: Path, label: str,
-                python: str = sys.executable) -> tuple[dict[str, Any] | None, str | None]:
-    """(result, None) or (None, the error's last line) of one worker process."""
+def _run_worker(job: dict[str, Any], workdir: Path, label: str, python: str = sys.executable,
+                environment: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, None) or (None, the error's last line) of one worker process; `environment` (the memory plan's)
+    is added to this process's, whose own settings win."""
     job_file, result_file = workdir / f"{label}.job.json", workdir / f"{label}.result.json"
     log_file = workdir / f"{label}.log"
     job_file.write_text(json.dumps(job))
     with open(log_file, "w") as log:
         process = subprocess.run([python, "-m", "mcq.validate.worker", str(job_file), str(result_file)],
-                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+                                 stdout=log, stderr=subprocess.STDOUT, env={**(environment or {}), **os.environ, "TQDM_DISABLE": "1"})
     if process.returncode == 0 and result_file.is_file():
         return json.loads(result_file.read_text()), None
     lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
@@ -232,7 +233,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
             result, error = _run_worker({**base_job, "role": role, "index": index, "path": target.path,
                                          "format": target.format, "runner": target.runner.name,
                                          "load": plans[index].load},
-                                        workdir, f"{role}-{index}", target.python)
+                                        workdir, f"{role}-{index}", target.python, plans[index].environment)
             bar.update()
             if role == "reference" and result is None:
                 raise McqError(f"the reference {reference} failed to run: {error}")
@@ -263,7 +264,7 @@ def validate(reference: str | Path, variants: list[str | Path], *, eval_data: st
             result, error = _run_worker({**base_job, "role": "vision_path", "index": 0, "path": ref.path,
                                          "format": ref.format, "runner": ref.runner.name,
                                          "vision_files": vision_files, "load": plans[0].load},
-                                        workdir, "vision-path", ref.python)
+                                        workdir, "vision-path", ref.python, plans[0].environment)
             if result is None:
                 raise McqError(f"the reference failed to score the variants' vision paths: {error}")
             for index, value in result["kl_vision_path"].items():

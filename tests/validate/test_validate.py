@@ -204,7 +204,15 @@ def test_mapped_weights_give_the_resident_numbers(rtn_tiny, monkeypatch):
     options = {"num_samples": 3, "max_new_tokens": 6, "latency_runs": 1, "progress": False}
     resident = api.validate("tiny:4.5", [rtn_tiny], **options)
     monkeypatch.setattr(transformers_runner, "RESIDENT_SHARE", 0.0)    # nothing fits: every weight mapped
+    environments, run_worker = [], api._run_worker
+
+    def recording(job, workdir, label, python, environment=None):
+        environments.append(environment)
+        return run_worker(job, workdir, label, python, environment)
+    monkeypatch.setattr(api, "_run_worker", recording)
     mapped = api.validate("tiny:4.5", [rtn_tiny], **options)
+    # every worker (reference, variant, vision path) waits passively between its many short parallel ops
+    assert environments == [{"OMP_WAIT_POLICY": "PASSIVE"}] * 3
     for ours, theirs in zip(mapped["variants"], resident["variants"]):
         assert "weights mapped from the checkpoint" in ours["runtime"] and "mapped" not in theirs["runtime"]
         assert ours["status"] == theirs["status"] == "ok"

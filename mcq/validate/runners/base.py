@@ -24,12 +24,14 @@ class MemoryPlan:
 
     `bytes` is the estimate the validator compares with the memory available (None: the runner cannot tell);
     `load` are keyword arguments for the runner's constructor; `how` says in words what was chosen (it is shown
-    with the runtime, so a report says how a variant was run)."""
+    with the runtime, so a report says how a variant was run); `environment` are variables the worker process
+    starts with, unless the user set them (settings a runtime reads once, at start)."""
 
     bytes: int | None
     how: str = ""
     load: dict[str, Any] = field(default_factory=dict)
     hint: str = "--device cuda"     # what to pass when it does not fit
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 

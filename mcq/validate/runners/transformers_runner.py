@@ -30,6 +30,11 @@ from .base import MemoryPlan, Runner, config_identity
 # larger models run from their mapped checkpoint. The rest is for activations, the cache, the logits, the parent.
 RESIDENT_SHARE = 0.25
 _WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+# A mapped Linear alternates many short parallel ops (a block's cast, its product); OpenMP's default spin-waiting
+# between them made a decoded token take 1x-5x its time from one run to the next on the 2-core benchmark machine
+# (user CPU time 16-46 s for the same 16 tokens), where waiting passively gives steady times within ~10 % of the
+# resident model's. Resident weights run one op per Linear and are not affected either way.
+MAPPED_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 _RUNTIME_BYTES = 1 << 30     # torch, transformers and the tokenizer imported, before any weight
 
 # quant_method in config.json → the format name reported.
@@ -112,7 +117,8 @@ class TransformersRunner(Runner):
         in_flight = largest * width * 2 if format_name == "compressed-tensors" else 0
         mapped = (params - large) * width + in_flight + working
         return MemoryPlan(mapped, f"{dtype} compute, weights mapped from the checkpoint", {"weights": "mapped"},
-                          hint="--device cuda" if dtype != "float32" else "--dtype bfloat16 or --device cuda")
+                          hint="--device cuda" if dtype != "float32" else "--dtype bfloat16 or --device cuda",
+                          environment=MAPPED_ENVIRONMENT)
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str, weights: str = "resident"):
         """`weights`: "resident" (loaded whole, as `mcq chat` does) or "mapped" (`mcq.models.mapped`, CPU)."""
