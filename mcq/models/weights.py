@@ -8,6 +8,8 @@ the largest block, not on depth.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,8 +84,23 @@ class CheckpointReader:
 
 
 def release(module: nn.Module) -> None:
-    """Drop a block's weights (back to the meta device) once it has been processed."""
+    """Drop a block's weights (back to the meta device) once it has been processed, and hand the freed heap back to
+    the system.
+
+    glibc keeps freed allocations of up to 32 MiB (a block's norms, scales, packed levels, the quantizers'
+    temporaries) in its heap, and the pieces left between live ones are not reused for the next block's larger
+    ones: measured on a real-width 4.5, RTN's anonymous memory after each LLM layer grew 33 MiB per layer without
+    the trim, 0.1 MiB with it."""
     module.to("meta")
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none (macOS, musl)."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def named_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -151,9 +151,10 @@ def _run_worker(job: dict[str, Any], workdir: Path, label: str, python: str = sy
     job_file, result_file = workdir / f"{label}.job.json", workdir / f"{label}.result.json"
     log_file = workdir / f"{label}.log"
     job_file.write_text(json.dumps(job))
+    env = {**(environment or {}), **os.environ, "TQDM_DISABLE": "1"}
     with open(log_file, "w") as log:
         process = subprocess.run([python, "-m", "mcq.validate.worker", str(job_file), str(result_file)],
-                                 stdout=log, stderr=subprocess.STDOUT, env={**(environment or {}), **os.environ, "TQDM_DISABLE": "1"})
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     if process.returncode == 0 and result_file.is_file():
         return json.loads(result_file.read_text()), None
     lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]

@@ -17,9 +17,10 @@ the dtype its CPU build serves in: 4.6 in bf16 only) is the family's `VllmInputs
 Scored on the reference's inputs like every runner:
 
 - the prompt vLLM gets is the reference's token ids with each image's placeholder folded back to the
-  family's marker (`(<image>./</image>)`, 4.6: `<|image_pad|>`), plus the sample's images: vLLM's multimodal processor expands the markers and
-  preprocesses the images with mcq's image processor (the plugin's), so its pixels and placeholders are the
-  reference's; every prompt vLLM built is checked token for token against the reference's;
+  family's marker (`(<image>./</image>)`, 4.6: `<|image_pad|>`), plus the sample's images: vLLM's multimodal
+  processor expands the markers and preprocesses the images with mcq's image processor (the plugin's), so its
+  pixels and placeholders are the reference's; every prompt vLLM built is checked token for token against the
+  reference's;
 - teacher-forced distributions come from `prompt_logprobs` (the distribution at every prompt position) and the
   first sampled token's `logprobs` (the last position), log-probabilities straight from vLLM's logits. vLLM
   returns the top `MAX_LOGPROBS` tokens per position: a vocabulary that fits (the tiny models' 1,129) gives the
