@@ -18,11 +18,8 @@ from typing import Any
 import torch
 
 from mcq.errors import McqError
-from mcq.models.loading import check_layout, meta_skeleton, open_checkpoint, resampler_spec, stored_tensors
+from mcq.models.loading import PACKED_LINEAR_SUFFIXES, check_layout, meta_skeleton, open_checkpoint, resampler_spec, stored_tensors
 from mcq.models.weights import CheckpointReader
-
-# Suffixes of the tensors compressed-tensors stores for one quantized Linear (`<module>.<suffix>`).
-_PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,7 @@ class ExportWeights:
 
     def _packed(self, module: str) -> dict[str, torch.Tensor]:
         names = set(self.reader.stored_names)
-        return {suffix: self.reader.read_stored(f"{module}.{suffix}") for suffix in _PACKED_SUFFIXES
+        return {suffix: self.reader.read_stored(f"{module}.{suffix}") for suffix in PACKED_LINEAR_SUFFIXES
                 if f"{module}.{suffix}" in names}
 
     def close(self) -> None:

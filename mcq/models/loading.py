@@ -170,10 +170,13 @@ def meta_skeleton(config) -> torch.nn.Module:
         return family_for(config.model_type).model_class(config)
 
 
+# Tensors compressed-tensors' pack-quantized format stores for one Linear (`<module>.<suffix>`) in place of `weight`.
+PACKED_LINEAR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
 # Tensors a quantized Linear stores in place of (or beside) its `weight`, per on-disk format.
 QUANTIZED_WEIGHT_SUFFIXES = (
-    # compressed-tensors pack-quantized / int-quantized
-    "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale",
+    # compressed-tensors pack-quantized / int-quantized (and the global scale of its fp4 schemes)
+    *PACKED_LINEAR_SUFFIXES, "weight_global_scale",
     # bitsandbytes 4-bit (quant state beside a packed `weight`) and LLM.int8
     "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
     "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4", "SCB", "weight_format",

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .loading import PACKED_LINEAR_SUFFIXES, meta_skeleton
+
 # Output rows of a Linear computed per block: 256 rows of a 4096-wide float32 weight are 4 MiB, which stay in cache
 # between the cast and the product.
 ROW_BLOCK = 256
@@ -102,7 +104,6 @@ class MappedEmbedding(nn.Module):
 def load_mapped(path: Path, config, dtype: torch.dtype):
     """The MiniCPMV of checkpoint `path` (checked by the caller) with its Linears and tables mapped, computing in
     `dtype` on CPU."""
-    from .loading import meta_skeleton
     from .weights import CheckpointReader, shell_model
 
     model = shell_model(config)
@@ -174,8 +175,7 @@ def _packed_linear(reader, module: str, scheme, stored: set[str], bias: torch.Te
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-    packed = {suffix: reader.read_stored(f"{module}.{suffix}") for suffix in suffixes
+    packed = {suffix: reader.read_stored(f"{module}.{suffix}") for suffix in PACKED_LINEAR_SUFFIXES
               if f"{module}.{suffix}" in stored}
     out_features, in_features = shape = tuple(packed["weight_shape"].tolist())
     scale = packed["weight_scale"]

@@ -25,13 +25,11 @@ from torch import nn
 from mcq.errors import McqError
 from mcq.models.family import component_of, pad_intermediate
 from mcq.models.familyspec import Family
+from mcq.models.loading import PACKED_LINEAR_SUFFIXES
 
 from .awq import Pair, SearchSettings, SkippedPair, resolve_pairs, search_block, token_mixing
 from .recipe import LayerScheme, QuantPlan
 from .sequential import Call
-
-# compressed-tensors parameter names of a packed Linear (the weight they replace is `weight`).
-PACKED_PARAMS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
 def _quiet_llmcompressor() -> None:
@@ -269,7 +267,7 @@ class LlmCompressorBlockQuantizer:
             if getattr(module, "quantization_scheme", None) is None:
                 continue
             compress_module(module, "pack-quantized")
-            for param in PACKED_PARAMS:
+            for param in PACKED_LINEAR_SUFFIXES:
                 value = getattr(module, param, None)
                 if isinstance(value, torch.Tensor):
                     if param == "weight_scale":
