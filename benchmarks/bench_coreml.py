@@ -43,7 +43,7 @@ def vision_cosine(model_dir: Path, export: Path) -> float:
     from transformers import AutoModel
 
     import mcq  # noqa: F401
-    from mcq.export.coreml.runtime import CoremlMiniCPMV
+    from mcq.validate.coreml.runtime import CoremlMiniCPMV
 
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     pixels = torch.randn(3, 14, 14 * 32 * 32, generator=torch.Generator().manual_seed(0))

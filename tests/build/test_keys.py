@@ -22,13 +22,15 @@ ENTRY_POINTS = {
 NOT_FOLLOWED = {
     "quantize": {("mcq.quantize.api", "mcq.calibration"): "the build passes the encoded calibration set"},
     "gguf": {("mcq.export.gguf.api", "mcq.calibration"): "the build passes the importance matrix as a file"},
-    "validation": {(f"mcq.validate.runners.{runner}", target): "a runtime lives with its exporter, keyed with the "
+    "validation": {(f"mcq.validate.{runner}", target): "a runtime lives with its exporter, keyed with the "
                    "variant it wrote" for runner, target in [
-                       ("coreml_runner", "mcq.export.coreml.api"), ("coreml_runner", "mcq.export.coreml.runtime"),
-                       ("gguf_runner", "mcq.export.gguf.writer"),
-                       ("onnx_runner", "mcq.export.onnx"), ("onnx_runner", "mcq.export.onnx.builder"),
-                       ("onnx_runner", "mcq.export.onnx.runtime"),
-                       ("onnx_runner", "mcq.export.onnx.program_runtime")]},
+                       ("runners.coreml_runner", "mcq.export.coreml.api"), ("coreml.runtime", "mcq.export.coreml.api"),
+                       ("coreml.runtime", "mcq.export.coreml.host"), ("coreml.runtime", "mcq.export.coreml.program"),
+                       ("coreml.interpreter", "mcq.export.coreml.program"),
+                       ("runners.gguf_runner", "mcq.export.gguf.writer"),
+                       ("runners.onnx_runner", "mcq.export.onnx"), ("runners.onnx_runner", "mcq.export.onnx.builder"),
+                       ("runners.onnx_runner", "mcq.export.onnx.runtime"),
+                       ("runners.onnx_runner", "mcq.export.onnx.program_runtime")]},
 }
 # Modules that cannot change what a step makes: the package root (the version is keyed on its own) and the
 # exception class.

@@ -17,8 +17,8 @@ from mcq.errors import McqError
 from mcq.export.coreml import api
 from mcq.export.coreml.convert import MAX_PATCHES, kmeans_palette
 from mcq.export.coreml.host import vision_inputs
-from mcq.export.coreml.interpreter import (Interpreter, Operation, Program, check_supported, load_program,
-                                           materialized)
+from mcq.export.coreml.program import Operation, Program, load_program, materialized
+from mcq.validate.coreml.interpreter import Interpreter, check_supported
 
 MODEL = "tiny:4.5"
 # Slices of the test: one with much padding (600 patches), one of the processor's slices past 32 x 32 patches (37 x 28
@@ -206,7 +206,7 @@ def test_video_groups_agree_with_torch(exports, video):
     torch 3D resampler's block: measured on the fp16 packages, max |diff| 2.7e-3 (max |x| 3.2), cosine 0.9999998.
     Dropping the temporal term moves torch's blocks by 0.062 (20x that), and without the grouping there is a block
     per frame, so either loss fails here."""
-    from mcq.export.coreml.runtime import CoremlMiniCPMV
+    from mcq.validate.coreml.runtime import CoremlMiniCPMV
 
     (slices, sizes, groups), expected, broken = video
     out = exports("fp16", "iOS17")
@@ -532,6 +532,15 @@ def test_llm_package_structure(llm_exports, weights):
                                               for name in ("key_cache", "value_cache")}}]
 
 
+
+@pytest.mark.parametrize("llm", ["int8", "palettize4"])
+def test_llm_compressions_run_in_the_interpreter(llm_exports, llm_reference, weights, llm):
+    """Every LLM compression's packages hold only ops the interpreter knows (Linux validation runs them there) and
+    compute the decoder: close to the float model, as close as their rounding allows."""
+    embeds, expected = llm_reference
+    got = _run_calls(InterpretedLlm(llm_exports(llm)), embeds, weights.config)
+    assert cosine(got, expected) > (0.999 if llm == "int8" else 0.95)     # measured 0.99985, 0.972
+
 def test_llm_fp16_package_agrees_with_torch_across_calls(llm_exports, llm_reference, weights):
     embeds, expected = llm_reference
     interpreter = InterpretedLlm(llm_exports("fp16"))
@@ -544,7 +553,7 @@ def test_llm_fp16_package_agrees_with_torch_across_calls(llm_exports, llm_refere
     alone = interpreter.predict(_llm_feeds(embeds, 4, 3, weights.config))["logits"].astype(np.float32)
     assert cosine(alone, expected[:, 4:7]) < 0.999
     if sys.platform == "darwin":
-        from mcq.export.coreml.runtime import CoremlMiniCPMV
+        from mcq.validate.coreml.runtime import CoremlMiniCPMV
 
         model = CoremlMiniCPMV(llm_exports("fp16"), native=True)
         native = np.concatenate([model.decode(embeds[0, past: past + length], past) for past, length in CALLS])
@@ -587,7 +596,7 @@ def test_llm_in_chunk_packages_computes_what_one_package_computes(llm_exports, l
 
 
 def test_an_export_of_the_single_llm_package_layout_is_refused(llm_exports, tmp_path):
-    from mcq.export.coreml.runtime import read_sidecar
+    from mcq.validate.coreml.runtime import read_sidecar
 
     out = tmp_path / "old"
     shutil.copytree(llm_exports("fp16"), out)
@@ -682,14 +691,14 @@ def test_llm_int4_package_is_within_5_percent_of_the_physical_minimum(wide_model
 
 def test_physical_minimum_reads_no_weight(llm_exports, monkeypatch):
     """Sizing an 8B package must not decompress (or even read) its weights: every read fails here."""
-    from mcq.export.coreml import interpreter
+    from mcq.export.coreml import program as stored_program
 
     program = load_program(llm_exports("int4-block32") / api.decoder_package(0))
 
     def no_reads(*args, **kwargs):
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr(interpreter._BlobFiles, "read", no_reads)
+    monkeypatch.setattr(stored_program._BlobFiles, "read", no_reads)
     minimum = api.physical_minimum(program, "int4-block32")
     blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]
     weights = sum(op.inputs["data"][0][1].size for op in blockwise)
@@ -858,7 +867,7 @@ def test_other_versions_packages_agree_with_torch(tmp_path, version):
     import mcq  # noqa: F401
     from mcq.export.coreml.convert import rope_theta
     from mcq.export.coreml.host import causal_mask, rotary_inputs
-    from mcq.export.coreml.runtime import CoremlMiniCPMV
+    from mcq.validate.coreml.runtime import CoremlMiniCPMV
     from mcq.models.loading import model_spec
 
     path, config, _ = model_spec(f"tiny:{version}")

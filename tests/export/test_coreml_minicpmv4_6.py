@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from mcq.cli import main
 from mcq.export.coreml import export_coreml
-from mcq.export.coreml.runtime import CoremlProgramModel, open_coreml
+from mcq.validate.coreml.runtime import CoremlProgramModel, open_coreml
 from mcq.models.loading import resolve_model_path
 from mcq.validate.runners.base import config_identity
 from mcq.validate.runners.coreml_runner import CoremlRunner

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mcq.errors import McqError
 from mcq.export.coreml import api
-from mcq.export.coreml.runtime import native_available
+from mcq.validate.coreml.runtime import native_available
 from mcq.validate.runners import detect_format
 from mcq.validate.runners.coreml_runner import CoremlRunner
 

@@ -1,5 +1,5 @@
-"""Core ML export (`mcq export --format coreml`): vision package for the Neural Engine, stateful LLM package, and a
-numpy reference interpreter that checks saved packages on Linux."""
+"""Core ML export (`mcq export --format coreml`): vision package for the Neural Engine, stateful LLM packages (run
+and checked by `mcq.validate.coreml`)."""
 
 from .api import CoremlExportResult, export_coreml
 

@@ -20,9 +20,9 @@ one position per call; the sidecar says which (`family`).
 
 The LLM is converted a chunk of layers at a time (`convert.decoder_chunks`: ≤ 1 GiB of fp16 weights each), each
 chunk saved before the next is traced, as Apple's own conversions of large models split them into packages, so
-the export's memory does not grow with depth. Every package is checked before the output is moved into place: its
-ops must all be ones the reference interpreter knows (`interpreter.check_supported`), so every export stays
-verifiable on Linux. The output is staged; a failure leaves nothing behind.
+the export's memory does not grow with depth. Every package is read back once saved (`program.load_program`: a
+truncated package is refused there) for the op list and the weight sizes the result reports. The output is staged;
+a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -244,11 +244,10 @@ def _save(model, staged: Path, final: Path, compression: str):
     from mcq.outputs import directory_bytes
 
     from .convert import save_package
-    from .interpreter import check_supported, load_program
+    from .program import load_program
 
     save_package(model, staged)
     program = load_program(staged)
-    check_supported(program)
     weight_file = staged / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     minimum = physical_minimum(program, compression)
     return CoremlPackage(path=str(final), compression=compression, bytes=directory_bytes(staged),
@@ -263,7 +262,7 @@ def physical_minimum(program, compression: str) -> int | None:
     Counted from the shapes the program declares, reading no weight (an 8B model's would be ~16 GB at fp16)."""
     if compression != "int4-block32":
         return None
-    from .interpreter import StoredTensor
+    from .program import StoredTensor
 
     constants = {op.outputs[0][0]: op.attributes["val"] for op in program.operations if op.type == "const"}
     blockwise = [op for op in program.operations if op.type == "constexpr_blockwise_shift_scale"]

@@ -20,9 +20,10 @@ import torch
 
 from mcq.errors import McqError
 
-from ..program_host import padded_blocks, write_image_features
-from .api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
-from .host import causal_mask, rotary_inputs, vision_inputs
+from mcq.export.coreml.api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
+from mcq.export.coreml.host import causal_mask, rotary_inputs, vision_inputs
+from mcq.export.coreml.program import load_program
+from mcq.export.program_host import padded_blocks, write_image_features
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
 # MIL const names of the vision packages that belong to the SigLIP tower (coremltools names a weight after its
@@ -65,8 +66,6 @@ def component_bytes(path: str | Path) -> dict[str, int]:
     """Bytes of stored weights per model component: the vision packages' by the sidecar's components (the resampler
     family's: tower and resampler), the embed and LLM packages together as the LLM. Read from the programs'
     declared blobs; no weight is read."""
-    from .interpreter import load_program
-
     root = Path(path)
     sidecar = read_sidecar(root)
     # A traced vision package names each weight's component (longest prefix); the resampler family's has two.
@@ -107,7 +106,7 @@ class _Package:
     state (the LLM's KV cache)."""
 
     def __init__(self, path: Path, native: bool):
-        from .interpreter import Interpreter, load_program
+        from .interpreter import Interpreter
 
         if not path.is_dir():
             raise McqError(f"{path} is missing")

@@ -1,4 +1,4 @@
-"""Core ML exports (`mcq export --format coreml`) through `mcq.export.coreml.runtime.CoremlMiniCPMV`: on macOS 15+
+"""Core ML exports (`mcq export --format coreml`) through `mcq.validate.coreml.runtime.CoremlMiniCPMV`: on macOS 15+
 Core ML itself (coremltools' predict, compute units chosen by Core ML), elsewhere mcq's numpy interpreter of the
 saved packages, which rounds to fp16 after every op as the device does. So on Linux the accuracy scores are the
 packages' own (their weights, their fp16 program) while the memory and latency are the interpreter's, not a
@@ -31,7 +31,7 @@ class CoremlRunner(Runner):
 
     @classmethod
     def detect(cls, path: str | Path) -> str | None:
-        from mcq.export.coreml.runtime import read_sidecar
+        from mcq.validate.coreml.runtime import read_sidecar
 
         if str(path).startswith("tiny:") or not Path(path).is_dir():
             return None
@@ -45,7 +45,7 @@ class CoremlRunner(Runner):
         import platform
         from importlib.metadata import version
 
-        from mcq.export.coreml.runtime import native_available
+        from mcq.validate.coreml.runtime import native_available
 
         if native_available():
             return f"Core ML (coremltools {version('coremltools')} predict, macOS {platform.mac_ver()[0]})"
@@ -53,7 +53,7 @@ class CoremlRunner(Runner):
 
     @classmethod
     def describe(cls, path: str | Path) -> dict[str, Any]:
-        from mcq.export.coreml.runtime import read_sidecar
+        from mcq.validate.coreml.runtime import read_sidecar
         from mcq.models.family import family_for
 
         sidecar = read_sidecar(path)
@@ -75,7 +75,7 @@ class CoremlRunner(Runner):
 
     @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
-        from mcq.export.coreml.runtime import component_bytes
+        from mcq.validate.coreml.runtime import component_bytes
 
         return component_bytes(path)
 
@@ -84,7 +84,7 @@ class CoremlRunner(Runner):
         """The packages run one after the other and each call reads its package's weights (the interpreter keeps
         only small constants): the largest package decompressed to fp16 and computed in float32, the caches of every
         decoder package, and the logits."""
-        from mcq.export.coreml.runtime import read_sidecar
+        from mcq.validate.coreml.runtime import read_sidecar
 
         sidecar = read_sidecar(path)
         if torch.device(device).type != "cpu" or sidecar is None or sidecar["llm"] is None:
@@ -98,7 +98,7 @@ class CoremlRunner(Runner):
         return MemoryPlan(6 * largest + cache + 3 * tokens * vocab * 4 + (1 << 30), "numpy MIL interpreter")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
-        from mcq.export.coreml.runtime import open_coreml
+        from mcq.validate.coreml.runtime import open_coreml
 
         if torch.device(device).type != "cpu":
             raise McqError(f"the Core ML runner takes --device cpu (Core ML picks its own compute units), not {device}")

@@ -1,0 +1,365 @@
+"""A small numpy interpreter of Core ML ML-programs, for checking saved `.mlpackage`s numerically on Linux.
+
+coremltools on Linux can convert and save but not predict (the Core ML framework is macOS only), so the tests
+would otherwise compare nothing past the torch wrapper. This runs a program exactly as saved (as
+`mcq.export.coreml.program.load_program` reads it: the protobuf and the weights file) op by op.
+
+It implements only the MIL ops mcq's exports contain, and refuses any other op by name before running anything,
+so a converter change that brings a new op shows up as a clear error instead of a silent skip. Arithmetic follows
+the declared types: a value typed fp16 is rounded to float16 after every op (the op itself is computed in
+float32, as the Neural Engine and GPU accumulate in wider precision than they store), so fp16 overflow and
+rounding show up here as they would on a device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from mcq.errors import McqError
+from mcq.export.coreml.program import Operation, Program, materialized
+
+# -- ops -------------------------------------------------------------------------------------------------------------
+
+def _fp(x: np.ndarray) -> np.ndarray:
+    """Float values widened for computation (fp16 inputs are computed in float32)."""
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+def _axes(axes, rank: int) -> tuple[int, ...]:
+    return tuple(int(a) % rank for a in np.atleast_1d(axes))
+
+
+def _linear(x, weight, bias=None):
+    out = _fp(x) @ _fp(weight).T
+    return out + _fp(bias) if bias is not None else out
+
+
+def _matmul(x, y, transpose_x=False, transpose_y=False):
+    x, y = _fp(x), _fp(y)
+    if transpose_x:
+        x = np.swapaxes(x, -1, -2)
+    if transpose_y:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
+    x = _fp(x)
+    axes = _axes(axes, x.ndim)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(var + float(epsilon))
+    if gamma is not None:
+        out = out * _fp(gamma)
+    if beta is not None:
+        out = out + _fp(beta)
+    return out
+
+
+def _softmax(x, axis=-1):
+    x = _fp(x)
+    shifted = x - x.max(axis=int(axis), keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=int(axis), keepdims=True)
+
+
+def _gelu(x, mode="EXACT"):
+    x = _fp(x)
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1.0 + np.exp(-1.702 * x))
+    from math import erf
+
+    return 0.5 * x * (1.0 + np.vectorize(erf)(x / math.sqrt(2.0)))
+
+
+def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    if int(batch_dims) != 0:
+        raise McqError("interpreter: gather with batch_dims is not implemented")
+    indices = np.asarray(indices).astype(np.int64)
+    axis = int(axis) % x.ndim
+    indices = np.where(indices < 0, indices + x.shape[axis], indices)
+    return np.take(x, indices, axis=axis)
+
+
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    slices = []
+    for axis in range(x.ndim):
+        start = None if begin_mask is not None and begin_mask[axis] else int(begin[axis])
+        stop = None if end_mask is not None and end_mask[axis] else int(end[axis])
+        step = 1 if stride is None else int(stride[axis])
+        if squeeze_mask is not None and squeeze_mask[axis]:
+            slices.append(start if start is not None else 0)
+            continue
+        slices.append(slice(start, stop, step))
+    return x[tuple(slices)]
+
+
+def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    out = np.array(x, copy=True)
+    slices = []
+    for axis in range(x.ndim):
+        start = None if begin_mask is not None and begin_mask[axis] else int(begin[axis])
+        stop = None if end_mask is not None and end_mask[axis] else int(end[axis])
+        step = 1 if stride is None else int(stride[axis])
+        slices.append(start if squeeze_mask is not None and squeeze_mask[axis] else slice(start, stop, step))
+    out[tuple(slices)] = update
+    return out
+
+
+def _reduce(fn):
+    def reduce(x, axes=None, keep_dims=False):
+        x = _fp(x)
+        return fn(x, axis=None if axes is None else _axes(axes, x.ndim), keepdims=bool(keep_dims))
+    return reduce
+
+
+def _tile(x, reps):
+    return np.tile(x, [int(r) for r in reps])
+
+
+def _affine_dequantize(quantized_data, zero_point, scale, axis):
+    """iOS16 per-channel (or per-tensor) linear dequantization: (q - zero_point) * scale along `axis`."""
+    shape = [1] * quantized_data.ndim
+    axis = int(axis) % quantized_data.ndim
+    zero = np.asarray(zero_point).astype(np.float32)
+    scales = np.asarray(scale).astype(np.float32)
+    if zero.ndim == 1:
+        shape[axis] = zero.shape[0]
+        zero = zero.reshape(shape)
+    if scales.ndim == 1:
+        shape[axis] = scales.shape[0]
+        scales = scales.reshape(shape)
+    return (quantized_data.astype(np.float32) - zero) * scales
+
+
+def _expand_blocks(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Repeat a per-block tensor (same rank as the weight, each dim dividing it) up to the weight's shape."""
+    for axis, (have, want) in enumerate(zip(values.shape, shape)):
+        if have != want:
+            values = np.repeat(values, want // have, axis=axis)
+    return values
+
+
+def _blockwise_shift_scale(data, scale, offset=None):
+    """iOS18 blockwise dequantization: (data - offset) * scale, each scale covering one block of the weight."""
+    values = data.astype(np.float32)
+    if offset is not None:
+        values = values - _expand_blocks(np.asarray(offset).astype(np.float32), data.shape)
+    return values * _expand_blocks(np.asarray(scale).astype(np.float32), data.shape)
+
+
+def _lut_to_dense(indices, lut, shape=None, vector_axis=None):
+    """Palettized weights. iOS16 form: flat `lut` [2^n] with bit-packed `indices` and `shape`. iOS18 form:
+    `indices` [shape] and `lut` [blocks per dim..., 2^n, 1] (one table per block)."""
+    if shape is not None:   # iOS16: indices come as the packed uint8 byte stream
+        shape = [int(s) for s in shape]
+        count, bits = int(np.prod(shape)), int(round(math.log2(lut.shape[0])))
+        unpacked = np.unpackbits(np.asarray(indices, dtype=np.uint8), bitorder="little")
+        levels = unpacked[: count * bits].reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
+        return _fp(lut)[levels].reshape(shape)
+    if vector_axis is not None or lut.shape[-1] != 1:
+        raise McqError("interpreter: vector palettization (cluster_dim > 1) is not implemented")
+    indices = np.asarray(indices).astype(np.int64)
+    tables = _fp(lut)[..., 0]                        # [blocks..., 2^n]
+    out = np.empty(indices.shape, dtype=np.float32)
+    block = [s // b for s, b in zip(indices.shape, tables.shape[:-1])]
+    for table_index in np.ndindex(*tables.shape[:-1]):
+        region = tuple(slice(i * b, (i + 1) * b) for i, b in zip(table_index, block))
+        out[region] = tables[table_index][indices[region]]
+    return out
+
+
+def _cast(x, dtype):
+    return np.asarray(x).astype({"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int16": np.int16,
+                                 "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "bool": np.bool_}[dtype])
+
+
+def _concat(values, axis, interleave=False):
+    if interleave:
+        raise McqError("interpreter: concat with interleave is not implemented")
+    # Shape arithmetic concatenates scalars (rank 0) into index vectors.
+    return np.concatenate([np.atleast_1d(_fp(np.asarray(v))) for v in values], axis=int(axis))
+
+
+def _rsqrt(x, epsilon=1e-12):
+    return 1.0 / np.sqrt(_fp(x) + float(epsilon))
+
+
+def _select(cond, a, b):
+    return np.where(cond, _fp(np.asarray(a)), _fp(np.asarray(b)))
+
+
+def _silu(x):
+    x = _fp(x)
+    return x / (1.0 + np.exp(-x))
+
+
+def _fill_like(ref_tensor, value=0.0):
+    return np.full(np.asarray(ref_tensor).shape, value)
+
+
+def _range_1d(start, end, step):
+    return np.arange(start, end, step)
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "add": lambda x, y: _fp(np.asarray(x)) + _fp(np.asarray(y)),
+    "sub": lambda x, y: _fp(np.asarray(x)) - _fp(np.asarray(y)),
+    "mul": lambda x, y: _fp(np.asarray(x)) * _fp(np.asarray(y)),
+    "real_div": lambda x, y: _fp(np.asarray(x)) / _fp(np.asarray(y)),
+    "pow": lambda x, y: _fp(np.asarray(x)) ** _fp(np.asarray(y)),
+    "maximum": lambda x, y: np.maximum(_fp(np.asarray(x)), _fp(np.asarray(y))),
+    "minimum": lambda x, y: np.minimum(_fp(np.asarray(x)), _fp(np.asarray(y))),
+    "equal": lambda x, y: np.equal(x, y),
+    "greater_equal": lambda x, y: np.greater_equal(x, y),
+    "less": lambda x, y: np.less(x, y),
+    "select": _select,
+    "linear": _linear,
+    "matmul": _matmul,
+    "layer_norm": _layer_norm,
+    "softmax": _softmax,
+    "gelu": _gelu,
+    "silu": _silu,
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-_fp(x))),
+    "softplus": lambda x: np.logaddexp(0.0, _fp(x)),
+    "tanh": lambda x: np.tanh(_fp(x)),
+    "exp": lambda x: np.exp(_fp(x)),
+    "sqrt": lambda x: np.sqrt(_fp(x)),
+    "rsqrt": _rsqrt,
+    "square": lambda x: _fp(x) ** 2,
+    "neg": lambda x: -_fp(x),
+    "abs": lambda x: np.abs(_fp(x)),
+    "inverse": lambda x, epsilon=1e-4: 1.0 / (_fp(x) + float(epsilon)),
+    "reduce_mean": _reduce(np.mean),
+    "reduce_sum": _reduce(np.sum),
+    "reduce_max": _reduce(np.max),
+    "cast": _cast,
+    "reshape": lambda x, shape: np.reshape(x, [int(s) for s in shape]),
+    "transpose": lambda x, perm: np.transpose(x, [int(p) for p in perm]),
+    "expand_dims": lambda x, axes: np.expand_dims(x, _axes(axes, np.ndim(x) + len(np.atleast_1d(axes)))),
+    "squeeze": lambda x, axes=None: np.squeeze(x, axis=None if axes is None else _axes(axes, np.ndim(x))),
+    "tile": _tile,
+    "concat": _concat,
+    "split": lambda x, axis, split_sizes=None, num_splits=None: np.split(
+        x, np.cumsum([int(s) for s in split_sizes])[:-1] if split_sizes is not None else int(num_splits), int(axis)),
+    "gather": _gather,
+    "slice_by_index": _slice_by_index,
+    "slice_by_size": lambda x, begin, size: x[tuple(slice(int(b), None if int(s) == -1 else int(b) + int(s))
+                                                    for b, s in zip(begin, size))],
+    "slice_update": _slice_update,
+    "shape": lambda x: np.asarray(np.shape(x), dtype=np.int32),
+    "fill_like": _fill_like,
+    "range_1d": _range_1d,
+    "identity": lambda x: x,
+    "constexpr_affine_dequantize": _affine_dequantize,
+    "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
+    "constexpr_lut_to_dense": _lut_to_dense,
+}
+
+_STATE_OPS = {"read_state", "coreml_update_state", "write_state"}
+_STORAGE = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32, "INT16": np.int16, "INT8": np.int8,
+            "UINT8": np.uint8, "UINT16": np.uint16, "BOOL": np.bool_, "INT64": np.int64}
+
+
+def check_supported(program: Program) -> None:
+    """Raise naming the first op type the interpreter lacks (before anything runs)."""
+    unknown = sorted(program.op_types() - set(OPS) - _STATE_OPS - {"const"})
+    if unknown:
+        raise McqError(f"{program.path.name}: the Core ML reference interpreter has no implementation of op "
+                       f"{', '.join(repr(op) for op in unknown)}")
+
+
+# Constants (and decompressed weights) up to this size are kept between calls; larger ones are read from the
+# weights file again by each call, so running a package holds its weights once, during the call, and running an
+# LLM's packages one after the other never holds the whole model.
+CACHED_CONSTANT_BYTES = 1 << 20
+
+
+class Interpreter:
+    """Runs a Program on numpy inputs; `state` holds the program's states between calls (a stateful LLM's cache)."""
+
+    def __init__(self, program: Program):
+        check_supported(program)
+        self.program = program
+        self.state = {name: np.zeros(shape, dtype=_STORAGE[dtype]) for name, (dtype, shape) in program.states.items()}
+        self._constants: dict[str, Any] = {}
+
+    def reset_state(self) -> None:
+        for value in self.state.values():
+            value[...] = 0
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        env: dict[str, Any] = {}
+        for name, (dtype, shape) in self.program.inputs.items():
+            if name not in inputs:
+                raise McqError(f"{self.program.path.name}: input {name!r} is missing")
+            value = np.asarray(inputs[name]).astype(_STORAGE[dtype])
+            if len(value.shape) != len(shape) or any(d is not None and d != s for d, s in zip(shape, value.shape)):
+                raise McqError(f"{self.program.path.name}: input {name!r} has shape {list(value.shape)}, the "
+                               f"program declares {shape}")
+            env[name] = value
+        for name in self.state:
+            env[name] = ("state", name)
+        for op in self.program.operations:
+            self._run(op, env)
+        return {name: np.asarray(env[name]) for name in self.program.outputs}
+
+    def _argument(self, bound: list[Any], env: dict[str, Any]) -> Any:
+        values = [env[ref] if kind == "var" else materialized(ref) for kind, ref in bound]
+        return values[0] if len(values) == 1 else values
+
+    def _run(self, op: Operation, env: dict[str, Any]) -> None:
+        if op.type == "const":
+            name = op.outputs[0][0]
+            value = self._constants[name] if name in self._constants else materialized(op.attributes["val"])
+            self._keep(name, value)
+            env[name] = value
+            return
+        kwargs = {key: self._argument(bound, env) for key, bound in op.inputs.items()}
+        if op.type == "read_state":
+            result = np.array(self.state[kwargs["input"][1]], copy=True)
+        elif op.type in ("coreml_update_state", "write_state"):
+            # coreml_update_state(state, value) returns the new value; write_state(input, data) returns nothing.
+            state_name = (kwargs.get("state") or kwargs["input"])[1]
+            value = kwargs["value"] if "value" in kwargs else kwargs["data"]
+            self.state[state_name][...] = np.asarray(value).astype(self.state[state_name].dtype)
+            result = self.state[state_name].copy()
+        else:
+            if op.type.startswith("constexpr_") and op.outputs[0][0] in self._constants:
+                env[op.outputs[0][0]] = self._constants[op.outputs[0][0]]
+                return
+            kwargs.update({key: materialized(value) for key, value in op.attributes.items() if key not in kwargs})
+            try:
+                result = OPS[op.type](**kwargs)
+            except TypeError as err:
+                raise McqError(f"interpreter: op {op.type!r} ({op.name}) has parameters it does not handle: "
+                               f"{err}") from None
+            except (ValueError, IndexError) as err:
+                raise McqError(f"interpreter: op {op.type!r} ({op.name}) failed on its inputs: {err}") from None
+        results = result if isinstance(result, (list, tuple)) and len(op.outputs) > 1 else [result]
+        for (name, dtype), value in zip(op.outputs, results):
+            if dtype in _STORAGE:
+                value = np.asarray(value).astype(_STORAGE[dtype])
+            env[name] = value
+            if op.type.startswith("constexpr_"):
+                self._keep(name, value)
+
+    def _keep(self, name: str, value: Any) -> None:
+        if getattr(value, "nbytes", 0) <= CACHED_CONSTANT_BYTES:
+            self._constants[name] = value
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every weight as the program uses it: constexpr ops decompressed, by output name (for weight checks)."""
+        env: dict[str, Any] = {}
+        out = {}
+        for op in self.program.operations:
+            if op.type == "const" or op.type.startswith("constexpr_"):
+                self._run(op, env)
+                if op.type.startswith("constexpr_") or isinstance(env[op.outputs[0][0]], np.ndarray):
+                    out[op.outputs[0][0]] = env[op.outputs[0][0]]
+        return out
