@@ -197,6 +197,16 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
+class VisualInput:
+    """One kind of visual input of an encoded sample (images, video frames): the keys of its pixels and of its
+    blocks' sizes, and the config attribute naming the token its features replace in the text."""
+
+    pixels: str
+    sizes: str
+    token: str
+
+
+@dataclass(frozen=True)
 class Programs:
     """A family's runtime-neutral torch programs (vision image → LLM tokens, token embeddings, decoder step with
     explicit state), which exporters trace instead of writing graphs of their own, and what a host running them
@@ -218,6 +228,12 @@ class Programs:
     head: Callable[[Any], nn.Module]
     # The checkpoint name prefix of decoder layer i is f"{decoder_layers}{i}." (exporters size packages by it).
     decoder_layers: str
+    # The visual inputs an encoded sample may hold, in the order their blocks come in a sample's vision output;
+    # each goes through the vision program alike.
+    visuals: tuple[VisualInput, ...]
+    # (a directory with the checkpoint's tokenizer and processor files, ChatRequest) → the model inputs of that
+    # question, as the family's `chat` builds them (`mcq chat` on an export of the programs).
+    chat_inputs: Callable[[Path, ChatRequest], dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,10 @@ def samples_46() -> list[dict]:
     text_only = next(d for d in data if "pixel_values" not in d and "pixel_values_videos" not in d)
     sliced = next(d for d in data if "pixel_values" in d and len(set(map(tuple, d["target_sizes"].tolist()))) > 1)
     return [text_only, sliced]
+
+
+@pytest.fixture(scope="module")
+def video_46() -> dict:
+    """The held-out video sample of tiny:4.6, encoded: 7 frames of one slice each, at the video tokens."""
+    (item,) = encode_items(open_encoder("tiny:4.6"), [s for s in eval_samples(None, 8, 0) if s.is_video], 1)
+    return item.scored

@@ -14,8 +14,8 @@ from transformers import AutoConfig
 
 from mcq.cli import main
 from mcq.export.coreml import export_coreml
-from mcq.validate.coreml.runtime import CoremlProgramModel, open_coreml
 from mcq.models.loading import resolve_model_path
+from mcq.validate.coreml.runtime import CoremlProgramModel, open_coreml
 from mcq.validate.runners.base import config_identity
 from mcq.validate.runners.coreml_runner import CoremlRunner
 
@@ -52,6 +52,21 @@ def test_fp16_packages_match_transformers_on_text_and_image_samples(fp16, served
             assert blocks.shape == expected.shape
             assert np.abs(blocks - expected).max() < 1e-2 * np.abs(expected).max()
 
+
+
+def test_fp16_packages_match_transformers_on_a_video_sample(fp16, served_46, video_46):
+    """A video's frames through the vision package as images, their tokens at the video tokens: transformers'
+    blocks and logits (KL < 1e-5), so the Core ML runner scores video samples too."""
+    model = open_coreml(fp16)
+    with torch.no_grad():
+        inputs = served_46.inputs(video_46)
+        expected_blocks, expected = served_46.vision(inputs).numpy(), served_46.logits(inputs)
+    blocks = model.sample_vision(video_46)
+    assert blocks.shape == expected_blocks.shape and len(blocks) == len(video_46["target_sizes_videos"])
+    assert np.abs(blocks - expected_blocks).max() < 1e-2 * np.abs(expected_blocks).max()
+    logits = torch.from_numpy(model.forward(model.sample_embeddings(video_46, None)))
+    assert _kl(logits, expected).mean().item() < 1e-5
+    assert CoremlRunner.unserved(video_46) is None
 
 def test_decoder_state_carries_every_layer_kind(fp16, samples_46):
     """Decoding the last position on the state the prefill left gives the logits of the whole sequence; emptying
@@ -93,4 +108,3 @@ def test_int4_from_rtn_carries_its_levels_and_runs_in_the_validator(tmp_path, se
         expected = served_46.logits(served_46.inputs(text))
     kl = _kl(runner.logits(text), expected).mean().item()
     assert 1e-5 < kl < 0.05
-    assert CoremlRunner.unserved({"pixel_values_videos": None}) is not None

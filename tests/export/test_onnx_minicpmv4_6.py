@@ -12,11 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mcq.cli import main
 from mcq.export.onnx import export_onnx
 from mcq.export.onnx.program_runtime import OnnxProgramModel
 from mcq.models.minicpmv4_6.serving import ServedMiniCPMV4_6
-from mcq.validate.evalset import encode_items, eval_samples, open_encoder
 
 REFERENCE = "tiny:4.6"
 # Steps decoded one token at a time through the state outputs, after a prefill of the rest of the sample.
@@ -134,12 +132,6 @@ def test_int4_writes_matmulnbits_and_stays_close(int4, samples, reference):
     assert 1e-5 < kl < 0.05
 
 
-def test_chat_refuses_a_traced_export_in_one_line(fp32, capsys):
-    assert main(["chat", "--model", str(fp32), "hello"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "mcq validate --variant" in err
-
-
 @pytest.mark.slow
 def test_int4_from_an_mcq_quantize_output_computes_its_dequantized_model(tmp_path, samples):
     """--from writes the output's own levels: with float activations (accuracy_level 0) the export computes what
@@ -197,12 +189,20 @@ def test_validate_scores_an_export_against_the_bf16_checkpoint(fp32):
     assert metrics["kl_mean"] < 1e-5 and metrics["vision_cosine"] > 0.9999 and metrics["gen_exact_match"] == 1.0
 
 
-def test_validation_leaves_46_video_out_saying_why():
-    """A 4.6 video sample is left out of ONNX validation, not scored without its frames; images are served."""
+def test_fp32_matches_transformers_on_a_video_sample(fp32, served, video_46):
+    """A video's frames go through the vision graph as images do and their tokens land at the video tokens: the
+    blocks and the logits are transformers' (which runs `get_video_features`), so validation scores video too."""
     from mcq.validate.runners.onnx_runner import OnnxRunner
 
-    video, image = (next(s for s in eval_samples(None, 8, 0) if s.is_video is wanted) for wanted in (True, False))
-    encoded = {item.sample.is_video: item.scored for item in encode_items(open_encoder(REFERENCE), [video, image], 1)}
-    assert OnnxRunner.unserved(encoded[True]) == ("video (MiniCPM-V 4.6's video frames are not fed to its ONNX "
-                                                  "export's vision graph yet)")
-    assert OnnxRunner.unserved(encoded[False]) is None
+    model = OnnxProgramModel(fp32)
+    with torch.no_grad():
+        inputs = served.inputs(video_46)
+        expected_blocks, expected = served.vision(inputs).numpy(), served.logits(inputs)
+    (blocks,) = model.vision_per_sample(video_46)
+    assert blocks.shape == expected_blocks.shape and len(blocks) == len(video_46["target_sizes_videos"])
+    assert np.abs(blocks - expected_blocks).max() < 1e-4
+    assert _kl(torch.from_numpy(model.forward(video_46)[0]), expected).mean().item() < 1e-5
+    # Another model's blocks go in at the same slots: the reference's give the reference's logits.
+    logits = model.forward(video_46, [expected_blocks])[0]
+    assert _kl(torch.from_numpy(logits), expected).mean().item() < 1e-5
+    assert OnnxRunner.unserved(video_46) is None

@@ -1,6 +1,6 @@
 """`mcq chat` on MiniCPM-V 4.6: the prompt is what transformers' `MiniCPMV4_6Processor` builds (for a video, what it
 built in tests/data/minicpmv4_6_video/reference.json), the answer is what transformers' own model generates from it
-(bf16 and a quantized output), and what 4.6 does not take is refused in one line."""
+(bf16, a quantized output, and an ONNX export on onnxruntime), and what 4.6 does not take is refused in one line."""
 
 from __future__ import annotations
 
@@ -180,6 +180,47 @@ def test_chat_answers_about_a_video_as_generate_on_its_inputs_and_follows_the_fr
     other = _chat(capsys, loud46, [], "--frames", str(_frames_folder(tmp_path / "other", (20, 21, 22)))).rstrip("\n")
     assert other != answer and _chat(capsys, loud46, []).rstrip("\n") != answer
 
+
+
+@pytest.fixture(scope="module")
+def onnx46(loud46, tmp_path_factory) -> Path:
+    from mcq.export.onnx import export_onnx
+
+    return export_onnx(str(loud46), tmp_path_factory.mktemp("onnx46") / "fp32").out
+
+
+def _generated_video(model, path, folder) -> str:
+    """transformers' greedy answer about the frames in `folder` (inputs as `--frames` builds them)."""
+    request = ChatRequest(model=str(path), question=QUESTION, images=(), frames=str(folder))
+    inputs = chat_inputs(CalibrationEncoder(path), request)
+    inputs = {key: value.to(model.dtype) if key == "pixel_values_videos" else value for key, value in inputs.items()}
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return images_processor(path).tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_on_an_onnx_export_answers_as_transformers_in_float32(loud46, onnx46, tmp_path, capsys):
+    """The fp32 ONNX export on onnxruntime: greedy answers about an image, another image and a video are transformers'
+    float32 `generate`'s, streamed or whole; sampling follows the seed."""
+    model = AutoModelForImageTextToText.from_pretrained(loud46, dtype=torch.float32).eval()
+    first, other = random_image(150, 100, seed=0), random_image(150, 100, seed=2)
+    one = _chat(capsys, onnx46, _saved([first], tmp_path / "a")).rstrip("\n")
+    assert one == _generated(model, loud46, [first])
+    changed = _chat(capsys, onnx46, _saved([other], tmp_path / "b")).rstrip("\n")
+    assert changed == _generated(model, loud46, [other]) and changed != one
+    assert _chat(capsys, onnx46, _saved([first], tmp_path / "a"), "--stream").rstrip("\n") == one
+    folder = _frames_folder(tmp_path / "clip", (10, 11, 12))
+    assert _chat(capsys, onnx46, [], "--frames", str(folder)).rstrip("\n") == _generated_video(model, loud46, folder)
+    sampled = [_chat(capsys, onnx46, [], "--sampling", "--seed", str(seed)) for seed in (1, 1)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("option,message", [(["--dtype", "bfloat16"], "computes in the precision it was exported"),
+                                            (["--packing", "2"], "packs no frames by temporal id")])
+def test_chat_on_an_onnx_export_refuses_what_does_not_apply_in_one_line(onnx46, option, message, capsys):
+    assert main(["chat", "--model", str(onnx46), *option, QUESTION]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
 
 def test_a_video_file_is_sampled_a_frame_a_second_or_at_fps(tiny46, tmp_path):
     """`--video`: one frame a second, as the video processor samples main frames (3 for 3 s), `--fps` another rate,

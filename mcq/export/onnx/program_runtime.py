@@ -1,15 +1,17 @@
 """Run an ONNX export traced from a family's torch programs (`mcq.models.familyspec.Programs`, e.g. MiniCPM-V 4.6)
-on plain onnxruntime, on the inputs of the family's `CalibrationEncoder` (what `mcq validate` scores).
+on plain onnxruntime, on the inputs of the family's `CalibrationEncoder` (what `mcq validate` scores) or of its
+chat (`mcq chat`).
 
-The host does what the graphs do not: the vision graph's index tables per image (`Programs.vision_inputs`, from
-the functions transformers' model calls), writing each image's tokens over its image-token slots of the text
-embeddings, and the generation loop, which threads the decoder's whole state (KV caches of the full-attention
+The host does what the graphs do not: the vision graph's index tables per image or video frame
+(`Programs.vision_inputs`, from the functions transformers' model calls), writing their tokens over their token
+slots of the text embeddings, and the generation loop, which threads the decoder's whole state (KV caches of the full-attention
 layers, conv and recurrent states of the linear-attention layers: `Programs.state`) from each call to the next.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import numpy as np
 
 from mcq.errors import McqError
 
-from ..program_host import padded_blocks, write_image_features
-from .runtime import open_sessions
+from ..program_host import has_visuals, sample_blocks, write_visual_features
+from .runtime import TokenChooser, open_sessions, stream_text
 
 
 class OnnxProgramModel:
@@ -47,12 +49,11 @@ class OnnxProgramModel:
 
     # -- vision -------------------------------------------------------------------------------------------------
     def vision_per_sample(self, data: dict[str, Any]) -> list[np.ndarray]:
-        """The sample's vision blocks, one per image, zero-padded to the longest: `[[images, tokens, hidden]]`."""
+        """The sample's vision blocks, one per image, then one per video frame, zero-padded to the longest:
+        `[[blocks, tokens, hidden]]`."""
         session = self.sessions["vision_encoder"]
-        blocks = [session.run(["image_features"], {name: np.asarray(value) for name, value in inputs.items()})[0]
-                  for inputs in self.programs.vision_inputs(self.config, data["pixel_values"].float(),
-                                                            data["target_sizes"])]
-        return [padded_blocks(blocks)]
+        return [sample_blocks(self.programs, self.config, data,
+                              lambda inputs: session.run(["image_features"], inputs)[0])]
 
     # -- text ---------------------------------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -60,14 +61,13 @@ class OnnxProgramModel:
                                                  {"input_ids": np.asarray(input_ids, dtype=np.int64)})[0]
 
     def merged_embeddings(self, data: dict[str, Any], vision: list[np.ndarray] | None = None) -> np.ndarray:
-        """Text embeddings `[1, length, hidden]` with each image's tokens at its image-token slots."""
+        """Text embeddings `[1, length, hidden]` with each image's and video frame's tokens at their slots."""
         ids = np.asarray(data["input_ids"], dtype=np.int64)
         embeds = self.embed(ids)
-        if "pixel_values" not in data:
+        if not has_visuals(self.programs, data):
             return embeds
         (blocks,) = self.vision_per_sample(data) if vision is None else vision
-        return write_image_features(embeds, ids, blocks, self.programs.image_tokens(self.config, data["target_sizes"]),
-                                    self.config.image_token_id)
+        return write_visual_features(self.programs, self.config, embeds, ids, blocks, data)
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The state before the first token: zeros, and KV caches with no past."""
@@ -93,15 +93,45 @@ class OnnxProgramModel:
     def generate(self, data: dict[str, Any], max_new_tokens: int, vision: list[np.ndarray] | None = None
                  ) -> list[list[int]]:
         """Greedy continuation, up to and including a terminator (one row: the sample's)."""
+        return [list(self.generate_tokens(data, max_new_tokens, TokenChooser({}, self.terminators, 0), vision))]
+
+    def generate_tokens(self, data: dict[str, Any], max_new_tokens: int, chooser: TokenChooser,
+                        vision: list[np.ndarray] | None = None) -> Iterator[int]:
+        """The new tokens one by one as `chooser` picks them, up to and including a terminator."""
         embeds = self.merged_embeddings(data, vision)
+        history = np.asarray(data["input_ids"], dtype=np.int64)
         past = embeds.shape[1]
         logits, cache = self.decoder(embeds, np.ones((1, past)), np.arange(past)[None], self.empty_cache(1))
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            tokens.append(token)
-            if token in self.terminators or len(tokens) == max_new_tokens:
-                break
+        for step in range(max_new_tokens):
+            token = int(chooser(logits[:, -1], history, step)[0])
+            yield token
+            if token in self.terminators or step + 1 == max_new_tokens:
+                return
+            history = np.concatenate([history, [[token]]], axis=1)
             logits, cache = self.decoder(self.embed([[token]]), np.ones((1, past + 1)), np.array([[past]]), cache)
             past += 1
-        return [tokens]
+
+
+def chat_on_programs(path: str | Path, request) -> str | Iterator[str]:
+    """`mcq chat` (a `mcq.models.familyspec.ChatRequest`) on a traced export: the family's chat inputs, from the
+    tokenizer and processor files the export carries, through `OnnxProgramModel`. Greedy, or with `--sampling` the
+    checkpoint's generation_config.json settings, as transformers' `generate` samples by default; the answer is
+    decoded with special tokens skipped, as the family's own chat decodes it."""
+    from transformers import GenerationConfig
+
+    model = OnnxProgramModel(path)
+    inputs = model.programs.chat_inputs(model.root, request)
+    settings = {}
+    if request.sampling:
+        config = GenerationConfig.from_pretrained(model.root)
+        settings = {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k,
+                    "top_p": config.top_p, "repetition_penalty": config.repetition_penalty}
+    tokens = model.generate_tokens(inputs, request.max_new_tokens,
+                                   TokenChooser({k: v for k, v in settings.items() if v is not None},
+                                                model.terminators, request.seed))
+
+    def decode(kept: list[int]) -> str:
+        return model.tokenizer.decode(kept, skip_special_tokens=True)
+
+    pieces = stream_text(tokens, model.terminators, decode)
+    return pieces if request.stream else "".join(pieces)

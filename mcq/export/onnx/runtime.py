@@ -12,7 +12,7 @@ slots of the text embeddings, and the generation loop with the KV cache (greedy,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +48,21 @@ def is_onnx_export(path: str | Path) -> bool:
 
 
 def chat_on_onnxruntime(path: str | Path, request) -> str | Iterator[str]:
-    """`mcq chat` on an ONNX export (`request`: a `mcq.models.familyspec.ChatRequest`): the resampler family's chat,
-    which is what the export holds, with `OnnxMiniCPMV` in place of the torch model."""
+    """`mcq chat` on an ONNX export (`request`: a `mcq.models.familyspec.ChatRequest`): the resampler family's chat
+    with `OnnxMiniCPMV` in place of the torch model, or for an export traced from a family's programs, its chat
+    inputs through `OnnxProgramModel`."""
     from mcq.models.family import family_for
     from mcq.models.minicpmv.chat import chat_with
 
+    if request.dtype != "auto":
+        raise McqError(f"--dtype {request.dtype}: an ONNX export computes in the precision it was exported with "
+                       "(`mcq export --precision`)")
     root, _ = find_export(path)
     model_type = json.loads((root / "config.json").read_text())["model_type"]
-    if family_for(model_type).programs is not None:
-        raise McqError(f"mcq chat runs ONNX exports of the resampler family; {path} holds graphs traced from the "
-                       f"{model_type} family's programs, which `mcq validate --variant` scores")
+    if family_for(model_type).programs is not None:   # graphs traced from the family's programs (4.6)
+        from .program_runtime import chat_on_programs
+
+        return chat_on_programs(path, request)
 
     def load() -> tuple[OnnxMiniCPMV, Any, dict[str, Any]]:
         model = OnnxMiniCPMV(path)
@@ -352,22 +357,28 @@ class OnnxMiniCPMV:
         return self.tokenizer.decode(tokens)
 
     def _stream(self, steps: Iterator[np.ndarray]) -> Iterator[str]:
-        tokens: list[int] = []
-        shown = ""
-        for step in steps:
-            token = int(step[0])
-            if token in self.terminators:
-                break
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens)
-            if text.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
-        text = self.tokenizer.decode(tokens)   # what is left when generation ends inside a character
+        return stream_text((int(step[0]) for step in steps), self.terminators, self.tokenizer.decode)
+
+
+def stream_text(tokens: Iterator[int], terminators: Collection[int], decode: Callable[[list[int]], str]
+                ) -> Iterator[str]:
+    """The text of generated `tokens` piece by piece, up to the first terminator, as `decode` gives the whole: a
+    piece is held back while the text ends inside a multi-byte character."""
+    kept: list[int] = []
+    shown = ""
+    for token in tokens:
+        if token in terminators:
+            break
+        kept.append(token)
+        text = decode(kept)
+        if text.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
+            continue
         if len(text) > len(shown):
             yield text[len(shown):]
+            shown = text
+    text = decode(kept)   # what is left when generation ends inside a character
+    if len(text) > len(shown):
+        yield text[len(shown):]
 
 
 def position_ids(attention_mask: np.ndarray) -> np.ndarray:

@@ -36,11 +36,16 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 
 from mcq.errors import McqError
 
+from ..familyspec import VisualInput
 from .video import Video, VideoEncoder
 
 # What `MiniCPMV4_6ForConditionalGeneration.forward` reads from an encoded sample.
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "target_sizes", "pixel_values_videos",
                 "target_sizes_videos")
+# Images, then video frames: the model's forward merges them in this order, each at its own token; a video's frames
+# go through the tower as images do (`get_video_features` is `get_image_features` on them).
+VISUALS = (VisualInput("pixel_values", "target_sizes", "image_token_id"),
+           VisualInput("pixel_values_videos", "target_sizes_videos", "video_token_id"))
 
 
 def norm_offset(norm: nn.Module) -> float:

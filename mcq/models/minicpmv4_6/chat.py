@@ -25,6 +25,7 @@ decodes it: special tokens skipped.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from threading import Thread
 from typing import Any
 
@@ -68,6 +69,13 @@ def chat(checkpoint, request: ChatRequest) -> str | Iterator[str]:
     with per_size_runs(model):
         output = model.generate(**arguments)
     return encoder.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def export_chat_inputs(path: Path, request: ChatRequest) -> dict[str, Any]:
+    """`chat`'s model inputs for an export of the family's programs at `path` (`Programs.chat_inputs`), which
+    carries the checkpoint's tokenizer and processor files."""
+    _refuse_temporal_options(request)
+    return chat_inputs(CalibrationEncoder(path), request)
 
 
 def chat_inputs(encoder: CalibrationEncoder, request: ChatRequest) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from mcq.errors import McqError
 
 from ..familyspec import Programs, StateTensor, TracedProgram
 from ..traceable import TransposedLinear, rms_normalize
-from .calibration import merged_tokens_divisor
+from .calibration import VISUALS, merged_tokens_divisor
+from .chat import export_chat_inputs
 
 LLM = "model.language_model"
 TOWER = "model.vision_tower"
@@ -621,4 +622,5 @@ def image_tokens(config, target_sizes: torch.Tensor) -> list[int]:
 
 
 PROGRAMS = Programs(build=build_program, vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state,
-                    stateful_decoder=StatefulDecoder, head=DecoderHead, decoder_layers=f"{LLM}.layers.")
+                    stateful_decoder=StatefulDecoder, head=DecoderHead, decoder_layers=f"{LLM}.layers.",
+                    visuals=VISUALS, chat_inputs=export_chat_inputs)

@@ -21,12 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer
 
-from .calibration import MODEL_INPUTS, merged_tokens_divisor, per_size_runs
-
-# The vision inputs of each kind (pixels, their blocks' sizes) and the token their features replace, in the order
-# of the vision output's blocks.
-_VISUALS = (("pixel_values", "target_sizes", "image_token_id"),
-            ("pixel_values_videos", "target_sizes_videos", "video_token_id"))
+from .calibration import MODEL_INPUTS, VISUALS, merged_tokens_divisor, per_size_runs
 
 
 class ServedMiniCPMV4_6:
@@ -46,21 +41,22 @@ class ServedMiniCPMV4_6:
     def vision(self, inputs: dict[str, Any]) -> torch.Tensor:
         blocks = []
         with per_size_runs(self.model):
-            for pixels, sizes, _ in _VISUALS:
-                if pixels in inputs:
-                    blocks += self.model.model.get_image_features(inputs[pixels], inputs[sizes]).pooler_output
+            for visual in VISUALS:
+                if visual.pixels in inputs:
+                    blocks += self.model.model.get_image_features(inputs[visual.pixels],
+                                                                  inputs[visual.sizes]).pooler_output
         return pad_sequence(blocks, batch_first=True)
 
     def _embeddings(self, inputs: dict[str, Any]) -> torch.Tensor:
         embeddings = self.model.get_input_embeddings()(inputs["input_ids"])
-        present = [visual for visual in _VISUALS if visual[0] in inputs]
+        present = [visual for visual in VISUALS if visual.pixels in inputs]
         if not present:
             return embeddings
         blocks = iter(inputs["vision"] if "vision" in inputs else self.vision(inputs))
-        for _, sizes, token in present:
-            counts = (inputs[sizes].prod(-1) // self.divisor).tolist()
+        for visual in present:
+            counts = (inputs[visual.sizes].prod(-1) // self.divisor).tolist()
             features = torch.cat([next(blocks)[:count] for count in counts]).to(embeddings.dtype)
-            positions = (inputs["input_ids"] == getattr(self.model.config, token))[..., None]
+            positions = (inputs["input_ids"] == getattr(self.model.config, visual.token))[..., None]
             embeddings = embeddings.masked_scatter(positions, features)
         return embeddings
 

@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from mcq.errors import McqError
-
 from mcq.export.coreml.api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
 from mcq.export.coreml.host import causal_mask, rotary_inputs, vision_inputs
 from mcq.export.coreml.program import load_program
-from mcq.export.program_host import padded_blocks, write_image_features
+from mcq.export.program_host import has_visuals, sample_blocks, write_visual_features
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
 # MIL const names of the vision packages that belong to the SigLIP tower (coremltools names a weight after its
@@ -290,8 +288,8 @@ class CoremlMiniCPMV:
 
 class CoremlProgramModel(CoremlMiniCPMV):
     """An export traced from a family's programs (`traced.py`, MiniCPM-V 4.6): its vision package takes one image
-    with the index tables the family's host code computes (`Programs.vision_inputs`), and the image tokens replace
-    the text's image-token slots; the LLM packages run as the resampler family's."""
+    with the index tables the family's host code computes (`Programs.vision_inputs`), and the tokens of each image
+    and video frame replace their slots in the text; the LLM packages run as the resampler family's."""
 
     def __init__(self, path: str | Path, native: bool | None = None):
         from mcq.models.family import family_for
@@ -302,21 +300,18 @@ class CoremlProgramModel(CoremlMiniCPMV):
         self.config = family.config_class(**self.sidecar["model_config"])
 
     def sample_vision(self, data: dict[str, Any]) -> np.ndarray:
-        """The sample's images, each through the vision package: `[images, tokens, hidden]`, zero-padded to the
-        longest."""
-        blocks = [self.vision_package({name: np.asarray(value) for name, value in inputs.items()})["image_features"]
-                  for inputs in self.programs.vision_inputs(self.config, torch.as_tensor(data["pixel_values"]).float(),
-                                                            data["target_sizes"])]
-        return padded_blocks(blocks)
+        """The sample's images, then its video frames, each through the vision package: `[blocks, tokens,
+        hidden]`, zero-padded to the longest."""
+        return sample_blocks(self.programs, self.config, data,
+                             lambda inputs: self.vision_package(inputs)["image_features"])
 
     def sample_embeddings(self, data: dict[str, Any], vision: np.ndarray | None) -> np.ndarray:
         ids = np.asarray(data["input_ids"][0], dtype=np.int64)
         embeds = self.embed(ids)
-        if "pixel_values" not in data:
+        if not has_visuals(self.programs, data):
             return embeds
         blocks = self.sample_vision(data) if vision is None else vision
-        return write_image_features(embeds, ids, blocks, self.programs.image_tokens(self.config, data["target_sizes"]),
-                                    self.sidecar["tokens"]["image"])
+        return write_visual_features(self.programs, self.config, embeds, ids, blocks, data)
 
 
 def open_coreml(path: str | Path, native: bool | None = None) -> CoremlMiniCPMV:

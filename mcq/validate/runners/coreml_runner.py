@@ -66,14 +66,6 @@ class CoremlRunner(Runner):
         return config_identity(family_for(config["model_type"]).config_class(**config))
 
     @classmethod
-    def unserved(cls, data: dict[str, Any]) -> str | None:
-        # 4.6's frames (features at video tokens): `CoremlProgramModel` merges image features only. The resampler
-        # family's video (frames grouped by temporal id) is served by its group resampler package.
-        if "pixel_values_videos" in data:
-            return "video (MiniCPM-V 4.6's video frames are not fed to its Core ML export's vision package yet)"
-        return None
-
-    @classmethod
     def weight_bytes(cls, path: str | Path) -> dict[str, int]:
         from mcq.validate.coreml.runtime import component_bytes
 

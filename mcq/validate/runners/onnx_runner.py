@@ -86,14 +86,6 @@ class OnnxRunner(Runner):
         return sizes
 
     @classmethod
-    def unserved(cls, data: dict[str, Any]) -> str | None:
-        # 4.6's frames (features at video tokens): `OnnxProgramModel` merges image features only. The resampler
-        # family's video (frames grouped by temporal id) is served.
-        if "pixel_values_videos" in data:
-            return "video (MiniCPM-V 4.6's video frames are not fed to its ONNX export's vision graph yet)"
-        return None
-
-    @classmethod
     def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
         """onnxruntime holds every graph with its weights (read from the .onnx file, or from the external data
         file), plus the logits and the KV cache of the sequence."""
