@@ -108,3 +108,18 @@ def test_int4_from_rtn_carries_its_levels_and_runs_in_the_validator(tmp_path, se
         expected = served_46.logits(served_46.inputs(text))
     kl = _kl(runner.logits(text), expected).mean().item()
     assert 1e-5 < kl < 0.05
+
+def test_fp16_packages_in_downsample_mode_4x_match_transformers(tiny46_4x, served_4x, tmp_path):
+    """The 4x vision package (no vit_merger, the merger over the full grid) against transformers: blocks close,
+    logits KL < 1e-5."""
+    served, sample = served_4x
+    model = open_coreml(export_coreml(str(tiny46_4x), tmp_path / "fp16", vision="fp16", llm="fp16",
+                                      progress=False).out)
+    with torch.no_grad():
+        inputs = served.inputs(sample)
+        expected_blocks, expected = served.vision(inputs).numpy(), served.logits(inputs)
+    blocks = model.sample_vision(sample)
+    assert blocks.shape == expected_blocks.shape
+    assert np.abs(blocks - expected_blocks).max() < 1e-2 * np.abs(expected_blocks).max()
+    logits = torch.from_numpy(model.forward(model.sample_embeddings(sample, None)))
+    assert _kl(logits, expected).mean().item() < 1e-5

@@ -206,3 +206,21 @@ def test_fp32_matches_transformers_on_a_video_sample(fp32, served, video_46):
     logits = model.forward(video_46, [expected_blocks])[0]
     assert _kl(torch.from_numpy(logits), expected).mean().item() < 1e-5
     assert OnnxRunner.unserved(video_46) is None
+
+def test_fp32_in_downsample_mode_4x_matches_transformers(tiny46_4x, served_4x, tmp_path):
+    """A checkpoint in `downsample_mode` 4x: the vision graph skips the vit_merger and merges the full grid (4x the
+    tokens of 16x), as transformers' `get_image_features` does; blocks and logits are transformers'."""
+    served, sample = served_4x
+    out = export_onnx(str(tiny46_4x), tmp_path / "fp32").out
+    model = OnnxProgramModel(out)
+    with torch.no_grad():
+        inputs = served.inputs(sample)
+        expected_blocks, expected = served.vision(inputs).numpy(), served.logits(inputs)
+    (blocks,) = model.vision_per_sample(sample)
+    assert blocks.shape == expected_blocks.shape
+    assert blocks.shape[1] == int(sample["target_sizes"].prod(-1).max()) // 4
+    assert np.abs(blocks - expected_blocks).max() < 1e-4
+    assert _kl(torch.from_numpy(model.forward(sample)[0]), expected).mean().item() < 1e-5
+    vision_inputs = {i.name for i in onnx.load(Path(out) / "onnx" / "vision_encoder.onnx",
+                                               load_external_data=False).graph.input}
+    assert vision_inputs == {"pixel_values", "position_ids", "merger_order"}

@@ -7,7 +7,8 @@ from the config, never from a traced tensor's shape (Core ML's converter rejects
   embeddings, the encoder layers with the window-attention `vit_merger` after layer `insert_layer_id`, the
   post-layernorm and the downsampling `merger`. What transformers computes from `target_sizes` with data-dependent
   code (nearest-neighbour position ids, the vit_merger's window order, the 2 x 2 merge orders) comes in as index
-  inputs, computed on the host by `vision_indices` with transformers' own functions.
+  inputs, computed on the host by `vision_indices` with transformers' own functions. A checkpoint in
+  `downsample_mode` 4x has `VisionSlice4x` instead: no vit_merger, the merger over the full grid, L / 4 tokens.
 - `EmbedTokens`: input_ids → inputs_embeds.
 - `DecoderStep`: the Qwen3.5 hybrid LLM on `inputs_embeds` with explicit state, one program for prefill (zero /
   empty state) and decode. Per full-attention layer i: `past_key_values.{i}.key` / `.value`
@@ -154,9 +155,9 @@ class VisionSlice(nn.Module):
         super().__init__()
         config = weights.config
         vision = config.vision_config
-        if config.downsample_mode == "4x" or config.merger_times != 1 or vision.insert_layer_id < 0:
+        if config.merger_times != 1 or vision.insert_layer_id < 0:
             raise McqError("the ONNX and Core ML exports of MiniCPM-V 4.6 follow the release's vision path "
-                           "(downsample_mode 16x, merger_times 1, a vit_merger); this checkpoint differs")
+                           "(merger_times 1, a vit_merger); this checkpoint differs")
         self.patch, self.width, self.channels = vision.patch_size, vision.hidden_size, vision.num_channels
         conv = f"{TOWER}.embeddings.patch_embedding"
         weight = weights.tensor(f"{conv}.weight")
@@ -166,7 +167,7 @@ class VisionSlice(nn.Module):
         self.layers = nn.ModuleList(_VisionLayer(weights, f"{TOWER}.encoder.layers.{i}", vision)
                                     for i in range(vision.num_hidden_layers))
         self.insert_layer_id = vision.insert_layer_id
-        self.vit_merger = _WindowMerger(weights, f"{TOWER}.vit_merger", vision)
+        self.vit_merger = _WindowMerger(weights, f"{TOWER}.vit_merger", vision) if _windowed(config) else None
         self.post_layernorm = _LayerNorm(weights, f"{TOWER}.post_layernorm", vision.layer_norm_eps)
         self.merge = config.merge_kernel_size[0] * config.merge_kernel_size[1]
         self.pre_norm = _LayerNorm(weights, "model.merger.mlp.0.pre_norm", 1e-6)
@@ -174,27 +175,56 @@ class VisionSlice(nn.Module):
         self.linear_2 = _linear(weights, "model.merger.mlp.0.linear_2", True)
 
     def forward(self, pixel_values, position_ids, window_index, window_inverse, merge_order, merger_order):
+        return self._merged(self._encoded(pixel_values, position_ids, (window_index, window_inverse, merge_order)),
+                            merger_order)
+
+    def _encoded(self, pixel_values, position_ids, windows) -> torch.Tensor:
+        """The tower's output `[tokens, width]`: through the vit_merger after layer `insert_layer_id` where
+        `windows` gives its index tables, past it otherwise."""
         channels = self.channels
         patches = pixel_values.reshape(channels, self.patch, -1, self.patch).permute(2, 0, 1, 3)
         hidden = self.patch_embedding(patches.reshape(1, -1, channels * self.patch * self.patch))
         hidden = hidden + self.position_embedding[position_ids]
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden)
-            if index == self.insert_layer_id:
-                hidden = self.vit_merger(hidden[0], window_index, window_inverse, merge_order)[None]
-        hidden = self.post_layernorm(hidden[0])
+            if index == self.insert_layer_id and windows is not None:
+                hidden = self.vit_merger(hidden[0], *windows)[None]
+        return self.post_layernorm(hidden[0])
+
+    def _merged(self, hidden, merger_order) -> torch.Tensor:
         merged = self.pre_norm(hidden[merger_order].reshape(-1, self.merge * self.width))
         return self.linear_2(F.gelu(self.linear_1(merged)))
 
 
+class VisionSlice4x(VisionSlice):
+    """`downsample_mode` 4x: the tower without its vit_merger, the merger over the full grid, so an image keeps 4x
+    the tokens (`[L / 4, llm_hidden]`), as transformers' `get_image_features` computes it. Inputs: `pixel_values`,
+    `position_ids` and `merger_order` `[L]`."""
+
+    def forward(self, pixel_values, position_ids, merger_order):
+        return self._merged(self._encoded(pixel_values, position_ids, None), merger_order)
+
+
+def _windowed(config) -> bool:
+    """Whether the checkpoint's images go through the vit_merger (`downsample_mode` 16x, the release's)."""
+    return config.downsample_mode != "4x"
+
+
 def vision_indices(height: int, width: int, config) -> dict[str, torch.Tensor]:
-    """`VisionSlice`'s index inputs for an image of `height x width` patches, from transformers' own functions."""
+    """The vision program's index inputs for an image of `height x width` patches, from transformers' own
+    functions: `VisionSlice`'s, or in `downsample_mode` 4x `VisionSlice4x`'s."""
     from transformers.vision_utils import get_vision_nearest_position_ids, get_vision_window_index
 
     vision = config.vision_config
     sizes = torch.tensor([[height, width]])
+    position_ids = get_vision_nearest_position_ids(sizes, vision.image_size // vision.patch_size).long()
+    merge = config.merge_kernel_size[0]
+    if not _windowed(config):
+        if height % merge or width % merge:
+            raise McqError(f"an image of {height} x {width} patches: MiniCPM-V 4.6's merger takes sides that are "
+                           f"multiples of {merge}")
+        return {"position_ids": position_ids, "merger_order": _block_order(height, width, merge)}
     window = vision.window_kernel_size[0]
-    position_ids = get_vision_nearest_position_ids(sizes, vision.image_size // vision.patch_size)
     window_index, bounds = get_vision_window_index(F.pad(sizes, (1, 0), value=1), spatial_merge_size=1,
                                                    window_size=window, patch_size=1)
     # The graph attends within consecutive runs of window² tokens; transformers' windows are those when both sides
@@ -202,10 +232,10 @@ def vision_indices(height: int, width: int, config) -> dict[str, torch.Tensor]:
     if height % (2 * window) or width % (2 * window) or bool((bounds.diff() != window * window).any()):
         raise McqError(f"an image of {height} x {width} patches: MiniCPM-V 4.6's processor gives sides that are "
                        f"multiples of {2 * window}")
-    return {"position_ids": position_ids.long(), "window_index": window_index.long(),
+    return {"position_ids": position_ids, "window_index": window_index.long(),
             "window_inverse": torch.argsort(window_index).long(),
             "merge_order": _block_order(height, width, window), "merger_order": _block_order(
-                height // window, width // window, config.merge_kernel_size[0])}
+                height // window, width // window, merge)}
 
 
 def _block_order(height: int, width: int, block: int) -> torch.Tensor:
@@ -552,16 +582,21 @@ def _vision_program(weights) -> TracedProgram:
     example = {"pixel_values": torch.zeros(1, 3, patch, patch * height * width),
                **vision_indices(height, width, config)}
     names = tuple(example)
+    # In 4x the merger's order spans every patch (no vit_merger before it), and an image keeps a quarter of them.
+    tokens_per_patch = 16 if _windowed(config) else 4
     axes = {"pixel_values": {3: "patch_columns"}, "position_ids": {0: "patches"}, "window_index": {0: "patches"},
-            "window_inverse": {0: "patches"}, "merge_order": {0: "patches"}, "merger_order": {0: "merged_patches"},
+            "window_inverse": {0: "patches"}, "merge_order": {0: "patches"},
+            "merger_order": {0: "merged_patches" if _windowed(config) else "patches"},
             "image_features": {0: "image_tokens"}}
     # An image's patches: the processor's slices and overview stay near 448 x 448 pixels (32 x 32 patches of 14),
     # long sides to 4x that; the vision config's image_size bounds the position table.
     side = config.vision_config.image_size // patch
     bounds = {"patches": (16, side * side), "patch_columns": (16 * patch, side * side * patch),
-              "merged_patches": (4, side * side // 4), "image_tokens": (1, side * side // 16)}
-    return TracedProgram(VisionSlice(weights).eval(), tuple(example.values()), names, ("image_features",),
-                         tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes, bounds)
+              "merged_patches": (4, side * side // 4), "image_tokens": (1, side * side // tokens_per_patch)}
+    module = VisionSlice(weights) if _windowed(config) else VisionSlice4x(weights)
+    return TracedProgram(module.eval(), tuple(example.values()), names, ("image_features",),
+                         tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names),
+                         {name: axes[name] for name in (*names, "image_features")}, bounds)
 
 
 def _embed_program(weights) -> TracedProgram:
