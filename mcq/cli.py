@@ -36,6 +36,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from mcq.models.familyspec import ChatRequest
     from mcq.models.loading import open_checkpoint
     from mcq.models.minicpmv.video import open_image
+    from mcq.validate.coreml.runtime import chat_on_coreml, read_sidecar
 
     if args.video and args.frames:
         raise McqError("pass --video or --frames, not both")
@@ -46,6 +47,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
                           dtype=args.dtype)
     if is_onnx_export(args.model):   # an `mcq export --format onnx` output: run it on onnxruntime
         answer = chat_on_onnxruntime(args.model, request)
+    elif read_sidecar(args.model) is not None:   # an `mcq export --format coreml` output
+        answer = chat_on_coreml(args.model, request)
     else:
         checkpoint = open_checkpoint(args.model)
         answer = checkpoint.family.chat(checkpoint, request)
@@ -218,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="ask the model a question about images or a video")
     chat.add_argument("question")
-    chat.add_argument("--model", required=True, help="checkpoint directory, tiny:VERSION, or an ONNX export")
+    chat.add_argument("--model", required=True, help="checkpoint directory, tiny:VERSION, or an ONNX or Core ML export")
     chat.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     chat.add_argument("--video", metavar="PATH", help="a video file (needs PyAV), 4.5 and 4.6")
     chat.add_argument("--frames", metavar="DIR", help="a folder of video frames in name order, 4.5 and 4.6")

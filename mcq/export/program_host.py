@@ -1,15 +1,18 @@
 """Host code shared by the exports traced from a family's programs (`mcq.models.familyspec.Programs`: ONNX and Core
-ML runtimes of MiniCPM-V 4.6): a sample's vision blocks, and writing them over the text's image (and video) token
-slots."""
+ML runtimes of MiniCPM-V 4.6): a sample's vision blocks, writing them over the text's image (and video) token
+slots, and `mcq chat` on them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mcq.errors import McqError
+
+from .generation import TokenChooser, stream_text
 
 
 def sample_blocks(programs, config, data: Mapping[str, Any],
@@ -60,3 +63,26 @@ def _write_features(embeds: np.ndarray, ids: np.ndarray, blocks: np.ndarray, cou
     if int(slots.sum()) != len(features):
         raise McqError(f"{int(slots.sum())} {kind} tokens in the text but {len(features)} {kind} features")
     embeds[slots] = features
+
+
+def chat_answer(model, root: Path, tokenizer, request) -> str | Iterator[str]:
+    """`mcq chat` (a `mcq.models.familyspec.ChatRequest`) on an export traced from a family's programs, whose
+    `root` carries the checkpoint's tokenizer, processor and generation files: the family's chat inputs
+    (`Programs.chat_inputs`), the tokens `model.generate_tokens` picks (greedy, or with `--sampling` the
+    generation_config.json settings, seeded, as transformers' `generate` samples by default), decoded with special
+    tokens skipped as the family's own chat decodes them."""
+    from transformers import GenerationConfig
+
+    if request.dtype != "auto":
+        raise McqError(f"--dtype {request.dtype}: an export computes in the precision it was exported with")
+    inputs = model.programs.chat_inputs(root, request)
+    settings = {}
+    if request.sampling:
+        config = GenerationConfig.from_pretrained(root)
+        settings = {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k,
+                    "top_p": config.top_p, "repetition_penalty": config.repetition_penalty}
+    chooser = TokenChooser({key: value for key, value in settings.items() if value is not None}, model.terminators,
+                           request.seed)
+    pieces = stream_text(model.generate_tokens(inputs, request.max_new_tokens, chooser), model.terminators,
+                         lambda kept: tokenizer.decode(kept, skip_special_tokens=True))
+    return pieces if request.stream else "".join(pieces)

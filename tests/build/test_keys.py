@@ -23,7 +23,8 @@ NOT_FOLLOWED = {
     "quantize": {("mcq.quantize.api", "mcq.calibration"): "the build passes the encoded calibration set"},
     "gguf": {("mcq.export.gguf.api", "mcq.calibration"): "the build passes the importance matrix as a file"},
     "onnx": {("mcq.export.onnx.runtime", "mcq.export.onnx.program_runtime"): "`mcq chat` on a traced export, which "
-             "the export does not run"},
+             "the export does not run", ("mcq.export.onnx.runtime", "mcq.export.generation"): "generation, which the "
+             "export does not run"},
     "validation": {(f"mcq.validate.{runner}", target): "a runtime lives with its exporter, keyed with the "
                    "variant it wrote" for runner, target in [
                        ("runners.coreml_runner", "mcq.export.coreml.api"), ("coreml.runtime", "mcq.export.coreml.api"),

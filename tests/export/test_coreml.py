@@ -533,6 +533,14 @@ def test_llm_package_structure(llm_exports, weights):
 
 
 
+
+def test_chat_refuses_a_resampler_family_export_in_one_line(llm_exports, capsys):
+    from mcq.cli import main
+
+    assert main(["chat", "--model", str(llm_exports("fp16")), "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mcq validate --variant" in err
+
 @pytest.mark.parametrize("llm", ["int8", "palettize4"])
 def test_llm_compressions_run_in_the_interpreter(llm_exports, llm_reference, weights, llm):
     """Every LLM compression's packages hold only ops the interpreter knows (Linux validation runs them there) and

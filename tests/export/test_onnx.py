@@ -193,6 +193,9 @@ def test_cli_export_then_chat_on_onnxruntime(tmp_path, capsys):
     onnx_answer = json.loads(capsys.readouterr().out)["answer"]
     assert main(["chat", "--model", "tiny:4.5", "--dtype", "float32", *question]) == 0
     assert onnx_answer == json.loads(capsys.readouterr().out)["answer"]
+    # The export's precision is its own: --dtype does not apply to it, and is refused rather than ignored.
+    assert main(["chat", "--model", str(out / "onnx"), "--dtype", "float32", *question]) == 2
+    assert "computes in the precision it was exported with" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -215,10 +215,32 @@ def test_chat_on_an_onnx_export_answers_as_transformers_in_float32(loud46, onnx4
     assert sampled[0] == sampled[1]
 
 
+
+@pytest.fixture(scope="module")
+def coreml46(loud46, tmp_path_factory) -> Path:
+    from mcq.export.coreml import export_coreml
+
+    return Path(export_coreml(str(loud46), tmp_path_factory.mktemp("coreml46") / "fp16", vision="fp16", llm="fp16",
+                              progress=False).out)
+
+
+def test_chat_on_a_coreml_export_answers_as_transformers(loud46, coreml46, tmp_path, capsys):
+    """The fp16 Core ML packages (the interpreter here, Core ML on macOS): greedy answers about an image and a
+    video are transformers' float32 `generate`'s, streamed or whole; the export carries its tokenizer files."""
+    model = AutoModelForImageTextToText.from_pretrained(loud46, dtype=torch.float32).eval()
+    assert (coreml46 / "tokenizer_config.json").is_file() and not (coreml46 / "config.json").exists()
+    first = random_image(150, 100, seed=0)
+    one = _chat(capsys, coreml46, _saved([first], tmp_path / "a")).rstrip("\n")
+    assert one == _generated(model, loud46, [first])
+    assert _chat(capsys, coreml46, _saved([first], tmp_path / "a"), "--stream").rstrip("\n") == one
+    folder = _frames_folder(tmp_path / "clip", (10, 11, 12))
+    assert _chat(capsys, coreml46, [], "--frames", str(folder)).rstrip("\n") == _generated_video(model, loud46, folder)
+
 @pytest.mark.parametrize("option,message", [(["--dtype", "bfloat16"], "computes in the precision it was exported"),
                                             (["--packing", "2"], "packs no frames by temporal id")])
-def test_chat_on_an_onnx_export_refuses_what_does_not_apply_in_one_line(onnx46, option, message, capsys):
-    assert main(["chat", "--model", str(onnx46), *option, QUESTION]) == 2
+@pytest.mark.parametrize("export", ["onnx46", "coreml46"])
+def test_chat_on_an_export_refuses_what_does_not_apply_in_one_line(export, option, message, request, capsys):
+    assert main(["chat", "--model", str(request.getfixturevalue(export)), *option, QUESTION]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
 

@@ -143,7 +143,7 @@ def export_coreml(model: str | Path, out: str | Path, *, target: str = "iOS18", 
 def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, force: bool, progress: bool,
             started: float, support: dict[str, Any]) -> CoremlExportResult:
     """Convert and save one package at a time (each released before the next is traced)."""
-    from mcq.outputs import staged_output, write_manifest
+    from mcq.outputs import copy_support_files, staged_output, write_manifest
 
     from .convert import (convert_embeddings, convert_group_resampler, convert_head, convert_llm, convert_vision,
                           convert_vision_tower, decoder_chunks)
@@ -221,6 +221,8 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
             json.dumps(sidecar(weights, programs, support, {"vision": vision, "llm": llm}, chunks, vision_components),
                        indent=2,
                        sort_keys=True) + "\n", encoding="utf-8")
+        # The tokenizer, processor and generation files, which an app needs beside the packages (`mcq chat` too).
+        copy_support_files(weights.model_path, staging)
         _write_card(staging, weights, result)
         settings = {"format": "coreml", "target": target, "vision": vision, "llm": llm,
                     "from": Path(from_dir).name if from_dir else None, "llm_fallbacks": result.llm_fallbacks,

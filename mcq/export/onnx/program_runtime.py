@@ -19,8 +19,9 @@ import numpy as np
 
 from mcq.errors import McqError
 
-from ..program_host import has_visuals, sample_blocks, write_visual_features
-from .runtime import TokenChooser, open_sessions, stream_text
+from ..generation import TokenChooser
+from ..program_host import chat_answer, has_visuals, sample_blocks, write_visual_features
+from .runtime import open_sessions
 
 
 class OnnxProgramModel:
@@ -113,25 +114,6 @@ class OnnxProgramModel:
 
 
 def chat_on_programs(path: str | Path, request) -> str | Iterator[str]:
-    """`mcq chat` (a `mcq.models.familyspec.ChatRequest`) on a traced export: the family's chat inputs, from the
-    tokenizer and processor files the export carries, through `OnnxProgramModel`. Greedy, or with `--sampling` the
-    checkpoint's generation_config.json settings, as transformers' `generate` samples by default; the answer is
-    decoded with special tokens skipped, as the family's own chat decodes it."""
-    from transformers import GenerationConfig
-
+    """`mcq chat` (a `mcq.models.familyspec.ChatRequest`) on a traced ONNX export (`program_host.chat_answer`)."""
     model = OnnxProgramModel(path)
-    inputs = model.programs.chat_inputs(model.root, request)
-    settings = {}
-    if request.sampling:
-        config = GenerationConfig.from_pretrained(model.root)
-        settings = {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k,
-                    "top_p": config.top_p, "repetition_penalty": config.repetition_penalty}
-    tokens = model.generate_tokens(inputs, request.max_new_tokens,
-                                   TokenChooser({k: v for k, v in settings.items() if v is not None},
-                                                model.terminators, request.seed))
-
-    def decode(kept: list[int]) -> str:
-        return model.tokenizer.decode(kept, skip_special_tokens=True)
-
-    pieces = stream_text(tokens, model.terminators, decode)
-    return pieces if request.stream else "".join(pieces)
+    return chat_answer(model, model.root, model.tokenizer, request)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,8 @@ from mcq.errors import McqError
 from mcq.export.coreml.api import SIDECAR, SIDECAR_FORMAT, VISION_PACKAGE
 from mcq.export.coreml.host import causal_mask, rotary_inputs, vision_inputs
 from mcq.export.coreml.program import load_program
-from mcq.export.program_host import has_visuals, sample_blocks, write_visual_features
+from mcq.export.generation import TokenChooser
+from mcq.export.program_host import chat_answer, has_visuals, sample_blocks, write_visual_features
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
 # MIL const names of the vision packages that belong to the SigLIP tower (coremltools names a weight after its
@@ -159,6 +161,7 @@ class CoremlMiniCPMV:
                                      for chunk in self.llm_info["decoder"]]
             self.head_package = _Package(root / self.llm_info["head_package"], self.native)
         self.terminators = set(sidecar["tokens"]["terminators"])
+        self.root = root
 
     # -- vision -------------------------------------------------------------------------------------------------
     def encode_slices(self, slices: Sequence, tgt_sizes, temporal_ids: Sequence[Sequence[int]] | None = None
@@ -274,16 +277,23 @@ class CoremlMiniCPMV:
 
     def generate(self, embeds: np.ndarray, max_new_tokens: int) -> list[int]:
         """Greedy continuation of a prompt, up to and including a terminator."""
+        return list(self.continuation(embeds, max_new_tokens, TokenChooser({}, self.terminators, 0)))
+
+    def continuation(self, embeds: np.ndarray, max_new_tokens: int, chooser: TokenChooser,
+                     prompt_ids: Sequence[int] = ()) -> Iterator[int]:
+        """The new tokens after a prompt's embeddings one by one, as `chooser` picks them, up to and including a
+        terminator; `prompt_ids` (the prompt's token ids) count for a repetition penalty, as in transformers."""
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
         logits = self.forward(embeds)[-1]
-        position, tokens = len(embeds), []
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(logits))
-            tokens.append(token)
-            if token in self.terminators:
-                break
+        position = len(embeds)
+        for step in range(max_new_tokens):
+            token = int(chooser(logits[None], ids, step)[0])
+            yield token
+            if token in self.terminators or step + 1 == max_new_tokens:
+                return
+            ids = np.concatenate([ids, [[token]]], axis=1)
             logits = self.decode(self.embed([token]), position)[-1]
             position += 1
-        return tokens
 
 
 class CoremlProgramModel(CoremlMiniCPMV):
@@ -312,6 +322,27 @@ class CoremlProgramModel(CoremlMiniCPMV):
             return embeds
         blocks = self.sample_vision(data) if vision is None else vision
         return write_visual_features(self.programs, self.config, embeds, ids, blocks, data)
+
+    def generate_tokens(self, data: dict[str, Any], max_new_tokens: int, chooser: TokenChooser) -> Iterator[int]:
+        """The new tokens after an encoded prompt (the family's chat inputs), as `chooser` picks them."""
+        return self.continuation(self.sample_embeddings(data, None), max_new_tokens, chooser,
+                                 data["input_ids"][0].tolist())
+
+
+def chat_on_coreml(path: str | Path, request) -> str | Iterator[str]:
+    """`mcq chat` (a `mcq.models.familyspec.ChatRequest`) on a Core ML export traced from a family's programs
+    (`program_host.chat_answer`), through Core ML on macOS 15+, the interpreter elsewhere."""
+    from transformers import AutoTokenizer
+
+    model = open_coreml(path)
+    if not isinstance(model, CoremlProgramModel):
+        raise McqError(f"mcq chat runs Core ML exports traced from a family's programs (MiniCPM-V 4.6); {path} holds "
+                       "the resampler family's packages, which `mcq validate --variant` scores")
+    if model.llm_info is None:
+        raise McqError(f"{path} has no LLM package (exported with --llm none), so it cannot answer")
+    if not (model.root / "tokenizer_config.json").is_file():
+        raise McqError(f"{path} has no tokenizer files (exported by an older mcq): export it again to chat with it")
+    return chat_answer(model, model.root, AutoTokenizer.from_pretrained(model.root), request)
 
 
 def open_coreml(path: str | Path, native: bool | None = None) -> CoremlMiniCPMV:
