@@ -321,6 +321,23 @@ def test_interpreter_names_missing_ops(tmp_path):
         check_supported(program)
 
 
+
+@pytest.mark.parametrize("blocks", [(8, 2), (1, 64), (8, 64)])
+def test_blockwise_dequantization_is_each_element_s_block(blocks):
+    """The interpreter's iOS18 blockwise dequantization (scales broadcast over their blocks) against the definition
+    written per element: (data[i, j] - offset[block]) * scale[block], block = (i // rows per block, j // cols)."""
+    from mcq.validate.coreml.interpreter import OPS
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(-8, 8, size=(8, 64)).astype(np.int8)
+    scale = rng.random(blocks).astype(np.float16)
+    offset = rng.integers(-3, 3, size=blocks).astype(np.int8)
+    rows, cols = np.arange(8)[:, None] // (8 // blocks[0]), np.arange(64)[None, :] // (64 // blocks[1])
+    expected = (data.astype(np.float32) - offset.astype(np.float32)[rows, cols]) * scale.astype(np.float32)[rows, cols]
+    assert np.array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale, offset), expected)
+    assert np.array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale),
+                          data.astype(np.float32) * scale.astype(np.float32)[rows, cols])
+
 def test_interpreter_rejects_wrong_input_shape(exports, reference):
     interpreter = Interpreter(load_program(exports("fp16", "iOS17") / api.VISION_PACKAGE))
     inputs = dict(reference[0][0])
