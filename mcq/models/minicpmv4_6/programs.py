@@ -583,7 +583,7 @@ def _vision_program(weights) -> TracedProgram:
                **vision_indices(height, width, config)}
     names = tuple(example)
     # In 4x the merger's order spans every patch (no vit_merger before it), and an image keeps a quarter of them.
-    tokens_per_patch = 16 if _windowed(config) else 4
+    patches_per_token = 16 if _windowed(config) else 4
     axes = {"pixel_values": {3: "patch_columns"}, "position_ids": {0: "patches"}, "window_index": {0: "patches"},
             "window_inverse": {0: "patches"}, "merge_order": {0: "patches"},
             "merger_order": {0: "merged_patches" if _windowed(config) else "patches"},
@@ -592,7 +592,7 @@ def _vision_program(weights) -> TracedProgram:
     # long sides to 4x that; the vision config's image_size bounds the position table.
     side = config.vision_config.image_size // patch
     bounds = {"patches": (16, side * side), "patch_columns": (16 * patch, side * side * patch),
-              "merged_patches": (4, side * side // 4), "image_tokens": (1, side * side // tokens_per_patch)}
+              "merged_patches": (4, side * side // 4), "image_tokens": (1, side * side // patches_per_token)}
     module = VisionSlice(weights) if _windowed(config) else VisionSlice4x(weights)
     return TracedProgram(module.eval(), tuple(example.values()), names, ("image_features",),
                          tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names),
