@@ -38,8 +38,9 @@ STEP_SOURCES = {
     "onnx": ("export/onnx", "export/weights_source.py", "export/rows.py", "quantize/recipe.py", *_COMMON),
     "coreml": ("export/coreml", "export/weights_source.py", *_COMMON),
     # A variant's results: the runners (with the Core ML host and interpreter, validate/coreml), the eval set, the
-    # reference run, the host code of traced exports and the generation loop's token choice. A runtime's own code that lives with its exporter
-    # (export/onnx/runtime.py ...) is keyed with the variant that exporter wrote, which a validation key holds.
+    # reference run, the host code of traced exports and the generation loop's token choice. A runtime's own code
+    # that lives with its exporter (export/onnx/runtime.py ...) is keyed with the variant that exporter wrote,
+    # which a validation key holds.
     "validation": ("validate", "calibration", "export/program_host.py", "export/generation.py", *_COMMON),
 }
 # What renders the built-in calibration and eval sets: its generator, and the libraries that draw its pixels and

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from mcq.errors import McqError
-from mcq.models.loading import PACKED_LINEAR_SUFFIXES, check_layout, meta_skeleton, open_checkpoint, resampler_spec, stored_tensors
+from mcq.models.loading import (PACKED_LINEAR_SUFFIXES, check_layout, meta_skeleton, open_checkpoint, resampler_spec,
+                                stored_tensors)
 from mcq.models.weights import CheckpointReader
 
 

@@ -4,8 +4,9 @@ chat (`mcq chat`).
 
 The host does what the graphs do not: the vision graph's index tables per image or video frame
 (`Programs.vision_inputs`, from the functions transformers' model calls), writing their tokens over their token
-slots of the text embeddings, and the generation loop, which threads the decoder's whole state (KV caches of the full-attention
-layers, conv and recurrent states of the linear-attention layers: `Programs.state`) from each call to the next.
+slots of the text embeddings, and the generation loop, which threads the decoder's whole state (KV caches of the
+full-attention layers, conv and recurrent states of the linear-attention layers: `Programs.state`) from each call
+to the next.
 """
 
 from __future__ import annotations
