@@ -301,7 +301,7 @@ def memory_plans(targets: list[Target], device: str, dtype: str, items, max_new_
         if plan.bytes is not None and available is not None and plan.bytes > available:
             how = f" ({plan.how})" if plan.how else ""
             raise McqError(f"{target.name} needs about {plan.bytes / 2**30:.1f} GiB to run on {device}{how}, and "
-                           f"{available / 2**30:.1f} GiB is available; pass {plan.hint}")
+                           f"{available / 2**30:.1f} GiB is available; {plan.hint}")
         plans.append(plan)
     return plans
 

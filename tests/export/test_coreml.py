@@ -322,21 +322,87 @@ def test_interpreter_names_missing_ops(tmp_path):
 
 
 
-@pytest.mark.parametrize("blocks", [(8, 2), (1, 64), (8, 64)])
-def test_blockwise_dequantization_is_each_element_s_block(blocks):
-    """The interpreter's iOS18 blockwise dequantization (scales broadcast over their blocks) against the definition
-    written per element: (data[i, j] - offset[block]) * scale[block], block = (i // rows per block, j // cols)."""
-    from mcq.validate.coreml.interpreter import OPS
+@pytest.mark.parametrize("chunk", [None, 64, 24])      # a chunk of 64 elements: one row; 24: rows split
+@pytest.mark.parametrize("blocks", [(8, 2), (1, 64), (8, 64), (2, 4)])
+def test_blockwise_dequantization_is_each_element_s_block(blocks, chunk, monkeypatch):
+    """The interpreter's iOS18 blockwise dequantization (scales broadcast over their blocks, a chunk of rows at a
+    time) against the definition written per element: (data[i, j] - offset[block]) * scale[block], block = (i //
+    rows per block, j // cols), computed in float32 and stored in the scale's type (fp16) as MIL declares it."""
+    from mcq.validate.coreml import interpreter
 
+    if chunk:
+        monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", chunk)
+    dequantize = interpreter.OPS["constexpr_blockwise_shift_scale"]
     rng = np.random.default_rng(0)
     data = rng.integers(-8, 8, size=(8, 64)).astype(np.int8)
     scale = rng.random(blocks).astype(np.float16)
     offset = rng.integers(-3, 3, size=blocks).astype(np.int8)
     rows, cols = np.arange(8)[:, None] // (8 // blocks[0]), np.arange(64)[None, :] // (64 // blocks[1])
     expected = (data.astype(np.float32) - offset.astype(np.float32)[rows, cols]) * scale.astype(np.float32)[rows, cols]
-    assert np.array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale, offset), expected)
-    assert np.array_equal(OPS["constexpr_blockwise_shift_scale"](data, scale),
-                          data.astype(np.float32) * scale.astype(np.float32)[rows, cols])
+    assert np.array_equal(dequantize(data, scale, offset), expected.astype(np.float16))
+    assert dequantize(data, scale).dtype == np.float16
+    assert np.array_equal(dequantize(data, scale),
+                          (data.astype(np.float32) * scale.astype(np.float32)[rows, cols]).astype(np.float16))
+
+
+@pytest.mark.parametrize("chunk", [64, 24, 8])
+def test_dequantization_and_linear_in_chunks_equal_whole(chunk, monkeypatch):
+    """Chunking the widening of large weights changes no value: iOS16 affine and palette (packed 3-bit indices
+    across chunk borders too) and iOS18 palette decompress to the same arrays, and a linear over fp16 weights
+    widened a chunk of rows at a time gives the whole product's values."""
+    from mcq.validate.coreml import interpreter
+
+    ops, rng = interpreter.OPS, np.random.default_rng(1)
+    levels = rng.integers(0, 16, size=(12, 32)).astype(np.uint8)
+    cases = {
+        "affine per row": lambda: ops["constexpr_affine_dequantize"](
+            levels, rng.integers(0, 16, 12).astype(np.uint8), rng.random(12).astype(np.float16), 0),
+        "affine per column": lambda: ops["constexpr_affine_dequantize"](
+            levels, np.uint8(7), rng.random(32).astype(np.float16), 1),
+        "palette iOS16, 3 bits": lambda: ops["constexpr_lut_to_dense"](
+            np.packbits(rng.integers(0, 2, 12 * 32 * 3).astype(np.uint8), bitorder="little"),
+            rng.random(8).astype(np.float16), shape=np.array([12, 32])),
+        "palette iOS18": lambda: ops["constexpr_lut_to_dense"](
+            levels, rng.random((3, 1, 16, 1)).astype(np.float16)),
+    }
+    weight = rng.standard_normal((40, 16)).astype(np.float16)
+    x = rng.standard_normal((3, 16)).astype(np.float16)
+    whole = {}
+    for name, make in cases.items():
+        rng = np.random.default_rng(2)
+        whole[name] = make()
+    whole_linear = interpreter._linear(x, weight)
+    monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", chunk)
+    for name, make in cases.items():
+        rng = np.random.default_rng(2)
+        chunked = make()
+        assert chunked.dtype == np.float16 and np.array_equal(chunked, whole[name]), name
+    assert np.allclose(interpreter._linear(x, weight), whole_linear, rtol=1e-6, atol=1e-6)
+
+
+def test_interpreter_holds_a_large_quantized_weight_in_fp16_only(monkeypatch):
+    """Running a linear on a blockwise int4 weight holds its fp16 values and one chunk, not a float32 copy (on the
+    151,748-row LM head of a real-vocabulary export that copy was 2.5 GB per call): under 2.6 bytes per element
+    beside the levels (before: 6.1)."""
+    import tracemalloc
+
+    from mcq.validate.coreml import interpreter
+    from mcq.validate.coreml.interpreter import OPS, _linear
+
+    monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", 1 << 18)     # the 8M-element weight is 32 chunks
+
+    rows, columns = 4096, 2048
+    data = np.random.default_rng(0).integers(-8, 8, size=(rows, columns)).astype(np.int8)
+    scale = np.full((rows, columns // 32), 0.01, dtype=np.float16)
+    x = np.ones((1, 4, columns), dtype=np.float16)
+    tracemalloc.start()          # numpy reports its buffers to tracemalloc
+    try:
+        _linear(x, OPS["constexpr_blockwise_shift_scale"](data, scale))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.6 * data.size, f"interpreter peak {peak / data.size:.1f} bytes per weight element"
+
 
 def test_interpreter_rejects_wrong_input_shape(exports, reference):
     interpreter = Interpreter(load_program(exports("fp16", "iOS17") / api.VISION_PACKAGE))

@@ -111,3 +111,38 @@ def test_validate_scores_the_packages(exports, eval_data):
     kl = int4["metrics"]["kl_mean"]
     assert math.isfinite(kl) and 100 * metrics["kl_mean"] < kl < 0.05
     assert int4["metrics"]["bits_per_weight"] < 0.5 * metrics["bits_per_weight"]
+
+
+def test_memory_plan_counts_the_weights_as_the_interpreter_holds_them(exports, monkeypatch, capsys):
+    """The interpreter holds a package's weights in fp16 during a call (2 bytes an element, four times an int4
+    level's half byte on disk), so the plan counts elements from each program; too little memory is refused in one
+    line before anything runs, saying where the export can be validated instead."""
+    from mcq.cli import main
+    from mcq.export.coreml.program import load_program
+    from mcq.validate import api as validate_api, probes
+    from mcq.validate.runners.base import MemoryPlan
+    from mcq.validate.runners.transformers_runner import TransformersRunner
+
+    plan = CoremlRunner.memory_plan(exports / "int4", "cpu", "float32", None, 64)
+    if native_available():          # Core ML itself: it manages its own memory
+        assert plan.bytes is None
+        return
+    packages = sorted((exports / "int4").glob("*.mlpackage"))
+    elements = [sum(tensor.size for _, tensor in load_program(package).stored()) for package in packages]
+    files = [sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) for package in packages]
+    assert plan.bytes - (1 << 30) >= 2 * max(elements)
+    # The int4 decoder packages hold over 3x their bytes on disk (the plan before counted 6x the largest file).
+    assert max(2 * count / size for count, size in zip(elements, files)) > 3
+
+    monkeypatch.setattr(probes, "available_memory", lambda: plan.bytes - 1)
+    # The tiny reference's plan is about as large; this test is about the Core ML variant's.
+    monkeypatch.setattr(TransformersRunner, "memory_plan", classmethod(lambda *_args: MemoryPlan(None)))
+
+    def no_run(*_args, **_kwargs):
+        raise AssertionError("a worker was started")
+    monkeypatch.setattr(validate_api, "_run_worker", no_run)
+    code = main(["validate", "--reference", MODEL, "--variant", str(exports / "int4")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "needs about" in error and "validate it on macOS 15 or later" in error
+

@@ -32,8 +32,25 @@ def _axes(axes, rank: int) -> tuple[int, ...]:
     return tuple(int(a) % rank for a in np.atleast_1d(axes))
 
 
+# Weights over this many elements are widened and dequantized a chunk of rows at a time: a whole float32 copy of
+# a real-vocabulary LM head (151,748 x 4096) would be 2.5 GB beside its fp16 values.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(length: int, row_elements: int):
+    """Slices covering range(length), each of about CHUNK_ELEMENTS elements of rows `row_elements` long."""
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    return [slice(start, min(length, start + step)) for start in range(0, length, step)]
+
+
 def _linear(x, weight, bias=None):
-    out = _fp(x) @ _fp(weight).T
+    x = _fp(x)
+    if weight.dtype == np.float32 or weight.size <= CHUNK_ELEMENTS:
+        out = x @ _fp(weight).T
+    else:
+        out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
+        for rows in _chunks(weight.shape[0], weight.shape[1]):
+            out[..., rows] = x @ weight[rows].astype(np.float32).T
     return out + _fp(bias) if bias is not None else out
 
 
@@ -122,19 +139,41 @@ def _tile(x, reps):
     return np.tile(x, [int(r) for r in reps])
 
 
+def _dequantized(shape: tuple[int, ...], dtype: np.dtype, axis: int, compute) -> np.ndarray:
+    """An array of `shape` and `dtype` (a constexpr op's output has its scale's or palette's type) filled a chunk at a
+    time along `axis` by `compute(index)`, which computes that chunk in float32: the same values as one float32
+    array cast at the end, without holding that array (4 bytes per weight element)."""
+    out = np.empty(shape, dtype=dtype)
+    row = math.prod(shape) // max(1, shape[axis])
+    for part in _chunks(shape[axis], row):
+        index = (slice(None),) * axis + (part,)
+        out[index] = compute(index)
+    return out
+
+
+def _cut(values: np.ndarray, index: tuple, axis: int) -> np.ndarray:
+    """The chunk `index` of a tensor broadcast over the weight (unchanged where it has one entry along `axis`)."""
+    return values[index] if values.shape[axis] > 1 else values
+
+
 def _affine_dequantize(quantized_data, zero_point, scale, axis):
     """iOS16 per-channel (or per-tensor) linear dequantization: (q - zero_point) * scale along `axis`."""
     shape = [1] * quantized_data.ndim
     axis = int(axis) % quantized_data.ndim
+    scale = np.asarray(scale)
     zero = np.asarray(zero_point).astype(np.float32)
-    scales = np.asarray(scale).astype(np.float32)
+    scales = scale.astype(np.float32)
     if zero.ndim == 1:
         shape[axis] = zero.shape[0]
         zero = zero.reshape(shape)
     if scales.ndim == 1:
         shape[axis] = scales.shape[0]
         scales = scales.reshape(shape)
-    return (quantized_data.astype(np.float32) - zero) * scales
+    zero, scales = np.broadcast_to(zero, [1] * (quantized_data.ndim - zero.ndim) + list(zero.shape)), \
+        np.broadcast_to(scales, [1] * (quantized_data.ndim - scales.ndim) + list(scales.shape))
+    chunked = 0 if quantized_data.shape[0] > 1 or quantized_data.ndim == 1 else 1
+    return _dequantized(quantized_data.shape, scale.dtype, chunked, lambda index: (
+        quantized_data[index].astype(np.float32) - _cut(zero, index, chunked)) * _cut(scales, index, chunked))
 
 
 def _per_block(values: np.ndarray) -> np.ndarray:
@@ -149,15 +188,24 @@ def _blocked(shape: tuple[int, ...], per_block: tuple[int, ...]) -> list[int]:
 
 
 def _blockwise_shift_scale(data, scale, offset=None):
-    """iOS18 blockwise dequantization: (data - offset) * scale, each scale covering one block of the weight.
-    Computed in place on the float32 copy of `data`, the scales broadcast over their blocks (not repeated to the
-    weight's size: for a 151,748 x 4096 LM head that was two more 2.5 GB arrays per call)."""
-    scale = np.asarray(scale).astype(np.float32)
-    values = data.astype(np.float32).reshape(_blocked(data.shape, scale.shape))
-    if offset is not None:
-        values -= _per_block(np.asarray(offset).astype(np.float32))
-    values *= _per_block(scale)
-    return values.reshape(data.shape)
+    """iOS18 blockwise dequantization: (data - offset) * scale, each scale covering one block of the weight. The
+    scales broadcast over their blocks (not repeated to the weight's size), a chunk of rows at a time."""
+    scale = np.asarray(scale)
+    blocked = _blocked(data.shape, scale.shape)
+    source = data.reshape(blocked)
+    scales = _per_block(scale.astype(np.float32))
+    offsets = None if offset is None else _per_block(np.asarray(offset).astype(np.float32))
+    # Along the row blocks, or the rows inside the one block that spans them all.
+    chunked = 0 if blocked[0] > 1 else 1
+
+    def compute(index: tuple) -> np.ndarray:
+        values = source[index].astype(np.float32)
+        if offsets is not None:
+            values -= _cut(offsets, index, chunked)
+        values *= _cut(scales, index, chunked)
+        return values
+
+    return _dequantized(tuple(blocked), scale.dtype, chunked, compute).reshape(data.shape)
 
 
 def _lut_to_dense(indices, lut, shape=None, vector_axis=None):
@@ -166,14 +214,20 @@ def _lut_to_dense(indices, lut, shape=None, vector_axis=None):
     if shape is not None:   # iOS16: indices come as the packed uint8 byte stream
         shape = [int(s) for s in shape]
         count, bits = int(np.prod(shape)), int(round(math.log2(lut.shape[0])))
-        unpacked = np.unpackbits(np.asarray(indices, dtype=np.uint8), bitorder="little")
-        levels = unpacked[: count * bits].reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
-        return _fp(lut)[levels].reshape(shape)
+        packed, table, weights = np.asarray(indices, dtype=np.uint8), _fp(lut), 1 << np.arange(bits)
+
+        def compute(index: tuple) -> np.ndarray:
+            # Chunks start on whole bytes (CHUNK_ELEMENTS is a multiple of 8); the last one's bits are trimmed.
+            start, stop = index[0].start, index[0].stop
+            unpacked = np.unpackbits(packed[start * bits // 8: -(-stop * bits // 8)], bitorder="little")
+            return table[unpacked[: (stop - start) * bits].reshape(-1, bits) @ weights]
+
+        return _dequantized((count,), lut.dtype, 0, compute).reshape(shape)
     if vector_axis is not None or lut.shape[-1] != 1:
         raise McqError("interpreter: vector palettization (cluster_dim > 1) is not implemented")
-    indices = np.asarray(indices).astype(np.int64)
+    indices = np.asarray(indices)
     tables = _fp(lut)[..., 0]                        # [blocks..., 2^n]
-    out = np.empty(indices.shape, dtype=np.float32)
+    out = np.empty(indices.shape, dtype=lut.dtype)
     block = [s // b for s, b in zip(indices.shape, tables.shape[:-1])]
     for table_index in np.ndindex(*tables.shape[:-1]):
         region = tuple(slice(i * b, (i + 1) * b) for i, b in zip(table_index, block))
@@ -351,7 +405,7 @@ class Interpreter:
         results = result if isinstance(result, (list, tuple)) and len(op.outputs) > 1 else [result]
         for (name, dtype), value in zip(op.outputs, results):
             if dtype in _STORAGE:
-                value = np.asarray(value).astype(_STORAGE[dtype])
+                value = np.asarray(value).astype(_STORAGE[dtype], copy=False)
             env[name] = value
             if op.type.startswith("constexpr_"):
                 self._keep(name, value)

@@ -30,7 +30,7 @@ class MemoryPlan:
     bytes: int | None
     how: str = ""
     load: dict[str, Any] = field(default_factory=dict)
-    hint: str = "--device cuda"     # what to pass when it does not fit
+    hint: str = "pass --device cuda"     # what to do when it does not fit
     environment: dict[str, str] = field(default_factory=dict)
 
 

@@ -73,21 +73,28 @@ class CoremlRunner(Runner):
 
     @classmethod
     def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
-        """The packages run one after the other and each call reads its package's weights (the interpreter keeps
-        only small constants): the largest package decompressed to fp16 and computed in float32, the caches of every
-        decoder package, and the logits."""
-        from mcq.validate.coreml.runtime import read_sidecar
+        """The packages run one after the other, and a call holds its package's weights decompressed to fp16 until
+        it returns (the interpreter keeps only small constants between calls), plus the stored levels of the one
+        being read: counted from the weights' shapes in each program (a file's size says too little: int4 levels
+        are half a byte each on disk and two bytes in fp16). Beside the largest package: the caches of every decoder
+        package and the float32 logits."""
+        from mcq.export.coreml.program import load_program
+        from mcq.validate.coreml.runtime import native_available, read_sidecar
 
         sidecar = read_sidecar(path)
-        if torch.device(device).type != "cpu" or sidecar is None or sidecar["llm"] is None:
+        if (torch.device(device).type != "cpu" or native_available() or sidecar is None
+                or sidecar["llm"] is None):
             return MemoryPlan(None)
-        packages = [p for p in Path(path).glob("*.mlpackage")]
-        largest = max(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in packages)
+        package_bytes = []
+        for package in sorted(Path(path).glob("*.mlpackage")):
+            sizes = [tensor.size for _, tensor in load_program(package).stored()] or [0]
+            package_bytes.append(2 * sum(sizes) + 2 * max(sizes))
         cache = sum(2 * int(np.prod(state["shape"])) for chunk in sidecar["llm"]["decoder"]
                     for state in chunk["states"].values())
         config = sidecar["model_config"]
         vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
-        return MemoryPlan(6 * largest + cache + 3 * tokens * vocab * 4 + (1 << 30), "numpy MIL interpreter")
+        return MemoryPlan(max(package_bytes) + cache + 3 * tokens * vocab * 4 + (1 << 30), "numpy MIL interpreter",
+                          hint="validate it on macOS 15 or later, where Core ML runs it")
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str):
         from mcq.validate.coreml.runtime import open_coreml

@@ -14,8 +14,9 @@ stretched to one libmtmd lays out at the block's (`_libmtmd_size`). Other resamp
 to 448x448, as llama.cpp does to an image of that shape (its 64 tokens are the slice's whatever its size), so the
 vision scores of a GGUF variant include that preprocessing. The embeddings go in at the positions libmtmd gives
 its image chunk when llama.cpp serves it (`mtmd_helper_image_get_decoder_pos`, four per token for an M-RoPE LLM
-such as 4.6's qwen35). llama.cpp has no 3D resampler: video samples (frames packed by temporal id) are not served,
-nor 4.6's (frames at video tokens).
+such as 4.6's qwen35). llama.cpp has no 3D resampler: video samples of the resampler family (frames packed by
+temporal id) are not served. 4.6's video frames are image blocks at video tokens (`video_bound`), each encoded by
+libmtmd like an image block: how a llama.cpp user serves a video (its frames as images).
 """
 
 from __future__ import annotations
@@ -252,10 +253,15 @@ class GgufRunner(Runner):
     def unserved(cls, data: dict[str, Any]) -> str | None:
         if grouped_video(data):
             return "video (llama.cpp has no 3D resampler to group frames by temporal id)"
-        if "pixel_values_videos" in data:
-            # The frames' features go in at video tokens, which no `image_bound` records.
-            return "video (MiniCPM-V 4.6's video frames are not fed to libmtmd)"
         return None
+
+    @staticmethod
+    def _bounds(data: dict[str, Any]) -> list[tuple[int, int]]:
+        """The [start, end) of each vision block's tokens, in `GgufLayout.image_blocks` order: the image blocks'
+        (`image_bound`), then the video frames' (`video_bound`: 4.6, whose frames are image blocks at video
+        tokens)."""
+        return [(int(start), int(end)) for key in ("image_bound", "video_bound") if key in data
+                for start, end in data[key][0].tolist()]
 
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
         """libmtmd's embeddings of each image block, zero-padded to the longest (4.6's blocks differ in size), as the
@@ -264,7 +270,7 @@ class GgufRunner(Runner):
         if reason:
             raise McqError(f"GGUF cannot serve this sample: {reason}")
         embeddings = []
-        for (pixels, (rows, columns)), (start, end) in zip(self.image_blocks(data), data["image_bound"][0].tolist()):
+        for (pixels, (rows, columns)), (start, end) in zip(self.image_blocks(data), self._bounds(data)):
             rgb = self._block_rgb(pixels, rows, columns)
             size = self._libmtmd_size(rgb.shape[1], rgb.shape[0], end - start)
             if size != (rgb.shape[1], rgb.shape[0]):
@@ -278,13 +284,13 @@ class GgufRunner(Runner):
         """The sequence as runs of token ids and of embeddings (image blocks), each with its positions
         (`[sections, count]`), and the position after the last."""
         ids = data["input_ids"][0].tolist()
-        bounds = data.get("image_bound")
-        bounds = bounds[0].tolist() if bounds is not None and len(bounds[0]) else []
+        bounds = self._bounds(data)
         if bounds and vision is None:
             vision = self.vision(data)
         pieces, index, position = [], 0, 0
-        for (start, end), (pixels, (rows, columns)), block in zip(bounds, self.image_blocks(data) if bounds else [],
-                                                                  vision if bounds else []):
+        # In the text's order (a prompt may put a video before an image).
+        blocks = sorted(zip(bounds, self.image_blocks(data), vision), key=lambda block: block[0][0]) if bounds else []
+        for (start, end), (pixels, (rows, columns)), block in blocks:
             if start > index:
                 pieces.append(("tokens", ids[index:start], np.arange(position, position + start - index)[None]))
                 position += start - index

@@ -107,7 +107,7 @@ class TransformersRunner(Runner):
         if format_name == "bitsandbytes":
             stored = sum(safetensors_component_bytes(resolve_model_path(path)).values())
             return MemoryPlan(stored + (params - large) * width + working, "bitsandbytes kernels, weights resident",
-                              hint="--device cuda")
+                              hint="pass --device cuda")
         resident = params * width + working
         if available is None or resident <= available * RESIDENT_SHARE:
             return MemoryPlan(resident, f"{dtype}, weights resident")
@@ -117,7 +117,7 @@ class TransformersRunner(Runner):
         in_flight = largest * width * 2 if format_name == "compressed-tensors" else 0
         mapped = (params - large) * width + in_flight + working
         return MemoryPlan(mapped, f"{dtype} compute, weights mapped from the checkpoint", {"weights": "mapped"},
-                          hint="--device cuda" if dtype != "float32" else "--dtype bfloat16 or --device cuda",
+                          hint="pass --device cuda" if dtype != "float32" else "pass --dtype bfloat16 or --device cuda",
                           environment=MAPPED_ENVIRONMENT)
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str, weights: str = "resident"):
