@@ -59,7 +59,8 @@ class GgufLayout:
     # (`mcq.models.family.gguf_layout_for`)
     projector: str
     # An encoded sample (the family's `CalibrationEncoder` output) → its image blocks (each overview or slice the
-    # vision tower takes on its own) in the order of its `image_bound`, as NaViT-patched pixels `[3, patch, rows *
-    # columns * patch]`, normalized, and (rows, columns) in patches: what the GGUF runner gives libmtmd one by one.
+    # vision tower takes on its own) in the order of its `image_bound`, then its video frames' in the order of its
+    # `video_bound` (4.6), as NaViT-patched pixels `[3, patch, rows * columns * patch]`, normalized, and (rows,
+    # columns) in patches: what the GGUF runner gives libmtmd one by one.
     image_blocks: Callable[[dict[str, Any]], list[tuple[torch.Tensor, tuple[int, int]]]]
 

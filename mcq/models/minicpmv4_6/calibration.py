@@ -177,7 +177,10 @@ class CalibrationEncoder:
         encoded = {**self.tokenizer(text, return_tensors="pt"), **pixels}
         if images:
             counts = (pixels["target_sizes"].prod(-1) // self.divisor).tolist()
-            encoded["image_bound"] = [image_bound(encoded["input_ids"][0], self.tokenizer.image_token_id, counts)]
+            encoded["image_bound"] = [block_bounds(encoded["input_ids"][0], self.tokenizer.image_token_id, counts)]
+        if videos:
+            counts = (pixels["target_sizes_videos"].prod(-1) // self.video_divisor).tolist()
+            encoded["video_bound"] = [block_bounds(encoded["input_ids"][0], self.tokenizer.video_token_id, counts)]
         return encoded
 
 
@@ -193,13 +196,14 @@ def _as_video(turn: dict[str, Any]) -> dict[str, Any]:
     return {**turn, "content": content}
 
 
-def image_bound(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> torch.Tensor:
-    """`[blocks, 2]`: the [start, end) of each image block's (overview's or slice's) tokens in `input_ids`, the
-    `image_bound` the resampler family's processor records. The model itself does not read it (it scatters the
-    features into every image token in order); runtimes that place each block's embeddings themselves do (the GGUF
-    runner). `counts` are the blocks' token counts, in order; each block's tokens are one run, and the text holds
-    no other image token (`expand_images` refuses an image token written in the text)."""
-    positions = (input_ids == image_token_id).nonzero().flatten().tolist()
+def block_bounds(input_ids: torch.Tensor, token_id: int, counts: list[int]) -> torch.Tensor:
+    """`[blocks, 2]`: the [start, end) of each vision block's tokens in `input_ids`, where `token_id` is the image
+    token (an image's overview or slices: the `image_bound` the resampler family's processor records) or the video
+    token (a video frame's: `video_bound`). The model itself does not read them (it scatters the features into every
+    such token in order); runtimes that place each block's embeddings themselves do (the GGUF runner). `counts` are
+    the blocks' token counts, in order; each block's tokens are one run, and the text holds no other such token
+    (`expand_images` refuses an image token written in the text)."""
+    positions = (input_ids == token_id).nonzero().flatten().tolist()
     bounds, first = [], 0
     for count in counts:
         bounds.append([positions[first], positions[first + count - 1] + 1])
@@ -208,12 +212,17 @@ def image_bound(input_ids: torch.Tensor, image_token_id: int, counts: list[int])
 
 
 def image_blocks(data: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-    """An encoded sample's image blocks in `image_bound` order, each as NaViT-patched pixels `[3, patch, rows *
-    columns * patch]` and its (rows, columns) in patches: the processor packs them side by side along the last
-    axis (`mcq.models.ggufspec.GgufLayout.image_blocks`)."""
-    packed, sizes = data["pixel_values"][0], data["target_sizes"].tolist()
-    widths = [rows * columns * packed.shape[1] for rows, columns in sizes]
-    return [(pixels, (rows, columns)) for pixels, (rows, columns) in zip(packed.split(widths, dim=-1), sizes)]
+    """An encoded sample's vision blocks, images' then video frames' (`image_bound`, then `video_bound` order), each
+    as NaViT-patched pixels `[3, patch, rows * columns * patch]` and its (rows, columns) in patches: the processor
+    packs them side by side along the last axis (`mcq.models.ggufspec.GgufLayout.image_blocks`)."""
+    blocks = []
+    for visual in VISUALS:
+        if visual.pixels in data:
+            packed, sizes = data[visual.pixels][0], data[visual.sizes].tolist()
+            widths = [rows * columns * packed.shape[1] for rows, columns in sizes]
+            blocks += [(pixels, (rows, columns))
+                       for pixels, (rows, columns) in zip(packed.split(widths, dim=-1), sizes)]
+    return blocks
 
 
 def _loaded(what: str, auto_class, path: Path):
