@@ -49,7 +49,7 @@ def test_only_the_commands_run_the_quantize_job():
 
 # Called by a library, not by mcq: PreTrainedModel's and nn.Module's interface, coremltools' add_fp16_cast pass.
 FRAMEWORK_HOOKS = {"get_output_embeddings", "set_output_embeddings", "extra_repr", "fp16_overflow",
-                   # vLLM's processing info calls these (mcq.vllm_plugin overrides them for 4.6)
+                   # vLLM's processing info calls these (mcq.models.minicpmv4_6.vllm_plugin overrides them)
                    "get_hf_processor", "get_supported_mm_limits"}
 
 

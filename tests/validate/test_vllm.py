@@ -107,7 +107,7 @@ def test_plugin_image_processor_is_mcqs(tiny45):
     from mcq.models.minicpmv.configuration import MiniCPMVConfig
     from mcq.models.minicpmv.image_processing import MiniCPMVImageProcessor
     from mcq.validate.evalset import encode_items, eval_samples, open_encoder
-    from mcq.vllm_plugin import _image_processor_class
+    from mcq.models.minicpmv.vllm_plugin import _image_processor_class
 
     adapter = _image_processor_class().from_pretrained(tiny45, max_slice_nums=2, tokenizer=object(),
                                                        revision="main", trust_remote_code=False)
@@ -162,7 +162,7 @@ print(json.dumps([type(config).__module__, type(processor).__module__, MiniCPMV.
     done = subprocess.run([vllm_python, "-c", code, str(tiny45)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [
-        "mcq.models.minicpmv.configuration", "mcq.vllm_plugin", "mcq.vllm_plugin"]
+        "mcq.models.minicpmv.configuration", "mcq.models.minicpmv.vllm_plugin", "mcq.models.minicpmv.vllm_plugin"]
     # vLLM's environment has mcq's core, not llm-compressor (its transformers pin does not fit there).
     done = subprocess.run([vllm_python, "-m", "mcq.cli", "quantize", "--method", "awq", "--model", "tiny:4.5",
                            "--out", str(tmp_path / "awq")], capture_output=True, text=True)
