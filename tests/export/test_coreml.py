@@ -373,6 +373,7 @@ def test_dequantization_and_linear_in_chunks_equal_whole(chunk, monkeypatch):
         whole[name] = make()
     whole_linear = interpreter._linear(x, weight)
     monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(interpreter, "WHOLE_PRODUCT_ELEMENTS", chunk)
     for name, make in cases.items():
         rng = np.random.default_rng(2)
         chunked = make()
@@ -389,7 +390,9 @@ def test_interpreter_holds_a_large_quantized_weight_in_fp16_only(monkeypatch):
     from mcq.validate.coreml import interpreter
     from mcq.validate.coreml.interpreter import OPS, _linear
 
-    monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", 1 << 18)     # the 8M-element weight is 32 chunks
+    # The 8M-element weight as an LM head: 32 chunks
+    monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", 1 << 18)
+    monkeypatch.setattr(interpreter, "WHOLE_PRODUCT_ELEMENTS", 1 << 18)
 
     rows, columns = 4096, 2048
     data = np.random.default_rng(0).integers(-8, 8, size=(rows, columns)).astype(np.int8)

@@ -32,9 +32,13 @@ def _axes(axes, rank: int) -> tuple[int, ...]:
     return tuple(int(a) % rank for a in np.atleast_1d(axes))
 
 
-# Weights over this many elements are widened and dequantized a chunk of rows at a time: a whole float32 copy of
-# a real-vocabulary LM head (151,748 x 4096) would be 2.5 GB beside its fp16 values.
+# Dequantization computes this many elements at a time in float32 (as fast as the whole weight at once, and no
+# float32 copy of it: for a real-vocabulary LM head, 151,748 x 4096, that copy was 2.5 GB beside its fp16 values).
 CHUNK_ELEMENTS = 1 << 24
+# A linear widens a weight of up to this many elements whole for its product (a real-width MLP projection, 12288 x
+# 4096: 200 MB in float32, one BLAS call), a larger one (an LM head, an embedding table) a chunk of rows at a time:
+# chunked products were measured slower per element (more, smaller BLAS calls).
+WHOLE_PRODUCT_ELEMENTS = 1 << 26
 
 
 def _chunks(length: int, row_elements: int):
@@ -45,7 +49,7 @@ def _chunks(length: int, row_elements: int):
 
 def _linear(x, weight, bias=None):
     x = _fp(x)
-    if weight.dtype == np.float32 or weight.size <= CHUNK_ELEMENTS:
+    if weight.dtype == np.float32 or weight.size <= WHOLE_PRODUCT_ELEMENTS:
         out = x @ _fp(weight).T
     else:
         out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
