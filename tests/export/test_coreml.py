@@ -814,6 +814,25 @@ def test_embed_package_gathers_the_table(llm_exports, weights):
         assert (np.abs(got - expected) <= tolerance).all()
 
 
+@pytest.mark.parametrize("llm", ["fp16", "int4-block32", "int8", "palettize4"])
+def test_embed_lookups_read_only_their_rows(llm_exports, llm):
+    """The interpreter makes only the looked-up rows of an embedding table (`RowsOnDemand`: the stored levels read
+    by row, their blocks' scales): equal bytes to decompressing the whole table and gathering from it, with
+    repeated and negative ids; the row reads themselves equal the whole reads' rows for every stored type here."""
+    program = load_program(llm_exports(llm) / api.EMBED_PACKAGE)
+    ids = {"input_ids": np.array([[0, 5, 17, 5, -1, 3]], dtype=np.int32)}
+    by_rows = Interpreter(program)
+    whole = Interpreter(program)
+    whole._by_rows = set()
+    expected = whole.predict(ids)["inputs_embeds"]
+    assert by_rows._by_rows or llm == "palettize4"   # palettized tables are decompressed whole
+    assert np.array_equal(by_rows.predict(ids)["inputs_embeds"], expected)
+    rows = np.array([3, 0, 3, 7])
+    for _, tensor in program.stored():
+        if tensor.shape:
+            assert np.array_equal(tensor.read_rows(rows % tensor.shape[0]), tensor.read()[rows % tensor.shape[0]])
+
+
 @pytest.fixture(scope="module")
 def rtn_export(tmp_path_factory):
     from mcq.quantize.api import quantize

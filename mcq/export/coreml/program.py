@@ -59,6 +59,12 @@ class StoredTensor:
     def read(self) -> np.ndarray:
         return self.blobs.read(self.file_name, self.offset, self.mil_type, list(self.shape))
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """`read()[rows]` (rows along the first axis), reading only those rows from the file where each row is
+        whole bytes of a type laid out plainly or as 4-bit pairs: an embedding lookup in a 151,748-row table reads
+        its few rows, not the table."""
+        return self.blobs.read_rows(self.file_name, self.offset, self.mil_type, list(self.shape), rows)
+
 
 def materialized(value: Any) -> Any:
     """A bound value as an array (a StoredTensor read from its file; anything else as it is)."""
@@ -156,6 +162,10 @@ def load_program(package: str | Path) -> Program:
     return Program(package, function.opset, program_inputs, states, operations, list(block.outputs))
 
 
+# Types whose rows `read_rows` reads alone (bits per value): laid out plainly, or two 4-bit values a byte.
+_ROW_READ_BITS = {"FLOAT16": 16, "FLOAT32": 32, "INT8": 8, "UINT8": 8, "INT16": 16, "UINT16": 16, "INT32": 32,
+                  "UINT32": 32, "INT4": 4, "UINT4": 4}
+
 # A weights file (MIL blob storage) holds, at each blob's offset, a 64-byte record that starts with this sentinel,
 # the blob's MIL type, its size in bytes and the offset of its data (little endian).
 _BLOB_RECORD = struct.Struct("<IIQQ")
@@ -172,6 +182,10 @@ class _BlobFiles:
     def data_size(self, file_name: str, offset: int) -> int:
         """Bytes of the blob at `offset`, after checking that its record and data lie inside the file (so a truncated
         or foreign weights file is refused when the program is loaded, naming the file)."""
+        return self._record(file_name, offset)[0]
+
+    def _record(self, file_name: str, offset: int) -> tuple[int, int]:
+        """(size, offset in the file) of the data of the blob at `offset`, checked to lie inside the file."""
         path = self.path(file_name)
         if path not in self.sizes:
             if not path.is_file():
@@ -185,7 +199,27 @@ class _BlobFiles:
         sentinel, _, size, data_offset = _BLOB_RECORD.unpack(record)
         if sentinel != _BLOB_SENTINEL or data_offset + size > self.sizes[path]:
             raise McqError(f"{path} is truncated or corrupt: no whole weight at offset {offset}")
-        return size
+        return size, data_offset
+
+    def read_rows(self, file_name: str, offset: int, dtype: str, shape: list[int], rows: np.ndarray) -> np.ndarray:
+        bits = _ROW_READ_BITS.get(dtype)
+        row_elements = math.prod(shape[1:])
+        if bits is None or row_elements * bits % 8:
+            return self.read(file_name, offset, dtype, shape)[rows]
+        row_bytes = row_elements * bits // 8
+        size, data_offset = self._record(file_name, offset)
+        if size < shape[0] * row_bytes:
+            raise McqError(f"{self.path(file_name)}: the weight at offset {offset} is smaller than its shape")
+        stored = np.memmap(self.path(file_name), dtype=np.uint8, mode="r", offset=data_offset,
+                           shape=(shape[0], row_bytes))
+        picked = np.array(stored[np.asarray(rows)])
+        del stored
+        if bits == 4:   # two values a byte, the first in the low half
+            values = np.stack([picked & 0x0F, picked >> 4], axis=-1).reshape(len(picked), row_elements)
+            if dtype == "INT4":
+                values = (values.astype(np.int8) ^ 8) - 8
+            return values.astype(_NUMPY_TYPES[dtype], copy=False).reshape([len(picked), *shape[1:]])
+        return picked.view(_NUMPY_TYPES[dtype]).reshape([len(picked), *shape[1:]])
 
     def read(self, file_name: str, offset: int, dtype: str, shape: list[int]) -> np.ndarray:
         from coremltools.libmilstoragepython import _BlobStorageReader

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mcq.errors import McqError
-from mcq.export.coreml.program import Operation, Program, materialized
+from mcq.export.coreml.program import Operation, Program, StoredTensor, materialized
 
 # -- ops -------------------------------------------------------------------------------------------------------------
 
@@ -98,10 +98,36 @@ def _gelu(x, mode="EXACT"):
     return 0.5 * x * (1.0 + np.vectorize(erf)(x / math.sqrt(2.0)))
 
 
+class RowsOnDemand:
+    """A weight only gathered by rows (an embedding table): the op that makes it, run on the rows asked for when
+    they are asked for (its stored tensors read by row), so a lookup neither reads nor decompresses the table."""
+
+    def __init__(self, op: Operation):
+        self.op = op
+        self.stored = op.attributes["val"] if op.type == "const" else op.inputs["data"][0][1]
+        self.shape = self.stored.shape
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.op.type == "const":
+            return self.stored.read_rows(rows)
+
+        def per_row(name: str):   # the scale (offset) of each row: per block of rows, each row its block's
+            if name not in self.op.inputs:
+                return None
+            value = self.op.inputs[name][0][1]
+            block = rows // (self.shape[0] // value.shape[0])
+            return value.read_rows(block) if isinstance(value, StoredTensor) else np.asarray(value)[block]
+
+        return _blockwise_shift_scale(self.stored.read_rows(rows), per_row("scale"), per_row("offset"))
+
+
 def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     if int(batch_dims) != 0:
         raise McqError("interpreter: gather with batch_dims is not implemented")
     indices = np.asarray(indices).astype(np.int64)
+    if isinstance(x, RowsOnDemand):   # along axis 0 (see `_gathered_by_rows`)
+        wanted, positions = np.unique(np.where(indices < 0, indices + x.shape[0], indices), return_inverse=True)
+        return x.rows(wanted)[positions.reshape(indices.shape)]
     axis = int(axis) % x.ndim
     indices = np.where(indices < 0, indices + x.shape[axis], indices)
     return np.take(x, indices, axis=axis)
@@ -345,12 +371,41 @@ def check_supported(program: Program) -> None:
 CACHED_CONSTANT_BYTES = 1 << 20
 
 
+def _gathered_by_rows(program: Program) -> set[str]:
+    """Names of the stored weights (a const, or blockwise dequantization of stored data) that only gather ops read,
+    along axis 0: `RowsOnDemand` makes just the rows each lookup asks for."""
+    constants = {op.outputs[0][0]: op.attributes.get("val") for op in program.operations if op.type == "const"}
+
+    def is_zero(bound: list) -> bool:
+        kind, ref = bound[0]
+        value = constants.get(ref) if kind == "var" else ref
+        return isinstance(value, np.ndarray) and value.size == 1 and int(value) == 0
+
+    candidates = {op.outputs[0][0] for op in program.operations
+                  if (op.type == "const" and isinstance(op.attributes.get("val"), StoredTensor))
+                  or (op.type == "constexpr_blockwise_shift_scale"
+                      and isinstance(op.inputs["data"][0][1], StoredTensor))}
+    for op in program.operations:
+        for parameter, bound in op.inputs.items():
+            for kind, ref in bound:
+                if kind != "var" or ref not in candidates:
+                    continue
+                by_rows = (op.type == "gather" and parameter == "x" and is_zero(op.inputs["axis"])
+                           and is_zero(op.inputs.get("batch_dims", [("value", np.zeros(()))])))
+                if not by_rows:
+                    candidates.discard(ref)
+    return candidates & set().union(*(
+        {ref for kind, ref in op.inputs.get("x", []) if kind == "var"} for op in program.operations
+        if op.type == "gather"))
+
+
 class Interpreter:
     """Runs a Program on numpy inputs; `state` holds the program's states between calls (a stateful LLM's cache)."""
 
     def __init__(self, program: Program):
         check_supported(program)
         self.program = program
+        self._by_rows = _gathered_by_rows(program)
         self.state = {name: np.zeros(shape, dtype=_STORAGE[dtype]) for name, (dtype, shape) in program.states.items()}
         self._constants: dict[str, Any] = {}
 
@@ -379,6 +434,9 @@ class Interpreter:
         return values[0] if len(values) == 1 else values
 
     def _run(self, op: Operation, env: dict[str, Any]) -> None:
+        if op.outputs[0][0] in self._by_rows:
+            env[op.outputs[0][0]] = RowsOnDemand(op)
+            return
         if op.type == "const":
             name = op.outputs[0][0]
             value = self._constants[name] if name in self._constants else materialized(op.attributes["val"])
@@ -425,6 +483,9 @@ class Interpreter:
         for op in self.program.operations:
             if op.type == "const" or op.type.startswith("constexpr_"):
                 self._run(op, env)
-                if op.type.startswith("constexpr_") or isinstance(env[op.outputs[0][0]], np.ndarray):
-                    out[op.outputs[0][0]] = env[op.outputs[0][0]]
+                value = env[op.outputs[0][0]]
+                if isinstance(value, RowsOnDemand):   # every row, read as lookups read them
+                    value = env[op.outputs[0][0]] = value.rows(np.arange(value.shape[0]))
+                if op.type.startswith("constexpr_") or isinstance(value, np.ndarray):
+                    out[op.outputs[0][0]] = value
         return out
