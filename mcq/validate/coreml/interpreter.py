@@ -434,7 +434,7 @@ class Interpreter:
         return values[0] if len(values) == 1 else values
 
     def _run(self, op: Operation, env: dict[str, Any]) -> None:
-        if op.outputs[0][0] in self._by_rows:
+        if op.outputs and op.outputs[0][0] in self._by_rows:
             env[op.outputs[0][0]] = RowsOnDemand(op)
             return
         if op.type == "const":
