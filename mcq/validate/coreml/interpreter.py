@@ -28,6 +28,14 @@ def _fp(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) if x.dtype == np.float16 else x
 
 
+def _widened(weight: np.ndarray) -> np.ndarray:
+    """A weight in float32, through torch's conversion: the same values as numpy's, about 4x faster on the large
+    weights a linear widens for every call."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(weight)).float().numpy() if weight.dtype == np.float16 else weight
+
+
 def _axes(axes, rank: int) -> tuple[int, ...]:
     return tuple(int(a) % rank for a in np.atleast_1d(axes))
 
@@ -50,11 +58,11 @@ def _chunks(length: int, row_elements: int):
 def _linear(x, weight, bias=None):
     x = _fp(x)
     if weight.dtype == np.float32 or weight.size <= WHOLE_PRODUCT_ELEMENTS:
-        out = x @ _fp(weight).T
+        out = x @ _widened(weight).T
     else:
         out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
         for rows in _chunks(weight.shape[0], weight.shape[1]):
-            out[..., rows] = x @ weight[rows].astype(np.float32).T
+            out[..., rows] = x @ _widened(weight[rows]).T
     return out + _fp(bias) if bias is not None else out
 
 
@@ -173,11 +181,14 @@ def _dequantized(shape: tuple[int, ...], dtype: np.dtype, axis: int, compute) ->
     """An array of `shape` and `dtype` (a constexpr op's output has its scale's or palette's type) filled a chunk at a
     time along `axis` by `compute(index)`, which computes that chunk in float32: the same values as one float32
     array cast at the end, without holding that array (4 bytes per weight element)."""
+    import torch
+
     out = np.empty(shape, dtype=dtype)
     row = math.prod(shape) // max(1, shape[axis])
     for part in _chunks(shape[axis], row):
         index = (slice(None),) * axis + (part,)
-        out[index] = compute(index)
+        # torch's float32 -> float16 rounding is numpy's (round to nearest even), about 6x faster
+        torch.from_numpy(out[index]).copy_(torch.from_numpy(np.ascontiguousarray(compute(index))))
     return out
 
 
