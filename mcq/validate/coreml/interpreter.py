@@ -405,6 +405,7 @@ def _gathered_by_rows(program: Program) -> set[str]:
                            and is_zero(op.inputs.get("batch_dims", [("value", np.zeros(()))])))
                 if not by_rows:
                     candidates.discard(ref)
+    candidates -= set(program.outputs)   # a weight the program returns is made whole
     return candidates & set().union(*(
         {ref for kind, ref in op.inputs.get("x", []) if kind == "var"} for op in program.operations
         if op.type == "gather"))
