@@ -19,7 +19,6 @@ which is what its CPU serving holds per layer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import TreePoller, emit, log, mib, proc_status
+from measure import TreePoller, emit, log, mib, proc_status, runtime_parser
 
 SETTINGS = {"default": {}, "no-prepacking": {"session.disable_prepacking": "1"}, "prepacked-file": {}}
 SAVE_PREPACKED = {"session.save_external_prepacked_constant_initializers": "1",
@@ -89,12 +88,8 @@ def child(export: Path, setting: str, threads: int, runs: int, scratch: Path) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export", type=Path, help="an `mcq export --format onnx` output directory")
+    parser = runtime_parser(__doc__, "an `mcq export --format onnx` output directory")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         setting, scratch = args.child

@@ -6,6 +6,7 @@ folder first on sys.path); it imports nothing heavy, so a parent process that on
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -44,6 +45,17 @@ def emit(report: dict, out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n", encoding="utf-8")
+
+
+def runtime_parser(doc: str, export_help: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that runs one export in a runtime, one setting per child process: the export
+    directory, --runs, --out, and the hidden --child SETTING SCRATCH its children are started with."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("export", type=Path, help=export_help)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    return parser
 
 
 def release(workdir: Path, keep: bool) -> None:

@@ -341,6 +341,47 @@ def test_runner_refuses_grouped_video_samples(reference, reason):
     assert (served is None if reason is None else reason in served) and GgufRunner.unserved(items[1].scored) is None
 
 
+def test_runner_refuses_blocks_without_their_bounds():
+    """A 4.6 video sample whose frames' token bounds are missing is refused in one line, not paired short with the
+    images' bounds (a frame's embeddings would land on another block's tokens)."""
+    from mcq.models.family import gguf_layout_for
+
+    samples = eval_samples(None, None, 0)
+    video = next(sample for sample in samples if sample.is_video)
+    data = encode_items(open_encoder("tiny:4.6"), [video], 2)[0].scored
+    runner = object.__new__(GgufRunner)   # the pairing reads only the family's layout, not a loaded model
+    runner.image_blocks = gguf_layout_for("minicpmv4_6").image_blocks
+    assert len(runner._blocks(data)) == len(data["video_bound"][0])
+    with pytest.raises(McqError, match=r"records 0 vision blocks' token bounds for \d+ blocks of pixels"):
+        runner._blocks({key: value for key, value in data.items() if key != "video_bound"})
+
+
+def test_memory_plan_serves_unrepacked_when_the_repacked_copy_does_not_fit(tmp_path):
+    """On CPU the plan counts llama.cpp's repacked copy of the quantized matrices; where only the mapped file fits,
+    the runner loads without repacking (as `llama-server --no-repack`) and serves the same model (other kernels:
+    at real widths their rounding moves random weights' logits by a mean KL of ~1e-3, `bench_gguf_repack.py`)."""
+    from mcq.validate.runners.gguf_runner import _repacked_bytes
+
+    export_gguf("tiny:4.5", tmp_path / "q8", quant="Q8_0", progress=False)
+    llm = next(p for p in (tmp_path / "q8").glob("*.gguf") if not p.name.startswith("mmproj-"))
+    repacked = _repacked_bytes(llm)
+    assert 0 < repacked < llm.stat().st_size
+    roomy = GgufRunner.memory_plan(tmp_path / "q8", "cpu", "float32", None, 64)
+    assert roomy.load == {} and "repacked" in roomy.how
+    tight = GgufRunner.memory_plan(tmp_path / "q8", "cpu", "float32", roomy.bytes - 1, 64)
+    assert tight.load == {"repack": False} and tight.bytes == roomy.bytes - repacked and "--no-repack" in tight.how
+    # Too little for the mapped file too: the full plan, which the validator refuses with.
+    assert GgufRunner.memory_plan(tmp_path / "q8", "cpu", "float32", tight.bytes - 1, 64).bytes == roomy.bytes
+    assert GgufRunner.memory_plan(tmp_path / "q8", "cuda", "float32", tight.bytes, 64).load == {}
+    items = _items("tiny:4.5", 3)
+    runners = [GgufRunner(tmp_path / "q8", torch.device("cpu"), "auto", **load) for load in ({}, tight.load)]
+    try:
+        assert _mean_kl(_answer_logits(runners[0], items), runners[1], items) < 1e-4
+    finally:
+        for runner in runners:
+            runner.close()
+
+
 def test_official_4_5_layout_maps_every_stored_tensor(reference_dir):
     """On the official MiniCPM-V 4.5 config and weight shapes: every stored tensor becomes exactly one GGUF tensor
     of the shape llama.cpp expects (LLM 399 tensors, mmproj 455 with the computed position table)."""

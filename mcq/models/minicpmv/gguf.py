@@ -234,7 +234,9 @@ def sincos_table(embed: int, grid: int) -> np.ndarray:
 
 def image_blocks(data: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """The processor's slices of an encoded sample (`GgufLayout.image_blocks`): it lists them, one `[3, patch,
-    rows * columns * patch]` tensor each, with their sizes in `tgt_sizes`."""
+    rows * columns * patch]` tensor each, with their sizes in `tgt_sizes` (none in a text-only sample)."""
+    if "pixel_values" not in data:
+        return []
     return [(pixels, (int(rows), int(columns))) for pixels, (rows, columns) in zip(data["pixel_values"][0],
                                                                                   data["tgt_sizes"][0].tolist())]
 

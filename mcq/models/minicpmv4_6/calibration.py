@@ -218,11 +218,15 @@ def image_blocks(data: dict[str, Any]) -> list[tuple[torch.Tensor, tuple[int, in
     blocks = []
     for visual in VISUALS:
         if visual.pixels in data:
-            packed, sizes = data[visual.pixels][0], data[visual.sizes].tolist()
-            widths = [rows * columns * packed.shape[1] for rows, columns in sizes]
-            blocks += [(pixels, (rows, columns))
-                       for pixels, (rows, columns) in zip(packed.split(widths, dim=-1), sizes)]
+            sizes = data[visual.sizes].tolist()
+            blocks += zip(unpacked(data[visual.pixels][0], sizes), map(tuple, sizes))
     return blocks
+
+
+def unpacked(packed: torch.Tensor, sizes: list[list[int]]) -> list[torch.Tensor]:
+    """NaViT-packed pixels `[3, patch, width]` (the processor puts the blocks side by side along the last axis) as
+    one `[3, patch, rows * columns * patch]` per block of (rows, columns) patches in `sizes`."""
+    return list(packed.split([rows * columns * packed.shape[1] for rows, columns in sizes], dim=-1))
 
 
 def _loaded(what: str, auto_class, path: Path):

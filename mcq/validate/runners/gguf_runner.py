@@ -65,6 +65,18 @@ def _metadata(path: Path) -> dict[str, Any]:
             if not name.startswith("tokenizer.ggml.") or name.endswith("_id")}
 
 
+def _repacked_bytes(path: Path) -> int:
+    """Bytes of the LLM file's quantized matrices, which llama.cpp's CPU backend copies into its repacked layout
+    (every block-quantized type mcq writes has one in llama-cpp-python 0.3.36: Q4_0, Q4_K, Q5_K, Q6_K, Q8_0,
+    IQ4_NL...) — all but the token embeddings, which it only gathers rows of. An upper bound: a matrix whose rows
+    do not fill the kernels' tiles stays mapped."""
+    import gguf
+
+    unpacked = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return sum(int(tensor.n_bytes) for tensor in gguf.GGUFReader(path).tensors
+               if tensor.tensor_type not in unpacked and len(tensor.shape) == 2 and tensor.name != "token_embd.weight")
+
+
 def _token_count(path: Path) -> int:
     """The vocabulary's size where the file has no `{arch}.vocab_size` (qwen35): llama.cpp's, its token list's."""
     import gguf
@@ -115,7 +127,12 @@ class GgufRunner(Runner):
     @classmethod
     def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
         """llama.cpp maps the LLM file (file-backed pages, which the kernel reclaims), loads the mmproj, and
-        allocates the KV cache and the logits of a batch of CONTEXT tokens."""
+        allocates the KV cache and the logits of a batch of CONTEXT tokens. On CPU it also copies the quantized
+        matrices into the interleaved layout of its GEMM kernels (its "repack" extra buffer type, on by default:
+        what `llama-server` serves with), in anonymous memory: about the LLM file again. When that copy does not
+        fit, the LLM is served from the mapped file as `llama-server --no-repack` does, and the runtime column says
+        so: other kernels, whose activation rounding differs (`benchmarks/bench_gguf_repack.py`: mean KL 4e-4 to
+        1.5e-3 between the two on random real-width weights, speed within the run's noise)."""
         llm, mmproj = gguf_files(path)
         meta = _metadata(llm)
         arch = meta["general.architecture"]
@@ -124,9 +141,14 @@ class GgufRunner(Runner):
             f"{arch}.attention.head_count"]
         cache = 2 * layers * heads * head_dim * CONTEXT * 2
         logits = CONTEXT * (meta.get(f"{arch}.vocab_size") or _token_count(llm)) * 4
-        return MemoryPlan(mmproj.stat().st_size + cache + 2 * logits + (1 << 30), "LLM file mapped")
+        mapped = mmproj.stat().st_size + cache + 2 * logits + (1 << 30)
+        repacked = _repacked_bytes(llm) if torch.device(device).type == "cpu" else 0
+        if repacked and available is not None and mapped + repacked > available >= mapped:
+            return MemoryPlan(mapped, f"LLM file mapped, not repacked (--no-repack: its {repacked / 2**30:.1f} GiB "
+                                      "repacked copy does not fit)", load={"repack": False})
+        return MemoryPlan(mapped + repacked, "LLM file mapped" + (", repacked for the CPU kernels" if repacked else ""))
 
-    def __init__(self, path: str | Path, device: torch.device, dtype: str):
+    def __init__(self, path: str | Path, device: torch.device, dtype: str, repack: bool = True):
         require_llama_cpp()
         import llama_cpp
         from llama_cpp import mtmd_cpp
@@ -141,6 +163,7 @@ class GgufRunner(Runner):
         threads = max(1, len(os.sched_getaffinity(0)))
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 999 if gpu else 0
+        model_params.use_extra_bufts = repack   # the memory plan's choice, which the runtime column shows
         self.model = llama_cpp.llama_model_load_from_file(str(llm_path).encode(), model_params)
         if not self.model:
             raise McqError(f"llama.cpp could not load {llm_path}")
@@ -263,6 +286,15 @@ class GgufRunner(Runner):
         return [(int(start), int(end)) for key in ("image_bound", "video_bound") if key in data
                 for start, end in data[key][0].tolist()]
 
+    def _blocks(self, data: dict[str, Any]) -> list[tuple[tuple[int, int], tuple[torch.Tensor, tuple[int, int]]]]:
+        """Each vision block's token bounds beside its pixels and size; a sample whose bounds and blocks do not
+        pair up (an encoder that records one and not the other) is refused, not paired short."""
+        bounds, blocks = self._bounds(data), self.image_blocks(data)
+        if len(bounds) != len(blocks):
+            raise McqError(f"the sample records {len(bounds)} vision blocks' token bounds for {len(blocks)} blocks "
+                           "of pixels")
+        return list(zip(bounds, blocks))
+
     def vision(self, data: dict[str, Any]) -> torch.Tensor:
         """libmtmd's embeddings of each image block, zero-padded to the longest (4.6's blocks differ in size), as the
         reference's vision output is."""
@@ -270,7 +302,7 @@ class GgufRunner(Runner):
         if reason:
             raise McqError(f"GGUF cannot serve this sample: {reason}")
         embeddings = []
-        for (pixels, (rows, columns)), (start, end) in zip(self.image_blocks(data), self._bounds(data)):
+        for (start, end), (pixels, (rows, columns)) in self._blocks(data):
             rgb = self._block_rgb(pixels, rows, columns)
             size = self._libmtmd_size(rgb.shape[1], rgb.shape[0], end - start)
             if size != (rgb.shape[1], rgb.shape[0]):
@@ -284,12 +316,13 @@ class GgufRunner(Runner):
         """The sequence as runs of token ids and of embeddings (image blocks), each with its positions
         (`[sections, count]`), and the position after the last."""
         ids = data["input_ids"][0].tolist()
-        bounds = self._bounds(data)
-        if bounds and vision is None:
+        paired = self._blocks(data)
+        if paired and vision is None:
             vision = self.vision(data)
         pieces, index, position = [], 0, 0
         # In the text's order (a prompt may put a video before an image).
-        blocks = sorted(zip(bounds, self.image_blocks(data), vision), key=lambda block: block[0][0]) if bounds else []
+        blocks = sorted(((bounds, block, embeddings) for (bounds, block), embeddings in zip(paired, vision)),
+                        key=lambda block: block[0][0]) if paired else []
         for (start, end), (pixels, (rows, columns)), block in blocks:
             if start > index:
                 pieces.append(("tokens", ids[index:start], np.arange(position, position + start - index)[None]))
