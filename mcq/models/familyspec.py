@@ -133,6 +133,8 @@ class VllmInputs(Protocol):
     tokenizer: Any
     terminators: list[int]   # token ids that end an answer
     marker: str              # the prompt text vLLM expands into one image's placeholder
+    # ... and into one video's (None: vLLM's model of the family does not take a video as the reference lays it out)
+    video_marker: str | None
     # The dtype vLLM's CPU build serves the family in, whatever is asked (None: the one asked).
     cpu_dtype: str | None
 
@@ -144,6 +146,9 @@ class VllmInputs(Protocol):
 
     def image_embeds(self, data: dict[str, Any], slices: list[int], vision: Any) -> dict[str, Any]:
         """vLLM's image-embeddings input for `vision` blocks (another model's), `slices[i]` of them for image i."""
+
+    def video_embeds(self, data: dict[str, Any], vision: Any) -> dict[str, Any]:
+        """vLLM's video-embeddings input for the sample's video, from all its `vision` blocks (with `video_marker`)."""
 
 
 @dataclass(frozen=True)

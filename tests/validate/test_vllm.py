@@ -410,7 +410,8 @@ def _check_served(own: dict, served: dict, runtime: str, dequantized: bool) -> N
     assert served["status"] == "ok", served["error"]
     assert served["runtime"].startswith(runtime) and (DEQUANTIZED in served["runtime"]) == dequantized, \
         served["runtime"]
-    assert set(served["kl_by_kind"]) <= set(own["kl_by_kind"]) and "video" not in served["kl_by_kind"]
+    # Every kind of sample mcq scored, but the video where the vLLM row left it out (the resampler family's).
+    assert set(served["kl_by_kind"]) == set(own["kl_by_kind"]) - ({"video"} if served["skipped_samples"] else set())
     for kind, kl in served["kl_by_kind"].items():
         assert kl <= 1.5 * own["kl_by_kind"][kind] + 1e-4, (served["name"], kind, kl, own["kl_by_kind"][kind])
 
@@ -523,8 +524,9 @@ def _tiny46_for_vllm_cpu(out: Path) -> Path:
 def test_vllm_serves_4_6(vllm_python, int4_native, tmp_path):
     """MiniCPM-V 4.6 in vLLM (mcq's plugin stands in for torchvision, which vLLM's 4.6 imports and processes with):
     vLLM's bf16 (its CPU build's only dtype for the Gated DeltaNet layers) builds the reference's prompts and
-    reproduces mcq's float32 transformers reference (measured: KL 4.4e-6, vision cosine 0.99998). The video sample
-    is left out of vLLM's rows (the vLLM runner serves no video). The whole model in int4 (rtn-w4g128 for
+    reproduces mcq's float32 transformers reference (measured: KL 4.4e-6, vision cosine 0.99998), the video sample
+    included (its frames' features as video embeddings, vLLM's placeholder equal to the reference's, token for
+    token: the runner checks it). The whole model in int4 (rtn-w4g128 for
     vLLM's CPU build: vision tower, vit_merger attention, both LLM layer kinds) loads under vLLM's own module names
     (`quantization_config` names modules plainly: vLLM maps no pattern) and is served within 1.5x (+1e-4) of mcq's
     KL (measured: 0.00488 in both, every kind of sample within 0.5%)."""
@@ -542,7 +544,7 @@ def test_vllm_serves_4_6(vllm_python, int4_native, tmp_path):
     assert bf16["metrics"]["kl_mean"] < 1e-4 and bf16["metrics"]["top1_agreement"] > 0.99
     assert bf16["metrics"]["vision_cosine"] > 0.999 and bf16["kl_vision_path"] < 1e-4
     assert bf16["metrics"]["gen_exact_match"] == 1.0
-    assert list(bf16["skipped_samples"].values()) == [1] and "video" in next(iter(bf16["skipped_samples"]))
+    assert bf16["skipped_samples"] == {} and bf16["kl_by_kind"]["video"] < 1e-4, bf16["kl_by_kind"]
     _check_served(rows["rtn-w4g128 (transformers)"], rows["rtn-w4g128 (vllm)"], runtime, not int4_native)
     # Quantized, not left in bf16 by vLLM: the int4 output moves the model a thousand times more than bf16 does.
     assert rows["rtn-w4g128 (vllm)"]["metrics"]["kl_mean"] > 100 * bf16["metrics"]["kl_mean"]

@@ -17,6 +17,9 @@ from .versions import version_spec
 
 class MiniCPMVVllmInputs:
     marker = IMAGE_MARKER
+    # vLLM's MiniCPM-V takes a video's frames without the temporal ids 4.5's 3D resampler groups them by, and
+    # without the newlines the official `chat()` puts between frames: no prompt of it is the reference's.
+    video_marker = None
     cpu_dtype = None
 
     def __init__(self, path: Path):

@@ -33,9 +33,14 @@ Scored on the reference's inputs like every runner:
   (so it times the LLM alone, prefix caching off); decode from the engine's own first- and last-token
   timestamps of a longer request.
 
-Not served: video. vLLM's MiniCPM-V takes a video as separate frames: 4.5 without temporal ids (the official 3D
-resampler packs frames by temporal id), and on every version without the newlines the official `chat()` puts
-between frames, so its prompt cannot be the reference's.
+Video: 4.6's is served. Its frames are image blocks at the video token, laid out as vLLM lays them out; the video's
+placeholder is folded back to the family's video marker (`<|video_pad|>`) and its features always go in as video
+embeddings (vLLM's own path for a video's frames resizes them otherwise than transformers' video processor), with
+the frames' sizes, from which vLLM builds the placeholder. Not served: the resampler family's video. vLLM's
+MiniCPM-V takes it as separate frames: 4.5 without temporal ids (the official 3D resampler packs frames by temporal
+id), and on every version without the newlines the official `chat()` puts between frames, so its prompt cannot be
+the reference's. Nor a video and images in one prompt (how vLLM lines up the two modalities' embeddings with the
+prompt is not checked here).
 """
 
 from __future__ import annotations
@@ -158,9 +163,13 @@ class VllmRunner(Runner):
 
     @classmethod
     def unserved(cls, data: dict[str, Any]) -> str | None:
-        if grouped_video(data) or any(data.get("video") or []):
+        if not any(data.get("video") or []):
+            return None
+        if grouped_video(data) or "video_bound" not in data:   # frames as images (2.6-4.5), not at video tokens (4.6)
             return ("video (vLLM's MiniCPM-V takes a video as separate frames, without temporal ids and without "
                     "the official layout between frames)")
+        if any(data.get("images") or []):
+            return "a video and images in one prompt"
         return None
 
     def __init__(self, path: str | Path, device: torch.device, dtype: str, max_slice_nums: int | None = None):
@@ -216,6 +225,9 @@ class VllmRunner(Runner):
         self.tokens = special_token_ids(self.tokenizer)
         self.terminators = self.family.terminators
         self.marker = self.tokenizer.encode(self.family.marker, add_special_tokens=False)
+        video_marker = self.family.video_marker
+        self.video_marker = self.tokenizer.encode(video_marker, add_special_tokens=False) if video_marker else None
+        self.video_token = self.tokenizer.convert_tokens_to_ids(video_marker) if video_marker else None
         self.vocab_size = text_config.vocab_size
         self.logprobs = min(self.vocab_size, MAX_LOGPROBS)
         self._own: dict[int, tuple[weakref.ref, tuple]] = {}
@@ -225,7 +237,7 @@ class VllmRunner(Runner):
                            max_logprobs=self.logprobs, generation_config="vllm", disable_log_stats=False,
                            # Every request computed afresh (timings), embeddings accepted (`vision=`).
                            enable_prefix_caching=False, mm_processor_cache_gb=0, enable_mm_embeds=True,
-                           limit_mm_per_prompt={"image": MAX_IMAGES, "video": 0},
+                           limit_mm_per_prompt={"image": MAX_IMAGES, "video": int(video_marker is not None)},
                            # The evaluation's slicing: vLLM's placeholders and pixels both follow it.
                            mm_processor_kwargs=None if max_slice_nums is None else {"max_slice_nums": max_slice_nums})
         except Exception as err:   # vLLM refuses the checkpoint (a layer its kernels cannot hold...): one line
@@ -251,31 +263,54 @@ class VllmRunner(Runner):
             spans.append((start, end))
         return spans
 
+    def _video_span(self, ids: list[int], spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+        """[start, end) of the video's placeholder (its frames' placeholders, back to back, the first with the
+        video's `<image_id>`), taken out of `spans`; None without video tokens."""
+        frames = [span for span in spans if self.video_token is not None and self.video_token in ids[slice(*span)]]
+        if not frames:
+            return None
+        if any(end != start for (_, end), (start, _) in zip(frames, frames[1:])):
+            raise McqError("a sample with more than one video: the vLLM runner serves one")
+        for frame in frames:
+            spans.remove(frame)
+        return frames[0][0], frames[-1][1]
+
     def _request(self, data: dict[str, Any], vision: torch.Tensor | None) -> tuple[dict[str, Any], list[int]]:
         """(the vLLM prompt, the token ids vLLM must build from it): the reference's ids with each image's
         placeholder folded back to the marker, and the images (or, for `vision` features computed elsewhere,
-        their embeddings)."""
+        their embeddings); a video's placeholder folded back to the video marker, and its embeddings."""
         ids = data["input_ids"][0][data["attention_mask"][0].bool()].tolist()
         if len(ids) >= MAX_MODEL_LEN:
             raise McqError(f"a sample of {len(ids)} tokens is longer than the vLLM runner's {MAX_MODEL_LEN}")
         spans = self._image_spans(ids)
-        if not spans:
+        video = self._video_span(ids, spans)
+        if not spans and video is None:
             return {"prompt_token_ids": ids}, ids
         images = (data.get("images") or [[]])[0]
         if len(images) != len(spans):
             raise McqError(f"the sample has {len(spans)} image placeholders but {len(images)} images")
         if len(spans) > MAX_IMAGES:
             raise McqError(f"a sample with {len(spans)} images: the vLLM runner serves up to {MAX_IMAGES}")
+        markers = {span: self.marker for span in spans}
+        if video is not None:
+            markers[video] = self.video_marker
         prompt, position = [], 0
-        for start, end in spans:
-            prompt += ids[position:start] + self.marker
+        for (start, end), marker in sorted(markers.items()):
+            prompt += ids[position:start] + marker
             position = end
         prompt += ids[position:]
-        if vision is None or self._is_own(vision, data):
-            media = images
-        else:
-            media = self._embeddings(data, ids, spans, vision)
-        return {"prompt_token_ids": prompt, "multi_modal_data": {"image": media}}, ids
+        media = {}
+        if spans:
+            own = vision is None or self._is_own(vision, data)
+            media["image"] = images if own else self._embeddings(data, ids, spans, vision)
+        if video is not None:
+            # Always as embeddings: the reference's frames through vLLM's vision path when none are given.
+            features = self.vision(data) if vision is None else vision
+            count = ids[slice(*video)].count(self.video_token)
+            media["video"] = self.family.video_embeds(data, features.to(self.dtype))
+            if len(media["video"]["video_embeds"][0]) != count:   # vLLM does not check it, and hangs
+                raise McqError(f"{len(media['video']['video_embeds'][0])} video embeddings for {count} video tokens")
+        return {"prompt_token_ids": prompt, "multi_modal_data": media}, ids
 
     def _embeddings(self, data: dict[str, Any], ids: list[int], spans: list[tuple[int, int]],
                     vision: torch.Tensor) -> dict:
@@ -403,7 +438,9 @@ def _foreign(vision: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _pixels_key(data: dict[str, Any]) -> tuple:
-    return tuple((tuple(p.shape), float(p.float().sum())) for p in data["pixel_values"][0])
+    """The sample's pixels (images' and video frames'), as shapes and sums."""
+    return tuple((key, tuple(p.shape), float(p.float().sum())) for key in sorted(data)
+                 if key.startswith("pixel_values") for p in data[key][0])
 
 
 def _head_dim(config) -> int:
