@@ -92,6 +92,11 @@ def release(module: nn.Module) -> None:
     ones: measured on a real-width 4.5, RTN's anonymous memory after each LLM layer grew 33 MiB per layer without
     the trim, 0.1 MiB with it."""
     module.to("meta")
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand glibc's freed heap back to the system (nothing where the C library has no `malloc_trim`)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -833,6 +833,26 @@ def test_embed_lookups_read_only_their_rows(llm_exports, llm):
             assert np.array_equal(tensor.read_rows(rows % tensor.shape[0]), tensor.read()[rows % tensor.shape[0]])
 
 
+@pytest.mark.parametrize("llm", ["fp16", "int4-block32", "int8", "palettize4"])
+def test_large_head_products_read_their_weight_by_rows(llm_exports, llm, monkeypatch):
+    """A linear whose weight is too large to widen whole (the real vocabulary's LM head; lowered here) makes it a
+    block of rows at a time from the stored levels (`RowsOnDemand`), never the whole fp16 weight: equal bytes to
+    dequantizing it whole and multiplying it by the same blocks."""
+    from mcq.validate.coreml import interpreter
+
+    monkeypatch.setattr(interpreter, "WHOLE_PRODUCT_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(interpreter, "CHUNK_ELEMENTS", 1 << 12)
+    program = load_program(llm_exports(llm) / api.HEAD_PACKAGE)
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.standard_normal([3 if dim is None else dim for dim in shape]).astype(np.float16)
+             for name, (_, shape) in program.inputs.items()}
+    by_rows, whole = Interpreter(program), Interpreter(program)
+    whole._by_rows = set()
+    assert by_rows._by_rows or llm == "palettize4"   # a palettized weight is decompressed whole
+    expected = whole.predict(feeds)
+    assert all(np.array_equal(by_rows.predict(feeds)[name], value) for name, value in expected.items())
+
+
 @pytest.fixture(scope="module")
 def rtn_export(tmp_path_factory):
     from mcq.quantize.api import quantize

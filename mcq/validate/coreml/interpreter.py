@@ -57,7 +57,11 @@ def _chunks(length: int, row_elements: int):
 
 def _linear(x, weight, bias=None):
     x = _fp(x)
-    if weight.dtype == np.float32 or weight.size <= WHOLE_PRODUCT_ELEMENTS:
+    if isinstance(weight, RowsOnDemand):   # a weight over WHOLE_PRODUCT_ELEMENTS, made a block of rows at a time
+        out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
+        for rows in _chunks(weight.shape[0], weight.shape[1]):
+            out[..., rows] = x @ _widened(weight.rows(np.arange(rows.start, rows.stop))).T
+    elif weight.dtype == np.float32 or weight.size <= WHOLE_PRODUCT_ELEMENTS:
         out = x @ _widened(weight).T
     else:
         out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
@@ -107,8 +111,9 @@ def _gelu(x, mode="EXACT"):
 
 
 class RowsOnDemand:
-    """A weight only gathered by rows (an embedding table): the op that makes it, run on the rows asked for when
-    they are asked for (its stored tensors read by row), so a lookup neither reads nor decompresses the table."""
+    """A weight only read by rows (an embedding table, a large product's weight): the op that makes it, run on the
+    rows asked for when they are asked for (its stored tensors read by row), so a lookup neither reads nor
+    decompresses the table, and a product holds one block of its weight's rows at a time."""
 
     def __init__(self, op: Operation):
         self.op = op
@@ -133,7 +138,7 @@ def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     if int(batch_dims) != 0:
         raise McqError("interpreter: gather with batch_dims is not implemented")
     indices = np.asarray(indices).astype(np.int64)
-    if isinstance(x, RowsOnDemand):   # along axis 0 (see `_gathered_by_rows`)
+    if isinstance(x, RowsOnDemand):   # along axis 0 (see `read_by_rows`)
         wanted, positions = np.unique(np.where(indices < 0, indices + x.shape[0], indices), return_inverse=True)
         return x.rows(wanted)[positions.reshape(indices.shape)]
     axis = int(axis) % x.ndim
@@ -382,9 +387,11 @@ def check_supported(program: Program) -> None:
 CACHED_CONSTANT_BYTES = 1 << 20
 
 
-def _gathered_by_rows(program: Program) -> set[str]:
-    """Names of the stored weights (a const, or blockwise dequantization of stored data) that only gather ops read,
-    along axis 0: `RowsOnDemand` makes just the rows each lookup asks for."""
+def read_by_rows(program: Program) -> set[str]:
+    """Names of the stored weights (a const, or blockwise dequantization of stored data) that only gather ops read
+    along axis 0, or linear ops as a weight too large to widen whole (`WHOLE_PRODUCT_ELEMENTS`): `RowsOnDemand`
+    makes just the rows each lookup asks for, or each block of output rows as the product reaches it (the real
+    vocabulary's LM head was 1.2 GB of fp16 beside its stored levels during each call)."""
     constants = {op.outputs[0][0]: op.attributes.get("val") for op in program.operations if op.type == "const"}
 
     def is_zero(bound: list) -> bool:
@@ -392,23 +399,45 @@ def _gathered_by_rows(program: Program) -> set[str]:
         value = constants.get(ref) if kind == "var" else ref
         return isinstance(value, np.ndarray) and value.size == 1 and int(value) == 0
 
-    candidates = {op.outputs[0][0] for op in program.operations
-                  if (op.type == "const" and isinstance(op.attributes.get("val"), StoredTensor))
-                  or (op.type == "constexpr_blockwise_shift_scale"
-                      and isinstance(op.inputs["data"][0][1], StoredTensor))}
+    stored = {op.outputs[0][0]: op.attributes["val"] if op.type == "const" else op.inputs["data"][0][1]
+              for op in program.operations
+              if (op.type == "const" and isinstance(op.attributes.get("val"), StoredTensor))
+              or (op.type == "constexpr_blockwise_shift_scale" and isinstance(op.inputs["data"][0][1], StoredTensor))}
+    candidates = set(stored)
     for op in program.operations:
         for parameter, bound in op.inputs.items():
             for kind, ref in bound:
                 if kind != "var" or ref not in candidates:
                     continue
-                by_rows = (op.type == "gather" and parameter == "x" and is_zero(op.inputs["axis"])
-                           and is_zero(op.inputs.get("batch_dims", [("value", np.zeros(()))])))
-                if not by_rows:
+                gathered = (op.type == "gather" and parameter == "x" and is_zero(op.inputs["axis"])
+                            and is_zero(op.inputs.get("batch_dims", [("value", np.zeros(()))])))
+                multiplied = (op.type == "linear" and parameter == "weight"
+                              and math.prod(stored[ref].shape) > WHOLE_PRODUCT_ELEMENTS)
+                if not (gathered or multiplied):
                     candidates.discard(ref)
     candidates -= set(program.outputs)   # a weight the program returns is made whole
     return candidates & set().union(*(
-        {ref for kind, ref in op.inputs.get("x", []) if kind == "var"} for op in program.operations
-        if op.type == "gather"))
+        {ref for kind, ref in op.inputs.get("x" if op.type == "gather" else "weight", []) if kind == "var"}
+        for op in program.operations if op.type in ("gather", "linear")))
+
+
+def _dead_after(program: Program) -> list[list[str]]:
+    """For each op, the values no later op reads (its inputs read for the last time, its outputs never read), which
+    a call frees once the op has run: a decoder package then holds each layer's dequantized weights only until its
+    product, not all its layers' until the call returns. The program's outputs are kept."""
+    last: dict[str, int] = {}
+    for index, op in enumerate(program.operations):
+        for name, _ in op.outputs:
+            last[name] = index
+        for bound in op.inputs.values():
+            for kind, ref in bound:
+                if kind == "var":
+                    last[ref] = index
+    dead: list[list[str]] = [[] for _ in program.operations]
+    for name, index in last.items():
+        if name not in program.outputs and name not in program.inputs and name not in program.states:
+            dead[index].append(name)
+    return dead
 
 
 class Interpreter:
@@ -417,7 +446,8 @@ class Interpreter:
     def __init__(self, program: Program):
         check_supported(program)
         self.program = program
-        self._by_rows = _gathered_by_rows(program)
+        self._by_rows = read_by_rows(program)
+        self._dead_after = _dead_after(program)
         self.state = {name: np.zeros(shape, dtype=_STORAGE[dtype]) for name, (dtype, shape) in program.states.items()}
         self._constants: dict[str, Any] = {}
 
@@ -437,8 +467,10 @@ class Interpreter:
             env[name] = value
         for name in self.state:
             env[name] = ("state", name)
-        for op in self.program.operations:
+        for op, dead in zip(self.program.operations, self._dead_after):
             self._run(op, env)
+            for name in dead:
+                env.pop(name, None)
         return {name: np.asarray(env[name]) for name in self.program.outputs}
 
     def _argument(self, bound: list[Any], env: dict[str, Any]) -> Any:

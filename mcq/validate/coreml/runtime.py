@@ -24,6 +24,7 @@ from mcq.export.coreml.host import causal_mask, rotary_inputs, vision_inputs
 from mcq.export.coreml.program import load_program
 from mcq.export.generation import TokenChooser
 from mcq.export.program_host import chat_answer, has_visuals, sample_blocks, write_visual_features
+from mcq.models.weights import trim_heap
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
 # MIL const names of the vision packages that belong to the SigLIP tower (coremltools names a weight after its
@@ -131,7 +132,12 @@ class _Package:
         declared = {name: np.asarray(value).astype(_DTYPES[self.program.inputs[name][0]])
                     for name, value in inputs.items()}
         if self.interpreter is not None:
-            return self.interpreter.predict(declared)
+            outputs = self.interpreter.predict(declared)
+            # A call frees pieces of up to 32 MiB, which glibc keeps in its heap: without the trim what it kept grew
+            # with the packages run (743 / 813 / 842 MiB after three 2-layer decoder packages, real widths), and a
+            # later call's allocations came on top (benchmarks/bench_coreml_interpreter.py).
+            trim_heap()
+            return outputs
         if self.state is not None:
             return self.model.predict(declared, state=self.state)
         return self.model.predict(declared)

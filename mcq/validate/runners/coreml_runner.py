@@ -73,12 +73,14 @@ class CoremlRunner(Runner):
 
     @classmethod
     def memory_plan(cls, path, device, dtype, available, tokens) -> MemoryPlan:
-        """The packages run one after the other, and a call holds its package's weights decompressed to fp16 until
-        it returns (the interpreter keeps only small constants between calls), plus the stored levels of the one
-        being read: counted from the weights' shapes in each program (a file's size says too little: int4 levels
-        are half a byte each on disk and two bytes in fp16). Beside the largest package: the caches of every decoder
-        package and the float32 logits."""
+        """The packages run one after the other, and a call holds at most its package's weights decompressed to
+        fp16 (the interpreter keeps only small constants between calls, and frees each weight after its product),
+        plus the stored levels of the one being read: counted from the weights' shapes in each program (a file's
+        size says too little: int4 levels are half a byte each on disk and two bytes in fp16), all but the weights
+        the interpreter reads by rows (embedding tables, the LM head: a block of rows at a time). Beside the
+        largest package: the caches of every decoder package and the float32 logits."""
         from mcq.export.coreml.program import load_program
+        from mcq.validate.coreml.interpreter import read_by_rows
         from mcq.validate.coreml.runtime import native_available, read_sidecar
 
         sidecar = read_sidecar(path)
@@ -87,7 +89,9 @@ class CoremlRunner(Runner):
             return MemoryPlan(None)
         package_bytes = []
         for package in sorted(Path(path).glob("*.mlpackage")):
-            sizes = [tensor.size for _, tensor in load_program(package).stored()] or [0]
+            program = load_program(package)
+            by_rows = read_by_rows(program)
+            sizes = [tensor.size for name, tensor in program.stored() if name not in by_rows] or [0]
             package_bytes.append(2 * sum(sizes) + 2 * max(sizes))
         cache = sum(2 * int(np.prod(state["shape"])) for chunk in sidecar["llm"]["decoder"]
                     for state in chunk["states"].values())
