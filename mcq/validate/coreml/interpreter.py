@@ -399,10 +399,13 @@ def read_by_rows(program: Program) -> set[str]:
         value = constants.get(ref) if kind == "var" else ref
         return isinstance(value, np.ndarray) and value.size == 1 and int(value) == 0
 
+    # A blockwise dequantization qualifies when its data, scale and offset are bound to the op (RowsOnDemand reads
+    # them by row), its data from the weights file.
     stored = {op.outputs[0][0]: op.attributes["val"] if op.type == "const" else op.inputs["data"][0][1]
               for op in program.operations
               if (op.type == "const" and isinstance(op.attributes.get("val"), StoredTensor))
-              or (op.type == "constexpr_blockwise_shift_scale" and isinstance(op.inputs["data"][0][1], StoredTensor))}
+              or (op.type == "constexpr_blockwise_shift_scale" and isinstance(op.inputs["data"][0][1], StoredTensor)
+                  and all(bound[0][0] == "value" for bound in op.inputs.values()))}
     candidates = set(stored)
     for op in program.operations:
         for parameter, bound in op.inputs.items():
