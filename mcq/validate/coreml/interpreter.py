@@ -57,16 +57,14 @@ def _chunks(length: int, row_elements: int):
 
 def _linear(x, weight, bias=None):
     x = _fp(x)
-    if isinstance(weight, RowsOnDemand):   # a weight over WHOLE_PRODUCT_ELEMENTS, made a block of rows at a time
-        out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
-        for rows in _chunks(weight.shape[0], weight.shape[1]):
-            out[..., rows] = x @ _widened(weight.rows(np.arange(rows.start, rows.stop))).T
-    elif weight.dtype == np.float32 or weight.size <= WHOLE_PRODUCT_ELEMENTS:
+    by_rows = isinstance(weight, RowsOnDemand)   # a weight over WHOLE_PRODUCT_ELEMENTS, made a block of rows at a time
+    if not by_rows and (weight.dtype == np.float32 or weight.size <= WHOLE_PRODUCT_ELEMENTS):
         out = x @ _widened(weight).T
     else:
         out = np.empty(x.shape[:-1] + weight.shape[:1], dtype=np.float32)
         for rows in _chunks(weight.shape[0], weight.shape[1]):
-            out[..., rows] = x @ _widened(weight[rows]).T
+            block = weight.rows(np.arange(rows.start, rows.stop)) if by_rows else weight[rows]
+            out[..., rows] = x @ _widened(block).T
     return out + _fp(bias) if bias is not None else out
 
 
