@@ -1,6 +1,6 @@
 """Peak memory of every mcq stage at two depths of a real-width MiniCPM-V 4.5: does it grow with the layers?
 
-    python benchmarks/bench_scale.py [--layers 2 6] [--vision-layers 2] [--stages ...] [--num-samples 4]
+    python benchmarks/bench_scale.py [--version 4.5] [--layers 2 6] [--vision-layers 2] [--stages ...] [--num-samples 4]
                                      [--eval-samples 2] [--cap 20G] [--workdir DIR] [--keep] [--out results.json]
 
 JSON goes to stdout (and to --out), progress to stderr.
@@ -45,7 +45,7 @@ from measure import TreePoller, emit, log, mib
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_MIB_PER_LAYER = 40
-REAL_LAYERS = 36
+REAL_LAYERS = {"4.5": 36, "4.6": 24}     # the release's LLM layers, which the summary projects to
 
 # Research note §2 (before this work): total peak RSS (anonymous + file-backed), small vocabulary, 2 and 6 layers.
 BEFORE_MIB = {
@@ -213,7 +213,7 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage], results: dict)
         log(f"{layers}L: reusing {model}")
     else:
         results["make-tiny"] = run_stage(f"{layers}L-make-tiny", mcq(
-            "make-tiny", str(model), "--version", "4.5", "--real-widths",
+            "make-tiny", str(model), "--version", args.version, "--real-widths",
             *(["--real-vocab"] if args.real_vocab else []),
             "--llm-layers", str(layers), "--vision-layers", str(args.vision_layers), "--force"),
             work / "logs" / "make-tiny.log", args.cap, args.code)
@@ -242,7 +242,7 @@ def run_depth(layers: int, args, work: Path, stages: list[Stage], results: dict)
     return results
 
 
-def summarize(by_depth: dict[int, dict], layers: list[int]) -> dict:
+def summarize(by_depth: dict[int, dict], layers: list[int], real_layers: int) -> dict:
     low, high = min(layers), max(layers)
     summary = {}
     for stage in by_depth[low]:
@@ -256,7 +256,7 @@ def summarize(by_depth: dict[int, dict], layers: list[int]) -> dict:
         entry = {"anon_mib": {low: a["peak_rss_anon_mib"], high: b["peak_rss_anon_mib"]},
                  "file_mib": {low: a["peak_rss_file_mib"], high: b["peak_rss_file_mib"]},
                  "anon_mib_per_layer": round(anon, 1), "file_mib_per_layer": round(file, 1),
-                 "anon_mib_at_36_layers": round(a["peak_rss_anon_mib"] + anon * (REAL_LAYERS - low)),
+                 f"anon_mib_at_{real_layers}_layers": round(a["peak_rss_anon_mib"] + anon * (real_layers - low)),
                  "wall_s_per_layer": round(wall, 1), "goal_met": anon <= GOAL_MIB_PER_LAYER}
         if stage in BEFORE_MIB:
             before = BEFORE_MIB[stage]
@@ -268,6 +268,8 @@ def summarize(by_depth: dict[int, dict], layers: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", default="4.5", help="the release (4.6: --layers 4 8, whole groups of its 3:1 "
+                        "linear / full attention layers; the stages whose commands apply to it)")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 6])
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--no-real-vocab", dest="real_vocab", action="store_false")
@@ -304,12 +306,12 @@ def main() -> None:
         "benchmark": "bench_scale", "date": time.strftime("%Y-%m-%d"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "contention": args.contention, "code": str(args.code),
-        "model": {"real_widths": True, "real_vocab": args.real_vocab, "vision_layers": args.vision_layers,
+        "model": {"version": args.version, "real_widths": True, "real_vocab": args.real_vocab, "vision_layers": args.vision_layers,
                   "llm_layers": args.layers},
         "settings": {"num_samples": args.num_samples, "eval_samples": args.eval_samples, "cap": args.cap,
                      "poll_interval_s": 0.01},
         "goal_anon_mib_per_layer": GOAL_MIB_PER_LAYER,
-        "summary": summarize(by_depth, args.layers) if len(args.layers) > 1 else None,
+        "summary": summarize(by_depth, args.layers, REAL_LAYERS[args.version]) if len(args.layers) > 1 else None,
         "results": by_depth,
     }
     emit(report, args.out)

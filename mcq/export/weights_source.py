@@ -10,6 +10,7 @@ come from the same output, so AWQ's rescaled norms and biases stay with the weig
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ class ExportWeights:
         check_layout(self.path, skeleton, stored_tensors(self.path))
         self.reader = CheckpointReader(self.path)
         self._schemes = _quantized_modules(self.config, self.reader.stored_names)
-        self._param_names = list(skeleton.state_dict())
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+        self._param_names = list(self.shapes)
 
     @property
     def spec(self):
@@ -127,6 +129,32 @@ class ExportWeights:
 
     def close(self) -> None:
         self.reader.close()
+
+
+class MetaWeights:
+    """An `ExportWeights`' tensors as meta tensors (their shapes, float32): what a torch program is built from to be
+    traced without its weights in memory (`mcq.export.onnx.traced`); each parameter names the checkpoint tensor it
+    holds (`mcq_source`), and the exporter writes the weights from the checkpoint afterwards."""
+
+    def __init__(self, weights: ExportWeights):
+        self.config, self._shapes, self._weights = weights.config, weights.shapes, weights
+
+    @property
+    def spec(self):
+        return self._weights.spec
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.empty(self._shapes[name], device="meta")
+
+    def structure(self) -> tuple[str, tuple]:
+        """What a program built from these tensors depends on: the config (but where it was read from, and how its
+        tensors are stored) and every tensor's shape."""
+        settings = {key: value for key, value in self.config.to_dict().items()
+                    if not key.startswith("_") and key not in ("quantization_config", "transformers_version")}
+        return json.dumps(settings, sort_keys=True, default=str), tuple(sorted(self._shapes.items()))
 
 
 def _check_same_model(model: Path, config, source: Path, source_config) -> None:

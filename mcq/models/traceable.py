@@ -1,10 +1,69 @@
-"""Torch functions shared by the programs exporters trace (`mcq.export.coreml.graphs`, a family's `programs.py`),
-written for what the converters make of them."""
+"""Torch pieces shared by the families' programs (`programs.py` in a family's folder), which the graph exporters
+trace, written for what the converters make of them.
+
+Every parameter a program holds is built from an `ExportWeights` (or a `MetaWeights`: meta tensors, to be traced
+without weights) and remembers the checkpoint tensor it holds (`mcq_source`): exporters name the graph's
+initializer after it, and the ONNX exporter writes its data from there after tracing."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def named_parameter(tensor: torch.Tensor, source: str) -> nn.Parameter:
+    """A frozen float32 parameter holding `tensor`, the checkpoint tensor `source` (reshaped, at most)."""
+    parameter = nn.Parameter(tensor.float(), requires_grad=False)
+    parameter.mcq_source = source
+    return parameter
+
+
+def checkpoint_parameter(weights, name: str) -> nn.Parameter:
+    return named_parameter(weights.tensor(name), name)
+
+
+def linear(weights, prefix: str, bias: bool) -> "TransposedLinear":
+    """The checkpoint's Linear `prefix`."""
+    return transposed_linear(weights.tensor(f"{prefix}.weight"), weights.tensor(f"{prefix}.bias") if bias else None,
+                             prefix)
+
+
+def transposed_linear(weight: torch.Tensor, bias: torch.Tensor | None, source: str) -> "TransposedLinear":
+    """A Linear of `weight` `[out, in]` (the checkpoint module `source`'s, reshaped at most) and `bias`."""
+    return TransposedLinear(named_parameter(weight.t().contiguous(), f"{source}.weight"),
+                            None if bias is None else named_parameter(bias, f"{source}.bias"))
+
+
+class LayerNorm(nn.Module):
+    """The checkpoint's LayerNorm `prefix` (weight and bias)."""
+
+    def __init__(self, weights, prefix: str, eps: float):
+        super().__init__()
+        self.weight = checkpoint_parameter(weights, f"{prefix}.weight")
+        self.bias = checkpoint_parameter(weights, f"{prefix}.bias")
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def rotary_terms(position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+    """cos and sin `[B, 1, S, rotary dims]` of rotate-half RoPE at `position_ids` `[B, S]` (transformers' rotary
+    embedding, in float32: the angles of both halves alike, times its attention scaling)."""
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, length: int, device) -> torch.Tensor:
+    """The additive mask `[B, 1, S, T]` of the last `length` of T positions (`attention_mask` `[B, T]`, 0 on
+    padding): causal over the whole sequence (past and new positions), and no attention to padding."""
+    total = attention_mask.shape[1]
+    query_at = torch.arange(length, device=device) + (total - length)
+    allowed = (torch.arange(total, device=device)[None, :] <= query_at[:, None])[None] & \
+        (attention_mask[:, None, :] > 0)
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,6 +90,7 @@ class TransposedLinear(nn.Module):
     def __init__(self, weight_t: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
         self.weight_t, self.bias = weight_t, bias
+        weight_t.mcq_transposed = True     # its `mcq_source`'s data transposed, for exporters that write it later
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.matmul(x, self.weight_t)
@@ -51,3 +111,41 @@ def as_linear_ops(module: nn.Module) -> nn.Module:
                 replacement.mcq_source = linear.weight_t.mcq_source.removesuffix(".weight")
                 setattr(child, attribute, replacement)
     return module
+
+
+def embed_program(module: nn.Module):
+    """The `embed_tokens` graph of `module` (input_ids `[batch, sequence]` → inputs_embeds)."""
+    from .familyspec import TracedProgram
+
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}
+    dynamic = torch.export.Dim.DYNAMIC
+    return TracedProgram(module.eval(), (torch.zeros(2, 3, dtype=torch.long),), ("input_ids",), ("inputs_embeds",),
+                         ({0: dynamic, 1: dynamic},), axes)
+
+
+def decoder_program(module: nn.Module, hidden: int, states):
+    """The `decoder_model_merged` graph of `module`: (inputs_embeds `[B, S, hidden]`, attention_mask `[B, past + S]`,
+    position_ids `[B, S]`, *each of `states` (`StateTensor`s) in order) → (logits `[B, S, vocab]`, *the states out)."""
+    from .familyspec import TracedProgram
+
+    batch, length, past = 2, 3, 2
+    dynamic = torch.export.Dim.DYNAMIC
+    sequence = {0: "batch_size", 1: "sequence_length"}
+    axes = {"inputs_embeds": sequence, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": sequence, "logits": sequence}
+    for state in states:
+        grows = state.shape[2] is None
+        axes[state.name] = {0: "batch_size", **({2: "past_sequence_length"} if grows else {})}
+        axes[state.output] = {0: "batch_size", **({2: "total_sequence_length"} if grows else {})}
+    example = (torch.zeros(batch, length, hidden), torch.ones(batch, past + length, dtype=torch.long),
+               torch.arange(past, past + length).repeat(batch, 1),
+               *(torch.zeros([batch if axis == 0 else (past if size is None else size)
+                              for axis, size in enumerate(state.shape)]) for state in states))
+    # The module takes the state as *args: torch.export wants its dynamic shapes as one tuple in that place.
+    state_shapes = tuple({axis: dynamic for axis in axes[state.name]} for state in states)
+    return TracedProgram(module.eval(), example,
+                         ("inputs_embeds", "attention_mask", "position_ids", *(s.name for s in states)),
+                         ("logits", *(s.output for s in states)),
+                         ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, state_shapes),
+                         axes)

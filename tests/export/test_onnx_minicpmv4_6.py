@@ -117,6 +117,8 @@ def test_the_export_names_its_state_and_weights(fp32):
     assert "Scan" in {node.op_type for node in decoder.graph.node}
     names = {tensor.name for tensor in decoder.graph.initializer}
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in names
+    # Nothing of the tracing machine (the exporter's stack traces name the traced files' absolute paths).
+    assert not decoder.graph.metadata_props and not any(node.metadata_props for node in decoder.graph.node)
 
 
 @pytest.mark.slow
@@ -154,26 +156,42 @@ def test_int4_from_an_mcq_quantize_output_computes_its_dequantized_model(tmp_pat
     assert kl.mean().item() < 1e-5
 
 
-def test_fp16_storage_keeps_what_the_traced_decoder_computes(fp32, samples):
-    """fp16 stores the large weights in float16 behind a Cast (the tiny checkpoint's bf16 weights fit float16)."""
-    import onnxruntime as ort
+def test_fp16_stores_the_large_weights_in_float16_and_computes_what_fp32_does(fp32, samples, tmp_path):
+    """fp16 stores the large weights in float16 behind a Cast (the tiny checkpoint's bf16 weights fit float16, so the
+    logits are fp32's up to float32 rounding); the traced graphs' weights are written from the checkpoint in the
+    export's dtype after tracing."""
+    from mcq.export.onnx.traced import FP16_MIN_ELEMENTS
 
-    from mcq.export.onnx.traced import FP16_MIN_ELEMENTS, store_float16
-
-    model = OnnxProgramModel(fp32)
-    decoder = onnx.load(str(fp32 / "onnx" / "decoder_model_merged.onnx"))
-    store_float16(decoder)
+    root = export_onnx(REFERENCE, tmp_path / "fp16", precision="fp16").out
+    decoder = onnx.load(str(root / "onnx" / "decoder_model_merged_fp16.onnx"))
     kinds = {t.name: (t.data_type, int(np.prod(t.dims))) for t in decoder.graph.initializer}
     assert kinds["model.language_model.layers.0.linear_attn.in_proj_qkv.weight_fp16"][0] == onnx.TensorProto.FLOAT16
     assert not [name for name, (kind, size) in kinds.items()
                 if kind == onnx.TensorProto.FLOAT and size >= FP16_MIN_ELEMENTS]
-    session = ort.InferenceSession(decoder.SerializeToString())
-    embeds = model.merged_embeddings(samples[0])
-    length = embeds.shape[1]
-    inputs = {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), dtype=np.int64),
-              "position_ids": np.arange(length)[None], **model.empty_cache(1)}
-    expected = model.sessions["decoder_model_merged"].run(["logits"], inputs)[0]
-    assert np.abs(session.run(["logits"], inputs)[0] - expected).max() < 1e-3
+    assert {node.op_type for node in decoder.graph.node} >= {"Cast", "Scan"}
+    for data in samples[:2]:
+        expected = OnnxProgramModel(fp32).forward(data)[0]
+        assert np.abs(OnnxProgramModel(root).forward(data)[0] - expected).max() < 1e-3
+
+
+def test_a_program_weight_without_a_checkpoint_source_is_refused():
+    """Programs are traced on the meta device and their weights written afterwards by the checkpoint tensor each
+    parameter names: one built from the checkpoint that names none could not be written, so it is refused."""
+    from mcq.errors import McqError
+    from mcq.export.onnx.traced import trace_graph
+    from mcq.models.familyspec import TracedProgram
+
+    class Program(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(4, 4, device="meta"), requires_grad=False)
+
+        def forward(self, x):
+            return x @ self.weight
+
+    program = TracedProgram(Program(), (torch.zeros(2, 4),), ("x",), ("y",), ({0: torch.export.Dim.DYNAMIC},), {})
+    with pytest.raises(McqError, match="weight holds checkpoint data but names no source"):
+        trace_graph(program)
 
 
 @pytest.mark.slow

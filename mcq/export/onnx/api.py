@@ -110,7 +110,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
     from mcq.models.weights import shell_model
     from mcq.outputs import check_output, staged_output, write_manifest
 
-    from ..weights_source import ExportWeights
+    from ..weights_source import ExportWeights, MetaWeights
 
     check_options(precision, block_size, algorithm, from_quantized=from_dir is not None)
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
@@ -163,7 +163,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
             }
             write = partial(_write_graph, builds=builds)
         else:
-            write = partial(write_traced_graph, build=partial(programs.build, weights), writer=writer)
+            write = partial(write_traced_graph, programs=programs, weights=MetaWeights(weights), writer=writer)
         with staged_output(out, force) as staging:
             onnx_dir = staging / "onnx"
             onnx_dir.mkdir()

@@ -1,6 +1,7 @@
 """A small ONNX graph builder: nodes named after the module they compute, weights streamed to disk as made.
 
-The graphs are written op by op (see `graphs.py`) rather than traced, so this module is the whole toolbox:
+The resampler family's graphs are written op by op (see `graphs.py`), so this module is their whole toolbox; a
+traced graph (`traced.py`) has its weights written by the same `TensorStore` and `save_graph`:
 - `TensorStore` appends each weight's bytes to the graph's external-data file the moment it is made, so an
   export holds one tensor in memory at a time (a large one, `Rows`, not even that: a block of rows at a time);
   `save_graph` then either folds the bytes back into the .onnx file (when the graph fits protobuf's 2 GiB limit,

@@ -103,7 +103,12 @@ def matmul_nbits_block(group_size: int | None, in_features: int) -> int | None:
 
 def graph_dtype(model: onnx.ModelProto, precision: str) -> str:
     """A written graph's transformers.js dtype: q4 / int8 by its MatMulNBits, else the export's float precision."""
-    bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    return precision_dtype({a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                            if a.name == "bits"}, precision)
+
+
+def precision_dtype(bits: set[int], precision: str) -> str:
+    """The transformers.js dtype of a graph whose MatMulNBits have `bits` (empty: none)."""
     if bits:
         return "q4" if 4 in bits else "int8"
     return "fp16" if precision == "fp16" else "fp32"
@@ -250,19 +255,27 @@ class WeightWriter:
         """A small weight (a norm, a bias) in float32."""
         return self.weights.tensor(name).float().numpy()
 
-    def _float_rows(self, name: str, transpose: bool = False) -> Rows:
-        """A float weight (transposed: a Linear's `[in, out]` MatMul operand) in its export dtype, block by block
-        of rows read from the mapped checkpoint."""
+    def float_rows(self, name: str, transpose: bool = False, shape: tuple[int, ...] | None = None,
+                   dtype=None) -> Rows:
+        """A float weight (transposed: a Linear's `[in, out]` MatMul operand) in `dtype` (default: the export's),
+        block by block of rows read from the mapped checkpoint. `shape`: the array's, when it is the tensor reshaped
+        (a patch convolution's weight as a Linear's, `[out, in]` before the transposition)."""
         tensor = self.weights.tensor(name)
-        dtype = np.dtype(np.float16 if self.precision == "fp16" else np.float32)
+        if shape is not None:
+            tensor = tensor.reshape(tuple(shape[::-1]) if transpose else tuple(shape))
+        dtype = np.dtype(dtype or (np.float16 if self.precision == "fp16" else np.float32))
         shape = tuple(tensor.shape[::-1]) if transpose else tuple(tensor.shape)
         row_bytes = 4 * (shape[0] and int(np.prod(shape)) // shape[0])
+        half_max = np.finfo(np.float16).max
 
         def blocks() -> Iterator[np.ndarray]:
             for start, stop in row_ranges(shape[0], row_bytes):
                 block = tensor[:, start:stop].float().T if transpose else tensor[start:stop].float()
                 # via float32, as the whole-tensor export did: bf16 → float32 is exact, float32 → float16 rounds once
-                yield block.numpy().astype(dtype, copy=False)
+                block = block.numpy()
+                if dtype == np.float16 and np.abs(block).max(initial=0.0) > half_max:
+                    raise McqError(f"{name} holds values beyond float16's range; export it as fp32")
+                yield block.astype(dtype, copy=False)
         return Rows(shape, dtype, blocks)
 
     def _float(self, b: GraphBuilder, name: str, rows: Rows) -> str:
@@ -272,7 +285,7 @@ class WeightWriter:
         return b.weight(name, rows)
 
     def large_weight(self, b: GraphBuilder, name: str) -> str:
-        return self._float(b, name, self._float_rows(name))
+        return self._float(b, name, self.float_rows(name))
 
     def nbits_tensors(self, module: str):
         """(packed, scales, zero points or None, (N, K)) of a Linear its plan quantizes (source mcq or
@@ -289,7 +302,7 @@ class WeightWriter:
             else:
                 # MatMul takes B as [in, out]: the transposed weight.
                 out = b.op("MatMul", x, self._float(b, f"{module}.weight.T",
-                                                    self._float_rows(f"{module}.weight", transpose=True)))
+                                                    self.float_rows(f"{module}.weight", transpose=True)))
             if self.has(f"{module}.bias"):
                 out = b.op("Add", out, b.weight(f"{module}.bias", self.array(f"{module}.bias")))
         return out

@@ -2,10 +2,13 @@
 `torch.onnx.export` (torch.export, then onnxscript's translation and optimizer), for families whose exporters do not
 write graphs op by op.
 
-Each traced graph is then made to read like the hand-written ones: its initializers are named after the checkpoint
-tensors they hold (each program parameter remembers its `mcq_source`), its dynamic axes get the program's names
-(`batch_size`, `past_sequence_length`, ...) instead of torch.export's symbols, and fp16 stores the large float
-weights in float16 with a Cast (computed in float32, as the hand-written graphs do).
+A program is built on `MetaWeights` and traced on the meta device: the graph is traced without a weight in memory,
+and its weights are written afterwards from the checkpoint, one tensor (a large one a block of rows) at a time, by
+the machinery of the hand-written graphs (`TensorStore`, `save_graph`, `WeightWriter`): memory does not grow with
+the model. Each traced graph is made to read like the hand-written ones: its initializers are named after the
+checkpoint tensors they hold (each program parameter remembers its `mcq_source`), its dynamic axes get the
+program's names (`batch_size`, `past_sequence_length`, ...) instead of torch.export's symbols, and fp16 stores the
+large float weights in float16 with a Cast (computed in float32, as the hand-written graphs do).
 """
 
 from __future__ import annotations
@@ -13,17 +16,21 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from mcq.errors import McqError
 
-from .builder import INLINE_WEIGHTS_LIMIT, MS_DOMAIN
-from .quantize import graph_dtype
+from .builder import MS_DOMAIN, TensorStore, save_graph
+from .quantize import precision_dtype
 from .runtime import DTYPE_SUFFIXES
 
 # opset of the traced graphs: torch.onnx's default for torch 2.13 (the hand-written graphs use 21; onnxruntime runs
@@ -34,47 +41,116 @@ OPSET = 20
 FP16_MIN_ELEMENTS = 1024
 
 
-def trace_graph(program) -> onnx.ModelProto:
-    """The ONNX model of one `TracedProgram`, initializers and axes named (see the module doc)."""
+@dataclass(frozen=True)
+class ProgramWeight:
+    """Where one initializer of a traced graph gets its data, written after tracing (the program is traced on the
+    meta device, without its weights): the checkpoint tensor `source`, as stored or transposed (a
+    `TransposedLinear`'s `[in, out]`), in `shape`; or `value`, a small tensor the program computed (rotary
+    frequencies)."""
+
+    shape: tuple[int, ...]
+    source: str | None = None
+    transposed: bool = False
+    value: np.ndarray | None = None
+
+
+def trace_graph(program) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
+    """The ONNX graph of one `TracedProgram`, initializers and axes named (see the module doc), without its
+    weights: they are the returned `ProgramWeight`s by initializer name, for `write_weights`.
+
+    The program is built on `MetaWeights` (every checkpoint tensor a meta tensor) and traced on the meta device, so
+    tracing holds no weight whatever the model's size; what the program computed itself is kept aside first."""
     import torch
 
+    module = program.module
+    weights = _weights_aside(module)
+    example = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in program.example)
     # The exporter reports its steps on stdout, logs the torchvision ops it skips and (through onnx_ir, once
-    # something has configured logging: onnxruntime's quantizer does) each initializer its optimizer merges; none of
-    # it concerns mcq's users, and an error still raises.
-    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration", "onnx_ir")]
+    # something has configured logging: onnxruntime's quantizer does) each initializer its optimizer merges or
+    # finds without a value (the weights, written afterwards); none of it concerns mcq's users, and an error still
+    # raises.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration", "onnx_ir",
+                                                    "onnxscript")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
-            exported = torch.onnx.export(program.module, program.example, dynamo=True, opset_version=OPSET,
+            exported = torch.onnx.export(module, example, dynamo=True, opset_version=OPSET,
                                          dynamic_shapes=program.dynamic_shapes, input_names=list(program.inputs),
-                                         output_names=list(program.outputs), optimize=True, verbose=False)
+                                         output_names=list(program.outputs), optimize=False, verbose=False)
+            # The weights have no values to fold: the optimizer leaves what reads them as it is.
+            for name, value in exported.model.graph.initializers.items():
+                if name not in weights:
+                    raise McqError(f"the traced {type(module).__name__} holds a tensor {name} that is neither a "
+                                   "program weight nor computed by it")
+                value.const_value = None
+            exported.optimize()
+            used = set(exported.model.graph.initializers)
+            model = exported.model_proto
+        except McqError:
+            raise
         except Exception as err:   # torch.export's errors are many classes, all with a multi-line report
-            raise McqError(f"torch.onnx.export failed on {type(program.module).__name__}: "
+            raise McqError(f"torch.onnx.export failed on {type(module).__name__}: "
                            f"{str(err).strip().splitlines()[0]}") from None
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-    model = exported.model_proto
-    _name_initializers(model, program.module)
+    weights = _named_weights(model, {name: weights[name] for name in weights if name in used})
     _name_axes(model, program.axes)
-    return model
+    _drop_trace_metadata(model.graph)
+    return model, weights
 
 
-def _name_initializers(model: onnx.ModelProto, module) -> None:
-    """Rename each initializer that holds a program parameter to the checkpoint tensor it came from."""
-    sources = {name: parameter.mcq_source for name, parameter in module.named_parameters()
-               if hasattr(parameter, "mcq_source")}
-    renames = {tensor.name: sources[tensor.name] for tensor in model.graph.initializer if tensor.name in sources}
-    taken = {tensor.name for tensor in model.graph.initializer} - set(renames)
+def _drop_trace_metadata(graph: onnx.GraphProto) -> None:
+    """Remove what the exporter records of the tracing (each node's Python stack trace, with the absolute path of
+    the file that traced it; torch.export's symbol names): the same model gives the same bytes on any machine."""
+    del graph.metadata_props[:]
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _drop_trace_metadata(attribute.g)
+
+
+def _weights_aside(module) -> dict[str, ProgramWeight]:
+    """Each parameter and buffer of `module` by its path (the name torch.export gives its initializer) → where its
+    data comes from; those the program computed (not on the meta device) are moved there, their values kept."""
+    weights = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        shape = tuple(tensor.shape)
+        source = getattr(tensor, "mcq_source", None)
+        if source is not None:
+            weights[name] = ProgramWeight(shape, source, getattr(tensor, "mcq_transposed", False))
+            continue
+        if tensor.is_meta:
+            raise McqError(f"program tensor {name} holds checkpoint data but names no source (mcq_source)")
+        weights[name] = ProgramWeight(shape, value=tensor.detach().float().numpy().copy())
+        owner, _, attribute = name.rpartition(".")
+        holder = module.get_submodule(owner)
+        meta = tensor.detach().to("meta")
+        if attribute in holder._parameters:
+            holder._parameters[attribute] = type(tensor)(meta, requires_grad=False)
+        else:
+            holder._buffers[attribute] = meta
+    return weights
+
+
+def _named_weights(model: onnx.ModelProto, weights: dict[str, ProgramWeight]) -> dict[str, ProgramWeight]:
+    """Rename each weight read by the graph's nodes to the checkpoint tensor it holds (a computed one keeps its
+    path); returns the weights by their new names, in the program's order."""
+    renames = {name: weight.source for name, weight in weights.items() if weight.source is not None}
+    clashes = [source for source, count in Counter(renames.values()).items() if count > 1]
+    if clashes:
+        raise McqError(f"checkpoint tensors {sorted(clashes)[:3]} are held by two parameters of one program")
     # The exporter's own initializers (folded constants) are named `val_12` and the like; one that bore a checkpoint
     # tensor's name would be shadowed by the rename.
-    clashes = set(renames.values()) & taken
-    if clashes:
-        raise McqError(f"initializer names {sorted(clashes)[:3]} are taken twice in the traced graph")
+    taken = {tensor.name for tensor in model.graph.initializer} & set(renames.values())
+    if taken:
+        raise McqError(f"initializer names {sorted(taken)[:3]} are taken twice in the traced graph")
     _rename_values(model.graph, renames)
+    return {renames.get(name, name): weight for name, weight in weights.items()}
 
 
 def _rename_values(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
@@ -101,78 +177,105 @@ def _name_axes(model: onnx.ModelProto, axes) -> None:
                 dim.dim_param = symbols[dim.dim_param]
 
 
-def store_float16(model: onnx.ModelProto) -> None:
-    """Store float initializers of at least FP16_MIN_ELEMENTS in float16, each read through a Cast to float32."""
-    graph = model.graph
-    casts = []
-    for tensor in graph.initializer:
-        if tensor.data_type != onnx.TensorProto.FLOAT or int(np.prod(tensor.dims)) < FP16_MIN_ELEMENTS:
-            continue
-        array = numpy_helper.to_array(tensor)
-        if np.abs(array).max(initial=0.0) > np.finfo(np.float16).max:
-            raise McqError(f"{tensor.name} holds values beyond float16's range; export it as fp32")
-        name = tensor.name
-        tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), f"{name}_fp16"))
-        casts.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT,
-                                      name=f"{name}/cast"))
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
+def write_traced_graph(graph: str, onnx_dir: Path, precision: str, programs, weights, writer) -> tuple[str, bool]:
+    """Trace one graph of the layout (`programs.build` on `weights`, a `MetaWeights`), then write its weights from
+    the checkpoint one tensor at a time (a large one a block of rows at a time) into the graph's data file,
+    quantized or halved as `precision` asks, and save it; returns (dtype, external)."""
+    model, program_weights = _traced(graph, programs, weights)
+    quantized = _planned_matmuls(model, program_weights, writer)
+    bits = {writer.plans[module].bits for module in quantized.values()}
+    dtype = precision_dtype(bits, precision)
+    path = onnx_dir / f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx"
+    store = TensorStore(onnx_dir / f"{path.name}_data")
+    try:
+        _write_weights(model, program_weights, quantized, writer, store, precision)
+    finally:
+        store.close()
+    return dtype, save_graph(model, path, store)
 
 
-def quantize_matmuls(model: onnx.ModelProto, writer) -> None:
-    """Replace each MatMul on a Linear's weight that `writer`'s plans quantize by MatMulNBits, with the tensors the
-    hand-written graphs get for it (`WeightWriter.nbits_tensors`: an `mcq quantize` output's levels, or
-    onnxruntime's quantizer)."""
-    graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    replaced = set()
-    nodes = []
-    for node in graph.node:
-        module = node.input[1].removesuffix(".weight") if node.op_type == "MatMul" and len(node.input) == 2 else None
-        plan = writer.plans.get(module) if module and node.input[1] in initializers else None
-        if plan is None or plan.source is None:
-            nodes.append(node)
+# Traced graphs by what they are traced from: (graph, the model's structure) → the graph without its weights,
+# serialized, and its weights. A program is traced on the meta device, so its graph is a function of the model's
+# config and tensor shapes alone; tracing takes seconds to minutes, so the variants of one model in a process
+# (`mcq build`: fp32, int4, --from) trace each graph once. The few most recent are kept (a real-size decoder
+# without weights is about a megabyte).
+_TRACED: dict[tuple, tuple[bytes, dict[str, ProgramWeight]]] = {}
+_TRACED_KEPT = 6
+
+
+def _traced(graph: str, programs, weights) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
+    key = (graph, weights.structure())
+    if key not in _TRACED:
+        model, program_weights = trace_graph(programs.build(weights, graph))
+        while len(_TRACED) >= _TRACED_KEPT:
+            _TRACED.pop(next(iter(_TRACED)))
+        _TRACED[key] = (model.SerializeToString(), program_weights)
+    data, program_weights = _TRACED[key]
+    return onnx.load_from_string(data), dict(program_weights)
+
+
+def _planned_matmuls(model: onnx.ModelProto, weights: dict[str, ProgramWeight], writer) -> dict[int, str]:
+    """Node index → Linear, for each MatMul on a Linear's weight that `writer`'s plans quantize (MatMulNBits)."""
+    planned = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in weights:
             continue
+        weight = weights[node.input[1]]
+        module = node.input[1].removesuffix(".weight")
+        plan = writer.plans.get(module)
+        if weight.transposed and plan is not None and plan.source is not None:
+            planned[index] = module
+    return planned
+
+
+def _write_weights(model: onnx.ModelProto, weights: dict[str, ProgramWeight], quantized: dict[int, str], writer,
+                   store: TensorStore, precision: str) -> None:
+    """Write the graph's weights into `store` and the graph: each planned MatMul made MatMulNBits with the tensors
+    the hand-written graphs get for its Linear (`WeightWriter.nbits_tensors`: an `mcq quantize` output's levels, or
+    onnxruntime's quantizer), then every other weight; in fp16, float weights of at least FP16_MIN_ELEMENTS stored
+    in float16, each read through a Cast to float32 (computed in float32, as the hand-written graphs do)."""
+    graph = model.graph
+    initializers, casts, nodes = [], [], list(graph.node)
+    for index, module in quantized.items():
+        node, plan = nodes[index], writer.plans[module]
         packed, scales, zeros, (n, k) = writer.nbits_tensors(module)
-        tensors = [numpy_helper.from_array(packed, f"{module}.weight_q{plan.bits}"),
-                   numpy_helper.from_array(scales, f"{module}.weight_scales")]
+        names = [f"{module}.weight_q{plan.bits}", f"{module}.weight_scales"]
+        initializers += [store.tensor(names[0], packed), store.tensor(names[1], scales)]
         if zeros is not None:
-            tensors.append(numpy_helper.from_array(zeros, f"{module}.weight_zero_points"))
-        graph.initializer.extend(tensors)
+            names.append(f"{module}.weight_zero_points")
+            initializers.append(store.tensor(names[2], zeros))
         attributes = {"K": k, "N": n, "bits": plan.bits, "block_size": plan.block}
         if writer.accuracy_level:
             attributes["accuracy_level"] = writer.accuracy_level
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
-                                      name=f"{module}/MatMulNBits", domain=MS_DOMAIN, **attributes))
-        replaced.add(node.input[1])
-    if not replaced:
-        return
+        nodes[index] = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                        name=f"{module}/MatMulNBits", domain=MS_DOMAIN, **attributes)
+    read = {name for node in nodes for name in _inputs(node)}
+    for name, weight in weights.items():
+        if name not in read:
+            continue            # a quantized Linear's float weight
+        if weight.value is not None:
+            initializers.append(store.tensor(name, weight.value))
+            continue
+        half = precision == "fp16" and math.prod(weight.shape) >= FP16_MIN_ELEMENTS
+        rows = writer.float_rows(weight.source, transpose=weight.transposed, shape=weight.shape,
+                                 dtype=np.float16 if half else np.float32)
+        if half:
+            initializers.append(store.tensor(f"{name}_fp16", rows))
+            casts.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                          name=f"{name}/cast"))
+        else:
+            initializers.append(store.tensor(name, rows))
     del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [tensor for tensor in graph.initializer if tensor.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
+    graph.node.extend(casts + nodes)
+    graph.initializer.extend(initializers)
+    if quantized and not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def save_traced(model: onnx.ModelProto, path: Path) -> bool:
-    """Write `model` to `path`, its weights in `<file>_data` beside it when they exceed what one .onnx file holds
-    (INLINE_WEIGHTS_LIMIT, as the hand-written graphs); returns whether they do."""
-    weights = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
-    external = weights > INLINE_WEIGHTS_LIMIT
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}_data", size_threshold=0)
-    return external
-
-
-def write_traced_graph(graph: str, onnx_dir: Path, precision: str, build, writer) -> tuple[str, bool]:
-    """Build (`build(graph)`) and trace one graph of the layout, quantize or halve its weights as `precision` asks,
-    and save it; returns (dtype, external)."""
-    model = trace_graph(build(graph))
-    quantize_matmuls(model, writer)
-    if precision == "fp16":
-        store_float16(model)
-    dtype = graph_dtype(model, precision)
-    return dtype, save_traced(model, onnx_dir / f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx")
+def _inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """The values `node` reads, those of its subgraphs (a Scan's body) included."""
+    yield from node.input
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            for inner in attribute.g.node:
+                yield from _inputs(inner)

@@ -32,43 +32,13 @@ from torch import nn
 from mcq.errors import McqError
 
 from ..familyspec import Programs, StateTensor, TracedProgram
-from ..traceable import TransposedLinear, rms_normalize
+from ..traceable import (LayerNorm, TransposedLinear, causal_padding_mask, checkpoint_parameter, decoder_program,
+                         embed_program, linear, named_parameter, rms_normalize, rotary_terms, transposed_linear)
 from .calibration import VISUALS, merged_tokens_divisor
 from .chat import export_chat_inputs
 
 LLM = "model.language_model"
 TOWER = "model.vision_tower"
-
-
-def _named(tensor: torch.Tensor, source: str) -> nn.Parameter:
-    """A frozen float32 parameter that remembers the checkpoint tensor it holds (`mcq_source`): exporters name the
-    graph's initializer after it."""
-    parameter = nn.Parameter(tensor.float(), requires_grad=False)
-    parameter.mcq_source = source
-    return parameter
-
-
-def _parameter(weights, name: str) -> nn.Parameter:
-    return _named(weights.tensor(name), name)
-
-
-def _linear(weights, prefix: str, bias: bool) -> TransposedLinear:
-    return _transposed(weights.tensor(f"{prefix}.weight"), weights.tensor(f"{prefix}.bias") if bias else None, prefix)
-
-
-def _transposed(weight: torch.Tensor, bias: torch.Tensor | None, source: str) -> TransposedLinear:
-    return TransposedLinear(_named(weight.t().contiguous(), f"{source}.weight"),
-                            None if bias is None else _named(bias, f"{source}.bias"))
-
-
-class _LayerNorm(nn.Module):
-    def __init__(self, weights, prefix: str, eps: float):
-        super().__init__()
-        self.weight, self.bias = _parameter(weights, f"{prefix}.weight"), _parameter(weights, f"{prefix}.bias")
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, additive_mask=None) -> torch.Tensor:
@@ -93,7 +63,7 @@ class _VisionAttention(nn.Module):
         self.heads, self.head_dim, self.width = heads, width // heads, width
         self.groups, self.tokens = (1, -1) if group is None else (-1, group)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            _linear(weights, f"{prefix}.{name}", True) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
+            linear(weights, f"{prefix}.{name}", True) for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def split(t):
@@ -107,12 +77,12 @@ class _VisionLayer(nn.Module):
     def __init__(self, weights, prefix: str, vision):
         super().__init__()
         eps = vision.layer_norm_eps
-        self.layer_norm1 = _LayerNorm(weights, f"{prefix}.layer_norm1", eps)
+        self.layer_norm1 = LayerNorm(weights, f"{prefix}.layer_norm1", eps)
         self.self_attn = _VisionAttention(weights, f"{prefix}.self_attn", vision.num_attention_heads,
                                           vision.hidden_size)
-        self.layer_norm2 = _LayerNorm(weights, f"{prefix}.layer_norm2", eps)
-        self.fc1 = _linear(weights, f"{prefix}.mlp.fc1", True)
-        self.fc2 = _linear(weights, f"{prefix}.mlp.fc2", True)
+        self.layer_norm2 = LayerNorm(weights, f"{prefix}.layer_norm2", eps)
+        self.fc1 = linear(weights, f"{prefix}.mlp.fc1", True)
+        self.fc2 = linear(weights, f"{prefix}.mlp.fc2", True)
         self.approximate = "tanh" if vision.hidden_act == "gelu_pytorch_tanh" else "none"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -126,13 +96,13 @@ class _WindowMerger(nn.Module):
     def __init__(self, weights, prefix: str, vision):
         super().__init__()
         eps = vision.layer_norm_eps
-        self.layer_norm1 = _LayerNorm(weights, f"{prefix}.layer_norm1", eps)
+        self.layer_norm1 = LayerNorm(weights, f"{prefix}.layer_norm1", eps)
         self.window = vision.window_kernel_size[0] * vision.window_kernel_size[1]
         self.self_attn = _VisionAttention(weights, f"{prefix}.self_attn", vision.num_attention_heads,
                                           vision.hidden_size, self.window)
-        self.pre_norm = _LayerNorm(weights, f"{prefix}.pre_norm", eps)
-        self.linear_1 = _linear(weights, f"{prefix}.linear_1", True)
-        self.linear_2 = _linear(weights, f"{prefix}.linear_2", True)
+        self.pre_norm = LayerNorm(weights, f"{prefix}.pre_norm", eps)
+        self.linear_1 = linear(weights, f"{prefix}.linear_1", True)
+        self.linear_2 = linear(weights, f"{prefix}.linear_2", True)
         self.width = vision.hidden_size
 
     def forward(self, hidden, window_index, window_inverse, merge_order) -> torch.Tensor:
@@ -162,17 +132,17 @@ class VisionSlice(nn.Module):
         conv = f"{TOWER}.embeddings.patch_embedding"
         weight = weights.tensor(f"{conv}.weight")
         # The stride-P conv over the row of patches is one Linear on each flattened (channel, row, col) patch.
-        self.patch_embedding = _transposed(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"), conv)
-        self.position_embedding = _parameter(weights, f"{TOWER}.embeddings.position_embedding.weight")
+        self.patch_embedding = transposed_linear(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"), conv)
+        self.position_embedding = checkpoint_parameter(weights, f"{TOWER}.embeddings.position_embedding.weight")
         self.layers = nn.ModuleList(_VisionLayer(weights, f"{TOWER}.encoder.layers.{i}", vision)
                                     for i in range(vision.num_hidden_layers))
         self.insert_layer_id = vision.insert_layer_id
         self.vit_merger = _WindowMerger(weights, f"{TOWER}.vit_merger", vision) if _windowed(config) else None
-        self.post_layernorm = _LayerNorm(weights, f"{TOWER}.post_layernorm", vision.layer_norm_eps)
+        self.post_layernorm = LayerNorm(weights, f"{TOWER}.post_layernorm", vision.layer_norm_eps)
         self.merge = config.merge_kernel_size[0] * config.merge_kernel_size[1]
-        self.pre_norm = _LayerNorm(weights, "model.merger.mlp.0.pre_norm", 1e-6)
-        self.linear_1 = _linear(weights, "model.merger.mlp.0.linear_1", True)
-        self.linear_2 = _linear(weights, "model.merger.mlp.0.linear_2", True)
+        self.pre_norm = LayerNorm(weights, "model.merger.mlp.0.pre_norm", 1e-6)
+        self.linear_1 = linear(weights, "model.merger.mlp.0.linear_1", True)
+        self.linear_2 = linear(weights, "model.merger.mlp.0.linear_2", True)
 
     def forward(self, pixel_values, position_ids, window_index, window_inverse, merge_order, merger_order):
         return self._merged(self._encoded(pixel_values, position_ids, (window_index, window_inverse, merge_order)),
@@ -250,7 +220,7 @@ def _block_order(height: int, width: int, block: int) -> torch.Tensor:
 class EmbedTokens(nn.Module):
     def __init__(self, weights):
         super().__init__()
-        self.table = _parameter(weights, f"{LLM}.embed_tokens.weight")
+        self.table = checkpoint_parameter(weights, f"{LLM}.embed_tokens.weight")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.table[input_ids]
@@ -286,9 +256,9 @@ class _FullAttention(nn.Module):
         self.eps, self.rotary = text.rms_norm_eps, rotary_dim(text)
         bias = text.attention_bias
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            _linear(weights, f"{prefix}.{name}", bias) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.q_norm = _parameter(weights, f"{prefix}.q_norm.weight")
-        self.k_norm = _parameter(weights, f"{prefix}.k_norm.weight")
+            linear(weights, f"{prefix}.{name}", bias) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm = checkpoint_parameter(weights, f"{prefix}.q_norm.weight")
+        self.k_norm = checkpoint_parameter(weights, f"{prefix}.k_norm.weight")
 
     def project(self, x, cos, sin):
         """x `[B, S, hidden]` → query `[B, heads, S, head_dim]`, key and value `[B, kv_heads, S, head_dim]`, gate
@@ -340,16 +310,16 @@ class _LinearAttention(nn.Module):
         self.k_dim, self.v_dim = text.linear_key_head_dim, text.linear_value_head_dim
         self.eps = text.rms_norm_eps
         self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.out_proj = (
-            _linear(weights, f"{prefix}.{name}", False)
+            linear(weights, f"{prefix}.{name}", False)
             for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj"))
         # dt_bias is in_proj_a's bias in all but name, and held as one: the Core ML converter fuses a Linear with the
         # add after it, renaming its weight, which `--from`'s stored levels are matched by.
         weight_t = weights.tensor(f"{prefix}.in_proj_a.weight").t().contiguous()
-        self.in_proj_a = TransposedLinear(_named(weight_t, f"{prefix}.in_proj_a.weight"),
-                                          _parameter(weights, f"{prefix}.dt_bias"))
-        self.conv = _parameter(weights, f"{prefix}.conv1d.weight")   # [conv_dim, 1, kernel]
-        self.A_log = _parameter(weights, f"{prefix}.A_log")
-        self.norm = _parameter(weights, f"{prefix}.norm.weight")
+        self.in_proj_a = TransposedLinear(named_parameter(weight_t, f"{prefix}.in_proj_a.weight"),
+                                          checkpoint_parameter(weights, f"{prefix}.dt_bias"))
+        self.conv = checkpoint_parameter(weights, f"{prefix}.conv1d.weight")   # [conv_dim, 1, kernel]
+        self.A_log = checkpoint_parameter(weights, f"{prefix}.A_log")
+        self.norm = checkpoint_parameter(weights, f"{prefix}.norm.weight")
 
     def _heads(self, mixed):
         """The conv's output `[B, S, conv_dim]` → per-head normalized query, key `[B, S, v_heads, k_dim]` and value
@@ -410,12 +380,12 @@ class _DecoderLayer(nn.Module):
     def __init__(self, weights, prefix: str, text, kind: str):
         super().__init__()
         self.kind, self.eps = kind, text.rms_norm_eps
-        self.input_layernorm = _parameter(weights, f"{prefix}.input_layernorm.weight")
-        self.post_attention_layernorm = _parameter(weights, f"{prefix}.post_attention_layernorm.weight")
+        self.input_layernorm = checkpoint_parameter(weights, f"{prefix}.input_layernorm.weight")
+        self.post_attention_layernorm = checkpoint_parameter(weights, f"{prefix}.post_attention_layernorm.weight")
         self.mixer = (_FullAttention(weights, f"{prefix}.self_attn", text) if kind == "full_attention"
                       else _LinearAttention(weights, f"{prefix}.linear_attn", text))
         self.gate_proj, self.up_proj, self.down_proj = (
-            _linear(weights, f"{prefix}.mlp.{name}", False) for name in ("gate_proj", "up_proj", "down_proj"))
+            linear(weights, f"{prefix}.mlp.{name}", False) for name in ("gate_proj", "up_proj", "down_proj"))
 
     def feed_forward(self, hidden):
         """The MLP half of the layer, residual included."""
@@ -465,9 +435,9 @@ class DecoderStep(nn.Module):
         text = weights.config.text_config
         self.layers = nn.ModuleList(_DecoderLayer(weights, f"{LLM}.layers.{i}", text, kind)
                                     for i, kind in enumerate(text.layer_types))
-        self.norm = _parameter(weights, f"{LLM}.norm.weight")
+        self.norm = checkpoint_parameter(weights, f"{LLM}.norm.weight")
         self.eps = text.rms_norm_eps
-        self.lm_head = _linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
+        self.lm_head = linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
                                False)
         rotary = Qwen3_5TextRotaryEmbedding(text)
         self.register_buffer("inv_freq", rotary.inv_freq.float(), persistent=False)
@@ -475,15 +445,8 @@ class DecoderStep(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *state):
         length = inputs_embeds.shape[1]
-        total = attention_mask.shape[1]
-        freqs = position_ids[..., None].float() * self.inv_freq
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]                  # [B, 1, S, rotary]
-        cos, sin = angles.cos() * self.rotary_scale, angles.sin() * self.rotary_scale
-        # Causal over the whole sequence (past + new), and no attention to padding.
-        query_at = torch.arange(length, device=inputs_embeds.device) + (total - length)
-        allowed = (torch.arange(total, device=inputs_embeds.device)[None, :] <= query_at[:, None])[None] & \
-            (attention_mask[:, None, :] > 0)
-        additive_mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+        cos, sin = rotary_terms(position_ids, self.inv_freq, self.rotary_scale)      # [B, 1, S, rotary]
+        additive_mask = causal_padding_mask(attention_mask, length, inputs_embeds.device)
         mask = attention_mask[:, -length:].to(inputs_embeds.dtype)
         hidden, out_state, cursor = inputs_embeds, [], 0
         for layer in self.layers:
@@ -564,9 +527,9 @@ class DecoderHead(nn.Module):
 
     def __init__(self, weights):
         super().__init__()
-        self.norm = _parameter(weights, f"{LLM}.norm.weight")
+        self.norm = checkpoint_parameter(weights, f"{LLM}.norm.weight")
         self.eps = weights.config.text_config.rms_norm_eps
-        self.lm_head = _linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
+        self.lm_head = linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
                                False)
 
     def forward(self, hidden_states) -> torch.Tensor:
@@ -599,45 +562,13 @@ def _vision_program(weights) -> TracedProgram:
                          {name: axes[name] for name in (*names, "image_features")}, bounds)
 
 
-def _embed_program(weights) -> TracedProgram:
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}
-    dynamic = torch.export.Dim.DYNAMIC
-    return TracedProgram(EmbedTokens(weights).eval(), (torch.zeros(2, 3, dtype=torch.long),), ("input_ids",),
-                         ("inputs_embeds",), ({0: dynamic, 1: dynamic},), axes)
-
-
-def _decoder_program(weights) -> TracedProgram:
-    config = weights.config
-    states = decoder_state(config)
-    batch, length, past = 2, 3, 2
-    dynamic = torch.export.Dim.DYNAMIC
-    sequence = {0: "batch_size", 1: "sequence_length"}
-    axes = {"inputs_embeds": sequence, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-            "position_ids": sequence, "logits": sequence}
-    for state in states:
-        grows = state.shape[2] is None
-        axes[state.name] = {0: "batch_size", **({2: "past_sequence_length"} if grows else {})}
-        axes[state.output] = {0: "batch_size", **({2: "total_sequence_length"} if grows else {})}
-    example = (torch.zeros(batch, length, config.text_config.hidden_size),
-               torch.ones(batch, past + length, dtype=torch.long),
-               torch.arange(past, past + length).repeat(batch, 1),
-               *(torch.zeros([batch if axis == 0 else (past if size is None else size)
-                              for axis, size in enumerate(state.shape)]) for state in states))
-    # The module takes the state as *args: torch.export wants its dynamic shapes as one tuple in that place.
-    state_shapes = tuple({axis: dynamic for axis in axes[state.name]} for state in states)
-    return TracedProgram(DecoderStep(weights).eval(), example,
-                         ("inputs_embeds", "attention_mask", "position_ids", *(s.name for s in states)),
-                         ("logits", *(s.output for s in states)),
-                         ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, state_shapes),
-                         axes)
-
-
-_GRAPHS = {"vision_encoder": _vision_program, "embed_tokens": _embed_program, "decoder_model_merged": _decoder_program}
-
-
 def build_program(weights, graph: str) -> TracedProgram:
-    return _GRAPHS[graph](weights)
+    if graph == "vision_encoder":
+        return _vision_program(weights)
+    if graph == "embed_tokens":
+        return embed_program(EmbedTokens(weights))
+    return decoder_program(DecoderStep(weights), weights.config.text_config.hidden_size,
+                           decoder_state(weights.config))
 
 
 def vision_inputs(config, pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
