@@ -213,13 +213,10 @@ class VisualInput:
 
 @dataclass(frozen=True)
 class Programs:
-    """A family's runtime-neutral torch programs (vision image → LLM tokens, token embeddings, decoder step with
-    explicit state), which exporters trace instead of writing graphs of their own, and what a host running them
-    computes: the vision program's inputs of an image (its data-dependent index tables) and the decoder's state."""
+    """What a host written for any family needs to run the exports of a family's runtime-neutral torch programs
+    (vision image → LLM tokens, token embeddings, decoder step with explicit state): the vision program's inputs of
+    an image (its data-dependent index tables), the decoder's state, and the programs Core ML converts."""
 
-    # (ExportWeights, graph name) → its TracedProgram, for the graphs of the ONNX layout (vision_encoder,
-    # embed_tokens, decoder_model_merged), each built when asked for (its weights read then, in float32).
-    build: Callable[[Any, str], TracedProgram]
     # (config, an encoded sample's pixel_values, its target_sizes) → per image, the vision program's inputs by name.
     vision_inputs: Callable[[Any, Any, Any], list[Mapping[str, Any]]]
     # (config, target_sizes) → per image, how many LLM tokens the vision program gives it.
@@ -288,6 +285,11 @@ class Family:
     # `mcq chat`: the answer of a checkpoint of the family (`mcq.models.loading.Checkpoint`) to a `ChatRequest`, its
     # text, or with `stream` an iterator of its pieces; a McqError for an option the family does not take.
     chat: Callable[[Any, ChatRequest], str | Iterator[str]]
-    # Its runtime-neutral torch programs (`Programs`), which `mcq export --format onnx` traces; None: the exporters
-    # write the family's graphs op by op (the resampler family: `mcq.export.onnx.graphs`, `mcq.export.coreml`).
+    # The graphs of the ONNX layout (vision_encoder, embed_tokens, decoder_model_merged) as runtime-neutral torch
+    # programs, which `mcq export --format onnx` traces: (ExportWeights, or MetaWeights to trace without weights,
+    # graph name) → its TracedProgram (its `programs.py`).
+    graphs: Callable[[Any, str], TracedProgram]
+    # What hosts written for any family run its exports with (`Programs`: the vision program's inputs, the decoder's
+    # state, Core ML's stateful decoder chunks); None: its exports have hosts of their own (the resampler family:
+    # `mcq.export.onnx.OnnxMiniCPMV`, `mcq.export.coreml`'s packages and host).
     programs: Programs | None

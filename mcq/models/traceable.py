@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Added to attention scores of padded keys. Representable in fp16 (the real minimum would overflow to -inf when a
+# score is added to it), and exp(-1e4) is 0 in any precision, so a padded key gets no weight.
+MASKED_SCORE = -1.0e4
+
 
 def named_parameter(tensor: torch.Tensor, source: str) -> nn.Parameter:
     """A frozen float32 parameter holding `tensor`, the checkpoint tensor `source` (reshaped, at most)."""

@@ -162,7 +162,7 @@ def test_an_exporter_edit_rebuilds_and_revalidates_its_variants_only(first_build
     unchanged = build("tiny:4.5", out, plan=plan, progress=False)     # the copy digests like the real source
     assert [(v.status, v.validation) for v in unchanged.variants] == [("reused", "reused")] * 3
     before = _stats(out / "validation")
-    edited_mcq("export/onnx/graphs.py")
+    edited_mcq("export/onnx/traced.py")
     result = build("tiny:4.5", out, plan=plan, progress=False)
     assert [(v.name, v.status, v.validation) for v in result.variants] == [
         ("rtn", "reused", "reused"), ("onnx-int4", "built", "validated"), ("gguf-q4_k_m", "reused", "reused")]

@@ -31,7 +31,7 @@ NOT_FOLLOWED = {
                        ("coreml.runtime", "mcq.export.coreml.host"), ("coreml.runtime", "mcq.export.coreml.program"),
                        ("coreml.interpreter", "mcq.export.coreml.program"),
                        ("runners.gguf_runner", "mcq.export.gguf.writer"),
-                       ("runners.onnx_runner", "mcq.export.onnx"), ("runners.onnx_runner", "mcq.export.onnx.builder"),
+                       ("runners.onnx_runner", "mcq.export.onnx"), ("runners.onnx_runner", "mcq.export.onnx.store"),
                        ("runners.onnx_runner", "mcq.export.onnx.runtime"),
                        ("runners.onnx_runner", "mcq.export.onnx.program_runtime")]},
 }

@@ -49,10 +49,13 @@ def quantize_with_onnxruntime(model, plans, *, symmetric: bool, accuracy_level: 
     from onnxruntime.quantization.quant_utils import QuantFormat
 
     matmuls = [node.name for node in model.graph.node if node.op_type == "MatMul"]
+    # A Linear's MatMul is the one on its weight (the graph's initializer named after it).
+    on_weight = {node.input[1]: node.name for node in model.graph.node if node.op_type == "MatMul"}
     passes = {}
     for plan in plans.values():
-        if plan.source == "onnxruntime" and f"{plan.name}/MatMul" in matmuls:
-            passes.setdefault((plan.algorithm or "default", plan.bits, plan.block), set()).add(f"{plan.name}/MatMul")
+        if plan.source == "onnxruntime" and f"{plan.name}.weight" in on_weight:
+            passes.setdefault((plan.algorithm or "default", plan.bits, plan.block), set()).add(
+                on_weight[f"{plan.name}.weight"])
     for (algorithm, bits, block), nodes in sorted(passes.items()):
         level = accuracy_level or None
         config = {"rtn": RTNWeightOnlyQuantConfig, "k_quant": KQuantWeightOnlyQuantConfig}.get(algorithm)

@@ -32,7 +32,7 @@ TOWER_INPUTS = {"pixel_values": ("FLOAT16", [1, 3, 14, 14 * MAX_PATCHES]), "posi
 RESAMPLER_INPUTS = {"vision_features": ("FLOAT16", [None, MAX_PATCHES, 128]),
                     "key_positions": ("FLOAT16", [None, MAX_PATCHES, 256]),
                     "patch_mask": ("FLOAT16", [None, MAX_PATCHES])}
-SLICE_INPUTS = ("pixel_values", "position_ids", "patch_mask", "key_positions")     # `graphs.VisionSlice`'s
+SLICE_INPUTS = ("pixel_values", "position_ids", "patch_mask", "key_positions")     # `VisionSlice`'s
 COMPRESSED_OP = {"int8": {"iOS17": "constexpr_affine_dequantize", "iOS18": "constexpr_blockwise_shift_scale"},
                  "palettize4": {"iOS17": "constexpr_lut_to_dense", "iOS18": "constexpr_lut_to_dense"},
                  "palettize6": {"iOS18": "constexpr_lut_to_dense"}}
@@ -123,7 +123,7 @@ def test_vision_fp16_package_structure(exports):
     resampler = load_program(out / api.RESAMPLER_PACKAGE)
     assert resampler.inputs == RESAMPLER_INPUTS and resampler.outputs == ["image_features"]
     # The tower's weights in its package only, the resampler's in its own: each stored once.
-    tower_prefixes, resampler_prefixes = ("layers_", "patch_embedding"), ("kv_proj", "q_proj", "proj_weight")
+    tower_prefixes, resampler_prefixes = ("tower_",), ("resampler_",)     # `VisionSlice`'s two halves
     tower_names, resampler_names = [n for n, _ in program.stored()], [n for n, _ in resampler.stored()]
     assert any(n.startswith(tower_prefixes) for n in tower_names)
     assert not any(n.startswith(resampler_prefixes) for n in tower_names)
@@ -226,13 +226,14 @@ def test_video_groups_agree_with_torch(exports, video):
 def test_vision_compression(exports, reference, weights, vision, target):
     """Weights as the package decompresses them are close to torch's, and the whole program, run on them, is the
     torch wrapper with those weights (so the interpreter and the conversion are checked apart from the rounding)."""
-    from mcq.export.coreml.graphs import VisionSlice
+    from mcq.models.minicpmv.programs import VisionSlice
+    from mcq.models.traceable import as_linear_ops
 
     out = exports(vision, target)
     programs = [load_program(out / package) for package in (api.VISION_PACKAGE, api.RESAMPLER_PACKAGE)]
     assert all(COMPRESSED_OP[vision][target] in program.op_types() for program in programs)
     decompressed = {name: value for program in programs for name, value in Interpreter(program).weights().items()}
-    module = VisionSlice(weights, MAX_PATCHES).eval()
+    module = as_linear_ops(VisionSlice(weights, MAX_PATCHES)).eval()
     compressed_names = 0
     for name, parameter in module.state_dict().items():
         key = name.replace(".", "_") + "_to_fp16"
@@ -702,13 +703,14 @@ def test_an_export_of_the_single_llm_package_layout_is_refused(llm_exports, tmp_
 
 def test_llm_int4_package_is_its_torch_program(llm_exports, llm_reference, weights):
     """The int4 packages compute what the torch decoder computes with the packages' own dequantized weights."""
-    from mcq.export.coreml.graphs import DecoderHead, StatefulDecoder
+    from mcq.models.minicpmv.programs import DecoderHead, StatefulDecoder
+    from mcq.models.traceable import as_linear_ops
 
     embeds, expected = llm_reference
     interpreter = InterpretedLlm(llm_exports("int4-block32"))
     decompressed = interpreter.weights()
-    decoder = StatefulDecoder(weights, 4096, range(weights.config.num_hidden_layers)).eval()
-    head = DecoderHead(weights).eval()
+    decoder = as_linear_ops(StatefulDecoder(weights, 4096, range(weights.config.num_hidden_layers))).eval()
+    head = as_linear_ops(DecoderHead(weights)).eval()
     replaced = 0
     for module in (decoder, head):
         for name, parameter in module.state_dict().items():
@@ -867,8 +869,10 @@ def rtn_export(tmp_path_factory):
 
 def test_from_dir_carries_the_stored_int4_levels(rtn_export):
     """Every Linear the RTN output stores as int4 is in the package exactly: (levels - zero) * scale."""
-    from mcq.export.coreml.graphs import StatefulDecoder
+    from mcq.export.coreml.convert import linear_sources
     from mcq.export.weights_source import ExportWeights
+    from mcq.models.minicpmv.programs import StatefulDecoder
+    from mcq.models.traceable import as_linear_ops
 
     variant, out, result = rtn_export
     assert set(result.llm_fallbacks) == {"llm.lm_head"}      # the recipe leaves the LM head unquantized
@@ -878,10 +882,10 @@ def test_from_dir_carries_the_stored_int4_levels(rtn_export):
                 if op.outputs and op.outputs[0][0].endswith("_stored_int4")]
     source = ExportWeights(MODEL, variant)
     try:
-        module = StatefulDecoder(source, 4096, range(source.config.num_hidden_layers)).eval()
-        assert len(stored_ops) == len(module.linear_sources())
+        module = as_linear_ops(StatefulDecoder(source, 4096, range(source.config.num_hidden_layers))).eval()
+        assert len(stored_ops) == len(linear_sources(module))
         decompressed = Interpreter(program).weights()
-        for prefix, checkpoint_module in module.linear_sources().items():
+        for prefix, checkpoint_module in linear_sources(module).items():
             got = decompressed[f"{prefix}_stored_int4"].astype(np.float32)
             expected = source.tensor(f"{checkpoint_module}.weight").numpy()
             np.testing.assert_allclose(got, expected, rtol=2**-10, atol=1e-7)

@@ -14,7 +14,7 @@ import torch
 from mcq.cli import main
 from mcq.errors import McqError
 from mcq.export.onnx import OnnxMiniCPMV, export_onnx
-from mcq.export.onnx import builder as onnx_builder
+from mcq.export.onnx import store as onnx_store
 from mcq.models.loading import load_model, load_processor, resolve_model_path
 from mcq.models.minicpmv.chat import render_conversation
 from onnx_helpers import chat_inputs, digests, image, relative_error
@@ -139,7 +139,7 @@ def test_fp16_halves_the_weights_and_stays_close(tmp_path):
 def test_external_data_over_the_inline_limit(tmp_path, monkeypatch):
     inline = tmp_path / "inline"
     export_onnx("tiny:4.5", inline)
-    monkeypatch.setattr(onnx_builder, "INLINE_WEIGHTS_LIMIT", 0)
+    monkeypatch.setattr(onnx_store, "INLINE_WEIGHTS_LIMIT", 0)
     external = tmp_path / "external"
     result = export_onnx("tiny:4.5", external)
     data = sorted(p.name for p in (external / "onnx").glob("*.onnx_data"))
@@ -155,7 +155,7 @@ def test_external_data_over_the_inline_limit(tmp_path, monkeypatch):
 
 
 def test_graph_over_the_protobuf_limit_is_refused_without_output(tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_builder, "PROTOBUF_LIMIT", 10_000)
+    monkeypatch.setattr(onnx_store, "PROTOBUF_LIMIT", 10_000)
     out = tmp_path / "out"
     with pytest.raises(McqError, match="over protobuf's 2 GiB limit"):
         export_onnx("tiny:4.5", out)

@@ -140,8 +140,9 @@ def test_streamed_quantization_equals_onnxruntime_on_the_float_graph(precision, 
         oracle = quantize_with_onnxruntime(float_graph, plans, symmetric=False, accuracy_level=4)
         streamed = onnx.load(str(out / f"onnx/{graph}{suffix}.onnx"))
         weights = {t.name: t for g in (oracle, streamed) for t in g.graph.initializer}
-        ours = {n.name.split("/")[0]: n for n in streamed.graph.node if n.op_type == "MatMulNBits"}
-        theirs = {n.name.split("/")[0]: n for n in oracle.graph.node if n.op_type == "MatMulNBits"}
+        # Each MatMulNBits by its Linear: its packed weight is named after the Linear's weight in both.
+        ours = {n.input[1].split(".weight")[0]: n for n in streamed.graph.node if n.op_type == "MatMulNBits"}
+        theirs = {n.input[1].split(".weight")[0]: n for n in oracle.graph.node if n.op_type == "MatMulNBits"}
         assert set(ours) == set(theirs) and ours
         for module, node in theirs.items():
             assert [(a.name, a.i) for a in node.attribute] == [(a.name, a.i) for a in ours[module].attribute]

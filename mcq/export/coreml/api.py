@@ -150,8 +150,8 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
     from .traced import (convert_program_decoder, convert_program_embeddings, convert_program_head,
                          convert_program_vision, program_decoder_chunks)
 
-    # A family with torch programs (4.6) has its packages traced from them, the resampler family's are written for
-    # Core ML (`graphs.py`); both give the same LLM packages' inputs and outputs.
+    # A family with a generic host (4.6) has its packages made from its `Programs`, the resampler family's from its
+    # own programs by `convert.py`; both give the same LLM packages' inputs and outputs.
     traced = weights.checkpoint.family.programs
     if traced is not None:
         embed_package = partial(convert_program_embeddings, weights, traced, target)
@@ -432,7 +432,8 @@ def _resampler_sidecar(program, key_positions: str) -> dict[str, Any]:
 
 def _llm_sidecar(weights, programs: dict, chunks: list[range]) -> dict[str, Any]:
     from .convert import LLM_CONTEXT, LLM_MAX_CHUNK, rope_theta
-    from .graphs import MASKED_SCORE, DecoderShape
+    from mcq.models.minicpmv.programs import DecoderShape
+    from mcq.models.traceable import MASKED_SCORE
     from .traced import PROGRAM_TOKENS_PER_CALL
 
     text = weights.config.get_text_config()

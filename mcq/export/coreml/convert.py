@@ -1,4 +1,5 @@
-"""Trace the torch programs of `graphs.py`, convert them with coremltools and compress their weights.
+"""Trace the resampler family's torch programs (`mcq.models.minicpmv.programs`: the ones `mcq export --format onnx`
+traces too), convert them with coremltools and compress their weights.
 
 Conversion goes through `torch.jit.trace` (coremltools' mature frontend; its `torch.export` path is beta and on
 torch >= 2.9 needs extra decomposition). Every failure comes out as one McqError naming the op when coremltools
@@ -20,6 +21,7 @@ import torch
 
 from mcq.errors import McqError
 from mcq.models.minicpmv.video import MAX_PACKING
+from mcq.models.traceable import as_linear_ops
 
 TARGETS = ("iOS17", "iOS18")
 VISION_COMPRESSIONS = ("fp16", "int8", "palettize4", "palettize6")
@@ -148,14 +150,14 @@ def _describe(err: Exception) -> str:
 
 def convert_vision(weights, target: str, compression: str, max_patches: int = MAX_PATCHES):
     """The vision package as an in-memory MLModel (saved by the caller)."""
-    from .graphs import VisionSlice
+    from mcq.models.minicpmv.programs import VisionSlice
 
     check_vision_compression(compression, target)
     ct = import_coremltools()
     config = weights.config
     vision = config.vision_config
     patch, hidden = vision.patch_size, config.hidden_size
-    module = VisionSlice(weights, max_patches)
+    module = as_linear_ops(VisionSlice(weights, max_patches))
     example = (torch.zeros(1, 3, patch, patch * max_patches), torch.zeros(1, max_patches, dtype=torch.int32),
                torch.ones(1, max_patches), torch.zeros(1, max_patches, hidden))
     inputs = [ct.TensorType("pixel_values", shape=example[0].shape, dtype=np.float16),
@@ -171,13 +173,13 @@ def convert_vision(weights, target: str, compression: str, max_patches: int = MA
 def convert_vision_tower(weights, target: str, compression: str, max_patches: int = MAX_PATCHES):
     """The vision tower alone (one slice or frame → `vision_features`), for releases whose resampler packs video
     frames (`GroupResampler`)."""
-    from .graphs import VisionTower
+    from mcq.models.minicpmv.programs import VisionTower
 
     check_vision_compression(compression, target)
     ct = import_coremltools()
     vision = weights.config.vision_config
     patch = vision.patch_size
-    module = VisionTower(weights, max_patches)
+    module = as_linear_ops(VisionTower(weights, max_patches))
     example = (torch.zeros(1, 3, patch, patch * max_patches), torch.zeros(1, max_patches, dtype=torch.int32),
                torch.ones(1, max_patches))
     inputs = [ct.TensorType("pixel_values", shape=example[0].shape, dtype=np.float16),
@@ -191,14 +193,14 @@ def convert_vision_tower(weights, target: str, compression: str, max_patches: in
 
 def convert_group_resampler(weights, target: str, compression: str, max_patches: int = MAX_PATCHES):
     """The resampler over the frames of one temporal group (or one image slice) → `image_features`."""
-    from .graphs import GroupResampler
+    from mcq.models.minicpmv.programs import GroupResampler
 
     check_vision_compression(compression, target)
     ct = import_coremltools()
     config = weights.config
     width, hidden = config.vision_config.hidden_size, config.hidden_size
     frames = GROUP_FRAMES
-    module = GroupResampler(weights, max_patches)
+    module = as_linear_ops(GroupResampler(weights, max_patches))
     example = (torch.zeros(2, max_patches, width), torch.zeros(2, max_patches, hidden), torch.ones(2, max_patches))
     # Enumerated frame counts on iOS18: Core ML compiles each shape ahead, and the Neural Engine runs enumerated
     # shapes, not open ranges. Below iOS18 Core ML takes enumerated shapes on one input only, so iOS17 gets a
@@ -346,10 +348,10 @@ def convert_llm(weights, target: str, compression: str, layers: range, context: 
                 max_chunk: int = LLM_MAX_CHUNK):
     """Decoder layers `layers` with their stateful KV cache as an in-memory MLModel (iOS18: states), and the Linears
     whose `--from` levels could not be carried into int4 blocks (module → reason; empty without `--from`)."""
-    from .graphs import StatefulDecoder
+    from mcq.models.minicpmv.programs import StatefulDecoder
 
     ct = import_coremltools()
-    module = StatefulDecoder(weights, context, layers)
+    module = as_linear_ops(StatefulDecoder(weights, context, layers))
     shape = module.shape
     chunk, seen = 2, 5       # example sizes ≥ 2, so tracing specializes nothing to 1
     example = (torch.zeros(1, chunk, shape.hidden), torch.ones(1, 1, chunk, shape.head_dim),
@@ -361,23 +363,30 @@ def convert_llm(weights, target: str, compression: str, layers: range, context: 
     model.short_description = (f"MiniCPM-V {weights.spec.version} LLM decoder layers {layers.start}-{layers.stop - 1} "
                                f"with their stateful KV cache of {context} positions; up to {max_chunk} new tokens "
                                "per call")
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, module.linear_sources())
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
 
 
 def convert_head(weights, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
     """The final norm and the LM head (hidden states → logits) as an in-memory MLModel, and its `--from`
     fallbacks."""
-    from .graphs import DecoderHead
+    from mcq.models.minicpmv.programs import DecoderHead
 
     ct = import_coremltools()
-    module = DecoderHead(weights)
+    module = as_linear_ops(DecoderHead(weights))
     length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
     hidden = weights.config.hidden_size
     model = _convert(ct, module, (torch.zeros(1, 2, hidden),),
                      [ct.TensorType("hidden_states", shape=(1, length, hidden), dtype=np.float16)],
                      [ct.TensorType("logits", dtype=np.float16)], target)
     model.short_description = f"MiniCPM-V {weights.spec.version} LLM final norm and LM head (hidden states → logits)"
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, module.linear_sources())
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
+
+
+def linear_sources(module: torch.nn.Module) -> dict[str, str]:
+    """Weight name prefix in the converted program (coremltools names consts after the torch parameter path) →
+    checkpoint module of that Linear (`mcq_source`, set by `as_linear_ops`)."""
+    return {f"{name.replace('.', '_')}_weight": linear.mcq_source for name, linear in module.named_modules()
+            if isinstance(linear, torch.nn.Linear) and hasattr(linear, "mcq_source")}
 
 
 def _with_stored_levels(weights, model, compression: str, sources: dict[str, str]):
@@ -416,7 +425,7 @@ def compress_llm(ct, model, compression: str):
 
 def convert_embeddings(weights, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
     """The token embedding table as a gather program, compressed like the LLM (a quantized gather)."""
-    from .graphs import EmbedTokens
+    from mcq.models.minicpmv.programs import EmbedTokens
 
     ct = import_coremltools()
     length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")

@@ -1,5 +1,5 @@
 """Core ML packages traced from a family's runtime-neutral torch programs (`mcq.models.familyspec.Programs`,
-MiniCPM-V 4.6), the ones `mcq export --format onnx` traces too, instead of graphs written for Core ML.
+MiniCPM-V 4.6), the ones `mcq export --format onnx` traces too.
 
 - The vision package is the family's vision program (one image → its LLM tokens) with flexible shapes: each
   dynamic axis a `RangeDim` bounded as the program says (`TracedProgram.bounds`), the host's index tables as int32
@@ -10,7 +10,7 @@ MiniCPM-V 4.6), the ones `mcq export --format onnx` traces too, instead of graph
   family's, so one host loop (`runtime.CoremlMiniCPMV.decode`) drives both.
 
 Each program's Linears are made `linear` ops before tracing (`as_linear_ops`), so the LLM and vision compressions
-(and `--from`'s stored int4 levels) apply to them as to the hand-written graphs.
+(and `--from`'s stored int4 levels) apply to them as to the resampler family's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from mcq.models.traceable import as_linear_ops
 
 from .convert import (LLM_CONTEXT, LLM_MAX_CHUNK, LLM_PACKAGE_BYTES, _convert, _with_stored_levels, compress_llm,
-                      compress_vision, import_coremltools)
+                      compress_vision, import_coremltools, linear_sources)
 
 # Positions one decoder call adds: the linear attention's recurrence over several positions is a loop, which a
 # traced program cannot hold on a dynamic length (`Programs.stateful_decoder`).
@@ -106,8 +106,6 @@ def program_decoder_chunks(weights, programs) -> list[range]:
 def convert_program_decoder(weights, programs, target: str, compression: str, layers: range,
                             context: int = LLM_CONTEXT):
     """Decoder layers `layers` with their states, one position per call; and the `--from` fallbacks."""
-    from .graphs import _linear_sources
-
     ct = import_coremltools()
     module = as_linear_ops(programs.stateful_decoder(weights, layers, context))
     text = weights.config.get_text_config()
@@ -127,12 +125,10 @@ def convert_program_decoder(weights, programs, target: str, compression: str, la
     model.short_description = (f"MiniCPM-V {weights.checkpoint.release} LLM decoder layers {layers.start}-"
                                f"{layers.stop - 1} ({', '.join(kinds)}) with their states ({context} cached "
                                "positions); one new position per call")
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, _linear_sources(module))
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
 
 
 def convert_program_head(weights, programs, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
-    from .graphs import _linear_sources
-
     ct = import_coremltools()
     module = as_linear_ops(programs.head(weights))
     hidden = weights.config.get_text_config().hidden_size
@@ -142,4 +138,4 @@ def convert_program_head(weights, programs, target: str, compression: str, max_c
                      [ct.TensorType("logits", dtype=np.float16)], target)
     model.short_description = (f"MiniCPM-V {weights.checkpoint.release} LLM final norm and LM head (hidden states → "
                                "logits)")
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, _linear_sources(module))
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))

@@ -11,9 +11,10 @@ Layout (onnx-community / transformers.js):
       preprocessor_config.json, tokenizer files, generation_config.json, ...   (copied from the model)
       README.md, mcq-manifest.json
 
-A family with torch programs (`Family.programs`: 4.6) has its graphs traced from them (`traced.py`): the vision
-encoder takes one image, and the decoder's past and present include every state its layers keep (config.json's
-`mcq_decoder_state`).
+The graphs are traced from the family's torch programs (`Family.graphs`, `traced.py`). The resampler family's
+(2.6 / 4.0 / 4.5) take what its host computes (`runtime.py`, `OnnxMiniCPMV`); a family with a generic host
+(`Family.programs`: 4.6) has a vision encoder that takes one image, and a decoder whose past and present include
+every state its layers keep (config.json's `mcq_decoder_state`), run by `program_runtime.OnnxProgramModel`.
 
 Suffixes follow transformers.js (`_fp16`, `_int8`, `_q4`; none for fp32). The output is staged and renamed into
 place, so a failure leaves nothing behind.
@@ -28,13 +29,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from mcq.errors import McqError
-from mcq.models.minicpmv.versions import embedding_scale
 
-from .builder import GraphBuilder, TensorStore, save_graph
-from .graphs import DecoderShape, VisionShape, build_decoder, build_embed_tokens, build_vision_encoder
 from .quantize import (
     DEFAULT_BLOCK_SIZE,
     PRECISION_BITS,
@@ -42,13 +38,14 @@ from .quantize import (
     check_options,
     export_recipe,
     float_plans,
-    graph_dtype,
     plan_from_mcq,
     plan_onnxruntime,
 )
 from .runtime import DTYPE_SUFFIXES, GRAPHS
 from .traced import write_traced_graph
 
+# What runs an export: mcq's host of the resampler family's graphs, or the host of any family's programs.
+_RUNTIMES = {False: "mcq.export.onnx.OnnxMiniCPMV", True: "mcq.export.onnx.program_runtime.OnnxProgramModel"}
 # The files a runtime needs beside the graphs; an export without them could not preprocess or tokenize.
 REQUIRED_SUPPORT_FILES = ("preprocessor_config.json", "tokenizer_config.json")
 
@@ -66,13 +63,13 @@ class OnnxExportResult:
     linears: dict[str, dict[str, int]]       # component → {"mcq": n, "onnxruntime": n, "float": n}
     fallbacks: list[str]
     seconds: float
-    traced: bool                             # graphs traced from the family's torch programs (no `mcq chat` yet)
+    runtime: str                             # the class that runs it (mcq's host of the family's exports)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "model": self.model, "from": self.from_dir, "precision": self.precision,
                 "block_size": self.block_size, "files": self.files, "dtypes": self.dtypes,
                 "external_data": self.external_data, "linears": self.linears, "fallbacks": self.fallbacks,
-                "seconds": round(self.seconds, 3), "traced": self.traced}
+                "seconds": round(self.seconds, 3), "runtime": self.runtime}
 
     def summary(self) -> str:
         lines = [f"wrote {self.out} (ONNX {self.precision}" + (f" from {self.from_dir}" if self.from_dir else "")
@@ -86,10 +83,8 @@ class OnnxExportResult:
                                                               ("float", "float")) if counts.get(k)]
             lines.append(f"  {component} Linears: {', '.join(parts)}")
         lines += [f"  fallback: {text}" for text in self.fallbacks]
-        if self.traced:
-            lines.append(f"  score it: mcq validate --reference MODEL --variant {self.out}")
-        else:
-            lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
+        lines.append(f"  run it: mcq chat --model {self.out / 'onnx'} \"question\" --image IMAGE")
+        lines.append(f"  score it: mcq validate --reference MODEL --variant {self.out}")
         return "\n".join(lines)
 
 
@@ -140,7 +135,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
     try:
         programs = family.programs
         if programs is None:
-            weights.spec   # the resampler family's graphs are written for the releases it knows (else a McqError)
+            weights.spec   # the resampler family's programs are built for the releases it knows (else a McqError)
         shell = shell_model(weights.config)
         linears = linear_layers(shell)
         bits = PRECISION_BITS.get(precision)
@@ -153,17 +148,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         else:
             plans, recipe = float_plans(linears, f"{precision} export"), None
         writer = WeightWriter(weights, precision, plans, accuracy_level, symmetric)
-        if programs is None:
-            names = weights.names()
-            builds = {
-                "vision_encoder": lambda b: build_vision_encoder(b, writer, VisionShape(shell, names)),
-                "embed_tokens": lambda b: build_embed_tokens(b, writer, embedding_scale(weights.config),
-                                                             weights.config.hidden_size),
-                "decoder_model_merged": lambda b: build_decoder(b, writer, DecoderShape(shell, names)),
-            }
-            write = partial(_write_graph, builds=builds)
-        else:
-            write = partial(write_traced_graph, programs=programs, weights=MetaWeights(weights), writer=writer)
+        write = partial(write_traced_graph, graphs=family.graphs, weights=MetaWeights(weights), writer=writer)
         with staged_output(out, force) as staging:
             onnx_dir = staging / "onnx"
             onnx_dir.mkdir()
@@ -180,7 +165,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
                         "accuracy_level": accuracy_level if precision in PRECISION_BITS else None,
                         "algorithm": algorithm if recipe else None,
                         "from": None if from_dir is None else Path(from_dir).name}
-            _write_card(staging, source, weights, precision, dtypes, plans, from_dir, traced=programs is not None)
+            _write_card(staging, source, weights, precision, dtypes, plans, from_dir, generic=programs is not None)
             write_manifest(staging, kind="onnx", source=source, recipe=recipe, settings=settings,
                            extra={"from": None if from_dir is None else _identity(weights.path),
                                   "from_quantization": weights.quantized_from,
@@ -194,7 +179,7 @@ def export_onnx(model: str | Path, out: str | Path, *, precision: str = "fp32", 
         out=out, model=str(model), from_dir=None if from_dir is None else str(from_dir), precision=precision,
         block_size=block_size if recipe else None, files=files, dtypes=dtypes, external_data=external,
         linears=_count_linears(plans), fallbacks=[f"{p.name}: {p.reason}" for p in plans.values() if p.fallback],
-        seconds=time.perf_counter() - started, traced=family.programs is not None)
+        seconds=time.perf_counter() - started, runtime=_RUNTIMES[family.programs is not None])
 
 
 def _identity(directory: Path) -> dict[str, Any]:
@@ -203,33 +188,6 @@ def _identity(directory: Path) -> dict[str, Any]:
 
     files = sorted(p for p in Path(directory).iterdir() if p.is_file() and not p.name.startswith("."))
     return {"name": Path(directory).name, "files": {p.name: file_sha256(p) for p in files}}
-
-
-def _write_graph(graph: str, builds, onnx_dir: Path, precision: str) -> tuple[str, bool]:
-    """Build one graph (its weights streamed to disk as they are made, quantized ones included) and save it;
-    returns (dtype, external)."""
-    base = f"{graph}{DTYPE_SUFFIXES['fp32']}.onnx"
-    store = TensorStore(onnx_dir / f"{base}_data")
-    builder = GraphBuilder(graph, store)
-    builds[graph](builder)
-    model = builder.model(f"MiniCPM-V {graph}, written by mcq")
-    dtype = graph_dtype(model, precision)
-    path = onnx_dir / f"{graph}{DTYPE_SUFFIXES[dtype]}.onnx"
-    if path.name != base:
-        store = _rename_store(model, store, onnx_dir / f"{path.name}_data")
-    return dtype, save_graph(model, path, store)
-
-
-def _rename_store(model: onnx.ModelProto, store: TensorStore, new_path: Path) -> TensorStore:
-    """Point the external weights at the data file of the graph's final (dtype-suffixed) name."""
-    store.close()
-    store.data_path.rename(new_path)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = new_path.name
-    store.data_path = new_path
-    return store
 
 
 def _write_configs(staging: Path, source: Path, weights, dtypes: dict[str, str], external: list[str],
@@ -260,7 +218,7 @@ def _count_linears(plans) -> dict[str, dict[str, int]]:
 
 
 def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: dict[str, str], plans,
-                from_dir, traced: bool) -> None:
+                from_dir, generic: bool) -> None:
     from mcq.outputs import write_model_card
 
     counts = _count_linears(plans)
@@ -276,7 +234,7 @@ def _write_card(staging: Path, source: Path, weights, precision: str, dtypes: di
         origin = ("Weights are stored in float16 and computed in float32." if precision == "fp16" else
                   "Weights are float32.") + (f" They are the dequantized weights of `{Path(from_dir).name}`."
                                              if from_dir else "")
-    if traced:
+    if generic:
         layout = ("Inputs and outputs follow the onnx-community / transformers.js layout, with the decoder's whole "
                   "state as inputs and outputs (`past_conv.{i}` / `past_recurrent.{i}` of the linear-attention "
                   "layers beside the full-attention layers' KV cache); the vision encoder takes one image and "

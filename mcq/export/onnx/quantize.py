@@ -29,12 +29,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from mcq.errors import McqError
 
 from ..rows import row_ranges
-from .builder import MS_DOMAIN, GraphBuilder, Rows
+from .store import Rows
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PRECISION_BITS = {"int8": 8, "int4": 4}
@@ -246,14 +245,6 @@ class WeightWriter:
                  symmetric: bool = False):
         self.weights, self.precision, self.plans = weights, precision, plans
         self.accuracy_level, self.symmetric = accuracy_level, symmetric
-        self._names = set(weights.names())
-
-    def has(self, name: str) -> bool:
-        return name in self._names
-
-    def array(self, name: str) -> np.ndarray:
-        """A small weight (a norm, a bias) in float32."""
-        return self.weights.tensor(name).float().numpy()
 
     def float_rows(self, name: str, transpose: bool = False, shape: tuple[int, ...] | None = None,
                    dtype=None) -> Rows:
@@ -278,44 +269,12 @@ class WeightWriter:
                 yield block.astype(dtype, copy=False)
         return Rows(shape, dtype, blocks)
 
-    def _float(self, b: GraphBuilder, name: str, rows: Rows) -> str:
-        """A large float weight; fp16 exports store it in half precision and compute in float32 after a Cast."""
-        if self.precision == "fp16":
-            return b.op("Cast", b.weight(f"{name}.fp16", rows), to=TensorProto.FLOAT)
-        return b.weight(name, rows)
-
-    def large_weight(self, b: GraphBuilder, name: str) -> str:
-        return self._float(b, name, self.float_rows(name))
-
     def nbits_tensors(self, module: str):
         """(packed, scales, zero points or None, (N, K)) of a Linear its plan quantizes (source mcq or
         onnxruntime)."""
         plan = self.plans[module]
         source = self._stored_tensors if plan.source == "mcq" else self._onnxruntime_tensors
         return source(module, plan)
-
-    def linear(self, b: GraphBuilder, x: str, module: str) -> str:
-        plan = self.plans[module]
-        with b.scope(module):
-            if plan.source is not None:
-                out = self._matmul_nbits(b, x, module, plan, *self.nbits_tensors(module))
-            else:
-                # MatMul takes B as [in, out]: the transposed weight.
-                out = b.op("MatMul", x, self._float(b, f"{module}.weight.T",
-                                                    self.float_rows(f"{module}.weight", transpose=True)))
-            if self.has(f"{module}.bias"):
-                out = b.op("Add", out, b.weight(f"{module}.bias", self.array(f"{module}.bias")))
-        return out
-
-    def _matmul_nbits(self, b: GraphBuilder, x: str, module: str, plan: LinearPlan, packed: np.ndarray,
-                      scales: np.ndarray, zeros: np.ndarray | None, shape: tuple[int, int]) -> str:
-        inputs = [x, b.weight(f"{module}.weight_q{plan.bits}", packed), b.weight(f"{module}.weight_scales", scales)]
-        if zeros is not None:
-            inputs.append(b.weight(f"{module}.weight_zero_points", zeros))
-        attributes = {"K": shape[1], "N": shape[0], "bits": plan.bits, "block_size": plan.block}
-        if self.accuracy_level:
-            attributes["accuracy_level"] = self.accuracy_level
-        return b.op("MatMulNBits", *inputs, domain=MS_DOMAIN, **attributes)
 
     def _stored_tensors(self, module: str, plan: LinearPlan):
         """MatMulNBits tensors of an `mcq quantize` output's levels, block of output rows by block."""

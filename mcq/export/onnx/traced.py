@@ -1,14 +1,13 @@
-"""ONNX graphs traced from a family's runtime-neutral torch programs (`mcq.models.familyspec.Programs`) with
-`torch.onnx.export` (torch.export, then onnxscript's translation and optimizer), for families whose exporters do not
-write graphs op by op.
+"""ONNX graphs traced from a family's runtime-neutral torch programs (`Family.graphs`, its `programs.py`) with
+`torch.onnx.export` (torch.export, then onnxscript's translation and optimizer).
 
 A program is built on `MetaWeights` and traced on the meta device: the graph is traced without a weight in memory,
-and its weights are written afterwards from the checkpoint, one tensor (a large one a block of rows) at a time, by
-the machinery of the hand-written graphs (`TensorStore`, `save_graph`, `WeightWriter`): memory does not grow with
-the model. Each traced graph is made to read like the hand-written ones: its initializers are named after the
-checkpoint tensors they hold (each program parameter remembers its `mcq_source`), its dynamic axes get the
-program's names (`batch_size`, `past_sequence_length`, ...) instead of torch.export's symbols, and fp16 stores the
-large float weights in float16 with a Cast (computed in float32, as the hand-written graphs do).
+and its weights are written afterwards from the checkpoint, one tensor (a large one a block of rows) at a time
+(`store.TensorStore`, `store.save_graph`, `quantize.WeightWriter`): memory does not grow with the model. Each
+traced graph's initializers are named after the checkpoint tensors they hold (each program parameter remembers its
+`mcq_source`), its dynamic axes get the program's names (`batch_size`, `past_sequence_length`, ...) instead of
+torch.export's symbols, fp16 stores the large float weights in float16 with a Cast (computed in float32), and the
+MatMul on each planned Linear's weight becomes MatMulNBits.
 """
 
 from __future__ import annotations
@@ -29,12 +28,11 @@ from onnx import helper
 
 from mcq.errors import McqError
 
-from .builder import MS_DOMAIN, TensorStore, save_graph
+from .store import MS_DOMAIN, TensorStore, save_graph
 from .quantize import precision_dtype
 from .runtime import DTYPE_SUFFIXES
 
-# opset of the traced graphs: torch.onnx's default for torch 2.13 (the hand-written graphs use 21; onnxruntime runs
-# both).
+# opset of the traced graphs: torch.onnx's default for torch 2.13.
 OPSET = 20
 # Float initializers of at least this many elements are stored in float16 by an fp16 export; smaller ones (norm
 # weights, biases, rotary frequencies) stay float32.
@@ -177,11 +175,11 @@ def _name_axes(model: onnx.ModelProto, axes) -> None:
                 dim.dim_param = symbols[dim.dim_param]
 
 
-def write_traced_graph(graph: str, onnx_dir: Path, precision: str, programs, weights, writer) -> tuple[str, bool]:
-    """Trace one graph of the layout (`programs.build` on `weights`, a `MetaWeights`), then write its weights from
-    the checkpoint one tensor at a time (a large one a block of rows at a time) into the graph's data file,
+def write_traced_graph(graph: str, onnx_dir: Path, precision: str, graphs, weights, writer) -> tuple[str, bool]:
+    """Trace one graph of the layout (the family's `graphs` on `weights`, a `MetaWeights`), then write its weights
+    from the checkpoint one tensor at a time (a large one a block of rows at a time) into the graph's data file,
     quantized or halved as `precision` asks, and save it; returns (dtype, external)."""
-    model, program_weights = _traced(graph, programs, weights)
+    model, program_weights = _traced(graph, graphs, weights)
     quantized = _planned_matmuls(model, program_weights, writer)
     bits = {writer.plans[module].bits for module in quantized.values()}
     dtype = precision_dtype(bits, precision)
@@ -200,13 +198,13 @@ def write_traced_graph(graph: str, onnx_dir: Path, precision: str, programs, wei
 # (`mcq build`: fp32, int4, --from) trace each graph once. The few most recent are kept (a real-size decoder
 # without weights is about a megabyte).
 _TRACED: dict[tuple, tuple[bytes, dict[str, ProgramWeight]]] = {}
-_TRACED_KEPT = 6
+_TRACED_KEPT = 12
 
 
-def _traced(graph: str, programs, weights) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
+def _traced(graph: str, graphs, weights) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
     key = (graph, weights.structure())
     if key not in _TRACED:
-        model, program_weights = trace_graph(programs.build(weights, graph))
+        model, program_weights = trace_graph(graphs(weights, graph))
         while len(_TRACED) >= _TRACED_KEPT:
             _TRACED.pop(next(iter(_TRACED)))
         _TRACED[key] = (model.SerializeToString(), program_weights)
@@ -231,9 +229,9 @@ def _planned_matmuls(model: onnx.ModelProto, weights: dict[str, ProgramWeight], 
 def _write_weights(model: onnx.ModelProto, weights: dict[str, ProgramWeight], quantized: dict[int, str], writer,
                    store: TensorStore, precision: str) -> None:
     """Write the graph's weights into `store` and the graph: each planned MatMul made MatMulNBits with the tensors
-    the hand-written graphs get for its Linear (`WeightWriter.nbits_tensors`: an `mcq quantize` output's levels, or
+    its Linear's plan gives (`WeightWriter.nbits_tensors`: an `mcq quantize` output's levels, or
     onnxruntime's quantizer), then every other weight; in fp16, float weights of at least FP16_MIN_ELEMENTS stored
-    in float16, each read through a Cast to float32 (computed in float32, as the hand-written graphs do)."""
+    in float16, each read through a Cast to float32 (computed in float32: CPU kernels do)."""
     graph = model.graph
     initializers, casts, nodes = [], [], list(graph.node)
     for index, module in quantized.items():

@@ -14,6 +14,7 @@ from ..familyspec import Calibration, CaptureStage, Family, PaddableMlp
 from .chat import CalibrationEncoder, chat
 from .configuration import MiniCPMVConfig
 from .modeling import MiniCPMV
+from .programs import build_program
 from .gguf import LAYOUT as GGUF_LAYOUT
 from .serving import ServedMiniCPMV
 from .tiny import write_tiny
@@ -100,4 +101,5 @@ FAMILY = Family(name="minicpmv", config_class=MiniCPMVConfig, model_class=MiniCP
                 vllm_inputs=MiniCPMVVllmInputs, load_code=_LOAD,
                 write_tiny=write_tiny, gguf=GGUF_LAYOUT, chat=chat,
                 # vLLM's MiniCPM-V models keep the checkpoint's module names: patterns over layers match there.
-                plain_quantization_names=False, programs=None)
+                plain_quantization_names=False, graphs=build_program,
+                programs=None)

@@ -15,7 +15,7 @@ from .calibration import CalibrationEncoder, forward, norm_offset, per_size_runs
 from .chat import chat
 from .facts import RELEASE
 from .gguf import LAYOUT as GGUF_LAYOUT
-from .programs import PROGRAMS
+from .programs import PROGRAMS, build_program
 from .serving import ServedMiniCPMV4_6
 from .tiny import write_tiny
 from .vllm_inputs import MiniCPMV4_6VllmInputs
@@ -115,4 +115,4 @@ FAMILY = Family(name="minicpmv4_6", config_class=MiniCPMV4_6Config, model_class=
                 # vLLM's 4.6 renames its modules (model.language_model. → language_model.model.,
                 # model.vision_tower. → vpm., the vit_merger at the top): quantization_config names every module,
                 # and vLLM maps those names to its own.
-                plain_quantization_names=True, programs=PROGRAMS)
+                plain_quantization_names=True, graphs=build_program, programs=PROGRAMS)

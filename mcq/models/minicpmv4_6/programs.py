@@ -132,7 +132,8 @@ class VisionSlice(nn.Module):
         conv = f"{TOWER}.embeddings.patch_embedding"
         weight = weights.tensor(f"{conv}.weight")
         # The stride-P conv over the row of patches is one Linear on each flattened (channel, row, col) patch.
-        self.patch_embedding = transposed_linear(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"), conv)
+        self.patch_embedding = transposed_linear(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"),
+                                                 conv)
         self.position_embedding = checkpoint_parameter(weights, f"{TOWER}.embeddings.position_embedding.weight")
         self.layers = nn.ModuleList(_VisionLayer(weights, f"{TOWER}.encoder.layers.{i}", vision)
                                     for i in range(vision.num_hidden_layers))
@@ -587,6 +588,6 @@ def image_tokens(config, target_sizes: torch.Tensor) -> list[int]:
     return (target_sizes.prod(-1) // merged_tokens_divisor(config.downsample_mode)).tolist()
 
 
-PROGRAMS = Programs(build=build_program, vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state,
+PROGRAMS = Programs(vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state,
                     stateful_decoder=StatefulDecoder, head=DecoderHead, decoder_layers=f"{LLM}.layers.",
                     visuals=VISUALS, chat_inputs=export_chat_inputs)

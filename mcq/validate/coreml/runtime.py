@@ -28,8 +28,9 @@ from mcq.models.weights import trim_heap
 
 _DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "INT32": np.int32}
 # MIL const names of the vision packages that belong to the SigLIP tower (coremltools names a weight after its
-# torch parameter path in `graphs.VisionSlice`); every other weight there is the resampler's.
-_TOWER_PREFIXES = ("patch_embedding_", "position_embedding_", "layers_", "post_layernorm_")
+# torch parameter path in `mcq.models.minicpmv.programs.VisionSlice`: `tower.*`; packages of mcq before the programs
+# were shared with ONNX had the tower's parameters at the top level); every other weight there is the resampler's.
+_TOWER_PREFIXES = ("tower_", "patch_embedding_", "position_embedding_", "layers_", "post_layernorm_")
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any] | None:

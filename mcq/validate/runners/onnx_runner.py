@@ -1,7 +1,6 @@
 """ONNX exports (`mcq export --format onnx`) on onnxruntime, through `mcq.export.onnx.OnnxMiniCPMV` (the resampler
-family's hand-written graphs) or `mcq.export.onnx.program_runtime.OnnxProgramModel` (graphs traced from a family's
-torch programs): what a user of the export runs, so accuracy, memory and speed are onnxruntime's (CPU execution
-provider; CUDA when asked for and installed). The precision is the export's (its files say it), so the `dtype` the
+family's host) or `mcq.export.onnx.program_runtime.OnnxProgramModel` (the host of a family's `Programs`): what a user of the export runs, so accuracy, memory and speed are
+onnxruntime's (CPU execution provider; CUDA when asked for and installed). The precision is the export's (its files say it), so the `dtype` the
 validator asks for is not used; float32 is what every export computes in on CPU.
 """
 
@@ -68,7 +67,7 @@ class OnnxRunner(Runner):
         such as reshape shapes count as `other`)."""
         import onnx
 
-        from mcq.export.onnx.builder import external_field
+        from mcq.export.onnx.store import external_field
         from mcq.export.onnx.runtime import find_export, graph_files
 
         root, onnx_dir = find_export(path)
