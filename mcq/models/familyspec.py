@@ -202,6 +202,26 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
+class LayeredDecoder:
+    """The `decoder_model_merged` graph as pieces traced apart and joined, so that tracing costs the same at any
+    depth: `prologue` (inputs_embeds, attention_mask, position_ids → the values every layer reads, its outputs),
+    one program per kind of layer (`layer(i)`: hidden_states, the prologue's outputs and layer i's two state
+    inputs → layer_output and its two state outputs), and `head` (hidden_states → logits). Layers of one `kind(i)`
+    share one trace: layer i's weights are the traced layer's with i in their checkpoint names
+    (`f"{layer_prefix}{i}."`). The joined graph takes inputs_embeds, attention_mask, position_ids and `states` (two
+    per layer, in layer order) and gives logits and the states' outputs; `axes` names its dynamic axes."""
+
+    prologue: TracedProgram
+    layer: Callable[[int], TracedProgram]
+    kind: Callable[[int], Any]
+    layers: int
+    layer_prefix: str
+    head: TracedProgram
+    states: tuple[StateTensor, ...]
+    axes: Mapping[str, Mapping[int, str]]
+
+
+@dataclass(frozen=True)
 class VisualInput:
     """One kind of visual input of an encoded sample (images, video frames): the keys of its pixels and of its
     blocks' sizes, and the config attribute naming the token its features replace in the text."""
@@ -287,8 +307,8 @@ class Family:
     chat: Callable[[Any, ChatRequest], str | Iterator[str]]
     # The graphs of the ONNX layout (vision_encoder, embed_tokens, decoder_model_merged) as runtime-neutral torch
     # programs, which `mcq export --format onnx` traces: (ExportWeights, or MetaWeights to trace without weights,
-    # graph name) → its TracedProgram (its `programs.py`).
-    graphs: Callable[[Any, str], TracedProgram]
+    # graph name) → its TracedProgram, or for the decoder a LayeredDecoder (its `programs.py`).
+    graphs: Callable[[Any, str], TracedProgram | LayeredDecoder]
     # What hosts written for any family run its exports with (`Programs`: the vision program's inputs, the decoder's
     # state, Core ML's stateful decoder chunks); None: its exports have hosts of their own (the resampler family:
     # `mcq.export.onnx.OnnxMiniCPMV`, `mcq.export.coreml`'s packages and host).

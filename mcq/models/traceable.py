@@ -7,9 +7,14 @@ initializer after it, and the ONNX exporter writes its data from there after tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .familyspec import LayeredDecoder, TracedProgram
 
 # Added to attention scores of padded keys. Representable in fp16 (the real minimum would overflow to -inf when a
 # score is added to it), and exp(-1e4) is 0 in any precision, so a padded key gets no weight.
@@ -117,10 +122,8 @@ def as_linear_ops(module: nn.Module) -> nn.Module:
     return module
 
 
-def embed_program(module: nn.Module):
+def embed_program(module: nn.Module) -> TracedProgram:
     """The `embed_tokens` graph of `module` (input_ids `[batch, sequence]` → inputs_embeds)."""
-    from .familyspec import TracedProgram
-
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
             "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}
     dynamic = torch.export.Dim.DYNAMIC
@@ -128,28 +131,44 @@ def embed_program(module: nn.Module):
                          ({0: dynamic, 1: dynamic},), axes)
 
 
-def decoder_program(module: nn.Module, hidden: int, states):
-    """The `decoder_model_merged` graph of `module`: (inputs_embeds `[B, S, hidden]`, attention_mask `[B, past + S]`,
-    position_ids `[B, S]`, *each of `states` (`StateTensor`s) in order) → (logits `[B, S, vocab]`, *the states out)."""
-    from .familyspec import TracedProgram
-
+def layered_decoder(prologue: nn.Module, shared: dict[str, dict[int, str]], layer: Callable[[int], nn.Module],
+                    kind: Callable[[int], Any], layers: int, layer_prefix: str, head: nn.Module, hidden: int,
+                    states) -> LayeredDecoder:
+    """The `decoder_model_merged` graph in pieces (`LayeredDecoder`): `prologue` maps (inputs_embeds `[B, S, hidden]`,
+    attention_mask `[B, past + S]`, position_ids `[B, S]`) to the values every layer reads, named and with their
+    dynamic axes in `shared`; `layer(i)` maps (hidden_states, *those values, *layer i's two states: `states` holds
+    two per layer, in layer order) to (layer_output, *its two states out); `head` maps hidden_states to logits
+    `[B, S, vocab]`."""
     batch, length, past = 2, 3, 2
     dynamic = torch.export.Dim.DYNAMIC
     sequence = {0: "batch_size", 1: "sequence_length"}
     axes = {"inputs_embeds": sequence, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-            "position_ids": sequence, "logits": sequence}
+            "position_ids": sequence, "logits": sequence, "hidden_states": sequence, "layer_output": sequence,
+            **shared}
     for state in states:
         grows = state.shape[2] is None
         axes[state.name] = {0: "batch_size", **({2: "past_sequence_length"} if grows else {})}
         axes[state.output] = {0: "batch_size", **({2: "total_sequence_length"} if grows else {})}
     example = (torch.zeros(batch, length, hidden), torch.ones(batch, past + length, dtype=torch.long),
-               torch.arange(past, past + length).repeat(batch, 1),
-               *(torch.zeros([batch if axis == 0 else (past if size is None else size)
-                              for axis, size in enumerate(state.shape)]) for state in states))
-    # The module takes the state as *args: torch.export wants its dynamic shapes as one tuple in that place.
-    state_shapes = tuple({axis: dynamic for axis in axes[state.name]} for state in states)
-    return TracedProgram(module.eval(), example,
-                         ("inputs_embeds", "attention_mask", "position_ids", *(s.name for s in states)),
-                         ("logits", *(s.output for s in states)),
-                         ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, state_shapes),
-                         axes)
+               torch.arange(past, past + length).repeat(batch, 1))
+    inputs = ("inputs_embeds", "attention_mask", "position_ids")
+    with torch.no_grad():      # the shared values' shapes, as the layers' examples
+        values = prologue.eval()(*example)
+    prologue_program = TracedProgram(prologue, example, inputs, tuple(shared),
+                                     tuple({axis: dynamic for axis in axes[name]} for name in inputs), axes)
+
+    def layer_program(index: int) -> TracedProgram:
+        own = states[2 * index: 2 * index + 2]
+        names = ("hidden_states", *shared, *(state.name for state in own))
+        layer_example = (torch.zeros(batch, length, hidden), *values,
+                         *(torch.zeros([batch if axis == 0 else (past if size is None else size)
+                                        for axis, size in enumerate(state.shape)]) for state in own))
+        return TracedProgram(layer(index).eval(), layer_example, names,
+                             ("layer_output", *(state.output for state in own)),
+                             tuple({axis: dynamic for axis in axes[name]} for name in names), axes)
+
+    head_program = TracedProgram(head.eval(), (torch.zeros(batch, length, hidden),), ("hidden_states",), ("logits",),
+                                 ({0: dynamic, 1: dynamic},), axes)
+    return LayeredDecoder(prologue_program, layer_program, kind, layers, layer_prefix, head_program, tuple(states),
+                          {name: axes[name] for name in (*inputs, "logits", *(s.name for s in states),
+                                                         *(s.output for s in states))})

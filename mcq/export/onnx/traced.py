@@ -21,12 +21,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from mcq.errors import McqError
+from mcq.models.familyspec import LayeredDecoder
 
 from .store import MS_DOMAIN, TensorStore, save_graph
 from .quantize import precision_dtype
@@ -99,6 +101,114 @@ def trace_graph(program) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
     _name_axes(model, program.axes)
     _drop_trace_metadata(model.graph)
     return model, weights
+
+
+def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
+    """The decoder graph of a `LayeredDecoder`: its prologue, one layer of each kind and its head traced, then joined
+    into one graph, layer by layer, each layer a copy of its kind's trace with its own names. Tracing then costs
+    the same at any depth (torch.export and its ONNX translation take about 2.4 s per real-width 4.5 layer)."""
+    prologue, prologue_weights = trace_graph(decoder.prologue)
+    head, head_weights = trace_graph(decoder.head)
+    inputs = {value.name: value for value in prologue.graph.input}
+    outputs = {value.name: value for value in head.graph.output}
+    nodes, initializers, weights = [], [], {}
+    shared = {value.name: value.name for value in [*prologue.graph.input, *prologue.graph.output]}
+    _add_piece(prologue, "prologue/", shared, prologue_weights, {}, nodes, initializers, weights)
+    traced: dict[Any, tuple[int, onnx.ModelProto, dict[str, ProgramWeight]]] = {}
+    hidden = "inputs_embeds"
+    for index in range(decoder.layers):
+        kind = decoder.kind(index)
+        if kind not in traced:
+            traced[kind] = (index, *trace_graph(decoder.layer(index)))
+        source, layer, layer_weights = traced[kind]
+        own, theirs = decoder.states[2 * index: 2 * index + 2], decoder.states[2 * source: 2 * source + 2]
+        output = f"layers.{index}/layer_output"
+        names = {**shared, "hidden_states": hidden, "layer_output": output,
+                 **{a.name: b.name for a, b in zip(theirs, own)}, **{a.output: b.output for a, b in zip(theirs, own)}}
+        layer_names = (f"{decoder.layer_prefix}{source}.", f"{decoder.layer_prefix}{index}.")
+        _add_piece(layer, f"layers.{index}/", names, layer_weights, layer_names, nodes, initializers, weights)
+        for value in layer.graph.input:
+            for state_in, state in zip(theirs, own):
+                if value.name == state_in.name:
+                    inputs[state.name] = _renamed_value(value, state.name)
+        for value in layer.graph.output:
+            for state_out, state in zip(theirs, own):
+                if value.name == state_out.output:
+                    outputs[state.output] = _renamed_value(value, state.output)
+        hidden = output
+    _add_piece(head, "head/", {"hidden_states": hidden, "logits": "logits"}, head_weights, {}, nodes, initializers,
+               weights)
+    order_in = ["inputs_embeds", "attention_mask", "position_ids", *(state.name for state in decoder.states)]
+    order_out = ["logits", *(state.output for state in decoder.states)]
+    graph = helper.make_graph(nodes, "main_graph", [inputs[name] for name in order_in],
+                              [outputs[name] for name in order_out], initializers)
+    model = helper.make_model(graph, opset_imports=list(prologue.opset_import), producer_name=prologue.producer_name,
+                              producer_version=prologue.producer_version)
+    model.ir_version = prologue.ir_version
+    _set_axes(model, decoder.axes)
+    return model, weights
+
+
+def _add_piece(piece: onnx.ModelProto, prefix: str, names: dict[str, str], piece_weights: dict[str, ProgramWeight],
+               layer_names, nodes: list, initializers: list, weights: dict[str, ProgramWeight]) -> None:
+    """Append a traced piece's nodes, constants and weights, its values renamed: those in `names` as it says, its
+    weights with `layer_names` (traced layer's checkpoint prefix, this layer's) swapped in, the rest prefixed."""
+    def weight_name(name: str) -> str:
+        if layer_names and name.startswith(layer_names[0]):
+            return layer_names[1] + name[len(layer_names[0]):]
+        return name if piece_weights[name].source is not None else prefix + name
+
+    def rename(name: str) -> str:
+        if not name:
+            return name         # an omitted optional input
+        if name in names:
+            return names[name]
+        return weight_name(name) if name in piece_weights else prefix + name
+
+    for name, weight in piece_weights.items():
+        source = weight.source and weight_name(weight.source)
+        weights[weight_name(name)] = ProgramWeight(weight.shape, source, weight.transposed, weight.value)
+    for tensor in piece.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        copy.name = rename(tensor.name)
+        initializers.append(copy)
+    for node in piece.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        _rename_node(copy, prefix, rename)
+        nodes.append(copy)
+
+
+def _rename_node(node: onnx.NodeProto, prefix: str, rename) -> None:
+    node.name = prefix + node.name
+    node.input[:] = [rename(name) for name in node.input]
+    node.output[:] = [rename(name) for name in node.output]
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:      # a Scan's body: its own values renamed alike
+            body = attribute.g
+            for value in [*body.input, *body.output]:
+                value.name = rename(value.name)
+            for tensor in body.initializer:
+                tensor.name = rename(tensor.name)
+            del body.value_info[:]
+            for inner in body.node:
+                _rename_node(inner, prefix, rename)
+
+
+def _renamed_value(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    copy.name = name
+    return copy
+
+
+def _set_axes(model: onnx.ModelProto, axes) -> None:
+    """Name the dynamic axes of the joined graph's inputs and outputs as declared (the pieces' own symbols differ)."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in axes.get(value.name, {}).items():
+            dims[axis].dim_param = name
 
 
 def _drop_trace_metadata(graph: onnx.GraphProto) -> None:
@@ -204,7 +314,9 @@ _TRACED_KEPT = 12
 def _traced(graph: str, graphs, weights) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
     key = (graph, weights.structure())
     if key not in _TRACED:
-        model, program_weights = trace_graph(graphs(weights, graph))
+        program = graphs(weights, graph)
+        model, program_weights = (join_layers(program) if isinstance(program, LayeredDecoder)
+                                  else trace_graph(program))
         while len(_TRACED) >= _TRACED_KEPT:
             _TRACED.pop(next(iter(_TRACED)))
         _TRACED[key] = (model.SerializeToString(), program_weights)

@@ -10,8 +10,9 @@ tensor from an `ExportWeights` (or, to be traced without weights, a `MetaWeights
     index with its key-padding mask, which names for each output block the rows of the slices it attends over (the
     frames of a 4.5 temporal group one after the other, or one slice of an image).
   - `EmbedTokens`: `input_ids` → `inputs_embeds` (times 4.0's `scale_emb`).
-  - `DecoderStep`: the LLM on `inputs_embeds` with its KV cache explicit (`past_key_values.{i}.key` →
-    `present.{i}.key`), one program for prefill (empty past) and decode.
+  - the decoder: the LLM on `inputs_embeds` with its KV cache explicit (`past_key_values.{i}.key` →
+    `present.{i}.key`), one graph for prefill (empty past) and decode, traced in pieces (`DecoderPrologue`, one
+    `DecoderLayerStep`, `DecoderHead`) and joined layer by layer.
 - Core ML (`torch.jit.trace` and coremltools, `mcq.export.coreml.convert`): `VisionSlice` (one slice padded to
   `max_patches` → its query_num tokens), `VisionTower` and `GroupResampler` (the two halves, for releases whose
   resampler packs video frames), `StatefulDecoder` chunks (the KV cache in state buffers), `DecoderHead` and
@@ -28,15 +29,17 @@ initializer named after the weight, where ONNX export puts MatMulNBits); Core ML
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mcq.errors import McqError
 
-from ..familyspec import StateTensor, TracedProgram
-from ..traceable import (MASKED_SCORE, LayerNorm, causal_padding_mask, checkpoint_parameter, decoder_program, embed_program, linear,
-                         rms_normalize, rotary_terms, transposed_linear)
+from ..familyspec import LayeredDecoder, StateTensor, TracedProgram
+from ..traceable import (MASKED_SCORE, LayerNorm, causal_padding_mask, checkpoint_parameter, embed_program,
+                         layered_decoder, linear, rms_normalize, rotary_terms, transposed_linear)
 from ..weights import shell_model
 from .versions import embedding_scale
 
@@ -66,8 +69,9 @@ def _attend(q, k, v, additive_mask, heads: int, width: int) -> torch.Tensor:
 
 
 def _additive(keep: torch.Tensor) -> torch.Tensor:
-    """0 where `keep` (bool, or 1.0 / 0.0) is set, MASKED_SCORE elsewhere."""
-    return (1.0 - keep.to(torch.float32)) * MASKED_SCORE
+    """0 where `keep` (bool: ONNX's masks, or 1.0 / 0.0: Core ML's, which has no bool inputs) is set, MASKED_SCORE
+    elsewhere."""
+    return (1.0 - (keep.float() if keep.dtype == torch.bool else keep)) * MASKED_SCORE
 
 
 # -- vision -----------------------------------------------------------------------------------------------------
@@ -314,14 +318,13 @@ def _lm_head(weights) -> nn.Module:
     return linear(weights, head, False)
 
 
-class DecoderStep(nn.Module):
-    """The ONNX decoder graph: (inputs_embeds `[B, S, hidden]`, attention_mask `[B, past + S]`, position_ids
-    `[B, S]`, past_key_values.{i}.key / .value `[B, kv_heads, past, head_dim]` for each layer) → (logits
-    `[B, S, vocab]`, present.{i}.key / .value with the new positions appended)."""
+class DecoderPrologue(nn.Module):
+    """What every layer of the ONNX decoder reads: (inputs_embeds `[B, S, hidden]`, attention_mask `[B, past + S]`,
+    position_ids `[B, S]`) → the rotary terms `[B, 1, S, head_dim]` and the additive causal and padding mask
+    `[B, 1, S, past + S]`."""
 
-    def __init__(self, weights):
+    def __init__(self, config):
         super().__init__()
-        config = weights.config
         if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
             raise McqError("the LLM uses sliding-window attention, which the graph exports do not implement")
         if config.hidden_act != "silu":
@@ -330,23 +333,27 @@ class DecoderStep(nn.Module):
         if rotary.rope_type in _DYNAMIC_ROPE:
             raise McqError(f"rope type {rotary.rope_type!r} changes with the sequence length and is not supported by "
                            "the graph exports")
-        self.shape = shape = DecoderShape(config, layers=_layer_count(weights, LLM_LAYERS))
-        self.layers = nn.ModuleList(_DecoderLayer(weights, f"{LLM_LAYERS}{i}", shape) for i in range(shape.layers))
-        self.norm = checkpoint_parameter(weights, "llm.model.norm.weight")
-        self.lm_head = _lm_head(weights)
         self.register_buffer("inv_freq", rotary.inv_freq.float(), persistent=False)
         self.rotary_scale = float(rotary.attention_scaling)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids):
         cos, sin = rotary_terms(position_ids, self.inv_freq, self.rotary_scale)
-        additive_mask = causal_padding_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.device)
-        hidden, present = inputs_embeds, []
-        for index, layer in enumerate(self.layers):
-            q, k, v = layer.project(hidden, cos, sin)
-            keys, values = torch.cat([past[2 * index], k], dim=2), torch.cat([past[2 * index + 1], v], dim=2)
-            hidden = layer.finish(hidden, q, keys, values, additive_mask)
-            present += [keys, values]
-        return (self.lm_head(_rms_norm(hidden, self.norm, self.shape.eps)), *present)
+        return cos, sin, causal_padding_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.device)
+
+
+class DecoderLayerStep(nn.Module):
+    """Decoder layer `index` of the ONNX decoder, its KV cache explicit: (hidden_states, cos, sin, additive_mask,
+    past key, past value `[B, kv_heads, past, head_dim]`) → (hidden_states, present key, present value with the new
+    positions appended)."""
+
+    def __init__(self, weights, index: int):
+        super().__init__()
+        self.layer = _DecoderLayer(weights, f"{LLM_LAYERS}{index}", DecoderShape(weights.config))
+
+    def forward(self, hidden, cos, sin, additive_mask, past_key, past_value):
+        q, k, v = self.layer.project(hidden, cos, sin)
+        keys, values = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+        return self.layer.finish(hidden, q, keys, values, additive_mask), keys, values
 
 
 class StatefulDecoder(nn.Module):
@@ -401,7 +408,7 @@ class DecoderHead(nn.Module):
 # -- the programs as the ONNX layout traces them ---------------------------------------------------------------------
 
 def decoder_state(config) -> list[StateTensor]:
-    """`DecoderStep`'s state inputs in order: each layer's key and value cache `[batch, kv_heads, past, head_dim]`."""
+    """The decoder's state inputs in order: each layer's key and value cache `[batch, kv_heads, past, head_dim]`."""
     shape = DecoderShape(config)
     cache = (None, shape.kv_heads, None, shape.head_dim)
     return [StateTensor(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", cache)
@@ -431,9 +438,20 @@ def _vision_program(weights) -> TracedProgram:
                          tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes)
 
 
-def build_program(weights, graph: str) -> TracedProgram:
+def _decoder_program(weights) -> LayeredDecoder:
+    config = weights.config
+    shared = {"position_cos": {0: "batch_size", 2: "sequence_length"},
+              "position_sin": {0: "batch_size", 2: "sequence_length"},
+              "additive_mask": {0: "batch_size", 2: "sequence_length", 3: "total_sequence_length"}}
+    # Every layer of a release is built alike (its q/k/v biases and q/k norms are the release's): one trace.
+    return layered_decoder(DecoderPrologue(config), shared, partial(DecoderLayerStep, weights), lambda index: "layer",
+                           _layer_count(weights, LLM_LAYERS), LLM_LAYERS, DecoderHead(weights), config.hidden_size,
+                           decoder_state(config))
+
+
+def build_program(weights, graph: str) -> TracedProgram | LayeredDecoder:
     if graph == "vision_encoder":
         return _vision_program(weights)
     if graph == "embed_tokens":
         return embed_program(EmbedTokens(weights))
-    return decoder_program(DecoderStep(weights), weights.config.hidden_size, decoder_state(weights.config))
+    return _decoder_program(weights)

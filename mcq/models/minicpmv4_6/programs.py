@@ -10,8 +10,9 @@ from the config, never from a traced tensor's shape (Core ML's converter rejects
   inputs, computed on the host by `vision_indices` with transformers' own functions. A checkpoint in
   `downsample_mode` 4x has `VisionSlice4x` instead: no vit_merger, the merger over the full grid, L / 4 tokens.
 - `EmbedTokens`: input_ids → inputs_embeds.
-- `DecoderStep`: the Qwen3.5 hybrid LLM on `inputs_embeds` with explicit state, one program for prefill (zero /
-  empty state) and decode. Per full-attention layer i: `past_key_values.{i}.key` / `.value`
+- the decoder: the Qwen3.5 hybrid LLM on `inputs_embeds` with explicit state, one graph for prefill (zero /
+  empty state) and decode, traced in pieces (`DecoderPrologue`, a `DecoderLayerStep` of each layer kind,
+  `DecoderHead`) and joined layer by layer. Per full-attention layer i: `past_key_values.{i}.key` / `.value`
   `[batch, kv_heads, past, head_dim]` → `present.{i}.key` / `.value` (past + new positions). Per linear-attention
   (Gated DeltaNet) layer i: `past_conv.{i}` `[batch, conv_dim, kernel - 1]`, the causal conv1d's last kernel - 1
   inputs (q, k and v projections before the conv) → `present_conv.{i}`, and `past_recurrent.{i}`
@@ -25,15 +26,17 @@ gated delta rule (`torch_recurrent_gated_delta_rule`, which its chunked prefill 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mcq.errors import McqError
 
-from ..familyspec import Programs, StateTensor, TracedProgram
-from ..traceable import (LayerNorm, TransposedLinear, causal_padding_mask, checkpoint_parameter, decoder_program,
-                         embed_program, linear, named_parameter, rms_normalize, rotary_terms, transposed_linear)
+from ..familyspec import LayeredDecoder, Programs, StateTensor, TracedProgram
+from ..traceable import (LayerNorm, TransposedLinear, causal_padding_mask, checkpoint_parameter, embed_program,
+                         layered_decoder, linear, named_parameter, rms_normalize, rotary_terms, transposed_linear)
 from .calibration import VISUALS, merged_tokens_divisor
 from .chat import export_chat_inputs
 
@@ -403,7 +406,7 @@ class _DecoderLayer(nn.Module):
 
 
 def decoder_state(config) -> list[StateTensor]:
-    """`DecoderStep`'s state inputs in order (see the module doc); the batch is axis 0, a KV cache's past axis 2."""
+    """The decoder's state inputs in order (see the module doc); the batch is axis 0, a KV cache's past axis 2."""
     text = config.text_config
     states = []
     conv_dim = 2 * text.linear_num_key_heads * text.linear_key_head_dim + \
@@ -425,37 +428,38 @@ def decoder_state(config) -> list[StateTensor]:
     return states
 
 
-class DecoderStep(nn.Module):
-    """The LLM with explicit state (module doc): (inputs_embeds `[B, S, hidden]`, attention_mask `[B, past + S]`,
-    position_ids `[B, S]`, *state in `decoder_state` order) → (logits `[B, S, vocab]`, *state out, same order)."""
+class DecoderPrologue(nn.Module):
+    """What every layer of the ONNX decoder reads (module doc): (inputs_embeds `[B, S, hidden]`, attention_mask
+    `[B, past + S]`, position_ids `[B, S]`) → the rotary terms `[B, 1, S, rotary]`, the additive causal and padding
+    mask `[B, 1, S, past + S]` (full attention) and the new positions' padding mask `[B, S]` (linear attention)."""
 
-    def __init__(self, weights):
+    def __init__(self, text):
         super().__init__()
         from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
 
-        text = weights.config.text_config
-        self.layers = nn.ModuleList(_DecoderLayer(weights, f"{LLM}.layers.{i}", text, kind)
-                                    for i, kind in enumerate(text.layer_types))
-        self.norm = checkpoint_parameter(weights, f"{LLM}.norm.weight")
-        self.eps = text.rms_norm_eps
-        self.lm_head = linear(weights, f"{LLM}.embed_tokens" if weights.config.tie_word_embeddings else "lm_head",
-                               False)
         rotary = Qwen3_5TextRotaryEmbedding(text)
         self.register_buffer("inv_freq", rotary.inv_freq.float(), persistent=False)
         self.rotary_scale = float(rotary.attention_scaling)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *state):
+    def forward(self, inputs_embeds, attention_mask, position_ids):
         length = inputs_embeds.shape[1]
-        cos, sin = rotary_terms(position_ids, self.inv_freq, self.rotary_scale)      # [B, 1, S, rotary]
+        cos, sin = rotary_terms(position_ids, self.inv_freq, self.rotary_scale)
         additive_mask = causal_padding_mask(attention_mask, length, inputs_embeds.device)
-        mask = attention_mask[:, -length:].to(inputs_embeds.dtype)
-        hidden, out_state, cursor = inputs_embeds, [], 0
-        for layer in self.layers:
-            hidden, layer_state = layer(hidden, cos, sin, additive_mask, mask, state[cursor:cursor + 2])
-            out_state += layer_state
-            cursor += 2
-        logits = self.lm_head(_rms_norm(hidden, self.norm, self.eps))
-        return (logits, *out_state)
+        return cos, sin, additive_mask, attention_mask[:, -length:].to(inputs_embeds.dtype)
+
+
+class DecoderLayerStep(nn.Module):
+    """Decoder layer `index` of the ONNX decoder with its two states explicit (module doc): (hidden_states, cos,
+    sin, additive_mask, mask, its two states in) → (hidden_states, its two states out)."""
+
+    def __init__(self, weights, index: int):
+        super().__init__()
+        text = weights.config.text_config
+        self.layer = _DecoderLayer(weights, f"{LLM}.layers.{index}", text, text.layer_types[index])
+
+    def forward(self, hidden, cos, sin, additive_mask, mask, first_state, second_state):
+        hidden, state = self.layer(hidden, cos, sin, additive_mask, mask, (first_state, second_state))
+        return (hidden, *state)
 
 
 class StatefulDecoder(nn.Module):
@@ -563,13 +567,24 @@ def _vision_program(weights) -> TracedProgram:
                          {name: axes[name] for name in (*names, "image_features")}, bounds)
 
 
-def build_program(weights, graph: str) -> TracedProgram:
+def _decoder_program(weights) -> LayeredDecoder:
+    text = weights.config.text_config
+    shared = {"position_cos": {0: "batch_size", 2: "sequence_length"},
+              "position_sin": {0: "batch_size", 2: "sequence_length"},
+              "additive_mask": {0: "batch_size", 2: "sequence_length", 3: "total_sequence_length"},
+              "new_positions_mask": {0: "batch_size", 1: "sequence_length"}}
+    # A layer of each kind (linear or full attention) is traced once.
+    return layered_decoder(DecoderPrologue(text), shared, partial(DecoderLayerStep, weights),
+                           lambda index: text.layer_types[index], text.num_hidden_layers, f"{LLM}.layers.",
+                           DecoderHead(weights), text.hidden_size, decoder_state(weights.config))
+
+
+def build_program(weights, graph: str) -> TracedProgram | LayeredDecoder:
     if graph == "vision_encoder":
         return _vision_program(weights)
     if graph == "embed_tokens":
         return embed_program(EmbedTokens(weights))
-    return decoder_program(DecoderStep(weights), weights.config.text_config.hidden_size,
-                           decoder_state(weights.config))
+    return _decoder_program(weights)
 
 
 def vision_inputs(config, pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
