@@ -122,6 +122,21 @@ def as_linear_ops(module: nn.Module) -> nn.Module:
     return module
 
 
+# What a decoder's prologue gives every layer, with its dynamic axes: the rotary terms and the additive causal and
+# padding mask (`rotary_terms`, `causal_padding_mask`).
+ROTARY_AND_MASK = {"position_cos": {0: "batch_size", 2: "sequence_length"},
+                   "position_sin": {0: "batch_size", 2: "sequence_length"},
+                   "additive_mask": {0: "batch_size", 2: "sequence_length", 3: "total_sequence_length"}}
+
+
+def layout_graphs(vision: Callable, embed: Callable, decoder: Callable) -> Callable:
+    """A family's `Family.graphs` from the builders of its vision program, its embedding module and its decoder
+    (each from the weights)."""
+    builders = {"vision_encoder": vision, "embed_tokens": lambda weights: embed_program(embed(weights)),
+                "decoder_model_merged": decoder}
+    return lambda weights, graph: builders[graph](weights)
+
+
 def embed_program(module: nn.Module) -> TracedProgram:
     """The `embed_tokens` graph of `module` (input_ids `[batch, sequence]` → inputs_embeds)."""
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},

@@ -27,7 +27,8 @@ NOT_FOLLOWED = {
              "export does not run"},
     "validation": {(f"mcq.validate.{runner}", target): "a runtime lives with its exporter, keyed with the "
                    "variant it wrote" for runner, target in [
-                       ("runners.coreml_runner", "mcq.export.coreml.api"), ("coreml.runtime", "mcq.export.coreml.api"),
+                       ("runners.coreml_runner", "mcq.export.coreml.api"),
+                       ("runners.coreml_runner", "mcq.export.coreml.program"), ("coreml.runtime", "mcq.export.coreml.api"),
                        ("coreml.runtime", "mcq.export.coreml.host"), ("coreml.runtime", "mcq.export.coreml.program"),
                        ("coreml.interpreter", "mcq.export.coreml.program"),
                        ("runners.gguf_runner", "mcq.export.gguf.writer"),

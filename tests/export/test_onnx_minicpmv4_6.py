@@ -174,6 +174,31 @@ def test_fp16_stores_the_large_weights_in_float16_and_computes_what_fp32_does(fp
         assert np.abs(OnnxProgramModel(root).forward(data)[0] - expected).max() < 1e-3
 
 
+def test_the_decoder_is_traced_once_per_layer_kind_and_joined(monkeypatch):
+    """The decoder graph is its prologue, one trace per kind of layer and its head, joined: tracing costs the same
+    at any depth. Layer 2 (linear attention, a copy of layer 0's trace) reads its own weights and states."""
+    from mcq.export.onnx import traced
+    from mcq.export.weights_source import ExportWeights, MetaWeights
+    from mcq.models.minicpmv4_6.programs import build_program
+
+    calls = []
+    trace = traced.trace_graph
+    monkeypatch.setattr(traced, "trace_graph", lambda program: calls.append(type(program.module).__name__)
+                        or trace(program))
+    weights = ExportWeights(REFERENCE, every_family=True)
+    try:
+        model, program_weights = traced.join_layers(build_program(MetaWeights(weights), "decoder_model_merged"))
+    finally:
+        weights.close()
+    assert calls == ["DecoderPrologue", "DecoderHead", "DecoderLayerStep", "DecoderLayerStep"]
+    qkv = "model.language_model.layers.2.linear_attn.in_proj_qkv.weight"
+    assert program_weights[qkv].source == qkv and program_weights[qkv].transposed
+    reads = {name for node in model.graph.node for name in node.input}
+    assert {qkv, "past_conv.2", "past_recurrent.2"} <= reads
+    assert [value.name for value in model.graph.output][-4:] == ["present_conv.2", "present_recurrent.2",
+                                                                  "present.3.key", "present.3.value"]
+
+
 def test_a_program_weight_without_a_checkpoint_source_is_refused():
     """Programs are traced on the meta device and their weights written afterwards by the checkpoint tensor each
     parameter names: one built from the checkpoint that names none could not be written, so it is refused."""

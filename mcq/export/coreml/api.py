@@ -154,7 +154,7 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
     # own programs by `convert.py`; both give the same LLM packages' inputs and outputs.
     traced = weights.checkpoint.family.programs
     if traced is not None:
-        embed_package = partial(convert_program_embeddings, weights, traced, target)
+        embed_package = partial(convert_program_embeddings, weights, target)
         decoder_package_of = partial(convert_program_decoder, weights, traced, target)
         head_package = partial(convert_program_head, weights, traced, target)
         chunks_of = partial(program_decoder_chunks, weights, traced)
@@ -180,7 +180,7 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
 
         if traced is not None:
             _say(progress, f"converting the vision program, one image per call ({vision}, {target})")
-            model, vision_components = convert_program_vision(weights, traced, target, vision)
+            model, vision_components = convert_program_vision(weights, target, vision)
             save(VISION_PACKAGE, model, vision)
             del model
         elif weights.spec.temporal:

@@ -1,4 +1,4 @@
-"""Core ML packages traced from a family's runtime-neutral torch programs (`mcq.models.familyspec.Programs`,
+"""Core ML packages traced from a family's runtime-neutral torch programs (`Family.graphs`, `Family.programs`:
 MiniCPM-V 4.6), the ones `mcq export --format onnx` traces too.
 
 - The vision package is the family's vision program (one image → its LLM tokens) with flexible shapes: each
@@ -50,11 +50,11 @@ def _flexible_inputs(ct, program) -> tuple[list, tuple]:
     return inputs, tuple(example)
 
 
-def convert_program_vision(weights, programs, target: str, compression: str):
+def convert_program_vision(weights, target: str, compression: str):
     """The vision package: the family's vision program on one image, flexible in its number of patches; and the
     model component of each of its weights (`weight_components`)."""
     ct = import_coremltools()
-    program = programs.build(weights, "vision_encoder")
+    program = weights.checkpoint.family.graphs(weights, "vision_encoder")
     components = weight_components(program.module)
     inputs, example = _flexible_inputs(ct, program)
     outputs = [ct.TensorType(name, dtype=np.float16) for name in program.outputs]
@@ -78,9 +78,9 @@ def weight_components(module) -> dict[str, str]:
     return components
 
 
-def convert_program_embeddings(weights, programs, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
+def convert_program_embeddings(weights, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
     ct = import_coremltools()
-    module = programs.build(weights, "embed_tokens").module
+    module = weights.checkpoint.family.graphs(weights, "embed_tokens").module
     length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
     model = _convert(ct, module, (torch.zeros(1, 2, dtype=torch.int32),),
                      [ct.TensorType("input_ids", shape=(1, length), dtype=np.int32)],

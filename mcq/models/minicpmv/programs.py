@@ -38,8 +38,8 @@ from torch import nn
 from mcq.errors import McqError
 
 from ..familyspec import LayeredDecoder, StateTensor, TracedProgram
-from ..traceable import (MASKED_SCORE, LayerNorm, causal_padding_mask, checkpoint_parameter, embed_program,
-                         layered_decoder, linear, rms_normalize, rotary_terms, transposed_linear)
+from ..traceable import (MASKED_SCORE, ROTARY_AND_MASK, LayerNorm, causal_padding_mask, checkpoint_parameter,
+                         layered_decoder, layout_graphs, linear, rms_normalize, rotary_terms, transposed_linear)
 from ..weights import shell_model
 from .versions import embedding_scale
 
@@ -440,18 +440,11 @@ def _vision_program(weights) -> TracedProgram:
 
 def _decoder_program(weights) -> LayeredDecoder:
     config = weights.config
-    shared = {"position_cos": {0: "batch_size", 2: "sequence_length"},
-              "position_sin": {0: "batch_size", 2: "sequence_length"},
-              "additive_mask": {0: "batch_size", 2: "sequence_length", 3: "total_sequence_length"}}
     # Every layer of a release is built alike (its q/k/v biases and q/k norms are the release's): one trace.
-    return layered_decoder(DecoderPrologue(config), shared, partial(DecoderLayerStep, weights), lambda index: "layer",
+    return layered_decoder(DecoderPrologue(config), ROTARY_AND_MASK, partial(DecoderLayerStep, weights),
+                           lambda index: "layer",
                            _layer_count(weights, LLM_LAYERS), LLM_LAYERS, DecoderHead(weights), config.hidden_size,
                            decoder_state(config))
 
 
-def build_program(weights, graph: str) -> TracedProgram | LayeredDecoder:
-    if graph == "vision_encoder":
-        return _vision_program(weights)
-    if graph == "embed_tokens":
-        return embed_program(EmbedTokens(weights))
-    return _decoder_program(weights)
+build_program = layout_graphs(_vision_program, EmbedTokens, _decoder_program)

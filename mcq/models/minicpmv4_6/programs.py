@@ -35,8 +35,9 @@ from torch import nn
 from mcq.errors import McqError
 
 from ..familyspec import LayeredDecoder, Programs, StateTensor, TracedProgram
-from ..traceable import (LayerNorm, TransposedLinear, causal_padding_mask, checkpoint_parameter, embed_program,
-                         layered_decoder, linear, named_parameter, rms_normalize, rotary_terms, transposed_linear)
+from ..traceable import (ROTARY_AND_MASK, LayerNorm, TransposedLinear, causal_padding_mask, checkpoint_parameter,
+                         layered_decoder, layout_graphs, linear, named_parameter, rms_normalize, rotary_terms,
+                         transposed_linear)
 from .calibration import VISUALS, merged_tokens_divisor
 from .chat import export_chat_inputs
 
@@ -569,22 +570,14 @@ def _vision_program(weights) -> TracedProgram:
 
 def _decoder_program(weights) -> LayeredDecoder:
     text = weights.config.text_config
-    shared = {"position_cos": {0: "batch_size", 2: "sequence_length"},
-              "position_sin": {0: "batch_size", 2: "sequence_length"},
-              "additive_mask": {0: "batch_size", 2: "sequence_length", 3: "total_sequence_length"},
-              "new_positions_mask": {0: "batch_size", 1: "sequence_length"}}
+    shared = {**ROTARY_AND_MASK, "new_positions_mask": {0: "batch_size", 1: "sequence_length"}}
     # A layer of each kind (linear or full attention) is traced once.
     return layered_decoder(DecoderPrologue(text), shared, partial(DecoderLayerStep, weights),
                            lambda index: text.layer_types[index], text.num_hidden_layers, f"{LLM}.layers.",
                            DecoderHead(weights), text.hidden_size, decoder_state(weights.config))
 
 
-def build_program(weights, graph: str) -> TracedProgram | LayeredDecoder:
-    if graph == "vision_encoder":
-        return _vision_program(weights)
-    if graph == "embed_tokens":
-        return embed_program(EmbedTokens(weights))
-    return _decoder_program(weights)
+build_program = layout_graphs(_vision_program, EmbedTokens, _decoder_program)
 
 
 def vision_inputs(config, pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
