@@ -21,7 +21,8 @@ REFERENCE = "tiny:4.6"
 DECODE_STEPS = 4
 
 
-# Tracing the three programs takes most of a minute on two cores: one export per precision for the whole module.
+# An export traces its three programs once per process (then reused by the model's structure): one export per
+# precision for the whole module.
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory) -> Path:
     return export_onnx(REFERENCE, tmp_path_factory.mktemp("onnx46") / "fp32").out

@@ -28,7 +28,6 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
 
 from mcq.errors import McqError
 
@@ -98,12 +97,6 @@ def matmul_nbits_block(group_size: int | None, in_features: int) -> int | None:
     if group_size < MIN_BLOCK:
         return None
     return min(group_size, max(BLOCK_SIZES))
-
-
-def graph_dtype(model: onnx.ModelProto, precision: str) -> str:
-    """A written graph's transformers.js dtype: q4 / int8 by its MatMulNBits, else the export's float precision."""
-    return precision_dtype({a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                            if a.name == "bits"}, precision)
 
 
 def precision_dtype(bits: set[int], precision: str) -> str:
