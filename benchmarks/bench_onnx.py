@@ -84,8 +84,10 @@ def child_export(job: dict) -> dict:
     from mcq.export.onnx import export_onnx
 
     started = time.perf_counter()
-    result = export_onnx(job["model"], job["out"], precision=job["precision"], block_size=job["block_size"],
-                         accuracy_level=job["accuracy_level"], force=True)
+    quantized = job["precision"] in ("int4", "int8")     # a block size or accuracy level of a float export is refused
+    result = export_onnx(job["model"], job["out"], precision=job["precision"],
+                         block_size=job["block_size"] if quantized else None,
+                         accuracy_level=job["accuracy_level"] if quantized else 4, force=True)
     seconds = time.perf_counter() - started
     onnx_files = {name: size for name, size in result.files.items() if name.startswith("onnx/")}
     return {"export_s": round(seconds, 2), "files": onnx_files, "onnx_bytes": sum(onnx_files.values()),

@@ -56,7 +56,7 @@ class ProgramWeight:
 
 def trace_graph(program) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
     """The ONNX graph of one `TracedProgram`, initializers and axes named (see the module doc), without its
-    weights: they are the returned `ProgramWeight`s by initializer name, for `write_weights`.
+    weights: they are the returned `ProgramWeight`s by initializer name, written by `write_traced_graph`.
 
     The program is built on `MetaWeights` (every checkpoint tensor a meta tensor) and traced on the meta device, so
     tracing holds no weight whatever the model's size; what the program computed itself is kept aside first."""
@@ -113,7 +113,7 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
     outputs = {value.name: value for value in head.graph.output}
     nodes, initializers, weights = [], [], {}
     shared = {value.name: value.name for value in [*prologue.graph.input, *prologue.graph.output]}
-    _add_piece(prologue, "prologue/", shared, prologue_weights, {}, nodes, initializers, weights)
+    _add_piece(prologue, "prologue/", shared, prologue_weights, None, nodes, initializers, weights)
     traced: dict[Any, tuple[int, onnx.ModelProto, dict[str, ProgramWeight]]] = {}
     hidden = "inputs_embeds"
     for index in range(decoder.layers):
@@ -136,7 +136,7 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
                 if value.name == state_out.output:
                     outputs[state.output] = _renamed_value(value, state.output)
         hidden = output
-    _add_piece(head, "head/", {"hidden_states": hidden, "logits": "logits"}, head_weights, {}, nodes, initializers,
+    _add_piece(head, "head/", {"hidden_states": hidden, "logits": "logits"}, head_weights, None, nodes, initializers,
                weights)
     order_in = ["inputs_embeds", "attention_mask", "position_ids", *(state.name for state in decoder.states)]
     order_out = ["logits", *(state.output for state in decoder.states)]
@@ -150,9 +150,10 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
 
 
 def _add_piece(piece: onnx.ModelProto, prefix: str, names: dict[str, str], piece_weights: dict[str, ProgramWeight],
-               layer_names, nodes: list, initializers: list, weights: dict[str, ProgramWeight]) -> None:
+               layer_names: tuple[str, str] | None, nodes: list, initializers: list,
+               weights: dict[str, ProgramWeight]) -> None:
     """Append a traced piece's nodes, constants and weights, its values renamed: those in `names` as it says, its
-    weights with `layer_names` (traced layer's checkpoint prefix, this layer's) swapped in, the rest prefixed."""
+    weights with `layer_names` (the traced layer's checkpoint prefix, this layer's) swapped in, the rest prefixed."""
     def weight_name(name: str) -> str:
         if layer_names and name.startswith(layer_names[0]):
             return layer_names[1] + name[len(layer_names[0]):]
