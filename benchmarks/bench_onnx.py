@@ -84,10 +84,10 @@ def child_export(job: dict) -> dict:
     from mcq.export.onnx import export_onnx
 
     started = time.perf_counter()
-    quantized = job["precision"] in ("int4", "int8")     # a block size or accuracy level of a float export is refused
-    result = export_onnx(job["model"], job["out"], precision=job["precision"],
-                         block_size=job["block_size"] if quantized else None,
-                         accuracy_level=job["accuracy_level"] if quantized else 4, force=True)
+    # A block size or accuracy level of a float export is refused: a float job passes neither.
+    quantized = job["precision"] in ("int4", "int8")
+    options = {"block_size": job["block_size"], "accuracy_level": job["accuracy_level"]} if quantized else {}
+    result = export_onnx(job["model"], job["out"], precision=job["precision"], force=True, **options)
     seconds = time.perf_counter() - started
     onnx_files = {name: size for name, size in result.files.items() if name.startswith("onnx/")}
     return {"export_s": round(seconds, 2), "files": onnx_files, "onnx_bytes": sum(onnx_files.values()),
@@ -166,7 +166,7 @@ def main() -> int:
         built = run_child({"kind": "build", "out": model, "llm_layers": args.llm_layers,
                            "vision_layers": args.vision_layers})
         variants = {
-            "onnx-fp32": {"precision": "fp32", "accuracy_level": 0},
+            "onnx-fp32": {"precision": "fp32"},
             "onnx-int4": {"precision": "int4", "accuracy_level": 4},
             "onnx-int4-acc0": {"precision": "int4", "accuracy_level": 0},
         }

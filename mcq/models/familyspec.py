@@ -209,7 +209,8 @@ class LayeredDecoder:
     inputs → layer_output and its two state outputs), and `head` (hidden_states → logits). Layers of one `kind(i)`
     share one trace: layer i's weights are the traced layer's with i in their checkpoint names
     (`f"{layer_prefix}{i}."`). The joined graph takes inputs_embeds, attention_mask, position_ids and `states` (two
-    per layer, in layer order) and gives logits and the states' outputs; `axes` names its dynamic axes."""
+    per layer, in layer order) and gives logits and the states' outputs, their dynamic axes named as the pieces
+    name them."""
 
     prologue: TracedProgram
     layer: Callable[[int], TracedProgram]
@@ -218,7 +219,6 @@ class LayeredDecoder:
     layer_prefix: str
     head: TracedProgram
     states: tuple[StateTensor, ...]
-    axes: Mapping[str, Mapping[int, str]]
 
 
 @dataclass(frozen=True)

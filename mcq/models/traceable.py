@@ -184,6 +184,4 @@ def layered_decoder(prologue: nn.Module, shared: dict[str, dict[int, str]], laye
 
     head_program = TracedProgram(head.eval(), (torch.zeros(batch, length, hidden),), ("hidden_states",), ("logits",),
                                  ({0: dynamic, 1: dynamic},), axes)
-    return LayeredDecoder(prologue_program, layer_program, kind, layers, layer_prefix, head_program, tuple(states),
-                          {name: axes[name] for name in (*inputs, "logits", *(s.name for s in states),
-                                                         *(s.output for s in states))})
+    return LayeredDecoder(prologue_program, layer_program, kind, layers, layer_prefix, head_program, tuple(states))

@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +109,11 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
     the same at any depth (torch.export and its ONNX translation take about 2.4 s per real-width 4.5 layer)."""
     prologue, prologue_weights = trace_graph(decoder.prologue)
     head, head_weights = trace_graph(decoder.head)
-    inputs = {value.name: value for value in prologue.graph.input}
-    outputs = {value.name: value for value in head.graph.output}
     nodes, initializers, weights = [], [], {}
     shared = {value.name: value.name for value in [*prologue.graph.input, *prologue.graph.output]}
-    _add_piece(prologue, "prologue/", shared, prologue_weights, None, nodes, initializers, weights)
+    inputs = {value.name: value for value in
+              _add_piece(prologue, "prologue/", shared, prologue_weights, None, nodes, initializers, weights).input}
+    outputs = {}
     traced: dict[Any, tuple[int, onnx.ModelProto, dict[str, ProgramWeight]]] = {}
     hidden = "inputs_embeds"
     for index in range(decoder.layers):
@@ -126,18 +126,13 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
         names = {**shared, "hidden_states": hidden, "layer_output": output,
                  **{a.name: b.name for a, b in zip(theirs, own)}, **{a.output: b.output for a, b in zip(theirs, own)}}
         layer_names = (f"{decoder.layer_prefix}{source}.", f"{decoder.layer_prefix}{index}.")
-        _add_piece(layer, f"layers.{index}/", names, layer_weights, layer_names, nodes, initializers, weights)
-        for value in layer.graph.input:
-            for state_in, state in zip(theirs, own):
-                if value.name == state_in.name:
-                    inputs[state.name] = _renamed_value(value, state.name)
-        for value in layer.graph.output:
-            for state_out, state in zip(theirs, own):
-                if value.name == state_out.output:
-                    outputs[state.output] = _renamed_value(value, state.output)
+        joined = _add_piece(layer, f"layers.{index}/", names, layer_weights, layer_names, nodes, initializers, weights)
+        inputs.update((value.name, value) for value in joined.input if value.name in {state.name for state in own})
+        outputs.update((value.name, value) for value in joined.output if value.name in {s.output for s in own})
         hidden = output
-    _add_piece(head, "head/", {"hidden_states": hidden, "logits": "logits"}, head_weights, None, nodes, initializers,
-               weights)
+    joined = _add_piece(head, "head/", {"hidden_states": hidden, "logits": "logits"}, head_weights, None, nodes,
+                        initializers, weights)
+    outputs.update((value.name, value) for value in joined.output)
     order_in = ["inputs_embeds", "attention_mask", "position_ids", *(state.name for state in decoder.states)]
     order_out = ["logits", *(state.output for state in decoder.states)]
     graph = helper.make_graph(nodes, "main_graph", [inputs[name] for name in order_in],
@@ -145,15 +140,15 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
     model = helper.make_model(graph, opset_imports=list(prologue.opset_import), producer_name=prologue.producer_name,
                               producer_version=prologue.producer_version)
     model.ir_version = prologue.ir_version
-    _set_axes(model, decoder.axes)
     return model, weights
 
 
 def _add_piece(piece: onnx.ModelProto, prefix: str, names: dict[str, str], piece_weights: dict[str, ProgramWeight],
                layer_names: tuple[str, str] | None, nodes: list, initializers: list,
-               weights: dict[str, ProgramWeight]) -> None:
+               weights: dict[str, ProgramWeight]) -> onnx.GraphProto:
     """Append a traced piece's nodes, constants and weights, its values renamed: those in `names` as it says, its
-    weights with `layer_names` (the traced layer's checkpoint prefix, this layer's) swapped in, the rest prefixed."""
+    weights with `layer_names` (the traced layer's checkpoint prefix, this layer's) swapped in, the rest prefixed;
+    returns the piece's graph so renamed (its inputs and outputs as the joined graph names them)."""
     def weight_name(name: str) -> str:
         if layer_names and name.startswith(layer_names[0]):
             return layer_names[1] + name[len(layer_names[0]):]
@@ -169,47 +164,12 @@ def _add_piece(piece: onnx.ModelProto, prefix: str, names: dict[str, str], piece
     for name, weight in piece_weights.items():
         source = weight.source and weight_name(weight.source)
         weights[weight_name(name)] = ProgramWeight(weight.shape, source, weight.transposed, weight.value)
-    for tensor in piece.graph.initializer:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(tensor)
-        copy.name = rename(tensor.name)
-        initializers.append(copy)
-    for node in piece.graph.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        _rename_node(copy, prefix, rename)
-        nodes.append(copy)
-
-
-def _rename_node(node: onnx.NodeProto, prefix: str, rename) -> None:
-    node.name = prefix + node.name
-    node.input[:] = [rename(name) for name in node.input]
-    node.output[:] = [rename(name) for name in node.output]
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:      # a Scan's body: its own values renamed alike
-            body = attribute.g
-            for value in [*body.input, *body.output]:
-                value.name = rename(value.name)
-            for tensor in body.initializer:
-                tensor.name = rename(tensor.name)
-            del body.value_info[:]
-            for inner in body.node:
-                _rename_node(inner, prefix, rename)
-
-
-def _renamed_value(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
-    copy = onnx.ValueInfoProto()
-    copy.CopyFrom(value)
-    copy.name = name
-    return copy
-
-
-def _set_axes(model: onnx.ModelProto, axes) -> None:
-    """Name the dynamic axes of the joined graph's inputs and outputs as declared (the pieces' own symbols differ)."""
-    for value in [*model.graph.input, *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        for axis, name in axes.get(value.name, {}).items():
-            dims[axis].dim_param = name
+    graph = onnx.GraphProto()
+    graph.CopyFrom(piece.graph)
+    _rename_values(graph, rename, prefix)
+    initializers.extend(graph.initializer)
+    nodes.extend(graph.node)
+    return graph
 
 
 def _drop_trace_metadata(graph: onnx.GraphProto) -> None:
@@ -258,18 +218,25 @@ def _named_weights(model: onnx.ModelProto, weights: dict[str, ProgramWeight]) ->
     taken = {tensor.name for tensor in model.graph.initializer} & set(renames.values())
     if taken:
         raise McqError(f"initializer names {sorted(taken)[:3]} are taken twice in the traced graph")
-    _rename_values(model.graph, renames)
+    _rename_values(model.graph, lambda name: renames.get(name, name))
     return {renames.get(name, name): weight for name, weight in weights.items()}
 
 
-def _rename_values(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+def _rename_values(graph: onnx.GraphProto, rename: Callable[[str], str], node_prefix: str = "") -> None:
+    """Rename every value of `graph` by `rename` (its initializers, inputs, outputs and value infos, its nodes'
+    inputs and outputs, and the same in each node's body: a Scan's, which may read outer values by name), and put
+    `node_prefix` before its nodes' names."""
     for tensor in graph.initializer:
-        tensor.name = renames.get(tensor.name, tensor.name)
+        tensor.name = rename(tensor.name)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = rename(value.name)
     for node in graph.node:
-        node.input[:] = [renames.get(name, name) for name in node.input]
-        for attribute in node.attribute:   # Scan / Loop bodies may read outer initializers by name
+        node.name = node_prefix + node.name
+        node.input[:] = [rename(name) for name in node.input]
+        node.output[:] = [rename(name) for name in node.output]
+        for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                _rename_values(attribute.g, renames)
+                _rename_values(attribute.g, rename, node_prefix)
 
 
 def _name_axes(model: onnx.ModelProto, axes) -> None:
