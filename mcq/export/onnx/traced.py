@@ -97,8 +97,8 @@ def trace_graph(program) -> tuple[onnx.ModelProto, dict[str, ProgramWeight]]:
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-    weights = _named_weights(model, {name: weights[name] for name in weights if name in used})
     _drop_trace_records(model.graph)
+    weights = _named_weights(model, {name: weights[name] for name in weights if name in used})
     _name_axes(model, program.axes)
     return model, weights
 
@@ -127,8 +127,9 @@ def join_layers(decoder: LayeredDecoder) -> tuple[onnx.ModelProto, dict[str, Pro
                  **{a.name: b.name for a, b in zip(theirs, own)}, **{a.output: b.output for a, b in zip(theirs, own)}}
         layer_names = (f"{decoder.layer_prefix}{source}.", f"{decoder.layer_prefix}{index}.")
         joined = _add_piece(layer, f"layers.{index}/", names, layer_weights, layer_names, nodes, initializers, weights)
-        inputs.update((value.name, value) for value in joined.input if value.name in {state.name for state in own})
-        outputs.update((value.name, value) for value in joined.output if value.name in {s.output for s in own})
+        state_inputs, state_outputs = {state.name for state in own}, {state.output for state in own}
+        inputs.update((value.name, value) for value in joined.input if value.name in state_inputs)
+        outputs.update((value.name, value) for value in joined.output if value.name in state_outputs)
         hidden = output
     joined = _add_piece(head, "head/", {"hidden_states": hidden, "logits": "logits"}, head_weights, None, nodes,
                         initializers, weights)
@@ -227,12 +228,12 @@ def _named_weights(model: onnx.ModelProto, weights: dict[str, ProgramWeight]) ->
 
 
 def _rename_values(graph: onnx.GraphProto, rename: Callable[[str], str], node_prefix: str = "") -> None:
-    """Rename every value of `graph` by `rename` (its initializers, inputs, outputs and value infos, its nodes'
-    inputs and outputs, and the same in each node's body: a Scan's, which may read outer values by name), and put
-    `node_prefix` before its nodes' names."""
+    """Rename every value of `graph` by `rename` (its initializers, inputs and outputs, its nodes' inputs and
+    outputs, and the same in each node's body: a Scan's, which may read outer values by name), and put
+    `node_prefix` before its nodes' names. A traced graph has no value infos left to rename (`_drop_trace_records`)."""
     for tensor in graph.initializer:
         tensor.name = rename(tensor.name)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
+    for value in [*graph.input, *graph.output]:
         value.name = rename(value.name)
     for node in graph.node:
         node.name = node_prefix + node.name
