@@ -202,15 +202,16 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
-class LayeredDecoder:
-    """The `decoder_model_merged` graph as pieces traced apart and joined, so that tracing costs the same at any
-    depth: `prologue` (inputs_embeds, attention_mask, position_ids → the values every layer reads, its outputs),
-    one program per kind of layer (`layer(i)`: hidden_states, the prologue's outputs and layer i's two state
-    inputs → layer_output and its two state outputs), and `head` (hidden_states → logits). Layers of one `kind(i)`
-    share one trace: layer i's weights are the traced layer's with i in their checkpoint names
-    (`f"{layer_prefix}{i}."`). The joined graph takes inputs_embeds, attention_mask, position_ids and `states` (two
-    per layer, in layer order) and gives logits and the states' outputs, their dynamic axes named as the pieces
-    name them."""
+class LayeredProgram:
+    """A graph of layers as pieces traced apart and joined, so that tracing costs the same at any depth: `prologue`
+    (graph inputs → the values every layer reads, its outputs), one program per kind of layer (`layer(i)`:
+    hidden_states, the prologue's outputs and layer i's two state inputs, if any → layer_output and its two state
+    outputs), and `head` (hidden_states and graph inputs of its own → the graph's outputs). The first layer reads
+    `first_hidden`, a prologue input or output. Layers of one `kind(i)` share one trace: layer i's weights are the
+    traced layer's with i in their checkpoint names (`f"{layer_prefix}{i}."`). The joined graph takes the
+    prologue's inputs, `states` (two per layer, in layer order; none for a stateless program) and the head's own
+    inputs, and gives the head's outputs and the states' outputs, their dynamic axes named as the pieces name
+    them."""
 
     prologue: TracedProgram
     layer: Callable[[int], TracedProgram]
@@ -219,6 +220,7 @@ class LayeredDecoder:
     layer_prefix: str
     head: TracedProgram
     states: tuple[StateTensor, ...]
+    first_hidden: str
 
 
 @dataclass(frozen=True)
@@ -307,8 +309,8 @@ class Family:
     chat: Callable[[Any, ChatRequest], str | Iterator[str]]
     # The graphs of the ONNX layout (vision_encoder, embed_tokens, decoder_model_merged) as runtime-neutral torch
     # programs, which `mcq export --format onnx` traces: (ExportWeights, or MetaWeights to trace without weights,
-    # graph name) → its TracedProgram, or for the decoder a LayeredDecoder (its `programs.py`).
-    graphs: Callable[[Any, str], TracedProgram | LayeredDecoder]
+    # graph name) → its TracedProgram, or a LayeredProgram for a graph of layers (its `programs.py`).
+    graphs: Callable[[Any, str], TracedProgram | LayeredProgram]
     # What hosts written for any family run its exports with (`Programs`: the vision program's inputs, the decoder's
     # state, Core ML's stateful decoder chunks); None: its exports have hosts of their own (the resampler family:
     # `mcq.export.onnx.OnnxMiniCPMV`, `mcq.export.coreml`'s packages and host).

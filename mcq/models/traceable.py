@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .familyspec import LayeredDecoder, TracedProgram
+from .familyspec import LayeredProgram, TracedProgram
 
 # Added to attention scores of padded keys. Representable in fp16 (the real minimum would overflow to -inf when a
 # score is added to it), and exp(-1e4) is 0 in any precision, so a padded key gets no weight.
@@ -148,8 +148,8 @@ def embed_program(module: nn.Module) -> TracedProgram:
 
 def layered_decoder(prologue: nn.Module, shared: dict[str, dict[int, str]], layer: Callable[[int], nn.Module],
                     kind: Callable[[int], Any], layers: int, layer_prefix: str, head: nn.Module, hidden: int,
-                    states) -> LayeredDecoder:
-    """The `decoder_model_merged` graph in pieces (`LayeredDecoder`): `prologue` maps (inputs_embeds `[B, S, hidden]`,
+                    states) -> LayeredProgram:
+    """The `decoder_model_merged` graph in pieces (a `LayeredProgram`): `prologue` maps (inputs_embeds `[B, S, hidden]`,
     attention_mask `[B, past + S]`, position_ids `[B, S]`) to the values every layer reads, named and with their
     dynamic axes in `shared`; `layer(i)` maps (hidden_states, *those values, *layer i's two states: `states` holds
     two per layer, in layer order) to (layer_output, *its two states out); `head` maps hidden_states to logits
@@ -184,4 +184,5 @@ def layered_decoder(prologue: nn.Module, shared: dict[str, dict[int, str]], laye
 
     head_program = TracedProgram(head.eval(), (torch.zeros(batch, length, hidden),), ("hidden_states",), ("logits",),
                                  ({0: dynamic, 1: dynamic},), axes)
-    return LayeredDecoder(prologue_program, layer_program, kind, layers, layer_prefix, head_program, tuple(states))
+    return LayeredProgram(prologue_program, layer_program, kind, layers, layer_prefix, head_program, tuple(states),
+                          "inputs_embeds")

@@ -3,8 +3,9 @@ tensor from an `ExportWeights` (or, to be traced without weights, a `MetaWeights
 
 - ONNX (`torch.onnx.export` on the meta device, `mcq.export.onnx.traced`), the onnx-community layout, each input as
   the host computes it (`mcq.export.onnx.runtime`):
-  - `VisionEncoder`: slices padded to a common length → navit SigLIP → resampler → `image_features
-    [groups, query_num, hidden]`. What the torch model computes from `tgt_sizes` with data-dependent code comes in
+  - the vision graph: slices padded to a common length → navit SigLIP → resampler → `image_features
+    [groups, query_num, hidden]`, traced in pieces (`VisionEmbeddings`, one `_VisionLayer`, `VisionHead`) and joined
+    layer by layer. What the torch model computes from `tgt_sizes` with data-dependent code comes in
     as inputs, computed on the host by the same functions the torch model calls: navit position ids (ONNX has no
     bucketize), the patch mask, the resampler's key positions (2D sin-cos, plus 4.5's temporal term), and a packing
     index with its key-padding mask, which names for each output block the rows of the slices it attends over (the
@@ -37,7 +38,7 @@ from torch import nn
 
 from mcq.errors import McqError
 
-from ..familyspec import LayeredDecoder, StateTensor, TracedProgram
+from ..familyspec import LayeredProgram, StateTensor, TracedProgram
 from ..traceable import (MASKED_SCORE, ROTARY_AND_MASK, LayerNorm, causal_padding_mask, checkpoint_parameter,
                          layered_decoder, layout_graphs, linear, rms_normalize, rotary_terms, transposed_linear)
 from ..weights import shell_model
@@ -46,6 +47,7 @@ from .versions import embedding_scale
 # Rotary variants whose frequencies depend on the sequence length at run time (not a constant of the program).
 _DYNAMIC_ROPE = {"dynamic", "longrope"}
 LLM_LAYERS = "llm.model.layers."
+VISION_LAYERS = "vpm.encoder.layers."
 
 
 def _layer_count(weights, prefix: str) -> int:
@@ -111,16 +113,21 @@ class _VisionTower(nn.Module):
         self.patch_embedding = transposed_linear(weight.reshape(weight.shape[0], -1), weights.tensor(f"{conv}.bias"),
                                                  conv)
         self.position_embedding = checkpoint_parameter(weights, "vpm.embeddings.position_embedding.weight")
-        self.layers = nn.ModuleList(_VisionLayer(weights, f"vpm.encoder.layers.{i}", vision)
-                                    for i in range(_layer_count(weights, "vpm.encoder.layers.")))
+        self.layers = nn.ModuleList(_VisionLayer(weights, f"{VISION_LAYERS}{i}", vision)
+                                    for i in range(_layer_count(weights, VISION_LAYERS)))
         self.post_layernorm = LayerNorm(weights, "vpm.post_layernorm", vision.layer_norm_eps)
 
     def forward(self, pixel_values, position_ids, additive_mask) -> torch.Tensor:
-        patches = pixel_values.unflatten(-1, (-1, self.patch)).permute(0, 3, 1, 2, 4).flatten(2)
-        hidden = self.patch_embedding(patches) + F.embedding(position_ids, self.position_embedding)
+        hidden = _embed_patches(self, pixel_values, position_ids)
         for layer in self.layers:
             hidden = layer(hidden, additive_mask)
         return self.post_layernorm(hidden)
+
+
+def _embed_patches(tower, pixel_values, position_ids) -> torch.Tensor:
+    """A tower's patch embeddings plus its position embeddings, `[N, L, width]`."""
+    patches = pixel_values.unflatten(-1, (-1, tower.patch)).permute(0, 3, 1, 2, 4).flatten(2)
+    return tower.patch_embedding(patches) + F.embedding(position_ids, tower.position_embedding)
 
 
 class _Resampler(nn.Module):
@@ -151,20 +158,33 @@ class _Resampler(nn.Module):
         return self.proj(self.ln_post(self.out_proj(out)))
 
 
-class VisionEncoder(nn.Module):
-    """The ONNX vision graph: (pixel_values `[N, C, P, P * L]` float, patch_attention_mask `[N, L]` bool,
-    position_ids `[N, L]`, resampler_pos_embed `[N, L, hidden]`, resampler_packing_index `[G, M]`,
-    resampler_key_padding_mask `[G, M]` bool, True on padding) → image_features `[G, query_num, hidden]`. Rows of
-    every slice form one table `[N * L, ...]`; block g gathers its rows by the packing index."""
+class VisionEmbeddings(nn.Module):
+    """The ONNX vision graph's prologue: (pixel_values `[N, C, P, P * L]` float, patch_attention_mask `[N, L]` bool,
+    position_ids `[N, L]`) → (patch_embeddings `[N, L, width]`, vision_mask `[N, 1, 1, L]`: the additive patch mask
+    every layer reads)."""
 
-    def __init__(self, weights):
+    def __init__(self, tower: _VisionTower):
         super().__init__()
-        self.tower, self.resampler = _VisionTower(weights), _Resampler(weights)
+        self.patch, self.patch_embedding, self.position_embedding = (tower.patch, tower.patch_embedding,
+                                                                     tower.position_embedding)
 
-    def forward(self, pixel_values, patch_attention_mask, position_ids, resampler_pos_embed, resampler_packing_index,
+    def forward(self, pixel_values, patch_attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        return _embed_patches(self, pixel_values, position_ids), _additive(patch_attention_mask)[:, None, None]
+
+
+class VisionHead(nn.Module):
+    """The ONNX vision graph's head: (the last layer's output `[N, L, width]`, resampler_pos_embed `[N, L, hidden]`,
+    resampler_packing_index `[G, M]`, resampler_key_padding_mask `[G, M]` bool, True on padding) → image_features
+    `[G, query_num, hidden]`. Rows of every slice form one table `[N * L, ...]`; block g gathers its rows by the
+    packing index."""
+
+    def __init__(self, tower: _VisionTower, resampler: _Resampler):
+        super().__init__()
+        self.post_layernorm, self.resampler = tower.post_layernorm, resampler
+
+    def forward(self, hidden_states, resampler_pos_embed, resampler_packing_index,
                 resampler_key_padding_mask) -> torch.Tensor:
-        features = self.tower(pixel_values, position_ids, _additive(patch_attention_mask)[:, None, None])
-        features = features.flatten(0, 1)[resampler_packing_index]
+        features = self.post_layernorm(hidden_states).flatten(0, 1)[resampler_packing_index]
         key_positions = resampler_pos_embed.flatten(0, 1)[resampler_packing_index]
         additive = _additive(~resampler_key_padding_mask)[:, None, None]
         return self.resampler(features, key_positions, additive)
@@ -415,30 +435,46 @@ def decoder_state(config) -> list[StateTensor]:
             for i in range(shape.layers) for kind in ("key", "value")]
 
 
-def _vision_program(weights) -> TracedProgram:
+def _vision_program(weights) -> LayeredProgram:
+    """The vision graph in pieces, joined layer by layer: `VisionEmbeddings`, one traced SigLIP layer, `VisionHead`
+    (the tower's post norm and the resampler)."""
     config = weights.config
     vision = config.vision_config
-    patch = vision.patch_size
+    tower, resampler = _VisionTower(weights), _Resampler(weights)
+    patch, width = vision.patch_size, vision.hidden_size
     slices, patches, groups, group_length = 2, 6, 3, 5     # distinct sizes: no axis taken for another
-    example = {"pixel_values": torch.zeros(slices, vision.num_channels, patch, patch * patches),
-               "patch_attention_mask": torch.ones(slices, patches, dtype=torch.bool),
-               "position_ids": torch.zeros(slices, patches, dtype=torch.long),
-               "resampler_pos_embed": torch.zeros(slices, patches, config.hidden_size),
-               "resampler_packing_index": torch.zeros(groups, group_length, dtype=torch.long),
-               "resampler_key_padding_mask": torch.zeros(groups, group_length, dtype=torch.bool)}
-    axes = {"pixel_values": {0: "num_slices", 3: "patch_row_width"},
-            "patch_attention_mask": {0: "num_slices", 1: "num_patches"},
-            "position_ids": {0: "num_slices", 1: "num_patches"},
-            "resampler_pos_embed": {0: "num_slices", 1: "num_patches"},
+    rows = {0: "num_slices", 1: "num_patches"}
+    axes = {"pixel_values": {0: "num_slices", 3: "patch_row_width"}, "patch_attention_mask": rows,
+            "position_ids": rows, "patch_embeddings": rows, "vision_mask": {0: "num_slices", 3: "num_patches"},
+            "hidden_states": rows, "layer_output": rows, "resampler_pos_embed": rows,
             "resampler_packing_index": {0: "num_groups", 1: "group_length"},
-            "resampler_key_padding_mask": {0: "num_groups", 1: "group_length"},
-            "image_features": {0: "num_groups"}}
-    names = tuple(example)
-    return TracedProgram(VisionEncoder(weights).eval(), tuple(example.values()), names, ("image_features",),
-                         tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes)
+            "resampler_key_padding_mask": {0: "num_groups", 1: "group_length"}, "image_features": {0: "num_groups"}}
+
+    def program(module: nn.Module, example: dict[str, torch.Tensor], outputs: tuple[str, ...]) -> TracedProgram:
+        names = tuple(example)
+        return TracedProgram(module.eval(), tuple(example.values()), names, outputs,
+                             tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in names), axes)
+
+    hidden = torch.zeros(slices, patches, width)
+    prologue = program(VisionEmbeddings(tower), {
+        "pixel_values": torch.zeros(slices, vision.num_channels, patch, patch * patches),
+        "patch_attention_mask": torch.ones(slices, patches, dtype=torch.bool),
+        "position_ids": torch.zeros(slices, patches, dtype=torch.long)}, ("patch_embeddings", "vision_mask"))
+    head = program(VisionHead(tower, resampler), {
+        "hidden_states": hidden, "resampler_pos_embed": torch.zeros(slices, patches, config.hidden_size),
+        "resampler_packing_index": torch.zeros(groups, group_length, dtype=torch.long),
+        "resampler_key_padding_mask": torch.zeros(groups, group_length, dtype=torch.bool)}, ("image_features",))
+
+    def layer(index: int) -> TracedProgram:
+        return program(_VisionLayer(weights, f"{VISION_LAYERS}{index}", vision),
+                       {"hidden_states": hidden, "vision_mask": torch.zeros(slices, 1, 1, patches)}, ("layer_output",))
+
+    # Every SigLIP layer is built alike: one trace.
+    return LayeredProgram(prologue, layer, lambda index: "layer", len(tower.layers), VISION_LAYERS, head, (),
+                          "patch_embeddings")
 
 
-def _decoder_program(weights) -> LayeredDecoder:
+def _decoder_program(weights) -> LayeredProgram:
     config = weights.config
     # Every layer of a release is built alike (its q/k/v biases and q/k norms are the release's): one trace.
     return layered_decoder(DecoderPrologue(config), ROTARY_AND_MASK, partial(DecoderLayerStep, weights),

@@ -34,7 +34,7 @@ from torch import nn
 
 from mcq.errors import McqError
 
-from ..familyspec import LayeredDecoder, Programs, StateTensor, TracedProgram
+from ..familyspec import LayeredProgram, Programs, StateTensor, TracedProgram
 from ..traceable import (ROTARY_AND_MASK, LayerNorm, TransposedLinear, causal_padding_mask, checkpoint_parameter,
                          layered_decoder, layout_graphs, linear, named_parameter, rms_normalize, rotary_terms,
                          transposed_linear)
@@ -568,7 +568,7 @@ def _vision_program(weights) -> TracedProgram:
                          {name: axes[name] for name in (*names, "image_features")}, bounds)
 
 
-def _decoder_program(weights) -> LayeredDecoder:
+def _decoder_program(weights) -> LayeredProgram:
     text = weights.config.text_config
     shared = {**ROTARY_AND_MASK, "new_positions_mask": {0: "batch_size", 1: "sequence_length"}}
     # A layer of each kind (linear or full attention) is traced once.
