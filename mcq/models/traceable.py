@@ -149,11 +149,11 @@ def embed_program(module: nn.Module) -> TracedProgram:
 def layered_decoder(prologue: nn.Module, shared: dict[str, dict[int, str]], layer: Callable[[int], nn.Module],
                     kind: Callable[[int], Any], layers: int, layer_prefix: str, head: nn.Module, hidden: int,
                     states) -> LayeredProgram:
-    """The `decoder_model_merged` graph in pieces (a `LayeredProgram`): `prologue` maps (inputs_embeds `[B, S, hidden]`,
-    attention_mask `[B, past + S]`, position_ids `[B, S]`) to the values every layer reads, named and with their
-    dynamic axes in `shared`; `layer(i)` maps (hidden_states, *those values, *layer i's two states: `states` holds
-    two per layer, in layer order) to (layer_output, *its two states out); `head` maps hidden_states to logits
-    `[B, S, vocab]`."""
+    """The `decoder_model_merged` graph in pieces (a `LayeredProgram`): `prologue` maps (inputs_embeds
+    `[B, S, hidden]`, attention_mask `[B, past + S]`, position_ids `[B, S]`) to the values every layer reads, named
+    and with their dynamic axes in `shared`; `layer(i)` maps (hidden_states, *those values, *layer i's two states:
+    `states` holds two per layer, in layer order) to (layer_output, *its two states out); `head` maps hidden_states
+    to logits `[B, S, vocab]`."""
     batch, length, past = 2, 3, 2
     dynamic = torch.export.Dim.DYNAMIC
     sequence = {0: "batch_size", 1: "sequence_length"}

@@ -132,7 +132,8 @@ def join_layers(program: LayeredProgram) -> tuple[onnx.ModelProto, dict[str, Pro
         inputs.update((value.name, value) for value in joined.input if value.name in state_inputs)
         outputs.update((value.name, value) for value in joined.output if value.name in state_outputs)
         hidden = output
-    head_inputs = [value.name for value in head.graph.input if value.name not in shared and value.name != "hidden_states"]
+    head_inputs = [value.name for value in head.graph.input
+                   if value.name not in shared and value.name != "hidden_states"]
     head_outputs = [value.name for value in head.graph.output]
     names = {**shared, "hidden_states": hidden, **{name: name for name in head_inputs + head_outputs}}
     joined = _add_piece(head, "head/", names, head_weights, None, nodes, initializers, weights)
@@ -182,8 +183,9 @@ def _drop_trace_records(graph: onnx.GraphProto) -> None:
     """Remove what the exporter records of the tracing: each node's Python stack trace, with the absolute path of
     the file that traced it, and torch.export's symbol names (so the same model gives the same bytes on any
     machine), and the shapes of intermediate values (`value_info`, in torch.export's symbol expressions such as
-    `(s4//14)`). Given those shapes, onnxruntime's allocation planner keeps one more attention-score buffer alive:
-    the real-width 4.5 vision encoder at 1024 patches peaked 73 MiB higher than with none (it infers its own)."""
+    `(s4//14)`). Given those shapes, onnxruntime's allocation planner held about one attention-score tensor more at
+    once: the real-width 4.5 vision encoder at 1024 patches peaked 73 MiB higher than with none (onnxruntime infers
+    the shapes itself)."""
     del graph.metadata_props[:]
     del graph.value_info[:]
     for node in graph.node:
