@@ -466,8 +466,8 @@ def _vision_program(weights) -> LayeredProgram:
         "resampler_key_padding_mask": torch.zeros(groups, group_length, dtype=torch.bool)}, ("image_features",))
 
     def layer(index: int) -> TracedProgram:
-        return program(_VisionLayer(weights, f"{VISION_LAYERS}{index}", vision),
-                       {"hidden_states": hidden, "vision_mask": torch.zeros(slices, 1, 1, patches)}, ("layer_output",))
+        example = {"hidden_states": hidden, "vision_mask": torch.zeros(slices, 1, 1, patches)}
+        return program(tower.layers[index], example, ("layer_output",))
 
     # Every SigLIP layer is built alike: one trace.
     return LayeredProgram(prologue, layer, lambda index: "layer", len(tower.layers), VISION_LAYERS, head, (),
