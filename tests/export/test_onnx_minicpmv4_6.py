@@ -182,21 +182,23 @@ def test_fp16_stores_the_large_weights_in_float16_and_computes_what_fp32_does(fp
 
 def test_the_decoder_is_traced_once_per_layer_kind_and_joined(monkeypatch):
     """The decoder graph is its prologue, one trace per kind of layer and its head, joined: tracing costs the same
-    at any depth. Layer 2 (linear attention, a copy of layer 0's trace) reads its own weights and states."""
+    at any depth. Layer 2 (linear attention, a copy of layer 0's trace) reads its own weights and states. Every
+    piece of the layout is traced by one torch.onnx.export."""
     from mcq.export.onnx import traced
     from mcq.export.weights_source import ExportWeights, MetaWeights
     from mcq.models.minicpmv4_6.programs import build_program
 
     calls = []
-    trace = traced.trace_graph
-    monkeypatch.setattr(traced, "trace_graph", lambda program: calls.append(type(program.module).__name__)
-                        or trace(program))
+    trace = traced.trace_graphs
+    monkeypatch.setattr(traced, "trace_graphs", lambda programs: calls.append(
+        [type(program.module).__name__ for program in programs]) or trace(programs))
     weights = ExportWeights(REFERENCE, every_family=True)
     try:
-        model, program_weights = traced.join_layers(build_program(MetaWeights(weights), "decoder_model_merged"))
+        model, program_weights = traced.trace_layout(build_program, MetaWeights(weights))["decoder_model_merged"]
     finally:
         weights.close()
-    assert calls == ["DecoderPrologue", "DecoderHead", "DecoderLayerStep", "DecoderLayerStep"]
+    assert len(calls) == 1
+    assert calls[0][-4:] == ["DecoderPrologue", "DecoderHead", "DecoderLayerStep", "DecoderLayerStep"]
     qkv = "model.language_model.layers.2.linear_attn.in_proj_qkv.weight"
     assert program_weights[qkv].source == qkv and program_weights[qkv].transposed
     reads = {name for node in model.graph.node for name in node.input}
@@ -209,7 +211,7 @@ def test_a_program_weight_without_a_checkpoint_source_is_refused():
     """Programs are traced on the meta device and their weights written afterwards by the checkpoint tensor each
     parameter names: one built from the checkpoint that names none could not be written, so it is refused."""
     from mcq.errors import McqError
-    from mcq.export.onnx.traced import trace_graph
+    from mcq.export.onnx.traced import trace_graphs
     from mcq.models.familyspec import TracedProgram
 
     class Program(torch.nn.Module):
@@ -222,7 +224,7 @@ def test_a_program_weight_without_a_checkpoint_source_is_refused():
 
     program = TracedProgram(Program(), (torch.zeros(2, 4),), ("x",), ("y",), ({0: torch.export.Dim.DYNAMIC},), {})
     with pytest.raises(McqError, match="weight holds checkpoint data but names no source"):
-        trace_graph(program)
+        trace_graphs([program])
 
 
 @pytest.mark.slow
