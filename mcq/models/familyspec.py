@@ -208,7 +208,8 @@ class LayeredProgram:
     hidden_states, the prologue's outputs and layer i's two state inputs, if any → layer_output and its two state
     outputs), and `head` (hidden_states and graph inputs of its own → the graph's outputs). The first layer reads
     `first_hidden`, a prologue input or output. Layers of one `kind(i)` share one trace: layer i's weights are the
-    traced layer's with i in their checkpoint names (`f"{layer_prefix}{i}."`). The joined graph takes the
+    traced layer's with its checkpoint name prefix, `layer_prefix(i)`, in place of the traced one's. The joined
+    graph takes the
     prologue's inputs, `states` (two per layer, in layer order; none for a stateless program) and the head's own
     inputs, and gives the head's outputs and the states' outputs, their dynamic axes named as the pieces name
     them."""
@@ -217,7 +218,7 @@ class LayeredProgram:
     layer: Callable[[int], TracedProgram]
     kind: Callable[[int], Any]
     layers: int
-    layer_prefix: str
+    layer_prefix: Callable[[int], str]
     head: TracedProgram
     states: tuple[StateTensor, ...]
     first_hidden: str
@@ -258,6 +259,9 @@ class Programs:
     # (a directory with the checkpoint's tokenizer and processor files, ChatRequest) → the model inputs of that
     # question, as the family's `chat` builds them (`mcq chat` on an export of the programs).
     chat_inputs: Callable[[Path, ChatRequest], dict[str, Any]]
+    # ExportWeights → the vision program whole (one image → its LLM tokens), for exporters that trace it as one
+    # module (Core ML; the ONNX layout's vision graph is traced in pieces, `Family.graphs`).
+    vision: Callable[[Any], TracedProgram]
 
 
 @dataclass(frozen=True)

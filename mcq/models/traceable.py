@@ -184,5 +184,5 @@ def layered_decoder(prologue: nn.Module, shared: dict[str, dict[int, str]], laye
 
     head_program = TracedProgram(head.eval(), (torch.zeros(batch, length, hidden),), ("hidden_states",), ("logits",),
                                  ({0: dynamic, 1: dynamic},), axes)
-    return LayeredProgram(prologue_program, layer_program, kind, layers, layer_prefix, head_program, tuple(states),
-                          "inputs_embeds")
+    return LayeredProgram(prologue_program, layer_program, kind, layers, lambda index: f"{layer_prefix}{index}.",
+                          head_program, tuple(states), "inputs_embeds")

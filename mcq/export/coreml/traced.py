@@ -54,7 +54,7 @@ def convert_program_vision(weights, target: str, compression: str):
     """The vision package: the family's vision program on one image, flexible in its number of patches; and the
     model component of each of its weights (`weight_components`)."""
     ct = import_coremltools()
-    program = weights.checkpoint.family.graphs(weights, "vision_encoder")
+    program = weights.checkpoint.family.programs.vision(weights)
     components = weight_components(program.module)
     inputs, example = _flexible_inputs(ct, program)
     outputs = [ct.TensorType(name, dtype=np.float16) for name in program.outputs]

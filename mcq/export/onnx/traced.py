@@ -198,7 +198,7 @@ def join_layers(program: LayeredProgram, pieces: list[tuple[onnx.ModelProto, dic
         output = f"layers.{index}/layer_output"
         names = {**shared, "hidden_states": hidden, "layer_output": output,
                  **{a.name: b.name for a, b in zip(theirs, own)}, **{a.output: b.output for a, b in zip(theirs, own)}}
-        layer_names = (f"{program.layer_prefix}{source}.", f"{program.layer_prefix}{index}.")
+        layer_names = (program.layer_prefix(source), program.layer_prefix(index))
         joined = _add_piece(layer, f"layers.{index}/", names, layer_weights, layer_names, nodes, initializers, weights)
         state_inputs, state_outputs = {state.name for state in own}, {state.output for state in own}
         inputs.update((value.name, value) for value in joined.input if value.name in state_inputs)

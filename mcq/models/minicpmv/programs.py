@@ -470,8 +470,8 @@ def _vision_program(weights) -> LayeredProgram:
         return program(tower.layers[index], example, ("layer_output",))
 
     # Every SigLIP layer is built alike: one trace.
-    return LayeredProgram(prologue, layer, lambda index: "layer", len(tower.layers), VISION_LAYERS, head, (),
-                          "patch_embeddings")
+    return LayeredProgram(prologue, layer, lambda index: "layer", len(tower.layers),
+                          lambda index: f"{VISION_LAYERS}{index}.", head, (), "patch_embeddings")
 
 
 def _decoder_program(weights) -> LayeredProgram:

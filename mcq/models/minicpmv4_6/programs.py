@@ -9,6 +9,8 @@ from the config, never from a traced tensor's shape (Core ML's converter rejects
   code (nearest-neighbour position ids, the vit_merger's window order, the 2 x 2 merge orders) comes in as index
   inputs, computed on the host by `vision_indices` with transformers' own functions. A checkpoint in
   `downsample_mode` 4x has `VisionSlice4x` instead: no vit_merger, the merger over the full grid, L / 4 tokens.
+  Core ML traces it whole; the ONNX vision graph is traced in pieces (`VisionEmbeddings`, one SigLIP layer, the
+  vit_merger as a layer of its own kind, `VisionHead`) and joined layer by layer.
 - `EmbedTokens`: input_ids → inputs_embeds.
 - the decoder: the Qwen3.5 hybrid LLM on `inputs_embeds` with explicit state, one graph for prefill (zero /
   empty state) and decode, traced in pieces (`DecoderPrologue`, a `DecoderLayerStep` of each layer kind,
@@ -110,13 +112,14 @@ class _WindowMerger(nn.Module):
         self.width = vision.hidden_size
 
     def forward(self, hidden, window_index, window_inverse, merge_order) -> torch.Tensor:
-        width = self.width
+        """`[1, L, width]` and the window tables → `[1, L / window², width]`."""
+        width, hidden = self.width, hidden[0]
         windows = self.layer_norm1(hidden)[window_index].reshape(-1, self.window, width)
         hidden = hidden + self.self_attn(windows).reshape(-1, width)[window_inverse]
         grouped = hidden[merge_order].reshape(-1, self.window, width)
         merged = self.linear_2(F.gelu(self.linear_1(self.pre_norm(grouped.reshape(-1, self.window * width))),
                                       approximate="tanh"))
-        return merged + grouped.mean(dim=1)
+        return (merged + grouped.mean(dim=1))[None]
 
 
 class VisionSlice(nn.Module):
@@ -150,25 +153,59 @@ class VisionSlice(nn.Module):
         self.linear_2 = linear(weights, "model.merger.mlp.0.linear_2", True)
 
     def forward(self, pixel_values, position_ids, window_index, window_inverse, merge_order, merger_order):
-        return self._merged(self._encoded(pixel_values, position_ids, (window_index, window_inverse, merge_order)),
-                            merger_order)
+        windows = (window_index, window_inverse, merge_order)
+        return _merge_tokens(self, self._encoded(pixel_values, position_ids, windows), merger_order)
 
     def _encoded(self, pixel_values, position_ids, windows) -> torch.Tensor:
-        """The tower's output `[tokens, width]`: through the vit_merger after layer `insert_layer_id` where
-        `windows` gives its index tables, past it otherwise."""
-        channels = self.channels
-        patches = pixel_values.reshape(channels, self.patch, -1, self.patch).permute(2, 0, 1, 3)
-        hidden = self.patch_embedding(patches.reshape(1, -1, channels * self.patch * self.patch))
-        hidden = hidden + self.position_embedding[position_ids]
+        """The tower's output `[1, tokens, width]` before its post norm: through the vit_merger after layer
+        `insert_layer_id` where `windows` gives its index tables, past it otherwise."""
+        hidden = _embed_patches(self, pixel_values, position_ids)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden)
             if index == self.insert_layer_id and windows is not None:
-                hidden = self.vit_merger(hidden[0], *windows)[None]
-        return self.post_layernorm(hidden[0])
+                hidden = self.vit_merger(hidden, *windows)
+        return hidden
 
-    def _merged(self, hidden, merger_order) -> torch.Tensor:
-        merged = self.pre_norm(hidden[merger_order].reshape(-1, self.merge * self.width))
-        return self.linear_2(F.gelu(self.linear_1(merged)))
+
+def _embed_patches(tower, pixel_values, position_ids) -> torch.Tensor:
+    """`[1, L, width]`: the patch embeddings of a row of patches plus their position embeddings."""
+    channels, patch = tower.channels, tower.patch
+    patches = pixel_values.reshape(channels, patch, -1, patch).permute(2, 0, 1, 3)
+    return tower.patch_embedding(patches.reshape(1, -1, channels * patch * patch)) + \
+        tower.position_embedding[position_ids]
+
+
+def _merge_tokens(vision, hidden, merger_order) -> torch.Tensor:
+    """The tower's output `[1, tokens, width]` → its LLM tokens: the post norm, then the merger over each 2 x 2
+    block (`merger_order`)."""
+    merged = vision.pre_norm(vision.post_layernorm(hidden[0])[merger_order].reshape(-1, vision.merge * vision.width))
+    return vision.linear_2(F.gelu(vision.linear_1(merged)))
+
+
+class VisionEmbeddings(nn.Module):
+    """The ONNX vision graph's prologue: `VisionSlice`'s inputs but `merger_order` → patch_embeddings `[1, L,
+    width]`. The window tables pass through as graph inputs, which the vit_merger's piece reads."""
+
+    def __init__(self, vision: VisionSlice):
+        super().__init__()
+        self.channels, self.patch = vision.channels, vision.patch
+        self.patch_embedding, self.position_embedding = vision.patch_embedding, vision.position_embedding
+
+    def forward(self, pixel_values, position_ids, *window_tables) -> torch.Tensor:
+        return _embed_patches(self, pixel_values, position_ids)
+
+
+class VisionHead(nn.Module):
+    """The ONNX vision graph's head: (the tower's last output `[1, tokens, width]`, merger_order) → image_features."""
+
+    def __init__(self, vision: VisionSlice):
+        super().__init__()
+        self.merge, self.width = vision.merge, vision.width
+        self.post_layernorm, self.pre_norm = vision.post_layernorm, vision.pre_norm
+        self.linear_1, self.linear_2 = vision.linear_1, vision.linear_2
+
+    def forward(self, hidden_states, merger_order) -> torch.Tensor:
+        return _merge_tokens(self, hidden_states, merger_order)
 
 
 class VisionSlice4x(VisionSlice):
@@ -177,7 +214,7 @@ class VisionSlice4x(VisionSlice):
     `position_ids` and `merger_order` `[L]`."""
 
     def forward(self, pixel_values, position_ids, merger_order):
-        return self._merged(self._encoded(pixel_values, position_ids, None), merger_order)
+        return _merge_tokens(self, self._encoded(pixel_values, position_ids, None), merger_order)
 
 
 def _windowed(config) -> bool:
@@ -545,6 +582,7 @@ class DecoderHead(nn.Module):
 # -- the programs as the ONNX layout traces them ---------------------------------------------------------------------
 
 def _vision_program(weights) -> TracedProgram:
+    """The vision program whole: one image → its LLM tokens (Core ML traces it as one)."""
     config = weights.config
     patch = config.vision_config.patch_size
     height, width = 8, 4     # an example image; every size whose sides are multiples of 4 takes the same program
@@ -568,6 +606,45 @@ def _vision_program(weights) -> TracedProgram:
                          {name: axes[name] for name in (*names, "image_features")}, bounds)
 
 
+def _layered_vision_program(weights) -> LayeredProgram:
+    """The ONNX vision graph in pieces, joined layer by layer: `VisionEmbeddings`, one traced SigLIP layer (and the
+    vit_merger, a layer of its own kind after layer `insert_layer_id`), `VisionHead`. The graph's inputs, outputs
+    and axes are the whole program's."""
+    whole = _vision_program(weights)
+    vision, example = whole.module, dict(zip(whole.inputs, whole.example))
+    merger_at = None if vision.vit_merger is None else vision.insert_layer_id + 1
+    hidden = torch.zeros(1, len(example["position_ids"]), vision.width)
+    axes = {**whole.axes, "patch_embeddings": {1: "patches"}, "hidden_states": {1: "patches"},
+            "layer_output": {1: "patches"}}
+
+    def program(module: nn.Module, inputs: tuple[str, ...], values: tuple, outputs: tuple[str, ...]) -> TracedProgram:
+        return TracedProgram(module.eval(), values, inputs, outputs,
+                             tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[name]} for name in inputs), axes)
+
+    tower_inputs = whole.inputs[:-1]       # all but merger_order, the head's
+    prologue = program(VisionEmbeddings(vision), tower_inputs, tuple(example[name] for name in tower_inputs),
+                       ("patch_embeddings",))
+    windowed_hidden = hidden if merger_at is None else hidden[:, :len(example["merger_order"])]
+    head = program(VisionHead(vision), ("hidden_states", "merger_order"), (windowed_hidden, example["merger_order"]),
+                   ("image_features",))
+
+    def tower_index(index: int) -> int:
+        return index - 1 if merger_at is not None and index > merger_at else index
+
+    def layer(index: int) -> TracedProgram:
+        if index == merger_at:
+            windows = tower_inputs[2:]
+            return program(vision.vit_merger, ("hidden_states", *windows),
+                           (hidden, *(example[name] for name in windows)), ("layer_output",))
+        return program(vision.layers[tower_index(index)], ("hidden_states",), (hidden,), ("layer_output",))
+
+    def prefix(index: int) -> str:
+        return f"{TOWER}.vit_merger." if index == merger_at else f"{TOWER}.encoder.layers.{tower_index(index)}."
+
+    return LayeredProgram(prologue, layer, lambda index: "merger" if index == merger_at else "layer",
+                          len(vision.layers) + (merger_at is not None), prefix, head, (), "patch_embeddings")
+
+
 def _decoder_program(weights) -> LayeredProgram:
     text = weights.config.text_config
     shared = {**ROTARY_AND_MASK, "new_positions_mask": {0: "batch_size", 1: "sequence_length"}}
@@ -577,7 +654,7 @@ def _decoder_program(weights) -> LayeredProgram:
                            DecoderHead(weights), text.hidden_size, decoder_state(weights.config))
 
 
-build_program = layout_graphs(_vision_program, EmbedTokens, _decoder_program)
+build_program = layout_graphs(_layered_vision_program, EmbedTokens, _decoder_program)
 
 
 def vision_inputs(config, pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -598,4 +675,4 @@ def image_tokens(config, target_sizes: torch.Tensor) -> list[int]:
 
 PROGRAMS = Programs(vision_inputs=vision_inputs, image_tokens=image_tokens, state=decoder_state,
                     stateful_decoder=StatefulDecoder, head=DecoderHead, decoder_layers=f"{LLM}.layers.",
-                    visuals=VISUALS, chat_inputs=export_chat_inputs)
+                    visuals=VISUALS, chat_inputs=export_chat_inputs, vision=_vision_program)
