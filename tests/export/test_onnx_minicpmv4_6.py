@@ -237,7 +237,7 @@ def test_a_program_weight_without_a_checkpoint_source_is_refused():
             return x @ self.weight
 
     program = TracedProgram(Program(), (torch.zeros(2, 4),), ("x",), ("y",), ({0: torch.export.Dim.DYNAMIC},), {})
-    with pytest.raises(McqError, match="weight holds checkpoint data but names no source"):
+    with pytest.raises(McqError, match="Program tensor weight holds checkpoint data but names no source"):
         trace_graphs([program])
 
 

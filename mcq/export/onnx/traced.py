@@ -267,9 +267,9 @@ def _drop_trace_records(graph: onnx.GraphProto) -> None:
                 _drop_trace_records(attribute.g)
 
 
-def _weights_aside(module) -> dict[str, ProgramWeight]:
+def _weights_aside(module: _Bundle) -> dict[str, ProgramWeight]:
     """Each parameter and buffer of `module` by its path (the name torch.export gives its initializer) → where its
-    data comes from; those the program computed (not on the meta device) are moved there, their values kept."""
+    data comes from; those the programs computed (not on the meta device) are moved there, their values kept."""
     weights = {}
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         shape = tuple(tensor.shape)
@@ -278,7 +278,9 @@ def _weights_aside(module) -> dict[str, ProgramWeight]:
             weights[name] = ProgramWeight(shape, source, getattr(tensor, "mcq_transposed", False))
             continue
         if tensor.is_meta:
-            raise McqError(f"program tensor {name} holds checkpoint data but names no source (mcq_source)")
+            _, piece, path = name.split(".", 2)
+            raise McqError(f"{type(module.pieces[int(piece)]).__name__} tensor {path} holds checkpoint data but names "
+                           "no source (mcq_source)")
         weights[name] = ProgramWeight(shape, value=tensor.detach().float().numpy().copy())
         owner, _, attribute = name.rpartition(".")
         holder = module.get_submodule(owner)
