@@ -73,20 +73,6 @@ def test_fp32_matches_transformers_on_text_and_image_samples(fp32, served, sampl
     assert torch.cat(kls).mean().item() < 1e-5
 
 
-def test_fp32_in_downsample_mode_4x_matches_transformers(tiny46_4x, served_4x, tmp_path):
-    """The 4x vision graph (no vit_merger, the merger over the full grid: its layers all one kind) against
-    transformers: image features within 1e-4, logits KL < 1e-5."""
-    served, sample = served_4x
-    model = OnnxProgramModel(export_onnx(str(tiny46_4x), tmp_path / "fp32").out)
-    with torch.no_grad():
-        inputs = served.inputs(sample)
-        expected_blocks, expected = served.vision(inputs).numpy(), served.logits(inputs)
-    (blocks,) = model.vision_per_sample(sample)
-    assert blocks.shape == expected_blocks.shape
-    assert np.abs(blocks - expected_blocks).max() < 1e-4
-    assert _kl(torch.from_numpy(model.forward(sample)[0]), expected).mean().item() < 1e-5
-
-
 def _decode(model: OnnxProgramModel, data: dict, steps: int, broken: str | None = None) -> np.ndarray:
     """Logits of the sample's last `steps` tokens, each fed alone after a prefill of the others through the
     state outputs; `broken`: the prefix of state inputs reset to zeros before every step (a dropped state)."""
