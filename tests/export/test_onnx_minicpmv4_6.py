@@ -197,8 +197,9 @@ def test_the_decoder_is_traced_once_per_layer_kind_and_joined(monkeypatch):
         model, program_weights = traced.trace_layout(build_program, MetaWeights(weights))["decoder_model_merged"]
     finally:
         weights.close()
-    assert len(calls) == 1
-    assert calls[0][-4:] == ["DecoderPrologue", "DecoderHead", "DecoderLayerStep", "DecoderLayerStep"]
+    # The vision graph's pieces (its vit_merger a layer of its own kind), the embedding, the decoder's.
+    assert calls == [["VisionEmbeddings", "VisionHead", "_VisionLayer", "_WindowMerger", "EmbedTokens",
+                      "DecoderPrologue", "DecoderHead", "DecoderLayerStep", "DecoderLayerStep"]]
     qkv = "model.language_model.layers.2.linear_attn.in_proj_qkv.weight"
     assert program_weights[qkv].source == qkv and program_weights[qkv].transposed
     reads = {name for node in model.graph.node for name in node.input}
