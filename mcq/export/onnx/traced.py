@@ -122,9 +122,10 @@ def trace_graphs(programs: Sequence[TracedProgram]) -> list[tuple[onnx.ModelProt
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
     _drop_trace_records(model.graph)
+    producers = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
     traced = []
     for index, program in enumerate(programs):
-        piece = _piece(model, f"{index}/", program)
+        piece = _piece(model, producers, f"{index}/", program)
         # The weights have no values yet, so the graph lists them as no initializer: a piece's are those its nodes
         # read. A computed value keeps its path in its program (the bundle's, less `pieces.{index}.`).
         used = {name for node in piece.graph.node for name in _inputs(node)} & set(weights)
@@ -136,12 +137,12 @@ def trace_graphs(programs: Sequence[TracedProgram]) -> list[tuple[onnx.ModelProt
     return traced
 
 
-def _piece(model: onnx.ModelProto, prefix: str, program: TracedProgram) -> onnx.ModelProto:
+def _piece(model: onnx.ModelProto, producers: dict[str, int], prefix: str,
+           program: TracedProgram) -> onnx.ModelProto:
     """The graph of one program of a traced bundle (its inputs and outputs named `prefix` + the program's names):
-    the nodes its outputs depend on, in the bundle's order, and the initializers they read; its inputs and outputs
-    named as the program names them."""
+    the nodes its outputs depend on (`producers`: the index of the bundle's node computing each value), in the
+    bundle's order, and the initializers they read; its inputs and outputs named as the program names them."""
     graph = model.graph
-    producers = {output: index for index, node in enumerate(graph.node) for output in node.output}
     taken, pending = set(), [prefix + name for name in program.outputs]
     while pending:
         index = producers.get(pending.pop())
