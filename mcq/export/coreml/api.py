@@ -35,7 +35,7 @@ from functools import partial
 import numpy as np
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mcq.errors import McqError
 from mcq.models.minicpmv.versions import embedding_scale
@@ -168,48 +168,50 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
     with staged_output(out, force) as staging:
         packages, programs, chunks, vision_components = {}, {}, [], None
 
-        def save(name: str, model, compression: str) -> None:
+        def package(name: str, make: Callable[[], Any], compression: str) -> Any:
+            """Make one package (`make`: its converted model, or the model and what its conversion reports beside
+            it), save it and release it; returns what was reported (None where nothing was)."""
+            made = make()
+            model, reported = made if isinstance(made, tuple) else (made, None)
+            del made
             packages[name], program = _save(model, staging / name, out / name, compression)
             # The sidecar needs each program's I/O and states only: its operations go with the model.
             programs[name] = replace(program, operations=[])
-            # A conversion leaves its MIL graphs in reference cycles, with their weight arrays; Python's collector
-            # counts objects, not bytes, so they outlived the next package's conversion: at real widths each
-            # decoder package's peak grew by 300-500 MiB over the one before (3872, 4387, 4699 MiB for three),
-            # flat with this collection (3864, 3873, 3883).
+            # A conversion leaves its MIL graphs in reference cycles, with their weight arrays, which Python's
+            # collector (counting objects, not bytes) left alive through the next conversions: at real widths each
+            # decoder package's peak grew by 300-500 MiB over the one before. Collected here, once nothing refers to
+            # the model: collected while the caller still held it, each package's weights lived through the next
+            # package's conversion (fp16 decoder packages of two real-width layers: 3401, 4161, 4121 MiB; now 3426,
+            # 3449, 3449).
+            del model
             gc.collect()
+            return reported
 
         if traced is not None:
             _say(progress, f"converting the vision program, one image per call ({vision}, {target})")
-            model, vision_components = convert_program_vision(weights, target, vision)
-            save(VISION_PACKAGE, model, vision)
-            del model
+            vision_components = package(VISION_PACKAGE, partial(convert_program_vision, weights, target, vision),
+                                        vision)
         elif weights.spec.temporal:
             # The tower runs per frame (static shapes, as for an image slice); the resampler once per temporal group
             # over the packed keys of its frames, as the torch model's 3D resampler does.
             _say(progress, f"converting the vision tower ({vision}, {target})")
-            save(VISION_PACKAGE, convert_vision_tower(weights, target, vision), vision)
+            package(VISION_PACKAGE, partial(convert_vision_tower, weights, target, vision), vision)
             _say(progress, f"converting the resampler of 1 to {GROUP_FRAMES[-1]} frames ({vision}, {target})")
-            save(RESAMPLER_PACKAGE, convert_group_resampler(weights, target, vision), vision)
+            package(RESAMPLER_PACKAGE, partial(convert_group_resampler, weights, target, vision), vision)
         else:
             _say(progress, f"converting the vision tower + resampler ({vision}, {target})")
-            save(VISION_PACKAGE, convert_vision(weights, target, vision), vision)
+            package(VISION_PACKAGE, partial(convert_vision, weights, target, vision), vision)
         if llm != "none":
             compression = "none" if llm == "fp16" else llm
             _say(progress, f"converting the token embeddings ({llm})")
-            save(EMBED_PACKAGE, embed_package(compression), llm)
+            package(EMBED_PACKAGE, partial(embed_package, compression), llm)
             chunks = chunks_of()
             for index, layers in enumerate(chunks):
                 _say(progress, f"converting LLM decoder layers {layers.start}-{layers.stop - 1} of "
                                f"{weights.config.get_text_config().num_hidden_layers} with their states ({llm})")
-                model, missed = decoder_package_of(compression, layers)
-                save(decoder_package(index), model, llm)
-                fallbacks.update(missed)
-                del model
+                fallbacks.update(package(decoder_package(index), partial(decoder_package_of, compression, layers), llm))
             _say(progress, f"converting the LLM head ({llm})")
-            model, missed = head_package(compression)
-            save(HEAD_PACKAGE, model, llm)
-            fallbacks.update(missed)
-            del model
+            fallbacks.update(package(HEAD_PACKAGE, partial(head_package, compression), llm))
         llm_packages = [packages[decoder_package(i)] for i in range(len(chunks))]
         result = CoremlExportResult(
             out=str(out), version=weights.checkpoint.release, target=target, vision=packages[VISION_PACKAGE],
