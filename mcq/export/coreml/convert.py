@@ -96,7 +96,7 @@ def _pass_pipeline(ct):
     """coremltools' default pipeline with its fp16 cast pass replaced by one that checks the fp16 range of float32
     constants a block of rows at a time. The stock check takes `np.where` of the whole constant (three int64 index
     arrays for a 2-D weight, 24 bytes per element), about 8x the float32 weight at once: 20 GB for the 151,748-row
-    LM head of 4.5. Same decision, same program."""
+    LM head of 4.5; and its underflow check copies each constant whole. Same decisions, same program."""
     pipeline = ct.PassPipeline()
     pipeline.passes = [_fp16_cast_by_rows() if name == "common::add_fp16_cast" else name for name in pipeline.passes]
     return pipeline
@@ -117,6 +117,12 @@ def _fp16_cast_by_rows() -> str:
                             and not _fits_fp16(var.op.val.val)):
                         return True
             return False
+
+        def _check_underflow_to_zero(self, new_var, var):
+            # The stock check reads the constant's length from a flattened copy of it (2.3 GiB for the LM head at
+            # the real vocabulary), before looking at constants of under 400 values only: same decision, no copy.
+            if new_var.val is not None and np.size(var.val) < 400:
+                super()._check_underflow_to_zero(new_var, var)
 
     register_pass(namespace="mcq")(add_fp16_cast_by_rows)
     return "mcq::add_fp16_cast_by_rows"
@@ -358,12 +364,14 @@ def convert_llm(weights, target: str, compression: str, layers: range, context: 
                torch.zeros(1, 1, chunk, shape.head_dim), torch.zeros(1, 1, chunk, seen))
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=shape.cache_shape, dtype=np.float16), name=name)
               for name in ("key_cache", "value_cache")]
+    sources = linear_sources(module)
     model = _convert(ct, module, example, _decoder_inputs(ct, shape, max_chunk, context, "hidden_states"),
                      [ct.TensorType("output_hidden_states", dtype=np.float16)], target, states)
+    del module   # its float32 weights, not needed to compress (1.5 GiB for two real-width 4.5 layers)
     model.short_description = (f"MiniCPM-V {weights.spec.version} LLM decoder layers {layers.start}-{layers.stop - 1} "
                                f"with their stateful KV cache of {context} positions; up to {max_chunk} new tokens "
                                "per call")
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, sources)
 
 
 def convert_head(weights, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
@@ -375,11 +383,13 @@ def convert_head(weights, target: str, compression: str, max_chunk: int = LLM_MA
     module = as_linear_ops(DecoderHead(weights))
     length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
     hidden = weights.config.hidden_size
+    sources = linear_sources(module)
     model = _convert(ct, module, (torch.zeros(1, 2, hidden),),
                      [ct.TensorType("hidden_states", shape=(1, length, hidden), dtype=np.float16)],
                      [ct.TensorType("logits", dtype=np.float16)], target)
+    del module   # its float32 weights, not needed to compress (2.3 GiB for the real-vocabulary LM head)
     model.short_description = f"MiniCPM-V {weights.spec.version} LLM final norm and LM head (hidden states → logits)"
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, sources)
 
 
 def linear_sources(module: torch.nn.Module) -> dict[str, str]:

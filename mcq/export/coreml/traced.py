@@ -119,13 +119,15 @@ def convert_program_decoder(weights, programs, target: str, compression: str, la
                torch.zeros(1, 1, 1, 5))
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(getattr(module, name).shape), dtype=np.float16),
                            name=name) for name in module.state_names]
+    sources = linear_sources(module)
     model = _convert(ct, module, example, inputs, [ct.TensorType("output_hidden_states", dtype=np.float16)], target,
                      states)
     kinds = sorted({text.layer_types[i] for i in layers})
+    del module   # its float32 weights, not needed to compress (1.5 GiB for two real-width 4.5 layers)
     model.short_description = (f"MiniCPM-V {weights.checkpoint.release} LLM decoder layers {layers.start}-"
                                f"{layers.stop - 1} ({', '.join(kinds)}) with their states ({context} cached "
                                "positions); one new position per call")
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, sources)
 
 
 def convert_program_head(weights, programs, target: str, compression: str, max_chunk: int = LLM_MAX_CHUNK):
@@ -133,9 +135,11 @@ def convert_program_head(weights, programs, target: str, compression: str, max_c
     module = as_linear_ops(programs.head(weights))
     hidden = weights.config.get_text_config().hidden_size
     length = ct.RangeDim(lower_bound=1, upper_bound=max_chunk, default=1, symbol="length")
+    sources = linear_sources(module)
     model = _convert(ct, module, (torch.zeros(1, 2, hidden),),
                      [ct.TensorType("hidden_states", shape=(1, length, hidden), dtype=np.float16)],
                      [ct.TensorType("logits", dtype=np.float16)], target)
+    del module   # its float32 weights, not needed to compress (2.3 GiB for the real-vocabulary LM head)
     model.short_description = (f"MiniCPM-V {weights.checkpoint.release} LLM final norm and LM head (hidden states → "
                                "logits)")
-    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, linear_sources(module))
+    return _with_stored_levels(weights, compress_llm(ct, model, compression), compression, sources)
