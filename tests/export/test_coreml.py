@@ -434,12 +434,12 @@ def test_kmeans_palette_is_exact_on_few_values_and_deterministic():
 class _Head(torch.nn.Module):
     """An LM head's shape of program (norm, then a wide Linear), seeded."""
 
-    def __init__(self, vocab: int, hidden: int, scale: float = 3.0):
+    def __init__(self, vocab: int, hidden: int, scale: float = 3.0, norm: float = 1.0):
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
         self.lm_head.weight.data = torch.randn(vocab, hidden, generator=generator) * scale
-        self.norm = torch.nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.norm = torch.nn.Parameter(torch.full((hidden,), norm), requires_grad=False)
 
     def forward(self, hidden_states):
         normed = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -472,15 +472,18 @@ def test_conversion_holds_a_large_weight_about_once(monkeypatch):
     assert peak < 3 * weight_bytes, f"conversion peak {peak / weight_bytes:.1f}x the float32 weight"
 
 
-@pytest.mark.parametrize("scale", [3.0, 1e5])     # 1e5: the weight overflows fp16, so the op is kept in fp32
-def test_row_block_fp16_cast_gives_the_stock_program(tmp_path, monkeypatch, scale):
+# 1e5: the weight overflows fp16, so the op is kept in fp32; a norm of 1e-9 (under 400 values) underflows fp16, which
+# the stock pass turns into fp16's smallest value rather than 0.
+@pytest.mark.parametrize("scale, norm", [(3.0, 1.0), (1e5, 1.0), (3.0, 1e-9)])
+def test_row_block_fp16_cast_gives_the_stock_program(tmp_path, monkeypatch, scale, norm):
     from mcq.export.coreml import convert
 
     made = {}
     for label in ("mcq", "stock"):
         if label == "stock":
             monkeypatch.setattr(convert, "_pass_pipeline", lambda ct: None)
-        convert.save_package(_convert_head(_Head(vocab=256, hidden=64, scale=scale)), tmp_path / f"{label}.mlpackage")
+        convert.save_package(_convert_head(_Head(vocab=256, hidden=64, scale=scale, norm=norm)),
+                             tmp_path / f"{label}.mlpackage")
         made[label] = {path.relative_to(tmp_path / f"{label}.mlpackage"): path.read_bytes()
                        for path in sorted((tmp_path / f"{label}.mlpackage").rglob("*")) if path.is_file()}
     assert made["mcq"] == made["stock"]
