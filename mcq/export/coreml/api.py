@@ -178,11 +178,10 @@ def _export(weights, out: Path, target: str, vision: str, llm: str, from_dir, fo
             # The sidecar needs each program's I/O and states only: its operations go with the model.
             programs[name] = replace(program, operations=[])
             # A conversion leaves its MIL graphs in reference cycles, with their weight arrays, which Python's
-            # collector (counting objects, not bytes) left alive through the next conversions: at real widths each
-            # decoder package's peak grew by 300-500 MiB over the one before. Collected here, once nothing refers to
-            # the model: collected while the caller still held it, each package's weights lived through the next
-            # package's conversion (fp16 decoder packages of two real-width layers: 3401, 4161, 4121 MiB; now 3426,
-            # 3449, 3449).
+            # collector (counting objects, not bytes) left alive through the next conversions. Collected once
+            # nothing refers to the model (this function holds the only reference): collected earlier, each
+            # package's weights lived through the next one's conversion (fp16 decoder packages of two real-width
+            # layers peaked at 3401, 4161, 4121 MiB; now 3426, 3449, 3449).
             del model
             gc.collect()
             return reported

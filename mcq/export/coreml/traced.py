@@ -123,7 +123,7 @@ def convert_program_decoder(weights, programs, target: str, compression: str, la
     model = _convert(ct, module, example, inputs, [ct.TensorType("output_hidden_states", dtype=np.float16)], target,
                      states)
     kinds = sorted({text.layer_types[i] for i in layers})
-    del module   # its float32 weights, not needed to compress (1.5 GiB for two real-width 4.5 layers)
+    del module   # its float32 weights, not needed to compress (twice the package's fp16 bytes)
     model.short_description = (f"MiniCPM-V {weights.checkpoint.release} LLM decoder layers {layers.start}-"
                                f"{layers.stop - 1} ({', '.join(kinds)}) with their states ({context} cached "
                                "positions); one new position per call")
